@@ -1,0 +1,285 @@
+"""Model configurations: frozen dataclasses plus exact-name presets.
+
+Every layer of fusesurgery speaks these types: ``convert`` reads them out of config.json /
+params.json, ``modules`` builds models from them, ``surgery`` plans with them. Derived fields
+(``num_kv_heads``, ``head_dim``) are filled in ``__post_init__`` so a config is always whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from fusesurgery.errors import ConfigError
+
+DecoderFamily = Literal["llama", "mistral", "qwen2"]
+VisionFamily = Literal["clip", "siglip"]
+Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency-dependent RoPE scaling (``rope_type: llama3``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """A Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2).
+
+    Args:
+        vocab_size: rows of the token embedding table.
+        embed_dim: model width ``d``.
+        num_layers: number of self-attention layers.
+        num_heads: query heads ``n_h``.
+        intermediate_dim: hidden width of the SwiGLU MLP.
+        num_kv_heads: key/value heads ``n_kv`` (GQA); defaults to ``num_heads``.
+        head_dim: per-head width ``h_d``; defaults to ``embed_dim // num_heads``.
+        max_seq_len: longest sequence the RoPE cache and KV caches are built for.
+        norm_eps: RMSNorm epsilon.
+        rope_base: RoPE theta.
+        rope_scaling: Llama 3.1 scaling, or None for plain RoPE.
+        attn_bias: q/k/v projections carry a bias (Qwen2).
+        tie_word_embeddings: the output projection reuses the embedding table.
+        family: the architecture family, for display and key maps.
+    """
+
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    intermediate_dim: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-5
+    rope_base: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    attn_bias: bool = False
+    tie_word_embeddings: bool = False
+    family: DecoderFamily = "llama"
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.embed_dim % self.num_heads:
+                raise ConfigError(
+                    f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+                    "give head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+        _check_positive(self, ("vocab_size", "embed_dim", "num_layers", "num_heads",
+                               "intermediate_dim", "num_kv_heads", "head_dim", "max_seq_len"))
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+
+    def replace(self, **changes) -> DecoderConfig:
+        """Return a copy with ``changes`` applied (derived fields recomputed if not given)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class VisionEncoderConfig:
+    """A ViT vision tower that reproduces CLIP's and SigLIP's.
+
+    Args:
+        image_size: input side in pixels.
+        patch_size: patch side in pixels.
+        embed_dim: width ``d_e``.
+        num_layers: transformer layers.
+        num_heads: attention heads.
+        intermediate_dim: MLP hidden width.
+        num_channels: image channels.
+        norm_eps: LayerNorm epsilon (CLIP 1e-5, SigLIP 1e-6).
+        activation: MLP activation (CLIP ``quick_gelu``, SigLIP ``gelu_tanh``).
+        class_token: prepend a learned class token (CLIP yes, SigLIP no).
+        patch_bias: the patch convolution has a bias (SigLIP yes, CLIP no).
+        pre_norm: LayerNorm after the embeddings (CLIP's ``pre_layrnorm``).
+        post_norm_hidden: apply the final LayerNorm to the returned hidden states (SigLIP does;
+            CLIP applies it only to the pooled class token, so its hidden states are un-normed).
+        output_layer: return the hidden states after this many layers (``hidden_states[k]`` in
+            transformers' numbering, 0 = embeddings; negative counts from the end, -1 = last
+            layer). None returns the final hidden states.
+        family: the architecture family, for display and key maps.
+    """
+
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    intermediate_dim: int
+    num_channels: int = 3
+    norm_eps: float = 1e-5
+    activation: Activation = "quick_gelu"
+    class_token: bool = True
+    patch_bias: bool = False
+    pre_norm: bool = True
+    post_norm_hidden: bool = False
+    output_layer: int | None = None
+    family: VisionFamily = "clip"
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("image_size", "patch_size", "embed_dim", "num_layers",
+                               "num_heads", "intermediate_dim", "num_channels"))
+        # image_size need not be a multiple of patch_size: the stride-p convolution floors
+        # (SigLIP so400m: 384 px, 14 px patches -> 27 x 27).
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.output_layer is not None and not (
+            -self.num_layers - 1 <= self.output_layer <= self.num_layers
+        ):
+            raise ConfigError(
+                f"output_layer {self.output_layer} is outside [-{self.num_layers + 1}, "
+                f"{self.num_layers}] for a {self.num_layers}-layer encoder"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per image ``s_e``: patches plus the class token if any."""
+        return self.num_patches + int(self.class_token)
+
+    def replace(self, **changes) -> VisionEncoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Where and how cross-attention fusion layers go into a decoder.
+
+    Args:
+        fusion_layers: decoder layer indices that get a fusion layer.
+        encoder_dim: width ``d_e`` of the encoder output the fusion layers attend to, after the
+            projection head (usually the decoder's ``embed_dim``).
+        fusion_vocab_size: number of new embedding tokens (``<|image|>`` and friends).
+        fusion_first: run the fusion layer before the original layer (Flamingo, Llama 3.2).
+        ca_norm_eps: epsilon of the fusion layer's RMSNorms (1e-6 in Llama 3.2 Vision).
+        qk_norm_eps: epsilon of the cross-attention q/k RMSNorms.
+    """
+
+    fusion_layers: tuple[int, ...]
+    encoder_dim: int
+    fusion_vocab_size: int = 8
+    fusion_first: bool = True
+    ca_norm_eps: float = 1e-6
+    qk_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        layers = tuple(sorted(set(self.fusion_layers)))
+        if len(layers) != len(self.fusion_layers) or any(i < 0 for i in layers):
+            raise ConfigError(
+                f"fusion_layers must be distinct non-negative indices, got {self.fusion_layers}"
+            )
+        object.__setattr__(self, "fusion_layers", layers)
+        if self.fusion_vocab_size < 0 or self.encoder_dim <= 0:
+            raise ConfigError(
+                f"bad fusion sizes: encoder_dim {self.encoder_dim}, "
+                f"fusion_vocab_size {self.fusion_vocab_size}"
+            )
+
+    @classmethod
+    def every(cls, interval: int, num_layers: int, **kwargs) -> FusionConfig:
+        """Fusion layers at ``interval - 1, 2 * interval - 1, ...`` (Llama 3.2 Vision: 4)."""
+        if interval <= 0:
+            raise ConfigError(f"fusion interval must be positive, got {interval}")
+        return cls(fusion_layers=tuple(range(interval - 1, num_layers, interval)), **kwargs)
+
+
+def _check_positive(cfg: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
+
+
+# Presets: exact names only. Shapes of real checkpoints (for planning and meta-device tests)
+# and tiny ones (for tests and the demo).
+DECODER_PRESETS: dict[str, DecoderConfig] = {
+    "llama3_2_1b": DecoderConfig(
+        vocab_size=128_256, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+        intermediate_dim=8192, max_seq_len=131_072, rope_base=500_000.0,
+        rope_scaling=RopeScaling(factor=32.0), tie_word_embeddings=True,
+    ),
+    "llama3_1_8b": DecoderConfig(
+        vocab_size=128_256, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_dim=14_336, max_seq_len=131_072, rope_base=500_000.0,
+        rope_scaling=RopeScaling(factor=8.0),
+    ),
+    "llama3_1_405b": DecoderConfig(
+        vocab_size=128_256, embed_dim=16_384, num_layers=126, num_heads=128, num_kv_heads=8,
+        intermediate_dim=53_248, max_seq_len=131_072, rope_base=500_000.0,
+        rope_scaling=RopeScaling(factor=8.0),
+    ),
+    "llama3_2_vision_11b_text": DecoderConfig(
+        vocab_size=128_256, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_dim=14_336, max_seq_len=131_072, rope_base=500_000.0,
+        rope_scaling=RopeScaling(factor=8.0),
+    ),
+    "mistral_7b": DecoderConfig(
+        vocab_size=32_000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_dim=14_336, max_seq_len=32_768, rope_base=1_000_000.0, family="mistral",
+    ),
+    "qwen2_0_5b": DecoderConfig(
+        vocab_size=151_936, embed_dim=896, num_layers=24, num_heads=14, num_kv_heads=2,
+        intermediate_dim=4864, max_seq_len=32_768, norm_eps=1e-6, rope_base=1_000_000.0,
+        attn_bias=True, tie_word_embeddings=True, family="qwen2",
+    ),
+    "tiny": DecoderConfig(
+        vocab_size=256, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2,
+        intermediate_dim=128, max_seq_len=128, rope_base=500_000.0,
+    ),
+}
+
+VISION_PRESETS: dict[str, VisionEncoderConfig] = {
+    "clip_vit_l_14_336": VisionEncoderConfig(
+        image_size=336, patch_size=14, embed_dim=1024, num_layers=24, num_heads=16,
+        intermediate_dim=4096,
+    ),
+    "siglip_so400m_384": VisionEncoderConfig(
+        image_size=384, patch_size=14, embed_dim=1152, num_layers=27, num_heads=16,
+        intermediate_dim=4304, norm_eps=1e-6, activation="gelu_tanh", class_token=False,
+        patch_bias=True, pre_norm=False, post_norm_hidden=True, family="siglip",
+    ),
+    "tiny_clip": VisionEncoderConfig(
+        image_size=32, patch_size=8, embed_dim=48, num_layers=2, num_heads=4,
+        intermediate_dim=96,
+    ),
+}
+
+
+def preset(name: str) -> DecoderConfig | VisionEncoderConfig:
+    """Look up a preset by its exact name.
+
+    Raises:
+        ConfigError: the name is unknown; the message lists the valid names.
+    """
+    table: dict = {**DECODER_PRESETS, **VISION_PRESETS}
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(sorted(table))}") from None
+
+
+__all__ = [
+    "DECODER_PRESETS",
+    "VISION_PRESETS",
+    "DecoderConfig",
+    "FusionConfig",
+    "RopeScaling",
+    "VisionEncoderConfig",
+    "preset",
+]

@@ -1,0 +1,55 @@
+"""The one exception family of fusesurgery.
+
+Library code raises these; only the CLI turns them into one-line messages and exit codes
+(see :mod:`fusesurgery.cli`). Messages name the offending value and, where there is one,
+the fix.
+"""
+
+from __future__ import annotations
+
+
+class FuseSurgeryError(Exception):
+    """Base class of every error fusesurgery raises on purpose."""
+
+
+class CheckpointError(FuseSurgeryError):
+    """A checkpoint cannot be read: missing, unreadable, truncated or corrupted."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle needs arbitrary code to load; fusesurgery only loads with weights_only=True."""
+
+
+class UnrecognizedFormatError(CheckpointError):
+    """A path holds nothing fusesurgery recognises as a checkpoint."""
+
+
+class ConfigError(FuseSurgeryError):
+    """A model configuration is missing, inconsistent, or cannot be inferred.
+
+    Args:
+        message: what is wrong.
+        flag: the CLI option that would supply the missing value, if any.
+    """
+
+    def __init__(self, message: str, *, flag: str | None = None) -> None:
+        if flag is not None:
+            message = f"{message} (pass {flag})"
+        super().__init__(message)
+        self.flag = flag
+
+
+class KeyMapError(FuseSurgeryError):
+    """State-dict keys that no key map knows, or a map that is not one-to-one."""
+
+
+class ShapeError(FuseSurgeryError):
+    """A tensor's shape or dtype does not match what the model or plan expects."""
+
+
+class WriteError(FuseSurgeryError):
+    """An output cannot be written (exists, not writable, out of space)."""
+
+
+class ValidationError(FuseSurgeryError):
+    """A fused model does not compute what the original decoder computed."""
