@@ -1,0 +1,62 @@
+"""Metadata of one tensor in a checkpoint, and the dtype names of the formats we read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# safetensors' dtype names. The inverse is derived, and checked to be one-to-one at import.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+assert len(TORCH_TO_SAFETENSORS) == len(SAFETENSORS_DTYPES), "dtype table is not one-to-one"
+
+# Short names for display (`bf16`, `f32`, ...).
+DTYPE_SHORT_NAMES: dict[torch.dtype, str] = {
+    dtype: name.lower() for name, dtype in SAFETENSORS_DTYPES.items()
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a checkpoint says about one tensor, known without reading its data.
+
+    Args:
+        name: the key as stored.
+        shape: the tensor's shape.
+        dtype: the tensor's dtype.
+        file: the file that holds its data, if it lives in a file.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def dtype_name(self) -> str:
+        """Short display name of the dtype, e.g. ``bf16``."""
+        return DTYPE_SHORT_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
