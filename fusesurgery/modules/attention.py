@@ -1,0 +1,165 @@
+"""Multi-head attention with grouped-query heads, optional q/k norms and a KV cache.
+
+Shape notation:
+    b: batch size, s: query length, s_kv: key/value length, d: model width,
+    n_h: query heads, n_kv: key/value heads, h_d: head width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusesurgery.modules.kv_cache import KVCache
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention used for decoder self-attention, fusion cross-attention and ViT layers.
+
+    Args:
+        embed_dim: model width ``d`` (of the queries' input).
+        num_heads: query heads ``n_h``.
+        num_kv_heads: key/value heads ``n_kv``; ``n_h`` must be a multiple of it (GQA).
+        head_dim: per-head width ``h_d``.
+        q_proj: ``d -> n_h * h_d`` (a bias here gives Qwen2-style biases).
+        k_proj: ``d_kv -> n_kv * h_d``.
+        v_proj: ``d_kv -> n_kv * h_d``.
+        output_proj: ``n_h * h_d -> d``.
+        pos_embeddings: rotary embedding applied to q and k, or None (cross-attention, ViT).
+        q_norm: norm over ``h_d`` applied to each query head before RoPE, or None.
+        k_norm: norm over ``h_d`` applied to each key head before RoPE, or None.
+        is_causal: causal self-attention (decoder) rather than full attention.
+
+    Raises:
+        ValueError: ``num_heads`` is not a multiple of ``num_kv_heads``.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        output_proj: nn.Module,
+        pos_embeddings: nn.Module | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        is_causal: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.is_causal = is_causal
+        self.q_proj = q_proj
+        self.k_proj = k_proj
+        self.v_proj = v_proj
+        self.output_proj = output_proj
+        self.pos_embeddings = pos_embeddings
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.kv_cache: KVCache | None = None
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        """Allocate a KV cache of ``max_seq_len`` positions on the module's device."""
+        device = self.q_proj.weight.device
+        self.kv_cache = KVCache(
+            batch_size, self.num_kv_heads, max_seq_len, self.head_dim, dtype, device
+        )
+
+    def reset_cache(self) -> None:
+        if self.kv_cache is not None:
+            self.kv_cache.reset()
+
+    def _project_kv(
+        self, y: torch.Tensor, input_pos: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s_kv, _ = y.shape
+        k = self.k_proj(y).view(b, s_kv, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(y).view(b, s_kv, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.pos_embeddings is not None:
+            k = self.pos_embeddings(k, input_pos=input_pos)
+        return k.transpose(1, 2), v.transpose(1, 2)  # [b, n_kv, s_kv, h_d]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: queries' input ``[b, s, d]``.
+            y: keys' and values' input ``[b, s_kv, d_kv]`` (``x`` itself for self-attention),
+                or None to attend to what the cache holds (cross-attention decode steps).
+            mask: ``[b, s, s_kv]`` bool, True = attend. For causal attention None means
+                causal; with a cache, a mask as wide as the cache capacity is cut to the filled
+                part. For full attention None means attend to everything.
+            input_pos: ``[b, s]`` positions of the queries, or None for ``0..s-1`` (after
+                what the cache holds).
+
+        Returns:
+            ``[b, s, d]``.
+
+        Raises:
+            ValueError: ``y`` is None and no cache holds keys and values.
+        """
+        b, s, _ = x.shape
+        cache = self.kv_cache
+        if self.is_causal and cache is not None and input_pos is None:
+            input_pos = torch.arange(cache.size, cache.size + s, device=x.device).expand(b, s)
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.pos_embeddings is not None:
+            q = self.pos_embeddings(q, input_pos=input_pos)
+        q = q.transpose(1, 2)  # [b, n_h, s, h_d]
+
+        if y is None:
+            if cache is None or cache.size == 0:
+                raise ValueError("attention got no key/value input and its cache is empty")
+            k, v = cache.filled()
+        else:
+            k, v = self._project_kv(y, input_pos)
+            if cache is not None:
+                if not self.is_causal:
+                    cache.reset()  # new encoder output replaces the old one
+                cache.update(k, v)
+                k, v = cache.filled()
+
+        use_causal_flag = False
+        if mask is None and self.is_causal:
+            if cache is None:
+                use_causal_flag = True
+            else:  # query at position p sees cached keys 0..p
+                key_pos = torch.arange(k.size(2), device=x.device)
+                mask = key_pos[None, None, :] <= input_pos[:, :, None]
+        elif mask is not None and mask.size(-1) > k.size(2):
+            mask = mask[..., : k.size(2)]
+
+        if self.num_kv_heads != self.num_heads:
+            group = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if mask is None else mask[:, None, :, :],
+            is_causal=use_causal_flag,
+        )
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))

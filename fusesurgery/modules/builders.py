@@ -1,0 +1,226 @@
+"""Builders: models from the frozen configs in ``fusesurgery.config``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
+from fusesurgery.modules.attention import MultiHeadAttention
+from fusesurgery.modules.feed_forward import FeedForward
+from fusesurgery.modules.fusion import DeepFusionModel, FusionEmbedding, FusionLayer
+from fusesurgery.modules.norms import RMSNorm, TanhGate
+from fusesurgery.modules.projection import LinearProjection, MLPProjection
+from fusesurgery.modules.rope import RotaryPositionalEmbeddings
+from fusesurgery.modules.transformer import (
+    TransformerCrossAttentionLayer,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+from fusesurgery.modules.vision import (
+    ClassTokenEmbedding,
+    ProjectedEncoder,
+    TokenPositionalEmbedding,
+    VisionTransformer,
+)
+
+ProjectionKind = Literal["linear", "mlp"]
+
+
+def _swiglu(dim: int, hidden_dim: int) -> FeedForward:
+    return FeedForward(
+        w1=nn.Linear(dim, hidden_dim, bias=False),
+        w2=nn.Linear(hidden_dim, dim, bias=False),
+        w3=nn.Linear(dim, hidden_dim, bias=False),
+        activation="silu",
+    )
+
+
+def build_decoder_layer(cfg: DecoderConfig) -> TransformerSelfAttentionLayer:
+    """One self-attention decoder layer of ``cfg``'s shape."""
+    d, n_h, n_kv, h_d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rope = RotaryPositionalEmbeddings(h_d, cfg.max_seq_len, cfg.rope_base, cfg.rope_scaling)
+    attn = MultiHeadAttention(
+        embed_dim=d,
+        num_heads=n_h,
+        num_kv_heads=n_kv,
+        head_dim=h_d,
+        q_proj=nn.Linear(d, n_h * h_d, bias=cfg.attn_bias),
+        k_proj=nn.Linear(d, n_kv * h_d, bias=cfg.attn_bias),
+        v_proj=nn.Linear(d, n_kv * h_d, bias=cfg.attn_bias),
+        output_proj=nn.Linear(n_h * h_d, d, bias=False),
+        pos_embeddings=rope,
+        is_causal=True,
+    )
+    return TransformerSelfAttentionLayer(
+        attn=attn,
+        mlp=_swiglu(d, cfg.intermediate_dim),
+        sa_norm=RMSNorm(d, cfg.norm_eps),
+        mlp_norm=RMSNorm(d, cfg.norm_eps),
+    )
+
+
+def build_decoder(cfg: DecoderConfig) -> TransformerDecoder:
+    """A plain (unfused) decoder; keys follow SPEC.md section 4's native column."""
+    return TransformerDecoder(
+        tok_embeddings=nn.Embedding(cfg.vocab_size, cfg.embed_dim),
+        layers=[build_decoder_layer(cfg) for _ in range(cfg.num_layers)],
+        norm=RMSNorm(cfg.embed_dim, cfg.norm_eps),
+        output=None if cfg.tie_word_embeddings else nn.Linear(cfg.embed_dim, cfg.vocab_size,
+                                                              bias=False),
+        max_seq_len=cfg.max_seq_len,
+    )
+
+
+def build_fusion_layer(cfg: DecoderConfig, fusion: FusionConfig) -> TransformerCrossAttentionLayer:
+    """A gated cross-attention layer sized from the decoder: same heads, head width and MLP
+    width, keys and values projected from ``fusion.encoder_dim``, q/k RMSNorms, gates at 0."""
+    d, n_h, n_kv, h_d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn = MultiHeadAttention(
+        embed_dim=d,
+        num_heads=n_h,
+        num_kv_heads=n_kv,
+        head_dim=h_d,
+        q_proj=nn.Linear(d, n_h * h_d, bias=False),
+        k_proj=nn.Linear(fusion.encoder_dim, n_kv * h_d, bias=False),
+        v_proj=nn.Linear(fusion.encoder_dim, n_kv * h_d, bias=False),
+        output_proj=nn.Linear(n_h * h_d, d, bias=False),
+        q_norm=RMSNorm(h_d, fusion.qk_norm_eps),
+        k_norm=RMSNorm(h_d, fusion.qk_norm_eps),
+        is_causal=False,
+    )
+    return TransformerCrossAttentionLayer(
+        attn=attn,
+        mlp=_swiglu(d, cfg.intermediate_dim),
+        ca_norm=RMSNorm(d, fusion.ca_norm_eps),
+        mlp_norm=RMSNorm(d, fusion.ca_norm_eps),
+        ca_scale=TanhGate(),
+        mlp_scale=TanhGate(),
+    )
+
+
+def fuse_decoder(
+    decoder: TransformerDecoder, cfg: DecoderConfig, fusion: FusionConfig
+) -> TransformerDecoder:
+    """Wrap ``decoder`` in place: fusion layers at ``fusion.fusion_layers`` and, if
+    ``fusion.fusion_vocab_size`` > 0, a ``FusionEmbedding`` that keeps the original table.
+
+    New parameters are created on the device of the original embedding table; the original
+    modules (and their tensors) are reused, not copied.
+
+    Raises:
+        ValueError: a fusion layer index is out of range, or the decoder is already fused there.
+    """
+    bad = [i for i in fusion.fusion_layers if i >= len(decoder.layers)]
+    if bad:
+        raise ValueError(f"fusion layers {bad} out of range for {len(decoder.layers)} layers")
+    device = decoder.tok_embeddings.weight.device
+    with torch.device(device):
+        for i in fusion.fusion_layers:
+            if isinstance(decoder.layers[i], FusionLayer):
+                raise ValueError(f"decoder layer {i} already carries a fusion layer")
+            decoder.layers[i] = FusionLayer(
+                decoder.layers[i], build_fusion_layer(cfg, fusion), fusion.fusion_first
+            )
+        if fusion.fusion_vocab_size > 0:
+            original = decoder.tok_embeddings
+            embedding = FusionEmbedding(
+                original.num_embeddings, fusion.fusion_vocab_size, original.embedding_dim
+            )
+            embedding.embedding = original
+            embedding.fusion_embedding.to(original.weight.dtype)
+            decoder.tok_embeddings = embedding
+    return decoder
+
+
+def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionTransformer:
+    """A ViT matching a CLIP or SigLIP vision tower described by ``cfg``."""
+    d = cfg.embed_dim
+    h_d = d // cfg.num_heads
+
+    def layer() -> TransformerSelfAttentionLayer:
+        attn = MultiHeadAttention(
+            embed_dim=d,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_heads,
+            head_dim=h_d,
+            q_proj=nn.Linear(d, d),
+            k_proj=nn.Linear(d, d),
+            v_proj=nn.Linear(d, d),
+            output_proj=nn.Linear(d, d),
+            is_causal=False,
+        )
+        mlp = FeedForward(
+            w1=nn.Linear(d, cfg.intermediate_dim),
+            w2=nn.Linear(cfg.intermediate_dim, d),
+            activation=cfg.activation,
+        )
+        return TransformerSelfAttentionLayer(
+            attn=attn,
+            mlp=mlp,
+            sa_norm=nn.LayerNorm(d, eps=cfg.norm_eps),
+            mlp_norm=nn.LayerNorm(d, eps=cfg.norm_eps),
+        )
+
+    return VisionTransformer(
+        conv=nn.Conv2d(cfg.num_channels, d, cfg.patch_size, stride=cfg.patch_size,
+                       bias=cfg.patch_bias),
+        layers=[layer() for _ in range(cfg.num_layers)],
+        token_pos_embedding=TokenPositionalEmbedding(cfg.seq_len, d),
+        ln_post=nn.LayerNorm(d, eps=cfg.norm_eps),
+        cls_token_embedding=ClassTokenEmbedding(d) if cfg.class_token else None,
+        ln_pre=nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.pre_norm else None,
+        post_norm_hidden=cfg.post_norm_hidden,
+        output_layer=cfg.output_layer,
+    )
+
+
+def build_projection(kind: ProjectionKind, in_dim: int, out_dim: int) -> nn.Module:
+    """A projection head (a fusion module): ``linear`` or ``mlp`` (2 layers, GELU).
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind == "linear":
+        return LinearProjection(in_dim, out_dim)
+    if kind == "mlp":
+        return MLPProjection(in_dim, out_dim)
+    raise ValueError(f"unknown projection kind {kind!r}; valid: linear, mlp")
+
+
+def build_deep_fusion_model(
+    decoder_cfg: DecoderConfig,
+    vision_cfg: VisionEncoderConfig,
+    fusion: FusionConfig,
+    *,
+    projection: ProjectionKind = "linear",
+    **trainable: bool,
+) -> DeepFusionModel:
+    """A fresh fused model: ViT + projection head into a decoder with fusion layers.
+
+    ``fusion.encoder_dim`` must equal the decoder width (the projection head's output).
+
+    Raises:
+        ValueError: ``fusion.encoder_dim`` differs from ``decoder_cfg.embed_dim``.
+    """
+    if fusion.encoder_dim != decoder_cfg.embed_dim:
+        raise ValueError(
+            f"fusion.encoder_dim {fusion.encoder_dim} must equal the decoder width "
+            f"{decoder_cfg.embed_dim}: the projection head maps into it"
+        )
+    decoder = fuse_decoder(build_decoder(decoder_cfg), decoder_cfg, fusion)
+    encoder = ProjectedEncoder(
+        build_vision_encoder(vision_cfg),
+        build_projection(projection, vision_cfg.embed_dim, decoder_cfg.embed_dim),
+    )
+    return DeepFusionModel(decoder, encoder, **trainable)
+
+
+def init_non_persistent_buffers(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Compute buffers that no checkpoint holds (RoPE tables) on ``device``; call after
+    building on the meta device and loading with ``assign=True``."""
+    for module in model.modules():
+        if isinstance(module, RotaryPositionalEmbeddings):
+            module.reset_parameters(device)

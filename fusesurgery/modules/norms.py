@@ -1,0 +1,47 @@
+"""Normalisation layers and the tanh gate."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back.
+
+    The weight is called ``scale`` (torchtune's key layout), initialised to ones.
+
+    Args:
+        dim: size of the last dimension ``d``.
+        eps: added to the mean square before the square root.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[..., d]``.
+
+        Returns:
+            ``[..., d]``, same dtype as ``x``.
+        """
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Cast before scaling, as transformers' Llama does, so fp32 and half-precision
+        # checkpoints both match their reference implementation.
+        return self.scale * normed.to(x.dtype)
+
+
+class TanhGate(nn.Module):
+    """Learned gate ``x * tanh(scale)``; ``scale`` starts at 0, so a new gate passes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.tanh()

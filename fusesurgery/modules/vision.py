@@ -1,0 +1,134 @@
+"""A ViT vision encoder that reproduces CLIP's and SigLIP's vision towers, and the wrapper
+that puts a projection head on any encoder.
+
+Shape notation:
+    b: batch size, c: channels, h/w: image side, p: patch side, g: patches per side,
+    s_e: encoder tokens (``g * g`` plus an optional class token), d_e: encoder width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusesurgery.modules.transformer import TransformerSelfAttentionLayer
+
+
+class TokenPositionalEmbedding(nn.Module):
+    """Learned absolute position embedding added to every image token.
+
+    Args:
+        num_tokens: ``s_e``.
+        embed_dim: ``d_e``.
+    """
+
+    def __init__(self, num_tokens: int, embed_dim: int) -> None:
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.empty(num_tokens, embed_dim))
+        nn.init.normal_(self.positional_embedding, std=embed_dim**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, s_e, d_e] -> [b, s_e, d_e]``."""
+        return x + self.positional_embedding
+
+
+class ClassTokenEmbedding(nn.Module):
+    """A learned class token prepended to the patch tokens (CLIP)."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(embed_dim))
+        nn.init.normal_(self.weight, std=embed_dim**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, g*g, d_e] -> [b, 1 + g*g, d_e]``."""
+        cls = self.weight.to(x.dtype).expand(x.size(0), 1, -1)
+        return torch.cat([cls, x], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding, optional class token, position embedding, optional pre-norm, layers,
+    and a final norm.
+
+    ``ln_post`` is always present (both towers ship it) but applied to the returned hidden
+    states only when ``post_norm_hidden`` is set: SigLIP normalises its last hidden state,
+    CLIP normalises only its pooled class token.
+
+    Args:
+        conv: patch embedding, a ``Conv2d(c, d_e, p, stride=p)``.
+        layers: transformer layers.
+        token_pos_embedding: position embedding.
+        ln_post: final LayerNorm.
+        cls_token_embedding: class token, or None.
+        ln_pre: LayerNorm after the embeddings, or None.
+        post_norm_hidden: apply ``ln_post`` to the returned final hidden states.
+        output_layer: return the hidden states after this many layers (0 = embeddings,
+            negative counts from the end, as in transformers' ``hidden_states``), un-normed;
+            None returns the final hidden states.
+    """
+
+    def __init__(
+        self,
+        *,
+        conv: nn.Conv2d,
+        layers: list[TransformerSelfAttentionLayer],
+        token_pos_embedding: TokenPositionalEmbedding,
+        ln_post: nn.Module,
+        cls_token_embedding: ClassTokenEmbedding | None = None,
+        ln_pre: nn.Module | None = None,
+        post_norm_hidden: bool = False,
+        output_layer: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv = conv
+        self.cls_token_embedding = cls_token_embedding
+        self.token_pos_embedding = token_pos_embedding
+        self.ln_pre = ln_pre
+        self.layers = nn.ModuleList(layers)
+        self.ln_post = ln_post
+        self.post_norm_hidden = post_norm_hidden
+        if output_layer is not None and output_layer < 0:
+            output_layer += len(layers) + 1
+        self.output_layer = output_layer
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            images: ``[b, c, h, w]`` pixel values, normalised as the tower expects.
+
+        Returns:
+            ``[b, s_e, d_e]`` hidden states.
+        """
+        x = self.conv(images.to(self.conv.weight.dtype))  # [b, d_e, g, g]
+        x = x.flatten(2).transpose(1, 2)  # [b, g*g, d_e]
+        if self.cls_token_embedding is not None:
+            x = self.cls_token_embedding(x)
+        x = self.token_pos_embedding(x)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        num_layers = len(self.layers) if self.output_layer is None else self.output_layer
+        for layer in self.layers[:num_layers]:
+            x = layer(x)
+        if self.output_layer is None and self.post_norm_hidden:
+            x = self.ln_post(x)
+        return x
+
+
+class ProjectedEncoder(nn.Module):
+    """An encoder followed by a projection head into the decoder's width.
+
+    Keys: ``vision.*`` for the encoder, ``projection.*`` for the head.
+
+    Args:
+        vision: maps ``images`` to ``[b, s_e, d_e]``.
+        projection: maps ``[b, s_e, d_e]`` to ``[b, s_e, d]``.
+    """
+
+    def __init__(self, vision: nn.Module, projection: nn.Module) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projection = projection
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[b, c, h, w] -> [b, s_e, d]``."""
+        return self.projection(self.vision(images))
