@@ -1,0 +1,22 @@
+"""Write checkpoints: shard plans from sizes alone, and a streaming, atomic safetensors writer."""
+
+from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
+from fusesurgery.write.shard_plan import (
+    DEFAULT_MAX_SHARD_SIZE,
+    Shard,
+    ShardPlan,
+    parse_size,
+    plan_shards,
+    shard_filename,
+)
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "Shard",
+    "ShardPlan",
+    "WriteResult",
+    "parse_size",
+    "plan_shards",
+    "shard_filename",
+    "write_safetensors",
+]

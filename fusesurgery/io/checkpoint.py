@@ -1,0 +1,478 @@
+"""Open any checkpoint lazily: one entry point, one read-only view of names, shapes and tensors.
+
+:func:`open_checkpoint` accepts a safetensors file, a shard index, a ``torch.save`` file, a
+Hugging Face model directory, a Meta directory (``consolidated.00.pth`` + ``params.json``) or a
+directory holding a single checkpoint file, and returns a :class:`CheckpointSource`. Opening
+reads safetensors headers and pickle indexes only; tensor data is memory-mapped and read by the
+OS when a tensor is used, so a 400B-parameter checkpoint opens in milliseconds and converting it
+tensor by tensor never holds more than the tensor at hand.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import torch
+
+from fusesurgery.errors import CheckpointError, ConfigError, UnrecognizedFormatError
+from fusesurgery.io._files import describe_os_error, open_for_reading
+from fusesurgery.io.safetensors_header import (
+    HEADER_LENGTH_BYTES,
+    SafetensorsHeader,
+    read_safetensors_header,
+)
+from fusesurgery.io.shard_index import INDEX_SUFFIX, read_shard_index
+from fusesurgery.io.tensor_info import TensorInfo
+from fusesurgery.io.torch_pickle import (
+    PICKLE_PROTOCOL_OPCODE,
+    ZIP_SIGNATURE,
+    load_torch_state_dict,
+)
+
+SAFETENSORS_SUFFIX = ".safetensors"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+HF_CONFIG_FILE = "config.json"
+META_PARAMS_FILE = "params.json"
+# Hugging Face weight files, most preferred first (safetensors over pickles, as transformers).
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+META_SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+# Files a Hugging Face Trainer checkpoint directory keeps beside the weights; never weights.
+NOT_WEIGHTS_PATTERN = re.compile(
+    r"training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth"
+)
+
+FORMAT_SAFETENSORS = "safetensors"
+FORMAT_SAFETENSORS_SHARDED = "safetensors-sharded"
+FORMAT_TORCH = "torch"
+FORMAT_TORCH_SHARDED = "torch-sharded"
+FORMAT_META = "meta"
+
+_KIND_SAFETENSORS = "safetensors"
+_KIND_TORCH = "torch"
+_KIND_INDEX = "index"
+
+
+class TensorNotFoundError(CheckpointError, KeyError):
+    """A key the checkpoint does not hold; also a KeyError, so mapping idioms keep working."""
+
+    __str__ = CheckpointError.__str__  # KeyError would quote the whole message
+
+
+class _TensorReader(Protocol):
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+    def infos(self) -> list[TensorInfo]: ...
+
+    def close(self) -> None: ...
+
+
+class _SafetensorsReader:
+    """Tensors of one safetensors file, as views of one private mapping made on first use."""
+
+    def __init__(self, header: SafetensorsHeader) -> None:
+        self.header = header
+        self._storage: torch.UntypedStorage | None = None
+
+    def infos(self) -> list[TensorInfo]:
+        return [entry.info for entry in self.header.entries.values()]
+
+    def _mapped_storage(self) -> torch.UntypedStorage:
+        if self._storage is None:
+            path = self.header.path
+            try:
+                size_now = path.stat().st_size
+            except OSError as error:
+                raise describe_os_error(path, error) from None
+            if size_now != self.header.file_size:
+                raise CheckpointError(
+                    f"{path}: file changed size since it was opened "
+                    f"({self.header.file_size} -> {size_now} bytes); open it again"
+                )
+            # shared=False maps the file MAP_PRIVATE: pages come from the page cache and are
+            # only copied if someone writes to a tensor, and the file itself is never changed.
+            try:
+                self._storage = torch.UntypedStorage.from_file(
+                    str(path), shared=False, nbytes=self.header.file_size
+                )
+            except RuntimeError as error:
+                raise CheckpointError(f"{path}: cannot memory-map the file ({error})") from None
+        return self._storage
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self.header.entries[name]
+        # A storage of exactly this tensor's bytes (a slice shares the mapping, no copy), so
+        # torch.save or storage-sharing checks downstream see this tensor, not the whole file.
+        storage = self._mapped_storage()[entry.begin : entry.end]
+        dtype = entry.info.dtype
+        if entry.begin % dtype.itemsize:
+            # The mapping is page-aligned, so this tensor's address is misaligned for its
+            # dtype. safetensors' own writer pads the header so this never happens; for other
+            # writers the only correct answer is a copy into aligned memory.
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+            return raw.clone().view(dtype).view(entry.info.shape)
+        flat = torch.empty(0, dtype=dtype).set_(storage, 0, (entry.info.numel,), (1,))
+        return flat.view(entry.info.shape)
+
+    def close(self) -> None:
+        # Tensors already handed out keep their own reference to the mapping and stay valid.
+        self._storage = None
+
+
+class _TorchReader:
+    """Tensors of one torch.save file, loaded with mmap=True (storages map the file)."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        self.path = path
+        self._tensors = tensors
+
+    def infos(self) -> list[TensorInfo]:
+        return [
+            TensorInfo(name, tuple(tensor.shape), tensor.dtype, self.path)
+            for name, tensor in self._tensors.items()
+        ]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        # A fresh alias, so a caller's in-place metadata change (resize_, requires_grad_)
+        # cannot leak into later calls.
+        return self._tensors[name].detach()
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+class CheckpointSource:
+    """A checkpoint opened read-only and lazily: names, shapes and dtypes now, data on demand.
+
+    Build one with :func:`open_checkpoint`. Use it as a context manager or call :meth:`close`.
+
+    Attributes:
+        path: the path that was opened (a file or a directory).
+        format: ``"safetensors"``, ``"safetensors-sharded"``, ``"torch"``,
+            ``"torch-sharded"`` or ``"meta"``.
+        files: the data files, in stored order.
+        config: parsed ``config.json`` (Hugging Face) or ``params.json`` (Meta) found beside
+            the weights, or None.
+        config_file: the name of that file, or None.
+        is_hf_dir: a ``config.json`` sits beside the weights.
+        metadata: ``__metadata__`` of the first safetensors file, or ``{}``.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        format: str,
+        readers: list[tuple[Path, _TensorReader]],
+        wanted: dict[str, Path] | None = None,
+        config: dict[str, Any] | None = None,
+        config_file: str | None = None,
+        is_hf_dir: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = path
+        self.format = format
+        self.files = [file for file, _ in readers]
+        self.config = config
+        self.config_file = config_file
+        self.is_hf_dir = is_hf_dir
+        self.metadata = metadata or {}
+        self._readers = [reader for _, reader in readers]
+        self._infos: dict[str, TensorInfo] = {}
+        self._reader_of: dict[str, _TensorReader] = {}
+        for file, reader in readers:
+            for info in reader.infos():
+                # With an index, a shard holds exactly the keys the index assigns to it.
+                if wanted is not None and wanted.get(info.name) != file:
+                    continue
+                self._infos[info.name] = info
+                self._reader_of[info.name] = reader
+        self.total_bytes = sum(info.nbytes for info in self._infos.values())
+        self._closed = False
+
+    def keys(self) -> list[str]:
+        """Tensor names in stored order (file by file, in each file as its bytes are laid out)."""
+        return list(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        """Name, shape, dtype and file of one tensor, without reading its data.
+
+        Raises:
+            TensorNotFoundError: the checkpoint holds no such key.
+        """
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise self._not_found(key) from None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Every tensor's metadata, keyed by name, in stored order."""
+        return dict(self._infos)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """One tensor, backed by a private memory map of its file (no copy of the data).
+
+        Tensors of one file share a copy-on-write mapping: writing into one in place does not
+        change the file, but later ``get_tensor`` calls would see the write; clone first if
+        you mean to modify. Returned tensors stay valid after :meth:`close`.
+
+        Raises:
+            TensorNotFoundError: the checkpoint holds no such key.
+            CheckpointError: the source is closed, or the file cannot be mapped.
+        """
+        if self._closed:
+            raise CheckpointError(f"{self.path}: checkpoint is closed")
+        try:
+            reader = self._reader_of[key]
+        except KeyError:
+            raise self._not_found(key) from None
+        return reader.tensor(key)
+
+    def _not_found(self, key: str) -> TensorNotFoundError:
+        close = difflib.get_close_matches(str(key), self._infos, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return TensorNotFoundError(f"{self.path}: no tensor named {key!r}{hint}")
+
+    def close(self) -> None:
+        """Drop the mappings this source holds; metadata stays readable."""
+        for reader in self._readers:
+            reader.close()
+        self._closed = True
+
+    def __enter__(self) -> CheckpointSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointSource({str(self.path)!r}, format={self.format!r}, "
+            f"tensors={len(self)}, bytes={self.total_bytes})"
+        )
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
+    """Open a checkpoint of any supported form, reading metadata only.
+
+    Forms: a ``.safetensors`` file; a shard index (``*.index.json``, or its directory) of
+    safetensors or torch shards; a ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` state dict (also
+    wrapped as ``{"model": sd}`` / ``{"state_dict": sd}``); a Hugging Face directory
+    (``config.json`` + ``model.safetensors`` / its index / ``pytorch_model.bin`` / its index,
+    safetensors preferred); a Meta directory (``consolidated.00.pth`` + ``params.json``); a
+    directory holding exactly one checkpoint file.
+
+    Args:
+        path: a file or directory.
+
+    Returns:
+        The opened source; close it (or use ``with``) when done.
+
+    Raises:
+        CheckpointError: missing or unreadable path, corrupted file, inconsistent index,
+            model-parallel Meta checkpoint.
+        UnsafeCheckpointError: a pickle that needs code to load.
+        UnrecognizedFormatError: nothing recognisable at the path, or several candidates.
+        ConfigError: a config.json / params.json beside the weights that is not a JSON object.
+    """
+    path = Path(path)
+    try:
+        is_directory = stat.S_ISDIR(path.stat().st_mode)
+    except OSError as error:
+        raise describe_os_error(path, error) from None
+    target = _pick_file_in_directory(path) if is_directory else path
+    kind = _classify_file(target)
+
+    if kind == _KIND_INDEX:
+        format, readers, wanted = _open_sharded(target)
+    elif kind == _KIND_SAFETENSORS:
+        format, readers, wanted = FORMAT_SAFETENSORS, [_open_safetensors(target)], None
+    else:
+        format = FORMAT_TORCH
+        if META_SHARD_PATTERN.fullmatch(target.name):
+            _refuse_model_parallel_meta(target.parent)
+            format = FORMAT_META
+        readers, wanted = [(target, _TorchReader(target, load_torch_state_dict(target)))], None
+
+    config, config_file = _read_config(target.parent, prefer_params=format == FORMAT_META)
+    first_reader = readers[0][1]
+    metadata = first_reader.header.metadata if isinstance(first_reader, _SafetensorsReader) else {}
+    return CheckpointSource(
+        path=path,
+        format=format,
+        readers=readers,
+        wanted=wanted,
+        config=config,
+        config_file=config_file,
+        is_hf_dir=(target.parent / HF_CONFIG_FILE).is_file(),
+        metadata=metadata,
+    )
+
+
+def _open_safetensors(file: Path) -> tuple[Path, _TensorReader]:
+    return file, _SafetensorsReader(read_safetensors_header(file))
+
+
+def _open_sharded(
+    index_path: Path,
+) -> tuple[str, list[tuple[Path, _TensorReader]], dict[str, Path]]:
+    index = read_shard_index(index_path)
+    directory = index_path.parent
+    readers: list[tuple[Path, _TensorReader]] = []
+    kinds = set()
+    for shard_name in index.shard_names:
+        shard = directory / shard_name
+        if not shard.is_file():
+            raise CheckpointError(
+                f"{index_path}: names shard {shard_name!r}, which does not exist in {directory}"
+            )
+        kind = _classify_file(shard)
+        kinds.add(kind)
+        if kind == _KIND_SAFETENSORS:
+            readers.append(_open_safetensors(shard))
+        elif kind == _KIND_TORCH:
+            readers.append((shard, _TorchReader(shard, load_torch_state_dict(shard))))
+        else:
+            raise UnrecognizedFormatError(f"{index_path}: shard {shard_name!r} is itself an index")
+    if len(kinds) > 1:
+        raise UnrecognizedFormatError(
+            f"{index_path}: mixes safetensors and torch shards; convert them to one format"
+        )
+    held = {file: {info.name for info in reader.infos()} for file, reader in readers}
+    wanted = {name: directory / shard for name, shard in index.weight_map.items()}
+    missing = [name for name, file in wanted.items() if name not in held[file]]
+    if missing:
+        name = missing[0]
+        others = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{index_path}: maps {name!r} to shard {index.weight_map[name]!r}, which does not "
+            f"hold it{others}; the index does not match its shards"
+        )
+    format = FORMAT_SAFETENSORS_SHARDED if kinds == {_KIND_SAFETENSORS} else FORMAT_TORCH_SHARDED
+    return format, readers, wanted
+
+
+def _refuse_model_parallel_meta(directory: Path) -> None:
+    shards = sorted(
+        name for name in _list_directory(directory) if META_SHARD_PATTERN.fullmatch(name)
+    )
+    if len(shards) > 1:
+        raise CheckpointError(
+            f"{directory}: model-parallel Meta checkpoints ({len(shards)} shards: "
+            f"{shards[0]} ... {shards[-1]}) are not supported; merge them into one "
+            "consolidated.00.pth first"
+        )
+
+
+def _list_directory(directory: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except OSError as error:
+        raise describe_os_error(directory, error) from None
+
+
+def _pick_file_in_directory(directory: Path) -> Path:
+    """The one file to open in a directory, by the rules in :func:`open_checkpoint`."""
+    names = _list_directory(directory)
+    files = [name for name in names if (directory / name).is_file()]
+    for preferred in HF_WEIGHT_FILES:
+        if preferred in files:
+            return directory / preferred
+
+    meta_shards = [name for name in files if META_SHARD_PATTERN.fullmatch(name)]
+    if meta_shards:
+        _refuse_model_parallel_meta(directory)
+        return directory / meta_shards[0]
+
+    candidates = [name for name in files if not NOT_WEIGHTS_PATTERN.fullmatch(name)]
+    safetensors_indexes = [n for n in candidates if n.endswith(SAFETENSORS_SUFFIX + INDEX_SUFFIX)]
+    safetensors_files = [n for n in candidates if n.endswith(SAFETENSORS_SUFFIX)]
+    torch_indexes = [
+        n for n in candidates if n.endswith(INDEX_SUFFIX) and n not in safetensors_indexes
+    ]
+    torch_files = [n for n in candidates if n.endswith(TORCH_SUFFIXES)]
+    # An index covers the shards beside it; safetensors wins over pickles, as in HF dirs.
+    for group in (safetensors_indexes, safetensors_files, torch_indexes, torch_files):
+        if len(group) == 1:
+            return directory / group[0]
+        if len(group) > 1:
+            listed = ", ".join(group[:4]) + (", ..." if len(group) > 4 else "")
+            raise UnrecognizedFormatError(
+                f"{directory}: holds {len(group)} candidate checkpoints ({listed}) and no "
+                "index tying them together; pass the path of the one to open"
+            )
+    raise UnrecognizedFormatError(
+        f"{directory}: no checkpoint found (looked for model.safetensors[.index.json], "
+        "pytorch_model.bin[.index.json], consolidated.00.pth, or one *.safetensors / "
+        f"{' / '.join('*' + suffix for suffix in TORCH_SUFFIXES)} / *.index.json file)"
+    )
+
+
+def _classify_file(file: Path) -> str:
+    """Which reader a file needs: by its name, else by its first bytes."""
+    name = file.name
+    if name.endswith(INDEX_SUFFIX):
+        return _KIND_INDEX
+    if name.endswith(SAFETENSORS_SUFFIX):
+        return _KIND_SAFETENSORS
+    if name.endswith(TORCH_SUFFIXES):
+        return _KIND_TORCH
+    with open_for_reading(file) as (handle, size):
+        head = handle.read(HEADER_LENGTH_BYTES + 1)
+    if size == 0:
+        raise CheckpointError(f"{file}: empty file, not a checkpoint")
+    if head.startswith(ZIP_SIGNATURE) or head.startswith(PICKLE_PROTOCOL_OPCODE):
+        return _KIND_TORCH
+    if len(head) > HEADER_LENGTH_BYTES and head[HEADER_LENGTH_BYTES:] == b"{":
+        return _KIND_SAFETENSORS
+    raise UnrecognizedFormatError(
+        f"{file}: not a recognised checkpoint (neither safetensors nor a torch.save archive)"
+    )
+
+
+def _read_config(directory: Path, *, prefer_params: bool) -> tuple[dict | None, str | None]:
+    names = (META_PARAMS_FILE, HF_CONFIG_FILE) if prefer_params else (
+        HF_CONFIG_FILE,
+        META_PARAMS_FILE,
+    )
+    for name in names:
+        config_path = directory / name
+        if not config_path.is_file():
+            continue
+        try:
+            config = json.loads(config_path.read_bytes().decode("utf-8"))
+        except OSError as error:
+            raise describe_os_error(config_path, error) from None
+        except (ValueError, RecursionError) as error:  # also UnicodeDecodeError
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"{config_path}: not valid JSON ({reason})") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{config_path}: holds a JSON {type(config).__name__}, not an object")
+        return config, name
+    return None, None

@@ -1,0 +1,456 @@
+"""Stream tensors into (sharded) safetensors files, one tensor in memory at a time, atomically.
+
+Why not ``safetensors.torch.save_file``: it takes a whole file's tensors as one dict, so every
+tensor of a shard must be alive at once (a 5 GB shard holds 5 GB of RAM, and a converter would
+have to materialise them all first); older releases even serialised the shard into one
+``bytes`` buffer, doubling that (safetensors issue #458). It also writes straight to the final
+name, with no atomicity across a set of shards and their index. Here each shard's header is
+computed from metadata first (names, shapes, dtypes fix every byte offset), then tensors are
+fetched one by one through ``get_tensor`` and their bytes are written straight from the
+tensor's memory. Peak memory is about the largest tensor (plus a contiguous or CPU copy of it
+when the source tensor is neither), independent of shard and model size.
+
+Atomicity: everything is written into a hidden sibling directory ``.<name>.partial-<random>``
+(same filesystem), files are fsynced, the index is written last, and only then is the directory
+renamed into place. On any failure the temporary directory is removed and the destination is
+left exactly as it was. A process killed outright (SIGKILL, power loss) can leave a
+``.partial-`` directory behind, never a half-written destination.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from fusesurgery.errors import ShapeError, WriteError
+from fusesurgery.io.tensor_info import TORCH_TO_SAFETENSORS, TensorInfo
+from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE, ShardPlan, plan_shards
+
+# The header must start the data section on an 8-byte boundary; safetensors pads with spaces.
+_HEADER_ALIGNMENT = 8
+# Bounded slices keep every write() far below the ~2 GiB a single Linux write() can move.
+_WRITE_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What :func:`write_safetensors` produced.
+
+    Args:
+        out_dir: the (absolute) output directory, now complete.
+        plan: the shard plan that was written.
+        files: names of every file written inside ``out_dir``: shards, extra files, then the
+            index if there is one.
+    """
+
+    out_dir: Path
+    plan: ShardPlan
+    files: tuple[str, ...]
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data written (headers excluded)."""
+        return self.plan.total_size
+
+
+@dataclass(frozen=True)
+class _ShardLayout:
+    """One shard as it will lie on disk: header bytes and tensors in data order."""
+
+    filename: str
+    header: bytes
+    tensors: tuple[TensorInfo, ...]
+    data_size: int
+
+
+def _safetensors_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
+    """The length-prefixed, space-padded JSON header for ``tensors`` laid out back to back."""
+    entries: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for info in tensors:
+        entries[info.name] = {
+            "dtype": TORCH_TO_SAFETENSORS[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header += b" " * (-len(header) % _HEADER_ALIGNMENT)
+    return len(header).to_bytes(8, "little") + header
+
+
+def _data_order(tensors: Sequence[TensorInfo]) -> list[TensorInfo]:
+    # The format forbids gaps between tensors, so alignment comes from order: widest element
+    # first keeps every tensor's offset a multiple of its element size (as safetensors itself
+    # does). The sort is stable, so same-width tensors keep the plan's order.
+    return sorted(tensors, key=lambda info: -info.dtype.itemsize)
+
+
+def _check_infos(infos: Sequence[TensorInfo]) -> None:
+    for info in infos:
+        if not isinstance(info, TensorInfo):
+            raise WriteError(f"expected TensorInfo entries, got {type(info).__name__}: {info!r}")
+        if info.dtype not in TORCH_TO_SAFETENSORS:
+            supported = ", ".join(str(d).removeprefix("torch.") for d in TORCH_TO_SAFETENSORS)
+            raise WriteError(
+                f"tensor {info.name!r} has dtype {info.dtype}, which safetensors cannot store "
+                f"here; convert it to one of: {supported}"
+            )
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in info.shape):
+            raise WriteError(f"tensor {info.name!r} has invalid shape {info.shape!r}")
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    merged: dict[str, str] = {"format": "pt"}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise WriteError(
+                f"safetensors metadata must map str to str, got {key!r}: {value!r}; "
+                "serialise the value (e.g. json.dumps) first"
+            )
+        if key == "format" and value != "pt":
+            raise WriteError(
+                f"metadata 'format' must be 'pt' so that transformers loads the file, got {value!r}"
+            )
+        merged[key] = value
+    return merged
+
+
+def _check_extra_files(
+    extra_files: Mapping[str, bytes | str] | None, reserved: set[str]
+) -> dict[str, bytes]:
+    checked: dict[str, bytes] = {}
+    for name, content in (extra_files or {}).items():
+        relative = PurePosixPath(name)
+        if (
+            not name
+            or relative.is_absolute()
+            or "\\" in name
+            or any(part in ("", ".", "..") for part in name.split("/"))
+        ):
+            raise WriteError(
+                f"extra file name {name!r} must be a relative path inside the output directory"
+            )
+        if name in reserved:
+            raise WriteError(f"extra file {name!r} would overwrite a weight file; rename it")
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise WriteError(
+                f"extra file {name!r} content must be bytes or str, got {type(content).__name__}"
+            )
+        checked[name] = bytes(content)
+    return checked
+
+
+def _os_error_message(exc: OSError, action: str, path: Path | str) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free some space or choose an output directory on another disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable output directory"
+    else:
+        fix = "check the output location"
+    reason = exc.strerror or type(exc).__name__
+    return f"cannot {action} {path}: {reason}; {fix}"
+
+
+@contextmanager
+def _write_errors(action: str, path: Path | str) -> Iterator[None]:
+    """Turn an OSError of *our* file operations into a one-line WriteError.
+
+    Only output operations go inside: an OSError raised by ``get_tensor`` (a source file that
+    cannot be read) is the reader's error, not a write error, and passes through unchanged.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise WriteError(_os_error_message(exc, action, path)) from exc
+
+
+def _tensor_buffer(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor's data.
+
+    ``tensor.numpy()`` cannot express bfloat16 or float8, and numpy is no runtime dependency,
+    so the view is taken over the raw data pointer. The caller keeps ``tensor`` alive while
+    the view is used.
+    """
+    nbytes = tensor.nbytes
+    if nbytes == 0:
+        return memoryview(b"")
+    raw = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
+    return memoryview(raw).cast("B")
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view[:_WRITE_CHUNK_BYTES])
+        view = view[written:]
+
+
+def _fetch_checked(get_tensor: Callable[[str], torch.Tensor], info: TensorInfo) -> torch.Tensor:
+    """Fetch one tensor, check it against its metadata, and make it a contiguous CPU tensor."""
+    tensor = get_tensor(info.name)
+    if not isinstance(tensor, torch.Tensor):
+        raise ShapeError(
+            f"get_tensor({info.name!r}) returned {type(tensor).__name__}, expected a torch.Tensor"
+        )
+    if tuple(tensor.shape) != tuple(info.shape) or tensor.dtype != info.dtype:
+        raise ShapeError(
+            f"tensor {info.name!r} is {list(tensor.shape)} {tensor.dtype}, but its metadata says "
+            f"{list(info.shape)} {info.dtype}; the source and the plan disagree"
+        )
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise ShapeError(
+            f"tensor {info.name!r} has layout {tensor.layout}; only dense tensors can be written"
+        )
+    if tensor.is_meta:
+        raise ShapeError(
+            f"tensor {info.name!r} is on the meta device and has no data; materialise it first"
+        )
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    # resolve_neg/resolve_conj are no-ops unless a lazy negation view would otherwise hand us
+    # the un-negated bytes.
+    return tensor.resolve_neg().resolve_conj().contiguous()
+
+
+def _shard_layouts(
+    plan: ShardPlan, infos_by_name: Mapping[str, TensorInfo], metadata: Mapping[str, str]
+) -> list[_ShardLayout]:
+    layouts = []
+    for shard in plan.shards:
+        tensors = _data_order([infos_by_name[key] for key in shard.keys])
+        layouts.append(
+            _ShardLayout(
+                filename=shard.filename,
+                header=_safetensors_header(tensors, metadata),
+                tensors=tuple(tensors),
+                data_size=shard.nbytes,
+            )
+        )
+    return layouts
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> bool:
+    """Refuse an unusable destination up front. Returns whether an old output is replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WriteError(f"output path {out_dir} exists and is not a directory; choose another")
+    if not out_dir.exists():
+        return False
+    with _write_errors("list", out_dir):
+        is_empty = next(os.scandir(out_dir), None) is None
+    if is_empty:
+        return False
+    if not overwrite:
+        raise WriteError(
+            f"output directory {out_dir} is not empty; pass overwrite=True (--overwrite) "
+            "or choose another directory"
+        )
+    return True
+
+
+def _check_free_space(parent: Path, needed: int) -> None:
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return
+    # Some network/FUSE filesystems report 0 free; let the write itself decide there.
+    if 0 < free < needed:
+        raise WriteError(
+            f"not enough space in {parent}: the output needs {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free; free some space or choose another directory"
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_temp_dir(parent: Path, name: str) -> Path:
+    with _write_errors("create a directory in", parent):
+        parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            candidate = parent / f".{name}.partial-{secrets.token_hex(4)}"
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return candidate
+
+
+def _write_file(path: Path, chunks: Sequence[bytes]) -> None:
+    with _write_errors("write", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_shard(
+    path: Path,
+    layout: _ShardLayout,
+    get_tensor: Callable[[str], torch.Tensor],
+    on_tensor_written: Callable[[TensorInfo], None] | None,
+) -> None:
+    with _write_errors("write", path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with _write_errors("write", path):
+            _write_all(fd, layout.header)
+        for info in layout.tensors:
+            tensor = _fetch_checked(get_tensor, info)  # outside _write_errors: reader's errors
+            with _write_errors("write", path):
+                _write_all(fd, _tensor_buffer(tensor))
+            del tensor  # drop the only reference before fetching the next one
+            if on_tensor_written is not None:
+                on_tensor_written(info)
+        with _write_errors("write", path):
+            expected = len(layout.header) + layout.data_size
+            if os.lseek(fd, 0, os.SEEK_CUR) != expected:
+                raise WriteError(f"wrote a wrong number of bytes to {path}; this is a bug")
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(temp_dir: Path, out_dir: Path, replace_existing: bool) -> None:
+    parent = out_dir.parent
+    with _write_errors("move the finished output to", out_dir):
+        if not replace_existing:
+            try:
+                # rename(2) atomically replaces an empty directory, and refuses a non-empty one.
+                os.replace(temp_dir, out_dir)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise WriteError(
+                        f"output directory {out_dir} was filled by someone else while writing; "
+                        "choose another directory or pass overwrite=True"
+                    ) from exc
+                raise
+        else:
+            # No portable atomic directory swap: move the old output aside, move the new one in,
+            # then delete the old one. A reader sees either the old or the new complete output
+            # (or, for an instant, none), never a mixture.
+            backup = parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
+            os.rename(out_dir, backup)
+            try:
+                os.rename(temp_dir, out_dir)
+            except BaseException:
+                os.rename(backup, out_dir)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        _fsync_dir(parent)
+
+
+def write_safetensors(
+    out_dir: str | os.PathLike[str],
+    infos: Sequence[TensorInfo],
+    get_tensor: Callable[[str], torch.Tensor],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    metadata: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, bytes | str] | None = None,
+    overwrite: bool = False,
+    on_tensor_written: Callable[[TensorInfo], None] | None = None,
+) -> WriteResult:
+    """Write tensors as Hugging Face-style (sharded) safetensors, streaming and atomically.
+
+    Shards are planned by :func:`plan_shards` from ``infos`` (their order is kept). For each
+    tensor, in order, ``get_tensor(name)`` is called once, its result is checked against the
+    TensorInfo, written, and released before the next call; peak memory is one tensor (plus a
+    copy when it is not a contiguous CPU tensor). Files appear in ``out_dir`` only when all of
+    them are complete.
+
+    Args:
+        out_dir: the output directory. Missing parents are created. If it exists it must be
+            empty unless ``overwrite`` is set.
+        infos: name, shape and dtype of every tensor to write.
+        get_tensor: returns the tensor for a name, on any device, of any strides.
+        max_shard_size: the data limit per shard (``"5GB"``, ``"500MB"``, ``"10GiB"`` or bytes).
+        metadata: extra ``__metadata__`` strings for every shard; ``{"format": "pt"}`` is always
+            included.
+        extra_files: ``{relative name: content}`` written alongside (``config.json``,
+            ``README.md``, ...); str content is encoded as UTF-8.
+        overwrite: replace a non-empty ``out_dir``; the old content is removed only after the
+            new output is complete.
+        on_tensor_written: called with each TensorInfo once its bytes are written (progress).
+
+    Returns:
+        The output directory, the shard plan, and the names of the files written.
+
+    Raises:
+        WriteError: invalid arguments, a non-empty ``out_dir`` without ``overwrite``, too
+            little space, or any OS error while writing (permission, disk full).
+        ShapeError: ``get_tensor`` returned something that does not match its TensorInfo.
+        Exception: whatever ``get_tensor`` raises passes through; in every failure case the
+            temporary directory is removed and ``out_dir`` is left untouched.
+    """
+    if sys.byteorder != "little":
+        raise WriteError("safetensors stores little-endian data; this machine is big-endian")
+    # realpath: a symlinked destination is replaced at its target, next to which the
+    # temporary directory must live (same filesystem, so the final rename is atomic).
+    out_dir = Path(os.path.realpath(os.fspath(out_dir)))
+    if not out_dir.name:
+        raise WriteError(f"output directory {out_dir} has no name; choose a subdirectory")
+    _check_infos(infos)
+    header_metadata = _check_metadata(metadata)
+    plan = plan_shards(infos, max_shard_size)
+    reserved = {shard.filename for shard in plan.shards}
+    if plan.index_filename is not None:
+        reserved.add(plan.index_filename)
+    extras = _check_extra_files(extra_files, reserved)
+    layouts = _shard_layouts(plan, {info.name: info for info in infos}, header_metadata)
+    replace_existing = _check_destination(out_dir, overwrite)
+
+    index_bytes = None
+    if plan.index_filename is not None:
+        index_bytes = (json.dumps(plan.index(), indent=2, sort_keys=True) + "\n").encode()
+    needed = (
+        sum(len(layout.header) + layout.data_size for layout in layouts)
+        + sum(len(content) for content in extras.values())
+        + len(index_bytes or b"")
+    )
+    _check_free_space(out_dir.parent, needed)
+
+    temp_dir = _make_temp_dir(out_dir.parent, out_dir.name)
+    files: list[str] = []
+    try:
+        for layout in layouts:
+            _write_shard(temp_dir / layout.filename, layout, get_tensor, on_tensor_written)
+            files.append(layout.filename)
+        for name, content in extras.items():
+            _write_file(temp_dir / name, [content])
+            files.append(name)
+        # The index goes last: a directory holding an index always holds every shard it names.
+        if index_bytes is not None:
+            _write_file(temp_dir / plan.index_filename, [index_bytes])
+            files.append(plan.index_filename)
+        with _write_errors("sync", temp_dir):
+            _fsync_dir(temp_dir)
+        _move_into_place(temp_dir, out_dir, replace_existing)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return WriteResult(out_dir=out_dir, plan=plan, files=tuple(files))
