@@ -24,6 +24,7 @@ from fusesurgery.modules.kv_cache import KVCache
 from fusesurgery.modules.norms import RMSNorm, TanhGate
 from fusesurgery.modules.projection import LinearProjection, MLPProjection
 from fusesurgery.modules.rope import RotaryPositionalEmbeddings, rope_frequencies
+from fusesurgery.modules.summary import FusionSummary, fusion_summary
 from fusesurgery.modules.transformer import (
     TransformerCrossAttentionLayer,
     TransformerDecoder,
@@ -43,6 +44,7 @@ __all__ = [
     "FeedForward",
     "FusionEmbedding",
     "FusionLayer",
+    "FusionSummary",
     "KVCache",
     "LinearProjection",
     "MLPProjection",
@@ -63,6 +65,7 @@ __all__ = [
     "build_projection",
     "build_vision_encoder",
     "fuse_decoder",
+    "fusion_summary",
     "get_fusion_params",
     "init_non_persistent_buffers",
     "register_fusion_module",

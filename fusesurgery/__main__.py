@@ -1,0 +1,3 @@
+from fusesurgery.cli import main
+
+main()

@@ -1,0 +1,58 @@
+"""The ``fusesurgery`` command: a typer app whose group maps every error in one place."""
+
+from __future__ import annotations
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from fusesurgery.cli import demo
+from fusesurgery.cli.errors import debug_enabled, report
+
+
+class _Group(TyperGroup):
+    """Runs a command; exceptions become one line and an exit code (see ``cli.errors``)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
+                typer.Exit):
+            raise
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the one place that maps errors
+            code = report(exc)
+            raise typer.Exit(code) from (exc if debug_enabled() else None)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="fusesurgery",
+    help="Model surgery on pretrained checkpoints: fuse an encoder into an LLM decoder.",
+    no_args_is_help=True,
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.command(
+    "demo",
+    epilog="Example: fusesurgery demo --json",
+)(demo.demo)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    """Model surgery on pretrained checkpoints: fuse an encoder into an LLM decoder.
+
+    Set FUSESURGERY_DEBUG=1 to see tracebacks behind error messages.
+    """
+    if version:
+        from fusesurgery import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
