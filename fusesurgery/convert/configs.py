@@ -1,0 +1,427 @@
+"""Reading config.json / params.json dicts into fusesurgery config fields.
+
+Each reader turns one parsed config file into a :class:`ConfigReading`: the fields the file
+states ("read"), the values the file's own loader would assume for what it leaves out
+("default", e.g. transformers' ``LlamaConfig`` class defaults), the family, and notes about
+settings read but deliberately not modelled. Readers never look at tensors: shapes are
+:mod:`fusesurgery.convert.detect`'s business, which also cross-checks the two.
+
+Styles understood:
+
+- ``hf``: transformers config.json of ``llama``, ``mistral``, ``qwen2`` decoders and of
+  ``clip``/``siglip`` vision towers (bare ``*_vision_model`` or the full two-tower model with a
+  ``vision_config``). RoPE settings in both spellings: transformers 4's ``rope_theta`` +
+  ``rope_scaling`` (``rope_type`` or the older ``type``) and transformers 5's
+  ``rope_parameters``.
+- ``meta``: Meta's params.json (also Mistral's, which states ``hidden_dim`` and ``head_dim``).
+- ``native``: fusesurgery's own field names (``embed_dim``, ``num_heads``, ...), optionally
+  under ``"decoder"`` / ``"encoder"`` sub-dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusesurgery.config import DecoderConfig, RopeScaling, VisionEncoderConfig
+from fusesurgery.errors import ConfigError
+
+DECODER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecoderConfig))
+VISION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VisionEncoderConfig))
+
+
+@dataclass
+class ConfigReading:
+    """What one config file says about a model.
+
+    Args:
+        read: field -> value stated by the file.
+        defaults: field -> value the file's loader assumes when the file is silent.
+        notes: settings read but not modelled, and why that is safe.
+    """
+
+    read: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def config_style(config: Mapping[str, Any]) -> str:
+    """Which kind of file a parsed config is: ``"hf"``, ``"meta"`` or ``"native"``.
+
+    Raises:
+        ConfigError: the dict looks like none of them.
+    """
+    if any(k in config for k in ("model_type", "hidden_size", "vision_config", "architectures")):
+        return "hf"
+    if "n_layers" in config or "dim" in config:
+        return "meta"
+    native = set(DECODER_FIELDS) | set(VISION_FIELDS) | {"decoder", "encoder"}
+    if native & set(config):
+        return "native"
+    raise ConfigError(
+        f"unrecognised config: keys {sorted(config)[:8]} look like neither a transformers "
+        "config.json nor a Meta params.json"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Decoders.
+
+HF_DECODER_FAMILIES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+HF_DECODER_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+}
+
+# transformers' class defaults for what a config.json may leave out and shapes cannot tell.
+HF_DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"num_heads": 32, "max_seq_len": 2048, "norm_eps": 1e-6, "rope_base": 10_000.0,
+              "rope_scaling": None, "attn_bias": False, "tie_word_embeddings": False},
+    "mistral": {"num_heads": 32, "max_seq_len": 131_072, "norm_eps": 1e-6,
+                "rope_base": 10_000.0, "rope_scaling": None, "attn_bias": False,
+                "tie_word_embeddings": False},
+    # Qwen2's q/k/v projections always carry a bias: the architecture has no switch for it.
+    "qwen2": {"num_heads": 32, "max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
+              "rope_scaling": None, "attn_bias": True, "tie_word_embeddings": False},
+}
+
+# config.json key -> DecoderConfig field, for values copied as they are.
+HF_DECODER_KEYS: dict[str, str] = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "embed_dim",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_dim",
+    "max_position_embeddings": "max_seq_len",
+    "rms_norm_eps": "norm_eps",
+    "attention_bias": "attn_bias",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+_LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings")
+
+
+def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading) -> None:
+    parameters = config.get("rope_parameters")
+    if isinstance(parameters, Mapping):  # transformers 5
+        scaling_source: Mapping[str, Any] | None = parameters
+        theta = parameters.get("rope_theta", config.get("rope_theta"))
+        stated = True
+    else:  # transformers 4: scaling is null or a dict, theta sits beside it
+        scaling_source = config.get("rope_scaling")
+        theta = config.get("rope_theta")
+        stated = "rope_scaling" in config
+    if theta is not None:
+        reading.read["rope_base"] = float(theta)
+    if scaling_source is None:
+        if stated:
+            reading.read["rope_scaling"] = None
+        return
+    rope_type = scaling_source.get("rope_type", scaling_source.get("type", "default"))
+    if rope_type == "default":
+        reading.read["rope_scaling"] = None
+    elif rope_type == "llama3":
+        missing = [k for k in _LLAMA3_SCALING_KEYS if k not in scaling_source]
+        if missing:
+            raise ConfigError(f"{origin}: llama3 rope scaling lacks {', '.join(missing)}")
+        reading.read["rope_scaling"] = RopeScaling(
+            factor=float(scaling_source["factor"]),
+            low_freq_factor=float(scaling_source["low_freq_factor"]),
+            high_freq_factor=float(scaling_source["high_freq_factor"]),
+            original_max_position_embeddings=int(
+                scaling_source["original_max_position_embeddings"]
+            ),
+        )
+    else:
+        raise ConfigError(
+            f"{origin}: rope_type {rope_type!r} is not supported (supported: default, llama3)"
+        )
+
+
+def _sliding_window_notes(config: Mapping[str, Any], family: str, reading: ConfigReading) -> None:
+    # A causal sliding window of w tokens attends to exactly what full causal attention does
+    # for sequences of at most w tokens, so modelling full attention changes nothing there.
+    # Longer sequences are the user's to avoid; the note says where the limit is.
+    window = config.get("sliding_window")
+    if family == "mistral" and window:
+        reading.notes.append(
+            f"sliding_window {window} read and ignored: identical to full attention for "
+            f"sequences of at most {window} tokens"
+        )
+    layer_types = config.get("layer_types") or ()
+    if family == "qwen2" and window and (
+        config.get("use_sliding_window") or "sliding_attention" in layer_types
+    ):
+        reading.notes.append(
+            f"use_sliding_window with sliding_window {window} read and ignored: identical to "
+            f"full attention for sequences of at most {window} tokens"
+        )
+
+
+def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
+    """Read a transformers decoder config.json (transformers 4 or 5 style).
+
+    Raises:
+        ConfigError: an unsupported model type, activation, MLP bias or RoPE type.
+    """
+    reading = ConfigReading()
+    model_type = config.get("model_type")
+    if model_type is not None:
+        if model_type not in HF_DECODER_FAMILIES:
+            raise ConfigError(
+                f"{origin}: model_type {model_type!r} is not a supported decoder; supported: "
+                f"{', '.join(HF_DECODER_FAMILIES)}"
+            )
+        reading.read["family"] = HF_DECODER_FAMILIES[model_type]
+    else:
+        for architecture in config.get("architectures") or ():
+            if architecture in HF_DECODER_ARCHITECTURES:
+                reading.read["family"] = HF_DECODER_ARCHITECTURES[architecture]
+                break
+    family = reading.read.get("family", "llama")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported "
+                          "(Llama-family decoders use silu)")
+    if config.get("mlp_bias"):
+        raise ConfigError(f"{origin}: mlp_bias true is not supported")
+    if config.get("attention_bias") and family != "qwen2":
+        # transformers' Llama/Mistral attention_bias also puts a bias on o_proj, which the
+        # native attention (Qwen2-style q/k/v biases only) does not have.
+        raise ConfigError(f"{origin}: attention_bias true (biases on q/k/v and o_proj) is not "
+                          "supported")
+    for key, name in HF_DECODER_KEYS.items():
+        if config.get(key) is not None:
+            reading.read[name] = config[key]
+    _rope_from_hf(config, origin, reading)
+    _sliding_window_notes(config, family, reading)
+    reading.defaults.update(HF_DECODER_DEFAULTS[family])
+    return reading
+
+
+def meta_intermediate_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The SwiGLU hidden width Meta's reference code derives from params.json.
+
+    Two thirds of ``4 * dim``, scaled by ``ffn_dim_multiplier`` if given, rounded up to a
+    multiple of ``multiple_of`` (Llama 3.1 405B: 16384, 4096, 1.2 -> 53248).
+    """
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+META_DECODER_KEYS: dict[str, str] = {
+    "dim": "embed_dim",
+    "n_layers": "num_layers",
+    "n_heads": "num_heads",
+    "n_kv_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "hidden_dim": "intermediate_dim",
+    "norm_eps": "norm_eps",
+    "rope_theta": "rope_base",
+    "max_seq_len": "max_seq_len",
+}
+
+# Meta's ModelArgs defaults for what params.json may leave out (Llama 2 files have no
+# rope_theta; multiple_of defaults to 256).
+META_DECODER_DEFAULTS: dict[str, Any] = {
+    "norm_eps": 1e-5, "rope_base": 10_000.0, "rope_scaling": None, "attn_bias": False,
+}
+
+
+def read_meta_decoder_config(
+    config: Mapping[str, Any], origin: str = "params.json"
+) -> ConfigReading:
+    """Read a Meta (or Mistral) params.json.
+
+    ``vocab_size`` of -1 means "set by the tokenizer": it is left to the embedding shape.
+    ``use_scaled_rope`` gives Llama 3.1 scaling with factor ``rope_scaling_factor`` if the file
+    has one, else 8 (Llama 3.2 1B/3B use 32: give it as an override).
+
+    Raises:
+        ConfigError: ``dim`` is missing while ``multiple_of`` needs it.
+    """
+    reading = ConfigReading()
+    for key, name in META_DECODER_KEYS.items():
+        if config.get(key) is not None:
+            reading.read[name] = config[key]
+    vocab = config.get("vocab_size")
+    if vocab is not None and vocab > 0:
+        reading.read["vocab_size"] = vocab
+    elif vocab is not None:
+        reading.notes.append(f"vocab_size {vocab} in {origin}: taken from the embedding shape")
+    if "intermediate_dim" not in reading.read and "dim" in config:
+        reading.read["intermediate_dim"] = meta_intermediate_dim(
+            config["dim"], config.get("multiple_of", 256), config.get("ffn_dim_multiplier")
+        )
+    if "rope_base" in reading.read:
+        reading.read["rope_base"] = float(reading.read["rope_base"])
+    if "use_scaled_rope" in config:
+        if config["use_scaled_rope"]:
+            factor = config.get("rope_scaling_factor")
+            reading.read["rope_scaling"] = RopeScaling(
+                **({} if factor is None else {"factor": float(factor)})
+            )
+            if factor is None:
+                reading.notes.append(
+                    f"use_scaled_rope in {origin} without rope_scaling_factor: factor 8 "
+                    "assumed (Llama 3.1); Llama 3.2 1B/3B need 32"
+                )
+        else:
+            reading.read["rope_scaling"] = None
+    # Mistral's params.json states hidden_dim; Meta's derive it from multiple_of.
+    reading.read["family"] = "mistral" if "hidden_dim" in config else "llama"
+    if config.get("sliding_window"):
+        reading.notes.append(
+            f"sliding_window {config['sliding_window']} read and ignored: identical to full "
+            f"attention for sequences of at most {config['sliding_window']} tokens"
+        )
+    reading.defaults.update(META_DECODER_DEFAULTS)
+    return reading
+
+
+def coerce_rope_scaling(value: Any) -> RopeScaling | None:
+    """Accept a RopeScaling, a mapping of its fields, or None.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if value is None or isinstance(value, RopeScaling):
+        return value
+    if isinstance(value, Mapping):
+        known = {f.name for f in dataclasses.fields(RopeScaling)}
+        return RopeScaling(**{k: v for k, v in value.items() if k in known})
+    raise ConfigError(f"rope_scaling must be a mapping or null, got {value!r}")
+
+
+def read_native_config(
+    config: Mapping[str, Any], kind: str, origin: str = "config.json"
+) -> ConfigReading:
+    """Read fusesurgery's own field names (``kind``: ``"decoder"`` or ``"vision"``).
+
+    A ``"decoder"`` (or ``"encoder"`` for vision) sub-dict is used when present, as in a fused
+    checkpoint's config.
+    """
+    section = "decoder" if kind == "decoder" else "encoder"
+    if isinstance(config.get(section), Mapping):
+        config = config[section]
+    names = DECODER_FIELDS if kind == "decoder" else VISION_FIELDS
+    reading = ConfigReading()
+    for name in names:
+        if name in config:
+            reading.read[name] = config[name]
+    if "rope_scaling" in reading.read:
+        reading.read["rope_scaling"] = coerce_rope_scaling(reading.read["rope_scaling"])
+    return reading
+
+
+def read_decoder_config(config: Mapping[str, Any], origin: str) -> ConfigReading:
+    """Read any decoder config dict, choosing the reader by its contents."""
+    style = config_style(config)
+    if style == "hf":
+        return read_hf_decoder_config(config, origin)
+    if style == "meta":
+        return read_meta_decoder_config(config, origin)
+    return read_native_config(config, "decoder", origin)
+
+
+# --------------------------------------------------------------------------------------------
+# Vision encoders.
+
+HF_VISION_FAMILIES: dict[str, str] = {
+    "clip": "clip", "clip_vision_model": "clip", "siglip": "siglip",
+    "siglip_vision_model": "siglip",
+}
+HF_ACTIVATIONS: dict[str, str] = {
+    "quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
+HF_VISION_KEYS: dict[str, str] = {
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "hidden_size": "embed_dim",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "intermediate_dim",
+    "num_channels": "num_channels",
+    "layer_norm_eps": "norm_eps",
+}
+# transformers' CLIPVisionConfig / SiglipVisionConfig defaults for what shapes cannot tell.
+VISION_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "clip": {"num_heads": 12, "norm_eps": 1e-5, "activation": "quick_gelu", "image_size": 224},
+    "siglip": {"num_heads": 12, "norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 224},
+}
+# Architecture facts that no config states: CLIP norms only its pooled class token, SigLIP
+# norms every output token.
+VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True}
+
+
+def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
+    """Read a CLIP/SigLIP config.json: a bare vision model's or a two-tower model's.
+
+    Raises:
+        ConfigError: an unsupported model type or activation.
+    """
+    reading = ConfigReading()
+    model_type = config.get("model_type")
+    tower = config.get("vision_config")
+    if isinstance(tower, Mapping):
+        model_type = model_type or tower.get("model_type")
+    else:
+        tower = config
+    if model_type is not None:
+        if model_type not in HF_VISION_FAMILIES:
+            raise ConfigError(
+                f"{origin}: model_type {model_type!r} is not a supported vision encoder; "
+                f"supported: {', '.join(HF_VISION_FAMILIES)}"
+            )
+        reading.read["family"] = HF_VISION_FAMILIES[model_type]
+    for key, name in HF_VISION_KEYS.items():
+        if tower.get(key) is not None:
+            reading.read[name] = tower[key]
+    if tower.get("hidden_act") is not None:
+        try:
+            reading.read["activation"] = HF_ACTIVATIONS[tower["hidden_act"]]
+        except KeyError:
+            raise ConfigError(
+                f"{origin}: hidden_act {tower['hidden_act']!r} is not supported; supported: "
+                f"{', '.join(HF_ACTIVATIONS)}"
+            ) from None
+    family = reading.read.get("family")
+    if family is not None:
+        reading.defaults.update(VISION_FAMILY_DEFAULTS[family])
+    return reading
+
+
+def read_vision_config(config: Mapping[str, Any], origin: str) -> ConfigReading:
+    """Read any vision config dict, choosing the reader by its contents.
+
+    Raises:
+        ConfigError: a Meta params.json (no Meta vision layout exists) or an unknown style.
+    """
+    style = config_style(config)
+    if style == "hf":
+        return read_hf_vision_config(config, origin)
+    if style == "native":
+        return read_native_config(config, "vision", origin)
+    raise ConfigError(f"{origin} is a Meta params.json, which describes no vision encoder")
+
+
+__all__ = [
+    "DECODER_FIELDS",
+    "VISION_FIELDS",
+    "ConfigReading",
+    "coerce_rope_scaling",
+    "config_style",
+    "meta_intermediate_dim",
+    "read_decoder_config",
+    "read_hf_decoder_config",
+    "read_hf_vision_config",
+    "read_meta_decoder_config",
+    "read_native_config",
+    "read_vision_config",
+]

@@ -1,0 +1,503 @@
+"""Architecture detection and config resolution from checkpoint metadata.
+
+:func:`detect_model` looks at a checkpoint's keys and shapes, plus its config.json /
+params.json if there is one, and answers: what is this (decoder, vision encoder or fused
+model), in which key layout, of which family, with which config. Every config field carries
+its provenance:
+
+- ``given``: a user override (the CLI maps ``--num-heads`` etc. onto the overrides dict);
+- ``read``: stated by the config file;
+- ``inferred``: deduced from key names and tensor shapes;
+- ``default``: neither stated nor deducible; the value the config file's own loader assumes,
+  else fusesurgery's dataclass default.
+
+That is also the order of precedence. What no source can supply (the head count of a
+checkpoint without a config) is a :class:`ConfigError` naming the CLI flag that supplies it.
+Whatever is resolved is then checked against every tensor's shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
+from fusesurgery.convert.configs import (
+    DECODER_FIELDS,
+    VISION_FAMILY_DEFAULTS,
+    VISION_FIELDS,
+    VISION_POST_NORM_HIDDEN,
+    ConfigReading,
+    coerce_rope_scaling,
+    read_decoder_config,
+    read_vision_config,
+)
+from fusesurgery.convert.keymaps import (
+    FUSED_DECODER_PREFIX,
+    FUSED_TORCHTUNE_VISION_PREFIX,
+    FUSED_VISION_PREFIX,
+    HF_VISION_PREFIX,
+    keys_to_native,
+    split_layer_index,
+)
+from fusesurgery.convert.plan import check_native_shapes
+from fusesurgery.errors import ConfigError, UnrecognizedFormatError
+from fusesurgery.io.tensor_info import TensorInfo
+
+Provenance = Literal["given", "read", "inferred", "default"]
+PROVENANCE_RANK: dict[str, int] = {"given": 3, "read": 2, "inferred": 1, "default": 0}
+
+# The CLI option that supplies each field. Encoder options carry an ``--encoder-`` prefix so a
+# command that takes a decoder and an encoder can have both.
+DECODER_FLAGS: dict[str, str] = {name: "--" + name.replace("_", "-") for name in DECODER_FIELDS}
+VISION_FLAGS: dict[str, str] = {
+    name: "--encoder-" + name.replace("_", "-") for name in VISION_FIELDS
+}
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DetectedModel:
+    """What a checkpoint holds, and the config that describes it.
+
+    Args:
+        kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+        layout: key layout, ``"native"``, ``"hf"`` or ``"meta"`` (fused: ``"native"``).
+        family: ``llama``/``mistral``/``qwen2`` or ``clip``/``siglip``.
+        config: the resolved config; for a fused model, its decoder's.
+        provenance: config field -> ``"given"``, ``"read"``, ``"inferred"`` or ``"default"``;
+            every field of ``config`` has an entry.
+        config_source: the config file the ``read`` values came from, if any.
+        fusion: a fused model's fusion layers, fusion vocabulary and encoder width.
+        fused_style: ``"fusesurgery"`` (``encoder.vision.*``) or ``"torchtune"``
+            (``encoder.clip.*``) for a fused model whose encoder keys say which.
+        notes: settings read but deliberately not modelled, and other remarks for the user.
+    """
+
+    kind: str
+    layout: str
+    family: str
+    config: DecoderConfig | VisionEncoderConfig
+    provenance: Mapping[str, str]
+    config_source: str | None = None
+    fusion: FusionConfig | None = None
+    fused_style: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def fields_from(self, provenance: str) -> tuple[str, ...]:
+        """Names of the config fields whose value came from ``provenance``."""
+        return tuple(name for name, source in self.provenance.items() if source == provenance)
+
+    def summary(self) -> str:
+        """A few lines for people: what it is, then each field with its value and source."""
+        head = f"{self.kind} ({self.family}, {self.layout} layout)"
+        if self.config_source:
+            head += f", config from {self.config_source}"
+        lines = [head]
+        for name, source in self.provenance.items():
+            lines.append(f"  {name} = {getattr(self.config, name)!r} ({source})")
+        if self.fusion is not None:
+            lines.append(
+                f"  fusion layers {list(self.fusion.fusion_layers)}, "
+                f"fusion vocab {self.fusion.fusion_vocab_size}, "
+                f"encoder dim {self.fusion.encoder_dim}"
+            )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout detection.
+
+
+def _sample(keys: list[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
+    """Tell ``(kind, layout)`` from key names alone.
+
+    Raises:
+        UnrecognizedFormatError: the keys match no known model layout.
+    """
+    keys = list(keys)
+    key_set = set(keys)
+
+    def any_starts(*prefixes: str) -> bool:
+        return any(key.startswith(prefixes) for key in keys)
+
+    def any_contains(fragment: str) -> bool:
+        return any(fragment in key for key in keys)
+
+    if any_starts(FUSED_DECODER_PREFIX):
+        return "fused", "native"
+    if "model.embed_tokens.weight" in key_set or any_starts("model.layers."):
+        return "decoder", "hf"
+    if any_contains(".attention.wq.") or any_contains(".feed_forward.w1."):
+        return "decoder", "meta"
+    if "tok_embeddings.weight" in key_set or (
+        any_contains(".attn.q_proj.") and any_contains(".sa_norm.scale")
+    ):
+        return "decoder", "native"
+    if any_starts(HF_VISION_PREFIX) or any_starts("embeddings.patch_embedding."):
+        return "vision", "hf"
+    if "conv.weight" in key_set:
+        return "vision", "native"
+    if any_starts("language_model.", "model.language_model.", "model.vision_model."):
+        raise UnrecognizedFormatError(
+            "this looks like a multimodal model (Mllama/LLaVA-style language_model.* keys); "
+            "fusesurgery reads plain decoders, CLIP/SigLIP encoders and fused checkpoints"
+        )
+    raise UnrecognizedFormatError(
+        f"keys match no known decoder, vision encoder or fused layout: {_sample(sorted(keys))}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Field resolution.
+
+
+class _Fields:
+    """Candidate values per config field; the best-ranked provenance wins."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+
+    def offer(self, name: str, value: Any, source: str) -> None:
+        if value is None and name != "rope_scaling":
+            return
+        current = self.sources.get(name)
+        if current is not None and PROVENANCE_RANK[current] >= PROVENANCE_RANK[source]:
+            return
+        self.values[name] = value
+        self.sources[name] = source
+
+    def offer_reading(self, reading: ConfigReading) -> None:
+        for name, value in reading.read.items():
+            self.offer(name, value, "read")
+        for name, value in reading.defaults.items():
+            self.offer(name, value, "default")
+
+    def get(self, name: str) -> Any:
+        return self.values.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+
+def _offer_overrides(
+    fields: _Fields, overrides: Mapping[str, Any] | None, valid: tuple[str, ...], what: str
+) -> None:
+    for name, value in (overrides or {}).items():
+        if name not in valid:
+            raise ConfigError(
+                f"unknown {what} setting {name!r}; valid: {', '.join(sorted(valid))}"
+            )
+        if value is None:  # an option the user did not set
+            continue
+        if name == "rope_scaling":
+            value = coerce_rope_scaling(value)
+        fields.offer(name, value, "given")
+
+
+def _build(
+    cls: type, fields: _Fields, flags: Mapping[str, str], what: str
+) -> tuple[Any, dict[str, str]]:
+    provenance: dict[str, str] = {}
+    kwargs: dict[str, Any] = {}
+    for spec in dataclasses.fields(cls):
+        if spec.name in fields:
+            kwargs[spec.name] = fields.get(spec.name)
+            provenance[spec.name] = fields.sources[spec.name]
+        elif spec.default is not dataclasses.MISSING:
+            provenance[spec.name] = "default"
+        else:
+            raise ConfigError(
+                f"cannot tell {spec.name} of the {what} from its keys and shapes, and no "
+                "config file states it",
+                flag=flags[spec.name],
+            )
+    config = cls(**kwargs)
+    return config, provenance
+
+
+def _layer_count(native_shapes: Mapping[str, Shape], template: str, prefix: str = "") -> int:
+    indices = set()
+    for key in native_shapes:
+        if not key.startswith(prefix):
+            continue
+        key_template, index = split_layer_index(key.removeprefix(prefix))
+        if key_template == template and index is not None:
+            indices.add(int(index))
+    if indices and indices != set(range(max(indices) + 1)):
+        missing = sorted(set(range(max(indices) + 1)) - indices)
+        raise ConfigError(f"checkpoint has layers up to {max(indices)} but lacks layers {missing}")
+    return len(indices)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoders.
+
+
+def _infer_decoder_fields(
+    fields: _Fields,
+    shapes: Mapping[str, Shape],
+    names: Mapping[str, str],
+    prefix: str,
+) -> None:
+    def shape(key: str) -> Shape | None:
+        return shapes.get(prefix + key)
+
+    def name(key: str) -> str:
+        return names.get(prefix + key, prefix + key)
+
+    embedding = shape("tok_embeddings.weight")
+    if embedding is None:
+        raise ConfigError(f"checkpoint has no token embedding ({name('tok_embeddings.weight')})")
+    fields.offer("vocab_size", embedding[0], "inferred")
+    fields.offer("embed_dim", embedding[1], "inferred")
+    fields.offer("num_layers", _layer_count(shapes, "layers.{i}.sa_norm.scale", prefix),
+                 "inferred")
+    w1 = shape("layers.0.mlp.w1.weight")
+    if w1 is not None:
+        fields.offer("intermediate_dim", w1[0], "inferred")
+    fields.offer("attn_bias", shape("layers.0.attn.q_proj.bias") is not None, "inferred")
+    fields.offer("tie_word_embeddings", shape("output.weight") is None, "inferred")
+    if shape("layers.0.attn.q_proj.bias") is not None:
+        fields.offer("family", "qwen2", "inferred")
+    fields.offer("family", "llama", "default")
+
+    q = shape("layers.0.attn.q_proj.weight")
+    k = shape("layers.0.attn.k_proj.weight")
+    num_heads = fields.get("num_heads")
+    if q is None or k is None or num_heads is None:
+        return
+    if q[0] % num_heads:
+        raise ConfigError(
+            f"{name('layers.0.attn.q_proj.weight')} has {q[0]} rows, not a multiple of "
+            f"num_heads {num_heads} ({fields.sources['num_heads']})",
+            flag=DECODER_FLAGS["num_heads"],
+        )
+    fields.offer("head_dim", q[0] // num_heads, "inferred")
+    head_dim = fields.get("head_dim")
+    if k[0] % head_dim:
+        raise ConfigError(
+            f"{name('layers.0.attn.k_proj.weight')} has {k[0]} rows, not a multiple of "
+            f"head_dim {head_dim} ({fields.sources['head_dim']})",
+            flag=DECODER_FLAGS["head_dim"],
+        )
+    fields.offer("num_kv_heads", k[0] // head_dim, "inferred")
+
+
+def _fusion_from_keys(
+    shapes: Mapping[str, Shape], decoder: DecoderConfig
+) -> tuple[FusionConfig, str | None]:
+    fusion_layers = set()
+    encoder_dim = None
+    for key, shape in shapes.items():
+        if not key.startswith(FUSED_DECODER_PREFIX):
+            continue
+        template, index = split_layer_index(key.removeprefix(FUSED_DECODER_PREFIX))
+        if index is not None and template.startswith("layers.{i}.fusion_layer."):
+            fusion_layers.add(int(index))
+            if template == "layers.{i}.fusion_layer.attn.k_proj.weight":
+                encoder_dim = shape[1]
+    fusion_embedding = shapes.get(FUSED_DECODER_PREFIX + "tok_embeddings.fusion_embedding.weight")
+    out_of_range = sorted(i for i in fusion_layers if i >= decoder.num_layers)
+    if out_of_range:
+        raise ConfigError(
+            f"fusion layers {out_of_range} sit beyond the decoder's {decoder.num_layers} layers"
+        )
+    style = None
+    if any(key.startswith(FUSED_VISION_PREFIX) for key in shapes):
+        style = "fusesurgery"
+    elif any(key.startswith(FUSED_TORCHTUNE_VISION_PREFIX) for key in shapes):
+        style = "torchtune"
+    fusion = FusionConfig(
+        fusion_layers=tuple(sorted(fusion_layers)),
+        encoder_dim=encoder_dim if encoder_dim is not None else decoder.embed_dim,
+        fusion_vocab_size=0 if fusion_embedding is None else fusion_embedding[0],
+    )
+    return fusion, style
+
+
+def _detect_decoder(
+    tensors: Mapping[str, TensorInfo],
+    kind: str,
+    layout: str,
+    reading: ConfigReading | None,
+    origin: str,
+    overrides: Mapping[str, Any] | None,
+) -> DetectedModel:
+    mapping = keys_to_native(tensors, layout, kind)
+    prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
+    shapes = {native: tuple(tensors[source].shape) for source, native in mapping.mapping.items()}
+    names = {native: source for source, native in mapping.mapping.items()}
+
+    fields = _Fields()
+    _offer_overrides(fields, overrides, DECODER_FIELDS, "decoder")
+    notes: list[str] = []
+    if reading is not None:
+        fields.offer_reading(reading)
+        notes.extend(reading.notes)
+    _infer_decoder_fields(fields, shapes, names, prefix)
+    config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder")
+
+    output_key = prefix + "output.weight"
+    if config.tie_word_embeddings and output_key in shapes:
+        notes.append(
+            f"{names[output_key]} is present although the embeddings are tied; it is dropped"
+        )
+        del shapes[output_key]
+    check_native_shapes(
+        shapes, config, source_names=names, origin=origin, prefix=prefix, layout=layout
+    )
+
+    fusion, style = (None, None)
+    if kind == "fused":
+        fusion, style = _fusion_from_keys(shapes, config)
+    return DetectedModel(
+        kind=kind,
+        layout=layout,
+        family=config.family,
+        config=config,
+        provenance=types.MappingProxyType(provenance),
+        config_source=origin if reading is not None else None,
+        fusion=fusion,
+        fused_style=style,
+        notes=tuple(notes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Vision encoders.
+
+
+def _infer_vision_fields(
+    fields: _Fields, shapes: Mapping[str, Shape], names: Mapping[str, str]
+) -> None:
+    conv = shapes.get("conv.weight")
+    if conv is None or len(conv) != 4 or conv[2] != conv[3]:
+        raise ConfigError(
+            f"vision checkpoint has no square patch convolution "
+            f"({names.get('conv.weight', 'conv.weight')}: {conv})"
+        )
+    fields.offer("embed_dim", conv[0], "inferred")
+    fields.offer("num_channels", conv[1], "inferred")
+    fields.offer("patch_size", conv[2], "inferred")
+    class_token = "cls_token_embedding.weight" in shapes
+    fields.offer("class_token", class_token, "inferred")
+    fields.offer("patch_bias", "conv.bias" in shapes, "inferred")
+    fields.offer("pre_norm", "ln_pre.weight" in shapes, "inferred")
+    fields.offer("num_layers", _layer_count(shapes, "layers.{i}.sa_norm.weight"), "inferred")
+    w1 = shapes.get("layers.0.mlp.w1.weight")
+    if w1 is not None:
+        fields.offer("intermediate_dim", w1[0], "inferred")
+    # A checkpoint with a class token is CLIP-like; SigLIP has none.
+    fields.offer("family", "clip" if class_token else "siglip", "inferred")
+
+    # The position table holds one row per patch of a square grid (plus the class token).
+    # The side it gives may be a few pixels short of the configured one (384 px in 14 px
+    # patches is a 27 x 27 grid, as is 378 px): either builds the same model.
+    positions = shapes.get("token_pos_embedding.positional_embedding")
+    if positions is not None:
+        num_patches = positions[0] - int(fields.get("class_token"))
+        side = math.isqrt(max(num_patches, 0))
+        if side * side == num_patches:
+            fields.offer("image_size", side * fields.get("patch_size"), "inferred")
+
+
+def _detect_vision(
+    tensors: Mapping[str, TensorInfo],
+    layout: str,
+    reading: ConfigReading | None,
+    origin: str,
+    overrides: Mapping[str, Any] | None,
+) -> DetectedModel:
+    mapping = keys_to_native(tensors, layout, "vision")
+    shapes = {native: tuple(tensors[source].shape) for source, native in mapping.mapping.items()}
+    names = {native: source for source, native in mapping.mapping.items()}
+
+    fields = _Fields()
+    _offer_overrides(fields, overrides, VISION_FIELDS, "vision encoder")
+    notes: list[str] = []
+    if reading is not None:
+        fields.offer_reading(reading)
+        notes.extend(reading.notes)
+    _infer_vision_fields(fields, shapes, names)
+    family = fields.get("family")
+    for name, value in VISION_FAMILY_DEFAULTS[family].items():
+        # A head count default comes only with an HF config file (its loader's default, via
+        # the reading); without one nothing vouches for it, so the user is asked instead.
+        if name != "num_heads":
+            fields.offer(name, value, "default")
+    fields.offer("post_norm_hidden", VISION_POST_NORM_HIDDEN[family], "inferred")
+    config, provenance = _build(VisionEncoderConfig, fields, VISION_FLAGS, "vision encoder")
+    check_native_shapes(shapes, config, source_names=names, origin=origin, layout=layout)
+    if mapping.dropped:
+        notes.append(f"{len(mapping.dropped)} keys not part of the vision tower are dropped")
+    return DetectedModel(
+        kind="vision",
+        layout=layout,
+        family=config.family,
+        config=config,
+        provenance=types.MappingProxyType(provenance),
+        config_source=origin if reading is not None else None,
+        notes=tuple(notes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def detect_model(
+    tensors: Mapping[str, TensorInfo],
+    config: Mapping[str, Any] | None = None,
+    config_name: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> DetectedModel:
+    """Detect what a checkpoint is and resolve its config, from metadata alone.
+
+    Args:
+        tensors: key -> metadata of every tensor in the checkpoint.
+        config: the parsed config.json / params.json, if the checkpoint has one.
+        config_name: that file's name, for messages (``"config.json"``, ``"params.json"``).
+        overrides: config field -> value given by the user; None values are ignored (options
+            left unset). Field names are those of ``DecoderConfig`` (decoders, fused models)
+            or ``VisionEncoderConfig``.
+
+    Returns:
+        The detected model, its config, and where each config field came from.
+
+    Raises:
+        UnrecognizedFormatError: the keys match no known layout.
+        KeyMapError: keys the detected layout does not know.
+        ConfigError: the config and the shapes disagree (naming the key, the expected and the
+            actual shape), an override name is unknown, or a value cannot be known (naming the
+            flag that supplies it, e.g. ``--num-heads``).
+    """
+    kind, layout = detect_layout(tensors)
+    origin = config_name or "the config"
+    if kind == "vision":
+        reading = None if config is None else read_vision_config(config, origin)
+        return _detect_vision(tensors, layout, reading, origin, overrides)
+    reading = None if config is None else read_decoder_config(config, origin)
+    return _detect_decoder(tensors, kind, layout, reading, origin, overrides)
+
+
+__all__ = [
+    "DECODER_FLAGS",
+    "PROVENANCE_RANK",
+    "VISION_FLAGS",
+    "DetectedModel",
+    "Provenance",
+    "detect_layout",
+    "detect_model",
+]

@@ -1,0 +1,494 @@
+"""State-dict key maps between the native layout and Hugging Face / Meta layouts.
+
+The maps are data: module-level dicts from a foreign key template to the native key template,
+where ``{i}`` stands for a layer index. Their inverses are derived by :func:`invert_key_map`,
+which refuses a table that is not one-to-one, so a typo that sends two keys to one name fails
+at import instead of silently overwriting a tensor.
+
+Keys a layout holds but the native model has no use for (RoPE frequency buffers, the text
+tower of a CLIP checkpoint, SigLIP's pooling head) are listed in ``DROPPED_KEYS`` with the
+reason, and every conversion reports them. Any other key a map does not know is an error.
+
+Kinds and layouts:
+
+- ``decoder``: ``native`` (torchtune names), ``hf`` (transformers ``*ForCausalLM``), ``meta``
+  (``consolidated.*.pth``, also Mistral's ``consolidated.safetensors``).
+- ``vision``: ``native`` and ``hf`` (``vision_model.*`` of ``CLIPVisionModel``,
+  ``SiglipVisionModel``, ``CLIPModel``, ``SiglipModel``). transformers 5 saves the bare vision
+  models without the ``vision_model.`` prefix; both spellings are read, the prefixed one (which
+  transformers 4 and 5 both load) is written.
+- ``fused``: ``native`` only: ``decoder.*`` and ``encoder.*`` keys of a fused checkpoint, kept
+  as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from fusesurgery.errors import KeyMapError
+
+Kind = Literal["decoder", "vision", "fused"]
+Layout = Literal["native", "hf", "meta"]
+
+KINDS: tuple[str, ...] = ("decoder", "vision", "fused")
+LAYOUTS: tuple[str, ...] = ("native", "hf", "meta")
+
+LAYER = "{i}"
+
+# --------------------------------------------------------------------------------------------
+# Native templates (the names the modules use).
+
+NATIVE_DECODER_KEYS: tuple[str, ...] = (
+    "tok_embeddings.weight",
+    "layers.{i}.sa_norm.scale",
+    "layers.{i}.attn.q_proj.weight",
+    "layers.{i}.attn.q_proj.bias",
+    "layers.{i}.attn.k_proj.weight",
+    "layers.{i}.attn.k_proj.bias",
+    "layers.{i}.attn.v_proj.weight",
+    "layers.{i}.attn.v_proj.bias",
+    "layers.{i}.attn.output_proj.weight",
+    "layers.{i}.mlp_norm.scale",
+    "layers.{i}.mlp.w1.weight",
+    "layers.{i}.mlp.w2.weight",
+    "layers.{i}.mlp.w3.weight",
+    "norm.scale",
+    "output.weight",
+)
+
+# Keys a fused decoder adds to the native decoder keys (SPEC.md section 3). The q/k/v biases
+# are accepted for fusion layers built on a biased (Qwen2) decoder.
+NATIVE_FUSION_KEYS: tuple[str, ...] = (
+    "tok_embeddings.fusion_embedding.weight",
+    "layers.{i}.fusion_layer.ca_norm.scale",
+    "layers.{i}.fusion_layer.attn.q_proj.weight",
+    "layers.{i}.fusion_layer.attn.q_proj.bias",
+    "layers.{i}.fusion_layer.attn.k_proj.weight",
+    "layers.{i}.fusion_layer.attn.k_proj.bias",
+    "layers.{i}.fusion_layer.attn.v_proj.weight",
+    "layers.{i}.fusion_layer.attn.v_proj.bias",
+    "layers.{i}.fusion_layer.attn.output_proj.weight",
+    "layers.{i}.fusion_layer.attn.q_norm.scale",
+    "layers.{i}.fusion_layer.attn.k_norm.scale",
+    "layers.{i}.fusion_layer.ca_scale.scale",
+    "layers.{i}.fusion_layer.mlp_norm.scale",
+    "layers.{i}.fusion_layer.mlp.w1.weight",
+    "layers.{i}.fusion_layer.mlp.w2.weight",
+    "layers.{i}.fusion_layer.mlp.w3.weight",
+    "layers.{i}.fusion_layer.mlp_scale.scale",
+)
+
+NATIVE_VISION_KEYS: tuple[str, ...] = (
+    "conv.weight",
+    "conv.bias",
+    "cls_token_embedding.weight",
+    "token_pos_embedding.positional_embedding",
+    "ln_pre.weight",
+    "ln_pre.bias",
+    "layers.{i}.sa_norm.weight",
+    "layers.{i}.sa_norm.bias",
+    "layers.{i}.attn.q_proj.weight",
+    "layers.{i}.attn.q_proj.bias",
+    "layers.{i}.attn.k_proj.weight",
+    "layers.{i}.attn.k_proj.bias",
+    "layers.{i}.attn.v_proj.weight",
+    "layers.{i}.attn.v_proj.bias",
+    "layers.{i}.attn.output_proj.weight",
+    "layers.{i}.attn.output_proj.bias",
+    "layers.{i}.mlp_norm.weight",
+    "layers.{i}.mlp_norm.bias",
+    "layers.{i}.mlp.w1.weight",
+    "layers.{i}.mlp.w1.bias",
+    "layers.{i}.mlp.w2.weight",
+    "layers.{i}.mlp.w2.bias",
+    "ln_post.weight",
+    "ln_post.bias",
+)
+
+# Prefixes inside a fused checkpoint.
+FUSED_DECODER_PREFIX = "decoder."
+FUSED_ENCODER_PREFIX = "encoder."
+FUSED_VISION_PREFIX = "encoder.vision."  # fusesurgery's encoder
+FUSED_TORCHTUNE_VISION_PREFIX = "encoder.clip."  # torchtune's llama3_2_vision encoder
+FUSED_PROJECTION_PREFIX = "encoder.projection."
+
+# --------------------------------------------------------------------------------------------
+# Foreign -> native tables.
+
+HF_DECODER_TO_NATIVE: dict[str, str] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.sa_norm.scale",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.q_proj.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.q_proj.bias",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.k_proj.weight",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.k_proj.bias",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v_proj.weight",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.v_proj.bias",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.output_proj.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.scale",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.w1.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w2.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.w3.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+}
+
+META_DECODER_TO_NATIVE: dict[str, str] = {
+    "tok_embeddings.weight": "tok_embeddings.weight",
+    "layers.{i}.attention_norm.weight": "layers.{i}.sa_norm.scale",
+    "layers.{i}.attention.wq.weight": "layers.{i}.attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "layers.{i}.attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "layers.{i}.attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "layers.{i}.attn.output_proj.weight",
+    "layers.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.scale",
+    "layers.{i}.feed_forward.w1.weight": "layers.{i}.mlp.w1.weight",
+    "layers.{i}.feed_forward.w2.weight": "layers.{i}.mlp.w2.weight",
+    "layers.{i}.feed_forward.w3.weight": "layers.{i}.mlp.w3.weight",
+    "norm.weight": "norm.scale",
+    "output.weight": "output.weight",
+}
+
+HF_VISION_PREFIX = "vision_model."
+
+HF_VISION_TO_NATIVE: dict[str, str] = {
+    "vision_model.embeddings.patch_embedding.weight": "conv.weight",
+    "vision_model.embeddings.patch_embedding.bias": "conv.bias",
+    "vision_model.embeddings.class_embedding": "cls_token_embedding.weight",
+    "vision_model.embeddings.position_embedding.weight": "token_pos_embedding.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+    "vision_model.encoder.layers.{i}.layer_norm1.weight": "layers.{i}.sa_norm.weight",
+    "vision_model.encoder.layers.{i}.layer_norm1.bias": "layers.{i}.sa_norm.bias",
+    "vision_model.encoder.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.q_proj.weight",
+    "vision_model.encoder.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.q_proj.bias",
+    "vision_model.encoder.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.k_proj.weight",
+    "vision_model.encoder.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.k_proj.bias",
+    "vision_model.encoder.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v_proj.weight",
+    "vision_model.encoder.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.v_proj.bias",
+    "vision_model.encoder.layers.{i}.self_attn.out_proj.weight":
+        "layers.{i}.attn.output_proj.weight",
+    "vision_model.encoder.layers.{i}.self_attn.out_proj.bias": "layers.{i}.attn.output_proj.bias",
+    "vision_model.encoder.layers.{i}.layer_norm2.weight": "layers.{i}.mlp_norm.weight",
+    "vision_model.encoder.layers.{i}.layer_norm2.bias": "layers.{i}.mlp_norm.bias",
+    "vision_model.encoder.layers.{i}.mlp.fc1.weight": "layers.{i}.mlp.w1.weight",
+    "vision_model.encoder.layers.{i}.mlp.fc1.bias": "layers.{i}.mlp.w1.bias",
+    "vision_model.encoder.layers.{i}.mlp.fc2.weight": "layers.{i}.mlp.w2.weight",
+    "vision_model.encoder.layers.{i}.mlp.fc2.bias": "layers.{i}.mlp.w2.bias",
+    "vision_model.post_layernorm.weight": "ln_post.weight",
+    "vision_model.post_layernorm.bias": "ln_post.bias",
+}
+
+# Top-level module names of a transformers 5 CLIPVisionModel / SiglipVisionModel, whose keys
+# are saved without the ``vision_model.`` prefix.
+HF_VISION_BARE_ROOTS: tuple[str, ...] = (
+    "embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.", "head.",
+)
+
+# Keys dropped on purpose: glob pattern (``*`` matches anything, dots included) -> reason.
+DROPPED_KEYS: dict[tuple[str, str], dict[str, str]] = {
+    ("decoder", "hf"): {
+        "model.layers.*.self_attn.rotary_emb.inv_freq": "RoPE frequency buffer, recomputed",
+        "model.rotary_emb.inv_freq": "RoPE frequency buffer, recomputed",
+    },
+    ("decoder", "meta"): {
+        "rope.freqs": "RoPE frequency buffer, recomputed",
+    },
+    ("vision", "hf"): {
+        "vision_model.embeddings.position_ids": "position index buffer, recomputed",
+        "vision_model.head.*": "SigLIP attention-pooling head, not used for fusion",
+        "text_model.*": "text tower of a CLIP/SigLIP checkpoint",
+        "text_projection.weight": "text projection of a CLIP checkpoint",
+        "visual_projection.weight": "image-text projection of a CLIP checkpoint",
+        "logit_scale": "contrastive logit scale",
+        "logit_bias": "contrastive logit bias",
+    },
+}
+
+# --------------------------------------------------------------------------------------------
+# Derived tables.
+
+
+def invert_key_map(table: Mapping[str, str]) -> dict[str, str]:
+    """Invert a key table, checking it is one-to-one and keeps its layer placeholders.
+
+    Args:
+        table: foreign key template -> native key template.
+
+    Returns:
+        native key template -> foreign key template.
+
+    Raises:
+        KeyMapError: two keys map to one name, or one side of an entry has a ``{i}`` layer
+            placeholder and the other does not.
+    """
+    inverse: dict[str, str] = {}
+    for source, target in table.items():
+        if source.count(LAYER) != target.count(LAYER) or source.count(LAYER) > 1:
+            raise KeyMapError(
+                f"key map entry {source!r} -> {target!r} must carry one {LAYER} on both sides "
+                "or none"
+            )
+        if target in inverse:
+            raise KeyMapError(
+                f"key map is not one-to-one: {inverse[target]!r} and {source!r} both map to "
+                f"{target!r}"
+            )
+        inverse[target] = source
+    return inverse
+
+
+def _identity_map(templates: Iterable[str]) -> dict[str, str]:
+    return {template: template for template in templates}
+
+
+# (kind, layout) -> foreign template -> native template.
+TO_NATIVE: dict[tuple[str, str], dict[str, str]] = {
+    ("decoder", "native"): _identity_map(NATIVE_DECODER_KEYS),
+    ("decoder", "hf"): HF_DECODER_TO_NATIVE,
+    ("decoder", "meta"): META_DECODER_TO_NATIVE,
+    ("vision", "native"): _identity_map(NATIVE_VISION_KEYS),
+    ("vision", "hf"): HF_VISION_TO_NATIVE,
+}
+FROM_NATIVE: dict[tuple[str, str], dict[str, str]] = {
+    kind_layout: invert_key_map(table) for kind_layout, table in TO_NATIVE.items()
+}
+_NATIVE_TEMPLATES = {"decoder": set(NATIVE_DECODER_KEYS), "vision": set(NATIVE_VISION_KEYS)}
+for (_kind, _layout), _table in TO_NATIVE.items():
+    _strays = set(_table.values()) - _NATIVE_TEMPLATES[_kind]
+    assert not _strays, f"{_kind}/{_layout} key map names non-native keys: {sorted(_strays)}"
+
+_FUSED_DECODER_TEMPLATES = frozenset(NATIVE_DECODER_KEYS) | frozenset(NATIVE_FUSION_KEYS)
+
+# A layer index: a run of digits between dots.
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def split_layer_index(key: str) -> tuple[str, str | None]:
+    """Split a key into its template and its layer index.
+
+    ``"model.layers.12.mlp.up_proj.weight"`` -> ``("model.layers.{i}.mlp.up_proj.weight",
+    "12")``; a key with no index comes back whole with ``None``. A key with two indices keeps
+    them (no table has such a template, so it stays unknown).
+    """
+    indices = _LAYER_INDEX.findall(key)
+    if len(indices) != 1:
+        return key, None
+    return _LAYER_INDEX.sub(LAYER, key), indices[0]
+
+
+def _fill(template: str, index: str | None) -> str:
+    return template if index is None else template.replace(LAYER, index)
+
+
+def _check_kind_layout(kind: str, layout: str) -> None:
+    if kind not in KINDS:
+        raise KeyMapError(f"unknown model kind {kind!r}; valid: {', '.join(KINDS)}")
+    if layout not in LAYOUTS:
+        raise KeyMapError(f"unknown key layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    if kind == "fused" and layout != "native":
+        raise KeyMapError(f"fused checkpoints have only the native layout, not {layout!r}")
+    if kind != "fused" and (kind, layout) not in TO_NATIVE:
+        raise KeyMapError(f"there is no {layout!r} layout for a {kind} model")
+
+
+def _normalize_hf_vision_key(key: str) -> str:
+    if not key.startswith(HF_VISION_PREFIX) and key.startswith(HF_VISION_BARE_ROOTS):
+        return HF_VISION_PREFIX + key
+    return key
+
+
+def dropped_reason(key: str, layout: str, kind: str = "decoder") -> str | None:
+    """Why ``key`` of a ``kind`` checkpoint in ``layout`` is dropped on purpose, or None."""
+    if kind == "vision" and layout == "hf":
+        key = _normalize_hf_vision_key(key)
+    for pattern, reason in DROPPED_KEYS.get((kind, layout), {}).items():
+        if fnmatchcase(key, pattern):
+            return reason
+    return None
+
+
+def _fused_key_is_known(key: str) -> bool:
+    if key.startswith(FUSED_ENCODER_PREFIX):
+        # Encoder internals belong to whichever encoder the fused model was built with
+        # (fusesurgery's ``encoder.vision``, torchtune's tiled ``encoder.clip``); they pass
+        # through unchanged, so nothing is lost by not knowing each one.
+        return True
+    if key.startswith(FUSED_DECODER_PREFIX):
+        template, _ = split_layer_index(key.removeprefix(FUSED_DECODER_PREFIX))
+        return template in _FUSED_DECODER_TEMPLATES
+    return False
+
+
+def _lookup(key: str, table: Mapping[str, str]) -> str | None:
+    template, index = split_layer_index(key)
+    target = table.get(template)
+    return None if target is None else _fill(target, index)
+
+
+def to_native_key(key: str, layout: str, kind: str = "decoder") -> str | None:
+    """The native name of one key.
+
+    Args:
+        key: a state-dict key in ``layout``.
+        layout: ``"native"``, ``"hf"`` or ``"meta"``.
+        kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+
+    Returns:
+        The native key, or None when the key is dropped on purpose (see ``DROPPED_KEYS``).
+
+    Raises:
+        KeyMapError: the key is unknown to the map, or the kind/layout pair does not exist.
+    """
+    _check_kind_layout(kind, layout)
+    if kind == "fused":
+        if _fused_key_is_known(key):
+            return key
+        raise KeyMapError(f"unknown key {key!r} for a fused checkpoint (native layout)")
+    lookup_key = _normalize_hf_vision_key(key) if (kind, layout) == ("vision", "hf") else key
+    native = _lookup(lookup_key, TO_NATIVE[kind, layout])
+    if native is not None:
+        return native
+    if dropped_reason(key, layout, kind) is not None:
+        return None
+    raise KeyMapError(f"unknown key {key!r} for a {kind} checkpoint in the {layout} layout")
+
+
+def from_native_key(key: str, layout: str, kind: str = "decoder") -> str:
+    """The ``layout`` name of one native key.
+
+    Args:
+        key: a native state-dict key.
+        layout: the target layout, ``"native"``, ``"hf"`` or ``"meta"``.
+        kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+
+    Raises:
+        KeyMapError: the key is not a native key of that kind, or has no name in ``layout``
+            (e.g. Qwen2's q bias in the Meta layout).
+    """
+    _check_kind_layout(kind, layout)
+    if kind == "fused":
+        if _fused_key_is_known(key):
+            return key
+        raise KeyMapError(f"unknown key {key!r} for a fused checkpoint (native layout)")
+    foreign = _lookup(key, FROM_NATIVE[kind, layout])
+    if foreign is None:
+        raise KeyMapError(f"native {kind} key {key!r} has no name in the {layout} layout")
+    return foreign
+
+
+@dataclass(frozen=True)
+class KeyMapping:
+    """How a whole set of keys maps, and what was dropped on the way.
+
+    Args:
+        mapping: source key -> target key, in the order the source keys came.
+        dropped: source key -> why it was dropped.
+    """
+
+    mapping: dict[str, str]
+    dropped: dict[str, str]
+
+
+def _describe_keys(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{shown}{more}"
+
+
+def _map_all(
+    keys: Iterable[str],
+    map_one: Callable[[str], str | None],
+    why_dropped: Callable[[str], str],
+    what: str,
+) -> KeyMapping:
+    mapping: dict[str, str] = {}
+    dropped: dict[str, str] = {}
+    unknown: list[str] = []
+    claimed: dict[str, str] = {}
+    for key in keys:
+        try:
+            target = map_one(key)
+        except KeyMapError:
+            unknown.append(key)
+            continue
+        if target is None:
+            dropped[key] = why_dropped(key)
+            continue
+        if target in claimed:
+            raise KeyMapError(
+                f"keys {claimed[target]!r} and {key!r} both map to {target!r}; the checkpoint "
+                "holds the same tensor twice under two spellings"
+            )
+        claimed[target] = key
+        mapping[key] = target
+    if unknown:
+        raise KeyMapError(f"{len(unknown)} keys unknown to the {what}: {_describe_keys(unknown)}")
+    return KeyMapping(mapping=mapping, dropped=dropped)
+
+
+def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> KeyMapping:
+    """Map every key of a checkpoint to its native name.
+
+    Args:
+        keys: the checkpoint's keys (a state dict or a ``{name: TensorInfo}`` dict works too).
+        layout: the checkpoint's layout.
+        kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+
+    Returns:
+        source key -> native key, plus the keys dropped on purpose with their reasons.
+
+    Raises:
+        KeyMapError: some keys are unknown (the message shows the first few and the count), or
+            two keys map to one native name.
+    """
+    _check_kind_layout(kind, layout)
+    return _map_all(
+        keys,
+        lambda key: to_native_key(key, layout, kind),
+        lambda key: dropped_reason(key, layout, kind) or "dropped",
+        f"{kind} {layout} key map",
+    )
+
+
+def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> KeyMapping:
+    """Map every native key to its name in ``layout`` (nothing is dropped this way).
+
+    Raises:
+        KeyMapError: some keys are not native keys of that kind or have no ``layout`` name.
+    """
+    _check_kind_layout(kind, layout)
+    return _map_all(
+        keys,
+        lambda key: from_native_key(key, layout, kind),
+        lambda key: "dropped",
+        f"native {kind} key map (to {layout})",
+    )
+
+
+__all__ = [
+    "DROPPED_KEYS",
+    "FROM_NATIVE",
+    "HF_DECODER_TO_NATIVE",
+    "HF_VISION_TO_NATIVE",
+    "KINDS",
+    "LAYOUTS",
+    "META_DECODER_TO_NATIVE",
+    "NATIVE_DECODER_KEYS",
+    "NATIVE_FUSION_KEYS",
+    "NATIVE_VISION_KEYS",
+    "TO_NATIVE",
+    "KeyMapping",
+    "Kind",
+    "Layout",
+    "dropped_reason",
+    "from_native_key",
+    "invert_key_map",
+    "keys_from_native",
+    "keys_to_native",
+    "split_layer_index",
+    "to_native_key",
+]

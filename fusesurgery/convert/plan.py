@@ -1,0 +1,427 @@
+"""Conversion plans: pure data computed from checkpoint metadata, applied one tensor at a time.
+
+A plan says, for every tensor the converted checkpoint will hold, which source tensor it comes
+from, which transform turns one into the other, and the resulting shape and dtype; and which
+source keys are dropped and why. Planning reads names, shapes and dtypes only, so a 405B
+checkpoint plans in milliseconds; :func:`apply_plan_entry` is the only place values are touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fusesurgery.config import DecoderConfig, VisionEncoderConfig
+from fusesurgery.convert.keymaps import (
+    FUSED_DECODER_PREFIX,
+    LAYER,
+    NATIVE_DECODER_KEYS,
+    NATIVE_VISION_KEYS,
+    from_native_key,
+    keys_to_native,
+    split_layer_index,
+)
+from fusesurgery.convert.transforms import (
+    IDENTITY,
+    PERMUTE_QK_FROM_NATIVE,
+    PERMUTE_QK_TO_NATIVE,
+    Transform,
+    apply_transform,
+)
+from fusesurgery.errors import ConfigError, KeyMapError, ShapeError
+from fusesurgery.io.tensor_info import TensorInfo
+
+Shape = tuple[int, ...]
+ModelConfig = DecoderConfig | VisionEncoderConfig
+
+TIED_OUTPUT_REASON = "tie_word_embeddings: the output projection is the embedding table"
+
+
+# --------------------------------------------------------------------------------------------
+# What a config expects.
+
+
+def _decoder_shapes(config: DecoderConfig) -> dict[str, Shape]:
+    d, q_rows = config.embed_dim, config.num_heads * config.head_dim
+    kv_rows, ffn = config.num_kv_heads * config.head_dim, config.intermediate_dim
+    per_layer: dict[str, Shape] = {
+        "layers.{i}.sa_norm.scale": (d,),
+        "layers.{i}.attn.q_proj.weight": (q_rows, d),
+        "layers.{i}.attn.k_proj.weight": (kv_rows, d),
+        "layers.{i}.attn.v_proj.weight": (kv_rows, d),
+        "layers.{i}.attn.output_proj.weight": (d, q_rows),
+        "layers.{i}.mlp_norm.scale": (d,),
+        "layers.{i}.mlp.w1.weight": (ffn, d),
+        "layers.{i}.mlp.w2.weight": (d, ffn),
+        "layers.{i}.mlp.w3.weight": (ffn, d),
+    }
+    if config.attn_bias:
+        per_layer["layers.{i}.attn.q_proj.bias"] = (q_rows,)
+        per_layer["layers.{i}.attn.k_proj.bias"] = (kv_rows,)
+        per_layer["layers.{i}.attn.v_proj.bias"] = (kv_rows,)
+    shapes: dict[str, Shape] = {"tok_embeddings.weight": (config.vocab_size, d)}
+    for layer in range(config.num_layers):
+        for template, shape in per_layer.items():
+            shapes[template.replace(LAYER, str(layer))] = shape
+    shapes["norm.scale"] = (d,)
+    if not config.tie_word_embeddings:
+        shapes["output.weight"] = (config.vocab_size, d)
+    return shapes
+
+
+def _vision_shapes(config: VisionEncoderConfig) -> dict[str, Shape]:
+    d, ffn, p = config.embed_dim, config.intermediate_dim, config.patch_size
+    shapes: dict[str, Shape] = {"conv.weight": (d, config.num_channels, p, p)}
+    if config.patch_bias:
+        shapes["conv.bias"] = (d,)
+    if config.class_token:
+        shapes["cls_token_embedding.weight"] = (d,)
+    shapes["token_pos_embedding.positional_embedding"] = (config.seq_len, d)
+    if config.pre_norm:
+        shapes["ln_pre.weight"] = shapes["ln_pre.bias"] = (d,)
+    per_layer: dict[str, Shape] = {}
+    for norm in ("sa_norm", "mlp_norm"):
+        per_layer[f"layers.{{i}}.{norm}.weight"] = per_layer[f"layers.{{i}}.{norm}.bias"] = (d,)
+    for proj in ("q_proj", "k_proj", "v_proj", "output_proj"):
+        per_layer[f"layers.{{i}}.attn.{proj}.weight"] = (d, d)
+        per_layer[f"layers.{{i}}.attn.{proj}.bias"] = (d,)
+    per_layer["layers.{i}.mlp.w1.weight"], per_layer["layers.{i}.mlp.w1.bias"] = (ffn, d), (ffn,)
+    per_layer["layers.{i}.mlp.w2.weight"], per_layer["layers.{i}.mlp.w2.bias"] = (d, ffn), (d,)
+    for layer in range(config.num_layers):
+        for template, shape in per_layer.items():
+            shapes[template.replace(LAYER, str(layer))] = shape
+    shapes["ln_post.weight"] = shapes["ln_post.bias"] = (d,)
+    return shapes
+
+
+def expected_native_shapes(config: ModelConfig) -> dict[str, Shape]:
+    """Every native key a model with ``config`` holds, with its shape.
+
+    A decoder's list is the plain decoder's (no fusion keys); a tied decoder has no
+    ``output.weight``.
+    """
+    if isinstance(config, DecoderConfig):
+        return _decoder_shapes(config)
+    if isinstance(config, VisionEncoderConfig):
+        return _vision_shapes(config)
+    raise TypeError(f"expected a DecoderConfig or VisionEncoderConfig, got {type(config)}")
+
+
+def _list(keys: list[str], limit: int = 3) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_native_shapes(
+    shapes: Mapping[str, Shape],
+    config: ModelConfig,
+    *,
+    source_names: Mapping[str, str] | None = None,
+    origin: str = "the config",
+    prefix: str = "",
+    layout: str = "native",
+) -> None:
+    """Check a checkpoint's native keys and shapes against what ``config`` expects.
+
+    Args:
+        shapes: native key -> shape, as the checkpoint holds them (extra keys outside
+            ``prefix`` are ignored).
+        config: the resolved config.
+        source_names: native key -> key as stored, so messages name what the user can see.
+        origin: where the config came from, for messages (``"config.json"``).
+        prefix: the native keys sit under this prefix (``"decoder."`` in a fused checkpoint),
+            which also means keys under it that no plain model has (fusion keys) are allowed.
+        layout: the checkpoint's layout, to name missing keys as the user would see them.
+
+    Raises:
+        ConfigError: a key has the wrong shape (naming the key, expected and actual shapes),
+            the config expects keys the checkpoint lacks, or the checkpoint has model keys the
+            config does not account for (more layers, biases it does not declare).
+    """
+    names = source_names or {}
+    expected = {prefix + key: shape for key, shape in expected_native_shapes(config).items()}
+    mismatched = [
+        f"{names.get(key, key)} has shape {list(shapes[key])}, expected {list(shape)}"
+        for key, shape in expected.items()
+        if key in shapes and tuple(shapes[key]) != shape
+    ]
+    if mismatched:
+        more = f" (and {len(mismatched) - 1} more mismatches)" if len(mismatched) > 1 else ""
+        raise ConfigError(f"checkpoint disagrees with {origin}: {mismatched[0]}{more}")
+    kind = "decoder" if isinstance(config, DecoderConfig) else "vision"
+    missing = [
+        _spell(key, layout, kind) if not prefix else key for key in expected if key not in shapes
+    ]
+    if missing:
+        raise ConfigError(
+            f"checkpoint lacks {len(missing)} keys that {origin} implies: {_list(missing)}"
+        )
+    base_templates = set(
+        NATIVE_DECODER_KEYS if isinstance(config, DecoderConfig) else NATIVE_VISION_KEYS
+    )
+    extra = [
+        names.get(key, key)
+        for key in shapes
+        if key.startswith(prefix)
+        and key not in expected
+        and split_layer_index(key.removeprefix(prefix))[0] in base_templates
+    ]
+    if extra:
+        raise ConfigError(
+            f"checkpoint has {len(extra)} keys that {origin} does not account for: {_list(extra)}"
+        )
+
+
+def _spell(native_key: str, layout: str, kind: str) -> str:
+    try:
+        return from_native_key(native_key, layout, kind)
+    except KeyMapError:
+        return native_key
+
+
+# --------------------------------------------------------------------------------------------
+# Plans.
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One output tensor of a conversion.
+
+    Args:
+        target_key: the key it is written under.
+        source_key: the key it is read from.
+        transform: ``(name, *int_args)`` from ``convert.transforms.TRANSFORMS``, e.g.
+            ``("permute_qk_to_native", n_heads, head_dim)``.
+        source_shape: the source tensor's shape.
+        source_dtype: the source tensor's dtype.
+        shape: the output shape.
+        dtype: the output dtype (a cast follows the transform when it differs).
+    """
+
+    target_key: str
+    source_key: str
+    transform: Transform
+    source_shape: Shape
+    source_dtype: torch.dtype
+    shape: Shape
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Everything a conversion will do, computed from metadata alone.
+
+    Args:
+        kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+        source_layout: the layout read.
+        target_layout: the layout written.
+        entries: one per output tensor, in source order.
+        dropped: ``(source key, reason)`` for each source key not carried over.
+    """
+
+    kind: str
+    source_layout: str
+    target_layout: str
+    entries: tuple[PlanEntry, ...]
+    dropped: tuple[tuple[str, str], ...]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        return tuple(entry.target_key for entry in self.entries)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all output tensors (what a writer shards)."""
+        return sum(entry.nbytes for entry in self.entries)
+
+    def entry(self, target_key: str) -> PlanEntry:
+        """The entry that produces ``target_key``.
+
+        Raises:
+            KeyMapError: no entry produces it.
+        """
+        for entry in self.entries:
+            if entry.target_key == target_key:
+                return entry
+        raise KeyMapError(f"the plan writes no key {target_key!r}")
+
+    def target_infos(self) -> dict[str, TensorInfo]:
+        """Output key -> metadata of the tensor the plan will produce."""
+        return {
+            entry.target_key: TensorInfo(entry.target_key, entry.shape, entry.dtype)
+            for entry in self.entries
+        }
+
+
+_QK_TEMPLATES = {
+    "layers.{i}.attn.q_proj.weight": "q",
+    "layers.{i}.attn.q_proj.bias": "q",
+    "layers.{i}.attn.k_proj.weight": "k",
+    "layers.{i}.attn.k_proj.bias": "k",
+}
+
+
+def _rope_transform(
+    native_key: str, source_layout: str, target_layout: str, config: DecoderConfig
+) -> Transform:
+    template, _ = split_layer_index(native_key)
+    role = _QK_TEMPLATES.get(template)
+    if role is None or (source_layout == "hf") == (target_layout == "hf"):
+        return (IDENTITY,)
+    heads = config.num_heads if role == "q" else config.num_kv_heads
+    name = PERMUTE_QK_TO_NATIVE if source_layout == "hf" else PERMUTE_QK_FROM_NATIVE
+    return (name, heads, config.head_dim)
+
+
+def _kind_of(config: ModelConfig, kind: str | None) -> str:
+    natural = "decoder" if isinstance(config, DecoderConfig) else "vision"
+    if kind is None:
+        return natural
+    if kind == "fused" and natural == "decoder":
+        return kind
+    if kind != natural:
+        raise ConfigError(f"a {type(config).__name__} cannot describe a {kind} checkpoint")
+    return kind
+
+
+def plan_conversion(
+    tensors: Mapping[str, TensorInfo],
+    source_layout: str,
+    config: ModelConfig,
+    *,
+    target_layout: str = "native",
+    kind: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ConversionPlan:
+    """Plan converting a checkpoint between layouts, from its metadata alone.
+
+    Args:
+        tensors: key -> metadata of every tensor in the source checkpoint.
+        source_layout: ``"native"``, ``"hf"`` or ``"meta"``.
+        config: the model's resolved config (see :func:`fusesurgery.convert.detect_model`).
+        target_layout: the layout to write.
+        kind: ``"fused"`` for a fused checkpoint (whose config is its decoder's); otherwise
+            taken from the config's type.
+        dtype: cast floating-point tensors to this dtype; None keeps each source dtype.
+
+    Returns:
+        The plan: one entry per output tensor in source order, plus the dropped keys.
+
+    Raises:
+        KeyMapError: unknown source keys, or keys with no name in the target layout.
+        ConfigError: shapes disagree with the config.
+        ShapeError: a RoPE permutation does not fit (odd head_dim).
+    """
+    kind = _kind_of(config, kind)
+    mapping = keys_to_native(tensors, source_layout, kind)
+    dropped = dict(mapping.dropped)
+    native_to_source = {native: source for source, native in mapping.mapping.items()}
+    prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
+
+    output_key = prefix + "output.weight"
+    if isinstance(config, DecoderConfig) and config.tie_word_embeddings:
+        if output_key in native_to_source:
+            dropped[native_to_source.pop(output_key)] = TIED_OUTPUT_REASON
+
+    check_native_shapes(
+        {native: tensors[source].shape for native, source in native_to_source.items()},
+        config,
+        source_names=native_to_source,
+        prefix=prefix,
+        layout=source_layout,
+    )
+    if isinstance(config, DecoderConfig) and config.head_dim % 2:
+        raise ShapeError(f"head_dim {config.head_dim} is odd; RoPE rotates pairs of dims")
+
+    entries = []
+    for source_key, native_key in mapping.mapping.items():
+        if source_key in dropped:
+            continue
+        info = tensors[source_key]
+        transform: Transform = (IDENTITY,)
+        if kind == "decoder":
+            transform = _rope_transform(native_key, source_layout, target_layout, config)
+        out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+        entries.append(
+            PlanEntry(
+                target_key=from_native_key(native_key, target_layout, kind),
+                source_key=source_key,
+                transform=transform,
+                source_shape=tuple(info.shape),
+                source_dtype=info.dtype,
+                shape=tuple(info.shape),
+                dtype=out_dtype,
+            )
+        )
+    return ConversionPlan(
+        kind=kind,
+        source_layout=source_layout,
+        target_layout=target_layout,
+        entries=tuple(entries),
+        dropped=tuple(dropped.items()),
+    )
+
+
+def apply_plan_entry(entry: PlanEntry, tensor: torch.Tensor) -> torch.Tensor:
+    """Turn the source tensor of ``entry`` into its output tensor.
+
+    Args:
+        entry: the plan entry.
+        tensor: the tensor read from ``entry.source_key``.
+
+    Returns:
+        The output tensor, of ``entry.shape`` and ``entry.dtype``.
+
+    Raises:
+        ShapeError: the tensor's shape or dtype is not what the plan was made from.
+    """
+    if tuple(tensor.shape) != entry.source_shape or tensor.dtype != entry.source_dtype:
+        raise ShapeError(
+            f"{entry.source_key}: planned for {list(entry.source_shape)} "
+            f"{entry.source_dtype}, got {list(tensor.shape)} {tensor.dtype}; the checkpoint "
+            "changed since it was planned"
+        )
+    out = apply_transform(entry.transform, tensor)
+    if out.dtype != entry.dtype:
+        out = out.to(entry.dtype)
+    return out
+
+
+def apply_plan(
+    plan: ConversionPlan, load: Callable[[str], torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(target key, tensor)`` for each plan entry, loading one source tensor at a time.
+
+    Args:
+        plan: the plan.
+        load: reads one source tensor by key (e.g. from a lazy checkpoint reader).
+
+    Raises:
+        ShapeError: a loaded tensor does not match its plan entry.
+    """
+    for entry in plan.entries:
+        yield entry.target_key, apply_plan_entry(entry, load(entry.source_key))
+
+
+__all__ = [
+    "TIED_OUTPUT_REASON",
+    "ConversionPlan",
+    "PlanEntry",
+    "apply_plan",
+    "apply_plan_entry",
+    "check_native_shapes",
+    "expected_native_shapes",
+    "plan_conversion",
+]

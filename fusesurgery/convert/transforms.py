@@ -1,0 +1,136 @@
+"""Tensor transforms applied while converting between layouts: small pure functions.
+
+The only layout difference that touches values is RoPE's pairing. Meta's reference code (and
+the native modules) rotate INTERLEAVED pairs ``(x[2j], x[2j+1])`` of each head; transformers
+rotates HALVES ``(x[j], x[j + h_d/2])``. Hugging Face q/k projections are therefore stored with
+each head's output rows permuted so that the half-split rotation computes the same thing. Going
+HF -> native undoes that permutation; native -> HF redoes it. Both are pure row reorderings, so
+round trips are bitwise.
+
+CLIP's class embedding ``[d_e]`` and position table ``[n_tokens, d_e]`` have the same shapes in
+both layouts, so the vision tower needs no transform.
+
+A transform in a plan is plain data, ``(name, *int_args)``, looked up in ``TRANSFORMS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fusesurgery.errors import ShapeError
+
+IDENTITY = "identity"
+PERMUTE_QK_TO_NATIVE = "permute_qk_to_native"
+PERMUTE_QK_FROM_NATIVE = "permute_qk_from_native"
+
+Transform = tuple  # (name: str, *args: int)
+
+
+def _check_qk_shape(tensor: torch.Tensor, num_heads: int, head_dim: int, what: str) -> None:
+    if head_dim % 2:
+        raise ShapeError(f"{what}: head_dim {head_dim} is odd; RoPE rotates pairs of dims")
+    if tensor.dim() not in (1, 2) or tensor.shape[0] != num_heads * head_dim:
+        raise ShapeError(
+            f"{what}: expected a [{num_heads}*{head_dim}, ...] q/k weight or bias, "
+            f"got shape {list(tensor.shape)}"
+        )
+
+
+def permute_qk_to_native(tensor: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder a Hugging Face q/k projection to the interleaved (native, Meta) RoPE layout.
+
+    Within each head, row ``half * h_d/2 + j`` (``half`` in {0, 1}) moves to ``2 * j + half``.
+
+    Args:
+        tensor: ``[n * h_d, d]`` weight or ``[n * h_d]`` bias (Qwen2).
+        num_heads: ``n``: query heads for q, key/value heads for k.
+        head_dim: ``h_d``, even.
+
+    Returns:
+        A new contiguous tensor of the same shape and dtype.
+
+    Raises:
+        ShapeError: the leading dim is not ``n * h_d`` or ``h_d`` is odd.
+    """
+    _check_qk_shape(tensor, num_heads, head_dim, PERMUTE_QK_TO_NATIVE)
+    rest = tensor.shape[1:]
+    # [n, 2 halves, h_d/2, ...] -> [n, h_d/2, 2, ...]: pairs become adjacent rows.
+    grouped = tensor.reshape(num_heads, 2, head_dim // 2, *rest).transpose(1, 2)
+    return grouped.reshape(num_heads * head_dim, *rest).contiguous()
+
+
+def permute_qk_from_native(tensor: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder an interleaved (native, Meta) q/k projection to the Hugging Face layout.
+
+    The inverse of :func:`permute_qk_to_native`.
+
+    Args:
+        tensor: ``[n * h_d, d]`` weight or ``[n * h_d]`` bias.
+        num_heads: ``n``.
+        head_dim: ``h_d``, even.
+
+    Raises:
+        ShapeError: the leading dim is not ``n * h_d`` or ``h_d`` is odd.
+    """
+    _check_qk_shape(tensor, num_heads, head_dim, PERMUTE_QK_FROM_NATIVE)
+    rest = tensor.shape[1:]
+    # [n, h_d/2, 2, ...] -> [n, 2, h_d/2, ...]: even rows first, then odd rows, per head.
+    grouped = tensor.reshape(num_heads, head_dim // 2, 2, *rest).transpose(1, 2)
+    return grouped.reshape(num_heads * head_dim, *rest).contiguous()
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
+    IDENTITY: _identity,
+    PERMUTE_QK_TO_NATIVE: permute_qk_to_native,
+    PERMUTE_QK_FROM_NATIVE: permute_qk_from_native,
+}
+
+# Each transform's inverse, by name; checked to be a two-way table below.
+INVERSE_TRANSFORMS: dict[str, str] = {
+    IDENTITY: IDENTITY,
+    PERMUTE_QK_TO_NATIVE: PERMUTE_QK_FROM_NATIVE,
+    PERMUTE_QK_FROM_NATIVE: PERMUTE_QK_TO_NATIVE,
+}
+assert all(INVERSE_TRANSFORMS[INVERSE_TRANSFORMS[n]] == n for n in TRANSFORMS), "bad inverses"
+
+
+def apply_transform(transform: Transform, tensor: torch.Tensor) -> torch.Tensor:
+    """Apply a ``(name, *args)`` transform to a tensor.
+
+    Raises:
+        ShapeError: the transform is unknown or does not fit the tensor.
+    """
+    name, *args = transform
+    try:
+        function = TRANSFORMS[name]
+    except KeyError:
+        raise ShapeError(
+            f"unknown tensor transform {name!r}; valid: {', '.join(sorted(TRANSFORMS))}"
+        ) from None
+    return function(tensor, *args)
+
+
+def invert_transform(transform: Transform) -> Transform:
+    """The transform that undoes ``transform`` (same arguments, inverse name)."""
+    name, *args = transform
+    return (INVERSE_TRANSFORMS[name], *args)
+
+
+__all__ = [
+    "IDENTITY",
+    "INVERSE_TRANSFORMS",
+    "PERMUTE_QK_FROM_NATIVE",
+    "PERMUTE_QK_TO_NATIVE",
+    "TRANSFORMS",
+    "Transform",
+    "apply_transform",
+    "invert_transform",
+    "permute_qk_from_native",
+    "permute_qk_to_native",
+]

@@ -1,0 +1,243 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from fusesurgery.config import DECODER_PRESETS, VISION_PRESETS, DecoderConfig
+from fusesurgery.convert.keymaps import from_native_key
+from fusesurgery.convert.plan import (
+    TIED_OUTPUT_REASON,
+    apply_plan,
+    apply_plan_entry,
+    expected_native_shapes,
+    plan_conversion,
+)
+from fusesurgery.errors import ConfigError, KeyMapError, ShapeError
+from fusesurgery.io.tensor_info import TensorInfo
+
+from .conftest import meta_state_dict, tensors_infos
+
+LLAMA_405B = DECODER_PRESETS["llama3_1_405b"]
+
+
+def layout_infos(config, layout, dtype=torch.bfloat16, kind="decoder"):
+    """Metadata of a checkpoint of ``config`` in ``layout``: no tensors at all."""
+    return {
+        from_native_key(key, layout, kind): TensorInfo(
+            from_native_key(key, layout, kind), shape, dtype
+        )
+        for key, shape in expected_native_shapes(config).items()
+    }
+
+
+def run(plan, tensors):
+    return dict(apply_plan(plan, tensors.__getitem__))
+
+
+def test_405b_plan_from_metadata_alone():
+    infos = layout_infos(LLAMA_405B, "hf")
+    # Spot-check the metadata against Llama 3.1 405B's published shapes.
+    assert infos["model.layers.125.self_attn.k_proj.weight"].shape == (1024, 16384)
+    assert infos["model.layers.0.mlp.gate_proj.weight"].shape == (53248, 16384)
+    assert infos["lm_head.weight"].shape == (128256, 16384)
+
+    start = time.perf_counter()
+    plan = plan_conversion(infos, "hf", LLAMA_405B)
+    assert time.perf_counter() - start < 5
+
+    assert len(plan) == 126 * 9 + 3 == 1137
+    assert plan.dropped == ()
+    assert set(plan.target_keys) == set(expected_native_shapes(LLAMA_405B))
+    q = plan.entry("layers.125.attn.q_proj.weight")
+    assert q.source_key == "model.layers.125.self_attn.q_proj.weight"
+    assert q.transform == ("permute_qk_to_native", 128, 128)
+    assert q.shape == q.source_shape == (16384, 16384) and q.dtype == torch.bfloat16
+    assert plan.entry("layers.0.attn.k_proj.weight").transform == ("permute_qk_to_native", 8, 128)
+    assert plan.entry("layers.0.attn.v_proj.weight").transform == ("identity",)
+    assert plan.entry("output.weight").source_key == "lm_head.weight"
+    # ~405.8e9 parameters at 2 bytes each.
+    assert plan.total_bytes == 2 * sum(info.numel for info in infos.values())
+    assert 405e9 < plan.total_bytes / 2 < 406e9
+    assert plan.target_infos()["norm.scale"] == TensorInfo("norm.scale", (16384,), torch.bfloat16)
+
+
+def test_405b_meta_plans_to_native_without_transforms_and_to_hf_with_them():
+    infos = layout_infos(LLAMA_405B, "meta")
+    to_native = plan_conversion(infos, "meta", LLAMA_405B)
+    assert {entry.transform for entry in to_native.entries} == {("identity",)}
+    to_hf = plan_conversion(infos, "meta", LLAMA_405B, target_layout="hf", dtype=torch.float16)
+    wk = to_hf.entry("model.layers.7.self_attn.k_proj.weight")
+    assert wk.source_key == "layers.7.attention.wk.weight"
+    assert wk.transform == ("permute_qk_from_native", 8, 128)
+    assert wk.dtype == torch.float16 and wk.source_dtype == torch.bfloat16
+    assert to_hf.total_bytes == to_native.total_bytes
+
+
+def _hf_config(saved, family, tied=False, bias=False):
+    c = saved.config
+    return DecoderConfig(
+        vocab_size=c["vocab_size"], embed_dim=c["hidden_size"],
+        num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+        num_kv_heads=c["num_key_value_heads"], intermediate_dim=c["intermediate_size"],
+        tie_word_embeddings=tied, attn_bias=bias, family=family,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fixture", "family", "tied", "bias"),
+    [("hf_llama", "llama", False, False), ("hf_mistral", "mistral", False, False),
+     ("hf_qwen2", "qwen2", True, True)],
+)
+def test_hf_to_native_to_hf_is_bitwise(fixture, family, tied, bias, request):
+    saved = request.getfixturevalue(fixture)
+    config = _hf_config(saved, family, tied, bias)
+    source = saved.tensors()
+
+    to_native = plan_conversion(saved.infos, "hf", config)
+    native = run(to_native, source)
+    assert ("output.weight" in native) == (not tied)
+    q_key = "layers.1.attn.q_proj.weight"
+    assert not torch.equal(native[q_key], source["model.layers.1.self_attn.q_proj.weight"])
+    if bias:
+        assert to_native.entry("layers.1.attn.k_proj.bias").transform == (
+            "permute_qk_to_native", 2, 8,
+        )
+
+    back_plan = plan_conversion(tensors_infos(native), "native", config, target_layout="hf")
+    back = run(back_plan, native)
+    assert back.keys() == source.keys()
+    for key, tensor in source.items():
+        assert torch.equal(back[key], tensor), key
+
+
+def test_meta_to_native_to_meta_is_bitwise():
+    source = meta_state_dict()
+    config = DecoderConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, intermediate_dim=96)
+    native = run(plan_conversion(tensors_infos(source), "meta", config), source)
+    assert native["layers.1.attn.q_proj.weight"] is source["layers.1.attention.wq.weight"]
+    back = run(plan_conversion(tensors_infos(native), "native", config, target_layout="meta"),
+               native)
+    assert back.keys() == source.keys()
+    assert all(torch.equal(back[key], source[key]) for key in source)
+    assert all(back[key].dtype == torch.bfloat16 for key in back)
+
+
+def test_meta_through_hf_and_back_is_bitwise():
+    source = meta_state_dict(dtype=torch.float32)
+    config = DecoderConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, intermediate_dim=96)
+    hf = run(plan_conversion(tensors_infos(source), "meta", config, target_layout="hf"), source)
+    assert "model.layers.0.self_attn.q_proj.weight" in hf
+    back = run(plan_conversion(tensors_infos(hf), "hf", config, target_layout="meta"), hf)
+    assert back.keys() == source.keys()
+    assert all(torch.equal(back[key], source[key]) for key in source)
+
+
+def test_rope_freqs_is_reported_as_dropped():
+    source = meta_state_dict()
+    source["rope.freqs"] = torch.zeros(4)
+    config = DecoderConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, intermediate_dim=96)
+    plan = plan_conversion(tensors_infos(source), "meta", config)
+    assert plan.dropped == (("rope.freqs", "RoPE frequency buffer, recomputed"),)
+    assert "rope.freqs" not in {entry.source_key for entry in plan.entries}
+
+
+def test_a_stored_output_of_a_tied_model_is_dropped(hf_llama):
+    config = _hf_config(hf_llama, "llama", tied=True)
+    plan = plan_conversion(hf_llama.infos, "hf", config)
+    assert dict(plan.dropped) == {"lm_head.weight": TIED_OUTPUT_REASON}
+    assert "output.weight" not in plan.target_keys
+
+
+def test_shapes_that_disagree_with_the_config_name_the_key(hf_llama):
+    config = _hf_config(hf_llama, "llama").replace(num_kv_heads=4)
+    with pytest.raises(ConfigError) as error:
+        plan_conversion(hf_llama.infos, "hf", config)
+    assert str(error.value) == (
+        "checkpoint disagrees with the config: model.layers.0.self_attn.k_proj.weight has "
+        "shape [16, 32], expected [32, 32] (and 3 more mismatches)"
+    )
+
+
+def test_missing_and_extra_layers_are_config_errors(hf_llama):
+    config = _hf_config(hf_llama, "llama")
+    with pytest.raises(ConfigError, match="lacks 9 keys .*model.layers.2.input_layernorm"):
+        plan_conversion(hf_llama.infos, "hf", config.replace(num_layers=3))
+    with pytest.raises(ConfigError, match="9 keys that the config does not account for"):
+        plan_conversion(hf_llama.infos, "hf", config.replace(num_layers=1))
+    with pytest.raises(ConfigError, match="lacks 6 keys .*q_proj.bias"):
+        plan_conversion(hf_llama.infos, "hf", config.replace(attn_bias=True))
+
+
+def test_keys_without_a_target_name_fail_the_plan(hf_qwen2):
+    config = _hf_config(hf_qwen2, "qwen2", tied=True, bias=True)
+    with pytest.raises(KeyMapError, match="no name in the meta layout"):
+        plan_conversion(hf_qwen2.infos, "hf", config, target_layout="meta")
+
+
+def test_apply_checks_the_tensor_against_the_plan():
+    source = meta_state_dict()
+    config = DecoderConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, intermediate_dim=96)
+    plan = plan_conversion(tensors_infos(source), "meta", config, target_layout="hf",
+                           dtype=torch.float32)
+    entry = plan.entry("model.layers.0.self_attn.q_proj.weight")
+    out = apply_plan_entry(entry, source["layers.0.attention.wq.weight"])
+    assert out.dtype == torch.float32 and out.shape == (32, 32)
+    with pytest.raises(ShapeError, match=r"layers.0.attention.wq.weight: planned for \[32, 32\]"):
+        apply_plan_entry(entry, torch.zeros(32, 16, dtype=torch.bfloat16))
+    with pytest.raises(ShapeError, match="got \\[32, 32\\] torch.float32"):
+        apply_plan_entry(entry, torch.zeros(32, 32))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_vision_plans_drop_the_rest_and_round_trip(name, hf_vision_models):
+    import transformers
+
+    saved = hf_vision_models[name]
+    tower = getattr(transformers, saved.config["architectures"][0]).config_class(
+        **saved.config
+    ).vision_config
+    base = VISION_PRESETS["tiny_clip"] if name == "clip" else VISION_PRESETS["siglip_so400m_384"]
+    config = base.replace(
+        image_size=tower.image_size, patch_size=tower.patch_size, embed_dim=tower.hidden_size,
+        num_layers=tower.num_hidden_layers, num_heads=tower.num_attention_heads,
+        intermediate_dim=tower.intermediate_size,
+    )
+    source = saved.tensors()
+    plan = plan_conversion(saved.infos, "hf", config)
+    assert plan.kind == "vision"
+    assert any(key.startswith("text_model.") for key, _ in plan.dropped)
+    native = run(plan, source)
+    assert set(native) == set(expected_native_shapes(config))
+    back = run(plan_conversion(tensors_infos(native), "native", config, target_layout="hf"),
+               native)
+    vision_keys = {key for key in source if key.startswith("vision_model.")
+                   and not key.startswith("vision_model.head.")}
+    assert back.keys() == vision_keys
+    assert all(torch.equal(back[key], source[key]) for key in vision_keys)
+
+
+def test_fused_plans_are_identity_and_check_the_decoder():
+    decoder = DECODER_PRESETS["tiny"]
+    infos = {"decoder." + k: TensorInfo("decoder." + k, s, torch.float32)
+             for k, s in expected_native_shapes(decoder).items()}
+    extra = {
+        "decoder.tok_embeddings.fusion_embedding.weight": (8, 64),
+        "decoder.layers.3.fusion_layer.attn.q_proj.weight": (64, 64),
+        "encoder.projection.output.weight": (64, 48),
+    }
+    infos.update({k: TensorInfo(k, s, torch.float32) for k, s in extra.items()})
+    plan = plan_conversion(infos, "native", decoder, kind="fused")
+    assert {(e.source_key, e.transform) for e in plan.entries} == {
+        (key, ("identity",)) for key in infos
+    }
+    wrong_width = r"decoder.tok_embeddings.weight has shape \[256, 64\], expected \[256, 32\]"
+    with pytest.raises(ConfigError, match=wrong_width):
+        plan_conversion(infos, "native", decoder.replace(embed_dim=32, head_dim=16), kind="fused")
+    with pytest.raises(ConfigError, match="cannot describe a fused"):
+        plan_conversion(infos, "native", VISION_PRESETS["tiny_clip"], kind="fused")
