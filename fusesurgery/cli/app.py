@@ -6,7 +6,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from fusesurgery.cli import demo
+from fusesurgery.cli import demo, diff, inspect
 from fusesurgery.cli.errors import debug_enabled, report
 
 
@@ -37,10 +37,12 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command(
-    "demo",
-    epilog="Example: fusesurgery demo --json",
-)(demo.demo)
+app.command("inspect", epilog="Examples: fusesurgery inspect decoder/ ; "
+            "fusesurgery inspect model.safetensors --json ; fusesurgery inspect ckpt.pt --keys "
+            "--num-heads 32")(inspect.inspect)
+app.command("diff", epilog="Examples: fusesurgery diff decoder.pt fused/ ; "
+            "fusesurgery diff a/ b/ --values --json")(diff.diff)
+app.command("demo", epilog="Example: fusesurgery demo --json")(demo.demo)
 
 
 @app.callback()
