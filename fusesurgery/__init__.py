@@ -7,6 +7,7 @@ the decoder computed, and write the result as sharded safetensors.
 
 from fusesurgery.config import DecoderConfig, FusionConfig, RopeScaling, VisionEncoderConfig
 from fusesurgery.errors import FuseSurgeryError
+from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,7 @@ __all__ = [
     "RopeScaling",
     "VisionEncoderConfig",
     "__version__",
+    "detect_checkpoint",
+    "load_decoder",
+    "load_encoder",
 ]
