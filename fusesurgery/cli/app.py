@@ -6,7 +6,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from fusesurgery.cli import demo, diff, inspect
+from fusesurgery.cli import convert, demo, diff, inspect
 from fusesurgery.cli.errors import debug_enabled, report
 
 
@@ -42,6 +42,8 @@ app.command("inspect", epilog="Examples: fusesurgery inspect decoder/ ; "
             "--num-heads 32")(inspect.inspect)
 app.command("diff", epilog="Examples: fusesurgery diff decoder.pt fused/ ; "
             "fusesurgery diff a/ b/ --values --json")(diff.diff)
+app.command("convert", epilog="Examples: fusesurgery convert hf_model/ -o native/ ; "
+            "fusesurgery convert native/ -o hf/ --to hf --dtype bf16")(convert.convert)
 app.command("demo", epilog="Example: fusesurgery demo --json")(demo.demo)
 
 

@@ -417,6 +417,8 @@ __all__ = [
     "ConfigReading",
     "coerce_rope_scaling",
     "config_style",
+    "hf_config_dict",
+    "native_config_dict",
     "meta_intermediate_dim",
     "read_decoder_config",
     "read_hf_decoder_config",
@@ -425,3 +427,55 @@ __all__ = [
     "read_native_config",
     "read_vision_config",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing configs: the reading tables inverted, so each name is spelled once.
+
+HF_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
+                                  "clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+HF_ARCHITECTURES: dict[str, str] = {
+    family: arch for arch, family in HF_DECODER_ARCHITECTURES.items()
+} | {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+
+
+def _first_spelling(table: Mapping[str, str]) -> dict[str, str]:
+    """Invert ``spelling -> value``, keeping the first spelling of each value."""
+    inverse: dict[str, str] = {}
+    for spelling, value in table.items():
+        inverse.setdefault(value, spelling)
+    return inverse
+
+
+def native_config_dict(config: DecoderConfig | VisionEncoderConfig) -> dict[str, Any]:
+    """fusesurgery's own config.json for ``config`` (read back by ``read_native_config``)."""
+    section = "decoder" if isinstance(config, DecoderConfig) else "encoder"
+    return {"fusesurgery_version": 1, section: dataclasses.asdict(config)}
+
+
+def hf_config_dict(config: DecoderConfig | VisionEncoderConfig) -> dict[str, Any]:
+    """A transformers config.json (transformers 4 style, which 5 reads too) for ``config``.
+
+    Raises:
+        ConfigError: a setting transformers' class for the family cannot express (a Llama
+            with q/k/v biases but none on the output projection, a Qwen2 without biases).
+    """
+    if isinstance(config, VisionEncoderConfig):
+        out: dict[str, Any] = {
+            key: getattr(config, name) for key, name in HF_VISION_KEYS.items()
+        }
+        out["hidden_act"] = _first_spelling(HF_ACTIVATIONS)[config.activation]
+    else:
+        if config.attn_bias != HF_DECODER_DEFAULTS[config.family]["attn_bias"]:
+            raise ConfigError(
+                f"a {config.family} config.json cannot express attn_bias={config.attn_bias}"
+            )
+        out = {key: getattr(config, name) for key, name in HF_DECODER_KEYS.items()
+               if key != "attention_bias" or config.family == "llama"}
+        out["rope_theta"] = config.rope_base
+        scaling = config.rope_scaling
+        out["rope_scaling"] = None if scaling is None else {
+            "rope_type": "llama3", **dataclasses.asdict(scaling)
+        }
+    return {"architectures": [HF_ARCHITECTURES[config.family]],
+            "model_type": HF_MODEL_TYPES[config.family], **out}

@@ -1,5 +1,6 @@
 """Write checkpoints: shard plans from sizes alone, and a streaming, atomic safetensors writer."""
 
+from fusesurgery.write.convert_checkpoint import ConversionResult, convert_checkpoint
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -11,6 +12,8 @@ from fusesurgery.write.shard_plan import (
 )
 
 __all__ = [
+    "ConversionResult",
+    "convert_checkpoint",
     "DEFAULT_MAX_SHARD_SIZE",
     "Shard",
     "ShardPlan",

@@ -1,0 +1,86 @@
+"""``fusesurgery convert``: rewrite a checkpoint in another key layout, streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fusesurgery.cli.errors import stderr
+from fusesurgery.cli.options import (
+    CheckpointPath,
+    EncoderNumHeads,
+    HeadDim,
+    Json,
+    NormEps,
+    NumHeads,
+    NumKvHeads,
+    RopeBase,
+    collect_overrides,
+    split_overrides,
+)
+from fusesurgery.errors import ConfigError
+from fusesurgery.io.tensor_info import SAFETENSORS_DTYPES
+from fusesurgery.write import convert_checkpoint
+
+DTYPES = {name.lower(): dtype for name, dtype in SAFETENSORS_DTYPES.items()
+          if dtype.is_floating_point}
+
+
+def convert(
+    source: CheckpointPath,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    to: Annotated[str, typer.Option(help="Target layout: native or hf.")] = "native",
+    dtype: Annotated[str | None, typer.Option(
+        help=f"Cast floating-point tensors: {', '.join(DTYPES)}.")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    as_json: Json = False,
+    num_heads: NumHeads = None,
+    num_kv_heads: NumKvHeads = None,
+    head_dim: HeadDim = None,
+    rope_base: RopeBase = None,
+    norm_eps: NormEps = None,
+    encoder_num_heads: EncoderNumHeads = None,
+) -> None:
+    """Convert a decoder or vision tower between the Hugging Face, Meta and native layouts,
+    one tensor at a time, into sharded safetensors plus config.json."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    decoder, vision = split_overrides(collect_overrides(
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
+        norm_eps=norm_eps, encoder_num_heads=encoder_num_heads))
+    progress = Progress(TextColumn("converting"), BarColumn(), DownloadColumn(),
+                        TimeRemainingColumn(), console=stderr, transient=True)
+    with progress:
+        task = progress.add_task("convert", total=None)
+        result = convert_checkpoint(
+            source, output, to=to, dtype=None if dtype is None else DTYPES[dtype],
+            max_shard_size=max_shard_size, overrides=decoder or vision or None,
+            overwrite=overwrite,
+            on_tensor_written=lambda info: progress.advance(task, info.nbytes),
+        )
+    detected, written = result.detected, result.written
+    summary = {
+        "source": str(source),
+        "output": str(written.out_dir),
+        "kind": detected.kind,
+        "family": detected.family,
+        "from": detected.layout,
+        "to": to,
+        "tensors": len(result.plan),
+        "dropped": dict(result.plan.dropped),
+        "total_bytes": written.total_size,
+        "files": list(written.files),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"{detected.kind} ({detected.family}) {detected.layout} -> {to}: "
+               f"{len(result.plan)} tensors, {written.total_size / 2**20:.1f} MiB in "
+               f"{len(written.files)} files at {written.out_dir}")
+    for key, reason in result.plan.dropped:
+        stderr.print(f"dropped {key}: {reason}")

@@ -1,0 +1,102 @@
+"""Convert a checkpoint between layouts on disk, streaming: read one tensor (mmap-backed),
+transform it, write it, drop it. Peak memory is about the largest tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
+from fusesurgery.convert.configs import hf_config_dict, native_config_dict
+from fusesurgery.convert.detect import DetectedModel
+from fusesurgery.convert.plan import ConversionPlan
+from fusesurgery.errors import ConfigError
+from fusesurgery.io import TensorInfo, open_checkpoint
+from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
+from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+
+CONFIG_WRITERS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "native": native_config_dict,
+    "hf": hf_config_dict,
+}
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """Attributes:
+        detected: what the source was.
+        plan: what was converted, renamed and dropped.
+        written: the files written.
+    """
+
+    detected: DetectedModel
+    plan: ConversionPlan
+    written: WriteResult
+
+
+def convert_checkpoint(
+    source_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    to: str = "native",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    on_tensor_written: Callable[[TensorInfo], None] | None = None,
+) -> ConversionResult:
+    """Rewrite a decoder or vision-tower checkpoint in another layout as sharded safetensors
+    plus a config.json.
+
+    Args:
+        source_path: any checkpoint ``fusesurgery.io.open_checkpoint`` reads.
+        out_dir: the output directory; written atomically.
+        to: ``"native"`` (torchtune keys, fusesurgery config) or ``"hf"`` (transformers keys
+            and config.json, loadable with ``from_pretrained``).
+        dtype: cast floating-point tensors; None keeps them.
+        max_shard_size: largest shard, e.g. ``"5GB"``.
+        overrides: config fields to supply or replace (see ``detect_model``).
+        overwrite: replace an existing non-empty ``out_dir``.
+        on_tensor_written: progress callback, called after each tensor.
+
+    Returns:
+        What was detected, planned and written.
+
+    Raises:
+        FuseSurgeryError: unreadable source, unknown keys, config problems, or an output
+            that cannot be written.
+    """
+    if to not in CONFIG_WRITERS:
+        raise ConfigError(f"cannot convert to {to!r}; valid: {', '.join(CONFIG_WRITERS)}")
+    with open_checkpoint(source_path) as source:
+        infos = source.infos()
+        detected = detect_model(infos, source.config, source.config_file, overrides)
+        if detected.kind == "fused":
+            raise ConfigError(f"{source_path} is a fused checkpoint; only decoders and vision "
+                              "towers convert between layouts")
+        plan = plan_conversion(infos, detected.layout, detected.config, target_layout=to,
+                               kind=detected.kind, dtype=dtype)
+        entries = {entry.target_key: entry for entry in plan.entries}
+
+        def produce(key: str) -> torch.Tensor:
+            entry = entries[key]
+            return apply_plan_entry(entry, source.get_tensor(entry.source_key))
+
+        config = CONFIG_WRITERS[to](detected.config)
+        if dtype is not None:
+            config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        written = write_safetensors(
+            out_dir,
+            list(plan.target_infos().values()),
+            produce,
+            max_shard_size=max_shard_size,
+            extra_files={"config.json": json.dumps(config, indent=2) + "\n"},
+            overwrite=overwrite,
+            on_tensor_written=on_tensor_written,
+        )
+    return ConversionResult(detected, plan, written)

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+import transformers as tf
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from fusesurgery import load_decoder, load_encoder
+from fusesurgery.cli.app import app
+from fusesurgery.errors import ConfigError
+from fusesurgery.io import open_checkpoint
+from fusesurgery.write import convert_checkpoint
+
+SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture
+def qwen_dir(tmp_path):
+    torch.manual_seed(0)
+    model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL, tie_word_embeddings=True)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def test_hf_native_hf_round_trip_is_bitwise(tmp_path, qwen_dir):
+    model, hf = qwen_dir
+    result = convert_checkpoint(hf, tmp_path / "native", max_shard_size="40KB")
+    assert result.written.plan.is_sharded and result.detected.layout == "hf"
+    with open_checkpoint(tmp_path / "native") as native:
+        assert "layers.0.attn.q_proj.bias" in native and "output.weight" not in native
+    back = convert_checkpoint(tmp_path / "native", tmp_path / "hf2", to="hf")
+    assert back.detected.layout == "native"
+    with open_checkpoint(hf) as a, open_checkpoint(tmp_path / "hf2") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    reloaded = tf.Qwen2ForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 11))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+        torch.testing.assert_close(load_decoder(tmp_path / "native")(tokens),
+                                   model(tokens).logits, rtol=0, atol=1e-5)
+
+
+def test_vision_tower_to_native_and_dtype(tmp_path):
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8)
+    tf.SiglipVisionModel(tf.SiglipVisionConfig(**vision)).save_pretrained(tmp_path / "hf")
+    result = convert_checkpoint(tmp_path / "hf", tmp_path / "native", dtype=torch.bfloat16)
+    assert any(key.removeprefix("vision_model.").startswith("head.")
+               for key, _ in result.plan.dropped)
+    with safe_open(tmp_path / "native" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("conv.weight").dtype == torch.bfloat16
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert config["encoder"]["family"] == "siglip" and config["torch_dtype"] == "bfloat16"
+    assert load_encoder(tmp_path / "native").conv.weight.dtype == torch.bfloat16
+
+
+def test_bad_target_and_existing_output(tmp_path, qwen_dir):
+    _, hf = qwen_dir
+    with pytest.raises(ConfigError, match="cannot convert to 'onnx'"):
+        convert_checkpoint(hf, tmp_path / "x", to="onnx")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(hf), "-o", str(tmp_path / "taken")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_cli_convert_json(tmp_path, qwen_dir):
+    _, hf = qwen_dir
+    result = CliRunner().invoke(app, ["convert", str(hf), "-o", str(tmp_path / "out"),
+                                      "--json", "--dtype", "f16"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["from"] == "hf" and payload["to"] == "native" and payload["tensors"] == 26
+    bad = CliRunner().invoke(app, ["convert", str(hf), "-o", str(tmp_path / "o2"),
+                                   "--dtype", "f13"])
+    assert bad.exit_code == 2 and "unknown dtype" in bad.stderr
