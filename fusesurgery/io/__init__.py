@@ -11,6 +11,7 @@ from fusesurgery.io.tensor_info import (
     DTYPE_SHORT_NAMES,
     SAFETENSORS_DTYPES,
     TORCH_TO_SAFETENSORS,
+    FileRegion,
     TensorInfo,
 )
 from fusesurgery.io.torch_pickle import load_torch_state_dict
@@ -20,6 +21,7 @@ __all__ = [
     "SAFETENSORS_DTYPES",
     "TORCH_TO_SAFETENSORS",
     "CheckpointSource",
+    "FileRegion",
     "SafetensorsEntry",
     "SafetensorsHeader",
     "ShardIndex",

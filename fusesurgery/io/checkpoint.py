@@ -10,6 +10,7 @@ tensor by tensor never holds more than the tensor at hand.
 
 from __future__ import annotations
 
+import ctypes
 import difflib
 import json
 import os
@@ -30,7 +31,7 @@ from fusesurgery.io.safetensors_header import (
     read_safetensors_header,
 )
 from fusesurgery.io.shard_index import INDEX_SUFFIX, read_shard_index
-from fusesurgery.io.tensor_info import TensorInfo
+from fusesurgery.io.tensor_info import FileRegion, TensorInfo
 from fusesurgery.io.torch_pickle import (
     PICKLE_PROTOCOL_OPCODE,
     ZIP_SIGNATURE,
@@ -75,6 +76,8 @@ class _TensorReader(Protocol):
     def tensor(self, name: str) -> torch.Tensor: ...
 
     def infos(self) -> list[TensorInfo]: ...
+
+    def region(self, name: str) -> FileRegion | None: ...
 
     def close(self) -> None: ...
 
@@ -126,6 +129,10 @@ class _SafetensorsReader:
         flat = torch.empty(0, dtype=dtype).set_(storage, 0, (entry.info.numel,), (1,))
         return flat.view(entry.info.shape)
 
+    def region(self, name: str) -> FileRegion:
+        entry = self.header.entries[name]
+        return FileRegion(self.header.path, entry.begin, entry.end - entry.begin)
+
     def close(self) -> None:
         # Tensors already handed out keep their own reference to the mapping and stay valid.
         self._storage = None
@@ -148,6 +155,9 @@ class _TorchReader:
         # A fresh alias, so a caller's in-place metadata change (resize_, requires_grad_)
         # cannot leak into later calls.
         return self._tensors[name].detach()
+
+    def region(self, name: str) -> None:
+        return None  # a pickle's storages may be shared, strided or stored out of order
 
     def close(self) -> None:
         self._tensors = {}
@@ -248,6 +258,48 @@ class CheckpointSource:
         except KeyError:
             raise self._not_found(key) from None
         return reader.tensor(key)
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """One tensor read into fresh memory with ``pread`` rather than mapped.
+
+        For a tensor about to be transformed into a new one anyway (a RoPE permutation, a dtype
+        cast), one sequential read is cheaper than faulting its mapped pages in one by one.
+        Pickles fall back to ``get_tensor(key).clone()``.
+
+        Raises:
+            TensorNotFoundError: the checkpoint holds no such key.
+            CheckpointError: the file cannot be read.
+        """
+        region = self.file_region(key)
+        if region is None:
+            return self.get_tensor(key).clone()
+        info = self._infos[key]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if region.nbytes:
+            # a writable byte view of the new tensor (numpy has no bfloat16, and is no
+            # dependency of ours)
+            view = memoryview((ctypes.c_ubyte * region.nbytes).from_address(out.data_ptr()))
+            try:
+                with open(region.path, "rb") as f:
+                    f.seek(region.offset)
+                    if f.readinto(view) != region.nbytes:
+                        raise CheckpointError(f"{region.path}: file ended inside {key!r}")
+            except OSError as error:
+                raise describe_os_error(region.path, error) from None
+        return out
+
+    def file_region(self, key: str) -> FileRegion | None:
+        """Where ``key``'s raw bytes lie in its file, for a byte-for-byte copy; None when the
+        format stores them otherwise (pickles).
+
+        Raises:
+            TensorNotFoundError: the checkpoint holds no such key.
+        """
+        try:
+            reader = self._reader_of[key]
+        except KeyError:
+            raise self._not_found(key) from None
+        return reader.region(key)
 
     def _not_found(self, key: str) -> TensorNotFoundError:
         close = difflib.get_close_matches(str(key), self._infos, n=1)

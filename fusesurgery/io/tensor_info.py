@@ -60,3 +60,20 @@ class TensorInfo:
     def dtype_name(self) -> str:
         """Short display name of the dtype, e.g. ``bf16``."""
         return DTYPE_SHORT_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class FileRegion:
+    """Where a tensor's raw bytes lie in a file, exactly as a safetensors writer would write
+    them (little-endian, C order). Lets a writer copy a tensor that needs no transform with
+    ``copy_file_range`` instead of touching its pages from user space.
+
+    Args:
+        path: the file.
+        offset: the first byte, from the start of the file.
+        nbytes: how many bytes.
+    """
+
+    path: Path
+    offset: int
+    nbytes: int

@@ -15,8 +15,9 @@ from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.configs import hf_config_dict, native_config_dict
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.plan import ConversionPlan
+from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError
-from fusesurgery.io import TensorInfo, open_checkpoint
+from fusesurgery.io import FileRegion, TensorInfo, open_checkpoint
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 
@@ -49,6 +50,7 @@ def convert_checkpoint(
     overrides: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     on_tensor_written: Callable[[TensorInfo], None] | None = None,
+    durable: bool = True,
 ) -> ConversionResult:
     """Rewrite a decoder or vision-tower checkpoint in another layout as sharded safetensors
     plus a config.json.
@@ -63,6 +65,7 @@ def convert_checkpoint(
         overrides: config fields to supply or replace (see ``detect_model``).
         overwrite: replace an existing non-empty ``out_dir``.
         on_tensor_written: progress callback, called after each tensor.
+        durable: fsync the output before it appears (see ``write_safetensors``).
 
     Returns:
         What was detected, planned and written.
@@ -83,9 +86,15 @@ def convert_checkpoint(
                                kind=detected.kind, dtype=dtype)
         entries = {entry.target_key: entry for entry in plan.entries}
 
-        def produce(key: str) -> torch.Tensor:
+        def produce(key: str) -> torch.Tensor | FileRegion:
             entry = entries[key]
-            return apply_plan_entry(entry, source.get_tensor(entry.source_key))
+            if entry.transform == (IDENTITY,) and entry.dtype == entry.source_dtype:
+                region = source.file_region(entry.source_key)
+                if region is not None:  # bytes unchanged: let the kernel copy them
+                    return region
+                return apply_plan_entry(entry, source.get_tensor(entry.source_key))
+            # about to be rewritten anyway: one read beats faulting in mapped pages
+            return apply_plan_entry(entry, source.read_tensor(entry.source_key))
 
         config = CONFIG_WRITERS[to](detected.config)
         if dtype is not None:
@@ -98,5 +107,6 @@ def convert_checkpoint(
             extra_files={"config.json": json.dumps(config, indent=2) + "\n"},
             overwrite=overwrite,
             on_tensor_written=on_tensor_written,
+            durable=durable,
         )
     return ConversionResult(detected, plan, written)

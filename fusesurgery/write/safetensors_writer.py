@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from fusesurgery.errors import ShapeError, WriteError
-from fusesurgery.io.tensor_info import TORCH_TO_SAFETENSORS, TensorInfo
+from fusesurgery.io.tensor_info import TORCH_TO_SAFETENSORS, FileRegion, TensorInfo
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE, ShardPlan, plan_shards
 
 # The header must start the data section on an 8-byte boundary; safetensors pads with spaces.
@@ -199,9 +199,43 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[written:]
 
 
-def _fetch_checked(get_tensor: Callable[[str], torch.Tensor], info: TensorInfo) -> torch.Tensor:
-    """Fetch one tensor, check it against its metadata, and make it a contiguous CPU tensor."""
+def _copy_region(fd: int, region: FileRegion) -> None:
+    """Append ``region``'s bytes to ``fd``: in the kernel (copy_file_range), falling back to
+    reads and writes where the filesystems do not support it."""
+    with open(region.path, "rb") as source:
+        done = 0
+        try:
+            while done < region.nbytes:
+                copied = os.copy_file_range(source.fileno(), fd, region.nbytes - done,
+                                            region.offset + done)
+                if copied == 0:
+                    raise OSError(errno.EIO, f"{region.path} ended early")
+                done += copied
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            source.seek(region.offset + done)
+            while done < region.nbytes:
+                chunk = source.read(min(_WRITE_CHUNK_BYTES, region.nbytes - done))
+                if not chunk:
+                    raise OSError(errno.EIO, f"{region.path} ended early") from None
+                _write_all(fd, chunk)
+                done += len(chunk)
+
+
+def _fetch_checked(
+    get_tensor: Callable[[str], torch.Tensor | FileRegion], info: TensorInfo
+) -> torch.Tensor | FileRegion:
+    """Fetch one tensor, check it against its metadata, and make it a contiguous CPU tensor
+    (or pass a file region of the right size through for a kernel-side copy)."""
     tensor = get_tensor(info.name)
+    if isinstance(tensor, FileRegion):
+        if tensor.nbytes != info.nbytes:
+            raise ShapeError(
+                f"tensor {info.name!r}: the file region holds {tensor.nbytes} bytes, its "
+                f"metadata says {info.nbytes}"
+            )
+        return tensor
     if not isinstance(tensor, torch.Tensor):
         raise ShapeError(
             f"get_tensor({info.name!r}) returned {type(tensor).__name__}, expected a torch.Tensor"
@@ -276,7 +310,9 @@ def _check_free_space(parent: Path, needed: int) -> None:
         )
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path, durable: bool = True) -> None:
+    if not durable:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -296,14 +332,15 @@ def _make_temp_dir(parent: Path, name: str) -> Path:
             return candidate
 
 
-def _write_file(path: Path, chunks: Sequence[bytes]) -> None:
+def _write_file(path: Path, chunks: Sequence[bytes], durable: bool = True) -> None:
     with _write_errors("write", path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             for chunk in chunks:
                 _write_all(fd, chunk)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -311,8 +348,9 @@ def _write_file(path: Path, chunks: Sequence[bytes]) -> None:
 def _write_shard(
     path: Path,
     layout: _ShardLayout,
-    get_tensor: Callable[[str], torch.Tensor],
+    get_tensor: Callable[[str], torch.Tensor | FileRegion],
     on_tensor_written: Callable[[TensorInfo], None] | None,
+    durable: bool = True,
 ) -> None:
     with _write_errors("write", path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -322,7 +360,10 @@ def _write_shard(
         for info in layout.tensors:
             tensor = _fetch_checked(get_tensor, info)  # outside _write_errors: reader's errors
             with _write_errors("write", path):
-                _write_all(fd, _tensor_buffer(tensor))
+                if isinstance(tensor, FileRegion):
+                    _copy_region(fd, tensor)
+                else:
+                    _write_all(fd, _tensor_buffer(tensor))
             del tensor  # drop the only reference before fetching the next one
             if on_tensor_written is not None:
                 on_tensor_written(info)
@@ -330,12 +371,15 @@ def _write_shard(
             expected = len(layout.header) + layout.data_size
             if os.lseek(fd, 0, os.SEEK_CUR) != expected:
                 raise WriteError(f"wrote a wrong number of bytes to {path}; this is a bug")
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _move_into_place(temp_dir: Path, out_dir: Path, replace_existing: bool) -> None:
+def _move_into_place(
+    temp_dir: Path, out_dir: Path, replace_existing: bool, durable: bool = True
+) -> None:
     parent = out_dir.parent
     with _write_errors("move the finished output to", out_dir):
         if not replace_existing:
@@ -361,19 +405,20 @@ def _move_into_place(temp_dir: Path, out_dir: Path, replace_existing: bool) -> N
                 os.rename(backup, out_dir)
                 raise
             shutil.rmtree(backup, ignore_errors=True)
-        _fsync_dir(parent)
+        _fsync_dir(parent, durable)
 
 
 def write_safetensors(
     out_dir: str | os.PathLike[str],
     infos: Sequence[TensorInfo],
-    get_tensor: Callable[[str], torch.Tensor],
+    get_tensor: Callable[[str], torch.Tensor | FileRegion],
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     metadata: Mapping[str, str] | None = None,
     extra_files: Mapping[str, bytes | str] | None = None,
     overwrite: bool = False,
     on_tensor_written: Callable[[TensorInfo], None] | None = None,
+    durable: bool = True,
 ) -> WriteResult:
     """Write tensors as Hugging Face-style (sharded) safetensors, streaming and atomically.
 
@@ -396,6 +441,9 @@ def write_safetensors(
         overwrite: replace a non-empty ``out_dir``; the old content is removed only after the
             new output is complete.
         on_tensor_written: called with each TensorInfo once its bytes are written (progress).
+        durable: fsync files and directories before the output appears, so it survives a
+            power loss; False leaves flushing to the OS (faster, like ``cp``; still atomic for
+            every reader while the machine runs).
 
     Returns:
         The output directory, the shard plan, and the names of the files written.
@@ -438,18 +486,19 @@ def write_safetensors(
     files: list[str] = []
     try:
         for layout in layouts:
-            _write_shard(temp_dir / layout.filename, layout, get_tensor, on_tensor_written)
+            _write_shard(temp_dir / layout.filename, layout, get_tensor, on_tensor_written,
+                         durable)
             files.append(layout.filename)
         for name, content in extras.items():
-            _write_file(temp_dir / name, [content])
+            _write_file(temp_dir / name, [content], durable)
             files.append(name)
         # The index goes last: a directory holding an index always holds every shard it names.
         if index_bytes is not None:
-            _write_file(temp_dir / plan.index_filename, [index_bytes])
+            _write_file(temp_dir / plan.index_filename, [index_bytes], durable)
             files.append(plan.index_filename)
         with _write_errors("sync", temp_dir):
-            _fsync_dir(temp_dir)
-        _move_into_place(temp_dir, out_dir, replace_existing)
+            _fsync_dir(temp_dir, durable)
+        _move_into_place(temp_dir, out_dir, replace_existing, durable)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
