@@ -1,0 +1,554 @@
+"""What is this checkpoint? A report built from metadata alone.
+
+:func:`inspect_checkpoint` opens a checkpoint lazily, detects what it holds and returns an
+:class:`InspectReport`: the file format; the architecture (decoder, vision tower or fused
+model; family; key layout); the resolved config with the provenance of every field;
+parameter counts per component and per dtype; the key tree with layer ranges collapsed; and,
+for a fused checkpoint, where its fusion layers sit and what its gates hold.
+
+No tensor data is read, except the gate scalars of a fused checkpoint (one number per
+``TanhGate``), so a Llama-3.1-405B-shaped checkpoint inspects in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from fusesurgery.config import DecoderConfig, VisionEncoderConfig
+from fusesurgery.convert.configs import DECODER_FIELDS, VISION_FIELDS
+from fusesurgery.convert.detect import (
+    DECODER_FLAGS,
+    VISION_FLAGS,
+    DetectedModel,
+    detect_layout,
+    detect_model,
+)
+from fusesurgery.convert.keymaps import (
+    FUSED_TORCHTUNE_VISION_PREFIX,
+    FUSED_VISION_PREFIX,
+    LAYER,
+    keys_to_native,
+    split_layer_index,
+)
+from fusesurgery.errors import ConfigError, FuseSurgeryError
+from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
+
+# Overrides of a vision encoder's fields carry this prefix (``encoder_num_heads``), as the
+# CLI's ``--encoder-*`` options do; unprefixed names are decoder fields.
+ENCODER_OVERRIDE_PREFIX = "encoder_"
+
+# Suffix of a TanhGate's parameter in a fused checkpoint (``...fusion_layer.ca_scale.scale``).
+GATE_SUFFIX = "_scale.scale"
+
+NOT_CONVERTED = "not converted"
+
+# Components of each kind of model, in display order: name -> glob patterns over native keys
+# (``*`` matches dots too). The longest matching pattern wins, so ``encoder.projection.*``
+# claims the projection head before ``encoder.*`` can.
+COMPONENT_PATTERNS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "decoder": (
+        ("embeddings", ("tok_embeddings.*",)),
+        ("layers", ("layers.*",)),
+        ("final norm + output", ("norm.*", "output.*")),
+    ),
+    "vision": (
+        ("embeddings", ("conv.*", "cls_token_embedding.*", "token_pos_embedding.*")),
+        ("layers", ("layers.*",)),
+        ("norms", ("ln_pre.*", "ln_post.*")),
+    ),
+    "fused": (
+        ("embeddings", ("decoder.tok_embeddings.weight",)),
+        ("fusion embedding", ("decoder.tok_embeddings.fusion_embedding.*",)),
+        ("layers", ("decoder.layers.*",)),
+        ("fusion layers", ("decoder.layers.*.fusion_layer.*",)),
+        ("final norm + output", ("decoder.norm.*", "decoder.output.*")),
+        ("encoder", ("encoder.*",)),
+        ("projection head", ("encoder.projection.*",)),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TensorCount:
+    """How many tensors, parameters and bytes fall under one name (a component, a dtype).
+
+    Args:
+        name: the component (``"layers"``) or dtype (``"bf16"``).
+        num_tensors: tensors counted.
+        num_parameters: their elements, summed.
+        nbytes: their size in bytes.
+    """
+
+    name: str
+    num_tensors: int
+    num_parameters: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One row of the collapsed key tree: keys differing only in their layer index, with one
+    shape and dtype.
+
+    Args:
+        name: the stored key, its layer index replaced by the compact index set when the row
+            covers several keys (``layers.{0..31}.attn.q_proj.weight``); else the key itself.
+        template: the stored key with its layer index as ``{i}``; the key itself when it has
+            no layer index.
+        layers: the layer indices covered, ascending; empty for a key without one.
+        shape: the shape every key of the row has.
+        dtype: their dtype's short name (``bf16``).
+        num_parameters: elements of all keys of the row.
+    """
+
+    name: str
+    template: str
+    layers: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    num_parameters: int
+
+    @property
+    def num_tensors(self) -> int:
+        return max(len(self.layers), 1)
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    """The fusion parts of a fused checkpoint.
+
+    Args:
+        fusion_layers: decoder layers that carry a fusion layer.
+        fusion_vocab_size: rows of the fusion embedding (new tokens), 0 without one.
+        encoder_dim: width of the encoder output the fusion layers attend to.
+        gates: stored key of every TanhGate parameter -> its value; ``tanh(value)`` scales
+            what the gated branch adds, so all zeros means the fused model computes exactly
+            what the original decoder did.
+        encoder: the vision encoder (``encoder.vision.*``) detected with its config, or None
+            when it could not be resolved (the report's notes say why).
+    """
+
+    fusion_layers: tuple[int, ...]
+    fusion_vocab_size: int
+    encoder_dim: int
+    gates: Mapping[str, float]
+    encoder: DetectedModel | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        """Every gate is exactly 0: the fusion layers add nothing."""
+        return all(value == 0.0 for value in self.gates.values())
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What a checkpoint holds, from its metadata.
+
+    Args:
+        path: the path inspected.
+        format: the storage format (``safetensors``, ``safetensors-sharded``, ``torch``,
+            ``torch-sharded``, ``meta``).
+        files: the data files, in stored order.
+        model: kind (``decoder``/``vision``/``fused``), layout, family, fused style, the
+            resolved config (a fused model's: its decoder's) with per-field provenance, and
+            notes. See :class:`fusesurgery.convert.DetectedModel`.
+        components: tensors, parameters and bytes per component, in model order; keys that a
+            conversion drops are counted under ``not converted (<reason>)``.
+        dtypes: the same per dtype, most parameters first.
+        num_tensors: tensors in the checkpoint.
+        num_parameters: elements of every stored tensor (buffers such as RoPE frequencies
+            included); the components sum to it.
+        total_bytes: bytes of tensor data.
+        key_rows: the key tree, layer ranges collapsed, in stored order of first appearance.
+        tensors: every tensor's metadata, in stored order.
+        fusion: fusion layers, fusion vocabulary and gates of a fused checkpoint, else None.
+        notes: remarks for the user: the model's notes, overrides that did not apply, parts
+            that could not be resolved.
+    """
+
+    path: str
+    format: str
+    files: tuple[str, ...]
+    model: DetectedModel
+    components: tuple[TensorCount, ...]
+    dtypes: tuple[TensorCount, ...]
+    num_tensors: int
+    num_parameters: int
+    total_bytes: int
+    key_rows: tuple[KeyRow, ...]
+    tensors: tuple[TensorInfo, ...]
+    fusion: FusionReport | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def config(self) -> DecoderConfig | VisionEncoderConfig:
+        return self.model.config
+
+    def summary(self) -> str:
+        """A few lines for people: the file, the model and its config, the fusion parts."""
+        lines = [
+            f"{self.path}: {self.format}, {self.num_tensors} tensors, "
+            f"{self.num_parameters:,} parameters, {self.total_bytes:,} bytes",
+            self.model.summary(),
+        ]
+        if self.fusion is not None:
+            gates = "identity: all gates 0" if self.fusion.is_identity else (
+                f"{sum(v != 0.0 for v in self.fusion.gates.values())} of "
+                f"{len(self.fusion.gates)} gates non-zero"
+            )
+            lines.append(f"  gates: {gates}")
+        lines.extend(f"  note: {note}" for note in self.notes if note not in self.model.notes)
+        return "\n".join(lines)
+
+    def to_dict(self, *, all_keys: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict.
+
+        Args:
+            all_keys: list every tensor under ``"keys"`` instead of the collapsed
+                ``"key_tree"``.
+        """
+        payload: dict[str, Any] = {
+            "path": self.path,
+            "format": self.format,
+            "files": list(self.files),
+            "architecture": {
+                "kind": self.model.kind,
+                "family": self.model.family,
+                "layout": self.model.layout,
+                "fused_style": self.model.fused_style,
+            },
+            "config": config_to_dict(self.model.config),
+            "provenance": dict(self.model.provenance),
+            "config_source": self.model.config_source,
+            "num_tensors": self.num_tensors,
+            "num_parameters": self.num_parameters,
+            "total_bytes": self.total_bytes,
+            "components": {c.name: _count_dict(c) for c in self.components},
+            "dtypes": {d.name: _count_dict(d) for d in self.dtypes},
+            "fusion": None if self.fusion is None else _fusion_dict(self.fusion),
+            "notes": list(self.notes),
+        }
+        if all_keys:
+            payload["keys"] = [
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype_name}
+                for t in self.tensors
+            ]
+        else:
+            payload["key_tree"] = [
+                {"name": row.name, "template": row.template, "layers": list(row.layers),
+                 "shape": list(row.shape), "dtype": row.dtype,
+                 "num_tensors": row.num_tensors, "num_parameters": row.num_parameters}
+                for row in self.key_rows
+            ]
+        return payload
+
+
+def config_to_dict(config: DecoderConfig | VisionEncoderConfig) -> dict[str, Any]:
+    """A config's fields as plain JSON values (``rope_scaling`` as a dict or None)."""
+    return dataclasses.asdict(config)
+
+
+def _count_dict(count: TensorCount) -> dict[str, int]:
+    return {"num_tensors": count.num_tensors, "num_parameters": count.num_parameters,
+            "nbytes": count.nbytes}
+
+
+def _fusion_dict(fusion: FusionReport) -> dict[str, Any]:
+    encoder = None
+    if fusion.encoder is not None:
+        encoder = {
+            "family": fusion.encoder.family,
+            "layout": fusion.encoder.layout,
+            "config": config_to_dict(fusion.encoder.config),
+            "provenance": dict(fusion.encoder.provenance),
+        }
+    return {
+        "fusion_layers": list(fusion.fusion_layers),
+        "fusion_vocab_size": fusion.fusion_vocab_size,
+        "encoder_dim": fusion.encoder_dim,
+        "is_identity": fusion.is_identity,
+        "gates": dict(fusion.gates),
+        "encoder": encoder,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The key tree.
+
+
+def format_index_set(indices: Iterable[int]) -> str:
+    """Render a set of layer indices compactly: runs of three or more as ``a..b``.
+
+    ``[0, 1, ..., 31]`` -> ``{0..31}``; ``[3, 7, 11]`` -> ``{3,7,11}``;
+    ``[0, 1, 2, 4, ..., 9]`` -> ``{0..2,4..9}``; ``[4, 5]`` -> ``{4,5}``.
+    """
+    values = sorted(set(indices))
+    parts: list[str] = []
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end < len(values) and values[end] == values[end - 1] + 1:
+            continue
+        run = values[start:end]
+        if len(run) >= 3:
+            parts.append(f"{run[0]}..{run[-1]}")
+        else:
+            parts.extend(map(str, run))
+        start = end
+    return "{" + ",".join(parts) + "}"
+
+
+def collapse_keys(tensors: Iterable[TensorInfo]) -> tuple[KeyRow, ...]:
+    """Collapse keys that differ only in their layer index and share shape and dtype.
+
+    Keys keep their stored spelling; a row covering one key shows the key itself, and keys of
+    one template with different shapes or dtypes stay in separate rows.
+
+    Args:
+        tensors: tensor metadata in stored order.
+
+    Returns:
+        The rows, in the order their first key appears.
+    """
+    groups: dict[tuple[str, bool, tuple[int, ...], str], list[int]] = {}
+    for info in tensors:
+        template, index = split_layer_index(info.name)
+        # An index with leading zeros would not survive the round trip through int.
+        if index is None or str(int(index)) != index:
+            template, index = info.name, None
+        key = (template, index is not None, tuple(info.shape), info.dtype_name)
+        layers = groups.setdefault(key, [])
+        if index is not None:
+            layers.append(int(index))
+    rows = []
+    for (template, has_layer, shape, dtype), layers in groups.items():
+        layers.sort()
+        if not has_layer:
+            name = template
+        elif len(layers) == 1:
+            name = template.replace(LAYER, str(layers[0]))
+        else:
+            name = template.replace(LAYER, format_index_set(layers))
+        numel = math.prod(shape) * max(len(layers), 1)
+        rows.append(KeyRow(name, template, tuple(layers), shape, dtype, numel))
+    return tuple(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Counting.
+
+
+def _tally(named: Iterable[tuple[str, TensorInfo]]) -> dict[str, list[int]]:
+    totals: dict[str, list[int]] = {}
+    for name, info in named:
+        total = totals.setdefault(name, [0, 0, 0])
+        total[0] += 1
+        total[1] += info.numel
+        total[2] += info.nbytes
+    return totals
+
+
+def _component_counts(
+    infos: Mapping[str, TensorInfo], kind: str, layout: str
+) -> tuple[TensorCount, ...]:
+    mapping = keys_to_native(infos, layout, kind)
+    patterns = COMPONENT_PATTERNS[kind]
+
+    def component_of(source_key: str) -> str:
+        native = mapping.mapping.get(source_key)
+        if native is None:
+            return f"{NOT_CONVERTED} ({mapping.dropped[source_key]})"
+        matches = [(len(glob), component) for component, globs in patterns for glob in globs
+                   if fnmatchcase(native, glob)]
+        return max(matches)[1] if matches else "other"
+
+    totals = _tally((component_of(key), info) for key, info in infos.items())
+    order = [name for name, _ in patterns]
+    names = sorted(totals, key=lambda n: (order.index(n) if n in order else len(order), n))
+    return tuple(TensorCount(name, *totals[name]) for name in names)
+
+
+def _dtype_counts(infos: Mapping[str, TensorInfo]) -> tuple[TensorCount, ...]:
+    totals = _tally((info.dtype_name, info) for info in infos.values())
+    counts = [TensorCount(name, *total) for name, total in totals.items()]
+    return tuple(sorted(counts, key=lambda c: (-c.num_parameters, c.name)))
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides and the fusion parts.
+
+
+def _split_overrides(
+    overrides: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    decoder: dict[str, Any] = {}
+    vision: dict[str, Any] = {}
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name.startswith(ENCODER_OVERRIDE_PREFIX):
+            field = name.removeprefix(ENCODER_OVERRIDE_PREFIX)
+            valid, target = VISION_FIELDS, vision
+        else:
+            field, valid, target = name, DECODER_FIELDS, decoder
+        if field not in valid:
+            choices = [*DECODER_FIELDS, *(ENCODER_OVERRIDE_PREFIX + f for f in VISION_FIELDS)]
+            raise ConfigError(
+                f"unknown config override {name!r}; valid: {', '.join(sorted(choices))}"
+            )
+        target[field] = value
+    return decoder, vision
+
+
+def _ignored_note(overrides: Mapping[str, Any], flags: Mapping[str, str], why: str) -> str:
+    return f"ignored {', '.join(flags[name] for name in overrides)}: {why}"
+
+
+def _read_gates(source: CheckpointSource, keys: Iterable[str]) -> tuple[dict[str, float],
+                                                                        list[str]]:
+    gates: dict[str, float] = {}
+    notes: list[str] = []
+    for key in keys:
+        if not key.endswith(GATE_SUFFIX):
+            continue
+        info = source.info(key)
+        if info.numel != 1:
+            notes.append(f"{key} has shape {list(info.shape)}, not a TanhGate scalar; not read")
+            continue
+        gates[key] = float(source.get_tensor(key).reshape(-1)[0].item())
+    return gates, notes
+
+
+def _detect_fused_encoder(
+    infos: Mapping[str, TensorInfo],
+    source: CheckpointSource,
+    vision_overrides: Mapping[str, Any],
+) -> tuple[DetectedModel | None, str | None]:
+    """The vision encoder of a fused checkpoint with its config, or None and why not."""
+    if not any(key.startswith(FUSED_VISION_PREFIX) for key in infos):
+        if any(key.startswith(FUSED_TORCHTUNE_VISION_PREFIX) for key in infos):
+            return None, (
+                f"encoder keys are torchtune's ({FUSED_TORCHTUNE_VISION_PREFIX}*); its config "
+                "is not resolved"
+            )
+        return None, "no vision encoder keys (encoder.vision.*); its config is not resolved"
+    encoder_infos = {
+        key.removeprefix(FUSED_VISION_PREFIX): info
+        for key, info in infos.items()
+        if key.startswith(FUSED_VISION_PREFIX)
+    }
+    config = source.config
+    # Only fusesurgery's own config (with an "encoder" section) describes the encoder; a
+    # decoder's config.json beside a fused checkpoint says nothing about it.
+    if config is not None and not isinstance(config.get("encoder"), Mapping):
+        config = None
+    try:
+        encoder = detect_model(encoder_infos, config, source.config_file, vision_overrides)
+    except FuseSurgeryError as error:
+        return None, f"vision encoder config not resolved: {error}"
+    if encoder.kind != "vision":
+        return None, "encoder.vision.* keys do not form a vision tower; its config is not resolved"
+    return encoder, None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None
+) -> InspectReport:
+    """Describe a checkpoint from its metadata (plus a fused checkpoint's gate scalars).
+
+    Args:
+        path: anything :func:`fusesurgery.io.open_checkpoint` opens: a safetensors file, a
+            shard index, a ``torch.save`` file, a Hugging Face / Meta / fusesurgery directory.
+        overrides: config values from the user, by field name: ``DecoderConfig`` fields
+            (``num_heads``) for a decoder or a fused model's decoder, ``VisionEncoderConfig``
+            fields prefixed ``encoder_`` (``encoder_num_heads``) for a vision tower. None
+            values are ignored; overrides that do not apply to the checkpoint are ignored
+            with a note.
+
+    Returns:
+        The report.
+
+    Raises:
+        CheckpointError: the path is missing, unreadable or corrupted (and its subclasses
+            UnsafeCheckpointError, UnrecognizedFormatError).
+        UnrecognizedFormatError: the keys match no known layout.
+        KeyMapError: keys the detected layout does not know.
+        ConfigError: an unknown override name, a config that disagrees with the shapes, or a
+            value that nothing states (the message names the flag that supplies it, e.g.
+            ``--num-heads``).
+    """
+    decoder_overrides, vision_overrides = _split_overrides(overrides)
+    with open_checkpoint(path) as source:
+        infos = source.infos()
+        kind, _ = detect_layout(infos)
+        notes: list[str] = []
+        if kind == "vision":
+            model = detect_model(infos, source.config, source.config_file, vision_overrides)
+            if decoder_overrides:
+                notes.append(_ignored_note(decoder_overrides, DECODER_FLAGS,
+                                           "the checkpoint holds no decoder"))
+        else:
+            model = detect_model(infos, source.config, source.config_file, decoder_overrides)
+            if kind == "decoder" and vision_overrides:
+                notes.append(_ignored_note(vision_overrides, VISION_FLAGS,
+                                           "the checkpoint holds no vision encoder"))
+        notes[:0] = model.notes
+
+        fusion = None
+        if model.kind == "fused" and model.fusion is not None:
+            gates, gate_notes = _read_gates(source, infos)
+            notes.extend(gate_notes)
+            encoder, why_not = _detect_fused_encoder(infos, source, vision_overrides)
+            if why_not is not None:
+                notes.append(why_not)
+            fusion = FusionReport(
+                fusion_layers=model.fusion.fusion_layers,
+                fusion_vocab_size=model.fusion.fusion_vocab_size,
+                encoder_dim=model.fusion.encoder_dim,
+                gates=types.MappingProxyType(gates),
+                encoder=encoder,
+            )
+
+        tensors = tuple(infos.values())
+        return InspectReport(
+            path=str(path),
+            format=source.format,
+            files=tuple(str(file) for file in source.files),
+            model=model,
+            components=_component_counts(infos, model.kind, model.layout),
+            dtypes=_dtype_counts(infos),
+            num_tensors=len(tensors),
+            num_parameters=sum(info.numel for info in tensors),
+            total_bytes=source.total_bytes,
+            key_rows=collapse_keys(tensors),
+            tensors=tensors,
+            fusion=fusion,
+            notes=tuple(notes),
+        )
+
+
+__all__ = [
+    "COMPONENT_PATTERNS",
+    "ENCODER_OVERRIDE_PREFIX",
+    "FusionReport",
+    "InspectReport",
+    "KeyRow",
+    "TensorCount",
+    "collapse_keys",
+    "config_to_dict",
+    "format_index_set",
+    "inspect_checkpoint",
+]
