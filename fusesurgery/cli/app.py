@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -13,12 +12,11 @@ from fusesurgery.cli.errors import debug_enabled, report
 class _Group(TyperGroup):
     """Runs a command; exceptions become one line and an exit code (see ``cli.errors``)."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
-                typer.Exit):
-            raise
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # usage errors and exits: typer prints and exits as usual
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the one place that maps errors

@@ -1,10 +1,61 @@
-"""``fusesurgery diff``: compare two checkpoints. (placeholder, being written)"""
+"""``fusesurgery diff``: what differs between two checkpoints (exit 0 same, 1 different)."""
 
 from __future__ import annotations
 
-from fusesurgery.cli.options import CheckpointPath
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fusesurgery.cli.errors import EXIT_DIFFERENT, EXIT_OK
+from fusesurgery.cli.options import (
+    CheckpointPath,
+    HeadDim,
+    Json,
+    NumHeads,
+    NumKvHeads,
+    collect_overrides,
+)
+from fusesurgery.reports.diff import diff_checkpoints
+
+stdout = Console(highlight=False, soft_wrap=True)
+
+_SECTION_PREFIXES = ("only in ", "shape changes", "dtype changes", "values:")
 
 
-def diff(a: CheckpointPath, b: CheckpointPath) -> None:
-    """Compare two checkpoints."""
-    raise NotImplementedError
+def diff(
+    a: CheckpointPath,
+    b: CheckpointPath,
+    values: Annotated[bool, typer.Option(
+        "--values", help="Also compare tensor values (streamed, one pair at a time).")] = False,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Compare key names as stored, without mapping them to one layout.")] = False,
+    atol: Annotated[float, typer.Option(
+        help="With --values: absolute differences up to this count as equal.")] = 0.0,
+    max_lines: Annotated[int, typer.Option(
+        help="Lines shown per list before '... and N more'.")] = 12,
+    as_json: Json = False,
+    num_heads: NumHeads = None,
+    num_kv_heads: NumKvHeads = None,
+    head_dim: HeadDim = None,
+) -> None:
+    """Compare two checkpoints: keys only in one side, shape and dtype changes, and with
+    --values the values; exit 0 identical, 1 different, 2 trouble. Names are compared in the
+    native layout (a plain decoder under a fused checkpoint's decoder.*, a vision tower under
+    its encoder.vision.*), so an HF checkpoint lines up with its native, Meta or fused form;
+    keys dropped on purpose (RoPE inv_freq, a CLIP text tower) are listed, not counted."""
+    overrides = collect_overrides(num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                  head_dim=head_dim)
+    report = diff_checkpoints(a, b, values=values, raw=raw, overrides=overrides, atol=atol)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.summary(max_lines=max_lines).splitlines():
+            if line in ("identical", "different"):
+                stdout.print(line, style="bold green" if report.identical else "bold red")
+            elif line.startswith(_SECTION_PREFIXES):
+                stdout.print(line, style="bold", markup=False)
+            else:
+                stdout.print(line, markup=False)
+    raise typer.Exit(EXIT_OK if report.identical else EXIT_DIFFERENT)
