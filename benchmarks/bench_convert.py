@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from fusesurgery.config import preset
-from fusesurgery.convert import expected_native_shapes, from_native_key
+from fusesurgery.convert import layout_tensor_infos
 from fusesurgery.convert.configs import hf_config_dict
-from fusesurgery.io import TensorInfo
 from fusesurgery.write import write_safetensors
 
 
@@ -42,8 +41,7 @@ def rss_anon_bytes() -> int:
 def make_hf_checkpoint(path: Path, name: str) -> int:
     """Write a random bf16 HF-layout checkpoint; return its largest tensor's size in bytes."""
     config = preset(name)
-    infos = [TensorInfo(from_native_key(key, "hf"), shape, torch.bfloat16)
-             for key, shape in expected_native_shapes(config).items()]
+    infos = list(layout_tensor_infos(config, "hf", dtype=torch.bfloat16).values())
     generator = torch.Generator().manual_seed(0)
     write_safetensors(
         path, infos,

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from fusesurgery.config import preset
-from fusesurgery.convert import expected_native_shapes, from_native_key
-from fusesurgery.io.testing import write_sparse_sharded_safetensors
+from fusesurgery.convert import layout_tensor_infos
 from fusesurgery.reports import diff_checkpoints, inspect_checkpoint
+from fusesurgery.testing import write_sparse_sharded_safetensors
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -35,17 +35,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     config = preset(args.preset)
-    shapes = {from_native_key(key, "hf"): (shape, "BF16")
-              for key, shape in expected_native_shapes(config).items()}
+    infos = layout_tensor_infos(config, "hf")
     with tempfile.TemporaryDirectory() as tmp:
         a, b = Path(tmp) / "a", Path(tmp) / "b"
         start = time.perf_counter()
         for out in (a, b):
-            write_sparse_sharded_safetensors(out, shapes, max_shard_bytes=5 * 2**30)
+            write_sparse_sharded_safetensors(out, infos, max_shard_size="5GiB")
         built = time.perf_counter() - start
         files = len(list(a.glob("*.safetensors")))
         apparent = sum(f.stat().st_size for f in a.iterdir()) / 1e9
-        print(f"{args.preset}: {len(shapes)} tensors in {files} shards, {apparent:.0f} GB "
+        print(f"{args.preset}: {len(infos)} tensors in {files} shards, {apparent:.0f} GB "
               f"apparent per copy (both written in {built:.2f} s)")
         overrides = {"num_heads": config.num_heads}
         rows = [

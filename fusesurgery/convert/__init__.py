@@ -40,6 +40,7 @@ from fusesurgery.convert.plan import (
     apply_plan_entry,
     check_native_shapes,
     expected_native_shapes,
+    layout_tensor_infos,
     plan_conversion,
 )
 from fusesurgery.convert.transforms import (
@@ -77,6 +78,7 @@ __all__ = [
     "invert_key_map",
     "keys_from_native",
     "keys_to_native",
+    "layout_tensor_infos",
     "meta_intermediate_dim",
     "permute_qk_from_native",
     "permute_qk_to_native",

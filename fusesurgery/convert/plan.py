@@ -109,6 +109,46 @@ def expected_native_shapes(config: ModelConfig) -> dict[str, Shape]:
     raise TypeError(f"expected a DecoderConfig or VisionEncoderConfig, got {type(config)}")
 
 
+def layout_tensor_infos(
+    config: ModelConfig,
+    layout: str = "native",
+    *,
+    kind: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    prefix: str = "",
+) -> dict[str, TensorInfo]:
+    """Metadata of every tensor a checkpoint of ``config`` holds, spelled in ``layout``.
+
+    The keys and shapes are :func:`expected_native_shapes` renamed by the key maps, so a
+    405B-shaped checkpoint can be described (and planned, diffed or written as sparse test
+    data) without a byte of tensor data.
+
+    Args:
+        config: the model's config.
+        layout: ``"native"``, ``"hf"`` or ``"meta"``.
+        kind: ``"decoder"`` or ``"vision"`` (taken from the config's type when None), or
+            ``"fused"`` for a decoder config: its keys as a fused checkpoint stores them,
+            under ``decoder.`` (the fusion layers and encoder are not included).
+        dtype: every tensor's dtype.
+        prefix: put before every key (after the layout spelling).
+
+    Returns:
+        Key -> TensorInfo, in the order :func:`expected_native_shapes` lists the keys.
+
+    Raises:
+        ConfigError: ``kind`` does not fit the config's type.
+        KeyMapError: a key has no name in ``layout`` (e.g. Qwen2's q bias in Meta), or the
+            layout does not exist for the kind.
+    """
+    kind = _kind_of(config, kind)
+    native_prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
+    infos: dict[str, TensorInfo] = {}
+    for native_key, shape in expected_native_shapes(config).items():
+        name = prefix + from_native_key(native_prefix + native_key, layout, kind)
+        infos[name] = TensorInfo(name, shape, dtype)
+    return infos
+
+
 def _list(keys: list[str], limit: int = 3) -> str:
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -423,5 +463,6 @@ __all__ = [
     "apply_plan_entry",
     "check_native_shapes",
     "expected_native_shapes",
+    "layout_tensor_infos",
     "plan_conversion",
 ]

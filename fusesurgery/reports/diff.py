@@ -48,8 +48,7 @@ import torch
 from fusesurgery.convert import (
     detect_layout,
     detect_model,
-    expected_native_shapes,
-    from_native_key,
+    layout_tensor_infos,
     plan_conversion,
     to_native_key,
 )
@@ -68,7 +67,7 @@ from fusesurgery.errors import (
     ShapeError,
     UnrecognizedFormatError,
 )
-from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
+from fusesurgery.io import CheckpointSource, open_checkpoint
 
 MODE_NORMALISED = "normalised"
 MODE_RAW = "raw"
@@ -632,10 +631,7 @@ def _rope_transforms(
         raise wrapped from None
     # Planned over the model the config describes rather than the stored keys, so the
     # transforms are known even when the two sides differ in which keys or shapes they hold.
-    model_infos: dict[str, TensorInfo] = {}
-    for native, shape in expected_native_shapes(config).items():
-        key = from_native_key(native, "hf", "decoder")
-        model_infos[key] = TensorInfo(key, shape, torch.float32)
+    model_infos = layout_tensor_infos(config, "hf", kind="decoder", dtype=torch.float32)
     plan = plan_conversion(model_infos, "hf", config, target_layout="native", kind="decoder")
     return {entry.source_key: entry.transform for entry in plan.entries
             if entry.transform[0] != IDENTITY}

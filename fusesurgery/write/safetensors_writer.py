@@ -74,8 +74,21 @@ class _ShardLayout:
     data_size: int
 
 
-def _safetensors_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
-    """The length-prefixed, space-padded JSON header for ``tensors`` laid out back to back."""
+def safetensors_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
+    """The bytes before a safetensors file's data region, for ``tensors`` laid out back to back.
+
+    The tensors' order is kept as given (the writer sorts them for alignment before calling
+    this), so a caller can also lay out a file whose tensors are deliberately misaligned.
+
+    Args:
+        tensors: the tensors in data order; their dtypes must be in ``TORCH_TO_SAFETENSORS``.
+        metadata: the ``__metadata__`` strings, written as given.
+
+    Returns:
+        The 8-byte little-endian header length, then the JSON header padded with spaces so
+        that the data region starts 8-byte aligned. The data region that must follow holds
+        ``sum(info.nbytes for info in tensors)`` bytes.
+    """
     entries: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for info in tensors:
@@ -270,7 +283,7 @@ def _shard_layouts(
         layouts.append(
             _ShardLayout(
                 filename=shard.filename,
-                header=_safetensors_header(tensors, metadata),
+                header=safetensors_header(tensors, metadata),
                 tensors=tuple(tensors),
                 data_size=shard.nbytes,
             )

@@ -3,13 +3,15 @@ import json
 import time
 
 import pytest
+import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
 from fusesurgery.cli.app import app
 from fusesurgery.cli.inspect import format_bytes, render_report
-from fusesurgery.io.testing import write_sparse_safetensors
+from fusesurgery.io import TensorInfo
 from fusesurgery.reports import inspect_checkpoint
+from fusesurgery.testing import write_sparse_safetensors
 from tests.reports.inspect_checkpoints import (
     save_fused,
     save_hf_llama,
@@ -180,11 +182,12 @@ def test_bad_inputs_give_one_line(tmp_path):
     empty.mkdir()
     assert_one_line_error(invoke(empty), "no checkpoint found")
     odd = tmp_path / "odd.safetensors"
-    write_sparse_safetensors(odd, {"foo.weight": ((2, 2), "F32")})
+    write_sparse_safetensors(odd, [TensorInfo("foo.weight", (2, 2), torch.float32)])
     assert_one_line_error(invoke(odd), "no known decoder, vision encoder or fused layout")
     bad_config = tmp_path / "bad_config"
     bad_config.mkdir()
-    write_sparse_safetensors(bad_config / "model.safetensors", {"foo.weight": ((2,), "F32")})
+    write_sparse_safetensors(bad_config / "model.safetensors",
+                             [TensorInfo("foo.weight", (2,), torch.float32)])
     (bad_config / "config.json").write_text("{not json")
     assert_one_line_error(invoke(bad_config), "config.json: not valid JSON")
 

@@ -13,8 +13,7 @@ from fusesurgery.convert.configs import (
     read_meta_decoder_config,
 )
 from fusesurgery.convert.detect import DECODER_FLAGS, VISION_FLAGS, detect_layout, detect_model
-from fusesurgery.convert.keymaps import from_native_key
-from fusesurgery.convert.plan import expected_native_shapes
+from fusesurgery.convert.plan import layout_tensor_infos
 from fusesurgery.errors import ConfigError, KeyMapError, UnrecognizedFormatError
 from fusesurgery.io.tensor_info import TensorInfo
 
@@ -23,14 +22,6 @@ from .conftest import LLAMA3_SCALING
 LLAMA_405B = DECODER_PRESETS["llama3_1_405b"]
 LLAMA3_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192)
-
-
-def infos_for(config, layout="native", kind="decoder", prefix="", dtype=torch.bfloat16):
-    infos = {}
-    for key, shape in expected_native_shapes(config).items():
-        name = prefix + from_native_key(key, layout, kind)
-        infos[name] = TensorInfo(name, shape, dtype)
-    return infos
 
 
 # ----------------------------------------------------------------------------- HF decoders
@@ -91,7 +82,8 @@ def _v4_llama31_405b_config(**changes):
 
 
 def test_transformers_4_config_on_405b_metadata():
-    detected = detect_model(infos_for(LLAMA_405B, "hf"), _v4_llama31_405b_config(), "config.json")
+    detected = detect_model(layout_tensor_infos(LLAMA_405B, "hf"), _v4_llama31_405b_config(),
+                            "config.json")
     assert detected.config == LLAMA_405B
     assert detected.provenance["head_dim"] == "inferred"
     assert detected.provenance["rope_scaling"] == "read"
@@ -117,7 +109,7 @@ def test_transformers_5_rope_parameters_by_hand():
 def test_llama2_config_without_rope_settings_takes_transformers_defaults():
     config = _v4_llama31_405b_config()
     del config["rope_theta"], config["rope_scaling"], config["rms_norm_eps"]
-    detected = detect_model(infos_for(LLAMA_405B, "hf"), config, "config.json")
+    detected = detect_model(layout_tensor_infos(LLAMA_405B, "hf"), config, "config.json")
     assert detected.config.rope_base == 10_000.0 and detected.config.rope_scaling is None
     assert detected.config.norm_eps == 1e-6
     assert {detected.provenance[f] for f in ("rope_base", "rope_scaling", "norm_eps")} == {
@@ -144,7 +136,7 @@ def test_unsupported_hf_settings(change, message):
 def test_config_disagreeing_with_shapes_names_key_and_shapes():
     config = _v4_llama31_405b_config(num_key_value_heads=16)
     with pytest.raises(ConfigError) as error:
-        detect_model(infos_for(LLAMA_405B, "hf"), config, "config.json")
+        detect_model(layout_tensor_infos(LLAMA_405B, "hf"), config, "config.json")
     assert str(error.value).startswith(
         "checkpoint disagrees with config.json: model.layers.0.self_attn.k_proj.weight has shape "
         "[1024, 16384], expected [2048, 16384]"
@@ -154,8 +146,8 @@ def test_config_disagreeing_with_shapes_names_key_and_shapes():
 def test_config_with_more_layers_than_the_checkpoint():
     with pytest.raises(ConfigError, match="lacks 9 keys that config.json implies: "
                                           "model.layers.126.input_layernorm.weight"):
-        detect_model(infos_for(LLAMA_405B, "hf"), _v4_llama31_405b_config(num_hidden_layers=127),
-                     "config.json")
+        detect_model(layout_tensor_infos(LLAMA_405B, "hf"),
+                     _v4_llama31_405b_config(num_hidden_layers=127), "config.json")
 
 
 def test_tied_config_with_a_stored_lm_head_notes_the_drop(hf_llama):
@@ -195,7 +187,7 @@ def test_meta_intermediate_formula(dim, multiple_of, multiplier, expected):
 
 def test_meta_params_on_405b_metadata():
     params = dict(PARAMS_405B, vocab_size=-1)
-    detected = detect_model(infos_for(LLAMA_405B, "meta"), params, "params.json")
+    detected = detect_model(layout_tensor_infos(LLAMA_405B, "meta"), params, "params.json")
     assert (detected.kind, detected.layout, detected.family) == ("decoder", "meta", "llama")
     assert detected.config == LLAMA_405B.replace(max_seq_len=4096)
     provenance = detected.provenance
@@ -210,7 +202,7 @@ def test_meta_params_on_405b_metadata():
 def test_meta_formula_is_cross_checked_against_w1():
     params = dict(PARAMS_405B, ffn_dim_multiplier=1.3)
     with pytest.raises(ConfigError) as error:
-        detect_model(infos_for(LLAMA_405B, "meta"), params, "params.json")
+        detect_model(layout_tensor_infos(LLAMA_405B, "meta"), params, "params.json")
     assert str(error.value).startswith(
         "checkpoint disagrees with params.json: layers.0.feed_forward.w1.weight has shape "
         "[53248, 16384], expected [57344, 16384]"
@@ -232,7 +224,7 @@ def test_mistral_params_json():
     params = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
               "n_kv_heads": 8, "norm_eps": 1e-05, "sliding_window": 4096, "vocab_size": 32000,
               "rope_theta": 1000000.0}
-    detected = detect_model(infos_for(mistral, "meta"), params, "params.json")
+    detected = detect_model(layout_tensor_infos(mistral, "meta"), params, "params.json")
     assert detected.family == "mistral"
     assert detected.config == mistral.replace(max_seq_len=4096, norm_eps=1e-5)
     assert any(note.startswith("sliding_window 4096 read and ignored") for note in detected.notes)
@@ -243,14 +235,14 @@ def test_mistral_params_json():
 
 def test_head_count_without_a_config_names_the_flag():
     with pytest.raises(ConfigError) as error:
-        detect_model(infos_for(LLAMA_405B, "native"))
+        detect_model(layout_tensor_infos(LLAMA_405B, "native"))
     assert error.value.flag == "--num-heads" == DECODER_FLAGS["num_heads"]
     assert str(error.value).endswith("(pass --num-heads)")
 
 
 def test_overrides_complete_a_bare_native_checkpoint():
     tiny = DECODER_PRESETS["tiny"]
-    detected = detect_model(infos_for(tiny, "native"), overrides={
+    detected = detect_model(layout_tensor_infos(tiny, "native"), overrides={
         "num_heads": 4, "rope_base": 500_000.0, "max_seq_len": 128, "num_kv_heads": None,
     })
     assert detected.config == tiny
@@ -274,7 +266,8 @@ def test_overrides_beat_the_config_file(hf_llama):
 
 def test_a_head_count_that_does_not_divide_q_is_an_error():
     with pytest.raises(ConfigError) as error:
-        detect_model(infos_for(DECODER_PRESETS["tiny"], "native"), overrides={"num_heads": 3})
+        detect_model(layout_tensor_infos(DECODER_PRESETS["tiny"], "native"),
+                     overrides={"num_heads": 3})
     assert str(error.value) == (
         "layers.0.attn.q_proj.weight has 64 rows, not a multiple of num_heads 3 (given) "
         "(pass --num-heads)"
@@ -283,7 +276,7 @@ def test_a_head_count_that_does_not_divide_q_is_an_error():
 
 def test_native_qwen2_like_checkpoint_is_inferred_from_its_biases():
     qwen = DECODER_PRESETS["qwen2_0_5b"]
-    detected = detect_model(infos_for(qwen, "native"), overrides={"num_heads": 14})
+    detected = detect_model(layout_tensor_infos(qwen, "native"), overrides={"num_heads": 14})
     assert detected.family == "qwen2" and detected.provenance["family"] == "inferred"
     assert detected.config.attn_bias and detected.config.tie_word_embeddings
     assert detected.config.num_kv_heads == 2
@@ -293,7 +286,7 @@ def test_native_config_dict():
     tiny = DECODER_PRESETS["tiny"]
     fields = {f.name: getattr(tiny, f.name) for f in dataclasses.fields(tiny)}
     fields["rope_scaling"] = {"factor": 32.0}
-    detected = detect_model(infos_for(tiny, "native"), {"decoder": fields}, "config.json")
+    detected = detect_model(layout_tensor_infos(tiny, "native"), {"decoder": fields}, "config.json")
     assert detected.config == tiny.replace(rope_scaling=RopeScaling(factor=32.0))
     assert set(detected.fields_from("read")) == set(fields)
 
@@ -341,7 +334,7 @@ def test_vision_without_config_asks_for_the_head_count(hf_vision_models):
 
 def test_vision_native_layout_so400m_shapes():
     so400m = VISION_PRESETS["siglip_so400m_384"]
-    infos = infos_for(so400m, "native", kind="vision")
+    infos = layout_tensor_infos(so400m, "native", kind="vision")
     detected = detect_model(infos, overrides={"num_heads": 16, "image_size": 384})
     assert detected.config == so400m
     # Without the image size, the 27 x 27 grid gives 378 px: the same model.
@@ -384,7 +377,7 @@ def test_unsupported_vision_config(hf_vision_models):
 
 def _fused_infos(encoder_prefix="encoder.vision."):
     tiny = DECODER_PRESETS["tiny"]
-    infos = infos_for(tiny, "native", prefix="decoder.", dtype=torch.float32)
+    infos = layout_tensor_infos(tiny, "native", prefix="decoder.", dtype=torch.float32)
     fusion_shapes = {
         "ca_norm.scale": (64,), "attn.q_proj.weight": (64, 64), "attn.k_proj.weight": (32, 48),
         "attn.v_proj.weight": (32, 48), "attn.output_proj.weight": (64, 64),
@@ -425,8 +418,8 @@ def test_fused_checkpoint_with_unknown_decoder_keys():
 
 def test_layout_detection_and_styles(hf_llama, hf_vision_models):
     assert detect_layout(hf_llama.infos) == ("decoder", "hf")
-    assert detect_layout(infos_for(LLAMA_405B, "meta")) == ("decoder", "meta")
-    assert detect_layout(infos_for(LLAMA_405B, "native")) == ("decoder", "native")
+    assert detect_layout(layout_tensor_infos(LLAMA_405B, "meta")) == ("decoder", "meta")
+    assert detect_layout(layout_tensor_infos(LLAMA_405B, "native")) == ("decoder", "native")
     assert detect_layout(hf_vision_models["clip_vision"].infos) == ("vision", "hf")
     assert detect_layout(hf_vision_models["siglip"].infos) == ("vision", "hf")
     assert detect_layout(["conv.weight", "layers.0.sa_norm.weight"]) == ("vision", "native")
@@ -445,7 +438,7 @@ def test_unrecognised_keys():
 
 
 def test_decoder_with_a_missing_layer():
-    infos = infos_for(DECODER_PRESETS["tiny"], "native")
+    infos = layout_tensor_infos(DECODER_PRESETS["tiny"], "native")
     infos = {k: v for k, v in infos.items() if not k.startswith("layers.1.")}
     with pytest.raises(ConfigError, match=r"has layers up to 3 but lacks layers \[1\]"):
         detect_model(infos, overrides={"num_heads": 4})

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from fusesurgery.config import DECODER_PRESETS, VISION_PRESETS, DecoderConfig
-from fusesurgery.convert.keymaps import from_native_key
 from fusesurgery.convert.plan import (
     TIED_OUTPUT_REASON,
     apply_plan,
     apply_plan_entry,
     expected_native_shapes,
+    layout_tensor_infos,
     plan_conversion,
 )
 from fusesurgery.errors import ConfigError, KeyMapError, ShapeError
@@ -22,22 +22,29 @@ from .conftest import meta_state_dict, tensors_infos
 LLAMA_405B = DECODER_PRESETS["llama3_1_405b"]
 
 
-def layout_infos(config, layout, dtype=torch.bfloat16, kind="decoder"):
-    """Metadata of a checkpoint of ``config`` in ``layout``: no tensors at all."""
-    return {
-        from_native_key(key, layout, kind): TensorInfo(
-            from_native_key(key, layout, kind), shape, dtype
-        )
-        for key, shape in expected_native_shapes(config).items()
-    }
-
-
 def run(plan, tensors):
     return dict(apply_plan(plan, tensors.__getitem__))
 
 
+def test_layout_tensor_infos_spells_every_key_of_the_config():
+    tiny = DECODER_PRESETS["tiny"]
+    native = expected_native_shapes(tiny)
+    hf = layout_tensor_infos(tiny, "hf", dtype=torch.float32)
+    assert len(hf) == len(native) and all(info.name == key for key, info in hf.items())
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert hf[down] == TensorInfo(down, native["layers.1.mlp.w2.weight"], torch.float32)
+    assert list(layout_tensor_infos(tiny, kind="fused")) == ["decoder." + key for key in native]
+    assert list(layout_tensor_infos(tiny, prefix="x.")) == ["x." + key for key in native]
+    clip = VISION_PRESETS["tiny_clip"]
+    assert list(layout_tensor_infos(clip)) == list(expected_native_shapes(clip))
+    with pytest.raises(ConfigError, match="cannot describe a vision"):
+        layout_tensor_infos(tiny, kind="vision")
+    with pytest.raises(KeyMapError, match="no name in the meta layout"):
+        layout_tensor_infos(DECODER_PRESETS["qwen2_0_5b"], "meta")
+
+
 def test_405b_plan_from_metadata_alone():
-    infos = layout_infos(LLAMA_405B, "hf")
+    infos = layout_tensor_infos(LLAMA_405B, "hf")
     # Spot-check the metadata against Llama 3.1 405B's published shapes.
     assert infos["model.layers.125.self_attn.k_proj.weight"].shape == (1024, 16384)
     assert infos["model.layers.0.mlp.gate_proj.weight"].shape == (53248, 16384)
@@ -64,7 +71,7 @@ def test_405b_plan_from_metadata_alone():
 
 
 def test_405b_meta_plans_to_native_without_transforms_and_to_hf_with_them():
-    infos = layout_infos(LLAMA_405B, "meta")
+    infos = layout_tensor_infos(LLAMA_405B, "meta")
     to_native = plan_conversion(infos, "meta", LLAMA_405B)
     assert {entry.transform for entry in to_native.entries} == {("identity",)}
     to_hf = plan_conversion(infos, "meta", LLAMA_405B, target_layout="hf", dtype=torch.float16)
@@ -224,8 +231,7 @@ def test_vision_plans_drop_the_rest_and_round_trip(name, hf_vision_models):
 
 def test_fused_plans_are_identity_and_check_the_decoder():
     decoder = DECODER_PRESETS["tiny"]
-    infos = {"decoder." + k: TensorInfo("decoder." + k, s, torch.float32)
-             for k, s in expected_native_shapes(decoder).items()}
+    infos = layout_tensor_infos(decoder, kind="fused", dtype=torch.float32)
     extra = {
         "decoder.tok_embeddings.fusion_embedding.weight": (8, 64),
         "decoder.layers.3.fusion_layer.attn.q_proj.weight": (64, 64),

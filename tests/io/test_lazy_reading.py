@@ -12,12 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from fusesurgery.config import preset
-from fusesurgery.io import open_checkpoint
-from fusesurgery.io.testing import (
-    hf_decoder_tensor_shapes,
-    write_sparse_safetensors,
-    write_sparse_sharded_safetensors,
-)
+from fusesurgery.convert import layout_tensor_infos
+from fusesurgery.io import TensorInfo, open_checkpoint
+from fusesurgery.testing import write_sparse_safetensors, write_sparse_sharded_safetensors
 from tests.io.helpers import file_mappings, rss_anon_bytes
 
 pytestmark = pytest.mark.skipif(
@@ -64,7 +61,7 @@ def test_reading_a_64_mib_tensor_adds_no_anonymous_memory(big_checkpoints, kind:
 
 def test_opening_maps_nothing_until_a_tensor_is_asked_for(tmp_path: Path, monkeypatch) -> None:
     file = tmp_path / "lazy.safetensors"
-    write_sparse_safetensors(file, {"w": ((1024, 1024), torch.float32)})
+    write_sparse_safetensors(file, [TensorInfo("w", (1024, 1024), torch.float32)])
 
     def refuse(*args, **kwargs):
         raise AssertionError("opening must not map tensor data")
@@ -81,8 +78,9 @@ def test_opening_maps_nothing_until_a_tensor_is_asked_for(tmp_path: Path, monkey
 
 
 def test_llama_405b_shaped_sparse_checkpoint_opens_fast(tmp_path: Path) -> None:
-    shapes = hf_decoder_tensor_shapes(preset("llama3_1_405b"))
-    index = write_sparse_sharded_safetensors(tmp_path, shapes, max_shard_bytes=5 * 10**9)
+    written = layout_tensor_infos(preset("llama3_1_405b"), "hf")
+    shapes = {name: (info.shape, info.dtype) for name, info in written.items()}
+    index = write_sparse_sharded_safetensors(tmp_path, written, max_shard_size=5 * 10**9)
     best = math.inf
     for _ in range(3):
         started = time.perf_counter()

@@ -18,7 +18,8 @@ from fusesurgery.io import (
     TensorNotFoundError,
     open_checkpoint,
 )
-from fusesurgery.io.testing import safetensors_header, write_sparse_safetensors
+from fusesurgery.testing import write_sparse_safetensors
+from fusesurgery.write import safetensors_header
 from tests.io.helpers import f32_entry, write_raw_safetensors
 
 
@@ -84,9 +85,11 @@ def test_single_safetensors_file(tmp_path: Path) -> None:
 
 def test_keys_follow_byte_order_not_name_order(tmp_path: Path) -> None:
     file = tmp_path / "ordered.safetensors"
-    write_sparse_safetensors(
-        file, {"zeta": ((2,), torch.float32), "alpha": ((3,), "BF16"), "mid": ((1,), "I64")}
-    )
+    write_sparse_safetensors(file, [
+        TensorInfo("zeta", (2,), torch.float32),
+        TensorInfo("alpha", (3,), torch.bfloat16),
+        TensorInfo("mid", (1,), torch.int64),
+    ])
     with open_checkpoint(file) as source:
         assert source.keys() == ["zeta", "alpha", "mid"]
         assert list(source) == ["zeta", "alpha", "mid"]
@@ -326,9 +329,11 @@ def test_writing_a_tensor_never_changes_the_file(tmp_path: Path, kind: str) -> N
 
 
 def test_sparse_writer_makes_valid_zero_files(tmp_path: Path) -> None:
-    infos = {"a": ((3, 5), torch.bfloat16), "b": ((7,), "I32"), "c": ((), torch.float64)}
-    size = write_sparse_safetensors(tmp_path / "z.safetensors", infos)
-    prefix, data_size = safetensors_header(infos)
+    infos = {"a": ((3, 5), torch.bfloat16), "b": ((7,), torch.int32), "c": ((), torch.float64)}
+    tensors = [TensorInfo(name, shape, dtype) for name, (shape, dtype) in infos.items()]
+    size = write_sparse_safetensors(tmp_path / "z.safetensors", tensors)
+    prefix = safetensors_header(tensors, {"format": "pt"})
+    data_size = sum(info.nbytes for info in tensors)
     assert size == len(prefix) + data_size == (tmp_path / "z.safetensors").stat().st_size
     assert len(prefix) % 8 == 0
     assert data_size == 3 * 5 * 2 + 7 * 4 + 8

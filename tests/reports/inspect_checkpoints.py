@@ -16,8 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fusesurgery.config import DECODER_PRESETS, VISION_PRESETS, FusionConfig, preset
-from fusesurgery.io.testing import hf_decoder_tensor_shapes, write_sparse_sharded_safetensors
+from fusesurgery.convert import layout_tensor_infos
 from fusesurgery.modules import build_decoder, build_deep_fusion_model
+from fusesurgery.testing import write_sparse_sharded_safetensors
 
 HF_DECODER = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -151,5 +152,5 @@ def save_fused_with_config(directory: Path) -> Path:
 
 def write_405b(directory: Path) -> Path:
     """A sparse, sharded, HF-named Llama-3.1-405B checkpoint (valid headers, no data)."""
-    write_sparse_sharded_safetensors(directory, hf_decoder_tensor_shapes(preset("llama3_1_405b")))
+    write_sparse_sharded_safetensors(directory, layout_tensor_infos(preset("llama3_1_405b"), "hf"))
     return directory

@@ -13,14 +13,16 @@ import torch
 from safetensors.torch import save_file
 
 from fusesurgery.config import preset
+from fusesurgery.convert import layout_tensor_infos
 from fusesurgery.convert.transforms import permute_qk_from_native
 from fusesurgery.errors import ConfigError, UnrecognizedFormatError
-from fusesurgery.io.testing import hf_decoder_tensor_shapes, write_sparse_sharded_safetensors
+from fusesurgery.io import TensorInfo
 from fusesurgery.reports.diff import (
     collapse_key_names,
     compare_tensors,
     diff_checkpoints,
 )
+from fusesurgery.testing import write_sparse_sharded_safetensors
 from tests.reports.diff_checkpoints import (
     FUSION_LAYER,
     HEAD_DIM,
@@ -362,12 +364,12 @@ def test_report_json_round_trips(hf_dir, fused_file):
 
 def test_405b_key_diff_reads_headers_only(tmp_path):
     config = preset("llama3_1_405b")
-    shapes = hf_decoder_tensor_shapes(config)
-    write_sparse_sharded_safetensors(tmp_path / "a", shapes)
-    modified = dict(shapes)
+    infos = layout_tensor_infos(config, "hf")
+    write_sparse_sharded_safetensors(tmp_path / "a", infos)
+    modified = dict(infos)
     del modified["model.layers.100.self_attn.o_proj.weight"]
-    modified["model.layers.7.mlp.up_proj.weight"] = (
-        shapes["model.layers.7.mlp.up_proj.weight"][0], torch.float32)
+    up_proj = infos["model.layers.7.mlp.up_proj.weight"]
+    modified[up_proj.name] = TensorInfo(up_proj.name, up_proj.shape, torch.float32)
     write_sparse_sharded_safetensors(tmp_path / "b", modified)
 
     start = time.perf_counter()
