@@ -27,6 +27,7 @@ from fusesurgery.cli.options import (
 from fusesurgery.config import RopeScaling
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.keymaps import split_layer_index
+from fusesurgery.reports.formatting import format_bytes
 from fusesurgery.reports.inspection import (
     FusionReport,
     InspectReport,
@@ -223,11 +224,3 @@ def _short_count(count: int) -> str:
     return str(count)
 
 
-def format_bytes(nbytes: int) -> str:
-    """Binary units: ``756.0 GiB``."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")

@@ -16,7 +16,30 @@ from torch import nn
 from fusesurgery.modules.attention import MultiHeadAttention
 
 
-class TransformerSelfAttentionLayer(nn.Module):
+class _CachedLayer(nn.Module):
+    """The KV-cache interface every decoder layer offers; ``_cache_length`` picks the
+    capacity its attention needs."""
+
+    attn: MultiHeadAttention
+
+    def _cache_length(self, encoder_max_seq_len: int | None, decoder_max_seq_len: int) -> int:
+        raise NotImplementedError
+
+    def setup_cache(
+        self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int | None,
+        decoder_max_seq_len: int,
+    ) -> None:
+        length = self._cache_length(encoder_max_seq_len, decoder_max_seq_len)
+        self.attn.setup_cache(batch_size, dtype, length)
+
+    def caches_are_enabled(self) -> bool:
+        return self.attn.kv_cache is not None
+
+    def reset_cache(self) -> None:
+        self.attn.reset_cache()
+
+
+class TransformerSelfAttentionLayer(_CachedLayer):
     """Pre-norm layer: ``h = x + attn(sa_norm(x))``, ``out = h + mlp(mlp_norm(h))``.
 
     Serves decoders (RMSNorm, RoPE, causal) and ViTs (LayerNorm, full attention).
@@ -37,17 +60,8 @@ class TransformerSelfAttentionLayer(nn.Module):
         self.mlp_norm = mlp_norm
         self.mlp = mlp
 
-    def setup_cache(
-        self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int | None,
-        decoder_max_seq_len: int,
-    ) -> None:
-        self.attn.setup_cache(batch_size, dtype, decoder_max_seq_len)
-
-    def caches_are_enabled(self) -> bool:
-        return self.attn.kv_cache is not None
-
-    def reset_cache(self) -> None:
-        self.attn.reset_cache()
+    def _cache_length(self, encoder_max_seq_len: int | None, decoder_max_seq_len: int) -> int:
+        return decoder_max_seq_len
 
     def forward(
         self,
@@ -72,7 +86,7 @@ class TransformerSelfAttentionLayer(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
-class TransformerCrossAttentionLayer(nn.Module):
+class TransformerCrossAttentionLayer(_CachedLayer):
     """Gated cross-attention onto encoder output, the Llama 3.2 Vision fusion layer.
 
     ``h = x + ca_scale(attn(ca_norm(x), encoder_input))``,
@@ -110,19 +124,10 @@ class TransformerCrossAttentionLayer(nn.Module):
         self.mlp = mlp
         self.mlp_scale = mlp_scale
 
-    def setup_cache(
-        self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int | None,
-        decoder_max_seq_len: int,
-    ) -> None:
+    def _cache_length(self, encoder_max_seq_len: int | None, decoder_max_seq_len: int) -> int:
         if encoder_max_seq_len is None:
             raise ValueError("a cross-attention cache needs encoder_max_seq_len")
-        self.attn.setup_cache(batch_size, dtype, encoder_max_seq_len)
-
-    def caches_are_enabled(self) -> bool:
-        return self.attn.kv_cache is not None
-
-    def reset_cache(self) -> None:
-        self.attn.reset_cache()
+        return encoder_max_seq_len
 
     def forward(
         self,

@@ -68,6 +68,7 @@ from fusesurgery.errors import (
     UnrecognizedFormatError,
 )
 from fusesurgery.io import CheckpointSource, open_checkpoint
+from fusesurgery.reports.formatting import format_bytes, format_index_set
 
 MODE_NORMALISED = "normalised"
 MODE_RAW = "raw"
@@ -116,7 +117,7 @@ class CheckpointSide:
     def describe(self) -> str:
         what = f"{self.layout} {self.kind}" if self.kind else "unrecognised layout"
         return (f"{self.path} ({what}, {self.format}, {self.num_tensors} tensors, "
-                f"{_format_bytes(self.total_bytes)})")
+                f"{format_bytes(self.total_bytes, binary=False)})")
 
 
 @dataclass(frozen=True)
@@ -327,35 +328,8 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def _format_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
-
-
 # --------------------------------------------------------------------------------------------
 # Collapsing long key lists for people.
-
-
-def _format_indices(indices: Sequence[int], max_items: int = 6) -> str:
-    runs: list[str] = []
-    start = previous = indices[0]
-    for index in [*indices[1:], None]:
-        if index is not None and index == previous + 1:
-            previous = index
-            continue
-        if previous - start >= 2:
-            runs.append(f"{start}..{previous}")
-        else:
-            runs.extend(str(i) for i in range(start, previous + 1))
-        if index is not None:
-            start = previous = index
-    if len(runs) > max_items:
-        runs = [*runs[: max_items - 2], "...", runs[-1]]
-    return "{" + ",".join(runs) + "}"
 
 
 def _common_dotted_prefix(names: Sequence[str]) -> str:
@@ -401,7 +375,7 @@ def _collapsed_groups(keys: Sequence[str]) -> list[tuple[str, int]]:
             else:
                 groups.append((f"{head}* ({len(tails)} keys)", len(tails)))
             continue
-        layers = str(indices[0]) if len(indices) == 1 else _format_indices(indices)
+        layers = str(indices[0]) if len(indices) == 1 else format_index_set(indices, max_items=6)
         if len(tails) == 1:
             groups.append((f"{head}{layers}.{tails[0]}", len(indices)))
         else:

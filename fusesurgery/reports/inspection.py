@@ -39,6 +39,7 @@ from fusesurgery.convert.keymaps import (
 )
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
+from fusesurgery.reports.formatting import format_index_set
 
 # Overrides of a vision encoder's fields carry this prefix (``encoder_num_heads``), as the
 # CLI's ``--encoder-*`` options do; unprefixed names are decoder fields.
@@ -285,27 +286,6 @@ def _fusion_dict(fusion: FusionReport) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # The key tree.
-
-
-def format_index_set(indices: Iterable[int]) -> str:
-    """Render a set of layer indices compactly: runs of three or more as ``a..b``.
-
-    ``[0, 1, ..., 31]`` -> ``{0..31}``; ``[3, 7, 11]`` -> ``{3,7,11}``;
-    ``[0, 1, 2, 4, ..., 9]`` -> ``{0..2,4..9}``; ``[4, 5]`` -> ``{4,5}``.
-    """
-    values = sorted(set(indices))
-    parts: list[str] = []
-    start = 0
-    for end in range(1, len(values) + 1):
-        if end < len(values) and values[end] == values[end - 1] + 1:
-            continue
-        run = values[start:end]
-        if len(run) >= 3:
-            parts.append(f"{run[0]}..{run[-1]}")
-        else:
-            parts.extend(map(str, run))
-        start = end
-    return "{" + ",".join(parts) + "}"
 
 
 def collapse_keys(tensors: Iterable[TensorInfo]) -> tuple[KeyRow, ...]:

@@ -8,9 +8,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from fusesurgery.cli.app import app
-from fusesurgery.cli.inspect import format_bytes, render_report
+from fusesurgery.cli.inspect import render_report
 from fusesurgery.io import TensorInfo
 from fusesurgery.reports import inspect_checkpoint
+from fusesurgery.reports.formatting import format_bytes
 from fusesurgery.testing import write_sparse_safetensors
 from tests.reports.inspect_checkpoints import (
     save_fused,
