@@ -9,15 +9,25 @@ from fusesurgery.write import write_safetensors
 
 
 def test_file_regions_are_copied_byte_for_byte(tmp_path):
-    tensors = {"w": torch.randn(64, 33), "h": torch.randn(5).to(torch.float16)}
+    # neighbours in the source are copied together; the f16 tensor breaks the run
+    tensors = {"w": torch.randn(64, 33), "h": torch.randn(5).to(torch.float16),
+               "v": torch.randn(7), "u": torch.randn(3, 3)}
     save_file(tensors, tmp_path / "src.safetensors")
     with open_checkpoint(tmp_path / "src.safetensors") as source:
         infos = list(source.infos().values())
-        write_safetensors(tmp_path / "out", infos, source.file_region)
+        written = []
+        write_safetensors(tmp_path / "out", infos, source.file_region,
+                          on_tensor_written=written.append)
+        assert sorted(info.name for info in written) == sorted(tensors)
         with pytest.raises(ShapeError, match="file region"):
             write_safetensors(tmp_path / "bad", infos[:1],
                               lambda key: source.file_region("h" if key == "w" else "w"))
     assert not (tmp_path / "bad").exists()
-    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+    out = tmp_path / "out" / "model.safetensors"
+    with open_checkpoint(tmp_path / "src.safetensors") as source, open_checkpoint(out) as copy:
+        # the data region starts where the source's does, modulo a page
+        for key in tensors:
+            assert (copy.file_region(key).offset - source.file_region(key).offset) % 4096 == 0
+    with safe_open(out, "pt") as f:
         for key, expected in tensors.items():
             assert torch.equal(f.get_tensor(key), expected)
