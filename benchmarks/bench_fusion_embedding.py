@@ -14,17 +14,7 @@ import time
 import torch
 
 from fusesurgery.modules import FusionEmbedding
-
-
-def reference_forward(emb: FusionEmbedding, tokens: torch.Tensor) -> torch.Tensor:
-    b, s = tokens.shape
-    vocab = emb.embedding.num_embeddings
-    mask = tokens < vocab
-    base = emb.embedding(torch.masked_select(tokens, mask))
-    new = emb.fusion_embedding(torch.masked_select(tokens, ~mask) - vocab)
-    out = torch.empty(b, s, emb.dim, dtype=base.dtype)
-    mask = mask.unsqueeze(-1).expand(b, s, emb.dim)
-    return out.masked_scatter(mask, base).masked_scatter(~mask, new)
+from fusesurgery.testing import reference_fusion_embedding_forward
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -58,8 +48,10 @@ def main() -> None:
         is_new = torch.rand(args.batch, args.seq) < share
         tokens[is_new] = args.vocab + torch.randint(0, args.fusion_vocab, (int(is_new.sum()),))
         with torch.inference_mode():
-            assert torch.equal(emb(tokens), reference_forward(emb, tokens))
-            ref = median_seconds(lambda t=tokens: reference_forward(emb, t), args.repeats)
+            assert torch.equal(emb(tokens), reference_fusion_embedding_forward(emb, tokens))
+            ref = median_seconds(
+                lambda t=tokens: reference_fusion_embedding_forward(emb, t), args.repeats
+            )
             ours = median_seconds(lambda t=tokens: emb(t), args.repeats)
         print(f"{share:>16.4f} {ref * 1e3:>13.2f} {ours * 1e3:>9.2f} {ref / ours:>7.2f}")
 

@@ -26,6 +26,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+
 from fusesurgery.io.tensor_info import TensorInfo
 from fusesurgery.write import plan_shards, safetensors_header
 
@@ -104,3 +106,27 @@ __all__ = [
     "write_sparse_safetensors",
     "write_sparse_sharded_safetensors",
 ]
+
+
+def reference_fusion_embedding_forward(embedding, tokens: torch.Tensor) -> torch.Tensor:
+    """The reference design's ``FusionEmbedding`` lookup (``masked_select`` / ``masked_scatter``),
+    for comparing outputs and speed against fusesurgery's fixed-shape one.
+
+    Its intermediate shapes depend on how many new tokens ``tokens`` holds: a device-to-host
+    sync on GPU, unbacked symbolic shapes under ``torch.compile`` / ``torch.export``.
+
+    Args:
+        embedding: a ``fusesurgery.modules.FusionEmbedding``.
+        tokens: ``[b, s]`` ids.
+
+    Returns:
+        ``[b, s, d]``.
+    """
+    b, s = tokens.shape
+    vocab = embedding.embedding.num_embeddings
+    is_original = tokens < vocab
+    original = embedding.embedding(torch.masked_select(tokens, is_original))
+    new = embedding.fusion_embedding(torch.masked_select(tokens, ~is_original) - vocab)
+    out = torch.empty(b, s, embedding.dim, dtype=original.dtype, device=original.device)
+    is_original = is_original.unsqueeze(-1).expand(b, s, embedding.dim)
+    return out.masked_scatter(is_original, original).masked_scatter(~is_original, new)

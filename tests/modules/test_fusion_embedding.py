@@ -3,18 +3,7 @@ import torch
 from torch import nn
 
 from fusesurgery.modules import FusionEmbedding
-
-
-def reference_forward(emb: FusionEmbedding, tokens: torch.Tensor) -> torch.Tensor:
-    """The reference's data-dependent formulation (masked_select / masked_scatter)."""
-    b, s = tokens.shape
-    vocab = emb.embedding.num_embeddings
-    mask = tokens < vocab
-    base = emb.embedding(torch.masked_select(tokens, mask))
-    new = emb.fusion_embedding(torch.masked_select(tokens, ~mask) - vocab)
-    out = torch.empty(b, s, emb.dim, dtype=base.dtype)
-    mask = mask.unsqueeze(-1).expand(b, s, emb.dim)
-    return out.masked_scatter(mask, base).masked_scatter(~mask, new)
+from fusesurgery.testing import reference_fusion_embedding_forward
 
 
 @pytest.fixture
@@ -31,7 +20,7 @@ def tokens_with_new_ids(b=3, s=17, vocab=50, fusion=5):
 
 def test_matches_reference_formulation(emb):
     tokens = tokens_with_new_ids()
-    assert torch.equal(emb(tokens), reference_forward(emb, tokens))
+    assert torch.equal(emb(tokens), reference_fusion_embedding_forward(emb, tokens))
     only_old = torch.randint(0, 50, (2, 5))
     assert torch.equal(emb(only_old), emb.embedding(only_old))
     assert emb.num_embeddings == 55 and emb.fusion_params() == ["fusion_embedding.weight"]
@@ -83,7 +72,7 @@ class ReferenceEmbedding(nn.Module):
         self.emb = emb
 
     def forward(self, tokens):
-        return reference_forward(self.emb, tokens)
+        return reference_fusion_embedding_forward(self.emb, tokens)
 
 
 def data_dependent_shapes(module: nn.Module, tokens: torch.Tensor) -> list[str]:
