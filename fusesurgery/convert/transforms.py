@@ -100,6 +100,32 @@ INVERSE_TRANSFORMS: dict[str, str] = {
 assert all(INVERSE_TRANSFORMS[INVERSE_TRANSFORMS[n]] == n for n in TRANSFORMS), "bad inverses"
 
 
+# Transforms that only reorder a tensor's rows (slices along dim 0); a writer may then gather
+# the rows from the source file instead of materialising the result.
+ROW_PERMUTATIONS: frozenset[str] = frozenset({PERMUTE_QK_TO_NATIVE, PERMUTE_QK_FROM_NATIVE})
+
+
+def row_order(transform: Transform, num_rows: int) -> tuple[int, ...] | None:
+    """For a transform that only reorders rows, the source row of each output row.
+
+    Args:
+        transform: a ``(name, *args)`` transform.
+        num_rows: the tensor's leading dim.
+
+    Returns:
+        ``order`` with ``output[i] == source[order[i]]`` for every row ``i``, or None when the
+        transform is not a pure row reordering.
+
+    Raises:
+        ShapeError: the transform does not fit ``num_rows`` rows.
+    """
+    if transform[0] not in ROW_PERMUTATIONS:
+        return None
+    # Applying the transform to the row numbers themselves yields where each row comes from.
+    order = apply_transform(transform, torch.arange(num_rows))
+    return tuple(order.tolist())
+
+
 def apply_transform(transform: Transform, tensor: torch.Tensor) -> torch.Tensor:
     """Apply a ``(name, *args)`` transform to a tensor.
 
@@ -127,10 +153,12 @@ __all__ = [
     "INVERSE_TRANSFORMS",
     "PERMUTE_QK_FROM_NATIVE",
     "PERMUTE_QK_TO_NATIVE",
+    "ROW_PERMUTATIONS",
     "TRANSFORMS",
     "Transform",
     "apply_transform",
     "invert_transform",
     "permute_qk_from_native",
     "permute_qk_to_native",
+    "row_order",
 ]

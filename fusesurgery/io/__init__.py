@@ -12,6 +12,7 @@ from fusesurgery.io.tensor_info import (
     SAFETENSORS_DTYPES,
     TORCH_TO_SAFETENSORS,
     FileRegion,
+    PermutedRegion,
     TensorInfo,
 )
 from fusesurgery.io.torch_pickle import load_torch_state_dict
@@ -22,6 +23,7 @@ __all__ = [
     "TORCH_TO_SAFETENSORS",
     "CheckpointSource",
     "FileRegion",
+    "PermutedRegion",
     "SafetensorsEntry",
     "SafetensorsHeader",
     "ShardIndex",

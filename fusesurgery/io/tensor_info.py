@@ -77,3 +77,28 @@ class FileRegion:
     path: Path
     offset: int
     nbytes: int
+
+
+@dataclass(frozen=True)
+class PermutedRegion:
+    """A tensor's raw bytes in a file, to be written with its rows (slices along dim 0) in
+    another order: a pure row reordering such as the RoPE q/k permutation. Lets a writer
+    gather the rows straight from the file's pages (``writev`` from a mapping) instead of
+    reading, permuting and writing a copy.
+
+    Args:
+        region: where the source tensor's bytes lie, C order.
+        row_order: for each output row, the source row it is taken from; a permutation of
+            ``range(len(row_order))``, whose length divides ``region.nbytes``.
+    """
+
+    region: FileRegion
+    row_order: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.region.nbytes
+
+    @property
+    def row_bytes(self) -> int:
+        return self.region.nbytes // len(self.row_order) if self.row_order else 0

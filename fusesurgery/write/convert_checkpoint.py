@@ -15,9 +15,15 @@ from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.configs import hf_config_dict, native_config_dict
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.plan import ConversionPlan
-from fusesurgery.convert.transforms import IDENTITY
+from fusesurgery.convert.transforms import IDENTITY, row_order
 from fusesurgery.errors import ConfigError
-from fusesurgery.io import FileRegion, TensorInfo, open_checkpoint
+from fusesurgery.io import (
+    CheckpointSource,
+    FileRegion,
+    PermutedRegion,
+    TensorInfo,
+    open_checkpoint,
+)
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 
@@ -38,6 +44,32 @@ class ConversionResult:
     detected: DetectedModel
     plan: ConversionPlan
     written: WriteResult
+
+
+def _source_file_order(
+    plan: ConversionPlan, source: CheckpointSource
+) -> tuple[list[TensorInfo], set[str]]:
+    """The output tensors in the order their bytes lie in the source files, and the first
+    tensor of each file, when every tensor's bytes lie in a file; else the plan's order.
+
+    Written in that order, with one shard per source file, a shard whose tensors keep their
+    bytes (or only reorder rows) is the source file under new names, which the writer copies
+    whole (see ``write_safetensors``). Nothing changes for the reader of the output.
+    """
+    targets = plan.target_infos()
+    positions = {}
+    for entry in plan.entries:
+        region = source.file_region(entry.source_key)
+        if region is None:
+            return list(targets.values()), set()
+        positions[entry.target_key] = (str(region.path), region.offset)
+    files = sorted({path for path, _ in positions.values()})
+    ordered = sorted(targets, key=lambda key: (files.index(positions[key][0]),
+                                               positions[key][1]))
+    first_of_file: dict[str, str] = {}
+    for key in ordered:
+        first_of_file.setdefault(positions[key][0], key)
+    return [targets[key] for key in ordered], set(first_of_file.values())
 
 
 def convert_checkpoint(
@@ -86,23 +118,30 @@ def convert_checkpoint(
                                kind=detected.kind, dtype=dtype)
         entries = {entry.target_key: entry for entry in plan.entries}
 
-        def produce(key: str) -> torch.Tensor | FileRegion:
+        def produce(key: str) -> torch.Tensor | FileRegion | PermutedRegion:
             entry = entries[key]
-            if entry.transform == (IDENTITY,) and entry.dtype == entry.source_dtype:
+            if entry.dtype == entry.source_dtype:
                 region = source.file_region(entry.source_key)
-                if region is not None:  # bytes unchanged: let the kernel copy them
-                    return region
-                return apply_plan_entry(entry, source.get_tensor(entry.source_key))
+                if region is not None and entry.transform == (IDENTITY,):
+                    return region  # bytes unchanged: let the kernel copy them
+                if region is not None and len(entry.source_shape) == 2:
+                    order = row_order(entry.transform, entry.source_shape[0])
+                    if order is not None:  # rows reordered: gather them from the file
+                        return PermutedRegion(region, order)
+                if entry.transform == (IDENTITY,):
+                    return apply_plan_entry(entry, source.get_tensor(entry.source_key))
             # about to be rewritten anyway: one read beats faulting in mapped pages
             return apply_plan_entry(entry, source.read_tensor(entry.source_key))
 
+        infos_out, new_shard_at = _source_file_order(plan, source)
         config = CONFIG_WRITERS[to](detected.config)
         if dtype is not None:
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
         written = write_safetensors(
             out_dir,
-            list(plan.target_infos().values()),
+            infos_out,
             produce,
+            new_shard_at=new_shard_at,
             max_shard_size=max_shard_size,
             extra_files={"config.json": json.dumps(config, indent=2) + "\n"},
             overwrite=overwrite,

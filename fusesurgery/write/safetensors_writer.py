@@ -22,11 +22,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import mmap
 import os
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -34,7 +35,12 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from fusesurgery.errors import ShapeError, WriteError
-from fusesurgery.io.tensor_info import TORCH_TO_SAFETENSORS, FileRegion, TensorInfo
+from fusesurgery.io.tensor_info import (
+    TORCH_TO_SAFETENSORS,
+    FileRegion,
+    PermutedRegion,
+    TensorInfo,
+)
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE, ShardPlan, plan_shards
 
 # The header must start the data section on an 8-byte boundary; safetensors pads with spaces.
@@ -42,6 +48,13 @@ _HEADER_ALIGNMENT = 8
 _PAGE_BYTES = 4096
 # Bounded slices keep every write() far below the ~2 GiB a single Linux write() can move.
 _WRITE_CHUNK_BYTES = 256 * 2**20
+# The most buffers one writev() takes (POSIX guarantees at least 16; Linux allows 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+
+
+# What ``get_tensor`` may return: a tensor, or where its bytes lie in a file (as they are, or
+# with their rows reordered), which the writer then copies from file to file.
+TensorSource = torch.Tensor | FileRegion | PermutedRegion
 
 
 @dataclass(frozen=True)
@@ -237,18 +250,130 @@ def _copy_region(fd: int, region: FileRegion) -> None:
                 done += len(chunk)
 
 
+def _row_spans(permuted: PermutedRegion) -> list[tuple[int, int]]:
+    """``(offset from the region's start, length)`` of each stretch of source rows to write,
+    in output order; rows that follow each other in the source share one stretch."""
+    row_bytes = permuted.row_bytes
+    spans: list[tuple[int, int]] = []
+    previous = None
+    for row in permuted.row_order:
+        if previous is not None and row == previous + 1:
+            start, length = spans[-1]
+            spans[-1] = (start, length + row_bytes)
+        else:
+            spans.append((row * row_bytes, row_bytes))
+        previous = row
+    return spans
+
+
+def _write_all_at(fd: int, data: memoryview | bytes, position: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view[:_WRITE_CHUNK_BYTES], position)
+        view = view[written:]
+        position += written
+
+
+def _writev_all(fd: int, buffers: list[memoryview], position: int | None) -> int:
+    """Write ``buffers`` back to back, appending (``position`` None) or at ``position``;
+    return how many bytes that was."""
+    total = sum(len(buffer) for buffer in buffers)
+    if position is None:
+        written = os.writev(fd, buffers)
+    else:
+        written = os.pwritev(fd, buffers, position)
+    if written < total:  # a short write (a signal, or a quota reached): finish by hand
+        done = 0
+        for buffer in buffers:
+            start = max(0, min(written - done, len(buffer)))
+            if start < len(buffer):
+                rest = buffer[start:]
+                if position is None:
+                    _write_all(fd, rest)
+                else:
+                    _write_all_at(fd, rest, position + done + start)
+            done += len(buffer)
+    return total
+
+
+def _write_permuted(fd: int, permuted: PermutedRegion, position: int | None = None) -> None:
+    """Append ``permuted``'s rows, in their new order, to ``fd`` (or write them at
+    ``position``).
+
+    The rows are handed to ``writev`` as slices of a read-only mapping of the source file, so
+    the kernel copies them from the source's page cache into the output's: one copy, and no
+    buffer to allocate, as for an unpermuted tensor. Where the file cannot be mapped, the
+    region is read into memory first.
+    """
+    region = permuted.region
+    if region.nbytes == 0:
+        return
+    start = region.offset - region.offset % mmap.ALLOCATIONGRANULARITY
+    skip = region.offset - start
+    with open(region.path, "rb") as source:
+        if region.offset + region.nbytes > os.fstat(source.fileno()).st_size:
+            raise OSError(errno.EIO, f"{region.path} ended early")
+        try:
+            mapped = mmap.mmap(source.fileno(), skip + region.nbytes, access=mmap.ACCESS_READ,
+                               offset=start)
+        except OSError:  # a filesystem that cannot map files
+            data = bytearray(region.nbytes)
+            source.seek(region.offset)
+            if source.readinto(data) != region.nbytes:
+                raise OSError(errno.EIO, f"{region.path} ended early") from None
+            _gather_rows(fd, memoryview(data), permuted, position)
+            return
+        with mapped:
+            view = memoryview(mapped)
+            rows = view[skip:]
+            try:
+                _gather_rows(fd, rows, permuted, position)
+            finally:  # no view may outlive the mapping
+                rows.release()
+                view.release()
+
+
+def _gather_rows(
+    fd: int, data: memoryview, permuted: PermutedRegion, position: int | None
+) -> None:
+    spans = _row_spans(permuted)
+    for first in range(0, len(spans), _IOV_MAX):
+        buffers = [data[offset:offset + length]
+                   for offset, length in spans[first:first + _IOV_MAX]]
+        try:
+            written = _writev_all(fd, buffers, position)
+            if position is not None:
+                position += written
+        finally:
+            for buffer in buffers:
+                buffer.release()
+
+
+def _check_permuted(permuted: PermutedRegion, info: TensorInfo) -> None:
+    rows = len(permuted.row_order)
+    if not info.shape or rows != info.shape[0] or permuted.nbytes % max(rows, 1):
+        raise ShapeError(
+            f"tensor {info.name!r}: a row order of {rows} rows does not fit shape "
+            f"{list(info.shape)}"
+        )
+    if sorted(permuted.row_order) != list(range(rows)):
+        raise ShapeError(f"tensor {info.name!r}: the row order is not a permutation")
+
+
 def _fetch_checked(
-    get_tensor: Callable[[str], torch.Tensor | FileRegion], info: TensorInfo
-) -> torch.Tensor | FileRegion:
+    get_tensor: Callable[[str], TensorSource], info: TensorInfo
+) -> TensorSource:
     """Fetch one tensor, check it against its metadata, and make it a contiguous CPU tensor
-    (or pass a file region of the right size through for a kernel-side copy)."""
+    (or pass a file region of the right size through for a copy from file to file)."""
     tensor = get_tensor(info.name)
-    if isinstance(tensor, FileRegion):
+    if isinstance(tensor, (FileRegion, PermutedRegion)):
         if tensor.nbytes != info.nbytes:
             raise ShapeError(
                 f"tensor {info.name!r}: the file region holds {tensor.nbytes} bytes, its "
                 f"metadata says {info.nbytes}"
             )
+        if isinstance(tensor, PermutedRegion):
+            _check_permuted(tensor, info)
         return tensor
     if not isinstance(tensor, torch.Tensor):
         raise ShapeError(
@@ -365,64 +490,98 @@ def _pad_header(header: bytes, extra: int) -> bytes:
     return length.to_bytes(8, "little") + header[8:] + b" " * extra
 
 
+def _mirrored_file(
+    header: bytes, layout: _ShardLayout, sources: Sequence[TensorSource]
+) -> tuple[Path, int] | None:
+    """Whether the shard is one source file with new names: every tensor a region of the same
+    file, in the same order, together filling its data section exactly, under a header that
+    fits in the old one's place. Returns that file and the header padding needed, else None.
+    """
+    if not sources or len(sources) != len(layout.tensors):
+        return None
+    regions = [s.region if isinstance(s, PermutedRegion) else s for s in sources]
+    if not all(isinstance(region, FileRegion) for region in regions):
+        return None
+    path, data_start = regions[0].path, regions[0].offset
+    end = data_start
+    for region in regions:
+        if region.path != path or region.offset != end:
+            return None
+        end += region.nbytes
+    padding = data_start - len(header)
+    if padding < 0 or padding % _HEADER_ALIGNMENT:
+        return None
+    try:
+        with open(path, "rb") as source:
+            # the regions must start where the file's data does, right after its header
+            header_length = int.from_bytes(source.read(8), "little")
+            if 8 + header_length != data_start or os.fstat(source.fileno()).st_size != end:
+                return None
+    except OSError:
+        return None
+    return path, padding
+
+
+def _write_mirror(fd: int, source_path: Path, size: int, header: bytes,
+                  sources: Sequence[TensorSource]) -> None:
+    # The whole source file goes over in one kernel copy from offset 0, so every page lines up
+    # with its source page (the fastest copy there is, as fast as `cp`); then the bytes that
+    # differ are overwritten in place: the header, and the rows of permuted tensors. Measured
+    # on a 2.5 GB Llama-3.2-1B file: 0.73-0.87 s, against 0.95-1.0 s tensor run by tensor run.
+    _copy_region(fd, FileRegion(source_path, 0, size))
+    _write_all_at(fd, header, 0)
+    for source in sources:
+        if isinstance(source, PermutedRegion):
+            _write_permuted(fd, source, position=source.region.offset)
+
+
+def _fetch_ahead(
+    layout: _ShardLayout, get_tensor: Callable[[str], TensorSource]
+) -> list[TensorSource | None]:
+    """Fetch the shard's sources while they are file regions (metadata, no memory), stopping
+    after the first tensor in memory: at most one is alive, as without the lookahead."""
+    sources: list[TensorSource | None] = []
+    for info in layout.tensors:
+        sources.append(_fetch_checked(get_tensor, info))  # the reader's errors are its own
+        if not isinstance(sources[-1], (FileRegion, PermutedRegion)):
+            break
+    return sources
+
+
 def _write_shard(
     path: Path,
     layout: _ShardLayout,
-    get_tensor: Callable[[str], torch.Tensor | FileRegion],
+    get_tensor: Callable[[str], TensorSource],
     on_tensor_written: Callable[[TensorInfo], None] | None,
     durable: bool = True,
 ) -> None:
+    sources = _fetch_ahead(layout, get_tensor)
+    header = layout.header
+    mirrored = _mirrored_file(header, layout, sources)
+    if mirrored is None and sources:
+        first = sources[0].region if isinstance(sources[0], PermutedRegion) else sources[0]
+        if isinstance(first, FileRegion) and (first.offset - len(header)) % 8 == 0:
+            # Start the data where it starts in the source file, modulo a page: the kernel
+            # then copies whole pages rather than straddling two per page. Padding in steps
+            # of 8 keeps every tensor as aligned as it was.
+            header = _pad_header(header, (first.offset - len(header)) % _PAGE_BYTES)
+        del first  # a tensor in memory must not stay alive all shard
+
     with _write_errors("write", path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        header = layout.header
-        pending = None
-        if layout.tensors:
-            pending = _fetch_checked(get_tensor, layout.tensors[0])
-            if isinstance(pending, FileRegion) and (pending.offset - len(header)) % 8 == 0:
-                # Start the data where it starts in the source file, modulo a page: the kernel
-                # then copies whole pages rather than straddling two per page. Padding in steps
-                # of 8 keeps every tensor as aligned as it was.
-                header = _pad_header(header, (pending.offset - len(header)) % _PAGE_BYTES)
-        with _write_errors("write", path):
-            _write_all(fd, header)
-        # File regions that follow each other in one source file are copied in one call: the
-        # kernel's per-call cost is noticeable at tens of MB per tensor.
-        run: FileRegion | None = None
-        run_infos: list[TensorInfo] = []
-
-        def flush_run() -> None:
-            nonlocal run
-            if run is not None:
-                with _write_errors("write", path):
-                    _copy_region(fd, run)
-                run = None
-                for done in run_infos:
-                    if on_tensor_written is not None:
-                        on_tensor_written(done)
-                run_infos.clear()
-
-        for number, info in enumerate(layout.tensors):
-            # fetched outside _write_errors: the reader's errors are its own
-            tensor = pending if number == 0 else _fetch_checked(get_tensor, info)
-            pending = None
-            if isinstance(tensor, FileRegion):
-                if run is not None and (run.path, run.offset + run.nbytes) == (
-                    tensor.path, tensor.offset
-                ):
-                    run = FileRegion(run.path, run.offset, run.nbytes + tensor.nbytes)
-                else:
-                    flush_run()
-                    run = tensor
-                run_infos.append(info)
-                continue
-            flush_run()
+        if mirrored is not None:
+            source_path, padding = mirrored
+            header = _pad_header(header, padding)
             with _write_errors("write", path):
-                _write_all(fd, _tensor_buffer(tensor))
-            del tensor  # drop the only reference before fetching the next one
+                _write_mirror(fd, source_path, len(header) + layout.data_size, header, sources)
             if on_tensor_written is not None:
-                on_tensor_written(info)
-        flush_run()
+                for info in layout.tensors:
+                    on_tensor_written(info)
+        else:
+            with _write_errors("write", path):
+                _write_all(fd, header)
+            _write_in_order(fd, path, layout, sources, get_tensor, on_tensor_written)
         with _write_errors("write", path):
             expected = len(header) + layout.data_size
             if os.lseek(fd, 0, os.SEEK_CUR) != expected:
@@ -431,6 +590,58 @@ def _write_shard(
                 os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_in_order(
+    fd: int,
+    path: Path,
+    layout: _ShardLayout,
+    fetched: list[TensorSource | None],
+    get_tensor: Callable[[str], TensorSource],
+    on_tensor_written: Callable[[TensorInfo], None] | None,
+) -> None:
+    """Append the shard's tensors one by one, taking the first ones from ``fetched``."""
+    # File regions that follow each other in one source file are copied in one call: the
+    # kernel's per-call cost is noticeable at tens of MB per tensor.
+    run: FileRegion | None = None
+    run_infos: list[TensorInfo] = []
+
+    def flush_run() -> None:
+        nonlocal run
+        if run is not None:
+            with _write_errors("write", path):
+                _copy_region(fd, run)
+            run = None
+            for done in run_infos:
+                if on_tensor_written is not None:
+                    on_tensor_written(done)
+            run_infos.clear()
+
+    for number, info in enumerate(layout.tensors):
+        if number < len(fetched):
+            tensor, fetched[number] = fetched[number], None
+        else:
+            tensor = _fetch_checked(get_tensor, info)  # the reader's errors are its own
+        if isinstance(tensor, FileRegion):
+            if run is not None and (run.path, run.offset + run.nbytes) == (
+                tensor.path, tensor.offset
+            ):
+                run = FileRegion(run.path, run.offset, run.nbytes + tensor.nbytes)
+            else:
+                flush_run()
+                run = tensor
+            run_infos.append(info)
+            continue
+        flush_run()
+        with _write_errors("write", path):
+            if isinstance(tensor, PermutedRegion):
+                _write_permuted(fd, tensor)
+            else:
+                _write_all(fd, _tensor_buffer(tensor))
+        del tensor  # drop the only reference before fetching the next one
+        if on_tensor_written is not None:
+            on_tensor_written(info)
+    flush_run()
 
 
 def _move_into_place(
@@ -467,7 +678,7 @@ def _move_into_place(
 def write_safetensors(
     out_dir: str | os.PathLike[str],
     infos: Sequence[TensorInfo],
-    get_tensor: Callable[[str], torch.Tensor | FileRegion],
+    get_tensor: Callable[[str], TensorSource],
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     metadata: Mapping[str, str] | None = None,
@@ -475,6 +686,7 @@ def write_safetensors(
     overwrite: bool = False,
     on_tensor_written: Callable[[TensorInfo], None] | None = None,
     durable: bool = True,
+    new_shard_at: Collection[str] = (),
 ) -> WriteResult:
     """Write tensors as Hugging Face-style (sharded) safetensors, streaming and atomically.
 
@@ -484,11 +696,19 @@ def write_safetensors(
     copy when it is not a contiguous CPU tensor). Files appear in ``out_dir`` only when all of
     them are complete.
 
+    Tensors given as file regions are copied from file to file by the kernel. Calls for a
+    shard run ahead while they return regions (at most one tensor in memory is fetched
+    ahead); when a shard turns out to be exactly one source file's data under new names (same
+    order, no tensor added, dropped or resized, rows perhaps reordered), that file is copied
+    whole and only its header and reordered rows are rewritten in place.
+
     Args:
         out_dir: the output directory. Missing parents are created. If it exists it must be
             empty unless ``overwrite`` is set.
         infos: name, shape and dtype of every tensor to write.
-        get_tensor: returns the tensor for a name, on any device, of any strides.
+        get_tensor: returns the tensor for a name, on any device, of any strides; or, for
+            bytes that are copied from a file unchanged or with their rows reordered, a
+            ``FileRegion`` or ``PermutedRegion``.
         max_shard_size: the data limit per shard (``"5GB"``, ``"500MB"``, ``"10GiB"`` or bytes).
         metadata: extra ``__metadata__`` strings for every shard; ``{"format": "pt"}`` is always
             included.
@@ -500,6 +720,7 @@ def write_safetensors(
         durable: fsync files and directories before the output appears, so it survives a
             power loss; False leaves flushing to the OS (faster, like ``cp``; still atomic for
             every reader while the machine runs).
+        new_shard_at: names that start a new shard even where the current one has room.
 
     Returns:
         The output directory, the shard plan, and the names of the files written.
@@ -520,7 +741,7 @@ def write_safetensors(
         raise WriteError(f"output directory {out_dir} has no name; choose a subdirectory")
     _check_infos(infos)
     header_metadata = _check_metadata(metadata)
-    plan = plan_shards(infos, max_shard_size)
+    plan = plan_shards(infos, max_shard_size, new_shard_at=new_shard_at)
     reserved = {shard.filename for shard in plan.shards}
     if plan.index_filename is not None:
         reserved.add(plan.index_filename)

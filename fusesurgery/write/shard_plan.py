@@ -13,7 +13,7 @@ before anything is written. File names and the index follow the Hugging Face con
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -153,6 +153,7 @@ def plan_shards(
     entries: Sequence[TensorInfo] | Sequence[tuple[str, int]],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     filename_prefix: str = DEFAULT_FILENAME_PREFIX,
+    new_shard_at: Collection[str] = (),
 ) -> ShardPlan:
     """Split tensors into shards of at most ``max_shard_size`` bytes of data, in order.
 
@@ -165,6 +166,8 @@ def plan_shards(
         entries: :class:`TensorInfo` objects, or ``(name, nbytes)`` pairs.
         max_shard_size: the limit per shard, as bytes or a string such as ``"5GB"``.
         filename_prefix: the stem of the file names.
+        new_shard_at: names that start a new shard even where the current one has room (a
+            converter keeps each source file's tensors together this way).
 
     Returns:
         The plan. With no entries it is one empty ``<prefix>.safetensors``.
@@ -189,7 +192,7 @@ def plan_shards(
         if name in seen:
             raise WriteError(f"tensor name {name!r} appears twice; every key must be unique")
         seen.add(name)
-        if current_keys and current_size + nbytes > limit:
+        if current_keys and (current_size + nbytes > limit or name in new_shard_at):
             groups.append((current_keys, current_size))
             current_keys, current_size = [], 0
         current_keys.append(name)
