@@ -93,7 +93,9 @@ def convert_checkpoint(
         to: ``"native"`` (torchtune keys, fusesurgery config) or ``"hf"`` (transformers keys
             and config.json, loadable with ``from_pretrained``).
         dtype: cast floating-point tensors; None keeps them.
-        max_shard_size: largest shard, e.g. ``"5GB"``.
+        max_shard_size: largest shard, e.g. ``"5GB"``. When every tensor lies in a
+            safetensors file, each source file starts a new output shard, so a sharded source
+            keeps its shards (split further only where one exceeds the limit).
         overrides: config fields to supply or replace (see ``detect_model``).
         overwrite: replace an existing non-empty ``out_dir``.
         on_tensor_written: progress callback, called after each tensor.

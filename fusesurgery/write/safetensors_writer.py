@@ -522,17 +522,38 @@ def _mirrored_file(
     return path, padding
 
 
-def _write_mirror(fd: int, source_path: Path, size: int, header: bytes,
-                  sources: Sequence[TensorSource]) -> None:
-    # The whole source file goes over in one kernel copy from offset 0, so every page lines up
+def _write_mirror(
+    fd: int,
+    source_path: Path,
+    header: bytes,
+    layout: _ShardLayout,
+    sources: Sequence[TensorSource],
+    on_tensor_written: Callable[[TensorInfo], None] | None,
+) -> None:
+    # The whole source file goes over by kernel copies from offset 0, so every page lines up
     # with its source page (the fastest copy there is, as fast as `cp`); then the bytes that
     # differ are overwritten in place: the header, and the rows of permuted tensors. Measured
     # on a 2.5 GB Llama-3.2-1B file: 0.73-0.87 s, against 0.95-1.0 s tensor run by tensor run.
-    _copy_region(fd, FileRegion(source_path, 0, size))
+    # The copy goes in steps so that progress is reported while a large shard is copied.
+    report = on_tensor_written or (lambda info: None)
+    size = len(header) + layout.data_size
+    unchanged = [(info, source) for info, source in zip(layout.tensors, sources, strict=True)
+                 if isinstance(source, FileRegion)]
+    copied = reported = 0
+    while copied < size:
+        step = min(_WRITE_CHUNK_BYTES, size - copied)
+        _copy_region(fd, FileRegion(source_path, copied, step))
+        copied += step
+        while reported < len(unchanged) and (
+            unchanged[reported][1].offset + unchanged[reported][1].nbytes <= copied
+        ):
+            report(unchanged[reported][0])
+            reported += 1
     _write_all_at(fd, header, 0)
-    for source in sources:
+    for info, source in zip(layout.tensors, sources, strict=True):
         if isinstance(source, PermutedRegion):
             _write_permuted(fd, source, position=source.region.offset)
+            report(info)
 
 
 def _fetch_ahead(
@@ -574,10 +595,7 @@ def _write_shard(
             source_path, padding = mirrored
             header = _pad_header(header, padding)
             with _write_errors("write", path):
-                _write_mirror(fd, source_path, len(header) + layout.data_size, header, sources)
-            if on_tensor_written is not None:
-                for info in layout.tensors:
-                    on_tensor_written(info)
+                _write_mirror(fd, source_path, header, layout, sources, on_tensor_written)
         else:
             with _write_errors("write", path):
                 _write_all(fd, header)

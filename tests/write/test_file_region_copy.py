@@ -176,8 +176,10 @@ def test_a_shard_that_is_a_source_file_is_copied_whole(tmp_path, monkeypatch, re
             # rows of "model.a" reversed, the others as they are
             return PermutedRegion(region, tuple(range(39, -1, -1))) if key == "model.a" else region
 
-        write_safetensors(tmp_path / "out", infos, get)
+        written = []
+        write_safetensors(tmp_path / "out", infos, get, on_tensor_written=written.append)
     assert len(mirrors) == mirrored
+    assert sorted(info.name for info in written) == sorted(new_names)
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert sorted(f.keys()) == sorted(new_names)
         for name, key in new_names.items():
