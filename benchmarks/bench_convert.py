@@ -58,16 +58,19 @@ def make_hf_checkpoint(path: Path, name: str) -> int:
     return max(info.nbytes for info in infos)
 
 
-def convert_in_child(src: Path, dst: Path, durable: bool) -> dict:
-    """Run the conversion in a fresh process that samples its own RssAnon every 5 ms; the
-    time excludes the interpreter's start and torch's import, which are not conversion."""
+def convert_in_child(src: Path, dst: Path, durable: bool, settle: float) -> dict:
+    """Run the conversion in a fresh process that samples its own RssAnon every 5 ms. The
+    child prepares the same start as `cp` gets (`same_start`) after its imports, right before
+    the clock starts: the time excludes the interpreter's start and torch's import, which are
+    not conversion, and the source has no time to leave the page cache meanwhile."""
     code = f"""
 import json, threading, time
 from pathlib import Path
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from bench_convert import rss_anon_bytes
+from bench_convert import rss_anon_bytes, same_start
 from fusesurgery.write import convert_checkpoint
+same_start(Path({str(src)!r}), {settle!r})
 base = rss_anon_bytes(); peak = [base]; done = threading.Event()
 def sample():
     while not done.is_set():
@@ -132,11 +135,12 @@ def main() -> None:
         peaks = []
 
         def run(contender: str, out: Path) -> None:
-            same_start(src, args.settle)
             if contender.startswith("cp"):
+                same_start(src, args.settle)
                 times[contender].append(time_cp(src, out, sync=contender == "cp+sync"))
             else:
-                result = convert_in_child(src, out, durable=contender.endswith("durable"))
+                result = convert_in_child(src, out, durable=contender.endswith("durable"),
+                                          settle=args.settle)
                 times[contender].append(result["seconds"])
                 peaks.append(result["peak"] - result["baseline"])
             shutil.rmtree(out)

@@ -226,9 +226,17 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[written:]
 
 
-def _copy_region(fd: int, region: FileRegion) -> None:
+def _copy_region(
+    fd: int, region: FileRegion, progress: Callable[[int], None] | None = None
+) -> None:
     """Append ``region``'s bytes to ``fd``: in the kernel (copy_file_range), falling back to
-    reads and writes where the filesystems do not support it."""
+    reads and writes where the filesystems do not support it. ``progress`` is called with the
+    bytes copied so far after each step (the kernel moves at most 2 GiB per call).
+
+    Each call is asked for all that is left: calls have a cost of their own (measured: a
+    2.5 GB file copied in 256 MiB calls took 0.95-1.2 s, in as few calls as possible
+    0.69-0.81 s), so the copy is never split further than the kernel splits it.
+    """
     with open(region.path, "rb") as source:
         done = 0
         try:
@@ -238,6 +246,8 @@ def _copy_region(fd: int, region: FileRegion) -> None:
                 if copied == 0:
                     raise OSError(errno.EIO, f"{region.path} ended early")
                 done += copied
+                if progress is not None:
+                    progress(done)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
@@ -248,6 +258,8 @@ def _copy_region(fd: int, region: FileRegion) -> None:
                     raise OSError(errno.EIO, f"{region.path} ended early") from None
                 _write_all(fd, chunk)
                 done += len(chunk)
+                if progress is not None:
+                    progress(done)
 
 
 def _row_spans(permuted: PermutedRegion) -> list[tuple[int, int]]:
@@ -534,21 +546,21 @@ def _write_mirror(
     # with its source page (the fastest copy there is, as fast as `cp`); then the bytes that
     # differ are overwritten in place: the header, and the rows of permuted tensors. Measured
     # on a 2.5 GB Llama-3.2-1B file: 0.73-0.87 s, against 0.95-1.0 s tensor run by tensor run.
-    # The copy goes in steps so that progress is reported while a large shard is copied.
     report = on_tensor_written or (lambda info: None)
     size = len(header) + layout.data_size
     unchanged = [(info, source) for info, source in zip(layout.tensors, sources, strict=True)
                  if isinstance(source, FileRegion)]
-    copied = reported = 0
-    while copied < size:
-        step = min(_WRITE_CHUNK_BYTES, size - copied)
-        _copy_region(fd, FileRegion(source_path, copied, step))
-        copied += step
+    reported = 0
+
+    def report_copied(copied: int) -> None:
+        nonlocal reported
         while reported < len(unchanged) and (
             unchanged[reported][1].offset + unchanged[reported][1].nbytes <= copied
         ):
             report(unchanged[reported][0])
             reported += 1
+
+    _copy_region(fd, FileRegion(source_path, 0, size), report_copied)
     _write_all_at(fd, header, 0)
     for info, source in zip(layout.tensors, sources, strict=True):
         if isinstance(source, PermutedRegion):
