@@ -126,7 +126,7 @@ def convert_checkpoint(
                 region = source.file_region(entry.source_key)
                 if region is not None and entry.transform == (IDENTITY,):
                     return region  # bytes unchanged: let the kernel copy them
-                if region is not None and len(entry.source_shape) == 2:
+                if region is not None and entry.source_shape:
                     order = row_order(entry.transform, entry.source_shape[0])
                     if order is not None:  # rows reordered: gather them from the file
                         return PermutedRegion(region, order)

@@ -105,11 +105,15 @@ def test_bad_row_orders_are_refused(tmp_path, order, message):
 
 
 @pytest.mark.parametrize(("max_shard_size", "mirrored"), [("5GB", 1), ("20KB", 0)])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_conversion_gathers_rope_rows_from_the_file(tmp_path, monkeypatch, max_shard_size,
-                                                     mirrored):
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2)).eval()
+                                                     mirrored, family):
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    if family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**sizes)).eval()
+    else:  # q/k/v biases, and tied embeddings
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**sizes, tie_word_embeddings=True)).eval()
     model.save_pretrained(tmp_path / "hf")
     calls = {"_write_permuted": [], "_write_mirror": []}
     for name, seen in calls.items():
@@ -124,10 +128,10 @@ def test_conversion_gathers_rope_rows_from_the_file(tmp_path, monkeypatch, max_s
                                 max_shard_size=max_shard_size)
     # One HF file under the size limit becomes one shard, copied whole, then patched; with a
     # small limit, the shards are written tensor by tensor. Either way only q and k of both
-    # layers are permuted.
+    # layers are permuted (weights, and Qwen2's biases).
     assert len(calls["_write_mirror"]) == mirrored
     assert result.written.plan.is_sharded == (not mirrored)
-    assert len(calls["_write_permuted"]) == 4
+    assert len(calls["_write_permuted"]) == (4 if family == "llama" else 8)
     with open_checkpoint(tmp_path / "hf") as hf, open_checkpoint(tmp_path / "native") as native:
         assert len(native.keys()) == len(hf.keys())
         for layer in range(2):
