@@ -14,23 +14,9 @@ import torch
 from safetensors import safe_open
 
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPES, TensorInfo
+from tests.tiny_models import LLAMA3_SCALING, TINY_DECODER, TINY_TEXT, TINY_VISION
 
-TINY_DECODER = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=64,
-)
-TINY_VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    image_size=16, patch_size=8,
-)
-TINY_TEXT = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-    vocab_size=50, max_position_embeddings=16,
-)
-LLAMA3_SCALING = {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+__all__ = ["LLAMA3_SCALING", "TINY_DECODER", "TINY_TEXT", "TINY_VISION"]
 
 
 def safetensors_infos(path: Path) -> dict[str, TensorInfo]:

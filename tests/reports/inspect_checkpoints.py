@@ -19,23 +19,12 @@ from fusesurgery.config import DECODER_PRESETS, VISION_PRESETS, FusionConfig, pr
 from fusesurgery.convert import layout_tensor_infos
 from fusesurgery.modules import build_decoder, build_deep_fusion_model
 from fusesurgery.testing import write_sparse_sharded_safetensors
+from tests.tiny_models import LLAMA3_SCALING, TINY_DECODER, TINY_TEXT, TINY_VISION
 
-HF_DECODER = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=64,
-)
-HF_VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    image_size=16, patch_size=8,
-)
-HF_TEXT = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-    vocab_size=50, max_position_embeddings=16,
-)
-LLAMA3_SCALING = {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+# three layers here, so that layer ranges collapse visibly in the key tree
+HF_DECODER = {**TINY_DECODER, "num_hidden_layers": 3}
+HF_VISION = TINY_VISION
+HF_TEXT = TINY_TEXT
 
 # The fused model: the tiny decoder (4 layers, width 64) with fusion layers at 1 and 3, eight
 # new tokens, and the tiny CLIP-style encoder (2 layers, width 48) behind a linear head.
