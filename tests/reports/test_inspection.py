@@ -1,6 +1,5 @@
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -205,12 +204,10 @@ def test_reads_no_tensor_data(llama_dir, monkeypatch):
     assert inspect_checkpoint(llama_dir).num_parameters > 0
 
 
-def test_405b_sparse_sharded_checkpoint_is_fast(tmp_path):
+def test_405b_sparse_sharded_checkpoint(tmp_path):
+    # the data are holes: reading any of it would not finish (timings: benchmarks/)
     directory = write_405b(tmp_path)
-    start = time.perf_counter()
     report = inspect_checkpoint(directory, {"num_heads": 128})
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5.0, f"inspect took {elapsed:.2f} s"
     config = preset("llama3_1_405b")
     assert (report.format, report.num_tensors, len(report.files)) == (
         "safetensors-sharded", 1137, 170)
