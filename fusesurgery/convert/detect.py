@@ -41,6 +41,7 @@ from fusesurgery.convert.keymaps import (
     FUSED_TORCHTUNE_VISION_PREFIX,
     FUSED_VISION_PREFIX,
     HF_VISION_PREFIX,
+    KeyMapping,
     keys_to_native,
     split_layer_index,
 )
@@ -328,6 +329,35 @@ def _fusion_from_keys(
     return fusion, style
 
 
+def _start_detection(
+    tensors: Mapping[str, TensorInfo],
+    layout: str,
+    kind: str,
+    reading: ConfigReading | None,
+    overrides: Mapping[str, Any] | None,
+    field_names: tuple[str, ...],
+    what: str,
+) -> tuple[KeyMapping, dict[str, Shape], dict[str, str], _Fields, list[str]]:
+    """What decoder and vision detection both start from: the keys mapped to native names,
+    native name -> shape and -> source name, the fields offered by the overrides and the
+    config reading, and the reading's notes.
+
+    Raises:
+        KeyMapError: a key the layout does not know.
+        ConfigError: an override that is not a field of ``what``.
+    """
+    mapping = keys_to_native(tensors, layout, kind)
+    shapes = {native: tuple(tensors[source].shape) for source, native in mapping.mapping.items()}
+    names = {native: source for source, native in mapping.mapping.items()}
+    fields = _Fields()
+    _offer_overrides(fields, overrides, field_names, what)
+    notes: list[str] = []
+    if reading is not None:
+        fields.offer_reading(reading)
+        notes.extend(reading.notes)
+    return mapping, shapes, names, fields, notes
+
+
 def _detect_decoder(
     tensors: Mapping[str, TensorInfo],
     kind: str,
@@ -336,17 +366,9 @@ def _detect_decoder(
     origin: str,
     overrides: Mapping[str, Any] | None,
 ) -> DetectedModel:
-    mapping = keys_to_native(tensors, layout, kind)
     prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
-    shapes = {native: tuple(tensors[source].shape) for source, native in mapping.mapping.items()}
-    names = {native: source for source, native in mapping.mapping.items()}
-
-    fields = _Fields()
-    _offer_overrides(fields, overrides, DECODER_FIELDS, "decoder")
-    notes: list[str] = []
-    if reading is not None:
-        fields.offer_reading(reading)
-        notes.extend(reading.notes)
+    _, shapes, names, fields, notes = _start_detection(
+        tensors, layout, kind, reading, overrides, DECODER_FIELDS, "decoder")
     _infer_decoder_fields(fields, shapes, names, prefix)
     config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder")
 
@@ -421,16 +443,8 @@ def _detect_vision(
     origin: str,
     overrides: Mapping[str, Any] | None,
 ) -> DetectedModel:
-    mapping = keys_to_native(tensors, layout, "vision")
-    shapes = {native: tuple(tensors[source].shape) for source, native in mapping.mapping.items()}
-    names = {native: source for source, native in mapping.mapping.items()}
-
-    fields = _Fields()
-    _offer_overrides(fields, overrides, VISION_FIELDS, "vision encoder")
-    notes: list[str] = []
-    if reading is not None:
-        fields.offer_reading(reading)
-        notes.extend(reading.notes)
+    mapping, shapes, names, fields, notes = _start_detection(
+        tensors, layout, "vision", reading, overrides, VISION_FIELDS, "vision encoder")
     _infer_vision_fields(fields, shapes, names)
     family = fields.get("family")
     for name, value in VISION_FAMILY_DEFAULTS[family].items():

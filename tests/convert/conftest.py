@@ -14,7 +14,13 @@ import torch
 from safetensors import safe_open
 
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPES, TensorInfo
-from tests.tiny_models import LLAMA3_SCALING, TINY_DECODER, TINY_TEXT, TINY_VISION
+from tests.tiny_models import (
+    LLAMA3_SCALING,
+    TINY_DECODER,
+    TINY_TEXT,
+    TINY_VISION,
+    save_tiny_hf_decoder,
+)
 
 __all__ = ["LLAMA3_SCALING", "TINY_DECODER", "TINY_TEXT", "TINY_VISION"]
 
@@ -60,16 +66,7 @@ def _save(model, directory: Path) -> SavedModel:
 
 
 def build_hf_decoder(family: str, directory: Path, **overrides) -> SavedModel:
-    import transformers
-
-    classes = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }
-    config_cls, model_cls = classes[family]
-    torch.manual_seed(0)
-    return _save(model_cls(config_cls(**{**TINY_DECODER, **overrides})), directory)
+    return SavedModel(save_tiny_hf_decoder(family, directory, **overrides))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,13 @@ from fusesurgery.config import DECODER_PRESETS, VISION_PRESETS, FusionConfig, pr
 from fusesurgery.convert import layout_tensor_infos
 from fusesurgery.modules import build_decoder, build_deep_fusion_model
 from fusesurgery.testing import write_sparse_sharded_safetensors
-from tests.tiny_models import LLAMA3_SCALING, TINY_DECODER, TINY_TEXT, TINY_VISION
+from tests.tiny_models import (
+    LLAMA3_SCALING,
+    TINY_DECODER,
+    TINY_TEXT,
+    TINY_VISION,
+    save_tiny_hf_decoder,
+)
 
 # three layers here, so that layer ranges collapse visibly in the key tree
 HF_DECODER = {**TINY_DECODER, "num_hidden_layers": 3}
@@ -42,17 +48,7 @@ def stored_numels(path: Path) -> dict[str, int]:
 
 def save_hf_decoder(family: str, directory: Path, **overrides) -> Path:
     """A Llama / Mistral / Qwen2 ``*ForCausalLM`` saved with ``save_pretrained``."""
-    import transformers
-
-    classes = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }
-    config_cls, model_cls = classes[family]
-    torch.manual_seed(0)
-    model_cls(config_cls(**{**HF_DECODER, **overrides})).save_pretrained(directory)
-    return directory
+    return save_tiny_hf_decoder(family, directory, HF_DECODER, **overrides)
 
 
 def save_hf_llama(directory: Path) -> Path:
