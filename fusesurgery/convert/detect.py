@@ -140,6 +140,11 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
         return "fused", "native"
     if "model.embed_tokens.weight" in key_set or any_starts("model.layers."):
         return "decoder", "hf"
+    # a bare transformers decoder (LlamaModel): HF names without the "model." prefix
+    if "embed_tokens.weight" in key_set or (
+        any_starts("layers.") and any_contains(".self_attn.q_proj.")
+    ):
+        return "decoder", "hf"
     if any_contains(".attention.wq.") or any_contains(".feed_forward.w1."):
         return "decoder", "meta"
     if "tok_embeddings.weight" in key_set or (
@@ -373,6 +378,13 @@ def _detect_decoder(
     config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder")
 
     output_key = prefix + "output.weight"
+    if layout == "hf" and not config.tie_word_embeddings and output_key not in shapes:
+        raise ConfigError(
+            f"{origin}: there is no lm_head.weight and the embeddings are not tied: a bare "
+            "transformers decoder (such as LlamaModel) has no LM head; save the *ForCausalLM "
+            "model instead, or set tie_word_embeddings in config.json if its head is the "
+            "embedding table"
+        )
     if config.tie_word_embeddings and output_key in shapes:
         notes.append(
             f"{names[output_key]} is present although the embeddings are tied; it is dropped"

@@ -11,7 +11,8 @@ reason, and every conversion reports them. Any other key a map does not know is 
 
 Kinds and layouts:
 
-- ``decoder``: ``native`` (torchtune names), ``hf`` (transformers ``*ForCausalLM``), ``meta``
+- ``decoder``: ``native`` (torchtune names), ``hf`` (transformers ``*ForCausalLM``; a bare
+  ``LlamaModel`` / ``Qwen2Model`` saved without the ``model.`` prefix is read too), ``meta``
   (``consolidated.*.pth``, also Mistral's ``consolidated.safetensors``).
 - ``vision``: ``native`` and ``hf`` (``vision_model.*`` of ``CLIPVisionModel``,
   ``SiglipVisionModel``, ``CLIPModel``, ``SiglipModel``). transformers 5 saves the bare vision
@@ -187,6 +188,18 @@ HF_VISION_TO_NATIVE: dict[str, str] = {
 HF_VISION_BARE_ROOTS: tuple[str, ...] = (
     "embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.", "head.",
 )
+HF_DECODER_PREFIX = "model."
+# Top-level module names of a bare transformers decoder (``LlamaModel``, ``Qwen2Model``, ...
+# saved on their own, without a ``*ForCausalLM`` around them), whose keys lack ``model.``.
+HF_DECODER_BARE_ROOTS: tuple[str, ...] = ("embed_tokens.", "layers.", "norm.")
+
+# kind -> (the prefix transformers' wrapper model adds, the roots of the bare model's keys).
+# Bare keys are read by adding the prefix; the prefixed spelling, which loads into both the
+# bare and the wrapped model, is the one written.
+HF_BARE_ROOTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vision": (HF_VISION_PREFIX, HF_VISION_BARE_ROOTS),
+    "decoder": (HF_DECODER_PREFIX, HF_DECODER_BARE_ROOTS),
+}
 
 # Keys dropped on purpose: glob pattern (``*`` matches anything, dots included) -> reason.
 DROPPED_KEYS: dict[tuple[str, str], dict[str, str]] = {
@@ -295,16 +308,19 @@ def _check_kind_layout(kind: str, layout: str) -> None:
         raise KeyMapError(f"there is no {layout!r} layout for a {kind} model")
 
 
-def _normalize_hf_vision_key(key: str) -> str:
-    if not key.startswith(HF_VISION_PREFIX) and key.startswith(HF_VISION_BARE_ROOTS):
-        return HF_VISION_PREFIX + key
+def _normalize_hf_key(key: str, layout: str, kind: str) -> str:
+    """A bare transformers key with its wrapper's prefix added (other keys as they are)."""
+    if layout != "hf" or kind not in HF_BARE_ROOTS:
+        return key
+    prefix, roots = HF_BARE_ROOTS[kind]
+    if not key.startswith(prefix) and key.startswith(roots):
+        return prefix + key
     return key
 
 
 def dropped_reason(key: str, layout: str, kind: str = "decoder") -> str | None:
     """Why ``key`` of a ``kind`` checkpoint in ``layout`` is dropped on purpose, or None."""
-    if kind == "vision" and layout == "hf":
-        key = _normalize_hf_vision_key(key)
+    key = _normalize_hf_key(key, layout, kind)
     for pattern, reason in DROPPED_KEYS.get((kind, layout), {}).items():
         if fnmatchcase(key, pattern):
             return reason
@@ -348,8 +364,7 @@ def to_native_key(key: str, layout: str, kind: str = "decoder") -> str | None:
         if _fused_key_is_known(key):
             return key
         raise KeyMapError(f"unknown key {key!r} for a fused checkpoint (native layout)")
-    lookup_key = _normalize_hf_vision_key(key) if (kind, layout) == ("vision", "hf") else key
-    native = _lookup(lookup_key, TO_NATIVE[kind, layout])
+    native = _lookup(_normalize_hf_key(key, layout, kind), TO_NATIVE[kind, layout])
     if native is not None:
         return native
     if dropped_reason(key, layout, kind) is not None:
@@ -472,6 +487,8 @@ def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder") ->
 __all__ = [
     "DROPPED_KEYS",
     "FROM_NATIVE",
+    "HF_DECODER_BARE_ROOTS",
+    "HF_DECODER_PREFIX",
     "HF_DECODER_TO_NATIVE",
     "HF_VISION_TO_NATIVE",
     "KINDS",
