@@ -25,6 +25,7 @@ import torch
 
 from fusesurgery.errors import CheckpointError, ConfigError, UnrecognizedFormatError
 from fusesurgery.io._files import describe_os_error, open_for_reading
+from fusesurgery.io.meta_parallel import MetaModelParallelReader
 from fusesurgery.io.safetensors_header import (
     HEADER_LENGTH_BYTES,
     SafetensorsHeader,
@@ -186,6 +187,7 @@ class CheckpointSource:
         path: Path,
         format: str,
         readers: list[tuple[Path, _TensorReader]],
+        files: list[Path] | None = None,
         wanted: dict[str, Path] | None = None,
         config: dict[str, Any] | None = None,
         config_file: str | None = None,
@@ -194,7 +196,7 @@ class CheckpointSource:
     ) -> None:
         self.path = path
         self.format = format
-        self.files = [file for file, _ in readers]
+        self.files = files or [file for file, _ in readers]
         self.config = config
         self.config_file = config_file
         self.is_hf_dir = is_hf_dir
@@ -337,7 +339,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
     safetensors or torch shards; a ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` state dict (also
     wrapped as ``{"model": sd}`` / ``{"state_dict": sd}``); a Hugging Face directory
     (``config.json`` + ``model.safetensors`` / its index / ``pytorch_model.bin`` / its index,
-    safetensors preferred); a Meta directory (``consolidated.00.pth`` + ``params.json``); a
+    safetensors preferred); a Meta directory (``consolidated.00.pth`` + ``params.json``;
+    model-parallel ``consolidated.NN.pth`` ranks are merged into full tensors when read); a
     directory holding exactly one checkpoint file.
 
     Args:
@@ -348,7 +351,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
 
     Raises:
         CheckpointError: missing or unreadable path, corrupted file, inconsistent index,
-            model-parallel Meta checkpoint.
+            model-parallel Meta files that do not belong together.
         UnsafeCheckpointError: a pickle that needs code to load.
         UnrecognizedFormatError: nothing recognisable at the path, or several candidates.
         ConfigError: a config.json / params.json beside the weights that is not a JSON object.
@@ -361,16 +364,20 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
     target = _pick_file_in_directory(path) if is_directory else path
     kind = _classify_file(target)
 
+    files: list[Path] | None = None  # the data files, where not one per reader
     if kind == _KIND_INDEX:
         format, readers, wanted = _open_sharded(target)
     elif kind == _KIND_SAFETENSORS:
         format, readers, wanted = FORMAT_SAFETENSORS, [_open_safetensors(target)], None
     else:
-        format = FORMAT_TORCH
         if META_SHARD_PATTERN.fullmatch(target.name):
-            _refuse_model_parallel_meta(target.parent)
             format = FORMAT_META
-        readers, wanted = [(target, _TorchReader(target, load_torch_state_dict(target)))], None
+            files, reader = _open_meta(target)
+            readers, wanted = [(files[0], reader)], None
+        else:
+            format = FORMAT_TORCH
+            readers = [(target, _TorchReader(target, load_torch_state_dict(target)))]
+            wanted = None
 
     config, config_file = _read_config(target.parent, prefer_params=format == FORMAT_META)
     first_reader = readers[0][1]
@@ -379,6 +386,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
         path=path,
         format=format,
         readers=readers,
+        files=files,
         wanted=wanted,
         config=config,
         config_file=config_file,
@@ -430,16 +438,32 @@ def _open_sharded(
     return format, readers, wanted
 
 
-def _refuse_model_parallel_meta(directory: Path) -> None:
-    shards = sorted(
-        name for name in _list_directory(directory) if META_SHARD_PATTERN.fullmatch(name)
-    )
-    if len(shards) > 1:
+def _meta_rank_files(directory: Path) -> list[Path]:
+    """``consolidated.NN.pth`` files of a Meta directory, rank 0 first.
+
+    Raises:
+        CheckpointError: the ranks are not 0 .. N-1 without a gap.
+    """
+    ranks = {
+        int(match.group(1)): directory / name
+        for name in _list_directory(directory)
+        if (match := META_SHARD_PATTERN.fullmatch(name))
+    }
+    if sorted(ranks) != list(range(len(ranks))):
         raise CheckpointError(
-            f"{directory}: model-parallel Meta checkpoints ({len(shards)} shards: "
-            f"{shards[0]} ... {shards[-1]}) are not supported; merge them into one "
-            "consolidated.00.pth first"
+            f"{directory}: model-parallel Meta files for ranks {sorted(ranks)}; expected "
+            f"consolidated.00.pth to consolidated.{len(ranks) - 1:02d}.pth without gaps"
         )
+    return [ranks[rank] for rank in range(len(ranks))]
+
+
+def _open_meta(target: Path) -> tuple[list[Path], _TensorReader]:
+    """A Meta ``consolidated.NN.pth`` and its siblings: one file as it is, several (model
+    parallel ranks) merged into full tensors."""
+    files = _meta_rank_files(target.parent)
+    if len(files) == 1:
+        return files, _TorchReader(target, load_torch_state_dict(target))
+    return files, MetaModelParallelReader(files, [load_torch_state_dict(f) for f in files])
 
 
 def _list_directory(directory: Path) -> list[str]:
@@ -458,8 +482,7 @@ def _pick_file_in_directory(directory: Path) -> Path:
             return directory / preferred
 
     meta_shards = [name for name in files if META_SHARD_PATTERN.fullmatch(name)]
-    if meta_shards:
-        _refuse_model_parallel_meta(directory)
+    if meta_shards:  # rank 0; its siblings are merged in by _open_meta
         return directory / meta_shards[0]
 
     candidates = [name for name in files if not NOT_WEIGHTS_PATTERN.fullmatch(name)]
