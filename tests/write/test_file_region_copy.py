@@ -189,3 +189,25 @@ def test_a_shard_that_is_a_source_file_is_copied_whole(tmp_path, monkeypatch, re
         for name, key in new_names.items():
             expected = tensors[key].flip(0) if key == "model.a" else tensors[key]
             assert torch.equal(f.get_tensor(name), expected), name
+
+
+def test_a_sharded_source_keeps_its_shards_and_each_is_mirrored(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    sources = sorted(path.name for path in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(sources) > 2
+    mirrored = []
+    real = safetensors_writer._write_mirror
+    monkeypatch.setattr(safetensors_writer, "_write_mirror",
+                        lambda *args: (mirrored.append(args[1].name), real(*args)))
+    result = convert_checkpoint(tmp_path / "hf", tmp_path / "native")
+    # one output shard per source file, each that file under new names
+    assert len(result.written.plan.shards) == len(sources)
+    assert mirrored == sources
+    tokens = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_decoder(tmp_path / "native")(tokens),
+                                   model(tokens).logits, rtol=0, atol=1e-5)
