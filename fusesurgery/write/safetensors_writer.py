@@ -233,9 +233,8 @@ def _copy_region(
     reads and writes where the filesystems do not support it. ``progress`` is called with the
     bytes copied so far after each step (the kernel moves at most 2 GiB per call).
 
-    Each call is asked for all that is left: calls have a cost of their own (measured: a
-    2.5 GB file copied in 256 MiB calls took 0.95-1.2 s, in as few calls as possible
-    0.69-0.81 s), so the copy is never split further than the kernel splits it.
+    Each call is asked for all that is left: calls have a cost of their own, so the copy is
+    never split further than the kernel splits it (``benchmarks/bench_copy_strategies.py``).
     """
     with open(region.path, "rb") as source:
         done = 0
@@ -543,9 +542,9 @@ def _write_mirror(
     on_tensor_written: Callable[[TensorInfo], None] | None,
 ) -> None:
     # The whole source file goes over by kernel copies from offset 0, so every page lines up
-    # with its source page (the fastest copy there is, as fast as `cp`); then the bytes that
-    # differ are overwritten in place: the header, and the rows of permuted tensors. Measured
-    # on a 2.5 GB Llama-3.2-1B file: 0.73-0.87 s, against 0.95-1.0 s tensor run by tensor run.
+    # with its source page, as in `cp`; then the bytes that differ are overwritten in place:
+    # the header, and the rows of permuted tensors. The figures are in benchmarks/
+    # (bench_convert.py end to end, bench_copy_strategies.py the ways of copying).
     report = on_tensor_written or (lambda info: None)
     size = len(header) + layout.data_size
     unchanged = [(info, source) for info, source in zip(layout.tensors, sources, strict=True)
