@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,12 +108,6 @@ def same_start(src: Path, settle: float) -> None:
     time.sleep(settle)
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
@@ -155,12 +150,12 @@ def main() -> None:
 
         for name, values in times.items():
             print(f"{name:16s} best {min(values):6.2f} s ({size / min(values) / 1e9:5.2f} GB/s)"
-                  f"  median {median(values):6.2f} s")
+                  f"  median {statistics.median(values):6.2f} s")
         for fast, slow, what in (("cp", "convert", "convert/cp"),
                                  ("cp+sync", "convert durable", "durable convert/(cp+sync)")):
             per_round = [a / b for a, b in zip(times[fast], times[slow], strict=True)]
             print(f"speed ratio {what:27s} best/best {min(times[fast]) / min(times[slow]):.2f}"
-                  f"  median of rounds {median(per_round):.2f}  (target >= 0.7)")
+                  f"  median of rounds {statistics.median(per_round):.2f}  (target >= 0.7)")
         peak, limit = max(peaks), 2 * largest + 300e6
         print(f"peak RssAnon growth {peak / 1e6:.0f} MB; limit 2 x largest + 300 MB = "
               f"{limit / 1e6:.0f} MB; ratio {peak / limit:.2f}")

@@ -25,6 +25,7 @@ import argparse
 import mmap
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_convert import make_hf_checkpoint, median, same_start  # noqa: E402
+from bench_convert import make_hf_checkpoint, same_start  # noqa: E402
 
 from fusesurgery.convert.transforms import row_order  # noqa: E402
 from fusesurgery.io import PermutedRegion, open_checkpoint  # noqa: E402
@@ -148,7 +149,7 @@ def compare(title: str, contenders: dict[str, Callable[[Path, Path], None]], src
     print(title)
     baseline = min(times[next(iter(contenders))])
     for name, values in times.items():
-        print(f"  {name:44s} best {min(values):6.3f} s  median {median(values):6.3f} s  "
+        print(f"  {name:44s} best {min(values):6.3f} s  median {statistics.median(values):6.3f} s  "
               f"best vs first {baseline / min(values):5.2f}")
 
 

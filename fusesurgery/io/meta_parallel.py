@@ -35,7 +35,7 @@ from fusesurgery.io.tensor_info import TensorInfo
 # tensor is replicated on every rank). The embedding's dim is decided from the shapes.
 EMBEDDING_KEY = "tok_embeddings.weight"
 META_PARALLEL_DIMS: dict[str, int | None] = {
-    EMBEDDING_KEY: None,  # placeholder, see _embedding_dim
+    EMBEDDING_KEY: None,  # split either way: MetaModelParallelReader._embedding_dim decides
     "layers.{i}.attention.wq.weight": 0,
     "layers.{i}.attention.wk.weight": 0,
     "layers.{i}.attention.wv.weight": 0,
@@ -95,15 +95,15 @@ class MetaModelParallelReader:
         self._infos = [self._merged_info(name) for name in first]
 
     def _embedding_dim(self) -> int:
-        slices = [state[EMBEDDING_KEY] for state in self._states]
+        embedding = self._states[0][EMBEDDING_KEY]
         wq = self._states[0].get("layers.0.attention.wq.weight")
-        if wq is None or slices[0].dim() != 2:
+        if wq is None or embedding.dim() != 2:
             raise CheckpointError(
                 f"{self.path.parent}: cannot tell how the token embedding is split without "
                 "layers.0.attention.wq.weight"
             )
         # wq's slices keep the full model dim as their input features.
-        return 0 if slices[0].shape[1] == wq.shape[1] else 1
+        return 0 if embedding.shape[1] == wq.shape[1] else 1
 
     def _dim_of(self, name: str) -> int | None:
         if name == EMBEDDING_KEY:

@@ -63,9 +63,7 @@ def _source_file_order(
         if region is None:
             return list(targets.values()), set()
         positions[entry.target_key] = (str(region.path), region.offset)
-    files = sorted({path for path, _ in positions.values()})
-    ordered = sorted(targets, key=lambda key: (files.index(positions[key][0]),
-                                               positions[key][1]))
+    ordered = sorted(targets, key=positions.__getitem__)  # by file name, then offset
     first_of_file: dict[str, str] = {}
     for key in ordered:
         first_of_file.setdefault(positions[key][0], key)

@@ -219,10 +219,16 @@ def _tensor_buffer(tensor: torch.Tensor) -> memoryview:
     return memoryview(raw).cast("B")
 
 
-def _write_all(fd: int, data: memoryview | bytes) -> None:
+def _write_all(fd: int, data: memoryview | bytes, position: int | None = None) -> None:
+    """Write all of ``data``: appended, or at ``position`` (the file offset stays put)."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view[:_WRITE_CHUNK_BYTES])
+        chunk = view[:_WRITE_CHUNK_BYTES]
+        if position is None:
+            written = os.write(fd, chunk)
+        else:
+            written = os.pwrite(fd, chunk, position)
+            position += written
         view = view[written:]
 
 
@@ -277,14 +283,6 @@ def _row_spans(permuted: PermutedRegion) -> list[tuple[int, int]]:
     return spans
 
 
-def _write_all_at(fd: int, data: memoryview | bytes, position: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view[:_WRITE_CHUNK_BYTES], position)
-        view = view[written:]
-        position += written
-
-
 def _writev_all(fd: int, buffers: list[memoryview], position: int | None) -> int:
     """Write ``buffers`` back to back, appending (``position`` None) or at ``position``;
     return how many bytes that was."""
@@ -298,11 +296,8 @@ def _writev_all(fd: int, buffers: list[memoryview], position: int | None) -> int
         for buffer in buffers:
             start = max(0, min(written - done, len(buffer)))
             if start < len(buffer):
-                rest = buffer[start:]
-                if position is None:
-                    _write_all(fd, rest)
-                else:
-                    _write_all_at(fd, rest, position + done + start)
+                at = None if position is None else position + done + start
+                _write_all(fd, buffer[start:], at)
             done += len(buffer)
     return total
 
@@ -501,6 +496,13 @@ def _pad_header(header: bytes, extra: int) -> bytes:
     return length.to_bytes(8, "little") + header[8:] + b" " * extra
 
 
+def _region_of(source: TensorSource | None) -> FileRegion | None:
+    """Where a source's bytes lie in a file (rows perhaps reordered), or None for a tensor."""
+    if isinstance(source, PermutedRegion):
+        return source.region
+    return source if isinstance(source, FileRegion) else None
+
+
 def _mirrored_file(
     header: bytes, layout: _ShardLayout, sources: Sequence[TensorSource]
 ) -> tuple[Path, int] | None:
@@ -510,8 +512,8 @@ def _mirrored_file(
     """
     if not sources or len(sources) != len(layout.tensors):
         return None
-    regions = [s.region if isinstance(s, PermutedRegion) else s for s in sources]
-    if not all(isinstance(region, FileRegion) for region in regions):
+    regions = [_region_of(source) for source in sources]
+    if None in regions:
         return None
     path, data_start = regions[0].path, regions[0].offset
     end = data_start
@@ -560,7 +562,7 @@ def _write_mirror(
             reported += 1
 
     _copy_region(fd, FileRegion(source_path, 0, size), report_copied)
-    _write_all_at(fd, header, 0)
+    _write_all(fd, header, position=0)
     for info, source in zip(layout.tensors, sources, strict=True):
         if isinstance(source, PermutedRegion):
             _write_permuted(fd, source, position=source.region.offset)
@@ -575,7 +577,7 @@ def _fetch_ahead(
     sources: list[TensorSource | None] = []
     for info in layout.tensors:
         sources.append(_fetch_checked(get_tensor, info))  # the reader's errors are its own
-        if not isinstance(sources[-1], (FileRegion, PermutedRegion)):
+        if _region_of(sources[-1]) is None:
             break
     return sources
 
@@ -591,13 +593,12 @@ def _write_shard(
     header = layout.header
     mirrored = _mirrored_file(header, layout, sources)
     if mirrored is None and sources:
-        first = sources[0].region if isinstance(sources[0], PermutedRegion) else sources[0]
-        if isinstance(first, FileRegion) and (first.offset - len(header)) % 8 == 0:
+        first = _region_of(sources[0])
+        if first is not None and (first.offset - len(header)) % 8 == 0:
             # Start the data where it starts in the source file, modulo a page: the kernel
             # then copies whole pages rather than straddling two per page. Padding in steps
             # of 8 keeps every tensor as aligned as it was.
             header = _pad_header(header, (first.offset - len(header)) % _PAGE_BYTES)
-        del first  # a tensor in memory must not stay alive all shard
 
     with _write_errors("write", path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
