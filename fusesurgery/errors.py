@@ -9,7 +9,18 @@ from __future__ import annotations
 
 
 class FuseSurgeryError(Exception):
-    """Base class of every error fusesurgery raises on purpose."""
+    """Base class of every error fusesurgery raises on purpose.
+
+    Args:
+        message: what is wrong.
+        flag: the CLI option that supplies the missing value or permission, if any.
+    """
+
+    def __init__(self, message: str = "", *, flag: str | None = None) -> None:
+        if flag is not None:
+            message = f"{message} (pass {flag})"
+        super().__init__(message)
+        self.flag = flag
 
 
 class CheckpointError(FuseSurgeryError):
@@ -25,18 +36,7 @@ class UnrecognizedFormatError(CheckpointError):
 
 
 class ConfigError(FuseSurgeryError):
-    """A model configuration is missing, inconsistent, or cannot be inferred.
-
-    Args:
-        message: what is wrong.
-        flag: the CLI option that would supply the missing value, if any.
-    """
-
-    def __init__(self, message: str, *, flag: str | None = None) -> None:
-        if flag is not None:
-            message = f"{message} (pass {flag})"
-        super().__init__(message)
-        self.flag = flag
+    """A model configuration is missing, inconsistent, or cannot be inferred."""
 
 
 class KeyMapError(FuseSurgeryError):

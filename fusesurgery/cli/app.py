@@ -6,7 +6,7 @@ import typer
 from typer.core import TyperGroup
 
 from fusesurgery.cli import convert, demo, diff, inspect
-from fusesurgery.cli.errors import debug_enabled, report
+from fusesurgery.cli.errors import debug_enabled, interrupted, report
 
 
 class _Group(TyperGroup):
@@ -17,8 +17,8 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise  # usage errors and exits: typer prints and exits as usual
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            raise typer.Exit(interrupted(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the one place that maps errors
             code = report(exc)
             raise typer.Exit(code) from (exc if debug_enabled() else None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -32,12 +31,14 @@ DTYPES = {name.lower(): dtype for name, dtype in SAFETENSORS_DTYPES.items()
 
 def convert(
     source: CheckpointPath,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    # str, not Path: typer turns "" into Path("."), the current directory
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
     to: Annotated[str, typer.Option(help="Target layout: native or hf.")] = "native",
     dtype: Annotated[str | None, typer.Option(
         help=f"Cast floating-point tensors: {', '.join(DTYPES)}.")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an earlier fusesurgery output (never any other directory).")] = False,
     as_json: Json = False,
     num_heads: NumHeads = None,
     num_kv_heads: NumKvHeads = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 
 from rich.console import Console
@@ -15,6 +16,7 @@ EXIT_OK = 0
 EXIT_DIFFERENT = 1
 EXIT_ERROR = 2
 EXIT_BUG = 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 # Exception type -> (exit code, message prefix); the first match in order wins.
 ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -26,6 +28,36 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
 )
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwound like Ctrl-C, so every writer removes its partial
+    output on the way out (they clean up on any BaseException)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def handle_termination() -> None:
+    """Treat SIGTERM (kill, systemd, Kubernetes, CI) and SIGHUP (a closed terminal) as Ctrl-C.
+
+    Signals left ignored by the parent (``nohup`` ignores SIGHUP) stay ignored.
+    """
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_terminated)
+
+
+def interrupted(exc: KeyboardInterrupt) -> int:
+    """Report an interruption on stderr; return its exit code (130 Ctrl-C, 143 SIGTERM)."""
+    what = "interrupted" if not isinstance(exc, Terminated) else f"terminated ({exc})"
+    stderr.print(f"[bold red]{what}[/]: stopped; no partial output is left behind")
+    return exc.exit_code if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 def debug_enabled() -> bool:

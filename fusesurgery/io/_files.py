@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +28,34 @@ def describe_os_error(path: Path, error: OSError) -> CheckpointError:
     return CheckpointError(f"{path}: cannot read: {reason}")
 
 
+# Config files and shard indexes are kilobytes; a "config" of more is not one (or /dev/zero).
+MAX_JSON_FILE_BYTES = 64 * 2**20
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse anything but a regular file (after following links) before it is opened: a
+    FIFO would block the open forever, a device would never end.
+
+    Raises:
+        CheckpointError: missing, unreadable, or not a regular file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise describe_os_error(path, error) from None
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a regular file")
+
+
 @contextlib.contextmanager
 def open_for_reading(path: Path) -> Iterator[tuple[BinaryIO, int]]:
     """Open ``path`` in binary mode and give ``(file, size_in_bytes)``.
@@ -36,6 +66,7 @@ def open_for_reading(path: Path) -> Iterator[tuple[BinaryIO, int]]:
     Raises:
         CheckpointError: the file is missing, unreadable or not a regular file.
     """
+    require_regular_file(path)
     try:
         handle = open(path, "rb")  # noqa: SIM115 -- closed below, after the caller's block
     except OSError as error:
@@ -62,4 +93,54 @@ def read_exactly(handle: BinaryIO, path: Path, count: int) -> bytes:
         raise describe_os_error(path, error) from None
     if len(data) != count:
         raise CheckpointError(f"{path}: file ended after {len(data)} of {count} expected bytes")
+    return data
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (``json`` would silently keep the last)."""
+
+
+def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``object_pairs_hook`` for ``json.loads``: a key given twice is an error, never a
+    silent "last one wins".
+
+    Raises:
+        DuplicateKeyError: with the key as its argument.
+    """
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def read_json_file(path: Path, what: str, error_type: type[Exception] = CheckpointError) -> dict:
+    """Read a small JSON object file (a config, a shard index): a regular file of at most
+    :data:`MAX_JSON_FILE_BYTES`, UTF-8, no key given twice.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a regular file, or too large.
+        error_type: not UTF-8, not JSON, duplicate keys, or not an object (``what`` and
+            ``path`` name it in the message).
+    """
+    with open_for_reading(path) as (handle, size):
+        if size > MAX_JSON_FILE_BYTES:
+            raise CheckpointError(
+                f"{path}: {size / 2**20:.0f} MiB is far too large for a {what}"
+            )
+        raw = read_exactly(handle, path, size)
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except DuplicateKeyError as error:
+        raise error_type(f"{path}: {what} names {error.args[0]!r} twice") from None
+    except UnicodeDecodeError:
+        raise error_type(f"{path}: {what} is not UTF-8 text") from None
+    except RecursionError:
+        raise error_type(f"{path}: {what} JSON is nested too deeply") from None
+    except ValueError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise error_type(f"{path}: {what} is not valid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise error_type(f"{path}: {what} holds a JSON {type(data).__name__}, not an object")
     return data

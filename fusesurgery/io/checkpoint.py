@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import difflib
-import json
 import os
 import re
 import stat
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from fusesurgery.errors import CheckpointError, ConfigError, UnrecognizedFormatError
-from fusesurgery.io._files import describe_os_error, open_for_reading
+from fusesurgery.io._files import describe_os_error, open_for_reading, read_json_file
 from fusesurgery.io.meta_parallel import MetaModelParallelReader
 from fusesurgery.io.safetensors_header import (
     HEADER_LENGTH_BYTES,
@@ -177,6 +176,8 @@ class CheckpointSource:
         config: parsed ``config.json`` (Hugging Face) or ``params.json`` (Meta) found beside
             the weights, or None.
         config_file: the name of that file, or None.
+        paths_read: every path this source reads: the path opened, the index, the data files
+            and the config file; writers refuse outputs that overlap any of them.
         is_hf_dir: a ``config.json`` sits beside the weights.
         metadata: ``__metadata__`` of the first safetensors file, or ``{}``.
     """
@@ -193,6 +194,7 @@ class CheckpointSource:
         config_file: str | None = None,
         is_hf_dir: bool = False,
         metadata: dict[str, str] | None = None,
+        paths_read: tuple[Path, ...] = (),
     ) -> None:
         self.path = path
         self.format = format
@@ -201,6 +203,7 @@ class CheckpointSource:
         self.config_file = config_file
         self.is_hf_dir = is_hf_dir
         self.metadata = metadata or {}
+        self.paths_read = (path, *paths_read, *self.files)
         self._readers = [reader for _, reader in readers]
         self._infos: dict[str, TensorInfo] = {}
         self._reader_of: dict[str, _TensorReader] = {}
@@ -392,6 +395,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
         config_file=config_file,
         is_hf_dir=(target.parent / HF_CONFIG_FILE).is_file(),
         metadata=metadata,
+        paths_read=(target, *([target.parent / config_file] if config_file else [])),
     )
 
 
@@ -538,16 +542,9 @@ def _read_config(directory: Path, *, prefer_params: bool) -> tuple[dict | None, 
     )
     for name in names:
         config_path = directory / name
-        if not config_path.is_file():
+        # lexists: a config that exists but is no file (a directory, a FIFO, a dangling or
+        # device link) is an error naming it, not a silently missing config
+        if not os.path.lexists(config_path):
             continue
-        try:
-            config = json.loads(config_path.read_bytes().decode("utf-8"))
-        except OSError as error:
-            raise describe_os_error(config_path, error) from None
-        except (ValueError, RecursionError) as error:  # also UnicodeDecodeError
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"{config_path}: not valid JSON ({reason})") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{config_path}: holds a JSON {type(config).__name__}, not an object")
-        return config, name
+        return read_json_file(config_path, "config file", ConfigError), name
     return None, None

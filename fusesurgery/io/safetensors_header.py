@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from fusesurgery.errors import CheckpointError
-from fusesurgery.io._files import open_for_reading, read_exactly
+from fusesurgery.io._files import (
+    DuplicateKeyError,
+    open_for_reading,
+    read_exactly,
+    reject_duplicate_keys,
+)
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPES, TensorInfo
 
 # The cap safetensors' own reader applies; a real header is a few hundred bytes per tensor.
@@ -67,20 +72,6 @@ class SafetensorsHeader:
     data_start: int
     entries: dict[str, SafetensorsEntry]
     metadata: dict[str, str]
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of two equal keys; the first tensor's bytes would then go unaccounted.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
 
 
 def _is_int(value: object) -> bool:
@@ -152,8 +143,8 @@ def _decode_header_json(path: Path, header_bytes: bytes) -> dict[str, Any]:
             f"{path}: header is not UTF-8 (bad byte at {error.start}); the file is corrupted"
         ) from None
     try:
-        header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except _DuplicateKey as error:
+        header = json.loads(text, object_pairs_hook=reject_duplicate_keys)
+    except DuplicateKeyError as error:
         raise CheckpointError(f"{path}: header names {error.args[0]!r} twice") from None
     except RecursionError:
         raise CheckpointError(f"{path}: header JSON is nested too deeply") from None

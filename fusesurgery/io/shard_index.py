@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from fusesurgery.errors import CheckpointError
-from fusesurgery.io._files import describe_os_error
+from fusesurgery.io._files import read_json_file
 
 INDEX_SUFFIX = ".index.json"
 
@@ -46,23 +45,7 @@ def read_shard_index(path: str | Path) -> ShardIndex:
             shard name that leaves the index's directory.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise describe_os_error(path, error) from None
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: shard index is not UTF-8 text") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: shard index JSON is nested too deeply") from None
-    except ValueError as error:
-        reason = str(error).splitlines()[0]
-        raise CheckpointError(f"{path}: shard index is not valid JSON ({reason})") from None
-    if not isinstance(index, dict):
-        raise CheckpointError(
-            f"{path}: shard index is a JSON {type(index).__name__}, not an object"
-        )
+    index = read_json_file(path, "shard index")
     if "weight_map" not in index:
         raise CheckpointError(
             f'{path}: shard index has no "weight_map" (expected {{"weight_map": '

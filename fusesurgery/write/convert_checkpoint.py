@@ -87,7 +87,8 @@ def convert_checkpoint(
 
     Args:
         source_path: any checkpoint ``fusesurgery.io.open_checkpoint`` reads.
-        out_dir: the output directory; written atomically.
+        out_dir: the output directory; written atomically. It may not be, contain, lie inside
+            or link to the source or any file the source reads.
         to: ``"native"`` (torchtune keys, fusesurgery config) or ``"hf"`` (transformers keys
             and config.json, loadable with ``from_pretrained``).
         dtype: cast floating-point tensors; None keeps them.
@@ -95,7 +96,8 @@ def convert_checkpoint(
             safetensors file, each source file starts a new output shard, so a sharded source
             keeps its shards (split further only where one exceeds the limit).
         overrides: config fields to supply or replace (see ``detect_model``).
-        overwrite: replace an existing non-empty ``out_dir``.
+        overwrite: replace an earlier fusesurgery output at ``out_dir`` (never any other
+            directory).
         on_tensor_written: progress callback, called after each tensor.
         durable: fsync the output before it appears (see ``write_safetensors``).
 
@@ -147,5 +149,6 @@ def convert_checkpoint(
             overwrite=overwrite,
             on_tensor_written=on_tensor_written,
             durable=durable,
+            inputs=source.paths_read,
         )
     return ConversionResult(detected, plan, written)

@@ -14,7 +14,9 @@ Atomicity: everything is written into a hidden sibling directory ``.<name>.parti
 (same filesystem), files are fsynced, the index is written last, and only then is the directory
 renamed into place. On any failure the temporary directory is removed and the destination is
 left exactly as it was. A process killed outright (SIGKILL, power loss) can leave a
-``.partial-`` directory behind, never a half-written destination.
+``.partial-`` directory behind, never a half-written destination; the next run writing the
+same output removes it. Which outputs may be written or replaced at all is decided in
+:mod:`fusesurgery.write.output_guard`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import errno
 import json
 import mmap
 import os
-import secrets
 import shutil
 import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -40,6 +41,15 @@ from fusesurgery.io.tensor_info import (
     FileRegion,
     PermutedRegion,
     TensorInfo,
+)
+from fusesurgery.write.output_guard import (
+    MARKER_FILE,
+    check_destination,
+    check_not_an_input,
+    make_temp_dir,
+    marker_content,
+    move_into_place,
+    resolve_output,
 )
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE, ShardPlan, plan_shards
 
@@ -64,8 +74,8 @@ class WriteResult:
     Args:
         out_dir: the (absolute) output directory, now complete.
         plan: the shard plan that was written.
-        files: names of every file written inside ``out_dir``: shards, extra files, then the
-            index if there is one.
+        files: names of the files written inside ``out_dir``: shards, extra files, then the
+            index if there is one (not the marker file every output also holds).
     """
 
     out_dir: Path
@@ -423,24 +433,6 @@ def _shard_layouts(
     return layouts
 
 
-def _check_destination(out_dir: Path, overwrite: bool) -> bool:
-    """Refuse an unusable destination up front. Returns whether an old output is replaced."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise WriteError(f"output path {out_dir} exists and is not a directory; choose another")
-    if not out_dir.exists():
-        return False
-    with _write_errors("list", out_dir):
-        is_empty = next(os.scandir(out_dir), None) is None
-    if is_empty:
-        return False
-    if not overwrite:
-        raise WriteError(
-            f"output directory {out_dir} is not empty; pass overwrite=True (--overwrite) "
-            "or choose another directory"
-        )
-    return True
-
-
 def _check_free_space(parent: Path, needed: int) -> None:
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     try:
@@ -463,18 +455,6 @@ def _fsync_dir(path: Path, durable: bool = True) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _make_temp_dir(parent: Path, name: str) -> Path:
-    with _write_errors("create a directory in", parent):
-        parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            candidate = parent / f".{name}.partial-{secrets.token_hex(4)}"
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue
-            return candidate
 
 
 def _write_file(path: Path, chunks: Sequence[bytes], durable: bool = True) -> None:
@@ -674,37 +654,6 @@ def _write_in_order(
     flush_run()
 
 
-def _move_into_place(
-    temp_dir: Path, out_dir: Path, replace_existing: bool, durable: bool = True
-) -> None:
-    parent = out_dir.parent
-    with _write_errors("move the finished output to", out_dir):
-        if not replace_existing:
-            try:
-                # rename(2) atomically replaces an empty directory, and refuses a non-empty one.
-                os.replace(temp_dir, out_dir)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise WriteError(
-                        f"output directory {out_dir} was filled by someone else while writing; "
-                        "choose another directory or pass overwrite=True"
-                    ) from exc
-                raise
-        else:
-            # No portable atomic directory swap: move the old output aside, move the new one in,
-            # then delete the old one. A reader sees either the old or the new complete output
-            # (or, for an instant, none), never a mixture.
-            backup = parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-            os.rename(out_dir, backup)
-            try:
-                os.rename(temp_dir, out_dir)
-            except BaseException:
-                os.rename(backup, out_dir)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        _fsync_dir(parent, durable)
-
-
 def write_safetensors(
     out_dir: str | os.PathLike[str],
     infos: Sequence[TensorInfo],
@@ -717,6 +666,7 @@ def write_safetensors(
     on_tensor_written: Callable[[TensorInfo], None] | None = None,
     durable: bool = True,
     new_shard_at: Collection[str] = (),
+    inputs: Collection[str | os.PathLike[str]] = (),
 ) -> WriteResult:
     """Write tensors as Hugging Face-style (sharded) safetensors, streaming and atomically.
 
@@ -734,7 +684,8 @@ def write_safetensors(
 
     Args:
         out_dir: the output directory. Missing parents are created. If it exists it must be
-            empty unless ``overwrite`` is set.
+            empty, or (with ``overwrite``) an earlier fusesurgery output. It may not be,
+            contain, lie inside or link to any of ``inputs``.
         infos: name, shape and dtype of every tensor to write.
         get_tensor: returns the tensor for a name, on any device, of any strides; or, for
             bytes that are copied from a file unchanged or with their rows reordered, a
@@ -744,20 +695,24 @@ def write_safetensors(
             included.
         extra_files: ``{relative name: content}`` written alongside (``config.json``,
             ``README.md``, ...); str content is encoded as UTF-8.
-        overwrite: replace a non-empty ``out_dir``; the old content is removed only after the
-            new output is complete.
+        overwrite: replace an earlier fusesurgery output at ``out_dir`` (one holding the
+            marker file every output gets); the old content is removed only after the new
+            output is complete. Any other non-empty directory is never replaced.
         on_tensor_written: called with each TensorInfo once its bytes are written (progress).
         durable: fsync files and directories before the output appears, so it survives a
             power loss; False leaves flushing to the OS (faster, like ``cp``; still atomic for
             every reader while the machine runs).
         new_shard_at: names that start a new shard even where the current one has room.
+        inputs: every path the tensors are read from (checkpoint paths given, files opened);
+            the output may not overlap any of them.
 
     Returns:
         The output directory, the shard plan, and the names of the files written.
 
     Raises:
-        WriteError: invalid arguments, a non-empty ``out_dir`` without ``overwrite``, too
-            little space, or any OS error while writing (permission, disk full).
+        WriteError: invalid arguments, an output that overlaps an input, a non-empty
+            ``out_dir`` without ``overwrite`` or not written by fusesurgery, too little
+            space, or any OS error while writing (permission, disk full).
         ShapeError: ``get_tensor`` returned something that does not match its TensorInfo.
         Exception: whatever ``get_tensor`` raises passes through; in every failure case the
             temporary directory is removed and ``out_dir`` is left untouched.
@@ -766,18 +721,20 @@ def write_safetensors(
         raise WriteError("safetensors stores little-endian data; this machine is big-endian")
     # realpath: a symlinked destination is replaced at its target, next to which the
     # temporary directory must live (same filesystem, so the final rename is atomic).
-    out_dir = Path(os.path.realpath(os.fspath(out_dir)))
-    if not out_dir.name:
-        raise WriteError(f"output directory {out_dir} has no name; choose a subdirectory")
+    out_dir = resolve_output(out_dir)
+    check_not_an_input(out_dir, inputs)
     _check_infos(infos)
     header_metadata = _check_metadata(metadata)
     plan = plan_shards(infos, max_shard_size, new_shard_at=new_shard_at)
-    reserved = {shard.filename for shard in plan.shards}
+    reserved = {shard.filename for shard in plan.shards} | {MARKER_FILE}
     if plan.index_filename is not None:
         reserved.add(plan.index_filename)
     extras = _check_extra_files(extra_files, reserved)
     layouts = _shard_layouts(plan, {info.name: info for info in infos}, header_metadata)
-    replace_existing = _check_destination(out_dir, overwrite)
+    replace_existing = check_destination(out_dir, overwrite)
+    marker = marker_content(files=[*(layout.filename for layout in layouts), *extras,
+                                   *([plan.index_filename] if plan.index_filename else [])])
+    extras[MARKER_FILE] = marker.encode()
 
     index_bytes = None
     if plan.index_filename is not None:
@@ -789,7 +746,8 @@ def write_safetensors(
     )
     _check_free_space(out_dir.parent, needed)
 
-    temp_dir = _make_temp_dir(out_dir.parent, out_dir.name)
+    with _write_errors("create a directory in", out_dir.parent):
+        temp_dir = make_temp_dir(out_dir)
     files: list[str] = []
     try:
         for layout in layouts:
@@ -798,14 +756,17 @@ def write_safetensors(
             files.append(layout.filename)
         for name, content in extras.items():
             _write_file(temp_dir / name, [content], durable)
-            files.append(name)
+            if name != MARKER_FILE:
+                files.append(name)
         # The index goes last: a directory holding an index always holds every shard it names.
         if index_bytes is not None:
             _write_file(temp_dir / plan.index_filename, [index_bytes], durable)
             files.append(plan.index_filename)
         with _write_errors("sync", temp_dir):
             _fsync_dir(temp_dir, durable)
-        _move_into_place(temp_dir, out_dir, replace_existing, durable)
+        with _write_errors("move the finished output to", out_dir):
+            move_into_place(temp_dir, out_dir, replace_existing)
+            _fsync_dir(out_dir.parent, durable)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise

@@ -186,7 +186,7 @@ def test_bad_inputs_give_one_line(tmp_path):
     write_sparse_safetensors(bad_config / "model.safetensors",
                              [TensorInfo("foo.weight", (2,), torch.float32)])
     (bad_config / "config.json").write_text("{not json")
-    assert_one_line_error(invoke(bad_config), "config.json: not valid JSON")
+    assert_one_line_error(invoke(bad_config), "config.json: config file is not valid JSON")
 
 
 @pytest.mark.parametrize(("nbytes", "text"), [

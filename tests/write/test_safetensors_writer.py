@@ -16,6 +16,7 @@ from safetensors import safe_open
 from fusesurgery.errors import ShapeError, WriteError
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPES, TensorInfo
 from fusesurgery.write import safetensors_writer, write_safetensors
+from fusesurgery.write.output_guard import MARKER_FILE
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -97,7 +98,7 @@ def test_every_dtype_and_shape_round_trips_bitwise(tmp_path, dtype, shape):
     tensors = {"t": random_tensor(shape, dtype), "after": random_tensor((3,), dtype, seed=9)}
     result = write_safetensors(tmp_path / "out", infos_of(tensors), tensors.__getitem__)
     assert result.files == ("model.safetensors",)
-    assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == [MARKER_FILE, "model.safetensors"]
     loaded = read_output(tmp_path / "out")
     assert loaded.keys() == tensors.keys()
     for name, tensor in tensors.items():
@@ -125,7 +126,7 @@ def test_sharded_output_follows_hf_convention(tmp_path):
     count = len(shard_names)
     assert count >= 3
     assert shard_names == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    assert sorted(os.listdir(out)) == sorted([*shard_names, INDEX_NAME])
+    assert sorted(os.listdir(out)) == sorted([MARKER_FILE, *shard_names, INDEX_NAME])
     assert result.files[-1] == INDEX_NAME  # the index is written last
 
     index = json.loads((out / INDEX_NAME).read_text())
@@ -234,7 +235,7 @@ def test_missing_parents_are_created_and_an_empty_directory_is_filled(tmp_path):
     assert (tmp_path / "a" / "b" / "out" / "model.safetensors").is_file()
     (tmp_path / "empty").mkdir()
     write_safetensors(tmp_path / "empty", infos_of(tensors), tensors.__getitem__)
-    assert os.listdir(tmp_path / "empty") == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "empty")) == [MARKER_FILE, "model.safetensors"]
     assert leftovers(tmp_path) == []
 
 
@@ -292,11 +293,24 @@ def test_non_empty_destination_is_refused(tmp_path):
     (out / "keep.txt").write_text("precious")
     tensors = {"w": torch.ones(2)}
     fetched = []
-    with pytest.raises(WriteError, match=r"out is not empty; pass overwrite=True"):
-        write_safetensors(out, infos_of(tensors), lambda n: fetched.append(n) or tensors[n])
+    for overwrite in (False, True):  # a directory fusesurgery did not write is never replaced
+        with pytest.raises(WriteError, match=r"out is not empty and was not written by "):
+            write_safetensors(out, infos_of(tensors), lambda n: fetched.append(n) or tensors[n],
+                              overwrite=overwrite)
     assert fetched == []  # refused before reading anything
     assert os.listdir(out) == ["keep.txt"]
     assert leftovers(tmp_path) == []
+
+
+def test_an_earlier_output_is_replaced_only_when_asked(tmp_path):
+    out = tmp_path / "out"
+    tensors = {"w": torch.ones(2)}
+    write_safetensors(out, infos_of(tensors), tensors.__getitem__)
+    with pytest.raises(WriteError, match=r"holds an earlier fusesurgery output.*--overwrite"):
+        write_safetensors(out, infos_of(tensors), tensors.__getitem__)
+    write_safetensors(out, infos_of(tensors), tensors.__getitem__, overwrite=True)
+    marker = json.loads((out / MARKER_FILE).read_text())
+    assert marker["written_by"] == "fusesurgery" and marker["files"] == ["model.safetensors"]
 
 
 def test_destination_that_is_a_file_is_refused(tmp_path):
@@ -313,7 +327,8 @@ def test_overwrite_replaces_only_after_completion(tmp_path):
 
     second = {"only": torch.arange(5)}
     write_safetensors(out, infos_of(second), second.__getitem__, overwrite=True)
-    assert sorted(os.listdir(out)) == ["model.safetensors"]  # old shards and index are gone
+    # old shards and index are gone
+    assert sorted(os.listdir(out)) == [MARKER_FILE, "model.safetensors"]
     assert_bitwise_equal(read_output(out)["only"], second["only"])
     assert leftovers(tmp_path) == []
 
@@ -329,7 +344,7 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         write_safetensors(out, infos_of(old), failing, overwrite=True)
-    assert os.listdir(out) == ["model.safetensors"]
+    assert sorted(os.listdir(out)) == [MARKER_FILE, "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == before
     assert leftovers(tmp_path) == []
 
@@ -350,7 +365,7 @@ def test_failed_swap_during_overwrite_restores_the_old_output(tmp_path, monkeypa
     new = {"w": torch.zeros(3)}
     with pytest.raises(WriteError, match="Input/output error"):
         write_safetensors(out, infos_of(new), new.__getitem__, overwrite=True)
-    assert os.listdir(out) == ["model.safetensors"]
+    assert sorted(os.listdir(out)) == [MARKER_FILE, "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == before
     assert leftovers(tmp_path) == []
 
