@@ -8,8 +8,9 @@ params.json, ``modules`` builds models from them, ``surgery`` plans with them. D
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from fusesurgery.errors import ConfigError
 
@@ -26,6 +27,9 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        check_field_values(self)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class DecoderConfig:
     family: DecoderFamily = "llama"
 
     def __post_init__(self) -> None:
+        check_field_values(self)
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
@@ -74,8 +79,6 @@ class DecoderConfig:
                     "give head_dim explicitly"
                 )
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
-        _check_positive(self, ("vocab_size", "embed_dim", "num_layers", "num_heads",
-                               "intermediate_dim", "num_kv_heads", "head_dim", "max_seq_len"))
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
@@ -128,8 +131,7 @@ class VisionEncoderConfig:
     family: VisionFamily = "clip"
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("image_size", "patch_size", "embed_dim", "num_layers",
-                               "num_heads", "intermediate_dim", "num_channels"))
+        check_field_values(self)
         # image_size need not be a multiple of patch_size: the stride-p convolution floors
         # (SigLIP so400m: 384 px, 14 px patches -> 27 x 27).
         if self.embed_dim % self.num_heads:
@@ -179,6 +181,12 @@ class FusionConfig:
     qk_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fusion_layers, (tuple, list)) or not all(
+            _is_int(i) for i in self.fusion_layers
+        ):
+            raise _field_error(self, "fusion_layers", self.fusion_layers,
+                               "a sequence of layer indices")
+        check_field_values(self)
         layers = tuple(sorted(set(self.fusion_layers)))
         if len(layers) != len(self.fusion_layers) or any(i < 0 for i in layers):
             raise ConfigError(
@@ -199,11 +207,63 @@ class FusionConfig:
         return cls(fusion_layers=tuple(range(interval - 1, num_layers, interval)), **kwargs)
 
 
-def _check_positive(cfg: object, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_error(cfg: object, name: str, value: object, expected: str) -> ConfigError:
+    error = ConfigError(f"{type(cfg).__name__}.{name} must be {expected}, got {value!r}")
+    error.field = name  # lets the config reader say which file (or option) gave the value
+    return error
+
+
+# What each annotation of the config dataclasses admits. Sizes are positive ints; epsilons,
+# RoPE bases and factors positive finite numbers (an int is taken as a float); switches JSON
+# booleans; names one of their Literal's values. Fields not listed (tuples, nested configs)
+# are checked by their own class.
+_LITERALS = {"DecoderFamily": DecoderFamily, "VisionFamily": VisionFamily,
+             "Activation": Activation}
+_BOUNDED_INTS = ("output_layer",)  # may be negative (counts from the end) or None
+
+
+def _check_float(cfg: object, name: str, value: object) -> None:
+    if _is_int(value):
+        value = float(value)
+        object.__setattr__(cfg, name, value)
+    if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+        raise _field_error(cfg, name, value, "a positive finite number")
+
+
+def check_field_values(cfg: object) -> None:
+    """Check the type and domain of every field of a config dataclass, by its annotation:
+    the one place every config passes, whether read from a file, given as an option or
+    built in Python.
+
+    Raises:
+        ConfigError: naming the field and the value (``error.field`` is the field's name).
+    """
+    for spec in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, spec.name), spec.type
+        if kind == "int" or (kind == "int | None" and spec.name not in _BOUNDED_INTS):
+            if value is None and kind == "int | None":
+                continue
+            if not _is_int(value) or value <= 0:
+                raise _field_error(cfg, spec.name, value, "a positive integer")
+        elif kind == "int | None":
+            if value is not None and not _is_int(value):
+                raise _field_error(cfg, spec.name, value, "an integer or null")
+        elif kind == "float":
+            _check_float(cfg, spec.name, value)
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise _field_error(cfg, spec.name, value, "true or false")
+        elif kind in _LITERALS:
+            allowed = get_args(_LITERALS[kind])
+            if not isinstance(value, str) or value not in allowed:
+                raise _field_error(cfg, spec.name, value, "one of " + ", ".join(allowed))
+        elif kind == "RopeScaling | None":
+            if value is not None and not isinstance(value, RopeScaling):
+                raise _field_error(cfg, spec.name, value, "a RopeScaling or null")
 
 
 # Presets: exact names only. Shapes of real checkpoints (for planning and meta-device tests)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import (
     CheckpointPath,
@@ -78,7 +78,7 @@ def convert(
         "files": list(written.files),
     }
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(standard_json.dumps(summary, indent=2))
         return
     typer.echo(f"{detected.kind} ({detected.family}) {detected.layout} -> {to}: "
                f"{len(result.plan)} tensors, {written.total_size / 2**20:.1f} MiB in "

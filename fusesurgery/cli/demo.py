@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import stderr
 from fusesurgery.demo import run_demo
 
@@ -28,7 +28,7 @@ def demo(
     if as_json:
         payload = dataclasses.asdict(result)
         payload["summary"]["is_identity"] = result.summary.is_identity
-        typer.echo(json.dumps(payload, indent=2))
+        typer.echo(standard_json.dumps(payload, indent=2))
     else:
         s = result.summary
         table = Table(title="fusion summary", show_header=False)

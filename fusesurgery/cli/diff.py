@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import EXIT_DIFFERENT, EXIT_OK
 from fusesurgery.cli.options import (
     CheckpointPath,
@@ -49,7 +49,7 @@ def diff(
                                   head_dim=head_dim)
     report = diff_checkpoints(a, b, values=values, raw=raw, overrides=overrides, atol=atol)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(standard_json.dumps(report.to_dict(), indent=2))
     else:
         for line in report.summary(max_lines=max_lines).splitlines():
             if line in ("identical", "different"):

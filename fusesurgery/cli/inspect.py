@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fusesurgery import _json as standard_json
 from fusesurgery.cli.options import (
     CheckpointPath,
     EncoderNumHeads,
@@ -64,7 +64,7 @@ def inspect(
     )
     report = inspect_checkpoint(path, overrides)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(all_keys=keys), indent=2))
+        typer.echo(standard_json.dumps(report.to_dict(all_keys=keys), indent=2))
         return
     stdout.print(render_report(report, all_keys=keys))
 

@@ -75,14 +75,17 @@ HF_DECODER_ARCHITECTURES: dict[str, str] = {
 }
 
 # transformers' class defaults for what a config.json may leave out and shapes cannot tell.
+# Not the head count: transformers' default (32 heads, 12 for CLIP/SigLIP) belongs to one
+# model size, and shapes cannot contradict it (q_proj rows are heads times head_dim), so a
+# config silent on it is asked for it (--num-heads) rather than guessed.
 HF_DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"num_heads": 32, "max_seq_len": 2048, "norm_eps": 1e-6, "rope_base": 10_000.0,
+    "llama": {"max_seq_len": 2048, "norm_eps": 1e-6, "rope_base": 10_000.0,
               "rope_scaling": None, "attn_bias": False, "tie_word_embeddings": False},
-    "mistral": {"num_heads": 32, "max_seq_len": 131_072, "norm_eps": 1e-6,
+    "mistral": {"max_seq_len": 131_072, "norm_eps": 1e-6,
                 "rope_base": 10_000.0, "rope_scaling": None, "attn_bias": False,
                 "tie_word_embeddings": False},
     # Qwen2's q/k/v projections always carry a bias: the architecture has no switch for it.
-    "qwen2": {"num_heads": 32, "max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
+    "qwen2": {"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
               "rope_scaling": None, "attn_bias": True, "tie_word_embeddings": False},
 }
 
@@ -116,11 +119,14 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
         theta = config.get("rope_theta")
         stated = "rope_scaling" in config
     if theta is not None:
-        reading.read["rope_base"] = float(theta)
+        reading.read["rope_base"] = theta  # typed and range-checked by DecoderConfig
     if scaling_source is None:
         if stated:
             reading.read["rope_scaling"] = None
         return
+    if not isinstance(scaling_source, Mapping):
+        raise ConfigError(f"{origin}: rope_scaling must be an object or null, got "
+                          f"{scaling_source!r}")
     rope_type = scaling_source.get("rope_type", scaling_source.get("type", "default"))
     if rope_type == "default":
         reading.read["rope_scaling"] = None
@@ -129,12 +135,7 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
         if missing:
             raise ConfigError(f"{origin}: llama3 rope scaling lacks {', '.join(missing)}")
         reading.read["rope_scaling"] = RopeScaling(
-            factor=float(scaling_source["factor"]),
-            low_freq_factor=float(scaling_source["low_freq_factor"]),
-            high_freq_factor=float(scaling_source["high_freq_factor"]),
-            original_max_position_embeddings=int(
-                scaling_source["original_max_position_embeddings"]
-            ),
+            **{key: scaling_source[key] for key in _LLAMA3_SCALING_KEYS}
         )
     else:
         raise ConfigError(
@@ -258,13 +259,11 @@ def read_meta_decoder_config(
         reading.read["intermediate_dim"] = meta_intermediate_dim(
             config["dim"], config.get("multiple_of", 256), config.get("ffn_dim_multiplier")
         )
-    if "rope_base" in reading.read:
-        reading.read["rope_base"] = float(reading.read["rope_base"])
     if "use_scaled_rope" in config:
         if config["use_scaled_rope"]:
             factor = config.get("rope_scaling_factor")
             reading.read["rope_scaling"] = RopeScaling(
-                **({} if factor is None else {"factor": float(factor)})
+                **({} if factor is None else {"factor": factor})
             )
             if factor is None:
                 reading.notes.append(
@@ -352,8 +351,8 @@ HF_VISION_KEYS: dict[str, str] = {
 }
 # transformers' CLIPVisionConfig / SiglipVisionConfig defaults for what shapes cannot tell.
 VISION_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "clip": {"num_heads": 12, "norm_eps": 1e-5, "activation": "quick_gelu", "image_size": 224},
-    "siglip": {"num_heads": 12, "norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 224},
+    "clip": {"norm_eps": 1e-5, "activation": "quick_gelu", "image_size": 224},
+    "siglip": {"norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 224},
 }
 # Architecture facts that no config states: CLIP norms only its pooled class token, SigLIP
 # norms every output token.

@@ -191,6 +191,22 @@ class _Fields:
         for name, value in reading.defaults.items():
             self.offer(name, value, "default")
 
+    def require(self, name: str, value: Any, origin: str, flags: Mapping[str, str]) -> None:
+        """Offer a value the tensors fix (a count of layers); a stated value that differs is
+        an error at once, before anything of the stated size is built or iterated.
+
+        Raises:
+            ConfigError: naming the file or option that states the other value.
+        """
+        source = self.sources.get(name)
+        if source in ("read", "given") and self.values[name] != value:
+            where = origin if source == "read" else flags[name]
+            raise ConfigError(
+                f"{where} gives {name} {self.values[name]!r}, but the checkpoint holds "
+                f"{value}; the config does not belong to these weights"
+            )
+        self.offer(name, value, "inferred")
+
     def get(self, name: str) -> Any:
         return self.values.get(name)
 
@@ -213,9 +229,19 @@ def _offer_overrides(
         fields.offer(name, value, "given")
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _build(
-    cls: type, fields: _Fields, flags: Mapping[str, str], what: str
+    cls: type, fields: _Fields, flags: Mapping[str, str], what: str, origin: str
 ) -> tuple[Any, dict[str, str]]:
+    """The config dataclass from the resolved fields; a value it rejects is reported with
+    where it came from (the config file, or the option that gave it).
+
+    Raises:
+        ConfigError: a field nothing supplies, or a value of the wrong type or range.
+    """
     provenance: dict[str, str] = {}
     kwargs: dict[str, Any] = {}
     for spec in dataclasses.fields(cls):
@@ -230,7 +256,16 @@ def _build(
                 "config file states it",
                 flag=flags[spec.name],
             )
-    config = cls(**kwargs)
+    try:
+        config = cls(**kwargs)
+    except ConfigError as error:
+        name = getattr(error, "field", None)
+        source = provenance.get(name)
+        if source == "read":
+            raise ConfigError(f"{origin}: {error}") from None
+        if source == "given":
+            raise ConfigError(f"{flags[name]}: {error}") from None
+        raise
     return config, provenance
 
 
@@ -257,6 +292,7 @@ def _infer_decoder_fields(
     shapes: Mapping[str, Shape],
     names: Mapping[str, str],
     prefix: str,
+    origin: str,
 ) -> None:
     def shape(key: str) -> Shape | None:
         return shapes.get(prefix + key)
@@ -269,8 +305,8 @@ def _infer_decoder_fields(
         raise ConfigError(f"checkpoint has no token embedding ({name('tok_embeddings.weight')})")
     fields.offer("vocab_size", embedding[0], "inferred")
     fields.offer("embed_dim", embedding[1], "inferred")
-    fields.offer("num_layers", _layer_count(shapes, "layers.{i}.sa_norm.scale", prefix),
-                 "inferred")
+    fields.require("num_layers", _layer_count(shapes, "layers.{i}.sa_norm.scale", prefix),
+                   origin, DECODER_FLAGS)
     w1 = shape("layers.0.mlp.w1.weight")
     if w1 is not None:
         fields.offer("intermediate_dim", w1[0], "inferred")
@@ -283,8 +319,8 @@ def _infer_decoder_fields(
     q = shape("layers.0.attn.q_proj.weight")
     k = shape("layers.0.attn.k_proj.weight")
     num_heads = fields.get("num_heads")
-    if q is None or k is None or num_heads is None:
-        return
+    if q is None or k is None or not _positive_int(num_heads):
+        return  # a bad stated value is reported, with its file, when the config is built
     if q[0] % num_heads:
         raise ConfigError(
             f"{name('layers.0.attn.q_proj.weight')} has {q[0]} rows, not a multiple of "
@@ -293,6 +329,8 @@ def _infer_decoder_fields(
         )
     fields.offer("head_dim", q[0] // num_heads, "inferred")
     head_dim = fields.get("head_dim")
+    if not _positive_int(head_dim):
+        return
     if k[0] % head_dim:
         raise ConfigError(
             f"{name('layers.0.attn.k_proj.weight')} has {k[0]} rows, not a multiple of "
@@ -374,8 +412,8 @@ def _detect_decoder(
     prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
     _, shapes, names, fields, notes = _start_detection(
         tensors, layout, kind, reading, overrides, DECODER_FIELDS, "decoder")
-    _infer_decoder_fields(fields, shapes, names, prefix)
-    config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder")
+    _infer_decoder_fields(fields, shapes, names, prefix, origin)
+    config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder", origin)
 
     output_key = prefix + "output.weight"
     if layout == "hf" and not config.tie_word_embeddings and output_key not in shapes:
@@ -415,7 +453,7 @@ def _detect_decoder(
 
 
 def _infer_vision_fields(
-    fields: _Fields, shapes: Mapping[str, Shape], names: Mapping[str, str]
+    fields: _Fields, shapes: Mapping[str, Shape], names: Mapping[str, str], origin: str
 ) -> None:
     conv = shapes.get("conv.weight")
     if conv is None or len(conv) != 4 or conv[2] != conv[3]:
@@ -430,7 +468,8 @@ def _infer_vision_fields(
     fields.offer("class_token", class_token, "inferred")
     fields.offer("patch_bias", "conv.bias" in shapes, "inferred")
     fields.offer("pre_norm", "ln_pre.weight" in shapes, "inferred")
-    fields.offer("num_layers", _layer_count(shapes, "layers.{i}.sa_norm.weight"), "inferred")
+    fields.require("num_layers", _layer_count(shapes, "layers.{i}.sa_norm.weight"), origin,
+                   VISION_FLAGS)
     w1 = shapes.get("layers.0.mlp.w1.weight")
     if w1 is not None:
         fields.offer("intermediate_dim", w1[0], "inferred")
@@ -457,15 +496,13 @@ def _detect_vision(
 ) -> DetectedModel:
     mapping, shapes, names, fields, notes = _start_detection(
         tensors, layout, "vision", reading, overrides, VISION_FIELDS, "vision encoder")
-    _infer_vision_fields(fields, shapes, names)
+    _infer_vision_fields(fields, shapes, names, origin)
     family = fields.get("family")
     for name, value in VISION_FAMILY_DEFAULTS[family].items():
-        # A head count default comes only with an HF config file (its loader's default, via
-        # the reading); without one nothing vouches for it, so the user is asked instead.
-        if name != "num_heads":
-            fields.offer(name, value, "default")
+        fields.offer(name, value, "default")
     fields.offer("post_norm_hidden", VISION_POST_NORM_HIDDEN[family], "inferred")
-    config, provenance = _build(VisionEncoderConfig, fields, VISION_FLAGS, "vision encoder")
+    config, provenance = _build(VisionEncoderConfig, fields, VISION_FLAGS, "vision encoder",
+                                origin)
     check_native_shapes(shapes, config, source_names=names, origin=origin, layout=layout)
     if mapping.dropped:
         notes.append(f"{len(mapping.dropped)} keys not part of the vision tower are dropped")
@@ -511,10 +548,15 @@ def detect_model(
     """
     kind, layout = detect_layout(tensors)
     origin = config_name or "the config"
+    reader = read_vision_config if kind == "vision" else read_decoder_config
+    try:
+        reading = None if config is None else reader(config, origin)
+    except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as error:
+        # a value of the wrong type met by a reader's arithmetic or lookups (a string where a
+        # number belongs, a list where a name does): the file is at fault, not fusesurgery
+        raise ConfigError(f"{origin}: a value has the wrong type or form ({error})") from None
     if kind == "vision":
-        reading = None if config is None else read_vision_config(config, origin)
         return _detect_vision(tensors, layout, reading, origin, overrides)
-    reading = None if config is None else read_decoder_config(config, origin)
     return _detect_decoder(tensors, kind, layout, reading, origin, overrides)
 
 

@@ -31,7 +31,7 @@ from fusesurgery.convert.transforms import (
     apply_transform,
 )
 from fusesurgery.errors import ConfigError, KeyMapError, ShapeError
-from fusesurgery.io.tensor_info import TensorInfo
+from fusesurgery.io.tensor_info import TORCH_TO_SAFETENSORS, TensorInfo
 
 Shape = tuple[int, ...]
 ModelConfig = DecoderConfig | VisionEncoderConfig
@@ -336,6 +336,23 @@ def _kind_of(config: ModelConfig, kind: str | None) -> str:
     return kind
 
 
+CAST_DTYPES: tuple[torch.dtype, ...] = tuple(
+    dtype for dtype in TORCH_TO_SAFETENSORS if dtype.is_floating_point
+)
+
+
+def check_cast_dtype(dtype: object) -> None:
+    """``dtype`` must be None or a floating-point dtype that safetensors stores.
+
+    Raises:
+        ConfigError: anything else (an integer dtype, a string, a complex dtype).
+    """
+    if dtype is None or dtype in CAST_DTYPES:
+        return
+    valid = ", ".join(str(d).removeprefix("torch.") for d in CAST_DTYPES)
+    raise ConfigError(f"cannot cast weights to {dtype!r}; dtype must be one of: {valid}")
+
+
 def plan_conversion(
     tensors: Mapping[str, TensorInfo],
     source_layout: str,
@@ -361,9 +378,12 @@ def plan_conversion(
 
     Raises:
         KeyMapError: unknown source keys, or keys with no name in the target layout.
-        ConfigError: shapes disagree with the config.
-        ShapeError: a RoPE permutation does not fit (odd head_dim).
+        ConfigError: shapes disagree with the config, or ``dtype`` is not a floating-point
+            dtype safetensors stores.
+        ShapeError: a RoPE permutation does not fit (odd head_dim), or a weight that is not
+            floating point.
     """
+    check_cast_dtype(dtype)
     kind = _kind_of(config, kind)
     mapping = keys_to_native(tensors, source_layout, kind)
     dropped = dict(mapping.dropped)
@@ -390,6 +410,12 @@ def plan_conversion(
         if source_key in dropped:
             continue
         info = tensors[source_key]
+        if not info.dtype.is_floating_point:
+            raise ShapeError(
+                f"{source_key} holds {str(info.dtype).removeprefix('torch.')} values; every "
+                "weight of a decoder or vision tower is floating point, so this checkpoint is "
+                "damaged or quantised (dequantise it first)"
+            )
         transform: Transform = (IDENTITY,)
         if kind == "decoder":
             transform = _rope_transform(native_key, source_layout, target_layout, config)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,8 +77,24 @@ def load_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             )
         raise CheckpointError(f"{path}: not a torch.save zip archive (no zip signature)")
 
+    tensors = _extract_state_dict(path, _load(path, map_location="cpu", mmap=True))
+    for name, tensor in tensors.items():
+        if tensor.is_meta:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} was saved on the meta device and holds no data; save "
+                "the materialised weights"
+            )
+    # Unpickled again onto the meta device (the pickle only, no data) to check every
+    # storage's bytes against its zip record before any tensor is handed out: torch maps
+    # ``numel * itemsize`` bytes from the record's start whatever the record's size, so a
+    # damaged archive would otherwise yield tensors of bytes from neighbouring records.
+    _check_storage_ranges(path, size, _extract_state_dict(path, _load(path, map_location="meta")))
+    return tensors
+
+
+def _load(path: Path, **options) -> object:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, weights_only=True, **options)
     except pickle.UnpicklingError as error:
         raise _classify_unpickling_error(path, error) from None
     except Exception as error:
@@ -86,7 +104,65 @@ def load_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if not isinstance(error, RuntimeError):  # torch's own errors read well on their own
             reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
         raise CheckpointError(f"{path}: damaged torch checkpoint ({reason})") from None
-    return _extract_state_dict(path, loaded)
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
+
+
+def _record_spans(path: Path, file_size: int) -> dict[int, zipfile.ZipInfo]:
+    """Where each zip record's data starts in the file -> the record, read from the central
+    directory and the local headers (no data is read)."""
+    spans = {}
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
+            for record in archive.infolist():
+                handle.seek(record.header_offset)
+                raw = handle.read(_LOCAL_HEADER.size)
+                if len(raw) != _LOCAL_HEADER.size:
+                    raise zipfile.BadZipFile(f"record {record.filename!r} lies past the end")
+                signature, name_length, extra_length = _LOCAL_HEADER.unpack(raw)
+                if signature != ZIP_SIGNATURE:
+                    raise zipfile.BadZipFile(f"record {record.filename!r} has no local header")
+                start = record.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+                if start + record.file_size > file_size:
+                    raise zipfile.BadZipFile(
+                        f"record {record.filename!r} ends past the end of the file"
+                    )
+                spans[start] = record
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: damaged torch checkpoint ({error})") from None
+    return spans
+
+
+def _check_storage_ranges(
+    path: Path, file_size: int, layout: Mapping[str, torch.Tensor]
+) -> None:
+    """Every tensor's storage must lie inside one uncompressed data record.
+
+    Raises:
+        CheckpointError: a storage that starts at no record, in a compressed record, or needs
+            more bytes than its record holds.
+    """
+    spans = _record_spans(path, file_size)
+    for name, tensor in layout.items():
+        storage = tensor.untyped_storage()
+        offset = getattr(storage, "_checkpoint_offset", None)
+        record = spans.get(offset) if offset is not None else None
+        if record is None:
+            raise CheckpointError(
+                f"{path}: damaged torch checkpoint (the data of tensor {name!r} starts at no "
+                "record of the archive)"
+            )
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is stored compressed ({record.filename}); torch.save "
+                "never compresses, so the file was repacked: re-save it with torch.save"
+            )
+        if storage.nbytes() > record.file_size:
+            raise CheckpointError(
+                f"{path}: damaged torch checkpoint (tensor {name!r} needs {storage.nbytes()} "
+                f"bytes, its record {record.filename} holds {record.file_size})"
+            )
 
 
 def _first_sentence(text: str) -> str:

@@ -3,7 +3,6 @@ transform it, write it, drop it. Peak memory is about the largest tensor."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fusesurgery import _json as standard_json
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.configs import hf_config_dict, native_config_dict
 from fusesurgery.convert.detect import DetectedModel
@@ -145,7 +145,7 @@ def convert_checkpoint(
             produce,
             new_shard_at=new_shard_at,
             max_shard_size=max_shard_size,
-            extra_files={"config.json": json.dumps(config, indent=2) + "\n"},
+            extra_files={"config.json": standard_json.dumps(config, indent=2) + "\n"},
             overwrite=overwrite,
             on_tensor_written=on_tensor_written,
             durable=durable,

@@ -144,8 +144,8 @@ def test_config_disagreeing_with_shapes_names_key_and_shapes():
 
 
 def test_config_with_more_layers_than_the_checkpoint():
-    with pytest.raises(ConfigError, match="lacks 9 keys that config.json implies: "
-                                          "model.layers.126.input_layernorm.weight"):
+    with pytest.raises(ConfigError, match="config.json gives num_layers 127, but the "
+                                          "checkpoint holds 126"):
         detect_model(layout_tensor_infos(LLAMA_405B, "hf"),
                      _v4_llama31_405b_config(num_hidden_layers=127), "config.json")
 
