@@ -74,15 +74,12 @@ class DecoderConfig:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
             if self.embed_dim % self.num_heads:
-                raise ConfigError(
-                    f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
-                    "give head_dim explicitly"
-                )
+                raise _field_error(self, "num_heads", self.num_heads,
+                                   f"a divisor of embed_dim {self.embed_dim} (or give head_dim)")
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
-            )
+            raise _field_error(self, "num_kv_heads", self.num_kv_heads,
+                               f"a divisor of num_heads {self.num_heads}")
 
     def replace(self, **changes) -> DecoderConfig:
         """Return a copy with ``changes`` applied (derived fields recomputed if not given)."""
@@ -135,9 +132,8 @@ class VisionEncoderConfig:
         # image_size need not be a multiple of patch_size: the stride-p convolution floors
         # (SigLIP so400m: 384 px, 14 px patches -> 27 x 27).
         if self.embed_dim % self.num_heads:
-            raise ConfigError(
-                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
-            )
+            raise _field_error(self, "num_heads", self.num_heads,
+                               f"a divisor of embed_dim {self.embed_dim}")
         if self.output_layer is not None and not (
             -self.num_layers - 1 <= self.output_layer <= self.num_layers
         ):

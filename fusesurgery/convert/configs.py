@@ -108,6 +108,26 @@ _LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                         "original_max_position_embeddings")
 
 
+def _rope_scaling(fields: Mapping[str, Any], origin: str) -> RopeScaling:
+    try:
+        return RopeScaling(**fields)
+    except ConfigError as error:
+        raise ConfigError(f"{origin}: {error}") from None
+
+
+def _name(config: Mapping[str, Any], key: str, origin: str) -> str | None:
+    """A config value that names something (a model type, an activation): a string or
+    absent.
+
+    Raises:
+        ConfigError: any other JSON value.
+    """
+    value = config.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{origin}: {key} must be a string, got {value!r}")
+    return value
+
+
 def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading) -> None:
     parameters = config.get("rope_parameters")
     if isinstance(parameters, Mapping):  # transformers 5
@@ -127,15 +147,16 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
     if not isinstance(scaling_source, Mapping):
         raise ConfigError(f"{origin}: rope_scaling must be an object or null, got "
                           f"{scaling_source!r}")
-    rope_type = scaling_source.get("rope_type", scaling_source.get("type", "default"))
+    rope_type = (_name(scaling_source, "rope_type", origin) or _name(scaling_source, "type", origin)
+                 or "default")
     if rope_type == "default":
         reading.read["rope_scaling"] = None
     elif rope_type == "llama3":
         missing = [k for k in _LLAMA3_SCALING_KEYS if k not in scaling_source]
         if missing:
             raise ConfigError(f"{origin}: llama3 rope scaling lacks {', '.join(missing)}")
-        reading.read["rope_scaling"] = RopeScaling(
-            **{key: scaling_source[key] for key in _LLAMA3_SCALING_KEYS}
+        reading.read["rope_scaling"] = _rope_scaling(
+            {key: scaling_source[key] for key in _LLAMA3_SCALING_KEYS}, origin
         )
     else:
         raise ConfigError(
@@ -170,7 +191,7 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
         ConfigError: an unsupported model type, activation, MLP bias or RoPE type.
     """
     reading = ConfigReading()
-    model_type = config.get("model_type")
+    model_type = _name(config, "model_type", origin)
     if model_type is not None:
         if model_type not in HF_DECODER_FAMILIES:
             raise ConfigError(
@@ -184,7 +205,7 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
                 reading.read["family"] = HF_DECODER_ARCHITECTURES[architecture]
                 break
     family = reading.read.get("family", "llama")
-    if config.get("hidden_act", "silu") != "silu":
+    if (_name(config, "hidden_act", origin) or "silu") != "silu":
         raise ConfigError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported "
                           "(Llama-family decoders use silu)")
     if config.get("mlp_bias"):
@@ -262,8 +283,8 @@ def read_meta_decoder_config(
     if "use_scaled_rope" in config:
         if config["use_scaled_rope"]:
             factor = config.get("rope_scaling_factor")
-            reading.read["rope_scaling"] = RopeScaling(
-                **({} if factor is None else {"factor": factor})
+            reading.read["rope_scaling"] = _rope_scaling(
+                {} if factor is None else {"factor": factor}, origin
             )
             if factor is None:
                 reading.notes.append(
@@ -293,7 +314,7 @@ def coerce_rope_scaling(value: Any) -> RopeScaling | None:
         return value
     if isinstance(value, Mapping):
         known = {f.name for f in dataclasses.fields(RopeScaling)}
-        return RopeScaling(**{k: v for k, v in value.items() if k in known})
+        return _rope_scaling({k: v for k, v in value.items() if k in known}, "rope_scaling")
     raise ConfigError(f"rope_scaling must be a mapping or null, got {value!r}")
 
 
@@ -366,10 +387,10 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         ConfigError: an unsupported model type or activation.
     """
     reading = ConfigReading()
-    model_type = config.get("model_type")
+    model_type = _name(config, "model_type", origin)
     tower = config.get("vision_config")
     if isinstance(tower, Mapping):
-        model_type = model_type or tower.get("model_type")
+        model_type = model_type or _name(tower, "model_type", origin)
     else:
         tower = config
     if model_type is not None:
@@ -382,7 +403,7 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
     for key, name in HF_VISION_KEYS.items():
         if tower.get(key) is not None:
             reading.read[name] = tower[key]
-    if tower.get("hidden_act") is not None:
+    if _name(tower, "hidden_act", origin) is not None:
         try:
             reading.read["activation"] = HF_ACTIVATIONS[tower["hidden_act"]]
         except KeyError:
