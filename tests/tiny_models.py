@@ -39,3 +39,58 @@ def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODE
     torch.manual_seed(0)
     model_cls(config_cls(**{**sizes, **overrides})).save_pretrained(directory)
     return directory
+
+
+# torchtune's own Hugging Face -> torchtune checkpoint convention, written out here as the
+# tests' source of truth for what "native" means: every family renames with this table; Llama
+# and Mistral also permute each q/k head's rows into interleaved RoPE order, Qwen2 does not
+# (its model rotates halves, as transformers does).
+TORCHTUNE_FROM_HF = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.bias",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.bias",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w3.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+}
+TORCHTUNE_PERMUTES_QK = {"llama": True, "mistral": True, "qwen2": False}
+
+
+def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
+                         config) -> dict[str, torch.Tensor]:
+    """What torchtune's converter makes of a Hugging Face ``*ForCausalLM`` state dict.
+
+    Args:
+        hf_state: the Hugging Face tensors (a tied model's ``lm_head.weight`` is left out).
+        family: ``llama``, ``mistral`` or ``qwen2``.
+        config: the transformers config (head counts, tying).
+    """
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+
+    def permute(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+        rest = tensor.shape[1:]
+        return (tensor.view(heads, 2, head_dim // 2, *rest).transpose(1, 2)
+                .reshape(heads * head_dim, *rest))
+
+    out = {}
+    for key, tensor in hf_state.items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        template = key if layer is None else key.replace(f".{layer}.", ".{}.", 1)
+        if TORCHTUNE_PERMUTES_QK[family] and ".q_proj." in key:
+            tensor = permute(tensor, n_heads)
+        elif TORCHTUNE_PERMUTES_QK[family] and ".k_proj." in key:
+            tensor = permute(tensor, n_kv)
+        out[TORCHTUNE_FROM_HF[template].format(layer)] = tensor.contiguous()
+    return out

@@ -4,6 +4,11 @@ A plan says, for every tensor the converted checkpoint will hold, which source t
 from, which transform turns one into the other, and the resulting shape and dtype; and which
 source keys are dropped and why. Planning reads names, shapes and dtypes only, so a 405B
 checkpoint plans in milliseconds; :func:`apply_plan_entry` is the only place values are touched.
+
+The only values a decoder plan changes are q/k rows (and Qwen2's q/k biases) whose RoPE
+pairing differs between the source and target layouts (``LAYOUT_ROPE_STYLES``): Llama and
+Mistral are permuted between Hugging Face and native, Qwen2 is not (its native layout keeps
+Hugging Face's rotate-half order, as torchtune's does).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusesurgery.config import DecoderConfig, VisionEncoderConfig
+from fusesurgery.config import DecoderConfig, RopeStyle, VisionEncoderConfig
 from fusesurgery.convert.keymaps import (
     FUSED_DECODER_PREFIX,
     LAYER,
@@ -312,16 +317,35 @@ _QK_TEMPLATES = {
     "layers.{i}.attn.k_proj.bias": "k",
 }
 
+# The RoPE pairing each layout's q/k rows are ordered for. Hugging Face is always rotate-half
+# (transformers' convention) and Meta always interleaved (its reference code); the native
+# layout follows the family (``DecoderConfig.rope_style``), as torchtune's converters do.
+LAYOUT_ROPE_STYLES: dict[str, RopeStyle] = {"hf": "half", "meta": "interleaved"}
+
+# (source pairing, target pairing) -> the q/k row reordering between them.
+_ROPE_PERMUTATIONS: dict[tuple[str, str], str] = {
+    ("half", "interleaved"): PERMUTE_QK_TO_NATIVE,
+    ("interleaved", "half"): PERMUTE_QK_FROM_NATIVE,
+}
+
+
+def layout_rope_style(layout: str, config: DecoderConfig) -> RopeStyle:
+    """The RoPE pairing that q/k rows of ``config``'s family follow in ``layout``."""
+    return config.rope_style if layout == "native" else LAYOUT_ROPE_STYLES[layout]
+
 
 def _rope_transform(
     native_key: str, source_layout: str, target_layout: str, config: DecoderConfig
 ) -> Transform:
     template, _ = split_layer_index(native_key)
     role = _QK_TEMPLATES.get(template)
-    if role is None or (source_layout == "hf") == (target_layout == "hf"):
+    if role is None:
+        return (IDENTITY,)
+    styles = (layout_rope_style(source_layout, config), layout_rope_style(target_layout, config))
+    name = _ROPE_PERMUTATIONS.get(styles)
+    if name is None:  # same pairing on both sides: the rows stay as they are
         return (IDENTITY,)
     heads = config.num_heads if role == "q" else config.num_kv_heads
-    name = PERMUTE_QK_TO_NATIVE if source_layout == "hf" else PERMUTE_QK_FROM_NATIVE
     return (name, heads, config.head_dim)
 
 
@@ -482,6 +506,7 @@ def apply_plan(
 
 
 __all__ = [
+    "LAYOUT_ROPE_STYLES",
     "TIED_OUTPUT_REASON",
     "ConversionPlan",
     "PlanEntry",
@@ -489,6 +514,7 @@ __all__ = [
     "apply_plan_entry",
     "check_native_shapes",
     "expected_native_shapes",
+    "layout_rope_style",
     "layout_tensor_infos",
     "plan_conversion",
 ]

@@ -1,11 +1,15 @@
 """Tensor transforms applied while converting between layouts: small pure functions.
 
-The only layout difference that touches values is RoPE's pairing. Meta's reference code (and
-the native modules) rotate INTERLEAVED pairs ``(x[2j], x[2j+1])`` of each head; transformers
-rotates HALVES ``(x[j], x[j + h_d/2])``. Hugging Face q/k projections are therefore stored with
-each head's output rows permuted so that the half-split rotation computes the same thing. Going
-HF -> native undoes that permutation; native -> HF redoes it. Both are pure row reorderings, so
-round trips are bitwise.
+The only layout difference that touches values is RoPE's pairing. Meta's reference code rotates
+INTERLEAVED pairs ``(x[2j], x[2j+1])`` of each head; transformers rotates HALVES
+``(x[j], x[j + h_d/2])``. Hugging Face q/k projections are therefore stored with each head's
+output rows permuted so that the half-split rotation computes the same thing. The native layout
+follows torchtune, family by family (``fusesurgery.config.NATIVE_ROPE_STYLE``): Llama and
+Mistral are interleaved, so HF -> native undoes that permutation
+(:func:`permute_qk_to_native`: rotate-half order -> interleaved order) and native -> HF redoes
+it (:func:`permute_qk_from_native`); Qwen2 is rotate-half, so its HF and native rows are the
+same and only Meta <-> native would need a permutation. The plan picks the transform from the
+two layouts' pairings. Both are pure row reorderings, so round trips are bitwise.
 
 CLIP's class embedding ``[d_e]`` and position table ``[n_tokens, d_e]`` have the same shapes in
 both layouts, so the vision tower needs no transform.
@@ -39,7 +43,8 @@ def _check_qk_shape(tensor: torch.Tensor, num_heads: int, head_dim: int, what: s
 
 
 def permute_qk_to_native(tensor: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
-    """Reorder a Hugging Face q/k projection to the interleaved (native, Meta) RoPE layout.
+    """Reorder a q/k projection from rotate-half RoPE order (Hugging Face) to interleaved order
+    (Meta; native Llama and Mistral).
 
     Within each head, row ``half * h_d/2 + j`` (``half`` in {0, 1}) moves to ``2 * j + half``.
 
@@ -62,7 +67,8 @@ def permute_qk_to_native(tensor: torch.Tensor, num_heads: int, head_dim: int) ->
 
 
 def permute_qk_from_native(tensor: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
-    """Reorder an interleaved (native, Meta) q/k projection to the Hugging Face layout.
+    """Reorder a q/k projection from interleaved RoPE order (Meta; native Llama and Mistral)
+    to rotate-half order (Hugging Face).
 
     The inverse of :func:`permute_qk_to_native`.
 

@@ -39,9 +39,11 @@ def _swiglu(dim: int, hidden_dim: int) -> FeedForward:
 
 
 def build_decoder_layer(cfg: DecoderConfig) -> TransformerSelfAttentionLayer:
-    """One self-attention decoder layer of ``cfg``'s shape."""
+    """One self-attention decoder layer of ``cfg``'s shape, its RoPE in the pairing of the
+    family's native layout (``cfg.rope_style``)."""
     d, n_h, n_kv, h_d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    rope = RotaryPositionalEmbeddings(h_d, cfg.max_seq_len, cfg.rope_base, cfg.rope_scaling)
+    rope = RotaryPositionalEmbeddings(h_d, cfg.max_seq_len, cfg.rope_base, cfg.rope_scaling,
+                                      style=cfg.rope_style)
     attn = MultiHeadAttention(
         embed_dim=d,
         num_heads=n_h,

@@ -1,18 +1,28 @@
-"""Rotary position embeddings, interleaved-pair convention (Meta / torchtune), with the
-Llama 3.1 frequency scaling.
+"""Rotary position embeddings in both pairings, with the Llama 3.1 frequency scaling.
 
-Hugging Face stores q/k projections permuted for its rotate-half convention; the converters
-undo that permutation, so one implementation serves every family.
+Each head's ``h_d`` dims form ``h_d / 2`` pairs, pair ``j`` rotated by ``pos * inv_freq[j]``.
+Which dims pair up is a convention of the weights, not of the maths:
+
+- ``"interleaved"``: ``(x[2j], x[2j+1])``, as Meta's reference code and torchtune's Llama and
+  Mistral do. Hugging Face stores these families' q/k rows in rotate-half order, so the
+  converters permute them (``convert.transforms.permute_qk_to_native``).
+- ``"half"``: ``(x[j], x[j + h_d/2])``, as transformers and torchtune's Qwen2 do; a native
+  Qwen2 checkpoint keeps Hugging Face's q/k rows as they are.
+
+``DecoderConfig.rope_style`` says which one a family's native layout uses.
 """
 
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 from torch import nn
 
-from fusesurgery.config import RopeScaling
+from fusesurgery.config import RopeScaling, RopeStyle
+
+ROPE_STYLES: tuple[str, ...] = get_args(RopeStyle)
 
 
 def rope_frequencies(
@@ -46,13 +56,21 @@ def rope_frequencies(
 
 
 class RotaryPositionalEmbeddings(nn.Module):
-    """Rotates consecutive pairs ``(x[2j], x[2j+1])`` of each head by ``pos * inv_freq[j]``.
+    """Rotates each pair of dims of each head by ``pos * inv_freq[j]``.
+
+    Pair ``j`` is ``(x[2j], x[2j+1])`` with ``style="interleaved"`` and
+    ``(x[j], x[j + h_d/2])`` with ``style="half"``; the cos/sin table, positions and scaling
+    are the same for both.
 
     Args:
         head_dim: per-head width ``h_d``.
         max_seq_len: positions precomputed.
         base: RoPE theta.
         scaling: optional Llama 3.1 scaling.
+        style: ``"interleaved"`` or ``"half"``, the pairing the q/k weights were laid out for.
+
+    Raises:
+        ValueError: ``head_dim`` is odd or ``style`` unknown.
     """
 
     def __init__(
@@ -61,14 +79,18 @@ class RotaryPositionalEmbeddings(nn.Module):
         max_seq_len: int = 4096,
         base: float = 10_000.0,
         scaling: RopeScaling | None = None,
+        style: RopeStyle = "interleaved",
     ) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        if style not in ROPE_STYLES:
+            raise ValueError(f"unknown RoPE style {style!r}; valid: {', '.join(ROPE_STYLES)}")
         self.head_dim = head_dim
         self.max_seq_len = max_seq_len
         self.base = base
         self.scaling = scaling
+        self.style = style
         self.register_buffer("cache", torch.empty(0), persistent=False)
         self.reset_parameters()
 
@@ -81,6 +103,9 @@ class RotaryPositionalEmbeddings(nn.Module):
         # [max_seq_len, h_d // 2, 2] = (cos, sin)
         self.cache = torch.stack([angles.cos(), angles.sin()], dim=-1)
 
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, style={self.style!r}"
+
     def forward(self, x: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
@@ -90,14 +115,19 @@ class RotaryPositionalEmbeddings(nn.Module):
         Returns:
             ``[b, s, n_h, h_d]``, same dtype as ``x``.
         """
-        seq_len = x.size(1)
+        seq_len, half = x.size(1), self.head_dim // 2
         rope = self.cache[:seq_len] if input_pos is None else self.cache[input_pos]
         # [s, h_d/2, 2] -> [1, s, 1, h_d/2, 2]   or   [b, s, h_d/2, 2] -> [b, s, 1, h_d/2, 2]
-        rope = rope.view(-1, seq_len, 1, self.head_dim // 2, 2)
-        pairs = x.float().reshape(*x.shape[:-1], self.head_dim // 2, 2)
+        rope = rope.view(-1, seq_len, 1, half, 2)
         cos, sin = rope[..., 0], rope[..., 1]
-        rotated = torch.stack(
-            [pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin],
-            dim=-1,
-        )
-        return rotated.flatten(-2).type_as(x)
+        if self.style == "interleaved":
+            # [b, s, n_h, h_d/2, 2]: the two members of each pair side by side
+            pairs = x.float().reshape(*x.shape[:-1], half, 2)
+            first, second = pairs[..., 0], pairs[..., 1]
+        else:
+            # [b, s, n_h, h_d/2] each: the first half of the head pairs with the second
+            first, second = x.float().split(half, dim=-1)
+        rotated = (first * cos - second * sin, second * cos + first * sin)
+        if self.style == "interleaved":
+            return torch.stack(rotated, dim=-1).flatten(-2).type_as(x)
+        return torch.cat(rotated, dim=-1).type_as(x)

@@ -23,8 +23,9 @@ The key-level diff reads checkpoint headers only. The value diff (``values=True`
 one tensor pair at a time, memory-mapped, compared in slices of about ``chunk_bytes`` each
 (after upcasting) so even a 4 GB embedding table costs a few slices of memory. Values are
 compared in the native layout too: where one side is Hugging Face and the other is not, the
-HF q/k projections (and Qwen2's q/k biases) get the conversion plan's RoPE permutation, one
-block of whole heads at a time. That permutation needs the head counts, resolved by
+HF q/k projections get the conversion plan's RoPE transform, one block of whole heads at a time
+(a permutation for Llama and Mistral; none for Qwen2, whose native layout keeps Hugging Face's
+rotate-half rows and biases). That permutation needs the head counts, resolved by
 ``detect_model`` from the HF side's config (else the other side's, else ``overrides``). Two
 HF sides are compared as stored: a row permutation applied to both changes no difference.
 

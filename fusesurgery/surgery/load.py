@@ -4,7 +4,8 @@ The model is built on the ``meta`` device (no memory), the checkpoint's tensors 
 mmap-backed one at a time, converted by the key-map plan, and assigned into the module with
 ``load_state_dict(assign=True)``: parameters share the file's pages instead of copying them.
 Tensors the conversion must rewrite are the exception: the RoPE-permuted q/k projections of a
-Hugging Face checkpoint, and every tensor when a ``dtype`` cast is asked for.
+Hugging Face Llama or Mistral checkpoint (a Qwen2 one keeps its rows: its native layout is
+rotate-half, as torchtune's), and every tensor when a ``dtype`` cast is asked for.
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from fusesurgery.config import DECODER_PRESETS, VISION_PRESETS, DecoderConfig
+from fusesurgery.convert.keymaps import from_native_key
 from fusesurgery.convert.plan import (
     TIED_OUTPUT_REASON,
     apply_plan,
     apply_plan_entry,
     expected_native_shapes,
+    layout_rope_style,
     layout_tensor_infos,
     plan_conversion,
 )
@@ -102,17 +104,59 @@ def test_hf_to_native_to_hf_is_bitwise(fixture, family, tied, bias, request):
     native = run(to_native, source)
     assert ("output.weight" in native) == (not tied)
     q_key = "layers.1.attn.q_proj.weight"
-    assert not torch.equal(native[q_key], source["model.layers.1.self_attn.q_proj.weight"])
+    # Llama and Mistral are permuted into interleaved order; Qwen2's native layout keeps
+    # Hugging Face's rotate-half rows (torchtune's Qwen2 convention), so it only renames.
+    permuted = family != "qwen2"
+    assert torch.equal(native[q_key], source["model.layers.1.self_attn.q_proj.weight"]) != permuted
+    expected_k = ("permute_qk_to_native", 2, 8) if permuted else ("identity",)
+    assert to_native.entry("layers.1.attn.k_proj.weight").transform == expected_k
     if bias:
-        assert to_native.entry("layers.1.attn.k_proj.bias").transform == (
-            "permute_qk_to_native", 2, 8,
-        )
+        assert to_native.entry("layers.1.attn.k_proj.bias").transform == expected_k
+    if not permuted:
+        assert {entry.transform for entry in to_native.entries} == {("identity",)}
 
     back_plan = plan_conversion(tensors_infos(native), "native", config, target_layout="hf")
     back = run(back_plan, native)
     assert back.keys() == source.keys()
     for key, tensor in source.items():
         assert torch.equal(back[key], tensor), key
+
+
+QWEN2_NO_BIAS = DECODER_PRESETS["qwen2_0_5b"].replace(attn_bias=False)
+
+
+@pytest.mark.parametrize(
+    ("config", "source", "target", "expected"),
+    [
+        (LLAMA_405B, "hf", "native", "permute_qk_to_native"),
+        (LLAMA_405B, "native", "hf", "permute_qk_from_native"),
+        (LLAMA_405B, "meta", "native", "identity"),
+        (LLAMA_405B, "native", "meta", "identity"),
+        (LLAMA_405B, "hf", "meta", "permute_qk_to_native"),
+        (LLAMA_405B, "native", "native", "identity"),
+        (DECODER_PRESETS["mistral_7b"], "hf", "native", "permute_qk_to_native"),
+        (DECODER_PRESETS["qwen2_0_5b"], "hf", "native", "identity"),
+        (DECODER_PRESETS["qwen2_0_5b"], "native", "hf", "identity"),
+        # A bias-free Qwen2-family config has Meta names; Meta is interleaved, native Qwen2 not.
+        (QWEN2_NO_BIAS, "meta", "native", "permute_qk_from_native"),
+        (QWEN2_NO_BIAS, "native", "meta", "permute_qk_to_native"),
+        (QWEN2_NO_BIAS, "hf", "meta", "permute_qk_to_native"),
+    ],
+)
+def test_qk_rows_are_permuted_only_between_different_rope_pairings(config, source, target,
+                                                                   expected):
+    infos = layout_tensor_infos(config, source)
+    plan = plan_conversion(infos, source, config, target_layout=target)
+    q, k, v = (plan.entry(from_native_key(f"layers.0.attn.{name}_proj.weight", target))
+               for name in "qkv")
+    assert q.transform[0] == k.transform[0] == expected
+    if expected != "identity":
+        assert q.transform[1:] == (config.num_heads, config.head_dim)
+        assert k.transform[1:] == (config.num_kv_heads, config.head_dim)
+    assert v.transform == ("identity",)
+    assert layout_rope_style("native", config) == config.rope_style
+    assert (layout_rope_style("hf", config), layout_rope_style("meta", config)) == (
+        "half", "interleaved")
 
 
 def test_meta_to_native_to_meta_is_bitwise():

@@ -11,6 +11,7 @@ from fusesurgery.convert import plan_conversion
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io import open_checkpoint
 from fusesurgery.surgery import detect_checkpoint
+from tests.tiny_models import torchtune_state_dict
 
 SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -23,7 +24,10 @@ DECODERS = {
         **SMALL, rope_theta=500_000.0, rope_scaling=LLAMA31_ROPE)),
     "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**SMALL, sliding_window=None)),
     "qwen2-tied": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL, tie_word_embeddings=True)),
+    "qwen2-untied": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
+        **SMALL, tie_word_embeddings=False, rope_theta=1_000_000.0)),
 }
+
 
 
 def hf_logits(model, tokens):
@@ -49,8 +53,40 @@ def test_decoder_logits_match_transformers(tmp_path, name, safe):
     torch.testing.assert_close(ours, hf_logits(reference, tokens), rtol=0, atol=1e-5)
     detected = detect_checkpoint(tmp_path)
     assert detected.provenance["num_heads"] == "read"
-    if name == "qwen2-tied":
-        assert decoder.output is None and decoder.layers[0].attn.q_proj.bias is not None
+    if name.startswith("qwen2"):
+        assert (decoder.output is None) == (name == "qwen2-tied")
+        assert decoder.layers[0].attn.q_proj.bias is not None
+        assert decoder.layers[0].attn.pos_embeddings.style == "half"
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_torchtune_style_native_qwen2_matches_transformers(tmp_path, tied):
+    """A native Qwen2 checkpoint as torchtune writes it (renamed, not permuted) gives
+    transformers' logits, in one pass and decoding token by token with the KV cache."""
+    from safetensors.torch import save_file
+
+    name = "qwen2-tied" if tied else "qwen2-untied"
+    reference = DECODERS[name]().eval()
+    reference.save_pretrained(tmp_path / "hf")
+    native = tmp_path / "native"
+    native.mkdir()
+    save_file(torchtune_state_dict(reference.state_dict(), "qwen2", reference.config),
+              native / "model.safetensors")
+    (native / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    detected = detect_checkpoint(native)
+    assert (detected.layout, detected.family) == ("native", "qwen2")
+
+    decoder = load_decoder(native).eval()
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 40))
+    expected = hf_logits(reference, tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(tokens), expected, rtol=0, atol=1e-5)
+        decoder.setup_caches(2, torch.float32, decoder_max_seq_len=64)
+        prompt = 7
+        steps = [decoder(tokens[:, :prompt], input_pos=torch.arange(prompt).expand(2, prompt))]
+        steps += [decoder(tokens[:, p:p + 1], input_pos=torch.full((2, 1), p))
+                  for p in range(prompt, tokens.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-5)
 
 
 def test_loaded_parameters_share_the_file_pages(tmp_path):

@@ -127,19 +127,20 @@ def test_conversion_gathers_rope_rows_from_the_file(tmp_path, monkeypatch, max_s
     result = convert_checkpoint(tmp_path / "hf", tmp_path / "native",
                                 max_shard_size=max_shard_size)
     # One HF file under the size limit becomes one shard, copied whole, then patched; with a
-    # small limit, the shards are written tensor by tensor. Either way only q and k of both
-    # layers are permuted (weights, and Qwen2's biases).
+    # small limit, the shards are written tensor by tensor. Either way only Llama's q and k
+    # of both layers are permuted; native Qwen2 keeps Hugging Face's rows (rotate-half RoPE).
     assert len(calls["_write_mirror"]) == mirrored
     assert result.written.plan.is_sharded == (not mirrored)
-    assert len(calls["_write_permuted"]) == (4 if family == "llama" else 8)
+    assert len(calls["_write_permuted"]) == (4 if family == "llama" else 0)
     with open_checkpoint(tmp_path / "hf") as hf, open_checkpoint(tmp_path / "native") as native:
         assert len(native.keys()) == len(hf.keys())
         for layer in range(2):
             for name, heads in (("q", 4), ("k", 2)):
                 source = hf.get_tensor(f"model.layers.{layer}.self_attn.{name}_proj.weight")
+                if family == "llama":
+                    source = apply_transform((PERMUTE_QK_TO_NATIVE, heads, 8), source)
                 assert torch.equal(
-                    native.get_tensor(f"layers.{layer}.attn.{name}_proj.weight"),
-                    apply_transform((PERMUTE_QK_TO_NATIVE, heads, 8), source))
+                    native.get_tensor(f"layers.{layer}.attn.{name}_proj.weight"), source)
             assert torch.equal(
                 native.get_tensor(f"layers.{layer}.mlp.w1.weight"),
                 hf.get_tensor(f"model.layers.{layer}.mlp.gate_proj.weight"))

@@ -1,0 +1,100 @@
+"""Both RoPE pairings against a straightforward per-element formula, and the family table."""
+
+import math
+
+import pytest
+import torch
+
+from fusesurgery.config import DECODER_PRESETS, NATIVE_ROPE_STYLE, RopeScaling
+from fusesurgery.convert.transforms import permute_qk_to_native
+from fusesurgery.modules import RotaryPositionalEmbeddings, build_decoder_layer
+
+SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=16)
+
+
+def reference_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> list[float]:
+    """Llama 3.1 scaling written out one frequency at a time, as the paper states it."""
+    out = []
+    for j in range(head_dim // 2):
+        freq = 1.0 / base ** (2 * j / head_dim)
+        if scaling is not None:
+            wavelen = 2 * math.pi / freq
+            low = scaling.original_max_position_embeddings / scaling.low_freq_factor
+            high = scaling.original_max_position_embeddings / scaling.high_freq_factor
+            if wavelen > low:
+                freq = freq / scaling.factor
+            elif wavelen >= high:
+                smooth = (scaling.original_max_position_embeddings / wavelen
+                          - scaling.low_freq_factor) / (
+                    scaling.high_freq_factor - scaling.low_freq_factor)
+                freq = (1 - smooth) * freq / scaling.factor + smooth * freq
+        out.append(freq)
+    return out
+
+
+def reference_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: list[float],
+                   style: str) -> torch.Tensor:
+    """x: [b, s, n, h_d]; positions: [b, s]. Rotate each pair element by element."""
+    b, s, n, head_dim = x.shape
+    half = head_dim // 2
+    out = torch.empty_like(x, dtype=torch.float64)
+    xd = x.double()
+    for bi in range(b):
+        for si in range(s):
+            for j in range(half):
+                angle = float(positions[bi, si]) * inv_freq[j]
+                cos, sin = math.cos(angle), math.sin(angle)
+                a, c = (2 * j, 2 * j + 1) if style == "interleaved" else (j, j + half)
+                first, second = xd[bi, si, :, a], xd[bi, si, :, c]
+                out[bi, si, :, a] = first * cos - second * sin
+                out[bi, si, :, c] = second * cos + first * sin
+    return out
+
+
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+@pytest.mark.parametrize("scaling", [None, SCALING], ids=["plain", "llama3.1"])
+def test_rope_matches_the_formula(style, scaling):
+    head_dim, base, b, s, n = 16, 500_000.0, 2, 40, 3
+    rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=64, base=base, scaling=scaling,
+                                      style=style)
+    x = torch.randn(b, s, n, head_dim)
+    inv_freq = reference_inv_freq(head_dim, base, scaling)
+    positions = torch.arange(s).expand(b, s)
+    expected = reference_rope(x, positions, inv_freq, style).float()
+    torch.testing.assert_close(rope(x), expected, rtol=0, atol=1e-5)
+
+    # input_pos: a different, unordered set of positions per batch row
+    input_pos = torch.stack([torch.randperm(64)[:s], torch.randperm(64)[:s]])
+    expected = reference_rope(x, input_pos, inv_freq, style).float()
+    torch.testing.assert_close(rope(x, input_pos=input_pos), expected, rtol=0, atol=1e-5)
+
+
+def test_half_style_is_interleaved_style_on_permuted_dims():
+    """The two pairings differ only in which dims pair up: the q/k permutation maps one to the
+    other, which is why a permuted checkpoint and an unpermuted one compute the same thing."""
+    head_dim = 8
+    x = torch.randn(1, 5, 2, head_dim)
+    order = permute_qk_to_native(torch.arange(head_dim), 1, head_dim)
+    half = RotaryPositionalEmbeddings(head_dim, 16, scaling=SCALING, style="half")
+    interleaved = RotaryPositionalEmbeddings(head_dim, 16, scaling=SCALING)
+    assert torch.equal(interleaved(x[..., order]), half(x)[..., order])
+
+
+def test_dtype_is_kept_and_bad_arguments_are_refused():
+    rope = RotaryPositionalEmbeddings(8, 16, style="half")
+    assert rope(torch.randn(1, 3, 2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown RoPE style 'rotate'; valid: interleaved, half"):
+        RotaryPositionalEmbeddings(8, 16, style="rotate")
+    with pytest.raises(ValueError, match="even head_dim, got 7"):
+        RotaryPositionalEmbeddings(7, 16, style="half")
+
+
+def test_each_family_builds_the_pairing_of_its_native_layout():
+    assert NATIVE_ROPE_STYLE == {"llama": "interleaved", "mistral": "interleaved",
+                                 "qwen2": "half"}
+    tiny = DECODER_PRESETS["tiny"]
+    for family, style in NATIVE_ROPE_STYLE.items():
+        config = tiny.replace(family=family)
+        assert config.rope_style == style
+        assert build_decoder_layer(config).attn.pos_embeddings.style == style
