@@ -17,6 +17,7 @@ from fusesurgery.errors import ConfigError
 DecoderFamily = Literal["llama", "mistral", "qwen2"]
 VisionFamily = Literal["clip", "siglip"]
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+RopeStyle = Literal["interleaved", "half"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,19 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         check_field_values(self)
+
+
+# The RoPE pairing of each decoder family's native layout: what torchtune's own model and
+# checkpoint converter for the family use, so a native checkpoint is torchtune's, values
+# included. "interleaved" rotates (x[2j], x[2j+1]) (Meta's reference code; torchtune's Llama
+# and Mistral converters permute Hugging Face's q/k rows into this order); "half" rotates
+# (x[j], x[j + h_d/2]) as transformers does (torchtune's Qwen2 keeps Hugging Face's rows).
+NATIVE_ROPE_STYLE: dict[str, RopeStyle] = {
+    "llama": "interleaved",
+    "mistral": "interleaved",
+    "qwen2": "half",
+}
+assert set(NATIVE_ROPE_STYLE) == set(get_args(DecoderFamily)), "a family lacks a RoPE style"
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,11 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise _field_error(self, "num_kv_heads", self.num_kv_heads,
                                f"a divisor of num_heads {self.num_heads}")
+
+    @property
+    def rope_style(self) -> RopeStyle:
+        """The RoPE pairing of this family's native layout (see ``NATIVE_ROPE_STYLE``)."""
+        return NATIVE_ROPE_STYLE[self.family]
 
     def replace(self, **changes) -> DecoderConfig:
         """Return a copy with ``changes`` applied (derived fields recomputed if not given)."""
@@ -200,6 +219,9 @@ class FusionConfig:
         """Fusion layers at ``interval - 1, 2 * interval - 1, ...`` (Llama 3.2 Vision: 4)."""
         if interval <= 0:
             raise ConfigError(f"fusion interval must be positive, got {interval}")
+        if interval > num_layers:
+            raise ConfigError(f"fusion interval {interval} is larger than the decoder's "
+                              f"{num_layers} layers: no layer would get a fusion layer")
         return cls(fusion_layers=tuple(range(interval - 1, num_layers, interval)), **kwargs)
 
 
@@ -332,10 +354,12 @@ def preset(name: str) -> DecoderConfig | VisionEncoderConfig:
 
 __all__ = [
     "DECODER_PRESETS",
+    "NATIVE_ROPE_STYLE",
     "VISION_PRESETS",
     "DecoderConfig",
     "FusionConfig",
     "RopeScaling",
+    "RopeStyle",
     "VisionEncoderConfig",
     "preset",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from fusesurgery.cli import convert, demo, diff, inspect
+from fusesurgery.cli import convert, demo, diff, fuse, inspect, unfuse, validate
 from fusesurgery.cli.errors import debug_enabled, interrupted, report
 
 
@@ -35,6 +35,13 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+app.command("fuse", epilog="Examples: fusesurgery fuse clip-vit-l-336/ llama-3.1-8b/ -o my-vlm/ ; "
+            "fusesurgery fuse siglip/ qwen2/ -o vlm/ --layers 3,7,11 --new-token '<|image|>' "
+            "--dtype bf16")(fuse.fuse)
+app.command("validate", epilog="Examples: fusesurgery validate my-vlm/ ; fusesurgery validate "
+            "my-vlm/ --against llama-3.1-8b/ --device cuda --json")(validate.validate)
+app.command("unfuse", epilog="Examples: fusesurgery unfuse my-vlm/ -o llama/ ; fusesurgery "
+            "unfuse my-vlm/ -o merged/ --format hf --merge-embeddings")(unfuse.unfuse)
 app.command("inspect", epilog="Examples: fusesurgery inspect decoder/ ; "
             "fusesurgery inspect model.safetensors --json ; fusesurgery inspect ckpt.pt --keys "
             "--num-heads 32")(inspect.inspect)

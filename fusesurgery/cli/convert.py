@@ -11,6 +11,7 @@ from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import (
     CheckpointPath,
+    DtypeOption,
     EncoderNumHeads,
     HeadDim,
     Json,
@@ -19,23 +20,19 @@ from fusesurgery.cli.options import (
     NumKvHeads,
     RopeBase,
     collect_overrides,
+    parse_dtype_option,
     split_overrides,
 )
-from fusesurgery.errors import ConfigError
-from fusesurgery.io.tensor_info import SAFETENSORS_DTYPES
 from fusesurgery.write import convert_checkpoint
-
-DTYPES = {name.lower(): dtype for name, dtype in SAFETENSORS_DTYPES.items()
-          if dtype.is_floating_point}
 
 
 def convert(
     source: CheckpointPath,
     # str, not Path: typer turns "" into Path("."), the current directory
     output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
-    to: Annotated[str, typer.Option(help="Target layout: native or hf.")] = "native",
-    dtype: Annotated[str | None, typer.Option(
-        help=f"Cast floating-point tensors: {', '.join(DTYPES)}.")] = None,
+    to: Annotated[str, typer.Option(
+        help="Target layout: native, hf or meta (consolidated.00.pth + params.json).")] = "native",
+    dtype: DtypeOption = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(
         help="Replace an earlier fusesurgery output (never any other directory).")] = False,
@@ -49,8 +46,7 @@ def convert(
 ) -> None:
     """Convert a decoder or vision tower between the Hugging Face, Meta and native layouts,
     one tensor at a time, into sharded safetensors plus config.json."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    cast = parse_dtype_option(dtype)
     decoder, vision = split_overrides(collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
         norm_eps=norm_eps, encoder_num_heads=encoder_num_heads))
@@ -59,7 +55,7 @@ def convert(
     with progress:
         task = progress.add_task("convert", total=None)
         result = convert_checkpoint(
-            source, output, to=to, dtype=None if dtype is None else DTYPES[dtype],
+            source, output, to=to, dtype=cast,
             max_shard_size=max_shard_size, overrides=decoder or vision or None,
             overwrite=overwrite,
             on_tensor_written=lambda info: progress.advance(task, info.nbytes),

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
+
+from fusesurgery.errors import ConfigError
+from fusesurgery.io.tensor_info import FLOAT_DTYPE_NAMES, dtype_from_name
 
 OVERRIDES_PANEL = "Config overrides (for checkpoints without a config, or to correct one)"
 
@@ -49,3 +53,21 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     vision = {k.removeprefix("encoder_"): v for k, v in overrides.items()
               if k.startswith("encoder_")}
     return decoder, vision
+
+
+DtypeOption = Annotated[str | None, typer.Option(
+    "--dtype", help=f"Cast floating-point tensors: {', '.join(FLOAT_DTYPE_NAMES)}.")]
+
+
+def parse_dtype_option(name: str | None, flag: str = "--dtype") -> torch.dtype | None:
+    """A ``--dtype`` value as a torch dtype (None when not given).
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    if name is None:
+        return None
+    try:
+        return dtype_from_name(name)
+    except ValueError as error:
+        raise ConfigError(f"{flag}: {error}") from None

@@ -473,6 +473,48 @@ def native_config_dict(config: DecoderConfig | VisionEncoderConfig) -> dict[str,
     return {"fusesurgery_version": 1, section: dataclasses.asdict(config)}
 
 
+def _meta_ffn_fields(dim: int, intermediate_dim: int) -> dict[str, Any] | None:
+    """``multiple_of`` / ``ffn_dim_multiplier`` from which Meta's formula gives back
+    ``intermediate_dim``, or None when none is found."""
+    base = int(2 * (4 * dim) / 3)
+    for multiple_of in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        for multiplier in (None, round(intermediate_dim / base, 6), intermediate_dim / base):
+            if meta_intermediate_dim(dim, multiple_of, multiplier) == intermediate_dim:
+                return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+    return None
+
+
+def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
+    """A Meta params.json for ``config`` (read back by ``read_meta_decoder_config``).
+
+    Raises:
+        ConfigError: a vision tower, q/k/v biases, or RoPE scaling other than Meta's own
+            (low/high frequency factors 1 and 4, 8192 original positions), which params.json
+            cannot express.
+    """
+    if not isinstance(config, DecoderConfig):
+        raise ConfigError("the Meta layout holds decoders only, not vision towers")
+    if config.attn_bias:
+        raise ConfigError(f"a Meta params.json cannot express q/k/v biases ({config.family})")
+    out: dict[str, Any] = {meta: getattr(config, name) for meta, name in META_DECODER_KEYS.items()
+                           if name != "intermediate_dim"}
+    out["vocab_size"] = config.vocab_size
+    ffn = None if config.family == "mistral" else _meta_ffn_fields(
+        config.embed_dim, config.intermediate_dim)
+    if ffn is None:  # Mistral's spelling: the width itself
+        out["hidden_dim"] = config.intermediate_dim
+    else:
+        out.update(ffn)
+    scaling = config.rope_scaling
+    out["use_scaled_rope"] = scaling is not None
+    if scaling is not None:
+        if (scaling.low_freq_factor, scaling.high_freq_factor,
+                scaling.original_max_position_embeddings) != (1.0, 4.0, 8192):
+            raise ConfigError(f"a Meta params.json cannot express this RoPE scaling ({scaling})")
+        out["rope_scaling_factor"] = scaling.factor
+    return out
+
+
 def hf_config_dict(config: DecoderConfig | VisionEncoderConfig) -> dict[str, Any]:
     """A transformers config.json (transformers 4 style, which 5 reads too) for ``config``.
 

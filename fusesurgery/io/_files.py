@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -144,3 +145,43 @@ def read_json_file(path: Path, what: str, error_type: type[Exception] = Checkpoi
     if not isinstance(data, dict):
         raise error_type(f"{path}: {what} holds a JSON {type(data).__name__}, not an object")
     return data
+
+
+# Small files carried beside weights (tokenizers, processor configs): a Llama 3 tokenizer.json
+# is 9 MB; anything past this is not such a file.
+MAX_SIDE_FILE_BYTES = 256 * 2**20
+# What ``file_fingerprint`` hashes of a file that is not safetensors.
+FINGERPRINT_HEAD_BYTES = 2**20
+
+
+def read_side_file(path: Path) -> bytes:
+    """The bytes of a small regular file that travels beside a checkpoint.
+
+    Raises:
+        CheckpointError: missing, unreadable, not a regular file, or larger than
+            :data:`MAX_SIDE_FILE_BYTES`.
+    """
+    with open_for_reading(path) as (handle, size):
+        if size > MAX_SIDE_FILE_BYTES:
+            raise CheckpointError(f"{path}: {size / 2**20:.0f} MiB is too large for a file "
+                                  "that travels beside the weights")
+        return read_exactly(handle, path, size)
+
+
+def file_fingerprint(path: Path) -> dict[str, object]:
+    """Name, size and a sha256 of a checkpoint file's header, without reading its data: the
+    8-byte length and JSON header of a safetensors file, else its first
+    :data:`FINGERPRINT_HEAD_BYTES` (a torch archive's pickle and directory lie at its ends).
+
+    Raises:
+        CheckpointError: the file cannot be read.
+    """
+    with open_for_reading(path) as (handle, size):
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if path.suffix == ".safetensors" and 0 <= length <= size - 8:
+            hashed = head + read_exactly(handle, path, length)
+        else:
+            hashed = head + handle.read(FINGERPRINT_HEAD_BYTES - len(head))
+    return {"name": path.name, "size": size, "header_bytes": len(hashed),
+            "header_sha256": hashlib.sha256(hashed).hexdigest()}

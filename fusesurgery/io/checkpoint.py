@@ -42,6 +42,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 HF_CONFIG_FILE = "config.json"
 META_PARAMS_FILE = "params.json"
+FUSION_CONFIG_FILE = "fusion_config.json"  # a fused checkpoint's (fusesurgery.surgery)
 # Hugging Face weight files, most preferred first (safetensors over pickles, as transformers).
 HF_WEIGHT_FILES = (
     "model.safetensors",
@@ -540,6 +541,7 @@ def _read_config(directory: Path, *, prefer_params: bool) -> tuple[dict | None, 
         HF_CONFIG_FILE,
         META_PARAMS_FILE,
     )
+    names += (FUSION_CONFIG_FILE,)
     for name in names:
         config_path = directory / name
         # lexists: a config that exists but is no file (a directory, a FIFO, a dangling or

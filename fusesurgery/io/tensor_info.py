@@ -32,6 +32,39 @@ DTYPE_SHORT_NAMES: dict[torch.dtype, str] = {
 }
 
 
+# Names a user may give a floating-point dtype: safetensors' short names and torch's / Hugging
+# Face's long ones (``torch_dtype: "bfloat16"`` in config.json).
+FLOAT_DTYPE_NAMES: dict[str, torch.dtype] = {
+    **{name.lower(): dtype for name, dtype in SAFETENSORS_DTYPES.items()
+       if dtype.is_floating_point},
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The floating-point dtype a name means (``bf16``, ``bfloat16``, ``torch.bfloat16``...).
+
+    Raises:
+        ValueError: an unknown or non-floating-point name.
+    """
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in FLOAT_DTYPE_NAMES:
+        valid = ", ".join(FLOAT_DTYPE_NAMES)
+        raise ValueError(f"unknown dtype {name!r}; valid: {valid}")
+    return FLOAT_DTYPE_NAMES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's long name without the module, as config.json spells it (``bfloat16``)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What a checkpoint says about one tensor, known without reading its data.

@@ -129,7 +129,8 @@ def _record_spans(path: Path, file_size: int) -> dict[int, zipfile.ZipInfo]:
                         f"record {record.filename!r} ends past the end of the file"
                     )
                 spans[start] = record
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError,
+            NotImplementedError, EOFError) as error:  # e.g. "zip file version 6.4"
         raise CheckpointError(f"{path}: damaged torch checkpoint ({error})") from None
     return spans
 

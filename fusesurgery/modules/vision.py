@@ -130,5 +130,10 @@ class ProjectedEncoder(nn.Module):
         self.projection = projection
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``[b, c, h, w] -> [b, s_e, d]``."""
-        return self.projection(self.vision(images))
+        """``[b, c, h, w] -> [b, s_e, d]``; the encoder output is cast to the head's dtype
+        (a float32 tower may feed a bfloat16 decoder: each keeps its own dtype)."""
+        x = self.vision(images)  # [b, s_e, d_e]
+        head = next(self.projection.parameters(), None)
+        if head is not None and x.dtype != head.dtype:
+            x = x.to(head.dtype)
+        return self.projection(x)

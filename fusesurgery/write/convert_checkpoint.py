@@ -12,9 +12,9 @@ import torch
 
 from fusesurgery import _json as standard_json
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
-from fusesurgery.convert.configs import hf_config_dict, native_config_dict
+from fusesurgery.convert.configs import hf_config_dict, meta_config_dict, native_config_dict
 from fusesurgery.convert.detect import DetectedModel
-from fusesurgery.convert.plan import ConversionPlan
+from fusesurgery.convert.plan import ConversionPlan, PlanEntry
 from fusesurgery.convert.transforms import IDENTITY, row_order
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import (
@@ -26,11 +26,39 @@ from fusesurgery.io import (
 )
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+from fusesurgery.write.torch_writer import write_torch_checkpoint
 
 CONFIG_WRITERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "native": native_config_dict,
     "hf": hf_config_dict,
+    "meta": meta_config_dict,
 }
+# The config file each layout's readers look for.
+CONFIG_FILES: dict[str, str] = {"native": "config.json", "hf": "config.json",
+                                "meta": "params.json"}
+
+
+def write_layout(
+    out_dir: str | os.PathLike[str],
+    layout: str,
+    infos: list[TensorInfo],
+    produce: Callable[[str], torch.Tensor | FileRegion | PermutedRegion],
+    tensor_of: Callable[[str], torch.Tensor],
+    **options: Any,
+) -> WriteResult:
+    """Write converted tensors in ``layout``'s file format: sharded safetensors, or for
+    ``meta`` one ``consolidated.00.pth`` (``tensor_of`` gives tensors, mmap-backed where the
+    bytes do not change). ``options`` are ``write_safetensors``' keywords."""
+    if layout != "meta":
+        return write_safetensors(out_dir, infos, produce, **options)
+    for unused in ("max_shard_size", "new_shard_at"):
+        options.pop(unused, None)
+    return write_torch_checkpoint(out_dir, infos, tensor_of, **options)
+
+
+def plan_entry_tensor(entry: PlanEntry, source: CheckpointSource) -> torch.Tensor:
+    """The converted tensor of one plan entry, mmap-backed when nothing changes."""
+    return apply_plan_entry(entry, source.get_tensor(entry.source_key))
 
 
 @dataclass(frozen=True)
@@ -46,7 +74,27 @@ class ConversionResult:
     written: WriteResult
 
 
-def _source_file_order(
+def plan_entry_source(
+    entry: PlanEntry, source: CheckpointSource
+) -> torch.Tensor | FileRegion | PermutedRegion:
+    """What the writer gets for one plan entry: the file region when the bytes do not change
+    (the kernel copies them), the region with a row order when only rows move (gathered from
+    the file's pages), else the converted tensor."""
+    if entry.dtype == entry.source_dtype:
+        region = source.file_region(entry.source_key)
+        if region is not None and entry.transform == (IDENTITY,):
+            return region
+        if region is not None and entry.source_shape:
+            order = row_order(entry.transform, entry.source_shape[0])
+            if order is not None:
+                return PermutedRegion(region, order)
+        if entry.transform == (IDENTITY,):
+            return apply_plan_entry(entry, source.get_tensor(entry.source_key))
+    # about to be rewritten anyway: one read beats faulting in mapped pages
+    return apply_plan_entry(entry, source.read_tensor(entry.source_key))
+
+
+def source_file_order(
     plan: ConversionPlan, source: CheckpointSource
 ) -> tuple[list[TensorInfo], set[str]]:
     """The output tensors in the order their bytes lie in the source files, and the first
@@ -89,8 +137,9 @@ def convert_checkpoint(
         source_path: any checkpoint ``fusesurgery.io.open_checkpoint`` reads.
         out_dir: the output directory; written atomically. It may not be, contain, lie inside
             or link to the source or any file the source reads.
-        to: ``"native"`` (torchtune keys, fusesurgery config) or ``"hf"`` (transformers keys
-            and config.json, loadable with ``from_pretrained``).
+        to: ``"native"`` (torchtune keys, fusesurgery config), ``"hf"`` (transformers keys
+            and config.json, loadable with ``from_pretrained``) or ``"meta"`` (Meta's
+            ``consolidated.00.pth`` and ``params.json``; decoders only).
         dtype: cast floating-point tensors; None keeps them.
         max_shard_size: largest shard, e.g. ``"5GB"``. When every tensor lies in a
             safetensors file, each source file starts a new output shard, so a sharded source
@@ -121,31 +170,21 @@ def convert_checkpoint(
         entries = {entry.target_key: entry for entry in plan.entries}
 
         def produce(key: str) -> torch.Tensor | FileRegion | PermutedRegion:
-            entry = entries[key]
-            if entry.dtype == entry.source_dtype:
-                region = source.file_region(entry.source_key)
-                if region is not None and entry.transform == (IDENTITY,):
-                    return region  # bytes unchanged: let the kernel copy them
-                if region is not None and entry.source_shape:
-                    order = row_order(entry.transform, entry.source_shape[0])
-                    if order is not None:  # rows reordered: gather them from the file
-                        return PermutedRegion(region, order)
-                if entry.transform == (IDENTITY,):
-                    return apply_plan_entry(entry, source.get_tensor(entry.source_key))
-            # about to be rewritten anyway: one read beats faulting in mapped pages
-            return apply_plan_entry(entry, source.read_tensor(entry.source_key))
+            return plan_entry_source(entries[key], source)
 
-        infos_out, new_shard_at = _source_file_order(plan, source)
+        infos_out, new_shard_at = source_file_order(plan, source)
         config = CONFIG_WRITERS[to](detected.config)
-        if dtype is not None:
+        if dtype is not None and to != "meta":
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        written = write_safetensors(
+        written = write_layout(
             out_dir,
+            to,
             infos_out,
             produce,
+            lambda key: plan_entry_tensor(entries[key], source),
             new_shard_at=new_shard_at,
             max_shard_size=max_shard_size,
-            extra_files={"config.json": standard_json.dumps(config, indent=2) + "\n"},
+            extra_files={CONFIG_FILES[to]: standard_json.dumps(config, indent=2) + "\n"},
             overwrite=overwrite,
             on_tensor_written=on_tensor_written,
             durable=durable,

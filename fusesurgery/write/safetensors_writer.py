@@ -164,7 +164,7 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return merged
 
 
-def _check_extra_files(
+def check_extra_files(
     extra_files: Mapping[str, bytes | str] | None, reserved: set[str]
 ) -> dict[str, bytes]:
     checked: dict[str, bytes] = {}
@@ -654,6 +654,46 @@ def _write_in_order(
     flush_run()
 
 
+@contextmanager
+def atomic_output(
+    out_dir: Path, *, overwrite: bool, needed: int, durable: bool = True
+) -> Iterator[Path]:
+    """Yields a temporary directory beside ``out_dir`` to write the output into; moves it into
+    place when the block completes, removes it on any exception (Ctrl-C included).
+
+    ``out_dir`` must already be resolved and checked against the inputs.
+
+    Raises:
+        WriteError: an unusable destination (see ``check_destination``), too little space, or
+            an OS error while creating, syncing or moving.
+    """
+    replace_existing = check_destination(out_dir, overwrite)
+    _check_free_space(out_dir.parent, needed)
+    with _write_errors("create a directory in", out_dir.parent):
+        temp_dir = make_temp_dir(out_dir)
+    try:
+        yield temp_dir
+        with _write_errors("sync", temp_dir):
+            _fsync_dir(temp_dir, durable)
+        with _write_errors("move the finished output to", out_dir):
+            move_into_place(temp_dir, out_dir, replace_existing)
+            _fsync_dir(out_dir.parent, durable)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+
+def write_extra_files(temp_dir: Path, extras: Mapping[str, bytes], durable: bool) -> list[str]:
+    """Write ``{relative name: bytes}`` under ``temp_dir``; returns the names (without the
+    marker file)."""
+    names = []
+    for name, content in extras.items():
+        _write_file(temp_dir / name, [content], durable)
+        if name != MARKER_FILE:
+            names.append(name)
+    return names
+
+
 def write_safetensors(
     out_dir: str | os.PathLike[str],
     infos: Sequence[TensorInfo],
@@ -729,9 +769,8 @@ def write_safetensors(
     reserved = {shard.filename for shard in plan.shards} | {MARKER_FILE}
     if plan.index_filename is not None:
         reserved.add(plan.index_filename)
-    extras = _check_extra_files(extra_files, reserved)
+    extras = check_extra_files(extra_files, reserved)
     layouts = _shard_layouts(plan, {info.name: info for info in infos}, header_metadata)
-    replace_existing = check_destination(out_dir, overwrite)
     marker = marker_content(files=[*(layout.filename for layout in layouts), *extras,
                                    *([plan.index_filename] if plan.index_filename else [])])
     extras[MARKER_FILE] = marker.encode()
@@ -744,30 +783,15 @@ def write_safetensors(
         + sum(len(content) for content in extras.values())
         + len(index_bytes or b"")
     )
-    _check_free_space(out_dir.parent, needed)
-
-    with _write_errors("create a directory in", out_dir.parent):
-        temp_dir = make_temp_dir(out_dir)
     files: list[str] = []
-    try:
+    with atomic_output(out_dir, overwrite=overwrite, needed=needed, durable=durable) as temp_dir:
         for layout in layouts:
             _write_shard(temp_dir / layout.filename, layout, get_tensor, on_tensor_written,
                          durable)
             files.append(layout.filename)
-        for name, content in extras.items():
-            _write_file(temp_dir / name, [content], durable)
-            if name != MARKER_FILE:
-                files.append(name)
+        files += write_extra_files(temp_dir, extras, durable)
         # The index goes last: a directory holding an index always holds every shard it names.
         if index_bytes is not None:
             _write_file(temp_dir / plan.index_filename, [index_bytes], durable)
             files.append(plan.index_filename)
-        with _write_errors("sync", temp_dir):
-            _fsync_dir(temp_dir, durable)
-        with _write_errors("move the finished output to", out_dir):
-            move_into_place(temp_dir, out_dir, replace_existing)
-            _fsync_dir(out_dir.parent, durable)
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
     return WriteResult(out_dir=out_dir, plan=plan, files=tuple(files))

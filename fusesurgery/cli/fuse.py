@@ -1,0 +1,148 @@
+"""``fusesurgery fuse ENCODER DECODER -o OUT``: the command the project is named for."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fusesurgery import _json as standard_json
+from fusesurgery.cli.errors import stderr
+from fusesurgery.cli.options import (
+    CheckpointPath,
+    DtypeOption,
+    EncoderNumHeads,
+    HeadDim,
+    Json,
+    NormEps,
+    NumHeads,
+    NumKvHeads,
+    RopeBase,
+    collect_overrides,
+    parse_dtype_option,
+    split_overrides,
+)
+from fusesurgery.cli.progress import byte_progress
+from fusesurgery.errors import ConfigError
+from fusesurgery.surgery.fuse_plan import DEFAULT, DEFAULT_EVERY, FuseOptions
+from fusesurgery.write.fuse_checkpoint import fuse_checkpoints
+
+
+def _layers(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers takes comma-separated layer indices such as 3,7,11; "
+                          f"got {value!r}") from None
+
+
+def _encoder_layer(value: str | None):
+    if value is None:
+        return DEFAULT
+    if value.strip().lower() in ("last", "final", "none"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--encoder-layer takes a hidden-layer index (-2 is the penultimate) "
+                          f"or 'last'; got {value!r}") from None
+
+
+def fuse(
+    encoder: CheckpointPath,
+    decoder: CheckpointPath,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
+    every: Annotated[int | None, typer.Option(
+        help=f"A fusion layer in every N-th decoder layer (default {DEFAULT_EVERY}: layers "
+        "3, 7, 11, ...).")] = None,
+    layers: Annotated[str | None, typer.Option(
+        help="Comma-separated decoder layers that get a fusion layer, e.g. 3,7,11.")] = None,
+    fusion_after: Annotated[bool, typer.Option(
+        help="Run each fusion layer after its original layer (default: before, as Flamingo "
+        "and Llama 3.2 Vision).")] = False,
+    new_token: Annotated[list[str] | None, typer.Option(
+        help="A token to add, repeatable (default: <|image|>); ids vocab_size + i.")] = None,
+    embedding_init: Annotated[str, typer.Option(
+        help="How new embedding rows start: mean (of the table), zeros, normal.")] = "mean",
+    encoder_layer: Annotated[str | None, typer.Option(
+        help="Encoder hidden layer that feeds the fusion (transformers' hidden_states[k]; "
+        "-2 penultimate) or 'last'; default per family: CLIP -2, SigLIP last.")] = None,
+    projection: Annotated[str, typer.Option(
+        help="Projection head from encoder to decoder width: mlp (2 layers, GELU) or "
+        "linear.")] = "mlp",
+    dtype: DtypeOption = None,
+    seed: Annotated[int, typer.Option(help="Seed of the new parameters.")] = 0,
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an earlier fusesurgery output (never any other directory).")] = False,
+    as_json: Json = False,
+    num_heads: NumHeads = None,
+    num_kv_heads: NumKvHeads = None,
+    head_dim: HeadDim = None,
+    rope_base: RopeBase = None,
+    norm_eps: NormEps = None,
+    encoder_num_heads: EncoderNumHeads = None,
+) -> None:
+    """Fuse a vision tower (CLIP, SigLIP) into a decoder (Llama, Mistral, Qwen2): gated
+    cross-attention layers starting at exactly zero, new tokens such as <|image|>, a projection
+    head; written as sharded safetensors with fusion_config.json and the tokenizer."""
+    if every is not None and layers is not None:
+        raise ConfigError("give --every or --layers, not both")
+    decoder_overrides, encoder_overrides = split_overrides(collect_overrides(
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
+        norm_eps=norm_eps, encoder_num_heads=encoder_num_heads))
+    options = FuseOptions(
+        fusion_layers=_layers(layers),
+        every=DEFAULT_EVERY if every is None else every,
+        fusion_first=not fusion_after,
+        new_tokens=tuple(new_token) if new_token else ("<|image|>",),
+        embedding_init=embedding_init,
+        encoder_layer=_encoder_layer(encoder_layer),
+        projection=projection,
+        dtype=parse_dtype_option(dtype),
+        seed=seed,
+    )
+    with byte_progress("fusing") as update:
+        result = fuse_checkpoints(
+            encoder, decoder, output, options=options,
+            decoder_overrides=decoder_overrides or None,
+            encoder_overrides=encoder_overrides or None,
+            max_shard_size=max_shard_size, overwrite=overwrite, on_progress=update)
+    config, written = result.config, result.written
+    summary = {
+        "output": str(written.out_dir),
+        "decoder": {"path": str(decoder), "family": result.decoder.family,
+                    "layout": result.decoder.layout},
+        "encoder": {"path": str(encoder), "family": result.encoder.family,
+                    "layout": result.encoder.layout},
+        "fusion_layers": list(config.fusion.fusion_layers),
+        "fusion_first": config.fusion.fusion_first,
+        "new_tokens": {t.token: t.id for t in config.new_tokens},
+        "encoder_layer": config.encoder.output_layer,
+        "projection": config.projection,
+        "tied_embeddings": config.decoder.tie_word_embeddings,
+        "dtypes": dict(config.dtypes),
+        "new_parameters": sum(t.nbytes // t.dtype.itemsize for t in result.plan.new_tensors),
+        "total_bytes": written.total_size,
+        "tokenizer_files": list(result.tokenizer_files),
+        "files": list(written.files),
+    }
+    if as_json:
+        typer.echo(standard_json.dumps(summary, indent=2))
+        return
+    layer_text = "final hidden states" if config.encoder.output_layer is None else (
+        f"hidden_states[{config.encoder.output_layer}]")
+    typer.echo(
+        f"fused {result.encoder.family} -> {result.decoder.family}: fusion layers "
+        f"{list(config.fusion.fusion_layers)}, new tokens "
+        f"{', '.join(f'{t.token}={t.id}' for t in config.new_tokens) or 'none'}, "
+        f"{config.projection} projection from {layer_text}; "
+        f"{written.total_size / 2**20:.1f} MiB in {len(written.files)} files at "
+        f"{written.out_dir}")
+    if config.decoder.tie_word_embeddings:
+        stderr.print("note: tied embeddings: the output stays the original table; new tokens "
+                     "are input-only")
+    if not result.tokenizer_files:
+        stderr.print("note: no tokenizer beside the decoder; none written")

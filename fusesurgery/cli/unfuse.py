@@ -1,0 +1,49 @@
+"""``fusesurgery unfuse OUT -o DIR``: the decoder (or encoder) back out of a fused checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fusesurgery import _json as standard_json
+from fusesurgery.cli.errors import stderr
+from fusesurgery.cli.options import CheckpointPath, Json
+from fusesurgery.cli.progress import byte_progress
+from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint
+
+
+def unfuse(
+    fused: CheckpointPath,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
+    part: Annotated[str, typer.Option(help="decoder or encoder.")] = "decoder",
+    format: Annotated[str | None, typer.Option(
+        "--format", help="hf, native or meta (default: the layout it was fused from).")] = None,
+    merge_embeddings: Annotated[bool, typer.Option(
+        help="One embedding table of vocab + new tokens (with --format hf): transformers "
+        "loads it, and its tokenizer knows the new tokens.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an earlier fusesurgery output (never any other directory).")] = False,
+    as_json: Json = False,
+) -> None:
+    """Write the decoder (or the vision tower) of a fused checkpoint on its own: the original
+    tensors, names, config and tokenizer, bit for bit (the inverse of fuse)."""
+    with byte_progress("unfusing") as update:
+        result = unfuse_checkpoint(fused, output, part=part, format=format,
+                                   merge_embeddings=merge_embeddings,
+                                   max_shard_size=max_shard_size, overwrite=overwrite,
+                                   on_progress=update)
+    written = result.written
+    summary = {"output": str(written.out_dir), "part": result.part, "format": result.format,
+               "tensors": len(result.plan), "merged_embeddings": result.merged_embeddings,
+               "total_bytes": written.total_size, "files": list(written.files),
+               "notes": list(result.notes)}
+    if as_json:
+        typer.echo(standard_json.dumps(summary, indent=2))
+        return
+    typer.echo(f"{result.part} ({result.format}): {len(result.plan)} tensors, "
+               f"{written.total_size / 2**20:.1f} MiB in {len(written.files)} files at "
+               f"{written.out_dir}")
+    for note in result.notes:
+        stderr.print(f"note: {note}")

@@ -1,0 +1,212 @@
+"""``fusion_config.json``: everything needed to rebuild, validate and undo a fused checkpoint.
+
+The file sits beside the fused safetensors. It holds the three frozen configs (decoder,
+encoder, fusion), the projection head, the new tokens and their ids, the dtypes, the seed, and
+a record of each source (format, layout, files with sizes and header digests, the files kept
+for ``unfuse``, the keys dropped on the way in). ``fusesurgery.io`` reads its ``decoder``
+section as the config of a fused checkpoint, so ``inspect`` and ``diff`` understand it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
+from fusesurgery.convert.configs import coerce_rope_scaling
+from fusesurgery.errors import ConfigError, FuseSurgeryError
+from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
+
+FORMAT_NAME = "fusesurgery-fused"
+SCHEMA_VERSION = 1
+PROJECTIONS: tuple[str, ...] = ("linear", "mlp")
+EMBEDDING_INITS: tuple[str, ...] = ("mean", "zeros", "normal")
+# Where fuse keeps each source's own small files (config, tokenizer, processor), unchanged,
+# so that unfuse gives them back byte for byte.
+SOURCE_FILES_DIR = "source"
+PARTS: tuple[str, ...] = ("decoder", "encoder")
+
+IDENTITY_NOTE = (
+    "every gate is exactly zero: the fused model computes exactly what the original decoder "
+    "computed"
+)
+TRAINED_NOTE = "trained: identity no longer holds (gates are nonzero)"
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """A token added by the fusion: its text and its FusionEmbedding id (``vocab_size + i``)."""
+
+    token: str
+    id: int
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """The parsed ``fusion_config.json``.
+
+    Args:
+        decoder: the decoder's config (its ``vocab_size`` is the original table's rows).
+        encoder: the vision tower's config; ``output_layer`` is the hidden layer that feeds
+            the fusion.
+        fusion: fusion layers, encoder width after the projection, new-token count.
+        projection: ``"linear"`` or ``"mlp"``.
+        new_tokens: the added tokens, ids ``vocab_size + i``.
+        embedding_init: how the new embedding rows started (``mean``, ``zeros``, ``normal``).
+        dtypes: ``{"decoder", "encoder", "fusion"}`` -> dtype name of those tensors.
+        seed: the seed the new parameters were drawn with.
+        sources: ``{"decoder", "encoder"}`` -> the source record written by ``fuse``.
+        trained: the fusion parameters changed since ``fuse`` (``save_fused`` of a trained
+            model); the identity no longer holds.
+        gates: gate name -> value, as last saved.
+        version: the fusesurgery version that wrote the file.
+    """
+
+    decoder: DecoderConfig
+    encoder: VisionEncoderConfig
+    fusion: FusionConfig
+    projection: str = "mlp"
+    new_tokens: tuple[NewToken, ...] = ()
+    embedding_init: str = "mean"
+    dtypes: Mapping[str, str] = field(default_factory=dict)
+    seed: int = 0
+    sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    trained: bool = False
+    gates: Mapping[str, float] = field(default_factory=dict)
+    version: str = ""
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.decoder.tie_word_embeddings
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (write it with ``fusesurgery._json.dumps``)."""
+        tied = self.decoder.tie_word_embeddings
+        return {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "fusesurgery_version": self.version,
+            "decoder": dataclasses.asdict(self.decoder),
+            "encoder": dataclasses.asdict(self.encoder),
+            "fusion": {**dataclasses.asdict(self.fusion),
+                       "fusion_layers": list(self.fusion.fusion_layers)},
+            "projection": self.projection,
+            "encoder_layer": self.encoder.output_layer,
+            "new_tokens": [{"token": t.token, "id": t.id} for t in self.new_tokens],
+            "embedding_init": self.embedding_init,
+            "tied_embeddings": tied,
+            "output_projection": (
+                "tied to the original embedding table; new tokens are input-only"
+                if tied else "the original output projection; new tokens are input-only"
+            ),
+            "dtypes": dict(self.dtypes),
+            "seed": self.seed,
+            "trained": self.trained,
+            "identity": TRAINED_NOTE if self.trained else IDENTITY_NOTE,
+            "gates": dict(self.gates),
+            "sources": {part: dict(record) for part, record in self.sources.items()},
+        }
+
+    def replace(self, **changes: Any) -> FusedConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _section(doc: Mapping[str, Any], name: str, origin: str) -> Mapping[str, Any]:
+    value = doc.get(name)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{origin}: the {name!r} section is missing or not an object")
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], origin: str, section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown {section} fields {unknown}")
+    values = dict(values)
+    if "rope_scaling" in values:
+        values["rope_scaling"] = coerce_rope_scaling(values["rope_scaling"])
+    if "fusion_layers" in values and isinstance(values["fusion_layers"], list):
+        values["fusion_layers"] = tuple(values["fusion_layers"])
+    try:
+        return cls(**values)
+    except FuseSurgeryError as error:
+        raise ConfigError(f"{origin}: {section}: {error}") from None
+    except TypeError as error:  # a required field is missing
+        raise ConfigError(f"{origin}: {section}: {error}") from None
+
+
+def _tokens(value: Any, origin: str) -> tuple[NewToken, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{origin}: new_tokens must be a list")
+    tokens = []
+    for item in value:
+        if (not isinstance(item, Mapping) or not isinstance(item.get("token"), str)
+                or type(item.get("id")) is not int):
+            raise ConfigError(f"{origin}: each new token must be {{\"token\": str, \"id\": int}}")
+        tokens.append(NewToken(item["token"], item["id"]))
+    return tuple(tokens)
+
+
+def fused_config_from_dict(doc: Mapping[str, Any], origin: str = FUSION_CONFIG_FILE) -> FusedConfig:
+    """Parse a ``fusion_config.json`` document.
+
+    Raises:
+        ConfigError: not a fusesurgery fusion config, a newer schema, or a malformed section.
+    """
+    if doc.get("format") != FORMAT_NAME:
+        raise ConfigError(f"{origin} is not a fusesurgery fusion config (format "
+                          f"{doc.get('format')!r}, expected {FORMAT_NAME!r})")
+    version = doc.get("schema_version")
+    if type(version) is not int or version > SCHEMA_VERSION:
+        raise ConfigError(f"{origin}: schema_version {version!r} is newer than this "
+                          f"fusesurgery understands ({SCHEMA_VERSION}); upgrade fusesurgery")
+    decoder = _build(DecoderConfig, _section(doc, "decoder", origin), origin, "decoder")
+    encoder = _build(VisionEncoderConfig, _section(doc, "encoder", origin), origin, "encoder")
+    fusion = _build(FusionConfig, _section(doc, "fusion", origin), origin, "fusion")
+    projection = doc.get("projection")
+    if projection not in PROJECTIONS:
+        raise ConfigError(f"{origin}: projection {projection!r} is not one of {PROJECTIONS}")
+    tokens = _tokens(doc.get("new_tokens", []), origin)
+    if len(tokens) != fusion.fusion_vocab_size:
+        raise ConfigError(f"{origin}: {len(tokens)} new tokens for a fusion vocabulary of "
+                          f"{fusion.fusion_vocab_size}")
+    for i, token in enumerate(tokens):
+        if token.id != decoder.vocab_size + i:
+            raise ConfigError(f"{origin}: new token {token.token!r} has id {token.id}, not "
+                              f"vocab_size + {i} = {decoder.vocab_size + i}")
+    if fusion.encoder_dim != decoder.embed_dim:
+        raise ConfigError(f"{origin}: fusion.encoder_dim {fusion.encoder_dim} differs from the "
+                          f"decoder width {decoder.embed_dim}")
+    sources = doc.get("sources", {})
+    gates = doc.get("gates", {})
+    if not isinstance(sources, Mapping) or not isinstance(gates, Mapping):
+        raise ConfigError(f"{origin}: sources and gates must be objects")
+    return FusedConfig(
+        decoder=decoder,
+        encoder=encoder,
+        fusion=fusion,
+        projection=projection,
+        new_tokens=tokens,
+        embedding_init=str(doc.get("embedding_init", "mean")),
+        dtypes=dict(doc.get("dtypes", {})),
+        seed=int(doc.get("seed", 0)),
+        sources=dict(sources),
+        trained=bool(doc.get("trained", False)),
+        gates=dict(gates),
+        version=str(doc.get("fusesurgery_version", "")),
+    )
+
+
+__all__ = [
+    "EMBEDDING_INITS",
+    "FORMAT_NAME",
+    "FUSION_CONFIG_FILE",
+    "FusedConfig",
+    "NewToken",
+    "PROJECTIONS",
+    "SOURCE_FILES_DIR",
+    "fused_config_from_dict",
+]

@@ -1,0 +1,90 @@
+"""Create the tensors a fusion adds, one at a time, reproducibly.
+
+Each tensor is drawn from its own generator, seeded from the fuse seed and the tensor's name,
+so its values do not depend on the order tensors are written in or on which other tensors
+exist. Values are drawn directly in the tensor's dtype: one tensor in memory, no float32
+staging copy.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fusesurgery.surgery.fuse_plan import NewTensor
+
+# rows of the embedding table summed per step when computing its statistics
+STATS_CHUNK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class EmbeddingStats:
+    """Per-dimension mean and standard deviation of an embedding table, float32 ``[d]``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def embedding_stats(table: torch.Tensor) -> EmbeddingStats:
+    """Mean and std of each dimension of ``table`` ``[v, d]``, in float64 accumulation over
+    chunks of rows: memory stays a few chunks, however large the (mmap-backed) table.
+    """
+    rows, dim = table.shape
+    total = torch.zeros(dim, dtype=torch.float64)
+    total_sq = torch.zeros(dim, dtype=torch.float64)
+    for start in range(0, rows, STATS_CHUNK_ROWS):
+        chunk = table[start:start + STATS_CHUNK_ROWS].to(torch.float64)
+        total += chunk.sum(0)
+        total_sq += (chunk * chunk).sum(0)
+    mean = total / max(rows, 1)
+    var = (total_sq / max(rows, 1) - mean * mean).clamp_min(0)
+    return EmbeddingStats(mean.float(), var.sqrt().float())
+
+
+def generator_for(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and ``name`` (crc32), independent per tensor."""
+    return torch.Generator().manual_seed((int(seed) << 32) ^ zlib.crc32(name.encode()))
+
+
+def make_new_tensor(
+    spec: NewTensor, seed: int, stats: Callable[[], EmbeddingStats] | None = None
+) -> torch.Tensor:
+    """The values of one new tensor.
+
+    Args:
+        spec: the planned tensor.
+        seed: the fuse seed.
+        stats: returns the decoder table's statistics (for ``("embedding", ...)`` inits).
+
+    Returns:
+        A CPU tensor of ``spec.shape`` and ``spec.dtype``.
+
+    Raises:
+        ValueError: an unknown init rule (a programming error).
+    """
+    rule, *args = spec.init
+    if rule == "zeros":
+        return torch.zeros(spec.shape, dtype=spec.dtype)
+    if rule == "ones":
+        return torch.ones(spec.shape, dtype=spec.dtype)
+    if rule == "uniform":
+        (bound,) = args
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        return out.uniform_(-bound, bound, generator=generator_for(seed, spec.name))
+    if rule == "embedding":
+        (how,) = args
+        if how == "zeros":
+            return torch.zeros(spec.shape, dtype=spec.dtype)
+        table = stats()
+        if how == "mean":
+            return table.mean.expand(spec.shape).to(spec.dtype).contiguous()
+        if how == "normal":
+            noise = torch.randn(spec.shape, generator=generator_for(seed, spec.name))
+            return (table.mean + noise * table.std).to(spec.dtype)
+    raise ValueError(f"unknown init {spec.init!r} for {spec.name}")
+
+
+__all__ = ["EmbeddingStats", "embedding_stats", "generator_for", "make_new_tensor"]

@@ -1,0 +1,364 @@
+"""``fuse``: a pretrained vision tower and a pretrained decoder into one fused checkpoint,
+streamed from the inputs to the output one tensor at a time.
+
+Original tensors keep their bytes (kernel copies, or row gathers for the RoPE q/k
+permutation); the new ones (fusion layers, new embedding rows, projection head) are created
+and written one at a time. Peak memory is about the largest new tensor, whatever the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusesurgery import _json as standard_json
+from fusesurgery.convert import detect_model, plan_conversion
+from fusesurgery.convert.detect import DetectedModel, detect_layout
+from fusesurgery.convert.tokenizer import TOKENIZER_FILES, add_special_tokens
+from fusesurgery.errors import ConfigError
+from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
+from fusesurgery.io._files import file_fingerprint, read_side_file
+from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
+from fusesurgery.surgery.fuse_plan import (
+    FuseOptions,
+    FusePlan,
+    check_fuse_inputs,
+    fused_key_of,
+    plan_fuse,
+)
+from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
+from fusesurgery.surgery.new_params import embedding_stats, make_new_tensor
+from fusesurgery.write.convert_checkpoint import plan_entry_source, source_file_order
+from fusesurgery.write.output_guard import check_destination, check_not_an_input, resolve_output
+from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
+from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+
+# Files beside a decoder that the fused model needs as they are (or, the tokenizer, with the
+# new tokens added), and beside an encoder.
+DECODER_SIDE_FILES: tuple[str, ...] = (*TOKENIZER_FILES, "generation_config.json")
+ENCODER_SIDE_FILES: tuple[str, ...] = ("preprocessor_config.json", "processor_config.json")
+
+
+@dataclass(frozen=True)
+class FuseResult:
+    """Attributes:
+        plan: what was fused.
+        decoder: what the decoder source was.
+        encoder: what the encoder source was.
+        written: the files written.
+        tokenizer_files: the tokenizer files written with the new tokens.
+    """
+
+    plan: FusePlan
+    decoder: DetectedModel
+    encoder: DetectedModel
+    written: WriteResult
+    tokenizer_files: tuple[str, ...]
+
+    @property
+    def config(self) -> FusedConfig:
+        return self.plan.config
+
+
+def side_directory(source: CheckpointSource) -> Path:
+    """The directory whose config and tokenizer files belong to ``source``."""
+    path = Path(source.path)
+    return path if path.is_dir() else path.parent
+
+
+def read_side_files(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The files among ``names`` present in ``directory``, read whole.
+
+    Raises:
+        CheckpointError: one is present but unreadable, not a regular file, or too large.
+    """
+    found = {}
+    for name in names:
+        path = directory / name
+        if os.path.lexists(path):
+            found[name] = read_side_file(path)
+    return found
+
+
+def _source_record(source: CheckpointSource, detected: DetectedModel, plan, kept: list[str],
+                   given: str) -> dict[str, Any]:
+    return {
+        "path": given,
+        "format": source.format,
+        "layout": detected.layout,
+        "family": detected.family,
+        "kind": detected.kind,
+        "config_file": source.config_file,
+        "total_bytes": source.total_bytes,
+        "files": [file_fingerprint(Path(file)) for file in source.files],
+        "kept_files": kept,
+        "tensor_dtypes": sorted({str(e.dtype).removeprefix("torch.") for e in plan.entries}),
+        "dropped": dict(plan.dropped),
+        "source_keys": {entry.target_key: entry.source_key for entry in plan.entries},
+    }
+
+
+def readme_text(config: FusedConfig, sources: Mapping[str, str]) -> str:
+    """The short README.md of a fused checkpoint."""
+    d, e, f = config.decoder, config.encoder, config.fusion
+    tokens = ", ".join(f"`{t.token}` = {t.id}" for t in config.new_tokens) or "none"
+    tied = ("The embeddings are tied: the output projection is the original table, so the new "
+            "tokens are input-only (never predicted)." if d.tie_word_embeddings else
+            "The output projection is the original one: the new tokens are input-only (never "
+            "predicted).")
+    layer = "final hidden states" if e.output_layer is None else f"hidden_states[{e.output_layer}]"
+    identity = (
+        "This checkpoint was saved after training: its gates are nonzero, so it no longer "
+        "computes what the original decoder computed." if config.trained else
+        "Every gate starts at exactly zero, so until it is trained this model computes exactly "
+        "what the original decoder computed (`fusesurgery validate` proves it).")
+    return f"""# Fused vision-language checkpoint (fusesurgery)
+
+A {e.family} vision tower fused into a {d.family} decoder, Flamingo / Llama 3.2 Vision style,
+by fusesurgery {config.version}.
+
+- decoder: `{sources['decoder']}` ({d.num_layers} layers, width {d.embed_dim}, vocab {d.vocab_size})
+- encoder: `{sources['encoder']}` ({e.num_layers} layers, width {e.embed_dim}); the fusion reads
+  its {layer}, through a `{config.projection}` projection head to width {d.embed_dim}
+- gated cross-attention fusion layers at decoder layers {list(f.fusion_layers)}
+  ({'before' if f.fusion_first else 'after'} the original layer)
+- new tokens: {tokens}
+- dtypes: {', '.join(f'{k} {v}' for k, v in config.dtypes.items())}
+
+{tied}
+
+{identity} Keys follow torchtune's fused
+layout (`decoder.*` with the original keys, `decoder.layers.N.fusion_layer.*`,
+`decoder.tok_embeddings.fusion_embedding.weight`, `encoder.vision.*`, `encoder.projection.*`).
+
+```python
+import fusesurgery
+model = fusesurgery.load_fused("this-directory")    # a DeepFusionModel
+```
+
+`fusesurgery unfuse this-directory -o decoder/` gives the original decoder back, bit for bit.
+`{FUSION_CONFIG_FILE}` holds everything needed to rebuild it; `{SOURCE_FILES_DIR}/` keeps the
+sources' own config and tokenizer files unchanged.
+"""
+
+
+def fuse_checkpoints(
+    encoder_path: str | os.PathLike[str],
+    decoder_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    options: FuseOptions | None = None,
+    decoder_overrides: Mapping[str, Any] | None = None,
+    encoder_overrides: Mapping[str, Any] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    durable: bool = True,
+) -> FuseResult:
+    """Fuse a vision tower into a decoder and write the fused checkpoint.
+
+    Args:
+        encoder_path: a CLIP or SigLIP vision tower (or a CLIPModel / SiglipModel), any form
+            ``open_checkpoint`` reads.
+        decoder_path: a Llama, Mistral or Qwen2 decoder, any form ``open_checkpoint`` reads.
+        out_dir: the output directory, written atomically; it may not be, contain, lie inside
+            or link to an input.
+        options: where and how to fuse.
+        decoder_overrides: ``DecoderConfig`` fields the decoder's config lacks or gets wrong.
+        encoder_overrides: ``VisionEncoderConfig`` fields likewise.
+        max_shard_size: largest shard.
+        overwrite: replace an earlier fusesurgery output at ``out_dir``.
+        on_progress: called with ``(bytes written, total bytes)`` after each tensor.
+        durable: fsync before the output appears.
+
+    Returns:
+        The plan, what the sources were, and the files written.
+
+    Raises:
+        FuseSurgeryError: unreadable or unrecognised inputs, swapped inputs, bad options
+            (layers out of range, a new token the tokenizer already has), or an output that
+            cannot be written. Nothing is left at ``out_dir`` on any failure.
+    """
+    from fusesurgery import __version__  # noqa: PLC0415 - the package imports this module
+
+    options = options or FuseOptions()
+    with ExitStack() as stack:
+        encoder = stack.enter_context(open_checkpoint(encoder_path))
+        decoder = stack.enter_context(open_checkpoint(decoder_path))
+        inputs = (*decoder.paths_read, *encoder.paths_read)
+        # refuse a bad destination before any work
+        out = resolve_output(out_dir)
+        check_not_an_input(out, inputs)
+        check_destination(out, overwrite)
+        # swapped or wrong inputs, from key names alone: before configs are resolved, whose
+        # errors would be about the wrong model
+        check_fuse_inputs(detect_layout(decoder.infos())[0], detect_layout(encoder.infos())[0])
+
+        dec = detect_model(decoder.infos(), decoder.config, decoder.config_file,
+                           decoder_overrides)
+        enc = detect_model(encoder.infos(), encoder.config, encoder.config_file,
+                           encoder_overrides)
+        dec_plan = plan_conversion(decoder.infos(), dec.layout, dec.config, kind=dec.kind,
+                                   dtype=options.dtype)
+        enc_plan = plan_conversion(encoder.infos(), enc.layout, enc.config, kind=enc.kind,
+                                   dtype=options.dtype)
+        plan = plan_fuse(dec, dec_plan, enc, enc_plan, options, version=__version__)
+
+        # side files: the sources' own (kept unchanged under source/) and the ones OUT uses
+        extra: dict[str, bytes] = {}
+        records = {}
+        tokenizer_written: tuple[str, ...] = ()
+        for part, source, detected, part_plan, names, given in (
+            ("decoder", decoder, dec, dec_plan, DECODER_SIDE_FILES, decoder_path),
+            ("encoder", encoder, enc, enc_plan, ENCODER_SIDE_FILES, encoder_path),
+        ):
+            directory = side_directory(source)
+            files = read_side_files(directory, names)
+            kept = dict(files)
+            if source.config_file:
+                kept[source.config_file] = read_side_file(directory / source.config_file)
+            for name, content in kept.items():
+                extra[f"{SOURCE_FILES_DIR}/{part}/{name}"] = content
+            if part == "decoder":
+                tokenizer = {n: c for n, c in files.items() if n in TOKENIZER_FILES}
+                if tokenizer and plan.config.new_tokens:
+                    first_id = plan.config.new_tokens[0].id
+                    tokenizer = add_special_tokens(
+                        tokenizer, [t.token for t in plan.config.new_tokens], first_id)
+                    tokenizer_written = tuple(sorted(tokenizer))
+                files = {**files, **tokenizer}
+            extra.update(files)
+            records[part] = _source_record(source, detected, part_plan, sorted(kept),
+                                           str(given))
+        config = plan.config.replace(sources=records)
+        extra[FUSION_CONFIG_FILE] = standard_json.dumps(config.to_dict(), indent=2) + "\n"
+        extra["README.md"] = readme_text(config, {"decoder": str(decoder_path),
+                                                  "encoder": str(encoder_path)})
+
+        # the tensors: each source in its files' order (whole files copied where they can
+        # be), then the new ones
+        ordered: list[TensorInfo] = []
+        new_shard_at: set[str] = set()
+        producers: dict[str, Callable[[], Any]] = {}
+        for part, source, part_plan in (("decoder", decoder, dec_plan),
+                                        ("encoder", encoder, enc_plan)):
+            infos, starts = source_file_order(part_plan, source)
+            entries = {entry.target_key: entry for entry in part_plan.entries}
+            for info in infos:
+                key = fused_key_of(part, info.name)
+                ordered.append(TensorInfo(key, info.shape, info.dtype))
+                if info.name in starts or info is infos[0]:
+                    new_shard_at.add(key)
+                producers[key] = (lambda e=entries[info.name], s=source:
+                                  plan_entry_source(e, s))
+
+        stats_cache: list = []
+
+        def stats():
+            if not stats_cache:
+                entry = dec_plan.entry("tok_embeddings.weight")
+                stats_cache.append(embedding_stats(decoder.get_tensor(entry.source_key)))
+            return stats_cache[0]
+
+        for index, spec in enumerate(plan.new_tensors):
+            ordered.append(spec.info)
+            if index == 0:
+                new_shard_at.add(spec.name)
+            producers[spec.name] = (lambda s=spec: make_new_tensor(s, options.seed, stats))
+
+        total = plan.total_bytes
+        done = [0]
+
+        def written_one(info: TensorInfo) -> None:
+            done[0] += info.nbytes
+            if on_progress is not None:
+                on_progress(done[0], total)
+
+        written = write_safetensors(
+            out,
+            ordered,
+            lambda key: producers[key](),
+            new_shard_at=new_shard_at,
+            max_shard_size=max_shard_size,
+            extra_files=extra,
+            overwrite=overwrite,
+            on_tensor_written=written_one,
+            durable=durable,
+            inputs=inputs,
+        )
+    return FuseResult(plan=dataclasses.replace(plan, config=config),
+                      decoder=dec, encoder=enc, written=written,
+                      tokenizer_files=tokenizer_written)
+
+
+def fuse(
+    encoder: str | os.PathLike[str],
+    decoder: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    every: int = 4,
+    layers: list[int] | None = None,
+    fusion_after: bool = False,
+    new_tokens: tuple[str, ...] | list[str] = ("<|image|>",),
+    embedding_init: str = "mean",
+    encoder_layer: Any = "default",
+    projection: str = "mlp",
+    dtype: torch.dtype | str | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> FuseResult:
+    """``fusesurgery fuse ENCODER DECODER -o OUT`` as a function (see ``fuse_checkpoints``
+    for the remaining keyword arguments: overrides, ``max_shard_size``, ``overwrite``).
+
+    Args:
+        encoder: the vision tower checkpoint.
+        decoder: the decoder checkpoint.
+        out_dir: the output directory.
+        every: a fusion layer in every ``every``-th decoder layer (ignored with ``layers``).
+        layers: explicit decoder layer indices for the fusion layers.
+        fusion_after: run each fusion layer after its original layer instead of before.
+        new_tokens: tokens to add (ids ``vocab_size + i``).
+        embedding_init: ``mean``, ``zeros`` or ``normal``.
+        encoder_layer: the encoder hidden layer that feeds the fusion; ``"default"`` for the
+            family's default, None for the final hidden states.
+        projection: ``linear`` or ``mlp``.
+        dtype: cast everything (a torch dtype or a name such as ``"bf16"``); None keeps each
+            input's dtype.
+        seed: seed of the new parameters.
+
+    Returns:
+        See ``fuse_checkpoints``.
+
+    Raises:
+        FuseSurgeryError: see ``fuse_checkpoints``.
+    """
+    from fusesurgery.io.tensor_info import dtype_from_name  # noqa: PLC0415
+    from fusesurgery.surgery.fuse_plan import DEFAULT  # noqa: PLC0415
+
+    if isinstance(dtype, str):
+        try:
+            dtype = dtype_from_name(dtype)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    options = FuseOptions(
+        fusion_layers=layers,
+        every=every,
+        fusion_first=not fusion_after,
+        new_tokens=tuple(new_tokens),
+        embedding_init=embedding_init,
+        encoder_layer=DEFAULT if encoder_layer == "default" else encoder_layer,
+        projection=projection,
+        dtype=dtype,
+        seed=seed,
+    )
+    return fuse_checkpoints(encoder, decoder, out_dir, options=options, **kwargs)
+
+
+__all__ = ["FuseResult", "fuse", "fuse_checkpoints", "readme_text"]

@@ -1,0 +1,236 @@
+"""``unfuse``: take the decoder (or the vision tower) back out of a fused checkpoint.
+
+Without ``merge_embeddings`` it is the inverse of ``fuse``: the original tensors under their
+original names, bit for bit, with the source's own config and tokenizer files as they were.
+With ``merge_embeddings`` the decoder gets one embedding table of the original rows plus the
+new tokens', loadable by transformers with the new tokens in its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusesurgery import _json as standard_json
+from fusesurgery.convert import plan_conversion
+from fusesurgery.convert.plan import ConversionPlan, PlanEntry
+from fusesurgery.errors import ConfigError
+from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo
+from fusesurgery.surgery.fuse_plan import FUSION_EMBEDDING_KEY, fused_key_of, native_key_of
+from fusesurgery.surgery.fused import open_fused
+from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
+from fusesurgery.write.convert_checkpoint import (
+    CONFIG_FILES,
+    CONFIG_WRITERS,
+    plan_entry_source,
+    plan_entry_tensor,
+    source_file_order,
+    write_layout,
+)
+from fusesurgery.write.fuse_checkpoint import DECODER_SIDE_FILES, read_side_files
+from fusesurgery.write.safetensors_writer import WriteResult
+from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+
+PARTS = ("decoder", "encoder")
+HF_EMBEDDING_KEY = "model.embed_tokens.weight"
+HF_OUTPUT_KEY = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class UnfuseResult:
+    """Attributes:
+        part: ``decoder`` or ``encoder``.
+        format: the layout written.
+        plan: the tensors written and their sources.
+        written: the files written.
+        merged_embeddings: the new tokens were merged into the embedding table.
+        notes: what differs from the original checkpoint, if anything.
+    """
+
+    part: str
+    format: str
+    plan: ConversionPlan
+    written: WriteResult
+    merged_embeddings: bool
+    notes: tuple[str, ...]
+
+
+class _PartView:
+    """The fused checkpoint's tensors of one part under their native names: what
+    ``plan_entry_source`` and ``source_file_order`` read."""
+
+    def __init__(self, source: CheckpointSource, part: str) -> None:
+        self._source, self._part = source, part
+
+    def _key(self, native: str) -> str:
+        return fused_key_of(self._part, native)
+
+    def file_region(self, key: str) -> FileRegion | None:
+        return self._source.file_region(self._key(key))
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._source.get_tensor(self._key(key))
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        return self._source.read_tensor(self._key(key))
+
+
+def _renamed(plan: ConversionPlan, names: dict[str, str]) -> ConversionPlan:
+    """The plan with each target key replaced by the source's own spelling of it."""
+    entries = tuple(
+        PlanEntry(**{**entry.__dict__, "target_key": names.get(entry.source_key, entry.target_key)})
+        for entry in plan.entries)
+    return ConversionPlan(plan.kind, plan.source_layout, plan.target_layout, entries, plan.dropped)
+
+
+def _hf_config_with_vocab(kept: dict[str, bytes], config: FusedConfig, vocab: int) -> bytes:
+    """The source's config.json with ``vocab_size`` raised (other fields kept), or a new one."""
+    original = kept.get("config.json")
+    if original is not None:
+        document = json.loads(original)
+        if isinstance(document, dict) and "vocab_size" in document:
+            document["vocab_size"] = vocab
+            return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    document = CONFIG_WRITERS["hf"](config.decoder.replace(vocab_size=vocab))
+    return (standard_json.dumps(document, indent=2) + "\n").encode()
+
+
+def unfuse_checkpoint(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    part: str = "decoder",
+    format: str | None = None,
+    merge_embeddings: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    durable: bool = True,
+) -> UnfuseResult:
+    """Write one part of a fused checkpoint as a standalone checkpoint.
+
+    Args:
+        path: the fused checkpoint directory.
+        out_dir: the output directory (atomic; may not overlap the fused checkpoint).
+        part: ``decoder`` or ``encoder``.
+        format: ``hf``, ``native`` or ``meta`` (decoders); None writes the layout the part
+            was fused from.
+        merge_embeddings: (decoder, ``hf``) one table of ``vocab + new tokens`` rows and a
+            config and tokenizer that know them. An untied output projection gets zero rows
+            for the new tokens (they were never predicted).
+        max_shard_size: largest shard.
+        overwrite: replace an earlier fusesurgery output at ``out_dir``.
+        on_progress: called with ``(bytes written, total bytes)`` after each tensor.
+        durable: fsync before the output appears.
+
+    Returns:
+        What was written.
+
+    Raises:
+        FuseSurgeryError: not a fused checkpoint, an unknown part or format, merge without
+            ``hf`` or for the encoder, or an output that cannot be written.
+    """
+    if part not in PARTS:
+        raise ConfigError(f"unknown part {part!r}; valid: {', '.join(PARTS)}")
+    with open_fused(path) as (source, config):
+        record: dict[str, Any] = dict(config.sources.get(part, {}))
+        layout = record.get("layout", "native")
+        fmt = format or layout
+        if fmt not in CONFIG_WRITERS:
+            raise ConfigError(f"unknown format {fmt!r} for unfuse; valid: "
+                              f"{', '.join(CONFIG_WRITERS)}")
+        if merge_embeddings and (part != "decoder" or fmt != "hf"):
+            raise ConfigError("--merge-embeddings needs --part decoder and --format hf")
+        kind = "decoder" if part == "decoder" else "vision"
+        part_config = config.decoder if part == "decoder" else config.encoder.replace(
+            output_layer=None)
+        native_infos = {}
+        for key, info in source.infos().items():
+            origin = native_key_of(key)
+            if origin is not None and origin[0] == part:
+                native_infos[origin[1]] = TensorInfo(origin[1], info.shape, info.dtype)
+        plan = plan_conversion(native_infos, "native", part_config, target_layout=fmt,
+                               kind=kind)
+        notes = [f"{key} was dropped by fuse: {reason}"
+                 for key, reason in record.get("dropped", {}).items()]
+        if fmt == layout and isinstance(record.get("source_keys"), dict):
+            plan = _renamed(plan, record["source_keys"])
+        view = _PartView(source, part)
+        entries = {entry.target_key: entry for entry in plan.entries}
+        producers: dict[str, Callable[[], Any]] = {
+            key: (lambda e=entry: plan_entry_source(e, view)) for key, entry in entries.items()}
+        infos, new_shard_at = source_file_order(plan, view)
+
+        directory = Path(source.path) if Path(source.path).is_dir() else Path(source.path).parent
+        kept_dir = directory / SOURCE_FILES_DIR / part
+        kept = read_side_files(kept_dir, tuple(record.get("kept_files", ())))
+        extra: dict[str, bytes] = {}
+        config_file = record.get("config_file")
+        if fmt == layout:
+            extra.update(kept)
+        else:
+            extra.update({n: c for n, c in kept.items() if n != config_file})
+            extra[CONFIG_FILES[fmt]] = (standard_json.dumps(CONFIG_WRITERS[fmt](part_config),
+                                                            indent=2) + "\n").encode()
+        if merge_embeddings and config.new_tokens:
+            infos, producers = _merge(plan, infos, producers, view, source, config)
+            extra["config.json"] = _hf_config_with_vocab(
+                kept, config, config.decoder.vocab_size + len(config.new_tokens))
+            # the fused tokenizer: the original one plus the new tokens at their ids
+            extra.update(read_side_files(directory, DECODER_SIDE_FILES))
+            notes.append(f"embedding table merged: {config.decoder.vocab_size} + "
+                         f"{len(config.new_tokens)} rows")
+        total = sum(info.nbytes for info in infos)
+        done = [0]
+
+        def written_one(info: TensorInfo) -> None:
+            done[0] += info.nbytes
+            if on_progress is not None:
+                on_progress(done[0], total)
+
+        written = write_layout(
+            out_dir, fmt, infos, lambda key: producers[key](),
+            lambda key: plan_entry_tensor(entries[key], view), new_shard_at=new_shard_at,
+            max_shard_size=max_shard_size, extra_files=extra, overwrite=overwrite,
+            on_tensor_written=written_one, durable=durable,
+            inputs=(directory, *source.paths_read))
+    return UnfuseResult(part=part, format=fmt, plan=plan, written=written,
+                        merged_embeddings=merge_embeddings and bool(config.new_tokens),
+                        notes=tuple(notes))
+
+
+def _merge(plan, infos, producers, view, source, config):
+    """Replace the embedding (and an untied output) with tables that include the new rows."""
+    new_rows = config.fusion.fusion_vocab_size
+    by_source = {entry.source_key: entry for entry in plan.entries}
+    embed = by_source["tok_embeddings.weight"].target_key
+    output = by_source.get("output.weight")
+
+    def merged_embedding() -> torch.Tensor:
+        return torch.cat([view.get_tensor("tok_embeddings.weight"),
+                          source.get_tensor(FUSION_EMBEDDING_KEY)], dim=0)
+
+    def padded_output() -> torch.Tensor:
+        table = view.get_tensor("output.weight")
+        return torch.cat([table, table.new_zeros(new_rows, table.shape[1])], dim=0)
+
+    infos = list(infos)
+    producers = dict(producers)
+    for i, info in enumerate(infos):
+        if info.name == embed:
+            infos[i] = TensorInfo(embed, (info.shape[0] + new_rows, info.shape[1]), info.dtype)
+            producers[embed] = merged_embedding
+        elif output is not None and info.name == output.target_key:
+            infos[i] = TensorInfo(info.name, (info.shape[0] + new_rows, info.shape[1]),
+                                  info.dtype)
+            producers[info.name] = padded_output
+    return infos, producers
+
+
+__all__ = ["UnfuseResult", "unfuse_checkpoint"]
