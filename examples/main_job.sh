@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the bundled example checkpoints: inspect a decoder and a vision tower,
-# convert the decoder to the native layout and prove the conversion lossless, then fuse tiny
-# models and prove the fused model computes what the decoder computed.
+# The main job on the bundled example checkpoints: inspect a decoder and a vision tower, fuse
+# them, prove the fused model computes exactly what the decoder computed, take the decoder back
+# out bit for bit, and run a fused model's life in Python (train, save, validate, unfuse).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fs=.venv/bin/fusesurgery
@@ -10,6 +10,12 @@ step() { printf '\n\033[1m$ %s\033[0m\n' "$*" >&2; "$@"; }
 
 step $fs inspect examples/tiny-llama
 step $fs inspect examples/tiny-clip-vision
+step $fs fuse examples/tiny-clip-vision examples/tiny-llama -o $out/fused --every 2 --overwrite
+step $fs inspect $out/fused
+step $fs validate $out/fused --against examples/tiny-llama
+step $fs unfuse $out/fused -o $out/tiny-llama-unfused --overwrite
+step $fs diff examples/tiny-llama $out/tiny-llama-unfused --values
+step cmp examples/tiny-llama/model.safetensors $out/tiny-llama-unfused/model.safetensors
 step $fs convert examples/tiny-llama -o $out/tiny-llama-native --overwrite
 step $fs diff examples/tiny-llama $out/tiny-llama-native --values
-step $fs demo
+step .venv/bin/python examples/lifecycle.py $out/lifecycle

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from fusesurgery import _json as standard_json
-from fusesurgery.errors import ConfigError
-from fusesurgery.io import TensorInfo
+from fusesurgery.errors import ConfigError, FuseSurgeryError
+from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.modules import DeepFusionModel, TanhGate
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
@@ -46,6 +46,24 @@ def _carried_files(directory: Path | None) -> dict[str, bytes]:
             for name, content in read_side_files(part_dir, names).items():
                 files[f"{SOURCE_FILES_DIR}/{part_dir.name}/{name}"] = content
     return files
+
+
+def _stored_order(source_dir: Path | None, state: dict) -> tuple[list[str], set[str]]:
+    """The keys in the order (and with the shard boundaries) of the checkpoint the model was
+    loaded from, so a saved model is laid out as ``fuse`` wrote it; else the state dict's."""
+    if source_dir is None or not source_dir.is_dir():
+        return list(state), set()
+    try:
+        with open_checkpoint(source_dir) as source:
+            infos = source.infos()
+    except FuseSurgeryError:
+        return list(state), set()
+    if set(infos) != set(state):
+        return list(state), set()
+    first_of_file: dict[object, str] = {}
+    for key, info in infos.items():
+        first_of_file.setdefault(info.file, key)
+    return list(infos), set(first_of_file.values())
 
 
 def save_fused(
@@ -94,13 +112,15 @@ def save_fused(
     sources = {part: str(record.get("path", "?")) for part, record in config.sources.items()}
     extra["README.md"] = readme_text(config, {"decoder": sources.get("decoder", "?"),
                                               "encoder": sources.get("encoder", "?")})
-    infos = [TensorInfo(key, tuple(t.shape), t.dtype) for key, t in state.items()]
+    order, new_shard_at = _stored_order(source_dir, state)
+    infos = [TensorInfo(key, tuple(state[key].shape), state[key].dtype) for key in order]
 
     def produce(key: str) -> torch.Tensor:
         return state[key].detach()
 
     inputs = [source_dir] if source_dir is not None else []
     return write_safetensors(out_dir, infos, produce, max_shard_size=max_shard_size,
+                             new_shard_at=new_shard_at,
                              extra_files=extra, overwrite=overwrite, durable=durable,
                              inputs=inputs)
 

@@ -172,9 +172,9 @@ def unfuse_checkpoint(
         kept = read_side_files(kept_dir, tuple(record.get("kept_files", ())))
         extra: dict[str, bytes] = {}
         config_file = record.get("config_file")
-        if fmt == layout:
+        if fmt == layout and config_file:
             extra.update(kept)
-        else:
+        else:  # another layout, or a source without a config: write one for this layout
             extra.update({n: c for n, c in kept.items() if n != config_file})
             extra[CONFIG_FILES[fmt]] = (standard_json.dumps(CONFIG_WRITERS[fmt](part_config),
                                                             indent=2) + "\n").encode()

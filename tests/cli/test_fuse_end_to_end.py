@@ -169,3 +169,16 @@ def test_merged_embeddings_load_in_transformers(tmp_path):
         ours = model(tokens)  # text path: no encoder input
         theirs = hf(tokens).logits
     torch.testing.assert_close(theirs[..., :64], ours, rtol=0, atol=1e-5)
+
+
+def test_dtype_cast_with_hf_spelling(tmp_path):
+    decoder, _ = save_decoder("llama", tmp_path)
+    encoder = save_encoder("siglip", tmp_path)
+    fused = tmp_path / "fused"
+    result = cli("fuse", encoder, decoder, "-o", fused, "--every", "2", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    with open_checkpoint(fused) as source:
+        assert {info.dtype for info in source.infos().values()} == {torch.bfloat16}
+    result = cli("validate", fused, "--against", decoder, "--json")
+    assert result.exit_code == 0, result.output  # compared with the same cast of the source
+    assert json.loads(result.stdout)["identity"] is True
