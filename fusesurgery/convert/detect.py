@@ -45,6 +45,11 @@ from fusesurgery.convert.keymaps import (
     keys_to_native,
     split_layer_index,
 )
+from fusesurgery.convert.mllama import (
+    is_mllama_keys,
+    mllama_text_config,
+    split_embedding_shapes,
+)
 from fusesurgery.convert.plan import check_native_shapes
 from fusesurgery.errors import ConfigError, UnrecognizedFormatError
 from fusesurgery.io.tensor_info import TensorInfo
@@ -138,6 +143,8 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
 
     if any_starts(FUSED_DECODER_PREFIX):
         return "fused", "native"
+    if is_mllama_keys(keys):
+        return "fused", "mllama"
     if "model.embed_tokens.weight" in key_set or any_starts("model.layers."):
         return "decoder", "hf"
     # a bare transformers decoder (LlamaModel): HF names without the "model." prefix
@@ -157,8 +164,9 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
         return "vision", "native"
     if any_starts("language_model.", "model.language_model.", "model.vision_model."):
         raise UnrecognizedFormatError(
-            "this looks like a multimodal model (Mllama/LLaVA-style language_model.* keys); "
-            "fusesurgery reads plain decoders, CLIP/SigLIP encoders and fused checkpoints"
+            "this looks like a multimodal model (LLaVA-style language_model.* keys); "
+            "fusesurgery reads plain decoders, CLIP/SigLIP encoders, Mllama and fused "
+            "checkpoints"
         )
     raise UnrecognizedFormatError(
         f"keys match no known decoder, vision encoder or fused layout: {_sample(sorted(keys))}"
@@ -412,6 +420,8 @@ def _detect_decoder(
     prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
     _, shapes, names, fields, notes = _start_detection(
         tensors, layout, kind, reading, overrides, DECODER_FIELDS, "decoder")
+    if layout == "mllama":
+        split_embedding_shapes(shapes, names)
     _infer_decoder_fields(fields, shapes, names, prefix, origin)
     config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder", origin)
 
@@ -435,6 +445,10 @@ def _detect_decoder(
     fusion, style = (None, None)
     if kind == "fused":
         fusion, style = _fusion_from_keys(shapes, config)
+    if layout == "mllama":  # one epsilon for every norm, the fusion's included
+        fusion = dataclasses.replace(fusion, ca_norm_eps=config.norm_eps,
+                                     qk_norm_eps=config.norm_eps)
+        style = "mllama"
     return DetectedModel(
         kind=kind,
         layout=layout,
@@ -520,6 +534,24 @@ def _detect_vision(
 # --------------------------------------------------------------------------------------------
 
 
+def mllama_decoder_config(config: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """An Mllama config.json's text model as a Llama decoder config: ``num_hidden_layers``
+    counts the self-attention layers only.
+
+    Raises:
+        ConfigError: ``cross_attention_layers`` is not a list of layer indices.
+    """
+    text = dict(mllama_text_config(config))
+    cross = text.get("cross_attention_layers", [])
+    if not isinstance(cross, list) or not all(type(i) is int for i in cross):
+        raise ConfigError(f"{origin}: cross_attention_layers must be a list of layer indices")
+    text["model_type"] = "llama"
+    text.pop("architectures", None)
+    if type(text.get("num_hidden_layers")) is int:
+        text["num_hidden_layers"] -= len(cross)
+    return text
+
+
 def detect_model(
     tensors: Mapping[str, TensorInfo],
     config: Mapping[str, Any] | None = None,
@@ -548,6 +580,8 @@ def detect_model(
     """
     kind, layout = detect_layout(tensors)
     origin = config_name or "the config"
+    if layout == "mllama" and config is not None:
+        config = mllama_decoder_config(config, origin)
     reader = read_vision_config if kind == "vision" else read_decoder_config
     try:
         reading = None if config is None else reader(config, origin)

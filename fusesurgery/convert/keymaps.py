@@ -18,8 +18,10 @@ Kinds and layouts:
   ``SiglipVisionModel``, ``CLIPModel``, ``SiglipModel``). transformers 5 saves the bare vision
   models without the ``vision_model.`` prefix; both spellings are read, the prefixed one (which
   transformers 4 and 5 both load) is written.
-- ``fused``: ``native`` only: ``decoder.*`` and ``encoder.*`` keys of a fused checkpoint, kept
-  as they are.
+- ``fused``: ``native``: ``decoder.*`` and ``encoder.*`` keys of a fused checkpoint, kept
+  as they are; ``mllama``: transformers' ``MllamaForCausalLM`` /
+  ``MllamaForConditionalGeneration`` (see :mod:`fusesurgery.convert.mllama`; its layer
+  renumbering needs the whole key set, so it maps through :func:`keys_to_native` only).
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
 
+from fusesurgery.convert.mllama import mllama_to_native
 from fusesurgery.errors import KeyMapError
 
 Kind = Literal["decoder", "vision", "fused"]
-Layout = Literal["native", "hf", "meta"]
+Layout = Literal["native", "hf", "meta", "mllama"]
 
 KINDS: tuple[str, ...] = ("decoder", "vision", "fused")
-LAYOUTS: tuple[str, ...] = ("native", "hf", "meta")
+LAYOUTS: tuple[str, ...] = ("native", "hf", "meta", "mllama")
+FUSED_LAYOUTS: tuple[str, ...] = ("native", "mllama")
 
 LAYER = "{i}"
 
@@ -302,8 +306,8 @@ def _check_kind_layout(kind: str, layout: str) -> None:
         raise KeyMapError(f"unknown model kind {kind!r}; valid: {', '.join(KINDS)}")
     if layout not in LAYOUTS:
         raise KeyMapError(f"unknown key layout {layout!r}; valid: {', '.join(LAYOUTS)}")
-    if kind == "fused" and layout != "native":
-        raise KeyMapError(f"fused checkpoints have only the native layout, not {layout!r}")
+    if kind == "fused" and layout not in FUSED_LAYOUTS:
+        raise KeyMapError(f"fused checkpoints have the native and mllama layouts, not {layout!r}")
     if kind != "fused" and (kind, layout) not in TO_NATIVE:
         raise KeyMapError(f"there is no {layout!r} layout for a {kind} model")
 
@@ -360,6 +364,9 @@ def to_native_key(key: str, layout: str, kind: str = "decoder") -> str | None:
         KeyMapError: the key is unknown to the map, or the kind/layout pair does not exist.
     """
     _check_kind_layout(kind, layout)
+    if layout == "mllama":
+        raise KeyMapError("Mllama keys map only as a whole set (keys_to_native): their layer "
+                          "numbers depend on where the cross-attention layers are")
     if kind == "fused":
         if _fused_key_is_known(key):
             return key
@@ -385,6 +392,9 @@ def from_native_key(key: str, layout: str, kind: str = "decoder") -> str:
             (e.g. Qwen2's q bias in the Meta layout).
     """
     _check_kind_layout(kind, layout)
+    if layout == "mllama":
+        raise KeyMapError("native keys map to Mllama names with the fusion layers known: see "
+                          "fusesurgery.convert.mllama.native_to_mllama")
     if kind == "fused":
         if _fused_key_is_known(key):
             return key
@@ -461,6 +471,9 @@ def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> K
             two keys map to one native name.
     """
     _check_kind_layout(kind, layout)
+    if layout == "mllama":
+        mapping, dropped = mllama_to_native(keys)
+        return KeyMapping(mapping=mapping, dropped=dropped)
     return _map_all(
         keys,
         lambda key: to_native_key(key, layout, kind),

@@ -28,10 +28,14 @@ from fusesurgery.convert.keymaps import (
     keys_to_native,
     split_layer_index,
 )
+from fusesurgery.convert.mllama import FUSED_EMBEDDING as MLLAMA_EMBEDDING
+from fusesurgery.convert.mllama import FUSED_FUSION_EMBEDDING as MLLAMA_FUSION_EMBEDDING
+from fusesurgery.convert.mllama import split_embedding_shapes
 from fusesurgery.convert.transforms import (
     IDENTITY,
     PERMUTE_QK_FROM_NATIVE,
     PERMUTE_QK_TO_NATIVE,
+    TAKE_ROWS,
     Transform,
     apply_transform,
 )
@@ -419,8 +423,12 @@ def plan_conversion(
         if output_key in native_to_source:
             dropped[native_to_source.pop(output_key)] = TIED_OUTPUT_REASON
 
+    native_shapes = {native: tuple(tensors[source].shape)
+                     for native, source in native_to_source.items()}
+    if source_layout == "mllama":  # one source table, two native ones
+        split_embedding_shapes(native_shapes, native_to_source)
     check_native_shapes(
-        {native: tensors[source].shape for native, source in native_to_source.items()},
+        native_shapes,
         config,
         source_names=native_to_source,
         prefix=prefix,
@@ -440,9 +448,22 @@ def plan_conversion(
                 "weight of a decoder or vision tower is floating point, so this checkpoint is "
                 "damaged or quantised (dequantise it first)"
             )
+        if source_layout == "mllama" and native_key == MLLAMA_EMBEDDING:
+            vocab = native_shapes[MLLAMA_EMBEDDING][0]
+            for key, start, stop in ((native_key, 0, vocab),
+                                     (MLLAMA_FUSION_EMBEDDING, vocab, info.shape[0])):
+                shape = (stop - start, *info.shape[1:])
+                entries.append(PlanEntry(
+                    target_key=key, source_key=source_key, transform=(TAKE_ROWS, start, stop),
+                    source_shape=tuple(info.shape), source_dtype=info.dtype, shape=shape,
+                    dtype=dtype if dtype is not None else info.dtype))
+            continue
         transform: Transform = (IDENTITY,)
         if kind == "decoder":
             transform = _rope_transform(native_key, source_layout, target_layout, config)
+        elif source_layout == "mllama":  # its text model keeps transformers' q/k row order
+            transform = _rope_transform(native_key.removeprefix(FUSED_DECODER_PREFIX), "hf",
+                                        target_layout, config)
         out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
         entries.append(
             PlanEntry(

@@ -26,6 +26,7 @@ import torch
 from fusesurgery.errors import ShapeError
 
 IDENTITY = "identity"
+TAKE_ROWS = "take_rows"
 PERMUTE_QK_TO_NATIVE = "permute_qk_to_native"
 PERMUTE_QK_FROM_NATIVE = "permute_qk_from_native"
 
@@ -91,10 +92,23 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def take_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``tensor`` (a view): one part of a split table, e.g. the
+    original rows or the fusion tokens of Mllama's ``[vocab + 8, d]`` embedding.
+
+    Raises:
+        ShapeError: the range does not lie inside the tensor.
+    """
+    if not 0 <= start <= stop <= tensor.shape[0]:
+        raise ShapeError(f"rows [{start}, {stop}) lie outside a tensor of {tensor.shape[0]} rows")
+    return tensor[start:stop]
+
+
 TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
     IDENTITY: _identity,
     PERMUTE_QK_TO_NATIVE: permute_qk_to_native,
     PERMUTE_QK_FROM_NATIVE: permute_qk_from_native,
+    TAKE_ROWS: take_rows,
 }
 
 # Each transform's inverse, by name; checked to be a two-way table below.
@@ -103,7 +117,9 @@ INVERSE_TRANSFORMS: dict[str, str] = {
     PERMUTE_QK_TO_NATIVE: PERMUTE_QK_FROM_NATIVE,
     PERMUTE_QK_FROM_NATIVE: PERMUTE_QK_TO_NATIVE,
 }
-assert all(INVERSE_TRANSFORMS[INVERSE_TRANSFORMS[n]] == n for n in TRANSFORMS), "bad inverses"
+# (a row range has no inverse on its own: the other part of the split holds the other rows)
+assert all(INVERSE_TRANSFORMS[INVERSE_TRANSFORMS[n]] == n for n in INVERSE_TRANSFORMS), (
+    "bad inverses")
 
 
 # Transforms that only reorder a tensor's rows (slices along dim 0); a writer may then gather
@@ -151,6 +167,8 @@ def apply_transform(transform: Transform, tensor: torch.Tensor) -> torch.Tensor:
 def invert_transform(transform: Transform) -> Transform:
     """The transform that undoes ``transform`` (same arguments, inverse name)."""
     name, *args = transform
+    if name not in INVERSE_TRANSFORMS:
+        raise ShapeError(f"transform {name!r} has no inverse")
     return (INVERSE_TRANSFORMS[name], *args)
 
 
@@ -160,6 +178,7 @@ __all__ = [
     "PERMUTE_QK_FROM_NATIVE",
     "PERMUTE_QK_TO_NATIVE",
     "ROW_PERMUTATIONS",
+    "TAKE_ROWS",
     "TRANSFORMS",
     "Transform",
     "apply_transform",

@@ -277,6 +277,11 @@ def plan_fuse(
         encoder_dim=decoder_cfg.embed_dim,
         fusion_vocab_size=len(tokens),
         fusion_first=options.fusion_first,
+        # the decoder's own epsilon, as Meta's Llama 3.2 Vision and transformers' Mllama use
+        # for every norm (torchtune's builder alone uses 1e-6): a fused model exports to
+        # Mllama exactly
+        ca_norm_eps=decoder_cfg.norm_eps,
+        qk_norm_eps=decoder_cfg.norm_eps,
     )
 
     decoder_dtype = _main_dtype(decoder_plan, EMBEDDING_KEY)

@@ -11,33 +11,113 @@ from pathlib import Path
 
 import torch
 
-from fusesurgery.convert.plan import check_cast_dtype
+from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
+from fusesurgery.convert.detect import detect_layout
+from fusesurgery.convert.keymaps import keys_to_native
+from fusesurgery.convert.plan import ConversionPlan, PlanEntry, check_cast_dtype
+from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError, ShapeError
-from fusesurgery.io import CheckpointSource, open_checkpoint
+from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo, open_checkpoint
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.modules import (
     DeepFusionModel,
+    TransformerDecoder,
+    build_decoder,
     build_deep_fusion_model,
+    fuse_decoder,
+    get_fusion_params,
     init_non_persistent_buffers,
+    set_trainable_params,
 )
-from fusesurgery.surgery.fused_config import FusedConfig, fused_config_from_dict
+from fusesurgery.surgery.fused_config import FusedConfig, NewToken, fused_config_from_dict
+
+
+class FusedView:
+    """A fused checkpoint's tensors under their native fused names, whatever the layout they
+    are stored in (fusesurgery's own: as stored; Mllama's: renamed, its q/k rows permuted, its
+    one embedding table split in two). The subset of ``CheckpointSource`` readers use.
+
+    Args:
+        source: the open checkpoint.
+        plan: its conversion to the native fused layout.
+    """
+
+    def __init__(self, source: CheckpointSource, plan: ConversionPlan) -> None:
+        self.source = source
+        self.path = source.path
+        self.paths_read = source.paths_read
+        self.layout = plan.source_layout
+        self._entries = {entry.target_key: entry for entry in plan.entries}
+        self._infos = plan.target_infos()
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def entry(self, key: str) -> PlanEntry:
+        return self._entries[key]
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        return apply_plan_entry(entry, self.source.get_tensor(entry.source_key))
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        return apply_plan_entry(entry, self.source.read_tensor(entry.source_key))
+
+    def file_region(self, key: str) -> FileRegion | None:
+        entry = self._entries[key]
+        if entry.transform != (IDENTITY,) or entry.dtype != entry.source_dtype:
+            return None
+        return self.source.file_region(entry.source_key)
+
+
+def _mllama_config(source: CheckpointSource, path: object) -> FusedConfig:
+    """What an Mllama checkpoint holds, as a fusion config: its text model as the decoder,
+    its vision side opaque, its 8 fusion rows as new tokens (``<|image|>`` first)."""
+    detected = detect_model(source.infos(), source.config, source.config_file)
+    vocab = detected.config.vocab_size
+    tokens = [NewToken("<|image|>" if i == 0 else f"<|mllama_fusion_token_{i}|>", vocab + i)
+              for i in range(detected.fusion.fusion_vocab_size)]
+    has_vision = any(not k.startswith(("decoder.",)) for k in
+                     keys_to_native(source.infos(), "mllama", "fused").mapping.values())
+    dtype = str(next(iter(source.infos().values())).dtype).removeprefix("torch.")
+    return FusedConfig(
+        decoder=detected.config, encoder=None, fusion=detected.fusion, projection=None,
+        new_tokens=tuple(tokens), dtypes={"decoder": dtype, "fusion": dtype},
+        sources={"decoder": {"path": str(path), "layout": "hf", "format": source.format,
+                             "family": "llama", "kind": "decoder", "config_file": None,
+                             "opaque_encoder": "mllama" if has_vision else None}},
+        version="")
 
 
 @contextmanager
-def open_fused(path: str | os.PathLike[str]) -> Iterator[tuple[CheckpointSource, FusedConfig]]:
-    """Open a fused checkpoint written by fusesurgery: its lazy source and its config.
+def open_fused(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, FusedConfig]]:
+    """Open a fused checkpoint: fusesurgery's own (with its ``fusion_config.json``) or a
+    transformers Mllama one. Yields a view of its tensors under native fused names, and its
+    config.
 
     Raises:
-        FuseSurgeryError: unreadable, or no (valid) ``fusion_config.json`` beside the weights.
+        FuseSurgeryError: unreadable, neither a fusesurgery fused checkpoint nor an Mllama
+            one, or a damaged ``fusion_config.json``.
     """
     with open_checkpoint(path) as source:
-        if source.config_file != FUSION_CONFIG_FILE or source.config is None:
+        kind, layout = detect_layout(source.infos())
+        if kind == "fused" and layout == "mllama":
+            config = _mllama_config(source, path)
+        elif source.config_file != FUSION_CONFIG_FILE or source.config is None:
             raise ConfigError(
                 f"{path} is not a fused checkpoint written by fusesurgery: it has no "
                 f"{FUSION_CONFIG_FILE} beside its weights (found "
                 f"{source.config_file or 'no config'})")
-        directory = Path(source.path) if Path(source.path).is_dir() else Path(source.path).parent
-        yield source, fused_config_from_dict(source.config, str(directory / FUSION_CONFIG_FILE))
+        else:
+            directory = Path(source.path) if Path(source.path).is_dir() else Path(
+                source.path).parent
+            config = fused_config_from_dict(source.config, str(directory / FUSION_CONFIG_FILE))
+        plan = plan_conversion(source.infos(), layout, config.decoder, kind="fused")
+        yield FusedView(source, plan), config
 
 
 def read_fused_config(path: str | os.PathLike[str]) -> FusedConfig:
@@ -58,24 +138,46 @@ def build_fused_model(config: FusedConfig, **trainable: bool) -> DeepFusionModel
                                    projection=config.projection, **trainable)
 
 
+def _checked_state(view: FusedView, expected: dict, path: object, prefix: str = "") -> dict:
+    """The view's tensors for a module whose state dict is ``expected``, keys and shapes
+    checked first (the message names what differs, unlike ``load_state_dict``'s)."""
+    infos = {k.removeprefix(prefix): v for k, v in view.infos().items() if k.startswith(prefix)}
+    missing = sorted(set(expected) - set(infos))
+    unexpected = sorted(set(infos) - set(expected))
+    if missing or unexpected:
+        raise ShapeError(
+            f"{path}: the checkpoint's keys are not the model's: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}")
+    for key, shape in expected.items():
+        if tuple(infos[key].shape) != shape:
+            raise ShapeError(f"{path}: {prefix}{key} is {list(infos[key].shape)}, the model "
+                             f"needs {list(shape)}")
+    return {key: view.get_tensor(prefix + key) for key in expected}
+
+
 def load_fused(
     path: str | os.PathLike[str],
     *,
+    part: str = "model",
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     decoder_trainable: bool = False,
     encoder_trainable: bool = False,
     fusion_trainable: bool = True,
-) -> DeepFusionModel:
-    """Load a fused checkpoint as a ``DeepFusionModel``.
+) -> DeepFusionModel | TransformerDecoder:
+    """Load a fused checkpoint as a ``DeepFusionModel`` (or its fused decoder alone).
 
     Built on the meta device, every tensor assigned from the checkpoint's memory map
-    (``strict=True``: the keys, shapes and dtypes must be exactly the model's), so loading
-    costs no memory until pages are touched; with ``dtype`` or a non-CPU ``device``, tensors
-    are copied.
+    (``strict=True``: the keys and shapes must be exactly the model's), so loading costs no
+    memory until pages are touched; with ``dtype``, a non-CPU ``device``, or a layout that
+    rewrites tensors (Mllama's permuted q/k rows, its split embedding), tensors are copied.
 
     Args:
-        path: the fused checkpoint directory (or its index / safetensors file).
+        path: a fused checkpoint directory written by fusesurgery, or a transformers Mllama
+            checkpoint (``MllamaForCausalLM``, ``MllamaForConditionalGeneration``).
+        part: ``model`` for the whole ``DeepFusionModel``, ``decoder`` for the fused
+            ``TransformerDecoder`` alone (the only part of an Mllama checkpoint with a native
+            module).
         device: where the model ends up.
         dtype: cast every floating-point tensor; None keeps the stored dtypes.
         decoder_trainable: train the decoder's original parameters too.
@@ -83,39 +185,42 @@ def load_fused(
         fusion_trainable: train the fusion parameters (new layers, tokens, projection).
 
     Returns:
-        The model; ``model.fused_config`` is its :class:`FusedConfig` and
-        ``model.fused_path`` the directory it came from (``save_fused`` reads both).
+        The model; ``.fused_config`` is its :class:`FusedConfig` and ``.fused_path`` the
+        directory it came from (``save_fused`` reads both).
 
     Raises:
-        FuseSurgeryError: not a fusesurgery fused checkpoint, or tensors that do not match the
-            model the config describes.
+        FuseSurgeryError: not a fused checkpoint, an unknown part, a whole model asked of an
+            encoder with no native module, or tensors that do not match the model.
     """
     check_cast_dtype(dtype)
-    with open_fused(path) as (source, config):
+    if part not in ("model", "decoder"):
+        raise ConfigError(f"unknown part {part!r}; valid: model, decoder")
+    with open_fused(path) as (view, config):
+        if part == "model" and config.encoder is None:
+            raise ConfigError(f"{path}: its vision side (Mllama's tiled encoder) has no native "
+                              "module; load the fused decoder with part='decoder'")
         with torch.device("meta"):
-            model = build_fused_model(config, decoder_trainable=decoder_trainable,
-                                      encoder_trainable=encoder_trainable,
-                                      fusion_trainable=fusion_trainable)
-        expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-        infos = source.infos()
-        missing = sorted(set(expected) - set(infos))
-        unexpected = sorted(set(infos) - set(expected))
-        if missing or unexpected:
-            raise ShapeError(
-                f"{path}: the checkpoint's keys are not the model's: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}")
-        for key, (shape, _) in expected.items():
-            if tuple(infos[key].shape) != shape:
-                raise ShapeError(f"{path}: {key} is {list(infos[key].shape)}, the model "
-                                 f"needs {list(shape)}")
-        state = {}
-        for key in expected:
-            tensor = source.get_tensor(key)
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            state[key] = tensor
-        directory = Path(source.path) if Path(source.path).is_dir() else Path(source.path).parent
+            if part == "model":
+                model = build_fused_model(config, decoder_trainable=decoder_trainable,
+                                          encoder_trainable=encoder_trainable,
+                                          fusion_trainable=fusion_trainable)
+            else:
+                model = fuse_decoder(build_decoder(config.decoder), config.decoder,
+                                     config.fusion)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state = _checked_state(view, expected, path, "" if part == "model" else "decoder.")
+        if dtype is not None:
+            state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+        source_path = Path(view.path)
+        directory = source_path if source_path.is_dir() else source_path.parent
     model.load_state_dict(state, strict=True, assign=True)
+    if part == "decoder":
+        trainable = set(get_fusion_params(model)) if fusion_trainable else set()
+        if decoder_trainable:
+            trainable |= {name for name, _ in model.named_parameters()}
+            if not fusion_trainable:
+                trainable -= set(get_fusion_params(model))
+        set_trainable_params(model, trainable)
     init_non_persistent_buffers(model, device)
     model = model.to(device)
     model.fused_config = config
@@ -123,4 +228,4 @@ def load_fused(
     return model
 
 
-__all__ = ["build_fused_model", "load_fused", "open_fused", "read_fused_config"]
+__all__ = ["FusedView", "build_fused_model", "load_fused", "open_fused", "read_fused_config"]

@@ -50,7 +50,8 @@ class FusedConfig:
     Args:
         decoder: the decoder's config (its ``vocab_size`` is the original table's rows).
         encoder: the vision tower's config; ``output_layer`` is the hidden layer that feeds
-            the fusion.
+            the fusion. None for an encoder with no native module (Mllama's tiled vision
+            model and projector), whose tensors travel as opaque ``encoder.*`` tensors.
         fusion: fusion layers, encoder width after the projection, new-token count.
         projection: ``"linear"`` or ``"mlp"``.
         new_tokens: the added tokens, ids ``vocab_size + i``.
@@ -65,9 +66,9 @@ class FusedConfig:
     """
 
     decoder: DecoderConfig
-    encoder: VisionEncoderConfig
+    encoder: VisionEncoderConfig | None
     fusion: FusionConfig
-    projection: str = "mlp"
+    projection: str | None = "mlp"
     new_tokens: tuple[NewToken, ...] = ()
     embedding_init: str = "mean"
     dtypes: Mapping[str, str] = field(default_factory=dict)
@@ -89,11 +90,11 @@ class FusedConfig:
             "schema_version": SCHEMA_VERSION,
             "fusesurgery_version": self.version,
             "decoder": dataclasses.asdict(self.decoder),
-            "encoder": dataclasses.asdict(self.encoder),
+            "encoder": None if self.encoder is None else dataclasses.asdict(self.encoder),
             "fusion": {**dataclasses.asdict(self.fusion),
                        "fusion_layers": list(self.fusion.fusion_layers)},
             "projection": self.projection,
-            "encoder_layer": self.encoder.output_layer,
+            "encoder_layer": None if self.encoder is None else self.encoder.output_layer,
             "new_tokens": [{"token": t.token, "id": t.id} for t in self.new_tokens],
             "embedding_init": self.embedding_init,
             "tied_embeddings": tied,
@@ -164,10 +165,11 @@ def fused_config_from_dict(doc: Mapping[str, Any], origin: str = FUSION_CONFIG_F
         raise ConfigError(f"{origin}: schema_version {version!r} is newer than this "
                           f"fusesurgery understands ({SCHEMA_VERSION}); upgrade fusesurgery")
     decoder = _build(DecoderConfig, _section(doc, "decoder", origin), origin, "decoder")
-    encoder = _build(VisionEncoderConfig, _section(doc, "encoder", origin), origin, "encoder")
+    encoder = None if doc.get("encoder", {}) is None else _build(
+        VisionEncoderConfig, _section(doc, "encoder", origin), origin, "encoder")
     fusion = _build(FusionConfig, _section(doc, "fusion", origin), origin, "fusion")
     projection = doc.get("projection")
-    if projection not in PROJECTIONS:
+    if projection not in PROJECTIONS and not (encoder is None and projection is None):
         raise ConfigError(f"{origin}: projection {projection!r} is not one of {PROJECTIONS}")
     tokens = _tokens(doc.get("new_tokens", []), origin)
     if len(tokens) != fusion.fusion_vocab_size:

@@ -15,7 +15,7 @@ from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.configs import hf_config_dict, meta_config_dict, native_config_dict
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry
-from fusesurgery.convert.transforms import IDENTITY, row_order
+from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, row_order
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import (
     CheckpointSource,
@@ -84,6 +84,11 @@ def plan_entry_source(
         region = source.file_region(entry.source_key)
         if region is not None and entry.transform == (IDENTITY,):
             return region
+        if region is not None and entry.transform[0] == TAKE_ROWS and entry.source_shape[0]:
+            _, start, stop = entry.transform  # rows of a C-order tensor: one byte range
+            row_bytes = region.nbytes // entry.source_shape[0]
+            return FileRegion(region.path, region.offset + start * row_bytes,
+                              (stop - start) * row_bytes)
         if region is not None and entry.source_shape:
             order = row_order(entry.transform, entry.source_shape[0])
             if order is not None:

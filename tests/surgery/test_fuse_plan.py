@@ -44,6 +44,8 @@ def test_8b_plan_defaults_follow_llama_3_2_vision():
     assert [(t.token, t.id) for t in config.new_tokens] == [("<|image|>", 128256)]
     assert config.encoder.output_layer == -2  # CLIP: penultimate layer, as LLaVA
     assert config.projection == "mlp"
+    # the decoder's epsilon for the fusion norms, as Meta's and transformers' Mllama
+    assert config.fusion.ca_norm_eps == config.fusion.qk_norm_eps == config.decoder.norm_eps
     names = {t.name for t in plan.new_tensors}
     expected = {f"decoder.layers.{i}.fusion_layer.{t}" for i in config.fusion.fusion_layers
                 for t in FUSION_LAYER_TEMPLATES}
