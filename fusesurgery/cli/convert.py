@@ -31,7 +31,8 @@ def convert(
     # str, not Path: typer turns "" into Path("."), the current directory
     output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
     to: Annotated[str, typer.Option(
-        help="Target layout: native, hf or meta (consolidated.00.pth + params.json).")] = "native",
+        help="Target layout: native, hf, meta (consolidated.00.pth + params.json); for a "
+        "fused checkpoint native or mllama (transformers' Mllama).")] = "native",
     dtype: DtypeOption = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(

@@ -58,9 +58,10 @@ from fusesurgery.convert.keymaps import (
     FUSED_VISION_PREFIX,
     LAYER,
     dropped_reason,
+    keys_to_native,
     split_layer_index,
 )
-from fusesurgery.convert.transforms import IDENTITY, Transform, apply_transform
+from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, Transform, apply_transform
 from fusesurgery.errors import (
     ConfigError,
     FuseSurgeryError,
@@ -78,6 +79,7 @@ WORST_KEYS_SHOWN = 10
 MAX_BRACED_LEAVES = 4  # more leaves under one parent read as "parent.* (N keys)"
 
 # Where a model of each kind sits inside a fused checkpoint (see the module docstring).
+HF_ROWS = ("hf", "mllama")  # layouts in transformers' rotate-half q/k row order
 PREFIX_IN_FUSED: dict[str, str] = {
     "decoder": FUSED_DECODER_PREFIX,
     "vision": FUSED_VISION_PREFIX,
@@ -457,6 +459,11 @@ def _normalised_names(
     compared: dict[str, str] = {}
     dropped: dict[str, str] = {}
     unmapped: list[str] = []
+    if layout == "mllama":  # its layer numbers need the whole key set
+        mapping = keys_to_native(source.keys(), layout, kind)
+        for key, native in mapping.mapping.items():
+            _claim(compared, prefix + native, key, source)
+        return _Names(compared, dict(mapping.dropped), ())
     for key in source.keys():
         try:
             native = to_native_key(key, layout, kind)
@@ -595,6 +602,11 @@ def _rope_transforms(
     hf: CheckpointSource, other: CheckpointSource, overrides: Mapping[str, Any] | None
 ) -> dict[str, Transform]:
     """HF stored key -> the plan's transform to the native layout, for keys that need one."""
+    if detect_layout(hf.keys())[1] == "mllama":  # planned over its own keys and config
+        detected = detect_model(hf.infos(), hf.config, hf.config_file, overrides)
+        plan = plan_conversion(hf.infos(), "mllama", detected.config, kind="fused")
+        return {entry.source_key: entry.transform for entry in plan.entries
+                if entry.transform[0] not in (IDENTITY, TAKE_ROWS)}
     try:
         config = _decoder_config([hf, other], overrides)
     except ConfigError as error:
@@ -717,8 +729,10 @@ def _diff(
         transforms_a: dict[str, Transform] = {}
         transforms_b: dict[str, Transform] = {}
         decoders = {"decoder", "fused"}
-        if not raw and {kind_a, kind_b} <= decoders and (layout_a == "hf") != (layout_b == "hf"):
-            if layout_a == "hf":
+        # HF and Mllama keep transformers' q/k row order; native and Meta interleave pairs
+        if not raw and {kind_a, kind_b} <= decoders and (layout_a in HF_ROWS) != (
+                layout_b in HF_ROWS):
+            if layout_a in HF_ROWS:
                 transforms_a = _rope_transforms(source_a, source_b, overrides)
             else:
                 transforms_b = _rope_transforms(source_b, source_a, overrides)

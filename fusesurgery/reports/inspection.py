@@ -47,6 +47,7 @@ ENCODER_OVERRIDE_PREFIX = "encoder_"
 
 # Suffix of a TanhGate's parameter in a fused checkpoint (``...fusion_layer.ca_scale.scale``).
 GATE_SUFFIX = "_scale.scale"
+MLLAMA_GATE_SUFFIXES = (".cross_attn_attn_gate", ".cross_attn_mlp_gate")  # as transformers names
 
 NOT_CONVERTED = "not converted"
 
@@ -399,7 +400,7 @@ def _read_gates(source: CheckpointSource, keys: Iterable[str]) -> tuple[dict[str
     gates: dict[str, float] = {}
     notes: list[str] = []
     for key in keys:
-        if not key.endswith(GATE_SUFFIX):
+        if not key.endswith((GATE_SUFFIX, *MLLAMA_GATE_SUFFIXES)):
             continue
         info = source.info(key)
         if info.numel != 1:

@@ -162,14 +162,26 @@ def convert_checkpoint(
         FuseSurgeryError: unreadable source, unknown keys, config problems, or an output
             that cannot be written.
     """
-    if to not in CONFIG_WRITERS:
-        raise ConfigError(f"cannot convert to {to!r}; valid: {', '.join(CONFIG_WRITERS)}")
+    if to not in (*CONFIG_WRITERS, "mllama"):
+        raise ConfigError(f"cannot convert to {to!r}; valid: {', '.join(CONFIG_WRITERS)}, "
+                          "mllama")
     with open_checkpoint(source_path) as source:
         infos = source.infos()
         detected = detect_model(infos, source.config, source.config_file, overrides)
-        if detected.kind == "fused":
-            raise ConfigError(f"{source_path} is a fused checkpoint; only decoders and vision "
-                              "towers convert between layouts")
+        if detected.kind == "fused" or to == "mllama":
+            if detected.kind != "fused":
+                raise ConfigError(f"--to mllama takes a fused checkpoint; {source_path} holds "
+                                  f"a {detected.kind}")
+            if dtype is not None:
+                raise ConfigError("--dtype is not supported for fused checkpoints")
+            plan = plan_conversion(infos, detected.layout, detected.config, kind="fused")
+            source.close()
+            from fusesurgery.write.fused_convert import convert_fused  # noqa: PLC0415
+
+            _, written, _ = convert_fused(source_path, out_dir, to=to,
+                                          max_shard_size=max_shard_size, overwrite=overwrite,
+                                          on_tensor_written=on_tensor_written, durable=durable)
+            return ConversionResult(detected, plan, written)
         plan = plan_conversion(infos, detected.layout, detected.config, target_layout=to,
                                kind=detected.kind, dtype=dtype)
         entries = {entry.target_key: entry for entry in plan.entries}

@@ -120,3 +120,97 @@ def test_inspect_and_unfuse_an_mllama_checkpoint(mllama, tmp_path):
         torch.testing.assert_close(llama(tokens).logits, decoder(tokens), rtol=0, atol=1e-5)
     with open_checkpoint(out) as source:
         assert not any("cross_attn" in key for key in source.keys())
+
+
+def _bits(tensor):
+    return tensor.reshape(-1).contiguous().view(torch.uint8)
+
+
+def _tensors(path):
+    with open_checkpoint(path) as source:
+        return {key: source.get_tensor(key).clone() for key in source.keys()}
+
+
+def test_mllama_to_native_to_mllama_is_bitwise(mllama, tmp_path):
+    from fusesurgery.write import convert_checkpoint
+
+    kind, path = mllama
+    native, back = tmp_path / "native", tmp_path / "back"
+    convert_checkpoint(path, native, to="native")
+    assert (native / "fusion_config.json").is_file()
+    with open_checkpoint(native) as source:
+        keys = set(source.keys())
+    assert "decoder.tok_embeddings.fusion_embedding.weight" in keys
+    assert any(k.startswith("decoder.layers.1.fusion_layer.") for k in keys)
+    assert (kind == "conditional") == any(k.startswith("encoder.vision_model.") for k in keys)
+    decoder = fusesurgery.load_fused(native, part="decoder")
+    assert decoder.fused_config.fusion.fusion_layers == (1, 2)
+    convert_checkpoint(native, back, to="mllama")
+    original, again = _tensors(path), _tensors(back)
+    assert set(original) == set(again)
+    for key in original:
+        assert torch.equal(_bits(original[key]), _bits(again[key])), key
+
+
+def test_fuse_train_export_to_mllama(tmp_path):
+    """fuse (tiny Llama + tiny CLIP) -> gates nonzero -> save_fused -> convert --to mllama:
+    transformers loads it with no missing or unexpected keys and computes fusesurgery's logits
+    when every row sees the image."""
+    import transformers as t
+
+    from fusesurgery.write import convert_checkpoint
+    from tests.fusion_inputs import save_decoder, save_encoder
+
+    decoder_path, _ = save_decoder("llama", tmp_path)
+    encoder_path = save_encoder("clip", tmp_path)
+    fusesurgery.fuse(encoder_path, decoder_path, tmp_path / "fused", every=2)
+    model = fusesurgery.load_fused(tmp_path / "fused")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_scale.scale"):
+                param.fill_(0.5)
+    fusesurgery.save_fused(model, tmp_path / "trained")
+    convert_checkpoint(tmp_path / "trained", tmp_path / "mllama", to="mllama")
+    reference, info = t.MllamaForCausalLM.from_pretrained(
+        tmp_path / "mllama", attn_implementation="eager", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    reference.eval()
+    decoder = fusesurgery.load_fused(tmp_path / "trained", part="decoder").eval()
+    tokens = torch.randint(0, 64, (2, 9))
+    tokens[:, 0] = 64  # <|image|> first: every row sees the image
+    states = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ours = decoder(tokens, encoder_input=states)
+        theirs = reference(tokens, cross_attention_states=states).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(fusion_after=True), "after their decoder layers"),
+    (dict(new_tokens=[f"<t{i}>" for i in range(9)]), "9 new tokens"),
+])
+def test_what_mllama_cannot_express(tmp_path, options, fragment):
+    from fusesurgery.errors import ConfigError
+    from fusesurgery.write import convert_checkpoint
+    from tests.fusion_inputs import save_decoder, save_encoder
+
+    decoder_path, _ = save_decoder("llama", tmp_path)
+    encoder_path = save_encoder("clip", tmp_path)
+    fusesurgery.fuse(encoder_path, decoder_path, tmp_path / "fused", every=2, **options)
+    with pytest.raises(ConfigError, match=fragment):
+        convert_checkpoint(tmp_path / "fused", tmp_path / "mllama", to="mllama")
+    assert not (tmp_path / "mllama").exists()
+
+
+def test_diff_aligns_the_text_decoder_with_a_plain_llama(tmp_path):
+    from fusesurgery.reports import inspect_checkpoint
+    from fusesurgery.reports.diff import diff_checkpoints
+
+    path = save_mllama_causal(tmp_path / "m")
+    fusesurgery.unfuse(path, tmp_path / "llama")
+    report = diff_checkpoints(tmp_path / "llama", path, values=True)
+    summary = report.summary()
+    assert "only in B (26)" in summary and "decoder.layers.{1,2}.fusion_layer.*" in summary
+    assert "values: 29 equal, 0 different of 29 compared" in summary  # q/k rows aligned
+    gates = inspect_checkpoint(path).fusion.gates
+    assert sorted(set(gates.values())) == pytest.approx([-0.4, 0.7])
