@@ -387,6 +387,11 @@ def validate_fused(
                           f"(torch {torch.__version__}, built {built} CUDA)")
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
+    with open_fused(path) as (_, config):
+        if config.encoder is None:
+            raise ConfigError(f"{path}: its vision side (Mllama's) has no native module, so "
+                              "validate cannot rebuild the model; load its fused decoder with "
+                              "fusesurgery.load_fused(path, part='decoder')")
     torch_device = torch.device(device)
     report = ValidationReport(path=path, device=str(torch_device))
     _check_layout(report, path)

@@ -214,3 +214,35 @@ def test_diff_aligns_the_text_decoder_with_a_plain_llama(tmp_path):
     assert "values: 29 equal, 0 different of 29 compared" in summary  # q/k rows aligned
     gates = inspect_checkpoint(path).fusion.gates
     assert sorted(set(gates.values())) == pytest.approx([-0.4, 0.7])
+
+
+def test_transformers_5_spelling_and_validate_refusal(tmp_path):
+    """``model.language_model.*`` / ``model.vision_model.*`` (transformers 5's module names)
+    read like transformers 4's; validate says why it cannot rebuild an Mllama model."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.hardening.conftest import assert_one_line_error, cli
+
+    path = save_mllama_conditional(tmp_path / "v4")
+    renamed = tmp_path / "v5"
+    renamed.mkdir()
+    shutil.copy(path / "config.json", renamed / "config.json")
+    tensors = load_file(path / "model.safetensors")
+    spelled = {}
+    for key, tensor in tensors.items():
+        if key.startswith("language_model.model."):
+            key = "model.language_model." + key.removeprefix("language_model.model.")
+        elif key == "language_model.lm_head.weight":
+            key = "lm_head.weight"
+        else:
+            key = "model." + key
+        spelled[key] = tensor
+    save_file(spelled, renamed / "model.safetensors", metadata={"format": "pt"})
+    a = fusesurgery.load_fused(path, part="decoder").state_dict()
+    b = fusesurgery.load_fused(renamed, part="decoder").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((renamed / "config.json").read_text())["model_type"] == "mllama"
+    assert_one_line_error(cli("validate", renamed), "no native module", "part='decoder'")
