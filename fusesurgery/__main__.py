@@ -1,3 +1,5 @@
+"""``python -m fusesurgery``: the command line."""
+
 from fusesurgery.cli import main
 
 main()

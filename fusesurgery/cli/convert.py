@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import stderr
@@ -23,6 +22,7 @@ from fusesurgery.cli.options import (
     parse_dtype_option,
     split_overrides,
 )
+from fusesurgery.cli.progress import byte_progress
 from fusesurgery.write import convert_checkpoint
 
 
@@ -51,15 +51,11 @@ def convert(
     decoder, vision = split_overrides(collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
         norm_eps=norm_eps, encoder_num_heads=encoder_num_heads))
-    progress = Progress(TextColumn("converting"), BarColumn(), DownloadColumn(),
-                        TimeRemainingColumn(), console=stderr, transient=True)
-    with progress:
-        task = progress.add_task("convert", total=None)
+    with byte_progress("converting") as update:
         result = convert_checkpoint(
             source, output, to=to, dtype=cast,
             max_shard_size=max_shard_size, overrides=decoder or vision or None,
-            overwrite=overwrite,
-            on_tensor_written=lambda info: progress.advance(task, info.nbytes),
+            overwrite=overwrite, on_progress=update,
         )
     detected, written = result.detected, result.written
     summary = {

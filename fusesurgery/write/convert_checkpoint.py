@@ -12,7 +12,12 @@ import torch
 
 from fusesurgery import _json as standard_json
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
-from fusesurgery.convert.configs import hf_config_dict, meta_config_dict, native_config_dict
+from fusesurgery.convert.configs import (
+    config_style,
+    hf_config_dict,
+    meta_config_dict,
+    native_config_dict,
+)
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry
 from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, row_order
@@ -26,6 +31,12 @@ from fusesurgery.io import (
 )
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+from fusesurgery.write.side_files import (
+    DECODER_SIDE_FILES,
+    ENCODER_SIDE_FILES,
+    read_side_files,
+    side_directory,
+)
 from fusesurgery.write.torch_writer import write_torch_checkpoint
 
 CONFIG_WRITERS: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -123,6 +134,24 @@ def source_file_order(
     return [targets[key] for key in ordered], set(first_of_file.values())
 
 
+class _Totals:
+    """Turns per-tensor callbacks into ``(done, total)`` ones once the total is known."""
+
+    def __init__(self, each, progress) -> None:
+        self.each, self.progress, self.done, self.total = each, progress, 0, 0
+
+    def __call__(self, info: TensorInfo) -> None:
+        self.done += info.nbytes
+        if self.each is not None:
+            self.each(info)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _with_totals(each, progress):
+    return _Totals(each, progress) if progress is not None else each
+
+
 def convert_checkpoint(
     source_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -134,6 +163,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     on_tensor_written: Callable[[TensorInfo], None] | None = None,
     durable: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ConversionResult:
     """Rewrite a decoder or vision-tower checkpoint in another layout as sharded safetensors
     plus a config.json.
@@ -154,6 +184,7 @@ def convert_checkpoint(
             directory).
         on_tensor_written: progress callback, called after each tensor.
         durable: fsync the output before it appears (see ``write_safetensors``).
+        on_progress: called with ``(bytes written, total bytes)`` after each tensor.
 
     Returns:
         What was detected, planned and written.
@@ -162,6 +193,7 @@ def convert_checkpoint(
         FuseSurgeryError: unreadable source, unknown keys, config problems, or an output
             that cannot be written.
     """
+    on_tensor_written = _with_totals(on_tensor_written, on_progress)
     if to not in (*CONFIG_WRITERS, "mllama"):
         raise ConfigError(f"cannot convert to {to!r}; valid: {', '.join(CONFIG_WRITERS)}, "
                           "mllama")
@@ -185,14 +217,24 @@ def convert_checkpoint(
         plan = plan_conversion(infos, detected.layout, detected.config, target_layout=to,
                                kind=detected.kind, dtype=dtype)
         entries = {entry.target_key: entry for entry in plan.entries}
+        if isinstance(on_tensor_written, _Totals):
+            on_tensor_written.total = plan.total_bytes
 
         def produce(key: str) -> torch.Tensor | FileRegion | PermutedRegion:
             return plan_entry_source(entries[key], source)
 
         infos_out, new_shard_at = source_file_order(plan, source)
         config = CONFIG_WRITERS[to](detected.config)
+        if to == "hf" and source.config_file == "config.json" and source.config is not None \
+                and config_style(source.config) == "hf":
+            # the source's own transformers config: keep what fusesurgery does not model
+            # (token ids, dtype, ...), with the fields it does written as it resolved them
+            config = {**source.config, **config}
         if dtype is not None and to != "meta":
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
+            config.pop("dtype", None)
+        side_names = DECODER_SIDE_FILES if detected.kind == "decoder" else ENCODER_SIDE_FILES
+        side = read_side_files(side_directory(source), side_names)
         written = write_layout(
             out_dir,
             to,
@@ -201,7 +243,8 @@ def convert_checkpoint(
             lambda key: plan_entry_tensor(entries[key], source),
             new_shard_at=new_shard_at,
             max_shard_size=max_shard_size,
-            extra_files={CONFIG_FILES[to]: standard_json.dumps(config, indent=2) + "\n"},
+            extra_files={**side,
+                         CONFIG_FILES[to]: standard_json.dumps(config, indent=2) + "\n"},
             overwrite=overwrite,
             on_tensor_written=on_tensor_written,
             durable=durable,

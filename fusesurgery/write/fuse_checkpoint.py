@@ -39,11 +39,12 @@ from fusesurgery.write.convert_checkpoint import plan_entry_source, source_file_
 from fusesurgery.write.output_guard import check_destination, check_not_an_input, resolve_output
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
-
-# Files beside a decoder that the fused model needs as they are (or, the tokenizer, with the
-# new tokens added), and beside an encoder.
-DECODER_SIDE_FILES: tuple[str, ...] = (*TOKENIZER_FILES, "generation_config.json")
-ENCODER_SIDE_FILES: tuple[str, ...] = ("preprocessor_config.json", "processor_config.json")
+from fusesurgery.write.side_files import (
+    DECODER_SIDE_FILES,
+    ENCODER_SIDE_FILES,
+    read_side_files,
+    side_directory,
+)
 
 
 @dataclass(frozen=True)
@@ -65,26 +66,6 @@ class FuseResult:
     @property
     def config(self) -> FusedConfig:
         return self.plan.config
-
-
-def side_directory(source: CheckpointSource) -> Path:
-    """The directory whose config and tokenizer files belong to ``source``."""
-    path = Path(source.path)
-    return path if path.is_dir() else path.parent
-
-
-def read_side_files(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
-    """The files among ``names`` present in ``directory``, read whole.
-
-    Raises:
-        CheckpointError: one is present but unreadable, not a regular file, or too large.
-    """
-    found = {}
-    for name in names:
-        path = directory / name
-        if os.path.lexists(path):
-            found[name] = read_side_file(path)
-    return found
 
 
 def _source_record(source: CheckpointSource, detected: DetectedModel, plan, kept: list[str],

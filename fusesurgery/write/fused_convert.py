@@ -31,9 +31,9 @@ from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.surgery.fused import FusedView, open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
 from fusesurgery.write.convert_checkpoint import plan_entry_source
-from fusesurgery.write.fuse_checkpoint import DECODER_SIDE_FILES, read_side_files
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+from fusesurgery.write.side_files import DECODER_SIDE_FILES, read_side_files
 
 FUSED_TARGETS: tuple[str, ...] = ("native", "mllama")
 

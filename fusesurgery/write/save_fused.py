@@ -14,14 +14,10 @@ from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.modules import DeepFusionModel, TanhGate
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
-from fusesurgery.write.fuse_checkpoint import (
-    DECODER_SIDE_FILES,
-    ENCODER_SIDE_FILES,
-    read_side_files,
-    readme_text,
-)
+from fusesurgery.write.fuse_checkpoint import readme_text
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+from fusesurgery.write.side_files import DECODER_SIDE_FILES, ENCODER_SIDE_FILES, read_side_files
 
 
 def gate_values(model: DeepFusionModel) -> dict[str, float]:

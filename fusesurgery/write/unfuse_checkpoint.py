@@ -33,9 +33,9 @@ from fusesurgery.write.convert_checkpoint import (
     source_file_order,
     write_layout,
 )
-from fusesurgery.write.fuse_checkpoint import DECODER_SIDE_FILES, read_side_files
 from fusesurgery.write.safetensors_writer import WriteResult
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+from fusesurgery.write.side_files import DECODER_SIDE_FILES, read_side_files
 
 PARTS = ("decoder", "encoder")
 HF_EMBEDDING_KEY = "model.embed_tokens.weight"

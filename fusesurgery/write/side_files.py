@@ -1,0 +1,39 @@
+"""The small files that travel beside weights: tokenizer, generation and processor configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fusesurgery.convert.tokenizer import TOKENIZER_FILES
+from fusesurgery.io import CheckpointSource
+from fusesurgery.io._files import read_side_file
+
+# Files beside a decoder that the fused model needs as they are (or, the tokenizer, with the
+# new tokens added), and beside an encoder.
+DECODER_SIDE_FILES: tuple[str, ...] = (*TOKENIZER_FILES, "generation_config.json")
+ENCODER_SIDE_FILES: tuple[str, ...] = ("preprocessor_config.json", "processor_config.json")
+
+
+def side_directory(source: CheckpointSource) -> Path:
+    """The directory whose config and tokenizer files belong to ``source``."""
+    path = Path(source.path)
+    return path if path.is_dir() else path.parent
+
+
+def read_side_files(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The files among ``names`` present in ``directory``, read whole.
+
+    Raises:
+        CheckpointError: one is present but unreadable, not a regular file, or too large.
+    """
+    found = {}
+    for name in names:
+        path = directory / name
+        if os.path.lexists(path):
+            found[name] = read_side_file(path)
+    return found
+
+
+
+__all__ = ["DECODER_SIDE_FILES", "ENCODER_SIDE_FILES", "read_side_files", "side_directory"]
