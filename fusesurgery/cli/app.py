@@ -13,6 +13,8 @@ class _Group(TyperGroup):
     """Runs a command; exceptions become one line and an exit code (see ``cli.errors``)."""
 
     def invoke(self, ctx: typer.Context):
+        # the command line before click consumes it: an error under --json is JSON too
+        words = (*getattr(ctx, "_protected_args", ()), *ctx.args)
         try:
             return super().invoke(ctx)
         except (typer.TyperException, typer.Exit, typer.Abort):
@@ -20,7 +22,7 @@ class _Group(TyperGroup):
         except KeyboardInterrupt as exc:
             raise typer.Exit(interrupted(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the one place that maps errors
-            code = report(exc)
+            code = report(exc, as_json="--json" in words)
             raise typer.Exit(code) from (exc if debug_enabled() else None)
 
 

@@ -27,8 +27,10 @@ _SECTION_PREFIXES = ("only in ", "shape changes", "dtype changes", "values:")
 def diff(
     a: CheckpointPath,
     b: CheckpointPath,
-    values: Annotated[bool, typer.Option(
-        "--values", help="Also compare tensor values (streamed, one pair at a time).")] = False,
+    values: Annotated[bool | None, typer.Option(
+        "--values/--no-values", help="Compare tensor values too (streamed, one pair at a "
+        "time). Default: yes when neither side exceeds 1 GiB, else keys, shapes and dtypes "
+        "only.", show_default=False)] = None,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Compare key names as stored, without mapping them to one layout.")] = False,
     atol: Annotated[float, typer.Option(
@@ -52,7 +54,7 @@ def diff(
         typer.echo(standard_json.dumps(report.to_dict(), indent=2))
     else:
         for line in report.summary(max_lines=max_lines).splitlines():
-            if line in ("identical", "different"):
+            if line in ("identical", "different") or line.startswith("same keys"):
                 stdout.print(line, style="bold green" if report.identical else "bold red")
             elif line.startswith(_SECTION_PREFIXES):
                 stdout.print(line, style="bold", markup=False)

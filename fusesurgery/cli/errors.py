@@ -9,6 +9,7 @@ import traceback
 from rich.console import Console
 from rich.markup import escape
 
+from fusesurgery import _json as standard_json
 from fusesurgery.errors import FuseSurgeryError
 
 # Exit codes, like diff(1): 0 same/success, 1 a difference found, 2 trouble.
@@ -64,15 +65,19 @@ def debug_enabled() -> bool:
     return os.environ.get("FUSESURGERY_DEBUG", "") not in ("", "0")
 
 
-def report(exc: BaseException) -> int:
+def report(exc: BaseException, as_json: bool = False) -> int:
     """Print ``exc`` as one line on stderr (a traceback too when debugging); return the
-    exit code."""
+    exit code. With ``as_json`` (the command was given ``--json``) the error is also a JSON
+    object on stdout, ``{"error": message, "kind": prefix, "code": exit code}``, so a script
+    reading stdout always gets JSON."""
     if debug_enabled():
         stderr.print(escape("".join(traceback.format_exception(exc))), end="")
     for exc_type, code, prefix in ERROR_TABLE:
         if isinstance(exc, exc_type):
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             stderr.print(f"[bold red]{prefix}:[/] {escape(message)}")
+            if as_json:
+                print(standard_json.dumps({"error": message, "kind": prefix, "code": code}))
             return code
     stderr.print(
         f"[bold red]internal error:[/] {escape(type(exc).__name__)}: "

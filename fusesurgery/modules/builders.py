@@ -38,12 +38,25 @@ def _swiglu(dim: int, hidden_dim: int) -> FeedForward:
     )
 
 
-def build_decoder_layer(cfg: DecoderConfig) -> TransformerSelfAttentionLayer:
-    """One self-attention decoder layer of ``cfg``'s shape, its RoPE in the pairing of the
-    family's native layout (``cfg.rope_style``)."""
+def build_rope(cfg: DecoderConfig) -> RotaryPositionalEmbeddings:
+    """The decoder's RoPE, in the pairing of the family's native layout (``cfg.rope_style``)."""
+    return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.rope_base,
+                                      cfg.rope_scaling, style=cfg.rope_style)
+
+
+def build_decoder_layer(
+    cfg: DecoderConfig, rope: RotaryPositionalEmbeddings | None = None
+) -> TransformerSelfAttentionLayer:
+    """One self-attention decoder layer of ``cfg``'s shape.
+
+    Args:
+        cfg: the decoder config.
+        rope: a RoPE module to share (``build_decoder`` gives every layer the same one, as
+            torchtune does: one ``[max_seq_len, h_d/2, 2]`` table rather than one per layer,
+            which at Llama 3.1's 131072 positions is 33 MB a layer); None builds one.
+    """
     d, n_h, n_kv, h_d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    rope = RotaryPositionalEmbeddings(h_d, cfg.max_seq_len, cfg.rope_base, cfg.rope_scaling,
-                                      style=cfg.rope_style)
+    rope = rope if rope is not None else build_rope(cfg)
     attn = MultiHeadAttention(
         embed_dim=d,
         num_heads=n_h,
@@ -66,9 +79,10 @@ def build_decoder_layer(cfg: DecoderConfig) -> TransformerSelfAttentionLayer:
 
 def build_decoder(cfg: DecoderConfig) -> TransformerDecoder:
     """A plain (unfused) decoder; keys follow SPEC.md section 4's native column."""
+    rope = build_rope(cfg)
     return TransformerDecoder(
         tok_embeddings=nn.Embedding(cfg.vocab_size, cfg.embed_dim),
-        layers=[build_decoder_layer(cfg) for _ in range(cfg.num_layers)],
+        layers=[build_decoder_layer(cfg, rope) for _ in range(cfg.num_layers)],
         norm=RMSNorm(cfg.embed_dim, cfg.norm_eps),
         output=None if cfg.tie_word_embeddings else nn.Linear(cfg.embed_dim, cfg.vocab_size,
                                                               bias=False),

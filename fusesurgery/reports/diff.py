@@ -79,6 +79,8 @@ WORST_KEYS_SHOWN = 10
 MAX_BRACED_LEAVES = 4  # more leaves under one parent read as "parent.* (N keys)"
 
 # Where a model of each kind sits inside a fused checkpoint (see the module docstring).
+# Up to this many bytes a side, diff compares values unless told otherwise.
+AUTO_VALUES_LIMIT = 2**30
 HF_ROWS = ("hf", "mllama")  # layouts in transformers' rotate-half q/k row order
 PREFIX_IN_FUSED: dict[str, str] = {
     "decoder": FUSED_DECODER_PREFIX,
@@ -315,7 +317,10 @@ class DiffReport:
             hidden = len(self.value_changes) - max_lines
             if hidden > 0:
                 lines.append(f"  ... and {hidden} more keys")
-        lines.append("identical" if self.identical else "different")
+        if self.identical and not self.values_compared:
+            lines.append("same keys, shapes and dtypes; values not compared (use --values)")
+        else:
+            lines.append("identical" if self.identical else "different")
         return "\n".join(lines)
 
 
@@ -640,7 +645,7 @@ def diff_checkpoints(
     a: str | os.PathLike[str] | CheckpointSource,
     b: str | os.PathLike[str] | CheckpointSource,
     *,
-    values: bool = False,
+    values: bool | None = False,
     raw: bool = False,
     overrides: Mapping[str, Any] | None = None,
     atol: float = 0.0,
@@ -651,7 +656,10 @@ def diff_checkpoints(
     Args:
         a: a checkpoint path (anything ``open_checkpoint`` reads) or an open source.
         b: likewise.
-        values: also compare values, streamed one tensor pair at a time.
+        values: also compare values, streamed one tensor pair at a time; None decides by size:
+            values are compared when neither side holds more than
+            :data:`AUTO_VALUES_LIMIT` bytes (reading them costs about what reading the files
+            does, seconds at that size), else only keys, shapes and dtypes.
         raw: compare names as stored, with no key maps and no value transforms.
         overrides: decoder config fields (``num_heads``, ``num_kv_heads``, ``head_dim``) for
             when a value diff must permute HF q/k projections and no config states the heads.
@@ -677,6 +685,8 @@ def diff_checkpoints(
     try:
         source_b = b if isinstance(b, CheckpointSource) else open_checkpoint(b)
         try:
+            if values is None:
+                values = max(source_a.total_bytes, source_b.total_bytes) <= AUTO_VALUES_LIMIT
             return _diff(source_a, source_b, values=values, raw=raw, overrides=overrides,
                          atol=atol, chunk_bytes=chunk_bytes)
         finally:

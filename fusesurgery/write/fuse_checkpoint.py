@@ -245,7 +245,9 @@ def fuse_checkpoints(
         def stats():
             if not stats_cache:
                 entry = dec_plan.entry("tok_embeddings.weight")
-                stats_cache.append(embedding_stats(decoder.get_tensor(entry.source_key)))
+                stats_cache.append(embedding_stats(
+                    decoder.get_tensor(entry.source_key),
+                    with_std=options.embedding_init == "normal"))
             return stats_cache[0]
 
         for index, spec in enumerate(plan.new_tensors):

@@ -38,3 +38,33 @@ def test_no_stray_blank_line_on_stderr(tmp_path):
          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "\n\n" not in "\n" + result.stderr and not result.stderr.startswith("\n")
+
+
+def test_json_errors_are_json_on_stdout(tmp_path):
+    from tests.hardening.conftest import cli
+
+    result = cli("inspect", tmp_path / "missing", "--json")
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    assert document["code"] == 2 and "missing" in document["error"]
+    assert cli("inspect", tmp_path / "missing").stdout == ""  # without --json: stderr only
+
+
+def test_diff_says_what_it_compared(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.hardening.conftest import cli
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    tensors = load_file(EXAMPLES / "tiny-llama" / "model.safetensors")
+    save_file(tensors, a)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + torch.ones(
+        1, dtype=torch.bfloat16)
+    save_file(tensors, b)
+    small = cli("diff", a, b)  # small enough: values compared by default
+    assert small.exit_code == 1 and "norm.scale" in small.stdout
+    keys_only = cli("diff", a, b, "--no-values")
+    assert keys_only.exit_code == 0
+    assert "values not compared (use --values)" in keys_only.stdout
+    assert "identical" not in keys_only.stdout
