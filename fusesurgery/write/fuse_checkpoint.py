@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,43 @@ def _source_record(source: CheckpointSource, detected: DetectedModel, plan, kept
         "dropped": dict(plan.dropped),
         "source_keys": {entry.target_key: entry.source_key for entry in plan.entries},
     }
+
+
+class _OneAhead:
+    """Makes the next new tensor on a worker thread while the current one is written (torch
+    releases the GIL in its kernels): drawing random values overlaps the disk, and memory
+    holds at most two new tensors, the one written and the next.
+
+    Args:
+        order: the names, in the order they will be asked for.
+        makers: name -> a function that makes the tensor.
+    """
+
+    def __init__(self, order: list[str], makers: Mapping[str, Callable[[], Any]]) -> None:
+        self._order, self._makers = order, makers
+        self._position = {name: i for i, name in enumerate(order)}
+        self._futures: dict[str, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusesurgery-new")
+
+    def _submit(self, index: int) -> None:
+        if index < len(self._order) and self._order[index] not in self._futures:
+            name = self._order[index]
+            self._futures[name] = self._pool.submit(self._makers[name])
+
+    def get(self, name: str) -> Any:
+        index = self._position[name]
+        self._submit(index)
+        result = self._futures.pop(name).result()
+        self._submit(index + 1)
+        return result
+
+    def __enter__(self) -> _OneAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def readme_text(config: FusedConfig, sources: Mapping[str, str]) -> str:
@@ -250,11 +288,15 @@ def fuse_checkpoints(
                     with_std=options.embedding_init == "normal"))
             return stats_cache[0]
 
+        ahead = stack.enter_context(_OneAhead(
+            [spec.name for spec in plan.new_tensors],
+            {spec.name: (lambda s=spec: make_new_tensor(s, options.seed, stats))
+             for spec in plan.new_tensors}))
         for index, spec in enumerate(plan.new_tensors):
             ordered.append(spec.info)
             if index == 0:
                 new_shard_at.add(spec.name)
-            producers[spec.name] = (lambda s=spec: make_new_tensor(s, options.seed, stats))
+            producers[spec.name] = (lambda name=spec.name: ahead.get(name))
 
         total = plan.total_bytes
         done = [0]
