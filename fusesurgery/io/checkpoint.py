@@ -372,6 +372,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
     if kind == _KIND_INDEX:
         format, readers, wanted = _open_sharded(target)
     elif kind == _KIND_SAFETENSORS:
+        _refuse_one_shard(target, is_directory)
         format, readers, wanted = FORMAT_SAFETENSORS, [_open_safetensors(target)], None
     else:
         if META_SHARD_PATTERN.fullmatch(target.name):
@@ -398,6 +399,26 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
         metadata=metadata,
         paths_read=(target, *([target.parent / config_file] if config_file else [])),
     )
+
+
+SHARD_NAME_PATTERN = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def _refuse_one_shard(file: Path, chosen_from_directory: bool) -> None:
+    """A shard of a set given on its own describes a fraction of a model: every later check
+    would blame the wrong thing (a missing embedding or LM head). Say what it is instead.
+
+    Raises:
+        UnrecognizedFormatError: ``file`` is shard k of n > 1 of a sharded checkpoint.
+    """
+    match = SHARD_NAME_PATTERN.fullmatch(file.name)
+    if chosen_from_directory or match is None or int(match.group(3)) <= 1:
+        return
+    index = file.parent / f"{match.group(1)}.safetensors.index.json"
+    where = f"its index {index}" if index.exists() else f"the directory {file.parent}"
+    raise UnrecognizedFormatError(
+        f"{file} is shard {int(match.group(2))} of {int(match.group(3))} of a sharded "
+        f"checkpoint, not a whole model; give {where}")
 
 
 def _open_safetensors(file: Path) -> tuple[Path, _TensorReader]:

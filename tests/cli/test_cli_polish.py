@@ -68,3 +68,12 @@ def test_diff_says_what_it_compared(tmp_path):
     assert keys_only.exit_code == 0
     assert "values not compared (use --values)" in keys_only.stdout
     assert "identical" not in keys_only.stdout
+
+
+def test_one_shard_of_a_set_is_named_as_such(tmp_path):
+    from tests.hardening.conftest import assert_one_line_error, cli
+
+    out = tmp_path / "sharded"
+    convert_checkpoint(EXAMPLES / "tiny-llama", out, to="hf", max_shard_size="100KB")
+    shard = sorted(out.glob("model-*-of-*.safetensors"))[1]
+    assert_one_line_error(cli("inspect", shard), "is shard 2 of", "model.safetensors.index.json")
