@@ -295,6 +295,17 @@ def _layer_count(native_shapes: Mapping[str, Shape], template: str, prefix: str 
 # Decoders.
 
 
+def _stated_by(fields: _Fields, name: str, origin: str) -> str:
+    """Where a field's value came from, in the user's words, with the fix to name."""
+    source = fields.sources.get(name)
+    flag = DECODER_FLAGS[name]
+    if source == "given":
+        return f"from {flag}; give another {flag}"
+    if source == "read":
+        return f"stated by {origin}; correct it or override with {flag}"
+    return f"{source}; give {flag}"
+
+
 def _infer_decoder_fields(
     fields: _Fields,
     shapes: Mapping[str, Shape],
@@ -332,9 +343,7 @@ def _infer_decoder_fields(
     if q[0] % num_heads:
         raise ConfigError(
             f"{name('layers.0.attn.q_proj.weight')} has {q[0]} rows, not a multiple of "
-            f"num_heads {num_heads} ({fields.sources['num_heads']})",
-            flag=DECODER_FLAGS["num_heads"],
-        )
+            f"num_heads {num_heads} ({_stated_by(fields, 'num_heads', origin)})")
     fields.offer("head_dim", q[0] // num_heads, "inferred")
     head_dim = fields.get("head_dim")
     if not _positive_int(head_dim):
@@ -342,9 +351,7 @@ def _infer_decoder_fields(
     if k[0] % head_dim:
         raise ConfigError(
             f"{name('layers.0.attn.k_proj.weight')} has {k[0]} rows, not a multiple of "
-            f"head_dim {head_dim} ({fields.sources['head_dim']})",
-            flag=DECODER_FLAGS["head_dim"],
-        )
+            f"head_dim {head_dim} ({_stated_by(fields, 'head_dim', origin)})")
     fields.offer("num_kv_heads", k[0] // head_dim, "inferred")
 
 
@@ -438,8 +445,11 @@ def _detect_decoder(
             f"{names[output_key]} is present although the embeddings are tied; it is dropped"
         )
         del shapes[output_key]
+    given = [f"{DECODER_FLAGS[n]} {getattr(config, n)}" for n in fields.sources
+             if fields.sources[n] == "given" and n in DECODER_FLAGS]
     check_native_shapes(
-        shapes, config, source_names=names, origin=origin, prefix=prefix, layout=layout
+        shapes, config, source_names=names, prefix=prefix, layout=layout,
+        origin=f"{origin} with {', '.join(given)}" if given else origin,
     )
 
     fusion, style = (None, None)

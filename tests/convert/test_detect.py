@@ -8,6 +8,7 @@ import torch
 from fusesurgery.config import DECODER_PRESETS, VISION_PRESETS, RopeScaling, VisionEncoderConfig
 from fusesurgery.convert.configs import (
     config_style,
+    hf_config_dict,
     meta_intermediate_dim,
     read_hf_decoder_config,
     read_meta_decoder_config,
@@ -269,9 +270,16 @@ def test_a_head_count_that_does_not_divide_q_is_an_error():
         detect_model(layout_tensor_infos(DECODER_PRESETS["tiny"], "native"),
                      overrides={"num_heads": 3})
     assert str(error.value) == (
-        "layers.0.attn.q_proj.weight has 64 rows, not a multiple of num_heads 3 (given) "
-        "(pass --num-heads)"
+        "layers.0.attn.q_proj.weight has 64 rows, not a multiple of num_heads 3 (from "
+        "--num-heads; give another --num-heads)"
     )
+
+
+def test_a_shape_mismatch_names_the_option_that_caused_it():
+    config = DECODER_PRESETS["tiny"]
+    with pytest.raises(ConfigError, match="with --num-heads 8"):
+        detect_model(layout_tensor_infos(config, "hf"), hf_config_dict(config), "config.json",
+                     overrides={"num_heads": 8})
 
 
 def test_native_qwen2_like_checkpoint_is_inferred_from_its_biases():
