@@ -7,15 +7,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.hardening.conftest import assert_one_line_error, cli, snapshot
+from tests.hardening.test_interruption import run_child
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -139,31 +137,15 @@ def test_validate_fails_on_a_tampered_checkpoint(inputs, tmp_path):
     assert '"fusion branch is finite"' in result.stdout and '"fail"' in result.stdout
 
 
-# A child process that runs the CLI and sends itself SIGNAL while the output's first bytes are
-# being written (the same device as the hardening tests' convert runs).
-CHILD = textwrap.dedent("""
-    import os, signal, sys
-    from fusesurgery.write import safetensors_writer
-    real, signum = safetensors_writer._write_all, getattr(signal, sys.argv[1])
-    def write_then_die(*args, **kwargs):
-        os.kill(os.getpid(), signum)
-        return real(*args, **kwargs)
-    safetensors_writer._write_all = write_then_die
-    sys.argv = ["fusesurgery", *sys.argv[2:]]
-    from fusesurgery.cli import main
-    main()
-""")
-
-
 @pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGKILL", -signal.SIGKILL)])
 def test_an_interrupted_fuse_leaves_no_output_and_a_rerun_works(inputs, tmp_path, signal_name,
                                                                code):
     encoder, decoder = inputs
     out = tmp_path / "out"
     before = snapshot(encoder), snapshot(decoder)
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, signal_name, "fuse", encoder, decoder, "-o", out,
-         "--every", "2"], capture_output=True, text=True, timeout=120)
+    # the hardening tests' child: the real entry point, signalled as the output's first
+    # bytes are written
+    child = run_child(signal_name, "fuse", encoder, decoder, "-o", out, "--every", "2")
     assert child.returncode == code, child.stderr
     assert "Traceback" not in child.stderr
     assert not out.exists()
