@@ -134,24 +134,6 @@ def source_file_order(
     return [targets[key] for key in ordered], set(first_of_file.values())
 
 
-class _Totals:
-    """Turns per-tensor callbacks into ``(done, total)`` ones once the total is known."""
-
-    def __init__(self, each, progress) -> None:
-        self.each, self.progress, self.done, self.total = each, progress, 0, 0
-
-    def __call__(self, info: TensorInfo) -> None:
-        self.done += info.nbytes
-        if self.each is not None:
-            self.each(info)
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-
-
-def _with_totals(each, progress):
-    return _Totals(each, progress) if progress is not None else each
-
-
 def convert_checkpoint(
     source_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -193,7 +175,6 @@ def convert_checkpoint(
         FuseSurgeryError: unreadable source, unknown keys, config problems, or an output
             that cannot be written.
     """
-    on_tensor_written = _with_totals(on_tensor_written, on_progress)
     if to not in (*CONFIG_WRITERS, "mllama"):
         raise ConfigError(f"cannot convert to {to!r}; valid: {', '.join(CONFIG_WRITERS)}, "
                           "mllama")
@@ -212,13 +193,12 @@ def convert_checkpoint(
 
             _, written, _ = convert_fused(source_path, out_dir, to=to,
                                           max_shard_size=max_shard_size, overwrite=overwrite,
-                                          on_tensor_written=on_tensor_written, durable=durable)
+                                          on_tensor_written=on_tensor_written, durable=durable,
+                                          on_progress=on_progress)
             return ConversionResult(detected, plan, written)
         plan = plan_conversion(infos, detected.layout, detected.config, target_layout=to,
                                kind=detected.kind, dtype=dtype)
         entries = {entry.target_key: entry for entry in plan.entries}
-        if isinstance(on_tensor_written, _Totals):
-            on_tensor_written.total = plan.total_bytes
 
         def produce(key: str) -> torch.Tensor | FileRegion | PermutedRegion:
             return plan_entry_source(entries[key], source)
@@ -247,6 +227,7 @@ def convert_checkpoint(
                          CONFIG_FILES[to]: standard_json.dumps(config, indent=2) + "\n"},
             overwrite=overwrite,
             on_tensor_written=on_tensor_written,
+            on_progress=on_progress,
             durable=durable,
             inputs=source.paths_read,
         )

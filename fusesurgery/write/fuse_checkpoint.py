@@ -298,14 +298,6 @@ def fuse_checkpoints(
                 new_shard_at.add(spec.name)
             producers[spec.name] = (lambda name=spec.name: ahead.get(name))
 
-        total = plan.total_bytes
-        done = [0]
-
-        def written_one(info: TensorInfo) -> None:
-            done[0] += info.nbytes
-            if on_progress is not None:
-                on_progress(done[0], total)
-
         written = write_safetensors(
             out,
             ordered,
@@ -314,7 +306,7 @@ def fuse_checkpoints(
             max_shard_size=max_shard_size,
             extra_files=extra,
             overwrite=overwrite,
-            on_tensor_written=written_one,
+            on_progress=on_progress,
             durable=durable,
             inputs=inputs,
         )

@@ -195,6 +195,7 @@ def convert_fused(
     overwrite: bool = False,
     on_tensor_written: Callable[[TensorInfo], None] | None = None,
     durable: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[FusedConfig, WriteResult, tuple[str, ...]]:
     """Rewrite a fused checkpoint in another fused layout.
 
@@ -208,7 +209,8 @@ def convert_fused(
             renumbered, the tokenizer carried).
         max_shard_size: largest shard.
         overwrite: replace an earlier fusesurgery output.
-        on_tensor_written: progress callback.
+        on_tensor_written: progress callback, after each tensor.
+        on_progress: called with ``(bytes written, total bytes)`` after each tensor.
         durable: fsync before the output appears.
 
     Returns:
@@ -247,7 +249,7 @@ def convert_fused(
         written = write_safetensors(
             out_dir, infos, lambda key: producers[key](), max_shard_size=max_shard_size,
             extra_files=extra, overwrite=overwrite, on_tensor_written=on_tensor_written,
-            durable=durable, inputs=(directory, *view.paths_read))
+            on_progress=on_progress, durable=durable, inputs=(directory, *view.paths_read))
     return config, written, tuple(notes)
 
 

@@ -654,6 +654,27 @@ def _write_in_order(
     flush_run()
 
 
+def progress_callback(
+    infos: Sequence[TensorInfo],
+    on_tensor_written: Callable[[TensorInfo], None] | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> Callable[[TensorInfo], None] | None:
+    """One per-tensor callback that also reports ``(bytes written, total bytes)``."""
+    if on_progress is None:
+        return on_tensor_written
+    total = sum(info.nbytes for info in infos)
+    done = 0
+
+    def report(info: TensorInfo) -> None:
+        nonlocal done
+        done += info.nbytes
+        if on_tensor_written is not None:
+            on_tensor_written(info)
+        on_progress(done, total)
+
+    return report
+
+
 @contextmanager
 def atomic_output(
     out_dir: Path, *, overwrite: bool, needed: int, durable: bool = True
@@ -707,6 +728,7 @@ def write_safetensors(
     durable: bool = True,
     new_shard_at: Collection[str] = (),
     inputs: Collection[str | os.PathLike[str]] = (),
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> WriteResult:
     """Write tensors as Hugging Face-style (sharded) safetensors, streaming and atomically.
 
@@ -745,6 +767,7 @@ def write_safetensors(
         new_shard_at: names that start a new shard even where the current one has room.
         inputs: every path the tensors are read from (checkpoint paths given, files opened);
             the output may not overlap any of them.
+        on_progress: called with ``(bytes written, total bytes)`` after each tensor.
 
     Returns:
         The output directory, the shard plan, and the names of the files written.
@@ -764,6 +787,7 @@ def write_safetensors(
     out_dir = resolve_output(out_dir)
     check_not_an_input(out_dir, inputs)
     _check_infos(infos)
+    on_tensor_written = progress_callback(infos, on_tensor_written, on_progress)
     header_metadata = _check_metadata(metadata)
     plan = plan_shards(infos, max_shard_size, new_shard_at=new_shard_at)
     reserved = {shard.filename for shard in plan.shards} | {MARKER_FILE}

@@ -26,6 +26,7 @@ from fusesurgery.write.safetensors_writer import (
     _write_errors,
     atomic_output,
     check_extra_files,
+    progress_callback,
     write_extra_files,
 )
 from fusesurgery.write.shard_plan import plan_shards
@@ -44,6 +45,7 @@ def write_torch_checkpoint(
     on_tensor_written: Callable[[TensorInfo], None] | None = None,
     durable: bool = True,
     inputs: Collection[str | os.PathLike[str]] = (),
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> WriteResult:
     """Write ``{name: tensor}`` with ``torch.save`` into ``out_dir/filename``, atomically, with
     the same output rules as ``write_safetensors`` (never over an input, ``overwrite`` only
@@ -59,6 +61,7 @@ def write_torch_checkpoint(
     """
     out = resolve_output(out_dir)
     check_not_an_input(out, inputs)
+    on_tensor_written = progress_callback(infos, on_tensor_written, on_progress)
     extras = check_extra_files(extra_files, {filename, MARKER_FILE})
     extras[MARKER_FILE] = marker_content(files=[filename, *extras]).encode()
     tensors: dict[str, torch.Tensor] = {}

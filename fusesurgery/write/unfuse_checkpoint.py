@@ -186,19 +186,11 @@ def unfuse_checkpoint(
             extra.update(read_side_files(directory, DECODER_SIDE_FILES))
             notes.append(f"embedding table merged: {config.decoder.vocab_size} + "
                          f"{len(config.new_tokens)} rows")
-        total = sum(info.nbytes for info in infos)
-        done = [0]
-
-        def written_one(info: TensorInfo) -> None:
-            done[0] += info.nbytes
-            if on_progress is not None:
-                on_progress(done[0], total)
-
         written = write_layout(
             out_dir, fmt, infos, lambda key: producers[key](),
             lambda key: plan_entry_tensor(entries[key], view), new_shard_at=new_shard_at,
             max_shard_size=max_shard_size, extra_files=extra, overwrite=overwrite,
-            on_tensor_written=written_one, durable=durable,
+            on_progress=on_progress, durable=durable,
             inputs=(directory, *source.paths_read))
     return UnfuseResult(part=part, format=fmt, plan=plan, written=written,
                         merged_embeddings=merge_embeddings and bool(config.new_tokens),
