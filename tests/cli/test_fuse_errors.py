@@ -137,7 +137,8 @@ def test_validate_fails_on_a_tampered_checkpoint(inputs, tmp_path):
     assert '"fusion branch is finite"' in result.stdout and '"fail"' in result.stdout
 
 
-@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGKILL", -signal.SIGKILL)])
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143),
+                                               ("SIGKILL", -signal.SIGKILL)])
 def test_an_interrupted_fuse_leaves_no_output_and_a_rerun_works(inputs, tmp_path, signal_name,
                                                                code):
     encoder, decoder = inputs
@@ -153,3 +154,20 @@ def test_an_interrupted_fuse_leaves_no_output_and_a_rerun_works(inputs, tmp_path
     result = _fuse(encoder, decoder, out, "--every", "2")
     assert result.exit_code == 0, result.output
     assert [n for n in os.listdir(tmp_path) if ".partial-" in n or ".old-" in n] == []
+
+
+@pytest.mark.parametrize("command", ["unfuse", "convert-native", "convert-mllama"])
+@pytest.mark.parametrize("where", ["itself", "inside", "parent"])
+def test_fused_outputs_never_touch_their_input(inputs, tmp_path, command, where):
+    encoder, decoder = inputs
+    fused = tmp_path / "fused"
+    assert _fuse(encoder, decoder, fused, "--every", "2").exit_code == 0
+    out = {"itself": fused, "inside": fused / "x", "parent": tmp_path}[where]
+    args = {"unfuse": ["unfuse", fused, "-o", out],
+            "convert-native": ["convert", fused, "-o", out],
+            "convert-mllama": ["convert", fused, "-o", out, "--to", "mllama"]}[command]
+    before = snapshot(tmp_path)
+    result = cli(*args, "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert snapshot(tmp_path) == before
