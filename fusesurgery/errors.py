@@ -53,3 +53,8 @@ class WriteError(FuseSurgeryError):
 
 class ValidationError(FuseSurgeryError):
     """A fused model does not compute what the original decoder computed."""
+
+
+class HubError(FuseSurgeryError):
+    """The Hugging Face Hub refused or failed a request: no token, no permission, a repo that
+    is missing or cannot be created, a revision that does not exist, or the network."""
