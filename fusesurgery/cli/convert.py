@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from fusesurgery import _json as standard_json
+from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import (
     CheckpointPath,
@@ -74,7 +75,7 @@ def convert(
         typer.echo(standard_json.dumps(summary, indent=2))
         return
     typer.echo(f"{detected.kind} ({detected.family}) {detected.layout} -> {to}: "
-               f"{len(result.plan)} tensors, {written.total_size / 2**20:.1f} MiB in "
+               f"{len(result.plan)} tensors, {format_bytes(written.total_size)} in "
                f"{len(written.files)} files at {written.out_dir}")
     for key, reason in result.plan.dropped:
         stderr.print(f"dropped {key}: {reason}")

@@ -17,6 +17,7 @@ from fusesurgery.cli.options import (
     NumKvHeads,
     collect_overrides,
 )
+from fusesurgery.errors import FuseSurgeryError
 from fusesurgery.reports.diff import diff_checkpoints
 
 stdout = Console(highlight=False, soft_wrap=True)
@@ -29,7 +30,7 @@ def diff(
     b: CheckpointPath,
     values: Annotated[bool | None, typer.Option(
         "--values/--no-values", help="Compare tensor values too (streamed, one pair at a "
-        "time). Default: yes when neither side exceeds 1 GiB, else keys, shapes and dtypes "
+        "time). Default: yes when neither side exceeds 1 GB, else keys, shapes and dtypes "
         "only.", show_default=False)] = None,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Compare key names as stored, without mapping them to one layout.")] = False,
@@ -46,7 +47,13 @@ def diff(
     --values the values; exit 0 identical, 1 different, 2 trouble. Names are compared in the
     native layout (a plain decoder under a fused checkpoint's decoder.*, a vision tower under
     its encoder.vision.*), so an HF checkpoint lines up with its native, Meta or fused form;
-    keys dropped on purpose (RoPE inv_freq, a CLIP text tower) are listed, not counted."""
+    keys dropped on purpose (RoPE inv_freq, a CLIP text tower) are listed, not counted. Keys
+    are shown as each file spells them: 'A's key (B: B's key)' where the two differ."""
+    # checked here so that the message names the flag, not the library's parameter
+    if max_lines < 1:
+        raise FuseSurgeryError(f"--max-lines must be at least 1, got {max_lines}")
+    if not atol >= 0:
+        raise FuseSurgeryError(f"--atol must be a number >= 0, got {atol}")
     overrides = collect_overrides(num_heads=num_heads, num_kv_heads=num_kv_heads,
                                   head_dim=head_dim)
     report = diff_checkpoints(a, b, values=values, raw=raw, overrides=overrides, atol=atol)

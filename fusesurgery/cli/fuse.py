@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from fusesurgery import _json as standard_json
+from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import (
     CheckpointPath,
@@ -139,7 +140,7 @@ def fuse(
         f"{list(config.fusion.fusion_layers)}, new tokens "
         f"{', '.join(f'{t.token}={t.id}' for t in config.new_tokens) or 'none'}, "
         f"{config.projection} projection from {layer_text}; "
-        f"{written.total_size / 2**20:.1f} MiB in {len(written.files)} files at "
+        f"{format_bytes(written.total_size)} in {len(written.files)} files at "
         f"{written.out_dir}")
     if config.decoder.tie_word_embeddings:
         stderr.print("note: tied embeddings: the output stays the original table; new tokens "

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from fusesurgery import _json as standard_json
+from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import CheckpointPath, Json
 from fusesurgery.cli.progress import byte_progress
@@ -43,7 +44,7 @@ def unfuse(
         typer.echo(standard_json.dumps(summary, indent=2))
         return
     typer.echo(f"{result.part} ({result.format}): {len(result.plan)} tensors, "
-               f"{written.total_size / 2**20:.1f} MiB in {len(written.files)} files at "
+               f"{format_bytes(written.total_size)} in {len(written.files)} files at "
                f"{written.out_dir}")
     for note in result.notes:
         stderr.print(f"note: {note}")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from fusesurgery._sizes import format_bytes
 from fusesurgery.errors import CheckpointError
 
 
@@ -128,7 +129,7 @@ def read_json_file(path: Path, what: str, error_type: type[Exception] = Checkpoi
     with open_for_reading(path) as (handle, size):
         if size > MAX_JSON_FILE_BYTES:
             raise CheckpointError(
-                f"{path}: {size / 2**20:.0f} MiB is far too large for a {what}"
+                f"{path}: {format_bytes(size)} is far too large for a {what}"
             )
         raw = read_exactly(handle, path, size)
     try:
@@ -163,7 +164,7 @@ def read_side_file(path: Path) -> bytes:
     """
     with open_for_reading(path) as (handle, size):
         if size > MAX_SIDE_FILE_BYTES:
-            raise CheckpointError(f"{path}: {size / 2**20:.0f} MiB is too large for a file "
+            raise CheckpointError(f"{path}: {format_bytes(size)} is too large for a file "
                                   "that travels beside the weights")
         return read_exactly(handle, path, size)
 

@@ -41,7 +41,7 @@ import os
 import types
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,7 +80,7 @@ MAX_BRACED_LEAVES = 4  # more leaves under one parent read as "parent.* (N keys)
 
 # Where a model of each kind sits inside a fused checkpoint (see the module docstring).
 # Up to this many bytes a side, diff compares values unless told otherwise.
-AUTO_VALUES_LIMIT = 2**30
+AUTO_VALUES_LIMIT = 10**9  # 1 GB, in the decimal units every size is printed in
 HF_ROWS = ("hf", "mllama")  # layouts in transformers' rotate-half q/k row order
 PREFIX_IN_FUSED: dict[str, str] = {
     "decoder": FUSED_DECODER_PREFIX,
@@ -122,7 +122,7 @@ class CheckpointSide:
     def describe(self) -> str:
         what = f"{self.layout} {self.kind}" if self.kind else "unrecognised layout"
         return (f"{self.path} ({what}, {self.format}, {self.num_tensors} tensors, "
-                f"{format_bytes(self.total_bytes, binary=False)})")
+                f"{format_bytes(self.total_bytes)})")
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,9 @@ class DiffReport:
         a: side A.
         b: side B.
         mode: ``"normalised"`` (native names, aligned across kinds) or ``"raw"`` (as stored).
+            The names in ``only_in_*`` and in the changes are the compared ones; what each file
+            calls them is in ``stored_keys_a`` / ``stored_keys_b`` (:meth:`key_a`,
+            :meth:`key_b`), and the summary and ``to_dict`` show those.
         only_in_a: compared names held by A alone, in A's order.
         only_in_b: compared names held by B alone, in B's order.
         shape_changes: names in both whose shapes differ.
@@ -198,6 +201,9 @@ class DiffReport:
         num_values_compared: names whose values were compared (in both, same shape).
         value_changes: names whose values differ beyond ``atol``, largest difference first.
         atol: the tolerance on absolute differences.
+        stored_keys_a: every compared name of A -> the key as A's file spells it
+            (``layers.1.mlp.w3.weight`` -> ``model.layers.1.mlp.up_proj.weight``).
+        stored_keys_b: likewise for B.
     """
 
     a: CheckpointSide
@@ -216,6 +222,19 @@ class DiffReport:
     num_values_compared: int = 0
     value_changes: tuple[ValueChange, ...] = ()
     atol: float = 0.0
+    stored_keys_a: Mapping[str, str] = field(default_factory=dict)
+    stored_keys_b: Mapping[str, str] = field(default_factory=dict)
+
+    def key_a(self, name: str) -> str:
+        """The compared ``name`` as A's file spells it."""
+        return self.stored_keys_a.get(name, name)
+
+    def key_b(self, name: str) -> str:
+        """The compared ``name`` as B's file spells it."""
+        return self.stored_keys_b.get(name, name)
+
+    def _pair_dict(self, name: str) -> dict[str, str]:
+        return {"key_a": self.key_a(name), "key_b": self.key_b(name), "normalised_key": name}
 
     @property
     def keys_identical(self) -> bool:
@@ -236,7 +255,12 @@ class DiffReport:
         return self.value_changes[:count]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (non-finite differences become the strings ``"inf"``/``"nan"``)."""
+        """A JSON-ready dict (non-finite differences become the strings ``"inf"``/``"nan"``).
+
+        Every tensor is named as stored: ``"key"`` in ``only_in_a`` / ``only_in_b``,
+        ``"key_a"`` and ``"key_b"`` in the changes; ``"normalised_key"`` beside them is the
+        name the two sides were compared under (the stored name in raw mode).
+        """
         return {
             "identical": self.identical,
             "keys_identical": self.keys_identical,
@@ -244,14 +268,17 @@ class DiffReport:
             "a": _side_dict(self.a),
             "b": _side_dict(self.b),
             "num_common": self.num_common,
-            "only_in_a": list(self.only_in_a),
-            "only_in_b": list(self.only_in_b),
+            "only_in_a": [{"key": self.key_a(name), "normalised_key": name}
+                          for name in self.only_in_a],
+            "only_in_b": [{"key": self.key_b(name), "normalised_key": name}
+                          for name in self.only_in_b],
             "shape_changes": [
-                {"key": c.key, "shape_a": list(c.shape_a), "shape_b": list(c.shape_b)}
+                {**self._pair_dict(c.key), "shape_a": list(c.shape_a),
+                 "shape_b": list(c.shape_b)}
                 for c in self.shape_changes
             ],
             "dtype_changes": [
-                {"key": c.key, "dtype_a": c.dtype_a, "dtype_b": c.dtype_b}
+                {**self._pair_dict(c.key), "dtype_a": c.dtype_a, "dtype_b": c.dtype_b}
                 for c in self.dtype_changes
             ],
             "dropped_a": dict(self.dropped_a),
@@ -264,7 +291,7 @@ class DiffReport:
             "num_values_different": len(self.value_changes),
             "atol": self.atol,
             "value_changes": [
-                {"key": c.key, "max_abs_diff": _json_float(c.max_abs_diff),
+                {**self._pair_dict(c.key), "max_abs_diff": _json_float(c.max_abs_diff),
                  "num_different": c.num_different, "numel": c.numel}
                 for c in self.value_changes
             ],
@@ -272,6 +299,9 @@ class DiffReport:
 
     def summary(self, max_lines: int = 12) -> str:
         """A short human report; long key lists are collapsed (``layers.{0..31}.*``).
+
+        Keys are named as each file stores them; a tensor the two files spell differently
+        reads ``A's key (B: B's key)``.
 
         Raises:
             FuseSurgeryError: ``max_lines`` is below 1.
@@ -285,20 +315,25 @@ class DiffReport:
             aligned = [f"{side} under {s.key_prefix}" for side, s in (("A", self.a), ("B", self.b))
                        if s.key_prefix]
             lines.append("names compared in the native layout"
-                         + (f" ({', '.join(aligned)})" if aligned else ""))
-        for title, keys in (("only in A", self.only_in_a), ("only in B", self.only_in_b)):
-            if keys:
-                lines.append(f"{title} ({len(keys)}):")
-                lines.extend("  " + line for line in collapse_key_names(keys, max_lines))
+                         + (f" ({', '.join(aligned)})" if aligned else "")
+                         + "; shown as each file stores them")
+        for title, names, stored in (("only in A", self.only_in_a, self.key_a),
+                                     ("only in B", self.only_in_b, self.key_b)):
+            if names:
+                lines.append(f"{title} ({len(names)}):")
+                lines.extend("  " + line for line in collapse_key_names(
+                    [stored(name) for name in names], max_lines))
         if self.shape_changes:
             lines.append(f"shape changes ({len(self.shape_changes)}):")
             lines.extend(_grouped_changes(
-                [(c.key, f"{list(c.shape_a)} -> {list(c.shape_b)}") for c in self.shape_changes],
+                [(self.key_a(c.key), self.key_b(c.key), f"{list(c.shape_a)} -> {list(c.shape_b)}")
+                 for c in self.shape_changes],
                 self.num_common, max_lines))
         if self.dtype_changes:
             lines.append(f"dtype changes ({len(self.dtype_changes)}):")
             lines.extend(_grouped_changes(
-                [(c.key, f"{c.dtype_a} -> {c.dtype_b}") for c in self.dtype_changes],
+                [(self.key_a(c.key), self.key_b(c.key), f"{c.dtype_a} -> {c.dtype_b}")
+                 for c in self.dtype_changes],
                 self.num_common, max_lines))
         for side, dropped in (("A", self.dropped_a), ("B", self.dropped_b)):
             for reason, count in Counter(dropped.values()).items():
@@ -312,7 +347,8 @@ class DiffReport:
             lines.append(f"values: {self.num_values_equal} equal, {len(self.value_changes)} "
                          f"different of {self.num_values_compared} compared{tolerance}")
             for change in self.worst(max_lines):
-                lines.append(f"  {change.key}: max |a-b| {change.max_abs_diff:.6g} "
+                label = pair_label(self.key_a(change.key), self.key_b(change.key))
+                lines.append(f"  {label}: max |a-b| {change.max_abs_diff:.6g} "
                              f"({change.num_different} of {change.numel} elements)")
             hidden = len(self.value_changes) - max_lines
             if hidden > 0:
@@ -352,45 +388,58 @@ def _common_dotted_prefix(names: Sequence[str]) -> str:
     return ".".join(common[: shortest - 1]) + "." if common[: shortest - 1] else ""
 
 
-def _collapsed_groups(keys: Sequence[str]) -> list[tuple[str, int]]:
-    """``(line, keys it stands for)`` in first-seen order."""
-    indices_of: dict[str, list[int]] = {}
+def _collapsed_groups(keys: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``(line, the keys it stands for)`` in first-seen order."""
+    members_of: dict[str, list[tuple[int, str]]] = {}
     for key in keys:
         template, index = split_layer_index(key)
         if index is not None and str(int(index)) != index:
             template, index = key, None  # "01" would not survive the round trip through int
-        indices_of.setdefault(template, []).append(-1 if index is None else int(index))
+        members_of.setdefault(template, []).append((-1 if index is None else int(index), key))
     # Layer templates sharing the part before the index and the layer set form one block;
     # keys without a layer index sharing a parent form one block of leaves.
-    blocks: dict[tuple[str, tuple[int, ...]], list[str]] = {}
-    for template, indices in indices_of.items():
+    blocks: dict[tuple[str, tuple[int, ...]], list[tuple[str, list[str]]]] = {}
+    for template, members in members_of.items():
+        indices = [index for index, _ in members]
+        stored = [key for _, key in members]
         if LAYER in template:
             head, _, tail = template.partition(LAYER)
             block = (head, tuple(sorted(set(indices))))
-            blocks.setdefault(block, []).append(tail.removeprefix("."))
+            blocks.setdefault(block, []).append((tail.removeprefix("."), stored))
         else:
             parent, dot, leaf = template.rpartition(".")
             if not parent:  # top-level names are not worth a brace group
                 parent, leaf = template, ""
-            blocks.setdefault((parent + dot, ()), []).append(leaf)
-    groups: list[tuple[str, int]] = []
-    for (head, indices), tails in blocks.items():
+            blocks.setdefault((parent + dot, ()), []).append((leaf, stored))
+    groups: list[tuple[str, list[str]]] = []
+    for (head, indices), entries in blocks.items():
+        tails = [tail for tail, _ in entries]
+        members = [key for _, stored in entries for key in stored]
         if not indices:
             if len(tails) == 1:
-                groups.append((head + tails[0], 1))
+                line = head + tails[0]
             elif len(tails) <= MAX_BRACED_LEAVES:
-                groups.append((head + "{" + ",".join(tails) + "}", len(tails)))
+                line = head + "{" + ",".join(tails) + "}"
             else:
-                groups.append((f"{head}* ({len(tails)} keys)", len(tails)))
+                line = f"{head}* ({len(tails)} keys)"
+            groups.append((line, members))
             continue
         layers = str(indices[0]) if len(indices) == 1 else format_index_set(indices, max_items=6)
         if len(tails) == 1:
-            groups.append((f"{head}{layers}.{tails[0]}", len(indices)))
+            groups.append((f"{head}{layers}.{tails[0]}", members))
         else:
             each = " each" if len(indices) > 1 else ""
             groups.append((f"{head}{layers}.{_common_dotted_prefix(tails)}* "
-                           f"({len(tails)} keys{each})", len(indices) * len(tails)))
+                           f"({len(tails)} keys{each})", members))
     return groups
+
+
+def _fit_lines(groups: Sequence[tuple[str, Sequence[str]]], max_lines: int) -> list[str]:
+    if len(groups) <= max_lines:
+        return [line for line, _ in groups]
+    shown = groups[: max(max_lines - 1, 0)]
+    hidden = sum(len(members) for _, members in groups[len(shown):])
+    return [line for line, _ in shown] + [f"... and {hidden} more keys"]
 
 
 def collapse_key_names(keys: Sequence[str], max_lines: int = 12) -> list[str]:
@@ -404,26 +453,67 @@ def collapse_key_names(keys: Sequence[str], max_lines: int = 12) -> list[str]:
     """
     if not keys:
         return []
-    groups = _collapsed_groups(keys)
-    if len(groups) <= max_lines:
-        return [line for line, _ in groups]
-    shown = groups[: max(max_lines - 1, 0)]
-    hidden = sum(count for _, count in groups[len(shown):])
-    return [line for line, _ in shown] + [f"... and {hidden} more keys"]
+    return _fit_lines(_collapsed_groups(keys), max_lines)
+
+
+def _layer_order(key: str) -> tuple[str, int]:
+    template, index = split_layer_index(key)
+    return template, -1 if index is None else int(index)
+
+
+def pair_label(key_a: str, key_b: str) -> str:
+    """How a tensor both sides hold is named for people: once when both files spell it the
+    same, else as A stores it followed by B's spelling, ``model.norm.weight (B: norm.scale)``.
+    """
+    return key_a if key_a == key_b else f"{key_a} (B: {key_b})"
+
+
+def collapse_key_pairs(pairs: Sequence[tuple[str, str]], max_lines: int = 12) -> list[str]:
+    """Like :func:`collapse_key_names` for tensors named differently by A and B.
+
+    Each side's keys are collapsed alone; where the two collapse into groups of the same
+    tensors, paired in ascending layer order, a line reads
+    ``model.layers.{0..3}.mlp.up_proj.weight (B: layers.{0..3}.mlp.w3.weight)``. Where they
+    do not, every pair gets its own line.
+
+    Args:
+        pairs: ``(A's stored key, B's stored key)`` of each tensor, in A's order.
+        max_lines: lines shown before ``... and N more keys``.
+    """
+    if not pairs:
+        return []
+    if all(key_a == key_b for key_a, key_b in pairs):
+        return collapse_key_names([key_a for key_a, _ in pairs], max_lines)
+    partner = dict(pairs)
+    groups_a = _collapsed_groups([key_a for key_a, _ in pairs])
+    groups_b = _collapsed_groups([key_b for _, key_b in pairs])
+    # A group line pairs A's and B's layers in ascending order, so that must be the pairing.
+    parallel = len(groups_a) == len(groups_b) and all(
+        [partner[key] for key in sorted(members_a, key=_layer_order)]
+        == sorted(members_b, key=_layer_order)
+        for (_, members_a), (_, members_b) in zip(groups_a, groups_b, strict=True)
+    )
+    if parallel:
+        groups = [(pair_label(line_a, line_b), members_a)
+                  for (line_a, members_a), (line_b, _) in zip(groups_a, groups_b, strict=True)]
+    else:
+        groups = [(pair_label(key_a, key_b), [key_a]) for key_a, key_b in pairs]
+    return _fit_lines(groups, max_lines)
 
 
 def _grouped_changes(
-    changes: Sequence[tuple[str, str]], num_common: int, max_lines: int
+    changes: Sequence[tuple[str, str, str]], num_common: int, max_lines: int
 ) -> list[str]:
-    by_change: dict[str, list[str]] = {}
-    for key, change in changes:
-        by_change.setdefault(change, []).append(key)
+    """``changes``: ``(A's stored key, B's stored key, change)``."""
+    by_change: dict[str, list[tuple[str, str]]] = {}
+    for key_a, key_b, change in changes:
+        by_change.setdefault(change, []).append((key_a, key_b))
     lines = []
-    for change, keys in by_change.items():
-        if len(keys) == num_common and num_common > 1:
+    for change, pairs in by_change.items():
+        if len(pairs) == num_common and num_common > 1:
             lines.append(f"  all {num_common} common keys: {change}")
             continue
-        lines.extend(f"  {line}: {change}" for line in collapse_key_names(keys, max_lines))
+        lines.extend(f"  {line}: {change}" for line in collapse_key_pairs(pairs, max_lines))
     return lines
 
 
@@ -779,6 +869,8 @@ def _diff(
         num_values_compared=len(same_shape) if values else 0,
         value_changes=tuple(value_changes),
         atol=atol,
+        stored_keys_a=types.MappingProxyType(names_a.compared),
+        stored_keys_b=types.MappingProxyType(names_b.compared),
     )
 
 
@@ -794,6 +886,8 @@ __all__ = [
     "TensorComparison",
     "ValueChange",
     "collapse_key_names",
+    "collapse_key_pairs",
     "compare_tensors",
     "diff_checkpoints",
+    "pair_label",
 ]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from fusesurgery._sizes import BYTE_UNITS, format_bytes
+
+__all__ = ["BYTE_UNITS", "format_bytes", "format_index_set"]
+
 
 def format_index_set(indices: Iterable[int], max_items: int | None = None) -> str:
     """Render a set of layer indices compactly: runs of three or more as ``a..b``.
@@ -27,15 +31,3 @@ def format_index_set(indices: Iterable[int], max_items: int | None = None) -> st
     if max_items is not None and len(parts) > max_items:
         parts = [*parts[: max_items - 2], "...", parts[-1]]
     return "{" + ",".join(parts) + "}"
-
-
-def format_bytes(nbytes: int, *, binary: bool = True) -> str:
-    """``756.0 GiB`` (binary units) or, with ``binary=False``, ``812.0 GB``."""
-    step, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (
-        1000, ("B", "KB", "MB", "GB", "TB"))
-    value = float(nbytes)
-    for unit in units:
-        if value < step or unit == units[-1]:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= step
-    raise AssertionError("unreachable")

@@ -39,7 +39,7 @@ from fusesurgery.convert.keymaps import (
 )
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
-from fusesurgery.reports.formatting import format_index_set
+from fusesurgery.reports.formatting import format_bytes, format_index_set
 
 # Overrides of a vision encoder's fields carry this prefix (``encoder_num_heads``), as the
 # CLI's ``--encoder-*`` options do; unprefixed names are decoder fields.
@@ -201,7 +201,7 @@ class InspectReport:
         """A few lines for people: the file, the model and its config, the fusion parts."""
         lines = [
             f"{self.path}: {self.format}, {self.num_tensors} tensors, "
-            f"{self.num_parameters:,} parameters, {self.total_bytes:,} bytes",
+            f"{self.num_parameters:,} parameters, {format_bytes(self.total_bytes)}",
             self.model.summary(),
         ]
         if self.fusion is not None:
@@ -224,9 +224,9 @@ class InspectReport:
             "path": self.path,
             "format": self.format,
             "files": list(self.files),
+            # the family is config["family"], with its provenance beside the other fields
             "architecture": {
                 "kind": self.model.kind,
-                "family": self.model.family,
                 "layout": self.model.layout,
                 "fused_style": self.model.fused_style,
             },
@@ -236,7 +236,8 @@ class InspectReport:
             "num_tensors": self.num_tensors,
             "num_parameters": self.num_parameters,
             "total_bytes": self.total_bytes,
-            "components": {c.name: _count_dict(c) for c in self.components},
+            # a list: component names are labels for people ("final norm + output"), not keys
+            "components": [{"name": c.name, **_count_dict(c)} for c in self.components],
             "dtypes": {d.name: _count_dict(d) for d in self.dtypes},
             "fusion": None if self.fusion is None else _fusion_dict(self.fusion),
             "notes": list(self.notes),
@@ -270,7 +271,6 @@ def _fusion_dict(fusion: FusionReport) -> dict[str, Any]:
     encoder = None
     if fusion.encoder is not None:
         encoder = {
-            "family": fusion.encoder.family,
             "layout": fusion.encoder.layout,
             "config": config_to_dict(fusion.encoder.config),
             "provenance": dict(fusion.encoder.provenance),

@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from fusesurgery._sizes import format_bytes
 from fusesurgery.errors import ShapeError, WriteError
 from fusesurgery.io.tensor_info import (
     TORCH_TO_SAFETENSORS,
@@ -442,8 +443,8 @@ def _check_free_space(parent: Path, needed: int) -> None:
     # Some network/FUSE filesystems report 0 free; let the write itself decide there.
     if 0 < free < needed:
         raise WriteError(
-            f"not enough space in {parent}: the output needs {needed / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free; free some space or choose another directory"
+            f"not enough space in {parent}: the output needs {format_bytes(needed)}, "
+            f"{format_bytes(free)} are free; free some space or choose another directory"
         )
 
 

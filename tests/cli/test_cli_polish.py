@@ -63,7 +63,7 @@ def test_diff_says_what_it_compared(tmp_path):
         1, dtype=torch.bfloat16)
     save_file(tensors, b)
     small = cli("diff", a, b)  # small enough: values compared by default
-    assert small.exit_code == 1 and "norm.scale" in small.stdout
+    assert small.exit_code == 1 and "model.norm.weight" in small.stdout  # as the files say
     keys_only = cli("diff", a, b, "--no-values")
     assert keys_only.exit_code == 0
     assert "values not compared (use --values)" in keys_only.stdout
@@ -77,3 +77,19 @@ def test_one_shard_of_a_set_is_named_as_such(tmp_path):
     convert_checkpoint(EXAMPLES / "tiny-llama", out, to="hf", max_shard_size="100KB")
     shard = sorted(out.glob("model-*-of-*.safetensors"))[1]
     assert_one_line_error(cli("inspect", shard), "is shard 2 of", "model.safetensors.index.json")
+
+
+def test_messages_name_flags_not_python_parameters(tmp_path):
+    import re
+
+    from tests.hardening.conftest import cli
+
+    llama, clip = EXAMPLES / "tiny-llama", EXAMPLES / "tiny-clip-vision"
+    assert cli("fuse", clip, llama, "-o", tmp_path / "out").exit_code == 0
+    errors = [cli("fuse", clip, llama, "-o", tmp_path / "out"),  # exists: needs --overwrite
+              cli("diff", llama, llama, "--max-lines", "0"),
+              cli("diff", llama, llama, "--atol", "-1")]
+    for result, flag in zip(errors, ("--overwrite", "--max-lines", "--atol"), strict=True):
+        assert result.exit_code == 2 and flag in result.stderr, result.stderr
+        python = r"\b\w+=(True|False|None)\b|max_lines|(?<!-)\batol must"
+        assert not re.search(python, result.stderr), result.stderr

@@ -18,6 +18,7 @@ from fusesurgery.errors import ConfigError, UnrecognizedFormatError
 from fusesurgery.io import TensorInfo
 from fusesurgery.reports.diff import (
     collapse_key_names,
+    collapse_key_pairs,
     compare_tensors,
     diff_checkpoints,
 )
@@ -119,7 +120,8 @@ def test_vision_tower_aligns_with_the_fused_encoder(tmp_path, hf_dir, fused_file
     assert (apart.a.key_prefix, apart.b.key_prefix) == ("decoder.", "encoder.vision.")
 
 
-def test_shape_and_dtype_changes_use_native_names(hf_dir, hf_tensors, tmp_path):
+def test_changes_are_compared_under_native_names_and_shown_as_stored(hf_dir, hf_tensors,
+                                                                      tmp_path):
     changed = dict(hf_tensors)
     changed["model.embed_tokens.weight"] = torch.zeros(72, 32)
     changed["model.layers.1.mlp.up_proj.weight"] = hf_tensors[
@@ -134,9 +136,12 @@ def test_shape_and_dtype_changes_use_native_names(hf_dir, hf_tensors, tmp_path):
     assert [(c.key, c.dtype_a, c.dtype_b) for c in report.dtype_changes] == [
         ("layers.1.mlp.w3.weight", "f32", "bf16")
     ]
-    text = report.summary()
-    assert "tok_embeddings.weight: [64, 32] -> [72, 32]" in text
-    assert "layers.1.mlp.w3.weight: f32 -> bf16" in text
+    assert report.key_a("norm.scale") == "model.norm.weight"
+    assert report.key_b("layers.1.mlp.w3.weight") == "model.layers.1.mlp.up_proj.weight"
+    lines = report.summary().splitlines()
+    assert "  model.norm.weight" in lines  # only in A
+    assert "  model.embed_tokens.weight: [64, 32] -> [72, 32]" in lines
+    assert "  model.layers.1.mlp.up_proj.weight: f32 -> bf16" in lines
 
 
 def test_dropped_and_unknown_keys(hf_dir, hf_tensors, tmp_path):
@@ -358,7 +363,33 @@ def test_report_json_round_trips(hf_dir, fused_file):
     assert payload["identical"] is False and payload["mode"] == "normalised"
     assert payload["a"]["layout"] == "hf" and payload["b"]["kind"] == "fused"
     assert payload["value_changes"] == [] and payload["num_values_equal"] == NUM_HF_TENSORS
-    assert f"decoder.layers.{FUSION_LAYER}.fusion_layer.ca_scale.scale" in payload["only_in_b"]
+    gate = f"decoder.layers.{FUSION_LAYER}.fusion_layer.ca_scale.scale"
+    assert {"key": gate, "normalised_key": gate} in payload["only_in_b"]
+
+
+def test_collapse_key_pairs():
+    pairs = [(f"model.layers.{i}.mlp.up_proj.weight", f"layers.{i}.mlp.w3.weight")
+             for i in range(4)]
+    pairs += [("model.norm.weight", "norm.scale"), ("lm_head.weight", "lm_head.weight")]
+    assert collapse_key_pairs(pairs) == [
+        "model.layers.{0..3}.mlp.up_proj.weight (B: layers.{0..3}.mlp.w3.weight)",
+        "model.norm.weight (B: norm.scale)",
+        "lm_head.weight",
+    ]
+    assert collapse_key_pairs(pairs, max_lines=2) == [
+        "model.layers.{0..3}.mlp.up_proj.weight (B: layers.{0..3}.mlp.w3.weight)",
+        "... and 2 more keys",
+    ]
+    # B numbers the layers differently (as Mllama does): a group pairs them in order...
+    shifted = [(f"layers.{i}.x", f"model.layers.{i + 1}.y") for i in range(3)]
+    assert collapse_key_pairs(shifted) == ["layers.{0..2}.x (B: model.layers.{1..3}.y)"]
+    # ...so where the order is not kept, no group line would be true: one line per pair
+    shuffled = [("layers.0.x", "m.layers.2.y"), ("layers.1.x", "m.layers.0.y"),
+                ("layers.2.x", "m.layers.1.y")]
+    assert collapse_key_pairs(shuffled) == [f"{a} (B: {b})" for a, b in shuffled]
+    same = [(f"layers.{i}.a", f"layers.{i}.a") for i in range(3)]
+    assert collapse_key_pairs(same) == collapse_key_names([a for a, _ in same])
+    assert collapse_key_pairs([]) == []
 
 
 def test_405b_key_diff_reads_headers_only(tmp_path):

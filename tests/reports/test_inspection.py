@@ -356,8 +356,8 @@ def test_fused_with_unknown_decoder_keys(tmp_path):
 
 def test_to_dict_is_json_and_complete(fused_identity, llama_dir):
     payload = json.loads(json.dumps(inspect_checkpoint(llama_dir).to_dict()))
-    assert payload["architecture"] == {"kind": "decoder", "family": "llama", "layout": "hf",
-                                       "fused_style": None}
+    assert payload["architecture"] == {"kind": "decoder", "layout": "hf", "fused_style": None}
+    assert payload["config"]["family"] == "llama" and "family" not in payload["architecture"]
     assert {k: payload["config"][k] for k in ("vocab_size", "embed_dim", "num_layers",
                                               "num_heads", "num_kv_heads", "head_dim",
                                               "intermediate_dim")} == {
@@ -365,9 +365,11 @@ def test_to_dict_is_json_and_complete(fused_identity, llama_dir):
         "head_dim": 8, "intermediate_dim": 64}
     assert payload["config"]["rope_scaling"]["factor"] == 8.0
     assert payload["provenance"]["num_heads"] == "read"
-    assert payload["components"]["layers"]["num_parameters"] == 3 * HF_LAYER
-    assert payload["num_parameters"] == sum(
-        c["num_parameters"] for c in payload["components"].values())
+    # a list of named counts, not a mapping keyed by display labels ("final norm + output")
+    components = {c.pop("name"): c for c in payload["components"]}
+    assert list(components) == ["embeddings", "layers", "final norm + output"]
+    assert components["layers"]["num_parameters"] == 3 * HF_LAYER
+    assert payload["num_parameters"] == sum(c["num_parameters"] for c in components.values())
     assert payload["total_bytes"] == 4 * payload["num_parameters"]
     assert payload["fusion"] is None and "keys" not in payload
     assert sum(row["num_tensors"] for row in payload["key_tree"]) == payload["num_tensors"]
@@ -377,6 +379,8 @@ def test_to_dict_is_json_and_complete(fused_identity, llama_dir):
     assert payload["fusion"]["fusion_layers"] == [1, 3]
     assert payload["fusion"]["is_identity"] is True
     assert payload["fusion"]["encoder"]["config"]["embed_dim"] == 48
+    assert "family" not in payload["fusion"]["encoder"]  # once, in its config
+    assert payload["fusion"]["encoder"]["config"]["family"] in ("clip", "siglip")
     assert len(payload["keys"]) == payload["num_tensors"] and "key_tree" not in payload
     assert payload["keys"][0] == {"name": fused.tensors[0].name,
                                   "shape": list(fused.tensors[0].shape), "dtype": "f32"}
