@@ -349,6 +349,20 @@ def _check_round_trip(report: ValidationReport, model: DeepFusionModel) -> None:
                f"first differing: {differing[0]}" if differing else "")
 
 
+def validate_layout(path: str | os.PathLike[str]) -> ValidationReport:
+    """The header-level part of :func:`validate_fused`: the fused checkpoint opens (index and
+    shards agree, ``fusion_config.json`` parses) and its keys, shapes and dtypes are exactly
+    the rebuilt model's. Reads no tensor data, so it costs seconds at any size.
+
+    Raises:
+        FuseSurgeryError: unreadable input or not a fused checkpoint.
+    """
+    path = str(path)
+    report = ValidationReport(path=path, device="none (header-level checks only)")
+    _check_layout(report, path)
+    return report
+
+
 def validate_fused(
     path: str | os.PathLike[str],
     *,

@@ -1,0 +1,205 @@
+"""The model card (``README.md``) of a pushed fused checkpoint, built with huggingface_hub's
+``ModelCard`` / ``ModelCardData`` so that its YAML metadata is the client's own rendering.
+
+The metadata names both sources as ``base_model`` with ``base_model_relation: finetune``. The
+Hub infers ``merge`` when a card lists several base models and no relation; a merge (mergekit's
+sense) combines the weights of several models into one set, which is not what a fusion does.
+The documented values are ``adapter``, ``merge``, ``quantized`` and ``finetune``; a fused
+checkpoint keeps both sources' tensors unchanged, adds new parameters meant to be trained on
+top of them, and is a complete model on its own (not an adapter loaded over a base), which is
+what ``finetune`` describes: a model derived from its bases by further training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fusesurgery._sizes import format_bytes
+from fusesurgery.surgery.fused_config import FusedConfig
+
+BASE_MODEL_RELATION = "finetune"
+PIPELINE_TAG = "image-text-to-text"
+LIBRARY_NAME = "fusesurgery"
+RELATION_REASON = (
+    "`base_model_relation: finetune`: the Hub would read two base models without a relation as "
+    "a *merge*, but no weights were merged. Both sources' tensors are kept unchanged, and new "
+    "gated cross-attention layers, token embeddings and a projection head were added to be "
+    "trained on top of them; the checkpoint is a complete model, not an adapter."
+)
+
+
+@dataclass(frozen=True)
+class CardCheck:
+    """One row of the validation report shown in the card (a ``validate`` check)."""
+
+    status: str
+    name: str
+    figure: str
+    detail: str = ""
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _source_line(part: str, record: Mapping[str, Any], hub_id: str | None,
+                 config: FusedConfig) -> str:
+    family = record.get("family") or "?"
+    if part == "decoder":
+        d = config.decoder
+        shape = f"{d.num_layers} layers, width {d.embed_dim}, vocab {d.vocab_size}"
+    elif config.encoder is not None:
+        e = config.encoder
+        shape = f"{e.num_layers} layers, width {e.embed_dim}, {e.image_size}px images"
+    else:
+        shape = "Mllama vision model"
+    where = f"[`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id else \
+        f"`{record.get('path', '?')}` (a local checkpoint)"
+    return f"| {part} | {where} | {_cell(family)} | {shape} |"
+
+
+def _gate_state(config: FusedConfig) -> str:
+    values = [float(v) for v in config.gates.values()]
+    if not values:
+        return "unknown (no gates recorded)"
+    if all(v == 0.0 for v in values):
+        return (f"all {len(values)} tanh gates exactly 0: the model computes exactly what the "
+                "decoder computed")
+    nonzero = sum(v != 0.0 for v in values)
+    return (f"trained: {nonzero} of {len(values)} gates nonzero (|gate| up to "
+            f"{max(abs(v) for v in values):.4g})")
+
+
+def fusion_rows(config: FusedConfig) -> list[tuple[str, str]]:
+    """The fusion as (what, value) rows: layers, position, new tokens, projection, encoder
+    layer, trainable parts and gate state."""
+    fusion = config.fusion
+    layers = ", ".join(map(str, fusion.fusion_layers))
+    position = ("before the original layer (`fusion_first`)" if fusion.fusion_first
+                else "after the original layer")
+    tokens = ", ".join(f"`{t.token}` = {t.id}" for t in config.new_tokens) or "none"
+    width = config.decoder.embed_dim
+    if config.encoder is None:
+        projection, layer = "Mllama's own projector", "Mllama's vision model"
+    else:
+        projection = (f"`{config.projection}`, {config.encoder.embed_dim} -> "
+                      f"{fusion.encoder_dim}" if config.projection else "none")
+        layer = ("final hidden states" if config.encoder.output_layer is None
+                 else f"`hidden_states[{config.encoder.output_layer}]`")
+    trainable = ("the fusion layers, the new token embeddings and the projection head; the "
+                 "decoder and the vision encoder are frozen (torchtune's defaults)")
+    return [
+        ("fusion layers", f"{layers} (of {config.decoder.num_layers}), width {width}"),
+        ("position", position),
+        ("new tokens", f"{tokens} (input-only: the output projection is unchanged)"),
+        ("projection", projection),
+        ("encoder layer", layer),
+        ("trainable", trainable),
+        ("gates", _gate_state(config)),
+        ("dtypes", ", ".join(f"{k} {v}" for k, v in config.dtypes.items()) or "as stored"),
+    ]
+
+
+def build_model_card(
+    config: FusedConfig,
+    *,
+    repo_id: str,
+    base_models: Sequence[str],
+    hub_ids: Mapping[str, str],
+    checks: Sequence[CardCheck],
+    files: Sequence[tuple[str, int]],
+    validated_with: str,
+    license: str | None = None,
+) -> Any:
+    """The ``huggingface_hub.ModelCard`` of a fused checkpoint.
+
+    Args:
+        config: the checkpoint's ``fusion_config.json``.
+        repo_id: where it is pushed (its title).
+        base_models: Hub ids of the sources, decoder first; empty when none is known.
+        hub_ids: ``{"decoder", "encoder"}`` -> Hub id, for the sources that have one.
+        checks: the validation report's rows.
+        files: ``(path in repo, size)`` of every uploaded file but the card.
+        validated_with: what ran the checks (version, device), for the report's heading.
+        license: an SPDX-style license id for the metadata, if the user gave one.
+
+    Returns:
+        A ``ModelCard``; ``str(card)`` is the README.md text.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    families = sorted({str(r.get("family")) for r in config.sources.values() if r.get("family")})
+    extra: dict[str, Any] = {}
+    if base_models:
+        extra["base_model_relation"] = BASE_MODEL_RELATION
+    data = ModelCardData(
+        base_model=list(base_models) or None,
+        library_name=LIBRARY_NAME,
+        pipeline_tag=PIPELINE_TAG,
+        license=license,
+        tags=["fusesurgery", "torchtune", "deep-fusion", "cross-attention", "multimodal",
+              "vision-language", "safetensors", *families],
+        **extra,
+    )
+    name = repo_id.split("/")[-1]
+    sources = "\n".join(_source_line(part, config.sources.get(part, {}), hub_ids.get(part),
+                                     config) for part in ("decoder", "encoder"))
+    fusion = "\n".join(f"| {what} | {_cell(value)} |" for what, value in fusion_rows(config))
+    report = "\n".join(
+        f"| {c.status.upper()} | {_cell(c.name)} | {_cell(c.figure)} | {_cell(c.detail)} |"
+        for c in checks)
+    total = sum(size for _, size in files)
+    relation = RELATION_REASON if base_models else (
+        "No `base_model` is listed: the sources were local checkpoints with no Hub id (push "
+        "with `--base-model ID` for each source to name them).")
+    body = f"""
+# {name}
+
+A vision encoder fused into an LLM decoder, Flamingo / Llama 3.2 Vision style, by
+fusesurgery {config.version or ''}: gated cross-attention fusion layers in the decoder, new
+token embeddings in a second table, the original checkpoint keys unchanged (torchtune's fused
+layout).
+
+## Sources
+
+| part | source | family | shape |
+|---|---|---|---|
+{sources}
+
+{relation}
+
+## The fusion
+
+| | |
+|---|---|
+{fusion}
+
+## Load it
+
+```python
+from huggingface_hub import snapshot_download
+import fusesurgery
+
+path = snapshot_download("{repo_id}")
+model = fusesurgery.load_fused(path)      # a DeepFusionModel, trainable parts as above
+```
+
+`fusesurgery validate {name}/` repeats the checks below; `fusesurgery unfuse {name}/ -o
+decoder/` gives the original decoder back, bit for bit.
+
+## Validation
+
+Run by {validated_with} before the upload.
+
+| status | check | figure | detail |
+|---|---|---|---|
+{report}
+
+## Files
+
+{len(files) + 1} files, {format_bytes(total)}. `fusion_config.json` holds everything needed to
+rebuild the model; `source/` keeps the sources' own config and tokenizer files.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -1,0 +1,267 @@
+"""``fusesurgery push``: the real huggingface_hub client against the local fake Hub
+(tests/hub_server.py). Push, download back with the client, validate; the card's metadata;
+one commit; --dry-run without network; each refusal and failure as one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import fusesurgery
+from fusesurgery.cli.app import app
+from tests.hub.conftest import OTHER_TOKEN, READ_TOKEN, WRITE_TOKEN
+
+ROOT = Path(__file__).resolve().parents[2]
+DECODER = ROOT / "examples" / "tiny-llama"
+ENCODER = ROOT / "examples" / "tiny-clip-vision"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fused_master(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fused") / "fused"
+    fusesurgery.fuse(ENCODER, DECODER, out, every=2)
+    return out
+
+
+@pytest.fixture
+def fused(fused_master, tmp_path) -> Path:
+    """A private copy of a fused example checkpoint (tests may break it)."""
+    copy = tmp_path / "my-vlm"
+    shutil.copytree(fused_master, copy)
+    return copy
+
+
+@pytest.fixture
+def on_hub(hub, monkeypatch):
+    """This process talks to ``hub`` (endpoint read at call time), with no token set."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    return hub
+
+
+def push(*args, token: str | None = WRITE_TOKEN):
+    words = ["push", *map(str, args)]
+    if token is not None:
+        words += ["--token", token]
+    return runner.invoke(app, words)
+
+
+def _one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_push_download_validate_round_trip(fused, on_hub, hub_env, tmp_path):
+    before = _tree(fused)
+    run = subprocess.run(
+        [sys.executable, "-m", "fusesurgery", "push", str(fused), "fuse-org/tiny-vlm",
+         "--base-model", "fuse-org/tiny-llama", "--base-model", "fuse-org/tiny-clip",
+         "--license", "apache-2.0"],
+        env=hub_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith(f"{on_hub.url}/fuse-org/tiny-vlm/commit/")
+    assert "pushed 16 files" in run.stderr and "(new repo)" in run.stderr
+    assert _tree(fused) == before  # the local directory is untouched, its README included
+
+    # one commit on top of the repo's initial one, all files in it
+    assert len(on_hub.requests_of("commit", "POST")) == 1
+    repo = on_hub.repos["fuse-org/tiny-vlm"]
+    assert len(repo.commits) == 2
+
+    from huggingface_hub import ModelCard, snapshot_download
+
+    down = Path(snapshot_download("fuse-org/tiny-vlm", endpoint=on_hub.url,
+                                  cache_dir=tmp_path / "cache", token=WRITE_TOKEN))
+    got = {p.relative_to(down).as_posix() for p in down.rglob("*") if p.is_file()}
+    expected = {name for name in before if not name.startswith(".")}
+    assert got == expected | {".gitattributes"}
+    for name in expected - {"README.md"}:
+        assert (down / name).read_bytes() == before[name], name
+
+    card = ModelCard.load(down / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == ["fuse-org/tiny-llama", "fuse-org/tiny-clip"]
+    assert data["base_model_relation"] == "finetune"
+    assert data["library_name"] == "fusesurgery"
+    assert data["pipeline_tag"] == "image-text-to-text"
+    assert data["license"] == "apache-2.0"
+    assert {"fusesurgery", "llama", "clip"} <= set(data["tags"])
+    text = card.text
+    assert "| fusion layers | 1, 3 (of 4)" in text
+    assert "`<\\|image\\|>` = 512" in text
+    assert "fusesurgery.load_fused(path)" in text
+    assert "| PASS | text-only logits equal the original decoder's | bitwise equal |" in text
+    assert "merge" in text  # says why the relation is not the inferred one
+
+    result = runner.invoke(app, ["validate", str(down), "--against", str(DECODER), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["identity"] is True
+
+
+def test_dry_run_prints_files_sizes_and_card_without_network(fused, on_hub):
+    result = push(fused, "fuse-org/tiny-vlm", "--dry-run", token=None)
+    assert result.exit_code == 0, result.output
+    assert on_hub.requests == []  # nothing at all reached the Hub
+    out = result.stdout
+    assert "would upload 16 files" in out and "to fuse-org/tiny-vlm in one commit" in out
+    assert "model-00001-of-00003.safetensors" in out and "499 kB" in out
+    assert ".fusesurgery.json" not in out
+    assert "base_model" not in out.split("---")[1]  # local sources: no Hub id to name
+    assert "pipeline_tag: image-text-to-text" in out
+    assert "## Validation" in out and "dry run: nothing was uploaded" in result.stderr
+
+    result = push(fused, "fuse-org/tiny-vlm", "--dry-run", "--json", "--quick", token=None)
+    doc = json.loads(result.stdout)
+    assert doc["dry_run"] is True and doc["commit"] is None
+    assert doc["total_bytes"] == sum(f["size"] for f in doc["files"])
+    assert doc["validation"]["ok"] is True and len(doc["validation"]["checks"]) == 1
+    assert on_hub.requests == []
+
+
+def test_hub_sources_become_base_model(fused, on_hub):
+    config_path = fused / "fusion_config.json"
+    config = json.loads(config_path.read_text())
+    config["sources"]["decoder"]["hub"] = {"repo_id": "meta-llama/Llama-3.1-8B",
+                                           "revision": "main", "commit": "a" * 40}
+    config["sources"]["encoder"]["hub"] = {"repo_id": "openai/clip-vit-large-patch14",
+                                           "revision": "main", "commit": "b" * 40}
+    config_path.write_text(json.dumps(config))
+    result = push(fused, "fuse-org/vlm", "--dry-run", "--json", "--quick", token=None)
+    doc = json.loads(result.stdout)
+    assert doc["base_model"] == ["meta-llama/Llama-3.1-8B", "openai/clip-vit-large-patch14"]
+    assert "base_model_relation: finetune" in doc["card"]
+    assert "https://huggingface.co/meta-llama/Llama-3.1-8B" in doc["card"]
+
+
+def test_existing_repo_pr_branch_and_private(fused, on_hub):
+    assert push(fused, "tiny-vlm", "--quick", "--private").exit_code == 0  # alice/tiny-vlm
+    repo = on_hub.repos["alice/tiny-vlm"]
+    assert repo.private
+    main = on_hub.head("alice/tiny-vlm")
+
+    result = push(fused, "alice/tiny-vlm", "--quick", "--create-pr",
+                  "--commit-message", "Try a PR")
+    assert result.exit_code == 0, result.output
+    assert "/discussions/" in result.stdout
+    assert on_hub.head("alice/tiny-vlm") == main  # the PR leaves main alone
+
+    result = push(fused, "alice/tiny-vlm", "--quick", "--revision", "v2")
+    assert result.exit_code == 0, result.output
+    assert on_hub.head("alice/tiny-vlm", "v2") != main
+    assert on_hub.file_bytes("alice/tiny-vlm", "fusion_config.json", "v2") == \
+        (fused / "fusion_config.json").read_bytes()
+
+
+def test_no_token_fails_before_any_work(fused, on_hub):
+    result = push(fused, "fuse-org/tiny-vlm", token=None)
+    _one_line_error(result, "no Hugging Face token", "--token", "HF_TOKEN")
+    assert on_hub.requests == []
+
+
+@pytest.mark.parametrize("token, repo_id, needles", [
+    ("hf_not_a_token", "fuse-org/x", ("refused", "invalid or expired")),
+    (READ_TOKEN, "fuse-org/x", ("fuse-org/x", "alice")),
+    (OTHER_TOKEN, "fuse-org/x", ("fuse-org/x", "bob", "create")),
+])
+def test_refusals_are_one_line(fused, on_hub, token, repo_id, needles):
+    result = push(fused, repo_id, "--quick", token=token)
+    _one_line_error(result, *needles)
+    assert "fuse-org/x" not in on_hub.repos
+    assert on_hub.requests_of("commit") == []
+
+
+def test_no_write_permission_on_someone_elses_repo(fused, on_hub):
+    on_hub.add_repo("bob/theirs")
+    result = push(fused, "bob/theirs", "--quick")
+    _one_line_error(result, "no write permission on bob/theirs", "alice")
+    assert len(on_hub.repos["bob/theirs"].commits) == 1
+
+
+def test_upload_failure_says_what_was_and_was_not_uploaded(fused, on_hub):
+    # the three shards upload in parallel: the first two PUTs pass, the third and every
+    # retry of it fail, so exactly one shard never arrives
+    fault = on_hub.fail("lfs-upload", after=2, times=100)
+    result = push(fused, "fuse-org/tiny-vlm", "--quick")
+    line = _one_line_error(result, "network failure while uploading", "nothing was committed")
+    assert fault.fired == 6  # the client's first try and its 5 retries
+    assert "2 large files (" in line and "not uploaded: model-0000" in line
+    missing = line.split("not uploaded: ")[1]
+    assert missing.count("model-0000") == 1 and "and 11 more" in missing
+    assert on_hub.requests_of("commit") == []
+    assert len(on_hub.repos["fuse-org/tiny-vlm"].commits) == 1  # created, left as it was
+
+    on_hub.faults.clear()
+    result = push(fused, "fuse-org/tiny-vlm", "--quick")  # a retry skips what arrived
+    assert result.exit_code == 0, result.output
+    assert len(on_hub.requests_of("lfs-upload", "PUT")) == 2 + 6 + 1
+
+
+def test_commit_failure_leaves_the_repo_unchanged(fused, on_hub):
+    on_hub.fail("commit", status=500)
+    result = push(fused, "fuse-org/tiny-vlm", "--quick")
+    _one_line_error(result, "while committing", "nothing was committed", "all 3 large files")
+    assert len(on_hub.repos["fuse-org/tiny-vlm"].commits) == 1
+
+
+def test_unreachable_hub(fused, hub, monkeypatch):
+    port = hub.url.rsplit(":", 1)[1]
+    hub.stop()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    result = push(fused, "fuse-org/tiny-vlm", "--quick")
+    _one_line_error(result, "could not reach the Hub", "nothing was uploaded")
+
+
+def _drop_fusion_config(out: Path) -> None:
+    (out / "fusion_config.json").unlink()
+
+
+def _stray_shard(out: Path) -> None:
+    shutil.copy(out / "model-00003-of-00003.safetensors", out / "model-00004-of-00004.safetensors")
+
+
+def _missing_tokenizer(out: Path) -> None:
+    (out / "tokenizer.json").unlink()
+
+
+def _missing_shard(out: Path) -> None:
+    (out / "model-00002-of-00003.safetensors").unlink()
+
+
+def _wrong_layers(out: Path) -> None:
+    config = json.loads((out / "fusion_config.json").read_text())
+    config["fusion"]["fusion_layers"] = [0, 2]
+    (out / "fusion_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (_drop_fusion_config, "no fusion_config.json"),
+    (_stray_shard, "model-00004-of-00004.safetensors is not named by the index"),
+    (_missing_tokenizer, "tokenizer.json is missing"),
+    (_missing_shard, "model-00002-of-00003.safetensors"),
+    (_wrong_layers, "fails validation"),
+], ids=["no-fusion-config", "stray-shard", "missing-file", "missing-shard", "wrong-keys"])
+def test_broken_directory_is_refused_before_network(fused, on_hub, damage, needle):
+    damage(fused)
+    result = push(fused, "fuse-org/tiny-vlm")
+    _one_line_error(result, needle)
+    assert on_hub.requests == []
+
+
+def test_bad_repo_id(fused, on_hub):
+    _one_line_error(push(fused, "a/b/c", "--dry-run"), "not a Hub repo id")
