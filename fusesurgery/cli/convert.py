@@ -24,7 +24,6 @@ from fusesurgery.cli.options import (
     split_overrides,
 )
 from fusesurgery.cli.progress import byte_progress
-from fusesurgery.write import convert_checkpoint
 
 
 def convert(
@@ -48,6 +47,8 @@ def convert(
 ) -> None:
     """Convert a decoder or vision tower between the Hugging Face, Meta and native layouts,
     one tensor at a time, into sharded safetensors plus config.json."""
+    from fusesurgery.write import convert_checkpoint  # noqa: PLC0415 - imports torch
+
     cast = parse_dtype_option(dtype)
     decoder, vision = split_overrides(collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -13,11 +12,13 @@ from fusesurgery.io.tensor_info import FLOAT_DTYPE_NAMES, dtype_from_name
 
 OVERRIDES_PANEL = "Config overrides (for checkpoints without a config, or to correct one)"
 
+# str, not Path: a Path would turn hf://org/name into hf:/org/name
 CheckpointPath = Annotated[
-    Path,
+    str,
     typer.Argument(
-        help="A checkpoint: .safetensors, model.safetensors.index.json, .pt/.pth/.bin, or a "
-        "Hugging Face / Meta / fusesurgery directory.",
+        help="A checkpoint: .safetensors, model.safetensors.index.json, .pt/.pth/.bin, a "
+        "Hugging Face / Meta / fusesurgery directory, or a Hub repo (org/name[@revision], "
+        "hf://org/name).",
         show_default=False,
     ),
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,9 +19,9 @@ _STYLES = {"pass": "bold green", "fail": "bold red", "info": "bold yellow"}
 
 def validate(
     fused: CheckpointPath,
-    against: Annotated[Path | None, typer.Option(
-        help="The original decoder (or vision tower): its tensors must be the fused "
-        "checkpoint's, bit for bit.")] = None,
+    against: Annotated[str | None, typer.Option(
+        help="The original decoder (or vision tower), a path or a Hub repo: its tensors must "
+        "be the fused checkpoint's, bit for bit.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: DtypeOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the random tokens and images.")] = 0,

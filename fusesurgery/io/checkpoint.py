@@ -181,6 +181,8 @@ class CheckpointSource:
             and the config file; writers refuse outputs that overlap any of them.
         is_hf_dir: a ``config.json`` sits beside the weights.
         metadata: ``__metadata__`` of the first safetensors file, or ``{}``.
+        hub: for a Hugging Face Hub repo, its :class:`fusesurgery.hub.sources.HubSnapshot`
+            (repo id, revision, commit, cache directory); None for a local path.
     """
 
     def __init__(
@@ -216,7 +218,14 @@ class CheckpointSource:
                 self._infos[info.name] = info
                 self._reader_of[info.name] = reader
         self.total_bytes = sum(info.nbytes for info in self._infos.values())
+        self.hub: Any = None  # set by fusesurgery.hub.sources for a Hub repo
         self._closed = False
+
+    @property
+    def display_name(self) -> str:
+        """The source as the user named it: a Hub repo's id (``org/name@rev``), else the
+        path opened."""
+        return self.hub.reference.display if self.hub is not None else str(self.path)
 
     def keys(self) -> list[str]:
         """Tensor names in stored order (file by file, in each file as its bytes are laid out)."""
@@ -336,7 +345,8 @@ class CheckpointSource:
         )
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
+def open_checkpoint(path: str | os.PathLike[str], *,
+                    remote_headers: bool = False) -> CheckpointSource:
     """Open a checkpoint of any supported form, reading metadata only.
 
     Forms: a ``.safetensors`` file; a shard index (``*.index.json``, or its directory) of
@@ -345,10 +355,16 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
     (``config.json`` + ``model.safetensors`` / its index / ``pytorch_model.bin`` / its index,
     safetensors preferred); a Meta directory (``consolidated.00.pth`` + ``params.json``;
     model-parallel ``consolidated.NN.pth`` ranks are merged into full tensors when read); a
-    directory holding exactly one checkpoint file.
+    directory holding exactly one checkpoint file. A path that does not exist locally may
+    name a Hugging Face Hub model repo (``org/name[@revision]``, ``hf://[models/]org/name``):
+    the files the checkpoint needs are downloaded through huggingface_hub's cache and opened
+    from there (see :mod:`fusesurgery.hub.sources`).
 
     Args:
-        path: a file or directory.
+        path: a file or directory, or a Hub repo id.
+        remote_headers: for a Hub repo of safetensors, read the headers with range requests
+            instead of downloading the weights; a data file is downloaded when one of its
+            tensors is first read. For metadata-only work (``inspect``, key-level ``diff``).
 
     Returns:
         The opened source; close it (or use ``with``) when done.
@@ -359,7 +375,15 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
         UnsafeCheckpointError: a pickle that needs code to load.
         UnrecognizedFormatError: nothing recognisable at the path, or several candidates.
         ConfigError: a config.json / params.json beside the weights that is not a JSON object.
+        HubError: a Hub repo that is missing, gated, at a missing revision, not cached while
+            offline, or out of reach.
     """
+    if not os.path.lexists(path) or os.fspath(path).startswith("hf://"):
+        from fusesurgery.hub.sources import open_hub_checkpoint  # noqa: PLC0415 - Hub only
+
+        source = open_hub_checkpoint(path, remote_headers=remote_headers)
+        if source is not None:
+            return source
     path = Path(path)
     try:
         is_directory = stat.S_ISDIR(path.stat().st_mode)

@@ -106,18 +106,48 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
                 f"(an {HEADER_LENGTH_BYTES}-byte header length comes first)"
             )
         (header_length,) = struct.unpack("<Q", read_exactly(handle, path, HEADER_LENGTH_BYTES))
-        if header_length > MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{path}: header length {header_length} bytes is absurd (limit "
-                f"{MAX_HEADER_BYTES}); the file is corrupted or not safetensors"
-            )
-        if HEADER_LENGTH_BYTES + header_length > file_size:
-            raise CheckpointError(
-                f"{path}: header length {header_length} bytes is larger than the file "
-                f"({file_size} bytes); the file is truncated or not safetensors"
-            )
+        check_header_length(path, header_length, file_size)
         header_bytes = read_exactly(handle, path, header_length)
+    return parse_safetensors_header(path, file_size, header_bytes)
 
+
+def check_header_length(path: str | Path, header_length: int, file_size: int) -> None:
+    """Check the 8-byte header length read from the start of a safetensors file.
+
+    Raises:
+        CheckpointError: the length is absurd or larger than the file.
+    """
+    if header_length > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path}: header length {header_length} bytes is absurd (limit "
+            f"{MAX_HEADER_BYTES}); the file is corrupted or not safetensors"
+        )
+    if HEADER_LENGTH_BYTES + header_length > file_size:
+        raise CheckpointError(
+            f"{path}: header length {header_length} bytes is larger than the file "
+            f"({file_size} bytes); the file is truncated or not safetensors"
+        )
+
+
+def parse_safetensors_header(path: str | Path, file_size: int,
+                             header_bytes: bytes) -> SafetensorsHeader:
+    """Validate a safetensors header given as bytes, as :func:`read_safetensors_header` does
+    for a local file (for a header fetched some other way, such as a range request).
+
+    Args:
+        path: the file the header belongs to (in messages, and where its data lies).
+        file_size: the whole file's size in bytes.
+        header_bytes: the ``n`` JSON bytes after the 8-byte length.
+
+    Returns:
+        The validated header; entries in stored (byte offset) order.
+
+    Raises:
+        CheckpointError: the header fails any check of :func:`read_safetensors_header`.
+    """
+    path = Path(path)
+    header_length = len(header_bytes)
+    check_header_length(path, header_length, file_size)
     header = _decode_header_json(path, header_bytes)
     data_start = HEADER_LENGTH_BYTES + header_length
     data_size = file_size - data_start

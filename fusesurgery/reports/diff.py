@@ -726,7 +726,7 @@ def _rope_transforms(
 def _side(source: CheckpointSource, kind: str | None, layout: str | None,
           prefix: str) -> CheckpointSide:
     return CheckpointSide(
-        path=str(source.path), format=source.format, kind=kind, layout=layout,
+        path=source.display_name, format=source.format, kind=kind, layout=layout,
         num_tensors=len(source), total_bytes=source.total_bytes, key_prefix=prefix,
     )
 
@@ -744,12 +744,15 @@ def diff_checkpoints(
     """Compare checkpoints A and B: keys, shapes, dtypes and, if asked, values.
 
     Args:
-        a: a checkpoint path (anything ``open_checkpoint`` reads) or an open source.
+        a: a checkpoint path (anything ``open_checkpoint`` reads, a Hub repo id too: a
+            safetensors repo is read from its remote headers unless ``values`` is True) or an
+            open source.
         b: likewise.
         values: also compare values, streamed one tensor pair at a time; None decides by size:
             values are compared when neither side holds more than
             :data:`AUTO_VALUES_LIMIT` bytes (reading them costs about what reading the files
-            does, seconds at that size), else only keys, shapes and dtypes.
+            does, seconds at that size) and neither is a Hub repo read from its remote
+            headers (its values would mean downloading it), else only keys, shapes and dtypes.
         raw: compare names as stored, with no key maps and no value transforms.
         overrides: decoder config fields (``num_heads``, ``num_kv_heads``, ``head_dim``) for
             when a value diff must permute HF q/k projections and no config states the heads.
@@ -771,12 +774,17 @@ def diff_checkpoints(
         raise FuseSurgeryError(f"atol must be a number >= 0, got {atol}")
     if chunk_bytes <= 0:
         raise FuseSurgeryError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    source_a = a if isinstance(a, CheckpointSource) else open_checkpoint(a)
+    # a Hub repo's headers are read remotely unless values are asked for
+    remote = values is not True
+    source_a = a if isinstance(a, CheckpointSource) else open_checkpoint(a, remote_headers=remote)
     try:
-        source_b = b if isinstance(b, CheckpointSource) else open_checkpoint(b)
+        source_b = b if isinstance(b, CheckpointSource) else open_checkpoint(
+            b, remote_headers=remote)
         try:
-            if values is None:
-                values = max(source_a.total_bytes, source_b.total_bytes) <= AUTO_VALUES_LIMIT
+            if values is None:  # values of a remote repo would mean downloading it
+                values = not any(s.hub is not None and s.hub.headers_only
+                                 for s in (source_a, source_b)) and max(
+                    source_a.total_bytes, source_b.total_bytes) <= AUTO_VALUES_LIMIT
             return _diff(source_a, source_b, values=values, raw=raw, overrides=overrides,
                          atol=atol, chunk_bytes=chunk_bytes)
         finally:

@@ -452,7 +452,9 @@ def inspect_checkpoint(
 
     Args:
         path: anything :func:`fusesurgery.io.open_checkpoint` opens: a safetensors file, a
-            shard index, a ``torch.save`` file, a Hugging Face / Meta / fusesurgery directory.
+            shard index, a ``torch.save`` file, a Hugging Face / Meta / fusesurgery directory,
+            a Hub repo id (a safetensors repo is read from its remote headers: nothing is
+            downloaded but its config, its index and, for a fused repo, the gates' shards).
         overrides: config values from the user, by field name: ``DecoderConfig`` fields
             (``num_heads``) for a decoder or a fused model's decoder, ``VisionEncoderConfig``
             fields prefixed ``encoder_`` (``encoder_num_heads``) for a vision tower. None
@@ -472,7 +474,7 @@ def inspect_checkpoint(
             ``--num-heads``).
     """
     decoder_overrides, vision_overrides = _split_overrides(overrides)
-    with open_checkpoint(path) as source:
+    with open_checkpoint(path, remote_headers=True) as source:
         infos = source.infos()
         kind, _ = detect_layout(infos)
         notes: list[str] = []

@@ -71,8 +71,10 @@ class FuseResult:
 
 def _source_record(source: CheckpointSource, detected: DetectedModel, plan, kept: list[str],
                    given: str) -> dict[str, Any]:
+    hub = {"hub": source.hub.record()} if source.hub is not None else {}  # a Hub repo id
     return {
         "path": given,
+        **hub,
         "format": source.format,
         "layout": detected.layout,
         "family": detected.family,
