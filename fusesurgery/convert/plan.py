@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
 
 from fusesurgery.config import DecoderConfig, RopeStyle, VisionEncoderConfig
 from fusesurgery.convert.keymaps import (
@@ -39,10 +40,7 @@ from fusesurgery.convert.transforms import (
     apply_transform,
 )
 from fusesurgery.errors import ConfigError, KeyMapError, ShapeError
-from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS, TensorInfo
-
-if TYPE_CHECKING:
-    import torch
+from fusesurgery.io.tensor_info import TORCH_TO_SAFETENSORS, TensorInfo
 
 Shape = tuple[int, ...]
 ModelConfig = DecoderConfig | VisionEncoderConfig
@@ -125,7 +123,7 @@ def layout_tensor_infos(
     layout: str = "native",
     *,
     kind: str | None = None,
-    dtype: torch.dtype | str = "BF16",
+    dtype: torch.dtype = torch.bfloat16,
     prefix: str = "",
 ) -> dict[str, TensorInfo]:
     """Metadata of every tensor a checkpoint of ``config`` holds, spelled in ``layout``.
@@ -140,7 +138,7 @@ def layout_tensor_infos(
         kind: ``"decoder"`` or ``"vision"`` (taken from the config's type when None), or
             ``"fused"`` for a decoder config: its keys as a fused checkpoint stores them,
             under ``decoder.`` (the fusion layers and encoder are not included).
-        dtype: every tensor's dtype: a torch dtype or a safetensors name (``"BF16"``).
+        dtype: every tensor's dtype.
         prefix: put before every key (after the layout spelling).
 
     Returns:
@@ -366,9 +364,8 @@ def _kind_of(config: ModelConfig, kind: str | None) -> str:
     return kind
 
 
-# torch's names of the floating-point dtypes safetensors stores: the dtypes a cast may give
-CAST_DTYPE_NAMES: tuple[str, ...] = tuple(
-    torch_name for torch_name, _, is_float in SAFETENSORS_DTYPE_FACTS.values() if is_float
+CAST_DTYPES: tuple[torch.dtype, ...] = tuple(
+    dtype for dtype in TORCH_TO_SAFETENSORS if dtype.is_floating_point
 )
 
 
@@ -378,13 +375,9 @@ def check_cast_dtype(dtype: object) -> None:
     Raises:
         ConfigError: anything else (an integer dtype, a string, a complex dtype).
     """
-    if dtype is None:
+    if dtype is None or dtype in CAST_DTYPES:
         return
-    import torch  # noqa: PLC0415 - a dtype to check means torch is in use
-
-    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in CAST_DTYPE_NAMES:
-        return
-    valid = ", ".join(CAST_DTYPE_NAMES)
+    valid = ", ".join(str(d).removeprefix("torch.") for d in CAST_DTYPES)
     raise ConfigError(f"cannot cast weights to {dtype!r}; dtype must be one of: {valid}")
 
 
@@ -449,7 +442,7 @@ def plan_conversion(
         if source_key in dropped:
             continue
         info = tensors[source_key]
-        if not info.is_floating_point:
+        if not info.dtype.is_floating_point:
             raise ShapeError(
                 f"{source_key} holds {str(info.dtype).removeprefix('torch.')} values; every "
                 "weight of a decoder or vision tower is floating point, so this checkpoint is "
