@@ -5,15 +5,80 @@ cross-attention, keep the original checkpoint keys, prove the fused model still 
 the decoder computed, and write the result as sharded safetensors.
 """
 
-from fusesurgery.config import DecoderConfig, FusionConfig, RopeScaling, VisionEncoderConfig
-from fusesurgery.errors import FuseSurgeryError
-from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
-from fusesurgery.surgery.fuse_plan import FuseOptions
-from fusesurgery.surgery.fused import load_fused, read_fused_config
-from fusesurgery.validate import validate_fused as validate
-from fusesurgery.write.fuse_checkpoint import fuse
-from fusesurgery.write.save_fused import save_fused
-from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint as unfuse
+from __future__ import annotations
+
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+# Public name -> (module, attribute). Imported on first access, so that ``import fusesurgery``
+# (and with it the command line's ``--help``) does not pay for torch.
+_LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
+    "DecoderConfig": ("fusesurgery.config", "DecoderConfig"),
+    "FuseOptions": ("fusesurgery.surgery.fuse_plan", "FuseOptions"),
+    "FuseSurgeryError": ("fusesurgery.errors", "FuseSurgeryError"),
+    "FusionConfig": ("fusesurgery.config", "FusionConfig"),
+    "RopeScaling": ("fusesurgery.config", "RopeScaling"),
+    "VisionEncoderConfig": ("fusesurgery.config", "VisionEncoderConfig"),
+    "detect_checkpoint": ("fusesurgery.surgery", "detect_checkpoint"),
+    "fuse": ("fusesurgery.write.fuse_checkpoint", "fuse"),
+    "load_decoder": ("fusesurgery.surgery", "load_decoder"),
+    "load_encoder": ("fusesurgery.surgery", "load_encoder"),
+    "load_fused": ("fusesurgery.surgery.fused", "load_fused"),
+    "read_fused_config": ("fusesurgery.surgery.fused", "read_fused_config"),
+    "save_fused": ("fusesurgery.write.save_fused", "save_fused"),
+    "unfuse": ("fusesurgery.write.unfuse_checkpoint", "unfuse_checkpoint"),
+    "validate": ("fusesurgery.validate", "validate_fused"),
+}
+
+if TYPE_CHECKING:
+    from fusesurgery.config import DecoderConfig, FusionConfig, RopeScaling, VisionEncoderConfig
+    from fusesurgery.errors import FuseSurgeryError
+    from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
+    from fusesurgery.surgery.fuse_plan import FuseOptions
+    from fusesurgery.surgery.fused import load_fused, read_fused_config
+    from fusesurgery.validate import validate_fused as validate
+    from fusesurgery.write.fuse_checkpoint import fuse
+    from fusesurgery.write.save_fused import save_fused
+    from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint as unfuse
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public attribute's module on first access (``fusesurgery.load_fused``)."""
+    try:
+        module_name, attribute = _LAZY_ATTRIBUTES[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    import importlib  # noqa: PLC0415
+
+    value = getattr(importlib.import_module(module_name), attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_ATTRIBUTES})
+
+
+class _Package(types.ModuleType):
+    """``fusesurgery.validate`` is the function although a subpackage has that name too.
+
+    Importing the subpackage makes Python set the package attribute of the same name; eager
+    imports used to rebind it afterwards, and this property does so however lazily things
+    are imported.
+    """
+
+    @property
+    def validate(self) -> Any:
+        return __getattr__("validate")
+
+    @validate.setter
+    def validate(self, submodule: types.ModuleType) -> None:
+        pass  # the import system announcing fusesurgery/validate/: it stays in sys.modules
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __version__ = "0.1.0"
 

@@ -1,16 +1,187 @@
-"""The ``fusesurgery`` command: a typer app whose group maps every error in one place."""
+"""The ``fusesurgery`` command: a typer app whose group maps every error in one place.
+
+Start-up is kept cheap (``--help`` and header-only commands never import torch): commands are
+listed in :data:`COMMANDS` and each module is imported only when its command is looked up.
+"""
 
 from __future__ import annotations
 
-import typer
-from typer.core import TyperGroup
+import importlib
+import inspect
+from pathlib import Path
+from typing import Annotated, Any
 
-from fusesurgery.cli import convert, demo, diff, fuse, inspect, unfuse, validate
-from fusesurgery.cli.errors import debug_enabled, interrupted, report
+import typer
+from typer.core import TyperCommand, TyperGroup
+from typer.main import get_command_from_info
+from typer.models import CommandInfo
+
+from fusesurgery.cli.errors import debug_enabled, interrupted, report, set_quiet
+
+# (command, module, function, epilog): one row per command, in the order help lists them. A
+# new command is one more row; its module is imported only when the command is used or listed.
+COMMANDS: tuple[tuple[str, str, str, str], ...] = (
+    ("fuse", "fusesurgery.cli.fuse", "fuse",
+     "Examples: fusesurgery fuse clip-vit-l-336/ llama-3.1-8b/ -o my-vlm/ ; fusesurgery fuse "
+     "siglip/ qwen2/ -o vlm/ --layers 3,7,11 --new-token '<|image|>' --dtype bf16"),
+    ("validate", "fusesurgery.cli.validate", "validate",
+     "Examples: fusesurgery validate my-vlm/ ; fusesurgery validate my-vlm/ --against "
+     "llama-3.1-8b/ --device cuda --json"),
+    ("unfuse", "fusesurgery.cli.unfuse", "unfuse",
+     "Examples: fusesurgery unfuse my-vlm/ -o llama/ ; fusesurgery unfuse my-vlm/ -o merged/ "
+     "--format hf --merge-embeddings"),
+    ("inspect", "fusesurgery.cli.inspect", "inspect",
+     "Examples: fusesurgery inspect decoder/ ; fusesurgery inspect model.safetensors --json ; "
+     "fusesurgery inspect ckpt.pt --keys --num-heads 32"),
+    ("diff", "fusesurgery.cli.diff", "diff",
+     "Examples: fusesurgery diff decoder.pt fused/ ; fusesurgery diff a/ b/ --values --json"),
+    ("convert", "fusesurgery.cli.convert", "convert",
+     "Examples: fusesurgery convert hf_model/ -o native/ ; fusesurgery convert native/ -o hf/ "
+     "--to hf --dtype bf16"),
+    ("demo", "fusesurgery.cli.demo", "demo", "Example: fusesurgery demo --json"),
+    ("push", "fusesurgery.cli.push", "push",
+     "Examples: fusesurgery push my-vlm/ my-org/my-vlm --dry-run ; fusesurgery push my-vlm/ "
+     "my-org/my-vlm --private --base-model meta-llama/Llama-3.1-8B --base-model "
+     "openai/clip-vit-large-patch14"),
+)
+
+
+def _coerce_plain(annotation: type, value: Any) -> Any:
+    """A command-line string as ``annotation`` (bool, int, float, str or Path).
+
+    Raises:
+        ValueError: the string is no such value.
+    """
+    if isinstance(value, annotation):
+        return value
+    if annotation is bool:
+        word = str(value).strip().lower()
+        if word in ("1", "true", "yes", "on", "y", "t"):
+            return True
+        if word in ("0", "false", "no", "off", "n", "f", ""):
+            return False
+        raise ValueError(f"{value!r} is not a valid boolean")
+    if annotation is Path:
+        return Path(value)
+    try:
+        return annotation(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a valid {annotation.__name__}") from None
+
+
+try:  # typer's per-parameter coercion hook (typer >= 0.29); without it, typer's default stands
+    from typer._coercion import RuntimeParam as _RuntimeParam
+
+    class _PlainRuntimeParam(_RuntimeParam):
+        """Coerces plain option values without pydantic: typer builds a pydantic TypeAdapter
+        per parameter, and importing pydantic costs more than all of ``inspect``'s own work
+        on a 405B checkpoint's headers."""
+
+        def _coerce_value(self, value: Any, param: Any, ctx: typer.Context) -> Any:
+            try:
+                return _coerce_plain(self.annotation, value)
+            except ValueError as error:
+                raise typer.BadParameter(str(error), ctx=ctx, param=param) from None
+
+except ImportError:  # pragma: no cover - another typer
+    _PlainRuntimeParam = None
+
+
+_PLAIN_TYPES = (bool, int, float, str, Path)
+
+
+def _param_rules(params: list[Any]) -> list[Any]:
+    """The one rule every command's parameters follow, for help and for start-up time.
+
+    Help in the style of git's and hf's: a flag shows no value placeholder (typer would print
+    ``--json <bool>``), and a positional shows its name in capitals (``CHECKPOINT``, ``OUT``)
+    in the usage line (without typer's ``{braces}``, see :class:`_Command`) and in the
+    arguments panel. Values of plain types are coerced without pydantic (see
+    :class:`_PlainRuntimeParam`).
+    """
+    for param in params:
+        if param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()
+        elif getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        descriptor = getattr(param, "type_descriptor", None)
+        if (_PlainRuntimeParam is not None and descriptor is not None
+                and getattr(param, "_runtime_param", False) is None
+                and descriptor.annotation in _PLAIN_TYPES and descriptor.file_annotation is None
+                and not param.multiple and param.nargs == 1):
+            param._runtime_param = _PlainRuntimeParam(
+                parameter_info=descriptor.parameter_info, annotation=descriptor.annotation)
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose parameters follow :func:`_param_rules`."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        return _param_rules(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                pieces.extend(param.get_usage_pieces(ctx))
+                continue
+            piece = param.metavar if param.required else f"[{param.metavar}]"
+            pieces.append(piece + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+def _summary(doc: str | None) -> str | None:
+    """A command's line in the root help: its docstring's first sentence, up to a colon."""
+    if not doc:
+        return None
+    sentence = " ".join(doc.split()).split(". ")[0].removesuffix(".")
+    return sentence.split(": ")[0]
+
+
+def _quiet_given(value: bool) -> None:
+    if value:
+        set_quiet(True)
+
+
+def _quiet(
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", expose_value=False, callback=_quiet_given,
+        help="No progress bars or messages on stderr (errors and stdout data still show).")
+    ] = False,
+) -> None:
+    """Holds the ``--quiet`` option that every command accepts after its name."""
 
 
 class _Group(TyperGroup):
-    """Runs a command; exceptions become one line and an exit code (see ``cli.errors``)."""
+    """Runs a command; exceptions become one line and an exit code (see ``cli.errors``).
+
+    Commands come from :data:`COMMANDS`, each built (importing its module) on first lookup:
+    running ``fusesurgery inspect`` imports the inspect command alone, and shell completion
+    and ``--help`` list every command through the same lookup.
+    """
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return [*(row[0] for row in COMMANDS), *(n for n in self.commands if n not in _NAMES)]
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
+        if cmd_name not in self.commands and cmd_name in _NAMES:
+            _, module, function, epilog = COMMANDS[_NAMES[cmd_name]]
+            callback = getattr(importlib.import_module(module), function)
+            command = get_command_from_info(
+                CommandInfo(cmd_name, cls=_Command, callback=callback, epilog=epilog,
+                            short_help=_summary(inspect.getdoc(callback))),
+                pretty_exceptions_short=app.pretty_exceptions_short,
+                rich_markup_mode=self.rich_markup_mode,
+            )
+            command.params.extend(get_command_from_info(
+                CommandInfo(callback=_quiet), pretty_exceptions_short=True,
+                rich_markup_mode=self.rich_markup_mode).params)
+            self.commands[cmd_name] = command
+        return self.commands.get(cmd_name)
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        return _param_rules(super().get_params(ctx))
 
     def invoke(self, ctx: typer.Context):
         # the command line before click consumes it: an error under --json is JSON too
@@ -26,42 +197,32 @@ class _Group(TyperGroup):
             raise typer.Exit(code) from (exc if debug_enabled() else None)
 
 
+_NAMES = {row[0]: i for i, row in enumerate(COMMANDS)}
+
 app = typer.Typer(
     cls=_Group,
     name="fusesurgery",
     help="Model surgery on pretrained checkpoints: fuse an encoder into an LLM decoder.",
     no_args_is_help=True,
     invoke_without_command=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command("fuse", epilog="Examples: fusesurgery fuse clip-vit-l-336/ llama-3.1-8b/ -o my-vlm/ ; "
-            "fusesurgery fuse siglip/ qwen2/ -o vlm/ --layers 3,7,11 --new-token '<|image|>' "
-            "--dtype bf16")(fuse.fuse)
-app.command("validate", epilog="Examples: fusesurgery validate my-vlm/ ; fusesurgery validate "
-            "my-vlm/ --against llama-3.1-8b/ --device cuda --json")(validate.validate)
-app.command("unfuse", epilog="Examples: fusesurgery unfuse my-vlm/ -o llama/ ; fusesurgery "
-            "unfuse my-vlm/ -o merged/ --format hf --merge-embeddings")(unfuse.unfuse)
-app.command("inspect", epilog="Examples: fusesurgery inspect decoder/ ; "
-            "fusesurgery inspect model.safetensors --json ; fusesurgery inspect ckpt.pt --keys "
-            "--num-heads 32")(inspect.inspect)
-app.command("diff", epilog="Examples: fusesurgery diff decoder.pt fused/ ; "
-            "fusesurgery diff a/ b/ --values --json")(diff.diff)
-app.command("convert", epilog="Examples: fusesurgery convert hf_model/ -o native/ ; "
-            "fusesurgery convert native/ -o hf/ --to hf --dtype bf16")(convert.convert)
-app.command("demo", epilog="Example: fusesurgery demo --json")(demo.demo)
-
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: Annotated[bool, typer.Option(
+        "--version", "-V", help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bars or messages on stderr (errors and stdout data "
+        "still show); also accepted after the command name.")] = False,
 ) -> None:
     """Model surgery on pretrained checkpoints: fuse an encoder into an LLM decoder.
 
     Set FUSESURGERY_DEBUG=1 to see tracebacks behind error messages.
     """
+    set_quiet(quiet)  # every invocation starts from this (in-process runs share the console)
     if version:
         from fusesurgery import __version__
 

@@ -24,7 +24,6 @@ from fusesurgery.cli.options import (
     split_overrides,
 )
 from fusesurgery.cli.progress import byte_progress
-from fusesurgery.write import convert_checkpoint
 
 
 def convert(
@@ -48,6 +47,8 @@ def convert(
 ) -> None:
     """Convert a decoder or vision tower between the Hugging Face, Meta and native layouts,
     one tensor at a time, into sharded safetensors plus config.json."""
+    from fusesurgery.write import convert_checkpoint  # noqa: PLC0415 - imports torch
+
     cast = parse_dtype_option(dtype)
     decoder, vision = split_overrides(collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
@@ -68,6 +69,7 @@ def convert(
         "to": to,
         "tensors": len(result.plan),
         "dropped": dict(result.plan.dropped),
+        "notes": list(result.notes),
         "total_bytes": written.total_size,
         "files": list(written.files),
     }
@@ -77,5 +79,11 @@ def convert(
     typer.echo(f"{detected.kind} ({detected.family}) {detected.layout} -> {to}: "
                f"{len(result.plan)} tensors, {format_bytes(written.total_size)} in "
                f"{len(written.files)} files at {written.out_dir}")
-    for key, reason in result.plan.dropped:
-        stderr.print(f"dropped {key}: {reason}")
+    dropped: dict[str, list[str]] = {}
+    for key, reason in result.plan.dropped:  # one line a reason, not one a tensor
+        dropped.setdefault(reason, []).append(key)
+    for reason, keys in dropped.items():
+        more = f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
+        stderr.print(f"dropped {keys[0]}{more}: {reason}")
+    for note in result.notes:
+        stderr.print(note)

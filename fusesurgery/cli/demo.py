@@ -11,7 +11,6 @@ from rich.table import Table
 
 from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import stderr
-from fusesurgery.demo import run_demo
 
 stdout = Console(highlight=False)
 
@@ -23,6 +22,8 @@ def demo(
 ) -> None:
     """Build a tiny decoder and ViT, fuse them with zero-gated cross-attention, and check the
     fused model's logits are bitwise equal to the decoder's."""
+    from fusesurgery.demo import run_demo  # noqa: PLC0415 - imports torch
+
     stderr.print("building a tiny decoder (4 layers) and a tiny CLIP-style ViT ...")
     result = run_demo(seed=seed, fusion_interval=interval)
     if as_json:

@@ -28,7 +28,18 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (MemoryError, EXIT_ERROR, "out of memory"),
 )
 
+# Progress bars and informational messages: silenced by --quiet (see set_quiet).
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Errors and interruptions: never silenced.
+_error_stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def set_quiet(quiet: bool) -> None:
+    """``--quiet``: no progress bars or informational messages on stderr from now on.
+
+    Errors still show (they print on a console of their own), and stdout data is untouched.
+    """
+    stderr.quiet = quiet
 
 
 class Terminated(KeyboardInterrupt):
@@ -57,7 +68,7 @@ def handle_termination() -> None:
 def interrupted(exc: KeyboardInterrupt) -> int:
     """Report an interruption on stderr; return its exit code (130 Ctrl-C, 143 SIGTERM)."""
     what = "interrupted" if not isinstance(exc, Terminated) else f"terminated ({exc})"
-    stderr.print(f"[bold red]{what}[/]: stopped; no partial output is left behind")
+    _error_stderr.print(f"[bold red]{what}[/]: stopped; no partial output is left behind")
     return exc.exit_code if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
@@ -71,15 +82,15 @@ def report(exc: BaseException, as_json: bool = False) -> int:
     object on stdout, ``{"error": message, "kind": prefix, "code": exit code}``, so a script
     reading stdout always gets JSON."""
     if debug_enabled():
-        stderr.print(escape("".join(traceback.format_exception(exc))), end="")
+        _error_stderr.print(escape("".join(traceback.format_exception(exc))), end="")
     for exc_type, code, prefix in ERROR_TABLE:
         if isinstance(exc, exc_type):
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            stderr.print(f"[bold red]{prefix}:[/] {escape(message)}")
+            _error_stderr.print(f"[bold red]{prefix}:[/] {escape(message)}")
             if as_json:
                 print(standard_json.dumps({"error": message, "kind": prefix, "code": code}))
             return code
-    stderr.print(
+    _error_stderr.print(
         f"[bold red]internal error:[/] {escape(type(exc).__name__)}: "
         f"{escape(str(exc).splitlines()[0] if str(exc) else '')} "
         "(a bug in fusesurgery; rerun with FUSESURGERY_DEBUG=1 for the traceback)"

@@ -25,8 +25,10 @@ from fusesurgery.cli.options import (
 )
 from fusesurgery.cli.progress import byte_progress
 from fusesurgery.errors import ConfigError
-from fusesurgery.surgery.fuse_plan import DEFAULT, DEFAULT_EVERY, FuseOptions
-from fusesurgery.write.fuse_checkpoint import fuse_checkpoints
+
+# fusesurgery.surgery.fuse_plan.DEFAULT_EVERY, spelled here so that --help need not import the
+# library (and torch); tests/cli/test_startup.py checks the two agree.
+DEFAULT_EVERY = 4
 
 
 def _layers(value: str | None) -> list[int] | None:
@@ -40,6 +42,8 @@ def _layers(value: str | None) -> list[int] | None:
 
 
 def _encoder_layer(value: str | None):
+    from fusesurgery.surgery.fuse_plan import DEFAULT  # noqa: PLC0415 - imports torch
+
     if value is None:
         return DEFAULT
     if value.strip().lower() in ("last", "final", "none"):
@@ -89,6 +93,9 @@ def fuse(
     """Fuse a vision tower (CLIP, SigLIP) into a decoder (Llama, Mistral, Qwen2): gated
     cross-attention layers starting at exactly zero, new tokens such as <|image|>, a projection
     head; written as sharded safetensors with fusion_config.json and the tokenizer."""
+    from fusesurgery.surgery.fuse_plan import FuseOptions  # noqa: PLC0415 - imports torch
+    from fusesurgery.write.fuse_checkpoint import fuse_checkpoints  # noqa: PLC0415
+
     if every is not None and layers is not None:
         raise ConfigError("give --every or --layers, not both")
     decoder_overrides, encoder_overrides = split_overrides(collect_overrides(

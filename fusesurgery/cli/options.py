@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from fusesurgery.errors import ConfigError
-from fusesurgery.io.tensor_info import FLOAT_DTYPE_NAMES, dtype_from_name
+from fusesurgery.io.tensor_info import FLOAT_DTYPE_ALIASES, dtype_from_name
+
+if TYPE_CHECKING:
+    import torch
 
 OVERRIDES_PANEL = "Config overrides (for checkpoints without a config, or to correct one)"
 
@@ -57,7 +59,7 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 DtypeOption = Annotated[str | None, typer.Option(
-    "--dtype", help=f"Cast floating-point tensors: {', '.join(FLOAT_DTYPE_NAMES)}.")]
+    "--dtype", help=f"Cast floating-point tensors: {', '.join(FLOAT_DTYPE_ALIASES)}.")]
 
 
 def parse_dtype_option(name: str | None, flag: str = "--dtype") -> torch.dtype | None:

@@ -43,7 +43,7 @@ def byte_progress(label: str) -> Iterator[Callable[[int, int], None]]:
     # only on a terminal: in a pipe or a log file a transient bar leaves a blank line behind
     progress = Progress(TextColumn(label), BarColumn(), TaskProgressColumn(), BytesColumn(),
                         RateColumn(), TimeRemainingColumn(), console=stderr, transient=True,
-                        disable=not stderr.is_terminal)
+                        disable=stderr.quiet or not stderr.is_terminal)
     with progress:
         task = progress.add_task(label, total=None)
 

@@ -11,7 +11,6 @@ from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import CheckpointPath, Json
 from fusesurgery.cli.progress import byte_progress
-from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint
 
 
 def unfuse(
@@ -30,6 +29,8 @@ def unfuse(
 ) -> None:
     """Write the decoder (or the vision tower) of a fused checkpoint on its own: the original
     tensors, names, config and tokenizer, bit for bit (the inverse of fuse)."""
+    from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint  # noqa: PLC0415 - torch
+
     with byte_progress("unfusing") as update:
         result = unfuse_checkpoint(fused, output, part=part, format=format,
                                    merge_embeddings=merge_embeddings,

@@ -11,7 +11,6 @@ from rich.table import Table
 from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import EXIT_DIFFERENT, EXIT_OK
 from fusesurgery.cli.options import CheckpointPath, DtypeOption, Json, parse_dtype_option
-from fusesurgery.validate import validate_fused
 
 stdout = Console(highlight=False, soft_wrap=True)
 _STYLES = {"pass": "bold green", "fail": "bold red", "info": "bold yellow"}
@@ -31,6 +30,8 @@ def validate(
     tensors are the source's bit for bit; that its logits equal the decoder's exactly while the
     gates are zero (text only and with an image); KV-cache decoding; a save/load round trip.
     Exit 0 all pass, 1 a check failed, 2 bad input."""
+    from fusesurgery.validate import validate_fused  # noqa: PLC0415 - imports torch
+
     report = validate_fused(fused, against=against, device=device,
                             dtype=parse_dtype_option(dtype), seed=seed)
     if as_json:

@@ -8,6 +8,8 @@ at import instead of silently overwriting a tensor.
 Keys a layout holds but the native model has no use for (RoPE frequency buffers, the text
 tower of a CLIP checkpoint, SigLIP's pooling head) are listed in ``DROPPED_KEYS`` with the
 reason, and every conversion reports them. Any other key a map does not know is an error.
+(``convert`` carries SigLIP's head in a file beside the native weights rather than dropping
+it: see :mod:`fusesurgery.convert.pooling_head`.)
 
 Kinds and layouts:
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from fusesurgery.config import DecoderConfig, RopeStyle, VisionEncoderConfig
 from fusesurgery.convert.keymaps import (
@@ -40,7 +39,10 @@ from fusesurgery.convert.transforms import (
     apply_transform,
 )
 from fusesurgery.errors import ConfigError, KeyMapError, ShapeError
-from fusesurgery.io.tensor_info import TORCH_TO_SAFETENSORS, TensorInfo
+from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 Shape = tuple[int, ...]
 ModelConfig = DecoderConfig | VisionEncoderConfig
@@ -123,7 +125,7 @@ def layout_tensor_infos(
     layout: str = "native",
     *,
     kind: str | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = "BF16",
     prefix: str = "",
 ) -> dict[str, TensorInfo]:
     """Metadata of every tensor a checkpoint of ``config`` holds, spelled in ``layout``.
@@ -138,7 +140,7 @@ def layout_tensor_infos(
         kind: ``"decoder"`` or ``"vision"`` (taken from the config's type when None), or
             ``"fused"`` for a decoder config: its keys as a fused checkpoint stores them,
             under ``decoder.`` (the fusion layers and encoder are not included).
-        dtype: every tensor's dtype.
+        dtype: every tensor's dtype: a torch dtype or a safetensors name (``"BF16"``).
         prefix: put before every key (after the layout spelling).
 
     Returns:
@@ -364,8 +366,9 @@ def _kind_of(config: ModelConfig, kind: str | None) -> str:
     return kind
 
 
-CAST_DTYPES: tuple[torch.dtype, ...] = tuple(
-    dtype for dtype in TORCH_TO_SAFETENSORS if dtype.is_floating_point
+# torch's names of the floating-point dtypes safetensors stores: the dtypes a cast may give
+CAST_DTYPE_NAMES: tuple[str, ...] = tuple(
+    torch_name for torch_name, _, is_float in SAFETENSORS_DTYPE_FACTS.values() if is_float
 )
 
 
@@ -375,9 +378,13 @@ def check_cast_dtype(dtype: object) -> None:
     Raises:
         ConfigError: anything else (an integer dtype, a string, a complex dtype).
     """
-    if dtype is None or dtype in CAST_DTYPES:
+    if dtype is None:
         return
-    valid = ", ".join(str(d).removeprefix("torch.") for d in CAST_DTYPES)
+    import torch  # noqa: PLC0415 - a dtype to check means torch is in use
+
+    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in CAST_DTYPE_NAMES:
+        return
+    valid = ", ".join(CAST_DTYPE_NAMES)
     raise ConfigError(f"cannot cast weights to {dtype!r}; dtype must be one of: {valid}")
 
 
@@ -442,7 +449,7 @@ def plan_conversion(
         if source_key in dropped:
             continue
         info = tensors[source_key]
-        if not info.dtype.is_floating_point:
+        if not info.is_floating_point:
             raise ShapeError(
                 f"{source_key} holds {str(info.dtype).removeprefix('torch.')} values; every "
                 "weight of a decoder or vision tower is floating point, so this checkpoint is "

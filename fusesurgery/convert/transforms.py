@@ -20,10 +20,12 @@ A transform in a plan is plain data, ``(name, *int_args)``, looked up in ``TRANS
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from fusesurgery.errors import ShapeError
+
+if TYPE_CHECKING:
+    import torch
 
 IDENTITY = "identity"
 TAKE_ROWS = "take_rows"
@@ -143,6 +145,8 @@ def row_order(transform: Transform, num_rows: int) -> tuple[int, ...] | None:
     """
     if transform[0] not in ROW_PERMUTATIONS:
         return None
+    import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
     # Applying the transform to the row numbers themselves yields where each row comes from.
     order = apply_transform(transform, torch.arange(num_rows))
     return tuple(order.tolist())

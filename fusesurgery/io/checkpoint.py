@@ -18,9 +18,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fusesurgery.errors import CheckpointError, ConfigError, UnrecognizedFormatError
 from fusesurgery.io._files import describe_os_error, open_for_reading, read_json_file
@@ -37,6 +35,9 @@ from fusesurgery.io.torch_pickle import (
     ZIP_SIGNATURE,
     load_torch_state_dict,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -105,6 +106,8 @@ class _SafetensorsReader:
                     f"{path}: file changed size since it was opened "
                     f"({self.header.file_size} -> {size_now} bytes); open it again"
                 )
+            import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
             # shared=False maps the file MAP_PRIVATE: pages come from the page cache and are
             # only copied if someone writes to a tensor, and the file itself is never changed.
             try:
@@ -116,6 +119,8 @@ class _SafetensorsReader:
         return self._storage
 
     def tensor(self, name: str) -> torch.Tensor:
+        import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
         entry = self.header.entries[name]
         # A storage of exactly this tensor's bytes (a slice shares the mapping, no copy), so
         # torch.save or storage-sharing checks downstream see this tensor, not the whole file.
@@ -288,6 +293,8 @@ class CheckpointSource:
         region = self.file_region(key)
         if region is None:
             return self.get_tensor(key).clone()
+        import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
         info = self._infos[key]
         out = torch.empty(info.shape, dtype=info.dtype)
         if region.nbytes:

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fusesurgery.errors import CheckpointError
 from fusesurgery.io.tensor_info import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 # Meta key template -> the dim its model-parallel slices are concatenated along (None: the
 # tensor is replicated on every rank). The embedding's dim is decided from the shapes.
@@ -140,6 +142,8 @@ class MetaModelParallelReader:
         dim = self._dims[name]
         if dim is None:
             return self._states[0][name].detach()
+        import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
         return torch.cat([state[name] for state in self._states], dim=dim)
 
     def region(self, name: str) -> None:

@@ -31,7 +31,7 @@ from fusesurgery.io._files import (
     read_exactly,
     reject_duplicate_keys,
 )
-from fusesurgery.io.tensor_info import SAFETENSORS_DTYPES, TensorInfo
+from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS, TensorInfo
 
 # The cap safetensors' own reader applies; a real header is a few hundred bytes per tensor.
 MAX_HEADER_BYTES = 100_000_000
@@ -211,12 +211,11 @@ def _validate_entry(
         raise CheckpointError(f"{path}: entry {name!r} has no {', '.join(missing)}")
 
     dtype_name = entry["dtype"]
-    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPE_FACTS:
         raise CheckpointError(
             f"{path}: tensor {name!r} has unknown dtype {dtype_name!r} "
-            f"(supported: {', '.join(SAFETENSORS_DTYPES)})"
+            f"(supported: {', '.join(SAFETENSORS_DTYPE_FACTS)})"
         )
-    dtype = SAFETENSORS_DTYPES[dtype_name]
 
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(dim) and dim >= 0 for dim in shape):
@@ -241,13 +240,13 @@ def _validate_entry(
             f"{path}: tensor {name!r} data_offsets [{begin}, {end}] run past the end of the "
             f"file (data region is {data_size} bytes); the file is truncated or corrupted"
         )
-    expected_bytes = math.prod(shape) * dtype.itemsize
+    expected_bytes = math.prod(shape) * SAFETENSORS_DTYPE_FACTS[dtype_name][1]
     if end - begin != expected_bytes:
         raise CheckpointError(
             f"{path}: tensor {name!r} of shape {shape} and dtype {dtype_name} needs "
             f"{expected_bytes} bytes but its data_offsets [{begin}, {end}] span {end - begin}"
         )
-    return TensorInfo(name, tuple(shape), dtype, path), begin, end
+    return TensorInfo(name, tuple(shape), dtype_name, path), begin, end
 
 
 def _check_tiling(path: Path, located: list[tuple[TensorInfo, int, int]], data_size: int) -> None:

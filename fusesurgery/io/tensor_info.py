@@ -5,46 +5,80 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-# safetensors' dtype names. The inverse is derived, and checked to be one-to-one at import.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# torch is imported on first use only: reading headers, inspecting and key-level diffs never
+# need it, and importing it costs more than a second. Header-level code works with safetensors'
+# dtype names ("BF16") and the torch-free tables below; the torch-valued tables
+# (SAFETENSORS_DTYPES and the others in _TORCH_TABLES) are built on first access.
+
+# safetensors' dtype name -> (torch's attribute name, bytes per element, floating point)
+SAFETENSORS_DTYPE_FACTS: dict[str, tuple[str, int, bool]] = {
+    "F64": ("float64", 8, True),
+    "F32": ("float32", 4, True),
+    "F16": ("float16", 2, True),
+    "BF16": ("bfloat16", 2, True),
+    "F8_E4M3": ("float8_e4m3fn", 1, True),
+    "F8_E5M2": ("float8_e5m2", 1, True),
+    "I64": ("int64", 8, False),
+    "I32": ("int32", 4, False),
+    "I16": ("int16", 2, False),
+    "I8": ("int8", 1, False),
+    "U8": ("uint8", 1, False),
+    "BOOL": ("bool", 1, False),
 }
-TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-assert len(TORCH_TO_SAFETENSORS) == len(SAFETENSORS_DTYPES), "dtype table is not one-to-one"
+_SAFETENSORS_BY_TORCH_NAME = {facts[0]: name for name, facts in SAFETENSORS_DTYPE_FACTS.items()}
+assert len(_SAFETENSORS_BY_TORCH_NAME) == len(SAFETENSORS_DTYPE_FACTS), "table not one-to-one"
 
-# Short names for display (`bf16`, `f32`, ...).
-DTYPE_SHORT_NAMES: dict[torch.dtype, str] = {
-    dtype: name.lower() for name, dtype in SAFETENSORS_DTYPES.items()
+# Names a user may give a floating-point dtype -> torch's attribute name: safetensors' short
+# names and torch's / Hugging Face's long ones (``torch_dtype: "bfloat16"`` in config.json).
+FLOAT_DTYPE_ALIASES: dict[str, str] = {
+    **{name.lower(): torch_name for name, (torch_name, _, is_float)
+       in SAFETENSORS_DTYPE_FACTS.items() if is_float},
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "float": "float32",
+    "float64": "float64",
+    "double": "float64",
 }
 
+_TORCH_TABLES = ("SAFETENSORS_DTYPES", "TORCH_TO_SAFETENSORS", "DTYPE_SHORT_NAMES",
+                 "FLOAT_DTYPE_NAMES")
 
-# Names a user may give a floating-point dtype: safetensors' short names and torch's / Hugging
-# Face's long ones (``torch_dtype: "bfloat16"`` in config.json).
-FLOAT_DTYPE_NAMES: dict[str, torch.dtype] = {
-    **{name.lower(): dtype for name, dtype in SAFETENSORS_DTYPES.items()
-       if dtype.is_floating_point},
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float64": torch.float64,
-    "double": torch.float64,
-}
+
+def __getattr__(name: str) -> Any:
+    """The torch-valued dtype tables, built (importing torch) on first access:
+
+    ``SAFETENSORS_DTYPES`` (safetensors name -> torch dtype), its inverse
+    ``TORCH_TO_SAFETENSORS``, ``DTYPE_SHORT_NAMES`` (torch dtype -> ``bf16``) and
+    ``FLOAT_DTYPE_NAMES`` (user-facing name -> torch dtype).
+    """
+    if name not in _TORCH_TABLES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch  # noqa: PLC0415 - the first use of a torch-valued table
+
+    safetensors = {code: getattr(torch, torch_name)
+                   for code, (torch_name, _, _) in SAFETENSORS_DTYPE_FACTS.items()}
+    tables = {
+        "SAFETENSORS_DTYPES": safetensors,
+        "TORCH_TO_SAFETENSORS": {dtype: code for code, dtype in safetensors.items()},
+        "DTYPE_SHORT_NAMES": {dtype: code.lower() for code, dtype in safetensors.items()},
+        "FLOAT_DTYPE_NAMES": {alias: getattr(torch, torch_name)
+                              for alias, torch_name in FLOAT_DTYPE_ALIASES.items()},
+    }
+    globals().update(tables)
+    return tables[name]
+
+
+def _torch_dtype(torch_name: str) -> torch.dtype:
+    import torch  # noqa: PLC0415 - first touch of a real dtype
+
+    return getattr(torch, torch_name)
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -53,11 +87,20 @@ def dtype_from_name(name: str) -> torch.dtype:
     Raises:
         ValueError: an unknown or non-floating-point name.
     """
+    return _torch_dtype(float_dtype_torch_name(name))
+
+
+def float_dtype_torch_name(name: str) -> str:
+    """torch's name of the floating-point dtype a name means, without importing torch.
+
+    Raises:
+        ValueError: an unknown or non-floating-point name.
+    """
     key = str(name).strip().lower().removeprefix("torch.")
-    if key not in FLOAT_DTYPE_NAMES:
-        valid = ", ".join(FLOAT_DTYPE_NAMES)
+    if key not in FLOAT_DTYPE_ALIASES:
+        valid = ", ".join(FLOAT_DTYPE_ALIASES)
         raise ValueError(f"unknown dtype {name!r}; valid: {valid}")
-    return FLOAT_DTYPE_NAMES[key]
+    return FLOAT_DTYPE_ALIASES[key]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -65,34 +108,79 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorInfo:
     """What a checkpoint says about one tensor, known without reading its data.
+
+    The dtype is kept as a name (``dtype_code``), so that metadata-only work (headers,
+    ``inspect``, key-level ``diff``, plans) never imports torch; :attr:`dtype` gives the torch
+    dtype, importing torch on first use. Two infos of one dtype compare equal whichever way
+    it was given.
 
     Args:
         name: the key as stored.
         shape: the tensor's shape.
-        dtype: the tensor's dtype.
+        dtype: the tensor's dtype: a ``torch.dtype``, or a safetensors dtype name (``"BF16"``,
+            a key of :data:`SAFETENSORS_DTYPE_FACTS`) as header readers give it.
         file: the file that holds its data, if it lives in a file.
+
+    Raises:
+        ValueError: ``dtype`` is a string that names no safetensors dtype.
     """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_code: str  # safetensors' name when it has one ("BF16"), else torch's ("complex64")
     file: Path | None = None
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | str,
+                 file: Path | None = None) -> None:
+        if isinstance(dtype, str):
+            if dtype not in SAFETENSORS_DTYPE_FACTS:
+                raise ValueError(f"unknown safetensors dtype {dtype!r}; valid: "
+                                 f"{', '.join(SAFETENSORS_DTYPE_FACTS)}")
+            code = dtype
+        else:
+            torch_name = str(dtype).removeprefix("torch.")
+            code = _SAFETENSORS_BY_TORCH_NAME.get(torch_name, torch_name)
+            object.__setattr__(self, "_torch_dtype", dtype)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype_code", code)
+        object.__setattr__(self, "file", file)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch on first use)."""
+        cached = self.__dict__.get("_torch_dtype")
+        if cached is None:
+            cached = _torch_dtype(SAFETENSORS_DTYPE_FACTS[self.dtype_code][0])
+            object.__setattr__(self, "_torch_dtype", cached)
+        return cached
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        facts = SAFETENSORS_DTYPE_FACTS.get(self.dtype_code)
+        return facts[1] if facts is not None else self.dtype.itemsize
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * self.itemsize
+
+    @property
+    def is_floating_point(self) -> bool:
+        facts = SAFETENSORS_DTYPE_FACTS.get(self.dtype_code)
+        return facts[2] if facts is not None else self.dtype.is_floating_point
 
     @property
     def dtype_name(self) -> str:
         """Short display name of the dtype, e.g. ``bf16``."""
-        return DTYPE_SHORT_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+        return self.dtype_code.lower()
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fusesurgery.errors import CheckpointError, UnsafeCheckpointError
 from fusesurgery.io._files import open_for_reading
+
+if TYPE_CHECKING:
+    import torch
 
 ZIP_SIGNATURE = b"PK\x03\x04"
 PICKLE_PROTOCOL_OPCODE = b"\x80"
@@ -93,6 +95,8 @@ def load_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _load(path: Path, **options) -> object:
+    import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
     try:
         return torch.load(path, weights_only=True, **options)
     except pickle.UnpicklingError as error:
@@ -187,6 +191,8 @@ def _classify_unpickling_error(path: Path, error: pickle.UnpicklingError) -> Che
 
 
 def _tensors_of(mapping: Mapping) -> dict[str, torch.Tensor]:
+    import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
     return {
         name: value
         for name, value in mapping.items()
@@ -195,6 +201,8 @@ def _tensors_of(mapping: Mapping) -> dict[str, torch.Tensor]:
 
 
 def _extract_state_dict(path: Path, loaded: object) -> dict[str, torch.Tensor]:
+    import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
     if isinstance(loaded, torch.Tensor):
         raise CheckpointError(
             f"{path}: holds a single tensor, not a state dict {{name: tensor}}"

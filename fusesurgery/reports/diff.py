@@ -42,9 +42,7 @@ import types
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fusesurgery.convert import (
     detect_layout,
@@ -71,6 +69,9 @@ from fusesurgery.errors import (
 )
 from fusesurgery.io import CheckpointSource, open_checkpoint
 from fusesurgery.reports.formatting import format_bytes, format_index_set
+
+if TYPE_CHECKING:
+    import torch
 
 MODE_NORMALISED = "normalised"
 MODE_RAW = "raw"
@@ -585,6 +586,8 @@ def _alignment_prefix(kind: str, other_kind: str) -> str:
 
 def _compute_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The dtype both sides are compared in: wide enough to hold either exactly."""
+    import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
     if a.is_complex or b.is_complex:
         raise FuseSurgeryError(f"complex tensors ({a}, {b}) are not compared")
     if a.is_floating_point or b.is_floating_point:
@@ -643,6 +646,8 @@ def compare_tensors(
     Raises:
         ShapeError: the shapes differ, or a transform does not fit the tensor.
     """
+    import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
     if a.shape != b.shape:
         raise ShapeError(f"cannot compare values of shapes {list(a.shape)} and {list(b.shape)}")
     if a.dim() == 0:
@@ -713,7 +718,7 @@ def _rope_transforms(
         raise wrapped from None
     # Planned over the model the config describes rather than the stored keys, so the
     # transforms are known even when the two sides differ in which keys or shapes they hold.
-    model_infos = layout_tensor_infos(config, "hf", kind="decoder", dtype=torch.float32)
+    model_infos = layout_tensor_infos(config, "hf", kind="decoder", dtype="F32")
     plan = plan_conversion(model_infos, "hf", config, target_layout="native", kind="decoder")
     return {entry.source_key: entry.transform for entry in plan.entries
             if entry.transform[0] != IDENTITY}
@@ -829,7 +834,7 @@ def _diff(
             shape_changes.append(ShapeChange(name, tuple(info_a.shape), tuple(info_b.shape)))
         else:
             same_shape.append(name)
-        if info_a.dtype != info_b.dtype:
+        if info_a.dtype_code != info_b.dtype_code:  # torch-free: no tensor is touched
             dtype_changes.append(DtypeChange(name, info_a.dtype_name, info_b.dtype_name))
 
     value_changes: list[ValueChange] = []

@@ -3,8 +3,10 @@ transform it, write it, drop it. Peak memory is about the largest tensor."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,12 @@ from fusesurgery.convert.configs import (
 )
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry
+from fusesurgery.convert.pooling_head import (
+    HEAD_CONFIG_FIELD,
+    HEAD_FAMILIES,
+    HEAD_FILE,
+    plan_pooling_head,
+)
 from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, row_order
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import (
@@ -78,11 +86,57 @@ class ConversionResult:
         detected: what the source was.
         plan: what was converted, renamed and dropped.
         written: the files written.
+        notes: one line each on what the conversion did beyond renaming (where a SigLIP
+            pooling head went, or that the output says it has none).
     """
 
     detected: DetectedModel
     plan: ConversionPlan
     written: WriteResult
+    notes: tuple[str, ...] = ()
+
+
+def _pooling_head(
+    source: CheckpointSource, detected: DetectedModel, dtype: torch.dtype | None,
+    stack: ExitStack,
+) -> tuple[CheckpointSource | None, tuple[PlanEntry, ...]]:
+    """Where a vision tower's SigLIP pooling head lies (the source itself for transformers
+    layouts, the head file beside a native one), and the plan that carries it."""
+    if detected.kind != "vision":
+        return None, ()
+    if detected.layout == "hf":
+        return source, plan_pooling_head(source.infos(), detected.config,
+                                         origin=str(source.path), dtype=dtype)
+    path = side_directory(source) / HEAD_FILE
+    if detected.layout != "native" or not os.path.lexists(path):
+        return None, ()
+    head = stack.enter_context(open_checkpoint(path))
+    return head, plan_pooling_head(head.infos(), detected.config, origin=str(path),
+                                   dtype=dtype, head_only=True)
+
+
+def head_file_bytes(entries: tuple[PlanEntry, ...], source: CheckpointSource) -> bytes:
+    """A safetensors file of the pooling head's tensors (the head of a so400m tower is about
+    45 MB in float32, a few of its layers' MLPs)."""
+    from safetensors.torch import save  # noqa: PLC0415 - only a SigLIP conversion needs it
+
+    return save({entry.target_key: plan_entry_tensor(entry, source) for entry in entries},
+                metadata={"format": "pt"})
+
+
+def _head_notes(head: tuple[PlanEntry, ...], from_file: bool, to: str,
+                detected: DetectedModel) -> list[str]:
+    what = f"SigLIP's attention-pooling head ({len(head)} tensors)"
+    if head and to == "native":
+        return [f"{what} kept beside the native weights in {HEAD_FILE}, for the way back to hf"]
+    if head and from_file and to == "hf":
+        return [f"{what} put back from {HEAD_FILE}"]
+    if not head and to == "hf" and detected.kind == "vision" \
+            and detected.config.family in HEAD_FAMILIES:
+        return [f"no SigLIP attention-pooling head to write: config.json says "
+                f"{HEAD_CONFIG_FIELD}: false, so transformers builds the tower without one "
+                "(no pooler_output)"]
+    return []
 
 
 def plan_entry_source(
@@ -178,7 +232,8 @@ def convert_checkpoint(
     if to not in (*CONFIG_WRITERS, "mllama"):
         raise ConfigError(f"cannot convert to {to!r}; valid: {', '.join(CONFIG_WRITERS)}, "
                           "mllama")
-    with open_checkpoint(source_path) as source:
+    with ExitStack() as stack:
+        source = stack.enter_context(open_checkpoint(source_path))
         infos = source.infos()
         detected = detect_model(infos, source.config, source.config_file, overrides)
         if detected.kind == "fused" or to == "mllama":
@@ -198,12 +253,25 @@ def convert_checkpoint(
             return ConversionResult(detected, plan, written)
         plan = plan_conversion(infos, detected.layout, detected.config, target_layout=to,
                                kind=detected.kind, dtype=dtype)
-        entries = {entry.target_key: entry for entry in plan.entries}
+        # SigLIP's pooling head: no native key holds it, so it is carried, not dropped
+        head_source, head = _pooling_head(source, detected, dtype, stack)
+        if head_source is source:
+            carried = {entry.source_key for entry in head}
+            plan = dataclasses.replace(plan, dropped=tuple(
+                item for item in plan.dropped if item[0] not in carried))
+        in_source = plan  # the entries the main source holds
+        if to == "hf" and head:
+            plan = dataclasses.replace(plan, entries=(*plan.entries, *head))
+            if head_source is source:
+                in_source = plan
+        infos_out, new_shard_at = source_file_order(in_source, source)
+        readers = {entry.target_key: (entry, source) for entry in in_source.entries}
+        for entry in plan.entries[len(in_source.entries):]:  # from the head file
+            readers[entry.target_key] = (entry, head_source)
+            infos_out.append(TensorInfo(entry.target_key, entry.shape, entry.dtype))
 
         def produce(key: str) -> torch.Tensor | FileRegion | PermutedRegion:
-            return plan_entry_source(entries[key], source)
-
-        infos_out, new_shard_at = source_file_order(plan, source)
+            return plan_entry_source(*readers[key])
         config = CONFIG_WRITERS[to](detected.config)
         if to == "hf" and source.config_file == "config.json" and source.config is not None \
                 and config_style(source.config) == "hf":
@@ -213,14 +281,19 @@ def convert_checkpoint(
         if dtype is not None and to != "meta":
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
             config.pop("dtype", None)
+        if to == "hf" and detected.kind == "vision" and detected.config.family in HEAD_FAMILIES:
+            config[HEAD_CONFIG_FIELD] = bool(head)  # else transformers makes a random head
         side_names = DECODER_SIDE_FILES if detected.kind == "decoder" else ENCODER_SIDE_FILES
         side = read_side_files(side_directory(source), side_names)
+        if to == "native" and head:
+            side[HEAD_FILE] = head_file_bytes(head, head_source)
+        notes = _head_notes(head, head_source is not source, to, detected)
         written = write_layout(
             out_dir,
             to,
             infos_out,
             produce,
-            lambda key: plan_entry_tensor(entries[key], source),
+            lambda key: plan_entry_tensor(*readers[key]),
             new_shard_at=new_shard_at,
             max_shard_size=max_shard_size,
             extra_files={**side,
@@ -229,6 +302,7 @@ def convert_checkpoint(
             on_tensor_written=on_tensor_written,
             on_progress=on_progress,
             durable=durable,
-            inputs=source.paths_read,
+            inputs=(*source.paths_read,
+                    *(head_source.paths_read if head_source not in (None, source) else ())),
         )
-    return ConversionResult(detected, plan, written)
+    return ConversionResult(detected, plan, written, tuple(notes))

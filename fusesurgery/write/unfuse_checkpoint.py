@@ -20,6 +20,7 @@ import torch
 from fusesurgery import _json as standard_json
 from fusesurgery.convert import plan_conversion
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry
+from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo
 from fusesurgery.surgery.fuse_plan import FUSION_EMBEDDING_KEY, fused_key_of, native_key_of
@@ -157,8 +158,11 @@ def unfuse_checkpoint(
                 native_infos[origin[1]] = TensorInfo(origin[1], info.shape, info.dtype)
         plan = plan_conversion(native_infos, "native", part_config, target_layout=fmt,
                                kind=kind)
-        notes = [f"{key} was dropped by fuse: {reason}"
-                 for key, reason in record.get("dropped", {}).items()]
+        dropped: dict[str, list[str]] = {}
+        for key, reason in record.get("dropped", {}).items():  # one note a reason
+            dropped.setdefault(reason, []).append(key)
+        notes = [f"{keys[0]}{f' (+{len(keys) - 1} more)' if len(keys) > 1 else ''} was "
+                 f"dropped by fuse: {reason}" for reason, keys in dropped.items()]
         if fmt == layout and isinstance(record.get("source_keys"), dict):
             plan = _renamed(plan, record["source_keys"])
         view = _PartView(source, part)
@@ -178,6 +182,18 @@ def unfuse_checkpoint(
             extra.update({n: c for n, c in kept.items() if n != config_file})
             extra[CONFIG_FILES[fmt]] = (standard_json.dumps(CONFIG_WRITERS[fmt](part_config),
                                                             indent=2) + "\n").encode()
+        if part == "encoder" and fmt == "hf" and part_config.family in HEAD_FAMILIES \
+                and "config.json" in extra:
+            # fuse keeps no SigLIP pooling head; a config claiming one would make transformers
+            # build it at random
+            hf_config = json.loads(extra["config.json"])
+            tower = hf_config.get("vision_config")  # a SiglipModel's: its vision half's
+            tower = tower if isinstance(tower, dict) else hf_config
+            if tower.get(HEAD_CONFIG_FIELD, True) is not False:
+                tower[HEAD_CONFIG_FIELD] = False
+                extra["config.json"] = (standard_json.dumps(hf_config, indent=2) + "\n").encode()
+                notes.append(f"config.json says {HEAD_CONFIG_FIELD}: false: fuse kept no SigLIP "
+                             "attention-pooling head")
         if merge_embeddings and config.new_tokens:
             infos, producers = _merge(plan, infos, producers, view, source, config)
             extra["config.json"] = _hf_config_with_vocab(
