@@ -166,7 +166,7 @@ def build_inputs(work: Path, decoder: str, encoder: str) -> tuple[Path, Path]:
         if arch["kind"] != kind or arch["layout"] != "hf":
             raise RuntimeError(f"fusesurgery inspect sees {path} as {arch}, not an hf {kind}")
         print(f"  {path.name}: {tree_bytes(path) / 1e6:.1f} MB; inspect: {arch['kind']} "
-              f"{arch['family']} {arch['layout']} layout")
+              f"{report['config']['family']} {arch['layout']} layout")
     return enc, dec
 
 

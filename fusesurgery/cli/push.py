@@ -50,10 +50,10 @@ def push(
     leaves the repo as it was."""
     from huggingface_hub.utils import disable_progress_bars
 
-    from fusesurgery.hub.push import push_fused
     from fusesurgery._sizes import format_bytes
+    from fusesurgery.hub.push import push_fused
 
-    if as_json or not stderr.is_terminal:
+    if as_json or stderr.quiet or not stderr.is_terminal:  # the client's own bars
         disable_progress_bars()
 
     def stage(message: str) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusesurgery._sizes import format_bytes
 from fusesurgery.errors import CheckpointError, ConfigError, HubError, ValidationError
 from fusesurgery.hub._client import (
     describe,
@@ -34,7 +35,6 @@ from fusesurgery.hub._client import (
     hub_token,
     is_network_error,
 )
-from fusesurgery._sizes import format_bytes
 
 CARD_FILE = "README.md"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")

@@ -265,3 +265,34 @@ def test_broken_directory_is_refused_before_network(fused, on_hub, damage, needl
 
 def test_bad_repo_id(fused, on_hub):
     _one_line_error(push(fused, "a/b/c", "--dry-run"), "not a Hub repo id")
+
+
+def test_json_errors_are_json(fused, on_hub):
+    result = push(fused, "fuse-org/tiny-vlm", "--json", token=None)
+    assert result.exit_code == 2
+    doc = json.loads(result.stdout)
+    assert doc["code"] == 2 and doc["error"].startswith("no Hugging Face token")
+
+
+def test_quiet_push_prints_only_data(fused, on_hub):
+    result = push(fused, "fuse-org/tiny-vlm", "--quick", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert result.stdout.strip().startswith(f"{on_hub.url}/fuse-org/tiny-vlm/commit/")
+
+
+def test_fused_from_repo_ids_names_them_as_base_model(on_hub, seed_repo, monkeypatch, tmp_path):
+    seed_repo("fuse-org/tiny-llama", DECODER)
+    seed_repo("fuse-org/tiny-clip", ENCODER)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    out = tmp_path / "from-hub"
+    fusesurgery.fuse("fuse-org/tiny-clip", "hf://fuse-org/tiny-llama@main", out, every=2)
+    result = push(out, "fuse-org/tiny-vlm")
+    assert result.exit_code == 0, result.output
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    card = ModelCard.load(hf_hub_download("fuse-org/tiny-vlm", "README.md", endpoint=on_hub.url,
+                                          cache_dir=tmp_path / "cache", token=WRITE_TOKEN))
+    assert card.data.base_model == ["fuse-org/tiny-llama", "fuse-org/tiny-clip"]
+    assert card.data.base_model_relation == "finetune"
+    assert "[`fuse-org/tiny-llama`](https://huggingface.co/fuse-org/tiny-llama)" in card.text
