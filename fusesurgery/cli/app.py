@@ -190,6 +190,8 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise  # usage errors and exits: typer prints and exits as usual
+        except BrokenPipeError:
+            raise  # stdout closed early (`| head`): click exits quietly, as git does
         except KeyboardInterrupt as exc:
             raise typer.Exit(interrupted(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the one place that maps errors
