@@ -261,3 +261,30 @@ def test_fuse_records_hub_sources(hub: FakeHub, seed_repo, hub_settings: Path,
     assert sources["encoder"]["path"] == "hf://fuse-org/vision"
     assert sources["encoder"]["hub"]["repo_id"] == "fuse-org/vision"
     assert HubReference("a/b", None, "a/b").display == "a/b"
+
+
+def test_a_405b_shaped_repo_is_inspected_from_its_headers(hub: FakeHub, hub_settings: Path,
+                                                          tmp_path: Path):
+    """812 GB apparent (sparse shards served by range from disk): inspect reads a few hundred
+    kB, every data request is a header range, and it says what the local copy says."""
+    import json
+
+    from fusesurgery.config import preset
+    from fusesurgery.convert import layout_tensor_infos
+    from fusesurgery.convert.configs import hf_config_dict
+    from fusesurgery.testing import write_sparse_sharded_safetensors
+
+    config = preset("llama3_1_405b")
+    local = tmp_path / "big"
+    write_sparse_sharded_safetensors(local, layout_tensor_infos(config, "hf"))
+    (local / "config.json").write_text(json.dumps(hf_config_dict(config)))
+    apparent = sum(p.stat().st_size for p in local.iterdir())
+    hub.add_local_repo("alice/llama-405b", local)
+    hub.clear_log()
+
+    report = inspect_checkpoint("alice/llama-405b")
+
+    assert report.num_parameters == inspect_checkpoint(local).num_parameters > 400e9
+    sent = sum(r.sent for r in hub.requests)
+    assert apparent > 800e9 and sent < 1e6
+    assert all(r.range is not None for r in _data_gets(hub))
