@@ -335,3 +335,16 @@ def test_console_parsing() -> None:
     assert [(c.line, c.text, c.shown) for c in commands] == [
         (3, "one \\\n  --flag", ["out 1"]), (6, "two", [])]
     assert [(b.lang, b.line) for b in blocks] == [("console", 3), ("python", 9)]
+
+
+def test_quick_start_commands_are_what_ci_and_the_main_job_run() -> None:
+    text = README.read_text()
+    start = text.index("\n## Quick start")
+    section = text[start:text.index("\n## ", start + 1)]
+    main_job, suite = [block.lines for block in fenced_blocks(section) if block.lang == "sh"]
+    assert len(main_job) == len(suite) == 1
+    setup = suite[0].rsplit(" && ", 1)[0]
+    assert main_job[0] == f"{setup} && bash examples/main_job.sh"
+    assert (ROOT / "examples" / "main_job.sh").is_file()
+    ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci_lines[-1] == suite[0], "the README's test command is not what CI runs"
