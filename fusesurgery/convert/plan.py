@@ -160,7 +160,8 @@ def layout_tensor_infos(
     return infos
 
 
-def _list(keys: list[str], limit: int = 3) -> str:
+def list_keys(keys: list[str], limit: int = 3) -> str:
+    """``a, b, c (+N more)``: the first ``limit`` keys of a list, for a one-line message."""
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
@@ -207,7 +208,7 @@ def check_native_shapes(
     ]
     if missing:
         raise ConfigError(
-            f"checkpoint lacks {len(missing)} keys that {origin} implies: {_list(missing)}"
+            f"checkpoint lacks {len(missing)} keys that {origin} implies: {list_keys(missing)}"
         )
     base_templates = set(
         NATIVE_DECODER_KEYS if isinstance(config, DecoderConfig) else NATIVE_VISION_KEYS
@@ -221,7 +222,8 @@ def check_native_shapes(
     ]
     if extra:
         raise ConfigError(
-            f"checkpoint has {len(extra)} keys that {origin} does not account for: {_list(extra)}"
+            f"checkpoint has {len(extra)} keys that {origin} does not account for: "
+            f"{list_keys(extra)}"
         )
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from fusesurgery.config import VisionEncoderConfig
 from fusesurgery.convert.keymaps import HF_VISION_PREFIX
-from fusesurgery.convert.plan import PlanEntry, check_cast_dtype
+from fusesurgery.convert.plan import PlanEntry, check_cast_dtype, list_keys
 from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError, ShapeError
 from fusesurgery.io.tensor_info import TensorInfo
@@ -80,11 +80,6 @@ def head_key(key: str) -> str | None:
     return None
 
 
-def _listed(keys: list[str], limit: int = 3) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def plan_pooling_head(
     tensors: Mapping[str, TensorInfo],
     config: VisionEncoderConfig,
@@ -124,7 +119,7 @@ def plan_pooling_head(
         strays = [key for key in tensors if key not in found]
         if strays:
             raise ConfigError(f"{origin} holds {len(strays)} keys of no SigLIP pooling head: "
-                              f"{_listed(strays)}")
+                              f"{list_keys(strays)}")
     if not found:
         return ()
     expected = head_shapes(config)
@@ -137,8 +132,8 @@ def plan_pooling_head(
         if name in expected and tuple(tensors[key].shape) != expected[name]
     ]
     if missing or extra or mismatched:
-        problem = (f"lacks {_listed(missing)}" if missing else
-                   f"has unknown tensors {_listed(extra)}" if extra else mismatched[0])
+        problem = (f"lacks {list_keys(missing)}" if missing else
+                   f"has unknown tensors {list_keys(extra)}" if extra else mismatched[0])
         raise ConfigError(f"{origin}: the SigLIP pooling head {problem} (for the tower's width "
                           f"{config.embed_dim} and MLP width {config.intermediate_dim})")
     entries = []

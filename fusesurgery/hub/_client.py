@@ -9,11 +9,7 @@ endpoint and token to the client explicitly.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
-
-from fusesurgery.errors import HubError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _TRUE = {"1", "on", "yes", "true"}
@@ -81,28 +77,3 @@ def describe(error: BaseException) -> str:
         return f"HTTP {status}" + (f": {reason}" if reason else "")
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}" + (f": {text}" if text else "")
-
-
-@contextmanager
-def translated(what: Callable[[BaseException], str | None] | None = None) -> Iterator[None]:
-    """Turn huggingface_hub and network errors raised inside into :class:`HubError`.
-
-    Args:
-        what: given the error, the message to raise (None: the generic one).
-
-    Raises:
-        HubError: for any client or network error raised inside.
-    """
-    try:
-        yield
-    except HubError:
-        raise
-    except Exception as error:  # noqa: BLE001 - narrowed below
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-        if not (isinstance(error, (HfHubHTTPError, OfflineModeIsEnabled))
-                or is_network_error(error)):
-            raise
-        message = what(error) if what is not None else None
-        raise HubError(message or f"the Hub at {hub_endpoint()} failed: {describe(error)}") \
-            from error
