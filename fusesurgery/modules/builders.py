@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
+from fusesurgery.modules._init import embedding
 from fusesurgery.modules.attention import MultiHeadAttention
 from fusesurgery.modules.feed_forward import FeedForward
 from fusesurgery.modules.fusion import DeepFusionModel, FusionEmbedding, FusionLayer
@@ -81,7 +82,7 @@ def build_decoder(cfg: DecoderConfig) -> TransformerDecoder:
     """A plain (unfused) decoder; keys follow SPEC.md section 4's native column."""
     rope = build_rope(cfg)
     return TransformerDecoder(
-        tok_embeddings=nn.Embedding(cfg.vocab_size, cfg.embed_dim),
+        tok_embeddings=embedding(cfg.vocab_size, cfg.embed_dim),
         layers=[build_decoder_layer(cfg, rope) for _ in range(cfg.num_layers)],
         norm=RMSNorm(cfg.embed_dim, cfg.norm_eps),
         output=None if cfg.tie_word_embeddings else nn.Linear(cfg.embed_dim, cfg.vocab_size,

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fusesurgery.modules._init import embedding
+
 _LAYER = "layer."
 _FUSION_LAYER = "fusion_layer."
 _EMBEDDING_WEIGHT = "embedding.weight"
@@ -172,8 +174,8 @@ class FusionEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, fusion_vocab_size: int, embed_dim: int) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
-        self.fusion_embedding = nn.Embedding(fusion_vocab_size, embed_dim)
+        self.embedding = embedding(vocab_size, embed_dim)
+        self.fusion_embedding = embedding(fusion_vocab_size, embed_dim)
         self.dim = embed_dim
         self.vocab_size = vocab_size
         self.num_embeddings = vocab_size + fusion_vocab_size

@@ -37,9 +37,10 @@ def rope_frequencies(
             a smooth blend between ``low_freq_factor`` and ``high_freq_factor``.
 
     Returns:
-        ``[h_d // 2]`` float32.
+        ``[h_d // 2]`` float32, on the CPU whatever the default device (a few numbers; under
+        ``torch.device("meta")`` the first arithmetic would load torch's meta kernels, ~2 s).
     """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (base**exponents)
     if scaling is None:
         return inv_freq
@@ -97,8 +98,12 @@ class RotaryPositionalEmbeddings(nn.Module):
     def reset_parameters(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the cos/sin table: after building on the meta device, call this with
         the real device, since a non-persistent buffer is not in any checkpoint."""
-        inv_freq = rope_frequencies(self.head_dim, self.base, self.scaling).to(device)
-        positions = torch.arange(self.max_seq_len, dtype=torch.float32, device=device)
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        if target.type == "meta":  # built to be loaded: the shape alone, no arithmetic
+            self.cache = torch.empty(self.max_seq_len, self.head_dim // 2, 2, device=target)
+            return
+        inv_freq = rope_frequencies(self.head_dim, self.base, self.scaling).to(target)
+        positions = torch.arange(self.max_seq_len, dtype=torch.float32, device=target)
         angles = torch.outer(positions, inv_freq)
         # [max_seq_len, h_d // 2, 2] = (cos, sin)
         self.cache = torch.stack([angles.cos(), angles.sin()], dim=-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusesurgery.modules._init import normal_
 from fusesurgery.modules.transformer import TransformerSelfAttentionLayer
 
 
@@ -25,7 +26,7 @@ class TokenPositionalEmbedding(nn.Module):
     def __init__(self, num_tokens: int, embed_dim: int) -> None:
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.empty(num_tokens, embed_dim))
-        nn.init.normal_(self.positional_embedding, std=embed_dim**-0.5)
+        normal_(self.positional_embedding, std=embed_dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, s_e, d_e] -> [b, s_e, d_e]``."""
@@ -38,7 +39,7 @@ class ClassTokenEmbedding(nn.Module):
     def __init__(self, embed_dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(embed_dim))
-        nn.init.normal_(self.weight, std=embed_dim**-0.5)
+        normal_(self.weight, std=embed_dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, g*g, d_e] -> [b, 1 + g*g, d_e]``."""
