@@ -18,7 +18,6 @@ from fusesurgery.cli.options import (
     collect_overrides,
 )
 from fusesurgery.errors import FuseSurgeryError
-from fusesurgery.reports.diff import diff_checkpoints
 
 stdout = Console(highlight=False, soft_wrap=True)
 
@@ -56,6 +55,8 @@ def diff(
         raise FuseSurgeryError(f"--atol must be a number >= 0, got {atol}")
     overrides = collect_overrides(num_heads=num_heads, num_kv_heads=num_kv_heads,
                                   head_dim=head_dim)
+    from fusesurgery.reports.diff import diff_checkpoints
+
     report = diff_checkpoints(a, b, values=values, raw=raw, overrides=overrides, atol=atol)
     if as_json:
         typer.echo(standard_json.dumps(report.to_dict(), indent=2))

@@ -7,7 +7,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from fusesurgery.cli.app import app
-from fusesurgery.cli.inspect import render_report
+from fusesurgery.cli.inspect_render import render_report
 from fusesurgery.io import TensorInfo
 from fusesurgery.reports import inspect_checkpoint
 from fusesurgery.testing import write_sparse_safetensors
