@@ -67,8 +67,6 @@ def push(
     if as_json:
         typer.echo(standard_json.dumps(result.to_dict(), indent=2))
         return
-    checks = plan.validation.get("checks", [])
-    stderr.print(f"validated: {sum(c['status'] == 'pass' for c in checks)} checks passed")
     if dry_run:
         width = max(len(f.path_in_repo) for f in plan.files)
         where = plan.repo_id + (f"@{plan.revision}" if plan.revision else "")
@@ -81,6 +79,11 @@ def push(
         stderr.print("dry run: nothing was uploaded")
         return
     typer.echo(result.pr_url or result.commit_url or result.repo_url)
+    if not result.committed:
+        stderr.print(f"nothing to push: {result.repo_url} already holds exactly these "
+                     f"{len(plan.files)} files (commit {(result.commit or '')[:10]}); no "
+                     "commit was made")
+        return
     stderr.print(f"pushed {len(plan.files)} files ({format_bytes(plan.total_bytes)}) to "
                  f"{result.repo_url} in commit {(result.commit or '')[:10]}"
                  + (" (new repo)" if result.created_repo else ""))

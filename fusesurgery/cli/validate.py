@@ -45,7 +45,7 @@ def validate(
                           check.figure, check.detail)
         stdout.print(table)
         verdict = "all checks passed" if report.ok else "some checks FAILED"
-        if report.identity:
+        if report.identity and report.ok:  # a failed --against check: not "the original"
             verdict += "; the fused model is the original decoder, bit for bit"
         elif report.identity is False and report.ok:
             verdict += "; the fusion is trained, no longer an identity"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from fusesurgery._sizes import format_bytes
@@ -22,12 +23,20 @@ from fusesurgery.surgery.fused_config import FusedConfig
 BASE_MODEL_RELATION = "finetune"
 PIPELINE_TAG = "image-text-to-text"
 LIBRARY_NAME = "fusesurgery"
-RELATION_REASON = (
-    "`base_model_relation: finetune`: the Hub would read two base models without a relation as "
-    "a *merge*, but no weights were merged. Both sources' tensors are kept unchanged, and new "
-    "gated cross-attention layers, token embeddings and a projection head were added to be "
-    "trained on top of them; the checkpoint is a complete model, not an adapter."
+REASON_WHAT = (
+    "no weights were merged: both sources' tensors are kept unchanged, and new gated "
+    "cross-attention layers, token embeddings and a projection head were added to be trained "
+    "on top of them; the checkpoint is a complete model, not an adapter loaded over a base."
 )
+
+
+def relation_reason(base_models: Sequence[str]) -> str:
+    """Why the card sets ``base_model_relation: finetune``, for one base model or several."""
+    if len(base_models) > 1:
+        return ("`base_model_relation: finetune`: the Hub reads several base models without a "
+                f"relation as a *merge*, but {REASON_WHAT}")
+    return ("`base_model_relation: finetune`, set rather than left for the Hub to guess from "
+            f"the files (a *merge* or an *adapter* would be wrong): {REASON_WHAT}")
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ def _cell(text: object) -> str:
 
 
 def _source_line(part: str, record: Mapping[str, Any], hub_id: str | None,
-                 config: FusedConfig) -> str:
+                 config: FusedConfig, endpoint: str) -> str:
     family = record.get("family") or "?"
     if part == "decoder":
         d = config.decoder
@@ -55,16 +64,22 @@ def _source_line(part: str, record: Mapping[str, Any], hub_id: str | None,
         shape = f"{e.num_layers} layers, width {e.embed_dim}, {e.image_size}px images"
     else:
         shape = "Mllama vision model"
-    where = f"[`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id else \
-        f"`{record.get('path', '?')}` (a local checkpoint)"
+    # a local source is named by its last path component only: the card is public, the
+    # user's directory layout is not
+    local_name = PurePath(str(record.get("path", "?"))).name or "?"
+    where = f"[`{hub_id}`]({endpoint}/{hub_id})" if hub_id else \
+        f"`{local_name}` (a local checkpoint)"
     return f"| {part} | {where} | {_cell(family)} | {shape} |"
 
 
-def _gate_state(config: FusedConfig) -> str:
+def _gate_state(config: FusedConfig, forward_checked: bool) -> str:
     values = [float(v) for v in config.gates.values()]
     if not values:
         return "unknown (no gates recorded)"
     if all(v == 0.0 for v in values):
+        if not forward_checked:
+            return (f"all {len(values)} tanh gates exactly 0 (the forward checks that prove "
+                    "the model computes what the decoder computed were not run: --quick)")
         return (f"all {len(values)} tanh gates exactly 0: the model computes exactly what the "
                 "decoder computed")
     nonzero = sum(v != 0.0 for v in values)
@@ -72,9 +87,10 @@ def _gate_state(config: FusedConfig) -> str:
             f"{max(abs(v) for v in values):.4g})")
 
 
-def fusion_rows(config: FusedConfig) -> list[tuple[str, str]]:
+def fusion_rows(config: FusedConfig, forward_checked: bool = True) -> list[tuple[str, str]]:
     """The fusion as (what, value) rows: layers, position, new tokens, projection, encoder
-    layer, trainable parts and gate state."""
+    layer, trainable parts and gate state (``forward_checked``: validate's forward checks
+    ran, so a zero-gate identity was proven, not only read off the gates)."""
     fusion = config.fusion
     layers = ", ".join(map(str, fusion.fusion_layers))
     position = ("before the original layer (`fusion_first`)" if fusion.fusion_first
@@ -97,7 +113,7 @@ def fusion_rows(config: FusedConfig) -> list[tuple[str, str]]:
         ("projection", projection),
         ("encoder layer", layer),
         ("trainable", trainable),
-        ("gates", _gate_state(config)),
+        ("gates", _gate_state(config, forward_checked)),
         ("dtypes", ", ".join(f"{k} {v}" for k, v in config.dtypes.items()) or "as stored"),
     ]
 
@@ -111,6 +127,8 @@ def build_model_card(
     checks: Sequence[CardCheck],
     files: Sequence[tuple[str, int]],
     validated_with: str,
+    forward_checked: bool = True,
+    endpoint: str = "https://huggingface.co",
     license: str | None = None,
 ) -> Any:
     """The ``huggingface_hub.ModelCard`` of a fused checkpoint.
@@ -123,6 +141,8 @@ def build_model_card(
         checks: the validation report's rows.
         files: ``(path in repo, size)`` of every uploaded file but the card.
         validated_with: what ran the checks (version, device), for the report's heading.
+        forward_checked: validate's forward checks ran (not ``--quick``).
+        endpoint: the Hub the links point to.
         license: an SPDX-style license id for the metadata, if the user gave one.
 
     Returns:
@@ -145,13 +165,14 @@ def build_model_card(
     )
     name = repo_id.split("/")[-1]
     sources = "\n".join(_source_line(part, config.sources.get(part, {}), hub_ids.get(part),
-                                     config) for part in ("decoder", "encoder"))
-    fusion = "\n".join(f"| {what} | {_cell(value)} |" for what, value in fusion_rows(config))
+                                     config, endpoint) for part in ("decoder", "encoder"))
+    fusion = "\n".join(f"| {what} | {_cell(value)} |"
+                       for what, value in fusion_rows(config, forward_checked))
     report = "\n".join(
         f"| {c.status.upper()} | {_cell(c.name)} | {_cell(c.figure)} | {_cell(c.detail)} |"
         for c in checks)
     total = sum(size for _, size in files)
-    relation = RELATION_REASON if base_models else (
+    relation = relation_reason(base_models) if base_models else (
         "No `base_model` is listed: the sources were local checkpoints with no Hub id (push "
         "with `--base-model ID` for each source to name them).")
     body = f"""
@@ -199,7 +220,8 @@ Run by {validated_with} before the upload.
 
 ## Files
 
-{len(files) + 1} files, {format_bytes(total)}. `fusion_config.json` holds everything needed to
-rebuild the model; `source/` keeps the sources' own config and tokenizer files.
+{len(files)} files besides this card, {format_bytes(total)}. `fusion_config.json` holds
+everything needed to rebuild the model; `source/` keeps the sources' own config and tokenizer
+files.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -96,7 +96,8 @@ class PushPlan:
 
 @dataclass(frozen=True)
 class PushResult:
-    """What a push did (``commit`` is None for a dry run)."""
+    """What a push did: ``committed`` is False for a dry run and when the repo already held
+    exactly these files (``commit`` is then its head); ``commit`` is None for a dry run."""
 
     plan: PushPlan
     dry_run: bool
@@ -106,11 +107,13 @@ class PushResult:
     commit: str | None = None
     commit_url: str | None = None
     pr_url: str | None = None
+    committed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.plan.to_dict(), "dry_run": self.dry_run, "endpoint": self.endpoint,
                 "repo_url": self.repo_url, "created_repo": self.created_repo,
-                "commit": self.commit, "commit_url": self.commit_url, "pr_url": self.pr_url}
+                "committed": self.committed, "commit": self.commit,
+                "commit_url": self.commit_url, "pr_url": self.pr_url}
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -245,7 +248,10 @@ def plan_push(
     report = validate_layout(directory)  # header-level first: a broken layout stops here
     if report.ok and not quick:
         report = validate_fused(directory, device=device)
-    if not report.ok:
+    if report.ok:
+        passed = sum(c.status == "pass" for c in report.checks)
+        stage(f"validated: {passed} check{'s' if passed != 1 else ''} passed")
+    else:
         failed = next(c for c in report.checks if c.status == "fail")
         raise ValidationError(
             f"{out} fails validation, so it is not pushed: {failed.name}: {failed.figure}"
@@ -256,11 +262,13 @@ def plan_push(
                                          if p in hub_ids)
     for base in chosen:
         _check_repo_id(base)
+    hub_ids.update(zip(("decoder", "encoder"), base_models))  # given: decoder first
     card = build_model_card(
         config, repo_id=repo_id, base_models=chosen, hub_ids=hub_ids,
         checks=[CardCheck(c.status, c.name, c.figure, c.detail) for c in report.checks],
         files=[(f.path_in_repo, f.size) for f in files],
-        validated_with=_validated_with(report, quick), license=license)
+        validated_with=_validated_with(report, quick), forward_checked=not quick,
+        endpoint=hub_endpoint(), license=license)
     text = str(card)
     files.append(PushFile(CARD_FILE, None, len(text.encode())))
     return PushPlan(
@@ -328,13 +336,38 @@ def _upload_large_files(api: Any, repo_id: str, operations: Sequence[Any], plan:
             raise
 
 
-def push_plan(plan: PushPlan, *, token: str | None = None,
+def _failure(error: BaseException, repo_id: str, user: str | None, doing: str) -> HubError:
+    """The one-line error for a client or network ``error`` while ``doing``."""
+    error = _hub_cause(error) or error
+    message = _refusal(error, repo_id, user, doing)
+    if message is None:
+        message = (f"could not reach the Hub at {hub_endpoint()} to {doing} "
+                   f"({describe(error)}); nothing was uploaded")
+    return HubError(message)
+
+
+def whoami(api: Any, repo_id: str) -> str:
+    """The user name the token belongs to (one request; checks the token).
+
+    Raises:
+        HubError: the token is refused, or the Hub cannot be reached.
+    """
+    try:
+        return api.whoami()["name"]
+    except Exception as error:  # noqa: BLE001 - narrowed by _is_hub_error
+        if not _is_hub_error(error):
+            raise
+        raise _failure(error, repo_id, None, "check the token") from error
+
+
+def push_plan(plan: PushPlan, *, token: str | None = None, user: str | None = None,
               on_stage: Callable[[str], None] | None = None) -> PushResult:
     """Carry out a :class:`PushPlan`: create the repo if needed, upload, commit once.
 
     Args:
         plan: from :func:`plan_push`.
         token: a Hub token; None uses ``HF_TOKEN`` or the saved login.
+        user: whom the token belongs to, if already asked (saves a request).
         on_stage: called with a short message as each stage starts.
 
     Returns:
@@ -356,20 +389,9 @@ def push_plan(plan: PushPlan, *, token: str | None = None,
     repo_id = plan.repo_id
 
     def fail(error: BaseException, doing: str) -> HubError:
-        error = _hub_cause(error) or error
-        message = _refusal(error, repo_id, user, doing)
-        if message is None:
-            message = (f"could not reach the Hub at {endpoint} to {doing} "
-                       f"({describe(error)}); nothing was uploaded")
-        return HubError(message)
+        return _failure(error, repo_id, user, doing)
 
-    user = None
-    try:
-        user = api.whoami()["name"]
-    except Exception as error:  # noqa: BLE001 - narrowed by _is_hub_error
-        if not _is_hub_error(error):
-            raise
-        raise fail(error, "check the token") from error
+    user = user or whoami(api, repo_id)
     if "/" not in repo_id:
         repo_id = f"{user}/{repo_id}"
     created = False
@@ -384,6 +406,7 @@ def push_plan(plan: PushPlan, *, token: str | None = None,
             created = True
         if plan.revision and not plan.create_pr and not plan.revision.startswith("refs/"):
             api.create_branch(repo_id, branch=plan.revision, exist_ok=True)
+        head = api.repo_info(repo_id, revision=plan.revision).sha  # to tell a no-op commit
     except Exception as error:  # noqa: BLE001 - narrowed by _is_hub_error
         if not _is_hub_error(error):
             raise
@@ -421,9 +444,14 @@ def push_plan(plan: PushPlan, *, token: str | None = None,
         if message is None:
             message = _not_uploaded_message(repo_id, operations, error, committing)
         raise HubError(message) from failure
+    unchanged = info.oid == head and not info.pr_url  # the client skipped an empty commit
+    if unchanged and plan.create_pr:
+        raise HubError(f"no pull request opened: {where} already holds exactly these files "
+                       f"(commit {head[:10]}); there is nothing to propose")
     return PushResult(plan=plan, dry_run=False, endpoint=endpoint,
                       repo_url=f"{endpoint}/{repo_id}", created_repo=created,
-                      commit=info.oid, commit_url=info.commit_url, pr_url=info.pr_url)
+                      commit=info.oid, commit_url=info.commit_url, pr_url=info.pr_url,
+                      committed=not unchanged)
 
 
 def _hub_cause(error: BaseException) -> BaseException | None:
@@ -470,12 +498,19 @@ def push_fused(
         What was (or, for a dry run, would be) done.
 
     Raises:
-        HubError: as :func:`push_plan`; a missing token is reported before the checks run.
+        HubError: as :func:`push_plan`; a missing or refused token is reported before the
+            checks run.
         FuseSurgeryError: as :func:`plan_push`.
     """
-    if not dry_run and not hub_token(token):
-        raise HubError(NO_TOKEN)
+    user = None
+    if not dry_run:  # the token is checked (and a bare name placed) before the long checks
+        token = hub_token(token)
+        if not token:
+            raise HubError(NO_TOKEN)
+        _check_repo_id(repo_id)
+        user = whoami(hub_api(token), repo_id)
+        repo_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
     plan = plan_push(out, repo_id, on_stage=on_stage, **options)
     if dry_run:
         return PushResult(plan=plan, dry_run=True)
-    return push_plan(plan, token=token, on_stage=on_stage)
+    return push_plan(plan, token=token, user=user, on_stage=on_stage)

@@ -146,7 +146,7 @@ def test_hub_sources_become_base_model(fused, on_hub):
     doc = json.loads(result.stdout)
     assert doc["base_model"] == ["meta-llama/Llama-3.1-8B", "openai/clip-vit-large-patch14"]
     assert "base_model_relation: finetune" in doc["card"]
-    assert "https://huggingface.co/meta-llama/Llama-3.1-8B" in doc["card"]
+    assert f"({on_hub.url}/meta-llama/Llama-3.1-8B)" in doc["card"]  # links to HF_ENDPOINT
 
 
 def test_existing_repo_pr_branch_and_private(fused, on_hub):
@@ -155,6 +155,10 @@ def test_existing_repo_pr_branch_and_private(fused, on_hub):
     assert repo.private
     main = on_hub.head("alice/tiny-vlm")
 
+    result = push(fused, "alice/tiny-vlm", "--quick", "--create-pr")  # nothing changed
+    _one_line_error(result, "no pull request opened", "already holds exactly these files")
+    generation = json.loads((fused / "generation_config.json").read_text())
+    (fused / "generation_config.json").write_text(json.dumps({**generation, "top_p": 0.9}))
     result = push(fused, "alice/tiny-vlm", "--quick", "--create-pr",
                   "--commit-message", "Try a PR")
     assert result.exit_code == 0, result.output
@@ -256,11 +260,13 @@ def _wrong_layers(out: Path) -> None:
     (_missing_shard, "model-00002-of-00003.safetensors"),
     (_wrong_layers, "fails validation"),
 ], ids=["no-fusion-config", "stray-shard", "missing-file", "missing-shard", "wrong-keys"])
-def test_broken_directory_is_refused_before_network(fused, on_hub, damage, needle):
+def test_broken_directory_is_refused_before_anything_is_sent(fused, on_hub, damage, needle):
     damage(fused)
     result = push(fused, "fuse-org/tiny-vlm")
     _one_line_error(result, needle)
-    assert on_hub.requests == []
+    # only the token was checked (so a bad one fails before the long checks): no repo was
+    # created, nothing of the directory left the machine
+    assert [r.endpoint for r in on_hub.requests] == ["whoami"]
 
 
 def test_bad_repo_id(fused, on_hub):
@@ -295,4 +301,28 @@ def test_fused_from_repo_ids_names_them_as_base_model(on_hub, seed_repo, monkeyp
                                           cache_dir=tmp_path / "cache", token=WRITE_TOKEN))
     assert card.data.base_model == ["fuse-org/tiny-llama", "fuse-org/tiny-clip"]
     assert card.data.base_model_relation == "finetune"
-    assert "[`fuse-org/tiny-llama`](https://huggingface.co/fuse-org/tiny-llama)" in card.text
+    assert f"[`fuse-org/tiny-llama`]({on_hub.url}/fuse-org/tiny-llama)" in card.text
+
+
+def test_pushing_the_same_files_again_commits_nothing(fused, on_hub):
+    assert push(fused, "fuse-org/tiny-vlm", "--quick").exit_code == 0
+    commits = len(on_hub.repos["fuse-org/tiny-vlm"].commits)
+    result = push(fused, "fuse-org/tiny-vlm", "--quick", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["committed"] is False and doc["commit"] == on_hub.head("fuse-org/tiny-vlm")
+    assert len(on_hub.repos["fuse-org/tiny-vlm"].commits) == commits
+    result = push(fused, "fuse-org/tiny-vlm", "--quick")
+    assert "nothing to push" in result.stderr and "pushed" not in result.stderr
+
+
+def test_card_names_local_sources_without_their_paths(fused, on_hub):
+    result = push(fused, "fuse-org/vlm", "--dry-run", "--json", "--quick",
+                  "--base-model", "fuse-org/tiny-llama", token=None)
+    card = json.loads(result.stdout)["card"]
+    assert str(ROOT) not in card and "/examples/" not in card
+    assert "`tiny-clip-vision` (a local checkpoint)" in card  # no Hub id given for it
+    assert f"[`fuse-org/tiny-llama`]({on_hub.url}/fuse-org/tiny-llama)" in card  # HF_ENDPOINT
+    assert "several base models" not in card and "set rather than left" in card
+    assert "were not run: --quick" in card  # a zero-gate identity not proven by --quick
+    assert "15 files besides this card" in card

@@ -1,0 +1,35 @@
+"""``fusesurgery validate`` verdict lines: never claim identity with the original when a check
+failed (a decoder given with --against that is not the one fused)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import fusesurgery
+from fusesurgery.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def test_failed_against_check_claims_no_identity(tmp_path):
+    fused = tmp_path / "fused"
+    fusesurgery.fuse(ROOT / "examples" / "tiny-clip-vision", ROOT / "examples" / "tiny-llama",
+                     fused, every=2)
+    other = tmp_path / "other-llama"
+    shutil.copytree(ROOT / "examples" / "tiny-llama", other)
+    tensors = load_file(other / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+
+    same = runner.invoke(app, ["validate", str(fused), "--against",
+                               str(ROOT / "examples" / "tiny-llama")])
+    assert same.exit_code == 0 and "bit for bit" in same.stdout
+    result = runner.invoke(app, ["validate", str(fused), "--against", str(other)])
+    assert result.exit_code == 1, result.output
+    assert "some checks FAILED" in result.stdout
+    assert "bit for bit" not in result.stdout.splitlines()[-1]
