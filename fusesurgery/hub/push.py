@@ -262,7 +262,7 @@ def plan_push(
                                          if p in hub_ids)
     for base in chosen:
         _check_repo_id(base)
-    hub_ids.update(zip(("decoder", "encoder"), base_models))  # given: decoder first
+    hub_ids.update(zip(("decoder", "encoder"), base_models, strict=False))  # decoder first
     card = build_model_card(
         config, repo_id=repo_id, base_models=chosen, hub_ids=hub_ids,
         checks=[CardCheck(c.status, c.name, c.figure, c.detail) for c in report.checks],
