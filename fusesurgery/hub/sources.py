@@ -288,8 +288,9 @@ def _hub_message(reference: HubReference, error: BaseException, token: str | Non
     offline = hub_offline()
     if offline and isinstance(error, (LocalEntryNotFoundError, CachedRepoTreeNotFoundError,
                                       OfflineModeIsEnabled)):
-        return (f"{name}: not in the local Hub cache, and HF_HUB_OFFLINE is set; download it "
-                "once with the network on (or unset HF_HUB_OFFLINE)")
+        return (f"{name}: no such local path, and no repo of that name in the local Hub "
+                "cache while HF_HUB_OFFLINE is set; download it once with the network on (or "
+                "unset HF_HUB_OFFLINE)")
     if isinstance(error, GatedRepoError):
         who = "your token has no access" if token else "no token was given"
         return (f"{name}: a gated repo and {who}; accept its conditions on "
@@ -311,8 +312,9 @@ def _hub_message(reference: HubReference, error: BaseException, token: str | Non
                                                      OfflineModeIsEnabled)):
         cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) and \
             error.__cause__ is not None else error
-        return (f"{name}: cannot reach the Hub at {endpoint} ({describe(cause)}), and the "
-                "files are not in the local cache")
+        return (f"{name}: no such local path, and the Hub at {endpoint} cannot be reached to "
+                f"fetch a repo of that name ({describe(cause)}; nothing of it is in the local "
+                "cache)")
     return None
 
 
@@ -389,13 +391,34 @@ def download_checkpoint(reference: HubReference) -> HubSnapshot:
 # Remote headers.
 
 
+# A tensor this small is read from a remote file by one range request instead of downloading
+# the file (a fused repo's gates are scalars in the shard of new parameters: GBs on a real
+# model, a few bytes each).
+RANGE_READ_MAX_BYTES = 1 << 16
+
+
 class _RemoteSafetensorsReader(_SafetensorsReader):
     """A safetensors file known by its header alone; the file is downloaded into the cache
-    (at ``header.path``) the first time its bytes are needed."""
+    (at ``header.path``) the first time its bytes are needed, except for tensors of at most
+    :data:`RANGE_READ_MAX_BYTES`, read by a range request while it is not local."""
 
-    def __init__(self, header: SafetensorsHeader, download: Callable[[], None]) -> None:
+    def __init__(self, header: SafetensorsHeader, download: Callable[[], None],
+                 read_range: Callable[[int, int], bytes] | None = None) -> None:
         super().__init__(header)
         self._download = download
+        self._read_range = read_range
+
+    def tensor(self, name: str) -> Any:
+        entry = self.header.entries[name]
+        size = entry.end - entry.begin
+        if self._read_range is None or self.header.path.exists() or size > RANGE_READ_MAX_BYTES:
+            return super().tensor(name)
+        import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
+        if not size:
+            return torch.empty(entry.info.shape, dtype=entry.info.dtype)
+        data = bytearray(self._read_range(entry.begin, entry.end - 1))  # begin/end: absolute
+        return torch.frombuffer(data, dtype=entry.info.dtype).view(entry.info.shape)
 
     def _ensure_local(self) -> None:
         if not self.header.path.exists():
@@ -410,22 +433,33 @@ class _RemoteSafetensorsReader(_SafetensorsReader):
         return super().region(name)
 
 
+def _get_range(session: Any, url: str, headers: dict[str, str], path: Path, first: int,
+               last: int) -> bytes:
+    """Bytes ``first..last`` (inclusive) of a remote file, by one range request.
+
+    Raises:
+        HubError: the server sent another number of bytes.
+    """
+    from huggingface_hub.utils import hf_raise_for_status  # noqa: PLC0415 - only for Hub
+
+    response = session.get(url, headers={**headers, "Range": f"bytes={first}-{last}"})
+    hf_raise_for_status(response)
+    data = response.content
+    if response.status_code == 200:  # a server that ignores ranges sent it all
+        data = data[first:last + 1]
+    if len(data) != last - first + 1:
+        raise HubError(f"{path.name}: asked for bytes {first}-{last}, got {len(data)} "
+                       "bytes; the file is truncated or the server is not a Hub")
+    return data
+
+
 def _read_remote_header(session: Any, url: str, headers: dict[str, str], path: Path,
                         file_size: int) -> SafetensorsHeader:
     """A remote safetensors header by two range requests: the 8-byte length, then exactly
     the header."""
-    from huggingface_hub.utils import hf_raise_for_status  # noqa: PLC0415 - only for Hub
 
     def get(first: int, last: int) -> bytes:
-        response = session.get(url, headers={**headers, "Range": f"bytes={first}-{last}"})
-        hf_raise_for_status(response)
-        data = response.content
-        if response.status_code == 200:  # a server that ignores ranges sent it all
-            data = data[first:last + 1]
-        if len(data) != last - first + 1:
-            raise HubError(f"{path.name}: asked for bytes {first}-{last}, got {len(data)} "
-                           "bytes; the file is truncated or the server is not a Hub")
-        return data
+        return _get_range(session, url, headers, path, first, last)
 
     if file_size < HEADER_LENGTH_BYTES:
         raise HubError(f"{path.name}: {file_size}-byte file is too short to be safetensors")
@@ -500,8 +534,14 @@ def open_remote_checkpoint(reference: HubReference) -> CheckpointSource | None:
 
         with ThreadPoolExecutor(min(HEADER_FETCH_THREADS, len(shard_names))) as pool:
             shard_headers = list(pool.map(header_of, shard_names))
+    def read_range(name: str, first: int, last: int) -> bytes:
+        url = hf_hub_url(reference.repo_id, name, revision=commit, endpoint=endpoint)
+        with _translated(reference, token):
+            return _get_range(session, url, headers, directory / name, first, last)
+
     readers = [(header.path, _RemoteSafetensorsReader(
-        header, lambda name=name: download(name)))
+        header, lambda name=name: download(name),
+        lambda first, last, name=name: read_range(name, first, last)))
         for name, header in zip(shard_names, shard_headers, strict=True)]
     if wanted is not None:
         held = {path: set(reader.header.entries) for path, reader in readers}

@@ -454,7 +454,8 @@ def inspect_checkpoint(
         path: anything :func:`fusesurgery.io.open_checkpoint` opens: a safetensors file, a
             shard index, a ``torch.save`` file, a Hugging Face / Meta / fusesurgery directory,
             a Hub repo id (a safetensors repo is read from its remote headers: nothing is
-            downloaded but its config, its index and, for a fused repo, the gates' shards).
+            downloaded but its config and its index; a fused repo's gate scalars are read
+            by range requests of a few bytes).
         overrides: config values from the user, by field name: ``DecoderConfig`` fields
             (``num_heads``) for a decoder or a fused model's decoder, ``VisionEncoderConfig``
             fields prefixed ``encoder_`` (``encoder_num_heads``) for a vision tower. None

@@ -162,7 +162,7 @@ def test_offline(hub: FakeHub, seed_repo, hub_settings: Path, llama_dir: Path,
     hub.clear_log()
     with pytest.raises(HubError) as error:
         open_checkpoint("alice/llama")
-    assert "not in the local Hub cache" in str(error.value)
+    assert "no such local path, and no repo of that name in the local Hub cache" in str(error.value)
     assert "\n" not in str(error.value)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with open_checkpoint("alice/llama") as online:
@@ -192,7 +192,7 @@ def test_errors(hub: FakeHub, seed_repo, hub_settings: Path, llama_dir: Path,
     with pytest.raises(HubError, match="a gated repo and your token has no access"):
         open_checkpoint("alice/gated")
     hub.fail("repo-info", status=None)  # the connection drops
-    with pytest.raises(HubError, match="cannot reach the Hub at http://127.0.0.1"):
+    with pytest.raises(HubError, match="no such local path, and the Hub at http://127.0.0.1"):
         open_checkpoint("alice/private")
 
 
@@ -288,3 +288,25 @@ def test_a_405b_shaped_repo_is_inspected_from_its_headers(hub: FakeHub, hub_sett
     sent = sum(r.sent for r in hub.requests)
     assert apparent > 800e9 and sent < 1e6
     assert all(r.range is not None for r in _data_gets(hub))
+
+
+def test_remote_fused_repo_gates_are_read_by_range(hub: FakeHub, seed_repo, hub_settings: Path,
+                                                   tmp_path: Path):
+    """A fused repo's gates (scalars in the shard of new parameters) come by range requests
+    of their own bytes: no shard is downloaded, and the values are the stored ones."""
+    import fusesurgery
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    fused = tmp_path / "fused"
+    fusesurgery.fuse(root / "tiny-clip-vision", root / "tiny-llama", fused, every=2)
+    seed_repo("alice/fused", fused)
+    hub.clear_log()
+
+    report = inspect_checkpoint("alice/fused")
+
+    assert report.fusion is not None and report.fusion.gates == \
+        inspect_checkpoint(fused).fusion.gates
+    assert len(report.fusion.gates) == 4 and report.fusion.is_identity
+    gets = _data_gets(hub)
+    assert gets and all(r.range is not None for r in gets)  # nothing downloaded whole
+    assert max(r.sent for r in gets) < 20_000  # headers and 2-byte gate scalars only
