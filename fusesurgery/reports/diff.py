@@ -36,6 +36,7 @@ heads, whatever the checkpoint size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import types
@@ -205,6 +206,7 @@ class DiffReport:
         stored_keys_a: every compared name of A -> the key as A's file spells it
             (``layers.1.mlp.w3.weight`` -> ``model.layers.1.mlp.up_proj.weight``).
         stored_keys_b: likewise for B.
+        values_skipped: why values were not compared (empty when they were).
     """
 
     a: CheckpointSide
@@ -225,6 +227,7 @@ class DiffReport:
     atol: float = 0.0
     stored_keys_a: Mapping[str, str] = field(default_factory=dict)
     stored_keys_b: Mapping[str, str] = field(default_factory=dict)
+    values_skipped: str = ""
 
     def key_a(self, name: str) -> str:
         """The compared ``name`` as A's file spells it."""
@@ -287,6 +290,7 @@ class DiffReport:
             "unmapped_a": list(self.unmapped_a),
             "unmapped_b": list(self.unmapped_b),
             "values_compared": self.values_compared,
+            "values_skipped": self.values_skipped or None,
             "num_values_compared": self.num_values_compared,
             "num_values_equal": self.num_values_equal,
             "num_values_different": len(self.value_changes),
@@ -355,7 +359,8 @@ class DiffReport:
             if hidden > 0:
                 lines.append(f"  ... and {hidden} more keys")
         if self.identical and not self.values_compared:
-            lines.append("same keys, shapes and dtypes; values not compared (use --values)")
+            lines.append("same keys, shapes and dtypes; values not compared ("
+                         f"{self.values_skipped or 'use --values'})")
         else:
             lines.append("identical" if self.identical else "different")
         return "\n".join(lines)
@@ -786,12 +791,22 @@ def diff_checkpoints(
         source_b = b if isinstance(b, CheckpointSource) else open_checkpoint(
             b, remote_headers=remote)
         try:
+            skipped = "not asked for: use --values" if values is False else ""
             if values is None:  # values of a remote repo would mean downloading it
-                values = not any(s.hub is not None and s.hub.headers_only
-                                 for s in (source_a, source_b)) and max(
-                    source_a.total_bytes, source_b.total_bytes) <= AUTO_VALUES_LIMIT
-            return _diff(source_a, source_b, values=values, raw=raw, overrides=overrides,
-                         atol=atol, chunk_bytes=chunk_bytes)
+                remote = [s for s in (source_a, source_b)
+                          if s.hub is not None and s.hub.headers_only]
+                largest = max(source_a.total_bytes, source_b.total_bytes)
+                values = not remote and largest <= AUTO_VALUES_LIMIT
+                if remote:
+                    skipped = (f"{remote[0].hub.reference.given} is read from its remote "
+                               "headers; --values downloads it and compares")
+                elif not values:
+                    skipped = (f"{format_bytes(largest)} is over the "
+                               f"{format_bytes(AUTO_VALUES_LIMIT)} compared by default; use "
+                               "--values")
+            report = _diff(source_a, source_b, values=values, raw=raw, overrides=overrides,
+                           atol=atol, chunk_bytes=chunk_bytes)
+            return dataclasses.replace(report, values_skipped=skipped) if skipped else report
         finally:
             if source_b is not b:
                 source_b.close()

@@ -27,7 +27,7 @@ REPORT_FIELDS = {
     "identical", "keys_identical", "mode", "a", "b", "num_common", "only_in_a", "only_in_b",
     "shape_changes", "dtype_changes", "dropped_a", "dropped_b", "unmapped_a", "unmapped_b",
     "values_compared", "num_values_compared", "num_values_equal", "num_values_different",
-    "atol", "value_changes",
+    "atol", "value_changes", "values_skipped",
 }
 SIDE_FIELDS = {"path", "format", "kind", "layout", "num_tensors", "total_bytes", "key_prefix"}
 

@@ -91,3 +91,14 @@ def test_hub_errors_are_one_line(hub: FakeHub, repos, hub_env):
     assert "no repo of that name in the local Hub cache while HF_HUB_OFFLINE" in offline.stderr
     assert offline.stderr.strip().count("\n") == 0, offline.stderr
     assert not Path("never-written").exists()
+
+
+def test_key_level_diff_of_a_remote_repo_says_why_values_were_skipped(hub: FakeHub, repos,
+                                                                      hub_env):
+    run = subprocess.run([sys.executable, "-m", "fusesurgery", "diff", "alice/llama",
+                          "alice/llama", "--json"], env=hub_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["values_compared"] is False
+    assert doc["values_skipped"].startswith("alice/llama is read from its remote headers")
