@@ -67,7 +67,7 @@ def convert(
         "family": detected.family,
         "from": detected.layout,
         "to": to,
-        "tensors": len(result.plan),
+        "tensors": result.num_tensors,
         "dropped": dict(result.plan.dropped),
         "notes": list(result.notes),
         "total_bytes": written.total_size,
@@ -77,7 +77,7 @@ def convert(
         typer.echo(standard_json.dumps(summary, indent=2))
         return
     typer.echo(f"{detected.kind} ({detected.family}) {detected.layout} -> {to}: "
-               f"{len(result.plan)} tensors, {format_bytes(written.total_size)} in "
+               f"{result.num_tensors} tensors, {format_bytes(written.total_size)} in "
                f"{len(written.files)} files at {written.out_dir}")
     dropped: dict[str, list[str]] = {}
     for key, reason in result.plan.dropped:  # one line a reason, not one a tensor

@@ -135,6 +135,8 @@ def fuse(
         "new_parameters": sum(t.nbytes // t.dtype.itemsize for t in result.plan.new_tensors),
         "total_bytes": written.total_size,
         "tokenizer_files": list(result.tokenizer_files),
+        # what the fused model computes differently from the sources' own loaders
+        "notes": [*result.decoder.differences, *result.encoder.differences],
         "files": list(written.files),
     }
     if as_json:
@@ -154,3 +156,5 @@ def fuse(
                      "are input-only")
     if not result.tokenizer_files:
         stderr.print("note: no tokenizer beside the decoder; none written")
+    for note in (*result.decoder.differences, *result.encoder.differences):
+        stderr.print(f"note: {note}")

@@ -39,12 +39,15 @@ class ConfigReading:
     Args:
         read: field -> value stated by the file.
         defaults: field -> value the file's loader assumes when the file is silent.
-        notes: settings read but not modelled, and why that is safe.
+        notes: settings read but not modelled, and why that is safe; the differences too.
+        differences: settings the native model does not compute as the file's own loader
+            does (a sliding window shorter than the model's positions), one line each.
     """
 
     read: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
 
 
 def config_style(config: Mapping[str, Any]) -> str:
@@ -70,6 +73,8 @@ def config_style(config: Mapping[str, Any]) -> str:
 # Decoders.
 
 HF_DECODER_FAMILIES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+# transformers' names of the SiLU activation (ACT2CLS: both are torch's SiLU).
+HF_SILU_NAMES: tuple[str, ...] = ("silu", "swish")
 HF_DECODER_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
 }
@@ -164,24 +169,63 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
         )
 
 
-def _sliding_window_notes(config: Mapping[str, Any], family: str, reading: ConfigReading) -> None:
+# transformers' sliding-window defaults (MistralConfig, Qwen2Config): a Mistral config.json
+# silent on it gets a 4096-token window; Qwen2 applies its window only with
+# use_sliding_window, and then to the layers from max_window_layers on (or as layer_types says).
+HF_SLIDING_WINDOW_DEFAULT = 4096
+QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28
+
+
+def _window_value(config: Mapping[str, Any], origin: str) -> int | None:
+    window = config.get("sliding_window", HF_SLIDING_WINDOW_DEFAULT)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ConfigError(f"{origin}: sliding_window must be a positive integer or null, got "
+                          f"{window!r}")
+    return window
+
+
+def hf_sliding_window(config: Mapping[str, Any], family: str,
+                      origin: str = "config.json") -> int | None:
+    """The sliding window transformers applies for a decoder config.json, or None when every
+    layer attends to all earlier tokens.
+
+    Raises:
+        ConfigError: a ``sliding_window`` that is neither a positive integer nor null.
+    """
+    if family == "mistral":
+        return _window_value(config, origin)
+    if family != "qwen2" or not config.get("use_sliding_window"):
+        return None
+    window = _window_value(config, origin)
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list):
+        return window if "sliding_attention" in layer_types else None
+    layers = config.get("num_hidden_layers")
+    first = config.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS_DEFAULT)
+    if isinstance(layers, int) and isinstance(first, int) and layers <= first:
+        return None  # no layer reaches max_window_layers
+    return window
+
+
+def _sliding_window_notes(window: int | None, max_positions: Any, loader: str,
+                          reading: ConfigReading) -> None:
     # A causal sliding window of w tokens attends to exactly what full causal attention does
-    # for sequences of at most w tokens, so modelling full attention changes nothing there.
-    # Longer sequences are the user's to avoid; the note says where the limit is.
-    window = config.get("sliding_window")
-    if family == "mistral" and window:
-        reading.notes.append(
-            f"sliding_window {window} read and ignored: identical to full attention for "
-            f"sequences of at most {window} tokens"
-        )
-    layer_types = config.get("layer_types") or ()
-    if family == "qwen2" and window and (
-        config.get("use_sliding_window") or "sliding_attention" in layer_types
-    ):
-        reading.notes.append(
-            f"use_sliding_window with sliding_window {window} read and ignored: identical to "
-            f"full attention for sequences of at most {window} tokens"
-        )
+    # for sequences of at most w tokens; the native model has full attention, so it computes
+    # the file's model only up to there. A window no shorter than the longest sequence the
+    # model is made for changes nothing.
+    if window is None:
+        return
+    if isinstance(max_positions, int) and window >= max_positions:
+        reading.notes.append(f"sliding_window {window} read: no shorter than the "
+                             f"{max_positions} positions the model has, so full attention "
+                             "computes the same")
+        return
+    reading.differences.append(
+        f"sliding_window {window} is not modelled: {loader} applies it, the native model "
+        "attends to every earlier token, so the two agree only on sequences of at most "
+        f"{window} tokens"
+    )
 
 
 def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -205,7 +249,7 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
                 reading.read["family"] = HF_DECODER_ARCHITECTURES[architecture]
                 break
     family = reading.read.get("family", "llama")
-    if (_name(config, "hidden_act", origin) or "silu") != "silu":
+    if (_name(config, "hidden_act", origin) or "silu") not in HF_SILU_NAMES:
         raise ConfigError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported "
                           "(Llama-family decoders use silu)")
     if config.get("mlp_bias"):
@@ -219,8 +263,12 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
         if config.get(key) is not None:
             reading.read[name] = config[key]
     _rope_from_hf(config, origin, reading)
-    _sliding_window_notes(config, family, reading)
     reading.defaults.update(HF_DECODER_DEFAULTS[family])
+    _sliding_window_notes(
+        hf_sliding_window(config, family, origin),
+        reading.read.get("max_seq_len", reading.defaults["max_seq_len"]), "transformers",
+        reading)
+    reading.notes.extend(reading.differences)
     return reading
 
 
@@ -295,11 +343,10 @@ def read_meta_decoder_config(
             reading.read["rope_scaling"] = None
     # Mistral's params.json states hidden_dim; Meta's derive it from multiple_of.
     reading.read["family"] = "mistral" if "hidden_dim" in config else "llama"
-    if config.get("sliding_window"):
-        reading.notes.append(
-            f"sliding_window {config['sliding_window']} read and ignored: identical to full "
-            f"attention for sequences of at most {config['sliding_window']} tokens"
-        )
+    if config.get("sliding_window") is not None:  # Mistral's reference code: no default
+        _sliding_window_notes(_window_value(config, origin), config.get("max_seq_len"),
+                              "Mistral's reference code", reading)
+        reading.notes.extend(reading.differences)
     reading.defaults.update(META_DECODER_DEFAULTS)
     return reading
 
@@ -438,6 +485,7 @@ __all__ = [
     "coerce_rope_scaling",
     "config_style",
     "hf_config_dict",
+    "hf_sliding_window",
     "native_config_dict",
     "meta_intermediate_dim",
     "read_decoder_config",
@@ -446,6 +494,7 @@ __all__ = [
     "read_meta_decoder_config",
     "read_native_config",
     "read_vision_config",
+    "set_hf_dtype",
 ]
 
 
@@ -515,12 +564,23 @@ def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
     return out
 
 
-def hf_config_dict(config: DecoderConfig | VisionEncoderConfig) -> dict[str, Any]:
+def hf_config_dict(
+    config: DecoderConfig | VisionEncoderConfig, base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """A transformers config.json (transformers 4 style, which 5 reads too) for ``config``.
+
+    Args:
+        config: the model.
+        base: a decoder's own transformers config.json (the source's, or the one a conversion
+            kept beside a native or Meta checkpoint). Every field it states stays as it is
+            (token ids, ``sliding_window``, dtype, transformers 5's ``rope_parameters``
+            spelling, ...) except those whose meaning differs from ``config``, which are
+            written in its spelling. A base of another family is not used.
 
     Raises:
         ConfigError: a setting transformers' class for the family cannot express (a Llama
-            with q/k/v biases but none on the output projection, a Qwen2 without biases).
+            with q/k/v biases but none on the output projection, a Qwen2 without biases), or
+            a base that is no valid decoder config.json.
     """
     if isinstance(config, VisionEncoderConfig):
         out: dict[str, Any] = {
@@ -532,12 +592,55 @@ def hf_config_dict(config: DecoderConfig | VisionEncoderConfig) -> dict[str, Any
             raise ConfigError(
                 f"a {config.family} config.json cannot express attn_bias={config.attn_bias}"
             )
+        if base is not None and read_hf_decoder_config(base).read.get(
+                "family", "llama") == config.family:
+            return _over_base(config, base)
         out = {key: getattr(config, name) for key, name in HF_DECODER_KEYS.items()
                if key != "attention_bias" or config.family == "llama"}
-        out["rope_theta"] = config.rope_base
-        scaling = config.rope_scaling
-        out["rope_scaling"] = None if scaling is None else {
-            "rope_type": "llama3", **dataclasses.asdict(scaling)
-        }
+        out["hidden_act"] = "silu"
+        out.update(_hf_rope(config))
+        if config.family == "mistral":  # else transformers applies its default 4096 window
+            out["sliding_window"] = None
     return {"architectures": [HF_ARCHITECTURES[config.family]],
             "model_type": HF_MODEL_TYPES[config.family], **out}
+
+
+def _hf_rope(config: DecoderConfig) -> dict[str, Any]:
+    scaling = config.rope_scaling
+    return {"rope_theta": config.rope_base,
+            "rope_scaling": None if scaling is None else {
+                "rope_type": "llama3", **dataclasses.asdict(scaling)}}
+
+
+def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with each field whose meaning differs from ``config`` rewritten."""
+    reading = read_hf_decoder_config(base)
+    meant = {**reading.defaults, **reading.read}
+    # what transformers derives when these are left out
+    meant.setdefault("head_dim", config.embed_dim // config.num_heads)
+    meant.setdefault("num_kv_heads", 8 if config.family == "mistral" else config.num_heads)
+    out = dict(base)
+    for key, name in HF_DECODER_KEYS.items():
+        if key == "attention_bias" and config.family != "llama":
+            continue  # the family fixes it (hf_config_dict checked it)
+        if name not in meant or meant[name] != getattr(config, name):
+            out[key] = getattr(config, name)
+    if (meant["rope_base"], meant["rope_scaling"]) != (config.rope_base, config.rope_scaling):
+        rope = _hf_rope(config)
+        parameters = base.get("rope_parameters")
+        if isinstance(parameters, Mapping):  # transformers 5's spelling
+            kept = {k: v for k, v in parameters.items()
+                    if k not in ("rope_type", "type", *_LLAMA3_SCALING_KEYS)}
+            out["rope_parameters"] = {**kept, "rope_theta": rope["rope_theta"],
+                                      **(rope["rope_scaling"] or {"rope_type": "default"})}
+        else:
+            out.update(rope)
+    return out
+
+
+def set_hf_dtype(document: dict[str, Any], dtype_name: str) -> None:
+    """State ``dtype_name`` (``"bfloat16"``) as a config.json's dtype, in its own spelling
+    (transformers 5's ``dtype`` where it has one, else ``torch_dtype``)."""
+    key = "dtype" if "dtype" in document else "torch_dtype"
+    document.pop("torch_dtype" if key == "dtype" else "dtype", None)
+    document[key] = dtype_name

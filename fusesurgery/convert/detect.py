@@ -83,6 +83,9 @@ class DetectedModel:
         fused_style: ``"fusesurgery"`` (``encoder.vision.*``) or ``"torchtune"``
             (``encoder.clip.*``) for a fused model whose encoder keys say which.
         notes: settings read but deliberately not modelled, and other remarks for the user.
+        differences: the notes on settings that make the native model compute something
+            other than the source's own loader (a sliding window shorter than the model's
+            positions); what ``convert`` and ``fuse`` report.
     """
 
     kind: str
@@ -94,6 +97,7 @@ class DetectedModel:
     fusion: FusionConfig | None = None
     fused_style: str | None = None
     notes: tuple[str, ...] = ()
+    differences: tuple[str, ...] = ()
 
     def fields_from(self, provenance: str) -> tuple[str, ...]:
         """Names of the config fields whose value came from ``provenance``."""
@@ -469,6 +473,7 @@ def _detect_decoder(
         fusion=fusion,
         fused_style=style,
         notes=tuple(notes),
+        differences=tuple(reading.differences) if reading is not None else (),
     )
 
 

@@ -4,6 +4,7 @@ transform it, write it, drop it. Peak memory is about the largest tensor."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -19,6 +20,8 @@ from fusesurgery.convert.configs import (
     hf_config_dict,
     meta_config_dict,
     native_config_dict,
+    read_hf_decoder_config,
+    set_hf_dtype,
 )
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry
@@ -37,11 +40,13 @@ from fusesurgery.io import (
     TensorInfo,
     open_checkpoint,
 )
+from fusesurgery.io._files import read_side_file
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 from fusesurgery.write.side_files import (
     DECODER_SIDE_FILES,
     ENCODER_SIDE_FILES,
+    HF_CONFIG_SIDE_FILE,
     read_side_files,
     side_directory,
 )
@@ -87,13 +92,20 @@ class ConversionResult:
         plan: what was converted, renamed and dropped.
         written: the files written.
         notes: one line each on what the conversion did beyond renaming (where a SigLIP
-            pooling head went, or that the output says it has none).
+            pooling head went, or that the output says it has none), what it left out, and
+            settings the native model does not compute as transformers does.
     """
 
     detected: DetectedModel
     plan: ConversionPlan
     written: WriteResult
     notes: tuple[str, ...] = ()
+
+    @property
+    def num_tensors(self) -> int:
+        """Tensors written (a fused checkpoint's plan lists its native tensors, which an
+        Mllama output merges or leaves out)."""
+        return sum(len(shard.keys) for shard in self.written.plan.shards)
 
 
 def _pooling_head(
@@ -137,6 +149,33 @@ def _head_notes(head: tuple[PlanEntry, ...], from_file: bool, to: str,
                 f"{HEAD_CONFIG_FIELD}: false, so transformers builds the tower without one "
                 "(no pooler_output)"]
     return []
+
+
+def _hf_base(source: CheckpointSource, detected: DetectedModel
+             ) -> tuple[dict[str, Any] | None, Any]:
+    """A decoder's own transformers config.json and the file it lies in: the source's, or
+    the one an earlier conversion kept beside a native or Meta checkpoint; ``(None, None)``
+    for anything else.
+
+    Raises:
+        ConfigError: a kept file that is not a transformers config.json.
+    """
+    if detected.kind != "decoder":
+        return None, None
+    directory = side_directory(source)
+    if source.config_file == "config.json" and source.config is not None \
+            and config_style(source.config) == "hf":
+        return dict(source.config), directory / "config.json"
+    path = directory / HF_CONFIG_SIDE_FILE
+    if detected.layout == "hf" or not os.path.lexists(path):
+        return None, None
+    try:
+        document = json.loads(read_side_file(path))
+    except ValueError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict) or config_style(document) != "hf":
+        raise ConfigError(f"{path}: not a transformers config.json")
+    return document, path
 
 
 def plan_entry_source(
@@ -246,11 +285,11 @@ def convert_checkpoint(
             source.close()
             from fusesurgery.write.fused_convert import convert_fused  # noqa: PLC0415
 
-            _, written, _ = convert_fused(source_path, out_dir, to=to,
-                                          max_shard_size=max_shard_size, overwrite=overwrite,
-                                          on_tensor_written=on_tensor_written, durable=durable,
-                                          on_progress=on_progress)
-            return ConversionResult(detected, plan, written)
+            _, written, notes = convert_fused(
+                source_path, out_dir, to=to, max_shard_size=max_shard_size,
+                overwrite=overwrite, on_tensor_written=on_tensor_written, durable=durable,
+                on_progress=on_progress)
+            return ConversionResult(detected, plan, written, notes)
         plan = plan_conversion(infos, detected.layout, detected.config, target_layout=to,
                                kind=detected.kind, dtype=dtype)
         # SigLIP's pooling head: no native key holds it, so it is carried, not dropped
@@ -272,22 +311,38 @@ def convert_checkpoint(
 
         def produce(key: str) -> torch.Tensor | FileRegion | PermutedRegion:
             return plan_entry_source(*readers[key])
+        # a decoder's own transformers config: what the native config cannot hold (token
+        # ids, a sliding window, dtype, ...) travels in it, to come back with --to hf
+        base, base_path = _hf_base(source, detected)
         config = CONFIG_WRITERS[to](detected.config)
-        if to == "hf" and source.config_file == "config.json" and source.config is not None \
+        if to == "hf" and base is not None:
+            config = hf_config_dict(detected.config, base=base)
+        elif to == "hf" and source.config_file == "config.json" and source.config is not None \
                 and config_style(source.config) == "hf":
-            # the source's own transformers config: keep what fusesurgery does not model
-            # (token ids, dtype, ...), with the fields it does written as it resolved them
+            # a vision tower's: keep what fusesurgery does not model, with the fields it does
+            # written as it resolved them
             config = {**source.config, **config}
-        if dtype is not None and to != "meta":
-            config["torch_dtype"] = str(dtype).removeprefix("torch.")
-            config.pop("dtype", None)
+        dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
+        if dtype_name is not None and to != "meta":
+            set_hf_dtype(config, dtype_name)
         if to == "hf" and detected.kind == "vision" and detected.config.family in HEAD_FAMILIES:
             config[HEAD_CONFIG_FIELD] = bool(head)  # else transformers makes a random head
         side_names = DECODER_SIDE_FILES if detected.kind == "decoder" else ENCODER_SIDE_FILES
         side = read_side_files(side_directory(source), side_names)
         if to == "native" and head:
             side[HEAD_FILE] = head_file_bytes(head, head_source)
+        if to != "hf" and base is not None:
+            if dtype_name is None:  # the file as it was
+                side[HF_CONFIG_SIDE_FILE] = read_side_file(base_path)
+            else:
+                set_hf_dtype(base, dtype_name)
+                side[HF_CONFIG_SIDE_FILE] = standard_json.dumps(base, indent=2) + "\n"
         notes = _head_notes(head, head_source is not source, to, detected)
+        if not (detected.layout == "hf" and to == "hf"):  # a native or Meta model involved
+            differences = list(detected.differences)
+            if to == "hf" and base is not None and detected.layout != "hf":
+                differences += read_hf_decoder_config(base, str(base_path)).differences
+            notes.extend(dict.fromkeys(differences))
         written = write_layout(
             out_dir,
             to,
@@ -302,7 +357,7 @@ def convert_checkpoint(
             on_tensor_written=on_tensor_written,
             on_progress=on_progress,
             durable=durable,
-            inputs=(*source.paths_read,
+            inputs=(*source.paths_read, *(() if base_path is None else (base_path,)),
                     *(head_source.paths_read if head_source not in (None, source) else ())),
         )
     return ConversionResult(detected, plan, written, tuple(notes))

@@ -126,9 +126,14 @@ def _to_mllama(view: FusedView, config: FusedConfig):
     spelling = SPELLINGS[0] if opaque else SPELLINGS[-1]  # conditional when vision travels
     fusion_layers = config.fusion.fusion_layers
     notes = []
-    if any(k.startswith(("encoder.vision.", "encoder.projection.")) for k in infos):
-        notes.append("the fusesurgery vision tower and projection are not written: "
-                     "MllamaForCausalLM holds the fused decoder alone")
+    left_out = [k for k in infos if k.startswith(("encoder.vision.", "encoder.projection."))]
+    if left_out:
+        family = config.encoder.family if config.encoder is not None else None
+        tower = {"clip": "CLIP", "siglip": "SigLIP"}.get(family, "vision")
+        notes.append(
+            f"left out the {tower} tower and projection ({len(left_out)} tensors, "
+            "encoder.vision.* and encoder.projection.*): Mllama's vision model is not a "
+            "CLIP/SigLIP tower, so the output is MllamaForCausalLM, the fused decoder alone")
     out_infos: list[TensorInfo] = []
     producers: dict[str, Callable[[], Any]] = {}
     d = config.decoder

@@ -13,6 +13,10 @@ from fusesurgery.io._files import read_side_file
 # new tokens added), and beside an encoder.
 DECODER_SIDE_FILES: tuple[str, ...] = (*TOKENIZER_FILES, "generation_config.json")
 ENCODER_SIDE_FILES: tuple[str, ...] = ("preprocessor_config.json", "processor_config.json")
+# A decoder's own transformers config.json, kept beside a native or Meta checkpoint converted
+# from it: the way back to hf starts from it, so what the native config cannot hold (token
+# ids, a sliding window, dtype, ...) comes back as it was.
+HF_CONFIG_SIDE_FILE = "hf_config.json"
 
 
 def side_directory(source: CheckpointSource) -> Path:
@@ -35,5 +39,5 @@ def read_side_files(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]
     return found
 
 
-
-__all__ = ["DECODER_SIDE_FILES", "ENCODER_SIDE_FILES", "read_side_files", "side_directory"]
+__all__ = ["DECODER_SIDE_FILES", "ENCODER_SIDE_FILES", "HF_CONFIG_SIDE_FILE", "read_side_files",
+           "side_directory"]

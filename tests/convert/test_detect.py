@@ -51,9 +51,10 @@ def test_mistral_sliding_window_is_read_and_noted(hf_mistral):
     detected = detect_model(hf_mistral.infos, hf_mistral.config, "config.json")
     assert detected.family == "mistral"
     assert detected.config.max_seq_len == 131_072 and detected.config.rope_scaling is None
-    assert detected.notes == (
-        "sliding_window 4096 read and ignored: identical to full attention for sequences of "
-        "at most 4096 tokens",
+    assert detected.notes == detected.differences == (
+        "sliding_window 4096 is not modelled: transformers applies it, the native model "
+        "attends to every earlier token, so the two agree only on sequences of at most 4096 "
+        "tokens",
     )
 
 
@@ -228,7 +229,17 @@ def test_mistral_params_json():
     detected = detect_model(layout_tensor_infos(mistral, "meta"), params, "params.json")
     assert detected.family == "mistral"
     assert detected.config == mistral.replace(max_seq_len=4096, norm_eps=1e-5)
-    assert any(note.startswith("sliding_window 4096 read and ignored") for note in detected.notes)
+    # params.json states no max_seq_len: the window may be exceeded
+    assert detected.differences == (
+        "sliding_window 4096 is not modelled: Mistral's reference code applies it, the native "
+        "model attends to every earlier token, so the two agree only on sequences of at most "
+        "4096 tokens",)
+    assert detected.differences[0] in detected.notes
+    within = detect_model(layout_tensor_infos(mistral, "meta"),
+                          {**params, "max_seq_len": 4096}, "params.json")
+    assert within.differences == () and within.notes == (
+        "sliding_window 4096 read: no shorter than the 4096 positions the model has, so full "
+        "attention computes the same",)
 
 
 # ----------------------------------------------------------------------------- no config
