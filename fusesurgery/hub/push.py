@@ -18,6 +18,7 @@ half-done on the Hub:
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import platform
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from fusesurgery.hub._client import (
     http_status,
     hub_api,
     hub_endpoint,
+    hub_offline,
     hub_token,
     is_network_error,
 )
@@ -97,7 +99,8 @@ class PushPlan:
 @dataclass(frozen=True)
 class PushResult:
     """What a push did: ``committed`` is False for a dry run and when the repo already held
-    exactly these files (``commit`` is then its head); ``commit`` is None for a dry run."""
+    exactly these files (``commit`` is then its head); ``commit`` is None for a dry run;
+    ``deleted``: files of an earlier checkpoint in the repo, deleted by the commit."""
 
     plan: PushPlan
     dry_run: bool
@@ -108,11 +111,13 @@ class PushResult:
     commit_url: str | None = None
     pr_url: str | None = None
     committed: bool = False
+    deleted: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.plan.to_dict(), "dry_run": self.dry_run, "endpoint": self.endpoint,
                 "repo_url": self.repo_url, "created_repo": self.created_repo,
-                "committed": self.committed, "commit": self.commit,
+                "committed": self.committed, "deleted": list(self.deleted),
+                "commit": self.commit,
                 "commit_url": self.commit_url, "pr_url": self.pr_url}
 
 
@@ -140,7 +145,15 @@ def collect_files(out: Path) -> list[PushFile]:
     from fusesurgery.write.output_guard import MARKER_FILE
 
     files: list[PushFile] = []
-    for root, dirs, names in os.walk(out, followlinks=False):
+    seen_dirs: set[str] = set()
+    # links are followed (a snapshot from the Hub cache is all links into its blobs), a
+    # directory reached twice (a link cycle) only once
+    for root, dirs, names in os.walk(out, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             path = Path(root) / name
@@ -166,12 +179,30 @@ def collect_files(out: Path) -> list[PushFile]:
             recorded = json.loads(marker.read_text()).get("files", [])
         except (ValueError, AttributeError, OSError):
             recorded = []
+        recorded = recorded if isinstance(recorded, list) else []
         missing = sorted(name for name in recorded if isinstance(name, str)
                          and not (out / name).is_file())
         if missing:
             raise CheckpointError(f"{out}: {missing[0]} is missing ({len(missing)} file(s) "
                                   "its writer recorded are gone); the directory is incomplete")
     return files
+
+
+# Files of a checkpoint: those of an earlier one left in the repo beside the new one would make
+# it a mix (an old model.safetensors beside a new index), so the push deletes them; anything
+# else in the repo (a LICENSE, images, notes) is kept.
+CHECKPOINT_FILE_PATTERNS = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.json", "*.model", "*.tiktoken",
+    "merges.txt", "vocab.txt", "source/*",
+)
+
+
+def stale_files(remote: Sequence[str], pushed: set[str]) -> list[str]:
+    """The files of the repo a push deletes: checkpoint files (by
+    :data:`CHECKPOINT_FILE_PATTERNS`) that the pushed directory does not hold."""
+    return sorted(path for path in remote if path not in pushed and path != ".gitattributes"
+                  and any(fnmatch.fnmatch(path, pattern)
+                          for pattern in CHECKPOINT_FILE_PATTERNS))
 
 
 def _hub_ids(config: Any) -> dict[str, str]:
@@ -235,6 +266,7 @@ def plan_push(
 
     stage = on_stage or (lambda message: None)
     _check_repo_id(repo_id)
+    license = license.strip() if license and license.strip() else None
     directory = Path(out)
     if not directory.is_dir():
         raise CheckpointError(f"{out}: not a directory; push uploads a fused checkpoint "
@@ -244,6 +276,11 @@ def plan_push(
                               "written by `fusesurgery fuse` or fusesurgery.save_fused")
     files = collect_files(directory)
     config = read_fused_config(directory)
+    from fusesurgery.reports.inspection import inspect_checkpoint
+
+    fusion = inspect_checkpoint(directory).fusion  # the gates as the weights hold them
+    if fusion is not None and fusion.gates:
+        config = config.replace(gates=dict(fusion.gates))
     stage(f"validating {out}" + (" (header-level checks)" if quick else ""))
     report = validate_layout(directory)  # header-level first: a broken layout stops here
     if report.ok and not quick:
@@ -282,6 +319,9 @@ def _refusal(error: BaseException, repo_id: str, user: str | None, doing: str) -
     status = http_status(error)
     who = f"the token of {user}" if user else "the token"
     reason = describe(error)
+    if type(error).__name__ == "RevisionNotFoundError":
+        return (f"{repo_id} has no revision to commit to ({reason}): --revision names a branch "
+                "(created from main if missing) or refs/pr/N of an open pull request")
     if status == 401:
         return (f"the Hub refused {who} ({reason}): it is invalid or expired; pass --token or "
                 "log in again with `hf auth login`")
@@ -291,6 +331,9 @@ def _refusal(error: BaseException, repo_id: str, user: str | None, doing: str) -
     if status == 404:
         return (f"{repo_id} does not exist and could not be created ({reason}); check the "
                 "namespace, or create the repo on the Hub first")
+    if status is not None and 400 <= status < 500 and status not in (408, 429):
+        return (f"the Hub refused to {doing} ({reason}); nothing was committed and the repo "
+                "is unchanged")
     return None
 
 
@@ -319,21 +362,41 @@ def _upload_large_files(api: Any, repo_id: str, operations: Sequence[Any], plan:
                         workers: int = 4) -> None:
     """Send the large files to the Hub's storage before the commit, one request per file
     (biggest first, ``workers`` at a time), so that each is marked uploaded as soon as it is
-    there; on the first failure the files not started are left and the error is raised."""
-    from concurrent.futures import ThreadPoolExecutor
+    there; on the first failure no further file starts and the error is raised.
 
-    ordered = sorted(operations, key=lambda op: -op.upload_info.size)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fusesurgery-push") as pool:
-        futures = [pool.submit(api.preupload_lfs_files, repo_id, additions=[op],
-                               revision=plan.revision, create_pr=plan.create_pr or None,
-                               num_threads=1, free_memory=False) for op in ordered]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    The workers are daemon threads, joined in short waits: Ctrl-C or SIGTERM reaches this
+    thread at once and the process exits without waiting for uploads in flight (they only
+    reach the Hub's storage; nothing is committed)."""
+    import threading
+
+    pending = sorted(operations, key=lambda op: op.upload_info.size)  # popped: biggest first
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                if errors or not pending:
+                    return
+                op = pending.pop()
+            try:
+                api.preupload_lfs_files(repo_id, additions=[op], revision=plan.revision,
+                                        create_pr=plan.create_pr or None, num_threads=1,
+                                        free_memory=False)
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                with lock:
+                    errors.append(error)
+                return
+
+    threads = [threading.Thread(target=work, daemon=True, name=f"fusesurgery-push-{i}")
+               for i in range(min(workers, len(pending)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.25)
+    if errors:
+        raise errors[0]
 
 
 def _failure(error: BaseException, repo_id: str, user: str | None, doing: str) -> HubError:
@@ -377,7 +440,7 @@ def push_plan(plan: PushPlan, *, token: str | None = None, user: str | None = No
         HubError: no token, a refused token, no write permission, a repo that is missing and
             cannot be created, or a network failure (saying what was uploaded).
     """
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.errors import HfHubHTTPError
 
     stage = on_stage or (lambda message: None)
@@ -407,15 +470,22 @@ def push_plan(plan: PushPlan, *, token: str | None = None, user: str | None = No
         if plan.revision and not plan.create_pr and not plan.revision.startswith("refs/"):
             api.create_branch(repo_id, branch=plan.revision, exist_ok=True)
         head = api.repo_info(repo_id, revision=plan.revision).sha  # to tell a no-op commit
+        remote = [] if created else api.list_repo_files(repo_id, revision=plan.revision)
     except Exception as error:  # noqa: BLE001 - narrowed by _is_hub_error
         if not _is_hub_error(error):
             raise
         raise fail(error, f"create {repo_id}" if not created else f"write to {repo_id}") \
             from error
-    operations = [
+    operations: list[Any] = [
         CommitOperationAdd(path_in_repo=f.path_in_repo,
                            path_or_fileobj=f.local_path if f.local_path else plan.card.encode())
         for f in plan.files]
+    stale = stale_files(remote, {f.path_in_repo for f in plan.files})
+    if stale:
+        stage(f"replacing the checkpoint already in {repo_id}: {len(stale)} of its files "
+              f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}) are deleted in the "
+              "same commit")
+        operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
     where = f"{repo_id}" + (f"@{plan.revision}" if plan.revision else "")
     committing = False
     stage(f"uploading {len(operations)} files ({format_bytes(plan.total_bytes)}) to {where} "
@@ -424,19 +494,17 @@ def push_plan(plan: PushPlan, *, token: str | None = None, user: str | None = No
         validate_card = getattr(api, "_validate_yaml", None)  # the client's own early check
         if validate_card is not None:
             validate_card(plan.card, repo_type="model")
-        _upload_large_files(api, repo_id, [op for op in operations
-                                           if op.path_in_repo != CARD_FILE], plan)
+        _upload_large_files(api, repo_id, [op for op in operations if isinstance(
+            op, CommitOperationAdd) and op.path_in_repo != CARD_FILE], plan)
         committing = True
         info = api.create_commit(repo_id, operations=operations,
                                  commit_message=plan.commit_message, revision=plan.revision,
                                  create_pr=plan.create_pr or None)
-    except ValueError as error:  # the Hub's metadata check refused the card
-        if _is_hub_error(error):
-            raise HubError(_refusal(error, repo_id, user, f"write to {repo_id}")
-                           or describe(error)) from error
-        raise HubError(f"the Hub refused the model card's metadata: "
-                       f"{' '.join(str(error).split())}; nothing was uploaded") from error
-    except Exception as failure:  # noqa: BLE001 - narrowed by _hub_cause
+    except Exception as failure:  # noqa: BLE001 - narrowed below
+        if type(failure) is ValueError and str(failure).startswith("Invalid metadata"):
+            details = " ".join(str(failure).split()).removeprefix("Invalid metadata in README.md.")
+            raise HubError(f"the Hub refused the model card's metadata:{details}; nothing was "
+                           "uploaded (check --base-model and --license)") from failure
         error = _hub_cause(failure)
         if error is None:
             raise
@@ -451,7 +519,7 @@ def push_plan(plan: PushPlan, *, token: str | None = None, user: str | None = No
     return PushResult(plan=plan, dry_run=False, endpoint=endpoint,
                       repo_url=f"{endpoint}/{repo_id}", created_repo=created,
                       commit=info.oid, commit_url=info.commit_url, pr_url=info.pr_url,
-                      committed=not unchanged)
+                      committed=not unchanged, deleted=tuple(stale))
 
 
 def _hub_cause(error: BaseException) -> BaseException | None:
@@ -503,6 +571,9 @@ def push_fused(
         FuseSurgeryError: as :func:`plan_push`.
     """
     user = None
+    if not dry_run and hub_offline():
+        raise HubError("HF_HUB_OFFLINE is set and push needs the network: unset it, or look "
+                       "at what would be pushed with --dry-run")
     if not dry_run:  # the token is checked (and a bare name placed) before the long checks
         token = hub_token(token)
         if not token:

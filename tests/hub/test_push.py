@@ -326,3 +326,69 @@ def test_card_names_local_sources_without_their_paths(fused, on_hub):
     assert "several base models" not in card and "set rather than left" in card
     assert "were not run: --quick" in card  # a zero-gate identity not proven by --quick
     assert "15 files besides this card" in card
+
+
+def test_a_checkpoint_already_in_the_repo_is_replaced_not_mixed(fused, on_hub, seed_repo,
+                                                                 hub_env, tmp_path):
+    seed_repo("alice/m", DECODER)  # a plain Llama: model.safetensors, config.json, ...
+    (tmp_path / "LICENSE").write_text("mine")
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=on_hub.url, token=WRITE_TOKEN).upload_file(
+        path_or_fileobj=str(tmp_path / "LICENSE"), path_in_repo="LICENSE", repo_id="alice/m")
+    result = push(fused, "alice/m", "--quick", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert "model.safetensors" in doc["deleted"] and "config.json" in doc["deleted"]
+    files = set(on_hub.repos["alice/m"].commits[on_hub.head("alice/m")].files)
+    assert "model.safetensors" not in files and "config.json" not in files
+    assert {"LICENSE", ".gitattributes", "fusion_config.json"} <= files  # the rest is kept
+    run = subprocess.run([sys.executable, "-m", "fusesurgery", "validate", "alice/m",
+                          "--json"], env=hub_env(), capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr  # what is on the Hub is one fused checkpoint
+
+
+def test_links_inside_the_directory_are_followed(fused, on_hub, tmp_path):
+    moved = tmp_path / "elsewhere"
+    shutil.move(fused / "source", moved)
+    (fused / "source").symlink_to(moved, target_is_directory=True)
+    result = push(fused, "fuse-org/tiny-vlm", "--dry-run", "--json", "--quick", token=None)
+    assert result.exit_code == 0, result.output
+    paths = {f["path"] for f in json.loads(result.stdout)["files"]}
+    assert "source/decoder/config.json" in paths and len(paths) == 16
+
+
+def test_gates_in_the_card_are_the_weights(fused, on_hub):
+    config = json.loads((fused / "fusion_config.json").read_text())
+    config["gates"] = {key: 0.5 for key in config["gates"]}  # a stale record
+    (fused / "fusion_config.json").write_text(json.dumps(config))
+    result = push(fused, "fuse-org/tiny-vlm", "--dry-run", "--json", "--quick", token=None)
+    assert "all 4 tanh gates exactly 0" in json.loads(result.stdout)["card"]
+
+
+def test_refused_metadata_revision_and_offline(fused, on_hub, monkeypatch):
+    line = _one_line_error(push(fused, "fuse-org/tiny-vlm", "--quick", "--base-model",
+                                "not a repo id!"), "not a Hub repo id")
+    assert on_hub.requests_of("commit") == []
+    assert push(fused, "fuse-org/tiny-vlm", "--quick").exit_code == 0
+    _one_line_error(push(fused, "fuse-org/tiny-vlm", "--quick", "--create-pr", "--revision",
+                         "no-such-branch"), "has no revision to commit to")
+    on_hub.fail("commit", status=409)
+    generation = json.loads((fused / "generation_config.json").read_text())
+    (fused / "generation_config.json").write_text(json.dumps({**generation, "top_k": 5}))
+    line = _one_line_error(push(fused, "fuse-org/tiny-vlm", "--quick"), "the Hub refused",
+                           "HTTP 409", "nothing was committed")
+    assert "network" not in line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(on_hub.requests)
+    _one_line_error(push(fused, "fuse-org/tiny-vlm"), "HF_HUB_OFFLINE is set")
+    assert len(on_hub.requests) == before
+
+
+def test_a_bare_name_is_pushed_and_described_under_the_token_owner(fused, on_hub):
+    result = push(fused, "bare-vlm", "--quick", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["repo_id"] == "alice/bare-vlm"
+    assert 'snapshot_download("alice/bare-vlm")' in doc["card"]
