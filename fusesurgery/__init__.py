@@ -57,7 +57,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_ATTRIBUTES})
+    """The public API and the module's dunders, not the helpers this file imports."""
+    dunders = (name for name in globals() if name.startswith("__") and name.endswith("__"))
+    return sorted({*dunders, *__all__})
 
 
 class _Package(types.ModuleType):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
+from collections.abc import Sequence
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command_from_info
 from typer.models import CommandInfo
 
-from fusesurgery.cli.errors import debug_enabled, interrupted, report, set_quiet
+from fusesurgery.cli.errors import debug_enabled, interrupted, report, report_usage, set_quiet
 
 # (command, module, function, epilog): one row per command, in the order help lists them. A
 # new command is one more row; its module is imported only when the command is used or listed.
@@ -66,11 +69,16 @@ def _coerce_plain(annotation: type, value: Any) -> Any:
     try:
         return annotation(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{value!r} is not a valid {annotation.__name__}") from None
+        what = _TYPE_WORDS.get(annotation, annotation.__name__)
+        raise ValueError(f"{value!r} is not a valid {what}") from None
+
+
+_TYPE_WORDS = {int: "integer", float: "number"}
 
 
 try:  # typer's per-parameter coercion hook (typer >= 0.29); without it, typer's default stands
     from typer._coercion import RuntimeParam as _RuntimeParam
+    from typer._param_types import coerce_cli_choice as _coerce_choice
 
     class _PlainRuntimeParam(_RuntimeParam):
         """Coerces plain option values without pydantic: typer builds a pydantic TypeAdapter
@@ -83,33 +91,87 @@ try:  # typer's per-parameter coercion hook (typer >= 0.29); without it, typer's
             except ValueError as error:
                 raise typer.BadParameter(str(error), ctx=ctx, param=param) from None
 
+    class _ChoiceRuntimeParam(_RuntimeParam):
+        """A ``Literal[...]`` option's value, also without pydantic; the message names the
+        valid values the way the library's own ``unknown ...; valid: ...`` errors do."""
+
+        def _coerce_value(self, value: Any, param: Any, ctx: typer.Context) -> Any:
+            choices = param.type_descriptor.choices
+            try:
+                return _coerce_choice(value, choices=choices,
+                                      case_sensitive=param.type_descriptor.case_sensitive,
+                                      ctx=ctx)
+            except ValueError:
+                noun = _CHOICE_NOUNS.get(param.name, param.name.replace("_", " "))
+                raise typer.BadParameter(
+                    f"unknown {noun} {value!r}; valid: {', '.join(map(str, choices))}",
+                    ctx=ctx, param=param) from None
+
 except ImportError:  # pragma: no cover - another typer
-    _PlainRuntimeParam = None
+    _PlainRuntimeParam = _ChoiceRuntimeParam = None
 
 
 _PLAIN_TYPES = (bool, int, float, str, Path)
+# What a choice option's value is, where its name does not say (``--to hf``: a layout).
+_CHOICE_NOUNS = {"to": "layout"}
+# Value placeholders in help, where the option's last name word does not say what goes there.
+METAVARS = {
+    "output": "DIR", "against": "CHECKPOINT", "to": "LAYOUT", "format": "LAYOUT",
+    "base_model": "REPO_ID", "layers": "LIST", "embedding_init": "METHOD",
+    "revision": "BRANCH", "commit_message": "TEXT",
+}
+_TYPE_METAVARS = {int: "N", float: "NUMBER"}
+
+
+def _metavar(param: Any) -> str:
+    """An option's value placeholder in help, by one rule: :data:`METAVARS` where the name
+    does not say; ``N`` for an integer, ``NUMBER`` for a float; else the name's last word
+    (``--device DEVICE``, ``--max-shard-size SIZE``, ``--new-token TOKEN``)."""
+    if param.name in METAVARS:
+        return METAVARS[param.name]
+    descriptor = getattr(param, "type_descriptor", None)
+    annotation = getattr(descriptor, "annotation", None)
+    if annotation in _TYPE_METAVARS and not getattr(descriptor, "is_choice", False):
+        return _TYPE_METAVARS[annotation]
+    return param.name.rsplit("_", 1)[-1].upper()
+
+
+def _no_type_column(ctx: Any) -> None:
+    return None
 
 
 def _param_rules(params: list[Any]) -> list[Any]:
     """The one rule every command's parameters follow, for help and for start-up time.
 
     Help in the style of git's and hf's: a flag shows no value placeholder (typer would print
-    ``--json <bool>``), and a positional shows its name in capitals (``CHECKPOINT``, ``OUT``)
-    in the usage line (without typer's ``{braces}``, see :class:`_Command`) and in the
-    arguments panel. Values of plain types are coerced without pydantic (see
-    :class:`_PlainRuntimeParam`).
+    ``--json <bool>``), an option taking a value shows what it takes in capitals
+    (``--output DIR``, ``--every N``; see :func:`_metavar`) instead of typer's ``<str>``, and
+    a positional shows its name in capitals (``CHECKPOINT``, ``OUT``) in the usage line
+    (without typer's ``{braces}``, see :class:`_Command`) and in the arguments panel, with
+    no type beside it. Values of plain types and ``Literal`` choices are coerced without
+    pydantic (see :class:`_PlainRuntimeParam`, :class:`_ChoiceRuntimeParam`).
     """
     for param in params:
-        if param.param_type_name == "argument" and param.metavar is None:
-            param.metavar = param.name.upper()
-        elif getattr(param, "is_flag", False) and param.metavar is None:
-            param.metavar = ""
+        if param.param_type_name == "argument":
+            if param.metavar is None:
+                param.metavar = param.name.upper()
+            param.display_type_rich = _no_type_column  # the name says it: no <str> beside
+        elif getattr(param, "is_flag", False):
+            if param.metavar is None:
+                param.metavar = ""
+        elif param.metavar is None:
+            param.metavar = _metavar(param)
         descriptor = getattr(param, "type_descriptor", None)
-        if (_PlainRuntimeParam is not None and descriptor is not None
-                and getattr(param, "_runtime_param", False) is None
-                and descriptor.annotation in _PLAIN_TYPES and descriptor.file_annotation is None
-                and not param.multiple and param.nargs == 1):
+        if (_PlainRuntimeParam is None or descriptor is None
+                or getattr(param, "_runtime_param", False) is not None
+                or descriptor.file_annotation is not None or param.multiple
+                or param.nargs != 1):
+            continue
+        if descriptor.annotation in _PLAIN_TYPES:
             param._runtime_param = _PlainRuntimeParam(
+                parameter_info=descriptor.parameter_info, annotation=descriptor.annotation)
+        elif descriptor.is_choice and not descriptor.is_list:
+            param._runtime_param = _ChoiceRuntimeParam(
                 parameter_info=descriptor.parameter_info, annotation=descriptor.annotation)
     return params
 
@@ -183,6 +245,48 @@ class _Group(TyperGroup):
     def get_params(self, ctx: typer.Context) -> list[Any]:
         return _param_rules(super().get_params(ctx))
 
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """Parse and run; a usage error (an unknown option or command, a bad or missing
+        value) is one line and exit 2, JSON on stdout too under ``--json`` (see
+        ``cli.errors.report_usage``), instead of typer's boxed message.
+
+        Help (``--help``, no arguments at all), ``-V`` and shell completion run as typer runs
+        them; this only takes over the exit at the end.
+
+        Raises:
+            SystemExit: always, with the exit code (see ``cli.errors``).
+        """
+        if not standalone_mode:  # a caller that handles exceptions itself
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        words = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            code = 1
+        except typer.TyperException as error:  # click's ClickException and its usage errors
+            if type(error).__name__ == "NoArgsIsHelpError":  # the help is already printed
+                code = error.exit_code
+            else:
+                ctx = getattr(error, "ctx", None)
+                code = report_usage(error.format_message(),
+                                    ctx.command_path if ctx is not None else "fusesurgery",
+                                    as_json="--json" in words[:_end_of_options(words)])
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except typer.TyperException as error:  # typer suggests from loaded commands only
+            if args and "Did you mean" not in error.message:
+                matches = get_close_matches(args[0], self.list_commands(ctx))
+                if matches:
+                    error.message = (f"{error.message.rstrip('.')}. Did you mean "
+                                     f"{', '.join(map(repr, matches))}?")
+            raise
+
     def invoke(self, ctx: typer.Context):
         # the command line before click consumes it: an error under --json is JSON too
         words = (*getattr(ctx, "_protected_args", ()), *ctx.args)
@@ -197,6 +301,11 @@ class _Group(TyperGroup):
         except Exception as exc:  # noqa: BLE001 - the one place that maps errors
             code = report(exc, as_json="--json" in words)
             raise typer.Exit(code) from (exc if debug_enabled() else None)
+
+
+def _end_of_options(words: list[str]) -> int:
+    """Where ``--`` ends the options (after it, ``--json`` would be an argument)."""
+    return words.index("--") if "--" in words else len(words)
 
 
 _NAMES = {row[0]: i for i, row in enumerate(COMMANDS)}
@@ -228,5 +337,5 @@ def _root(
     if version:
         from fusesurgery import __version__
 
-        typer.echo(__version__)
+        typer.echo(f"fusesurgery {__version__}")  # as git and hf print theirs
         raise typer.Exit()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -30,7 +30,7 @@ def convert(
     source: CheckpointPath,
     # str, not Path: typer turns "" into Path("."), the current directory
     output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
-    to: Annotated[str, typer.Option(
+    to: Annotated[Literal["native", "hf", "meta", "mllama"], typer.Option(
         help="Target layout: native, hf, meta (consolidated.00.pth + params.json); for a "
         "fused checkpoint native or mllama (transformers' Mllama).")] = "native",
     dtype: DtypeOption = None,

@@ -34,6 +34,21 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 _error_stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# stdout's width when it is a pipe or a file and COLUMNS is unset: rich would assume 80 columns
+# and fold long key names across lines, which grep cannot match; tables keep their natural
+# width (they never stretch to this).
+PIPE_WIDTH = 10_000
+
+
+def stdout_console() -> Console:
+    """A console for a command's data on stdout, made when the command prints: on a terminal
+    (or with COLUMNS set) as wide as that; piped, wide enough that no row wraps."""
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
 def set_quiet(quiet: bool) -> None:
     """``--quiet``: no progress bars or informational messages on stderr from now on.
 
@@ -90,9 +105,26 @@ def report(exc: BaseException, as_json: bool = False) -> int:
             if as_json:
                 print(standard_json.dumps({"error": message, "kind": prefix, "code": code}))
             return code
+    message = type(exc).__name__ + (f": {str(exc).splitlines()[0]}" if str(exc) else "")
     _error_stderr.print(
-        f"[bold red]internal error:[/] {escape(type(exc).__name__)}: "
-        f"{escape(str(exc).splitlines()[0] if str(exc) else '')} "
+        f"[bold red]internal error:[/] {escape(message)} "
         "(a bug in fusesurgery; rerun with FUSESURGERY_DEBUG=1 for the traceback)"
     )
+    if as_json:
+        print(standard_json.dumps({"error": message, "kind": "internal error",
+                                   "code": EXIT_BUG}))
     return EXIT_BUG
+
+
+def report_usage(message: str, command_path: str | None = None, as_json: bool = False) -> int:
+    """Print a usage error (an unknown option or command, a bad or missing value) as one line
+    on stderr, as git and hf do: ``error: Invalid value for '--every': 'abc' is not a valid
+    integer (see 'fusesurgery fuse --help')``; return the exit code (2). With ``as_json`` it
+    is also ``{"error": message, "kind": "usage error", "code": 2}`` on stdout."""
+    message = " ".join(message.split()).removesuffix(".")
+    hint = f" (see '{command_path} --help')" if command_path else ""
+    _error_stderr.print(f"[bold red]error:[/] {escape(message + hint)}")
+    if as_json:
+        print(standard_json.dumps({"error": message, "kind": "usage error",
+                                   "code": EXIT_ERROR}))
+    return EXIT_ERROR

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from fusesurgery import _json as standard_json
+from fusesurgery._plural import plural
 from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import (
@@ -69,12 +70,12 @@ def fuse(
         "and Llama 3.2 Vision).")] = False,
     new_token: Annotated[list[str] | None, typer.Option(
         help="A token to add, repeatable (default: <|image|>); ids vocab_size + i.")] = None,
-    embedding_init: Annotated[str, typer.Option(
+    embedding_init: Annotated[Literal["mean", "zeros", "normal"], typer.Option(
         help="How new embedding rows start: mean (of the table), zeros, normal.")] = "mean",
     encoder_layer: Annotated[str | None, typer.Option(
         help="Encoder hidden layer that feeds the fusion (transformers' hidden_states[k]; "
         "-2 penultimate) or 'last'; default per family: CLIP -2, SigLIP last.")] = None,
-    projection: Annotated[str, typer.Option(
+    projection: Annotated[Literal["mlp", "linear"], typer.Option(
         help="Projection head from encoder to decoder width: mlp (2 layers, GELU) or "
         "linear.")] = "mlp",
     dtype: DtypeOption = None,
@@ -149,7 +150,7 @@ def fuse(
         f"{list(config.fusion.fusion_layers)}, new tokens "
         f"{', '.join(f'{t.token}={t.id}' for t in config.new_tokens) or 'none'}, "
         f"{config.projection} projection from {layer_text}; "
-        f"{format_bytes(written.total_size)} in {len(written.files)} files at "
+        f"{format_bytes(written.total_size)} in {plural(len(written.files), 'file')} at "
         f"{written.out_dir}")
     if config.decoder.tie_word_embeddings:
         stderr.print("note: tied embeddings: the output stays the original table; new tokens "

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from fusesurgery import _json as standard_json
+from fusesurgery.cli.errors import stdout_console
 from fusesurgery.cli.options import (
     CheckpointPath,
     EncoderNumHeads,
@@ -19,8 +19,6 @@ from fusesurgery.cli.options import (
     RopeBase,
     collect_overrides,
 )
-
-stdout = Console(highlight=False)
 
 Keys = Annotated[bool, typer.Option(
     "--keys", help="List every key (name, shape, dtype) instead of the collapsed key tree.")]
@@ -51,4 +49,4 @@ def inspect(
         return
     from fusesurgery.cli.inspect_render import render_report
 
-    stdout.print(render_report(report, all_keys=keys))
+    stdout_console().print(render_report(report, all_keys=keys))

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fusesurgery._plural import plural
 from fusesurgery._sizes import format_bytes
 from fusesurgery.config import RopeScaling
 from fusesurgery.convert.detect import DetectedModel
@@ -55,10 +56,10 @@ def render_report(report: InspectReport, *, all_keys: bool = False) -> Group:
 
 def _header(report: InspectReport) -> Text:
     model = report.model
-    files = len(report.files)
     text = Text(report.path, style="bold")
     text.append(
-        f"\n{report.format}, {files} file{'s' * (files != 1)}, {report.num_tensors:,} tensors, "
+        f"\n{report.format}, {plural(len(report.files), 'file')}, "
+        f"{plural(report.num_tensors, 'tensor', spec=',')}, "
         f"{_short_count(report.num_parameters)} parameters, {format_bytes(report.total_bytes)}"
     )
     text.append(f"\n{model.kind}", style="bold")
@@ -106,21 +107,21 @@ def _fusion_section(fusion: FusionReport) -> Group:
     layers = fusion.fusion_layers
     grid.add_row("fusion layers", f"{len(layers)} at layers {format_index_set(layers)}"
                  if layers else "none")
-    grid.add_row("fusion vocab", f"{fusion.fusion_vocab_size} new tokens")
+    grid.add_row("fusion vocab", plural(fusion.fusion_vocab_size, "new token"))
     grid.add_row("encoder dim", str(fusion.encoder_dim))
     if fusion.encoder is not None:
         enc = fusion.encoder.config
-        grid.add_row("encoder", f"{fusion.encoder.family}, {enc.num_layers} layers, "
+        grid.add_row("encoder", f"{fusion.encoder.family}, {plural(enc.num_layers, 'layer')}, "
                      f"width {enc.embed_dim}, {enc.image_size}px / {enc.patch_size}px patches")
     if not fusion.gates:
         grid.add_row("gates", "none stored")
     elif fusion.is_identity:
-        grid.add_row("gates", Text(f"identity: all gates 0 ({len(fusion.gates)} gates)",
+        grid.add_row("gates", Text(f"identity: all gates 0 ({plural(len(fusion.gates), 'gate')})",
                                    style="green"))
     else:
         nonzero = sum(value != 0.0 for value in fusion.gates.values())
-        grid.add_row("gates", Text(f"{nonzero} of {len(fusion.gates)} gates non-zero: the "
-                                   "fused model differs from the decoder", style="yellow"))
+        grid.add_row("gates", Text(f"{nonzero} of {plural(len(fusion.gates), 'gate')} non-zero: "
+                                   "the fused model differs from the decoder", style="yellow"))
     parts: list[Any] = [Text("fusion", style="bold"), grid]
     if fusion.gates and not fusion.is_identity:
         parts.extend((Text(""), _gate_table(fusion.gates)))
@@ -157,8 +158,8 @@ def _counts_table(title: str, label: str, counts: Iterable[TensorCount], total: 
 
 
 def _key_tree_table(report: InspectReport) -> Table:
-    table = _section(f"keys ({report.num_tensors:,} in {len(report.key_rows):,} rows)",
-                     "key", "shape", "dtype")
+    rows = plural(len(report.key_rows), "row", spec=",")
+    table = _section(f"keys ({report.num_tensors:,} in {rows})", "key", "shape", "dtype")
     for row in report.key_rows:
         table.add_row(escape(row.name), format_shape(row.shape), row.dtype)
     return table

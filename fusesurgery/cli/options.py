@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -58,19 +58,42 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return decoder, vision
 
 
-DtypeOption = Annotated[str | None, typer.Option(
-    "--dtype", help=f"Cast floating-point tensors: {', '.join(FLOAT_DTYPE_ALIASES)}.")]
+# The dtypes a --dtype cast may produce: those every forward check computes in (on CPU too).
+# fp8 is read and inspected, but a plain cast to it (no scales) is not a usable checkpoint and
+# torch has no fp8 matmul on CPU, so it is not offered.
+CAST_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "float64")
+# Every name of those dtypes, a dtype's names together: bf16, bfloat16, f16, float16, half, ...
+CAST_DTYPE_NAMES: tuple[str, ...] = tuple(
+    name for dtype in CAST_DTYPES for name, torch_name in FLOAT_DTYPE_ALIASES.items()
+    if torch_name == dtype)
+
+
+def _dtype_help() -> str:
+    names: dict[str, list[str]] = {}
+    for name in CAST_DTYPE_NAMES:
+        names.setdefault(FLOAT_DTYPE_ALIASES[name], []).append(name)
+    return "; ".join(", ".join(spellings) for spellings in names.values())
+
+
+DtypeOption = Annotated[Literal[CAST_DTYPE_NAMES] | None, typer.Option(
+    "--dtype", case_sensitive=False,
+    help=f"Cast floating-point tensors to one dtype: {_dtype_help()}.")]
 
 
 def parse_dtype_option(name: str | None, flag: str = "--dtype") -> torch.dtype | None:
-    """A ``--dtype`` value as a torch dtype (None when not given).
+    """A ``--dtype`` value as a torch dtype (None when not given): one of
+    :data:`CAST_DTYPE_NAMES`.
 
     Raises:
-        ConfigError: an unknown name.
+        ConfigError: an unknown name, or a dtype that is no cast target (fp8, integers).
     """
     if name is None:
         return None
     try:
-        return dtype_from_name(name)
-    except ValueError as error:
-        raise ConfigError(f"{flag}: {error}") from None
+        dtype = dtype_from_name(name)
+    except ValueError:
+        dtype = None
+    if dtype is None or str(dtype).removeprefix("torch.") not in CAST_DTYPES:
+        raise ConfigError(f"{flag}: unknown dtype {name!r}; valid: "
+                          f"{', '.join(CAST_DTYPE_NAMES)}")
+    return dtype

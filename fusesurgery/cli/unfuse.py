@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from fusesurgery import _json as standard_json
+from fusesurgery._plural import plural
 from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import CheckpointPath, Json
@@ -16,8 +17,9 @@ from fusesurgery.cli.progress import byte_progress
 def unfuse(
     fused: CheckpointPath,
     output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
-    part: Annotated[str, typer.Option(help="decoder or encoder.")] = "decoder",
-    format: Annotated[str | None, typer.Option(
+    part: Annotated[Literal["decoder", "encoder"], typer.Option(
+        help="decoder or encoder.")] = "decoder",
+    format: Annotated[Literal["hf", "native", "meta"] | None, typer.Option(
         "--format", help="hf, native or meta (default: the layout it was fused from).")] = None,
     merge_embeddings: Annotated[bool, typer.Option(
         help="One embedding table of vocab + new tokens (with --format hf): transformers "
@@ -44,8 +46,8 @@ def unfuse(
     if as_json:
         typer.echo(standard_json.dumps(summary, indent=2))
         return
-    typer.echo(f"{result.part} ({result.format}): {len(result.plan)} tensors, "
-               f"{format_bytes(written.total_size)} in {len(written.files)} files at "
+    typer.echo(f"{result.part} ({result.format}): {plural(len(result.plan), 'tensor')}, "
+               f"{format_bytes(written.total_size)} in {plural(len(written.files), 'file')} at "
                f"{written.out_dir}")
     for note in result.notes:
         stderr.print(f"note: {note}")

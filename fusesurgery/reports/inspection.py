@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+from fusesurgery._plural import plural
 from fusesurgery.config import DecoderConfig, VisionEncoderConfig
 from fusesurgery.convert.configs import DECODER_FIELDS, VISION_FIELDS
 from fusesurgery.convert.detect import (
@@ -200,14 +201,14 @@ class InspectReport:
     def summary(self) -> str:
         """A few lines for people: the file, the model and its config, the fusion parts."""
         lines = [
-            f"{self.path}: {self.format}, {self.num_tensors} tensors, "
+            f"{self.path}: {self.format}, {plural(self.num_tensors, 'tensor')}, "
             f"{self.num_parameters:,} parameters, {format_bytes(self.total_bytes)}",
             self.model.summary(),
         ]
         if self.fusion is not None:
             gates = "identity: all gates 0" if self.fusion.is_identity else (
                 f"{sum(v != 0.0 for v in self.fusion.gates.values())} of "
-                f"{len(self.fusion.gates)} gates non-zero"
+                f"{plural(len(self.fusion.gates), 'gate')} non-zero"
             )
             lines.append(f"  gates: {gates}")
         lines.extend(f"  note: {note}" for note in self.notes if note not in self.model.notes)

@@ -390,13 +390,26 @@ def validate_fused(
         The report; ``report.ok`` is False when any check failed.
 
     Raises:
-        FuseSurgeryError: unreadable input, not a fused checkpoint, or no CUDA device.
+        FuseSurgeryError: unreadable input, not a fused checkpoint, an unknown device or no
+            such CUDA device.
     """
     path = str(path)
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    # the device forms the forward checks run on; anything else (tpu, cuda:x) is bad input
+    kind, _, index = str(device).partition(":")
+    forms = ["cpu", "cuda", "cuda:N", *(["mps"] if torch.backends.mps.is_built() else [])]
+    if (kind not in ("cpu", "cuda", "mps") or (kind == "mps" and "mps" not in forms)
+            or (index and (kind != "cuda" or not index.isdigit()))):
+        raise ConfigError(f"--device: unknown device {str(device)!r}; valid: "
+                          f"{', '.join(forms)}")
+    if kind == "cuda" and not torch.cuda.is_available():
         built = "with" if torch.version.cuda else "without"
         raise ConfigError(f"--device {device}: no CUDA device is available on this machine "
                           f"(torch {torch.__version__}, built {built} CUDA)")
+    if index and int(index) >= torch.cuda.device_count():
+        from fusesurgery._plural import plural  # noqa: PLC0415 - this message alone
+
+        raise ConfigError(f"--device {device}: this machine has "
+                          f"{plural(torch.cuda.device_count(), 'CUDA device')}, from cuda:0")
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
     with open_fused(path) as (_, config):

@@ -31,4 +31,4 @@ def test_demo_table_and_bad_option():
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "fusesurgery", "--version"],
                          capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0.1.0"
+    assert out.stdout.strip() == "fusesurgery 0.1.0"

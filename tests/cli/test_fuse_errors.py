@@ -40,7 +40,7 @@ def _fuse(encoder, decoder, out, *options):
     (["--encoder-layer", "penultimate"], ["--encoder-layer takes"]),
     (["--new-token", "<a>", "--new-token", "<a>"], ["new tokens repeat"]),
     (["--new-token", " "], ["non-empty"]),
-    (["--dtype", "int8"], ["--dtype: unknown dtype 'int8'"]),
+    (["--dtype", "int8"], ["'--dtype': unknown dtype 'int8'"]),
     (["--max-shard-size", "lots"], ["lots"]),
 ])
 def test_bad_options(inputs, tmp_path, options, fragments):

@@ -59,7 +59,7 @@ def test_positionals_are_shown_by_name(command, usage):
 def test_flags_show_no_value_but_valued_options_do():
     text = help_text("inspect")
     assert re.search(r"--json\s+Print a JSON document", text), text
-    assert re.search(r"--num-heads\s+<int>", text), text
+    assert re.search(r"--num-heads\s+N\s+Decoder attention heads", text), text
 
 
 def test_root_lists_each_command_with_one_short_line():
@@ -73,7 +73,7 @@ def test_root_lists_each_command_with_one_short_line():
 def test_short_and_long_version():
     short, long = runner.invoke(app, ["-V"]), runner.invoke(app, ["--version"])
     assert short.exit_code == long.exit_code == 0
-    assert short.stdout == long.stdout == f"{fusesurgery.__version__}\n"
+    assert short.stdout == long.stdout == f"fusesurgery {fusesurgery.__version__}\n"
 
 
 def test_bad_value_is_a_usage_error():

@@ -73,7 +73,7 @@ def test_root_help_and_version_do_not_import_torch(tmp_path, args):
     if "-V" in args or "--version" in args:
         import fusesurgery
 
-        assert done.stdout.strip() == fusesurgery.__version__
+        assert done.stdout.strip() == f"fusesurgery {fusesurgery.__version__}"
     else:
         assert "inspect" in done.stdout and "Usage" in done.stdout
 
