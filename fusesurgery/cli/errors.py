@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import traceback
 
 from rich.console import Console
@@ -53,8 +54,14 @@ def set_quiet(quiet: bool) -> None:
     """``--quiet``: no progress bars or informational messages on stderr from now on.
 
     Errors still show (they print on a console of their own), and stdout data is untouched.
+    huggingface_hub's own bars (downloads of Hub sources, uploads of push) go quiet too, and
+    also when stderr is not a terminal (a log), unless HF_HUB_DISABLE_PROGRESS_BARS is set.
     """
     stderr.quiet = quiet
+    if (quiet or not stderr.is_terminal) and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub loads
+        if "huggingface_hub" in sys.modules:  # already loaded (a library user, a test)
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
 
 
 class Terminated(KeyboardInterrupt):

@@ -48,8 +48,12 @@ def push(
     """Validate a fused checkpoint, write its model card, and upload it to the Hugging Face
     Hub in one commit. Nothing leaves the machine unless validate passes; a failed upload
     leaves the repo as it was."""
+    from fusesurgery.hub._client import hub_endpoint
+
+    hub_endpoint()  # huggingface_hub fails to import with a malformed HF_ENDPOINT: say so
     from huggingface_hub.utils import disable_progress_bars
 
+    from fusesurgery._plural import plural
     from fusesurgery._sizes import format_bytes
     from fusesurgery.hub.push import push_fused
 
@@ -70,9 +74,9 @@ def push(
     if dry_run:
         width = max(len(f.path_in_repo) for f in plan.files)
         where = plan.repo_id + (f"@{plan.revision}" if plan.revision else "")
-        typer.echo(f"would upload {len(plan.files)} files ({format_bytes(plan.total_bytes)}) "
-                   f"to {where} in one commit" + (" as a pull request" if plan.create_pr
-                                                   else "") + ":")
+        as_pr = " as a pull request" if plan.create_pr else ""
+        typer.echo(f"would upload {plural(len(plan.files), 'file')} "
+                   f"({format_bytes(plan.total_bytes)}) to {where} in one commit{as_pr}:")
         for f in plan.files:
             typer.echo(f"  {f.path_in_repo:<{width}}  {format_bytes(f.size):>9}")
         typer.echo(f"\n{plan.card}")
@@ -81,9 +85,9 @@ def push(
     typer.echo(result.pr_url or result.commit_url or result.repo_url)
     if not result.committed:
         stderr.print(f"nothing to push: {result.repo_url} already holds exactly these "
-                     f"{len(plan.files)} files (commit {(result.commit or '')[:10]}); no "
+                     f"{plural(len(plan.files), 'file')} (commit {(result.commit or '')[:10]}); no "
                      "commit was made")
         return
-    stderr.print(f"pushed {len(plan.files)} files ({format_bytes(plan.total_bytes)}) to "
+    stderr.print(f"pushed {plural(len(plan.files), 'file')} ({format_bytes(plan.total_bytes)}) to "
                  f"{result.repo_url} in commit {(result.commit or '')[:10]}"
                  + (" (new repo)" if result.created_repo else ""))

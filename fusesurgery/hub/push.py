@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusesurgery._plural import plural
 from fusesurgery._sizes import format_bytes
 from fusesurgery.errors import CheckpointError, ConfigError, HubError, ValidationError
 from fusesurgery.hub._client import (
@@ -171,8 +172,8 @@ def collect_files(out: Path) -> list[PushFile]:
     stray = sorted(top_weights - named) if indexes else []
     if stray:
         raise CheckpointError(
-            f"{out}: {stray[0]} is not named by the index ({len(stray)} weight file(s) beside "
-            "the checkpoint that it does not use); remove it or push a clean directory")
+            f"{out}: {stray[0]} is not named by the index ({plural(len(stray), 'weight file')} "
+            "beside the checkpoint that it does not use); remove it or push a clean directory")
     marker = out / MARKER_FILE
     if marker.is_file():
         try:
@@ -183,7 +184,7 @@ def collect_files(out: Path) -> list[PushFile]:
         missing = sorted(name for name in recorded if isinstance(name, str)
                          and not (out / name).is_file())
         if missing:
-            raise CheckpointError(f"{out}: {missing[0]} is missing ({len(missing)} file(s) "
+            raise CheckpointError(f"{out}: {missing[0]} is missing ({plural(len(missing), 'file')} "
                                   "its writer recorded are gone); the directory is incomplete")
     return files
 
@@ -266,6 +267,10 @@ def plan_push(
 
     stage = on_stage or (lambda message: None)
     _check_repo_id(repo_id)
+    if not quick:  # a bad --device fails before any work
+        from fusesurgery.validate.checks import check_device
+
+        check_device(device)
     license = license.strip() if license and license.strip() else None
     directory = Path(out)
     if not directory.is_dir():
@@ -345,7 +350,7 @@ def _not_uploaded_message(repo_id: str, operations: Sequence[Any], error: BaseEx
     size = format_bytes(sum(op.upload_info.size for op in sent))
     if committing:
         return (f"network failure while committing to {repo_id} ({describe(error)}): nothing "
-                f"was committed and the repo is unchanged; all {len(sent)} large files "
+                f"was committed and the repo is unchanged; all {plural(len(sent), 'large file')} "
                 f"({size}) had reached the Hub's storage and are not sent again when you run "
                 "the same command again")
     unsent = [op.path_in_repo for op in sorted(  # the large files first
@@ -353,8 +358,8 @@ def _not_uploaded_message(repo_id: str, operations: Sequence[Any], error: BaseEx
         key=lambda op: getattr(op, "_upload_mode", None) != "lfs")]
     names = ", ".join(unsent[:3]) + (f" and {len(unsent) - 3} more" if len(unsent) > 3 else "")
     return (f"network failure while uploading to {repo_id} ({describe(error)}): nothing was "
-            f"committed and the repo is unchanged; {len(sent)} large files ({size}) reached "
-            "the Hub's storage and are skipped when you run the same command again; not "
+            f"committed and the repo is unchanged; {plural(len(sent), 'large file')} ({size}) "
+            "reached the Hub's storage and are skipped when you run the same command again; not "
             f"uploaded: {names}")
 
 
@@ -482,14 +487,14 @@ def push_plan(plan: PushPlan, *, token: str | None = None, user: str | None = No
         for f in plan.files]
     stale = stale_files(remote, {f.path_in_repo for f in plan.files})
     if stale:
-        stage(f"replacing the checkpoint already in {repo_id}: {len(stale)} of its files "
+        stage(f"replacing the checkpoint already in {repo_id}: {plural(len(stale), 'file')} "
               f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}) are deleted in the "
               "same commit")
         operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
     where = f"{repo_id}" + (f"@{plan.revision}" if plan.revision else "")
     committing = False
-    stage(f"uploading {len(operations)} files ({format_bytes(plan.total_bytes)}) to {where} "
-          "in one commit" + (" as a pull request" if plan.create_pr else ""))
+    stage(f"uploading {plural(len(plan.files), 'file')} ({format_bytes(plan.total_bytes)}) to "
+          f"{where} in one commit" + (" as a pull request" if plan.create_pr else ""))
     try:
         validate_card = getattr(api, "_validate_yaml", None)  # the client's own early check
         if validate_card is not None:

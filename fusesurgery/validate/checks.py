@@ -349,6 +349,31 @@ def _check_round_trip(report: ValidationReport, model: DeepFusionModel) -> None:
                f"first differing: {differing[0]}" if differing else "")
 
 
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device the forward checks cannot run on, before any work.
+
+    Raises:
+        ConfigError: an unknown device (``tpu``, ``cuda:x``), no CUDA device, or a
+            ``cuda:N`` past the machine's count.
+    """
+    # the device forms the forward checks run on; anything else (tpu, cuda:x) is bad input
+    kind, _, index = str(device).partition(":")
+    forms = ["cpu", "cuda", "cuda:N", *(["mps"] if torch.backends.mps.is_built() else [])]
+    if (kind not in ("cpu", "cuda", "mps") or (kind == "mps" and "mps" not in forms)
+            or (index and (kind != "cuda" or not index.isdigit()))):
+        raise ConfigError(f"--device: unknown device {str(device)!r}; valid: "
+                          f"{', '.join(forms)}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        built = "with" if torch.version.cuda else "without"
+        raise ConfigError(f"--device {device}: no CUDA device is available on this machine "
+                          f"(torch {torch.__version__}, built {built} CUDA)")
+    if index and int(index) >= torch.cuda.device_count():
+        from fusesurgery._plural import plural  # noqa: PLC0415 - this message alone
+
+        raise ConfigError(f"--device {device}: this machine has "
+                          f"{plural(torch.cuda.device_count(), 'CUDA device')}, from cuda:0")
+
+
 def validate_layout(path: str | os.PathLike[str]) -> ValidationReport:
     """The header-level part of :func:`validate_fused`: the fused checkpoint opens (index and
     shards agree, ``fusion_config.json`` parses) and its keys, shapes and dtypes are exactly
@@ -394,22 +419,7 @@ def validate_fused(
             such CUDA device.
     """
     path = str(path)
-    # the device forms the forward checks run on; anything else (tpu, cuda:x) is bad input
-    kind, _, index = str(device).partition(":")
-    forms = ["cpu", "cuda", "cuda:N", *(["mps"] if torch.backends.mps.is_built() else [])]
-    if (kind not in ("cpu", "cuda", "mps") or (kind == "mps" and "mps" not in forms)
-            or (index and (kind != "cuda" or not index.isdigit()))):
-        raise ConfigError(f"--device: unknown device {str(device)!r}; valid: "
-                          f"{', '.join(forms)}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        built = "with" if torch.version.cuda else "without"
-        raise ConfigError(f"--device {device}: no CUDA device is available on this machine "
-                          f"(torch {torch.__version__}, built {built} CUDA)")
-    if index and int(index) >= torch.cuda.device_count():
-        from fusesurgery._plural import plural  # noqa: PLC0415 - this message alone
-
-        raise ConfigError(f"--device {device}: this machine has "
-                          f"{plural(torch.cuda.device_count(), 'CUDA device')}, from cuda:0")
+    check_device(device)
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
     with open_fused(path) as (_, config):

@@ -102,3 +102,14 @@ def test_key_level_diff_of_a_remote_repo_says_why_values_were_skipped(hub: FakeH
     doc = json.loads(run.stdout)
     assert doc["values_compared"] is False
     assert doc["values_skipped"].startswith("alice/llama is read from its remote headers")
+
+
+def test_quiet_and_logs_get_no_hub_progress_bars(hub: FakeHub, repos, hub_env, tmp_path):
+    for extra in (["-q"], []):  # -q, and a stderr that is a pipe (a log)
+        run = subprocess.run([sys.executable, "-m", "fusesurgery", *extra, "fuse",
+                              "enc/vision", "alice/llama", "-o", str(tmp_path / f"out{extra}"),
+                              "--every", "1"],  # both sources downloaded
+                             env=hub_env(HF_HOME=str(tmp_path / f"home{len(extra)}")),
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "Fetching" not in run.stderr and "%|" not in run.stderr, run.stderr

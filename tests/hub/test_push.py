@@ -392,3 +392,9 @@ def test_a_bare_name_is_pushed_and_described_under_the_token_owner(fused, on_hub
     doc = json.loads(result.stdout)
     assert doc["repo_id"] == "alice/bare-vlm"
     assert 'snapshot_download("alice/bare-vlm")' in doc["card"]
+
+
+def test_a_bad_device_fails_before_the_checks(fused, on_hub):
+    result = push(fused, "fuse-org/tiny-vlm", "--device", "tpu")
+    _one_line_error(result, "unknown device 'tpu'")
+    assert "validating" not in result.stderr
