@@ -368,9 +368,12 @@ def _kind_of(config: ModelConfig, kind: str | None) -> str:
     return kind
 
 
-# torch's names of the floating-point dtypes safetensors stores: the dtypes a cast may give
+# torch's names of the floating-point dtypes safetensors stores that a cast may give: fp8 is
+# read, never cast to (a plain cast without scales is no usable checkpoint, and fp8 has no
+# CPU forward for validate)
 CAST_DTYPE_NAMES: tuple[str, ...] = tuple(
-    torch_name for torch_name, _, is_float in SAFETENSORS_DTYPE_FACTS.values() if is_float
+    torch_name for torch_name, size, is_float in SAFETENSORS_DTYPE_FACTS.values()
+    if is_float and size >= 2
 )
 
 

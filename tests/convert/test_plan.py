@@ -287,3 +287,17 @@ def test_fused_plans_are_identity_and_check_the_decoder():
         plan_conversion(infos, "native", decoder.replace(embed_dim=32, head_dim=16), kind="fused")
     with pytest.raises(ConfigError, match="cannot describe a fused"):
         plan_conversion(infos, "native", VISION_PRESETS["tiny_clip"], kind="fused")
+
+
+def test_library_casts_refuse_fp8_but_fp8_is_read(tmp_path):
+    """A plain cast to fp8 (no scales) is refused by the library too, not only the CLI."""
+    from pathlib import Path
+
+    import fusesurgery
+    from fusesurgery.errors import ConfigError
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    with pytest.raises(ConfigError, match="cannot cast weights to torch.float8_e4m3fn"):
+        fusesurgery.fuse(examples / "tiny-clip-vision", examples / "tiny-llama",
+                         tmp_path / "out", dtype="f8_e4m3", every=2)
+    assert not (tmp_path / "out").exists()
