@@ -15,13 +15,15 @@ local path always wins over a repo id of the same name). Two ways to open a repo
 
 Settings are read when called, not when huggingface_hub was imported: ``HF_ENDPOINT``,
 ``HF_TOKEN`` (else the saved login), ``HF_HUB_OFFLINE`` (cache only), ``HF_HUB_CACHE`` /
-``HF_HOME``. Client and network errors become one-line :class:`~fusesurgery.errors.HubError`.
-huggingface_hub is imported inside functions only, so start-up does not pay for it.
+``HF_HOME``; every request times out (:func:`fusesurgery.hub._client.hub_timeouts`). Client
+and network errors become one-line :class:`~fusesurgery.errors.HubError`, never showing the
+token. huggingface_hub is imported inside functions only, so start-up does not pay for it.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import struct
@@ -35,11 +37,15 @@ from typing import TYPE_CHECKING, Any
 from fusesurgery.convert.tokenizer import TOKENIZER_FILES
 from fusesurgery.errors import HubError
 from fusesurgery.hub._client import (
+    TIMEOUT_ENV,
     describe,
     hub_endpoint,
     hub_offline,
+    hub_session,
     hub_token,
     is_network_error,
+    redact,
+    timeout_seconds,
 )
 from fusesurgery.io.checkpoint import (
     FORMAT_SAFETENSORS,
@@ -67,10 +73,11 @@ if TYPE_CHECKING:
 
 HF_PREFIX = "hf://"
 MODELS_PREFIX = "models/"
-# What the Hub accepts as a namespace or repo name (letters, digits, '-', '_', '.'; no leading
-# or trailing '-'/'.', no '--' or '..'; at most 96 characters).
+# What the Hub accepts as a namespace or repo name (ASCII letters, digits, '-', '_', '.'; no
+# leading or trailing '-'/'.', no '--' or '..'; at most 96 characters). huggingface_hub's own
+# check (validate_repo_id) has the last word: see _hub_accepts.
 _NAME = r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
-REPO_ID_PATTERN = re.compile(rf"({_NAME})/({_NAME})")
+REPO_ID_PATTERN = re.compile(rf"({_NAME})/({_NAME})", re.ASCII)
 # A name ending like a checkpoint file is a local path that is missing, not a repo.
 FILE_LIKE_SUFFIXES = (SAFETENSORS_SUFFIX, INDEX_SUFFIX, ".json", *TORCH_SUFFIXES)
 
@@ -169,6 +176,9 @@ def parse_hub_reference(text: str) -> HubReference | None:
             uri = parse_hf_uri(text)
         except HfUriError as error:
             raise HubError(f"{text}: not a Hub URI ({_first_line(error)})") from None
+        if not _hub_accepts(uri.id):
+            raise HubError(f"{text}: {uri.id!r} is not a repo id the Hub accepts (ASCII "
+                           "letters, digits, '-', '_', '.'; namespace/name)")
         if uri.type != "model":
             raise HubError(f"{text}: a {uri.type} repo; fusesurgery reads model repos "
                            "(hf://org/name or hf://models/org/name)")
@@ -181,7 +191,22 @@ def parse_hub_reference(text: str) -> HubReference | None:
         return None
     if "@" in body and not revision:
         return None
+    if not _hub_accepts(repo):  # then it is a missing local path, whatever it looks like
+        return None
     return HubReference(repo, revision or None, text)
+
+
+def _hub_accepts(repo_id: str) -> bool:
+    """huggingface_hub's own verdict on ``repo_id`` (it refuses some names the pattern lets
+    through, ``org/name.git`` for one); imported only for a path that is not local."""
+    from huggingface_hub.errors import HFValidationError  # noqa: PLC0415 - only for Hub ids
+    from huggingface_hub.utils import validate_repo_id  # noqa: PLC0415
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
 
 
 def hub_reference_for(path: str | os.PathLike[str]) -> HubReference | None:
@@ -266,7 +291,7 @@ def hub_cache_dir() -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    text = redact(str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
@@ -277,6 +302,7 @@ def _hub_message(reference: HubReference, error: BaseException, token: str | Non
         CachedRepoTreeNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RemoteEntryNotFoundError,
@@ -285,10 +311,13 @@ def _hub_message(reference: HubReference, error: BaseException, token: str | Non
     )
 
     name, endpoint = reference.given, hub_endpoint()
+    # A plain org/name may be a mistyped local path; an hf:// URI never is.
+    missing = (f"{name}: " if name.startswith(HF_PREFIX) else
+               f"{name}: no such local path, and ")
     offline = hub_offline()
     if offline and isinstance(error, (LocalEntryNotFoundError, CachedRepoTreeNotFoundError,
                                       OfflineModeIsEnabled)):
-        return (f"{name}: no such local path, and no repo of that name in the local Hub "
+        return (f"{missing}no repo of that name in the local Hub "
                 "cache while HF_HUB_OFFLINE is set; download it once with the network on (or "
                 "unset HF_HUB_OFFLINE)")
     if isinstance(error, GatedRepoError):
@@ -302,17 +331,25 @@ def _hub_message(reference: HubReference, error: BaseException, token: str | Non
     if isinstance(error, RepositoryNotFoundError):
         hint = ("your token cannot see it" if token else
                 "if it is private or gated, pass a token (HF_TOKEN or `hf auth login`)")
-        return (f"{name}: no such local path, and no model repo {reference.repo_id} on "
-                f"{endpoint} ({hint})")
+        return f"{missing}no model repo {reference.repo_id} on {endpoint} ({hint})"
     if isinstance(error, RemoteEntryNotFoundError):
         return f"{name}: a file vanished from the repo while downloading ({_first_line(error)})"
     if isinstance(error, HfHubHTTPError) and not is_network_error(error):
-        return f"{name}: the Hub at {endpoint} refused the request ({describe(error)})"
+        return f"{missing}the Hub at {endpoint} refused the request ({describe(error)})"
+    if isinstance(error, HFValidationError):  # a name the pattern let through
+        return (f"{missing}{reference.repo_id!r} is not a repo id the Hub accepts "
+                f"({_first_line(error)})")
     if is_network_error(error) or isinstance(error, (LocalEntryNotFoundError,
                                                      OfflineModeIsEnabled)):
         cause = error.__cause__ if isinstance(error, LocalEntryNotFoundError) and \
             error.__cause__ is not None else error
-        return (f"{name}: no such local path, and the Hub at {endpoint} cannot be reached to "
+        seconds = timeout_seconds(cause)
+        if seconds is not None:
+            within = f" within {seconds:g} s" if math.isfinite(seconds) else " in time"
+            return (f"{missing}the Hub at {endpoint} did not answer{within} (set "
+                    f"{TIMEOUT_ENV}=SECONDS to wait longer; nothing of it is in the local "
+                    "cache)")
+        return (f"{missing}the Hub at {endpoint} cannot be reached to "
                 f"fetch a repo of that name ({describe(cause)}; nothing of it is in the local "
                 "cache)")
     return None
@@ -353,11 +390,12 @@ def download_checkpoint(reference: HubReference) -> HubSnapshot:
     Raises:
         HubError: repo or revision missing, gated, offline and not cached, the network.
     """
+    endpoint, token, offline = hub_endpoint(), hub_token(), hub_offline()
+    hub_session()  # timeouts on; HF_ENDPOINT checked before huggingface_hub is imported
     from huggingface_hub import HfApi, snapshot_download  # noqa: PLC0415 - only for Hub
     from huggingface_hub._snapshot_download import get_cached_repo_tree  # noqa: PLC0415
 
-    endpoint, token, offline, cache = hub_endpoint(), hub_token(), hub_offline(), \
-        hub_cache_dir()
+    cache = hub_cache_dir()
     revision = reference.revision or "main"
     with _translated(reference, token):
         if offline:
@@ -486,11 +524,13 @@ def open_remote_checkpoint(reference: HubReference) -> CheckpointSource | None:
     """
     if hub_offline():
         return None
+    endpoint, token = hub_endpoint(), hub_token()
+    session = hub_session()  # timeouts on; HF_ENDPOINT checked before huggingface_hub's import
     from huggingface_hub import HfApi, hf_hub_download  # noqa: PLC0415 - only for Hub
     from huggingface_hub.file_download import hf_hub_url, repo_folder_name  # noqa: PLC0415
-    from huggingface_hub.utils import build_hf_headers, get_session  # noqa: PLC0415
+    from huggingface_hub.utils import build_hf_headers  # noqa: PLC0415
 
-    endpoint, token, cache = hub_endpoint(), hub_token(), hub_cache_dir()
+    cache = hub_cache_dir()
     with _translated(reference, token):
         api = HfApi(endpoint=endpoint, token=token or False)
         info = api.model_info(reference.repo_id, revision=reference.revision,
@@ -526,7 +566,7 @@ def open_remote_checkpoint(reference: HubReference) -> CheckpointSource | None:
                                "repo does not hold")
         else:
             shard_names = list(selection.weights)
-        session, headers = get_session(), build_hf_headers(token=token or False)
+        headers = build_hf_headers(token=token or False)
 
         def header_of(name: str) -> SafetensorsHeader:
             url = hf_hub_url(reference.repo_id, name, revision=commit, endpoint=endpoint)

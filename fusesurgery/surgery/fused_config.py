@@ -10,6 +10,7 @@ section as the config of a fused checkpoint, so ``inspect`` and ``diff`` underst
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.configs import coerce_rope_scaling
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
+from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS
 
 FORMAT_NAME = "fusesurgery-fused"
 SCHEMA_VERSION = 1
@@ -27,6 +29,8 @@ EMBEDDING_INITS: tuple[str, ...] = ("mean", "zeros", "normal")
 # so that unfuse gives them back byte for byte.
 SOURCE_FILES_DIR = "source"
 PARTS: tuple[str, ...] = ("decoder", "encoder")
+# The dtype names the "dtypes" section holds: torch's, without the module (as fuse writes them).
+DTYPE_NAMES: tuple[str, ...] = tuple(facts[0] for facts in SAFETENSORS_DTYPE_FACTS.values())
 
 IDENTITY_NOTE = (
     "every gate is exactly zero: the fused model computes exactly what the original decoder "
@@ -151,12 +155,74 @@ def _tokens(value: Any, origin: str) -> tuple[NewToken, ...]:
     return tuple(tokens)
 
 
+def _object(value: Any, origin: str, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{origin}: {name} must be an object, not {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """How JSON spells the type of a parsed value (``null``, ``a string``, ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    kinds = {str: "a string", int: "a number", float: "a number", list: "a list",
+             dict: "an object"}
+    return next((kind for cls, kind in kinds.items() if isinstance(value, cls)),
+                type(value).__name__)
+
+
+def _gates(value: Any, origin: str) -> dict[str, float]:
+    """``gates``: gate name -> a finite number."""
+    gates = {}
+    for name, gate in _object(value, origin, "gates").items():
+        if isinstance(gate, bool) or not isinstance(gate, int | float) or not math.isfinite(
+                gate):
+            shown = repr(gate) if isinstance(gate, float) else _json_type(gate)
+            raise ConfigError(f"{origin}: gates[{name!r}] must be a finite number, not {shown}")
+        gates[str(name)] = float(gate)
+    return gates
+
+
+def _sources(value: Any, origin: str) -> dict[str, Mapping[str, Any]]:
+    """``sources``: part -> the source record (an object)."""
+    return {str(part): _object(record, origin, f"sources[{part!r}]")
+            for part, record in _object(value, origin, "sources").items()}
+
+
+def _dtypes(value: Any, origin: str) -> dict[str, str]:
+    """``dtypes``: part -> a dtype name of :data:`DTYPE_NAMES`."""
+    dtypes = {}
+    for part, name in _object(value, origin, "dtypes").items():
+        if name not in DTYPE_NAMES:
+            shown = repr(name) if isinstance(name, str) else _json_type(name)
+            raise ConfigError(f"{origin}: dtypes[{part!r}] is {shown}, not a dtype name "
+                              f"({', '.join(DTYPE_NAMES)})")
+        dtypes[str(part)] = name
+    return dtypes
+
+
+def _typed(doc: Mapping[str, Any], name: str, kind: type, default: Any, origin: str) -> Any:
+    """``doc[name]`` (``default`` when absent), checked to be a ``kind`` (bool is no int)."""
+    value = doc.get(name, default)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        wanted = {int: "an integer", bool: "true or false", str: "a string"}[kind]
+        raise ConfigError(f"{origin}: {name} must be {wanted}, not {_json_type(value)}")
+    return value
+
+
 def fused_config_from_dict(doc: Mapping[str, Any], origin: str = FUSION_CONFIG_FILE) -> FusedConfig:
-    """Parse a ``fusion_config.json`` document.
+    """Parse a ``fusion_config.json`` document, checking every field's type.
 
     Raises:
-        ConfigError: not a fusesurgery fusion config, a newer schema, or a malformed section.
+        ConfigError: not a fusesurgery fusion config, a newer schema, or a malformed section
+            or field (the message names the file and the field).
     """
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{origin} is not a fusesurgery fusion config (a JSON "
+                          f"{_json_type(doc).removeprefix('a ').removeprefix('an ')}, "
+                          "not an object)")
     if doc.get("format") != FORMAT_NAME:
         raise ConfigError(f"{origin} is not a fusesurgery fusion config (format "
                           f"{doc.get('format')!r}, expected {FORMAT_NAME!r})")
@@ -182,23 +248,23 @@ def fused_config_from_dict(doc: Mapping[str, Any], origin: str = FUSION_CONFIG_F
     if fusion.encoder_dim != decoder.embed_dim:
         raise ConfigError(f"{origin}: fusion.encoder_dim {fusion.encoder_dim} differs from the "
                           f"decoder width {decoder.embed_dim}")
-    sources = doc.get("sources", {})
-    gates = doc.get("gates", {})
-    if not isinstance(sources, Mapping) or not isinstance(gates, Mapping):
-        raise ConfigError(f"{origin}: sources and gates must be objects")
+    embedding_init = doc.get("embedding_init", "mean")
+    if embedding_init not in EMBEDDING_INITS:
+        raise ConfigError(f"{origin}: embedding_init {embedding_init!r} is not one of "
+                          f"{EMBEDDING_INITS}")
     return FusedConfig(
         decoder=decoder,
         encoder=encoder,
         fusion=fusion,
         projection=projection,
         new_tokens=tokens,
-        embedding_init=str(doc.get("embedding_init", "mean")),
-        dtypes=dict(doc.get("dtypes", {})),
-        seed=int(doc.get("seed", 0)),
-        sources=dict(sources),
-        trained=bool(doc.get("trained", False)),
-        gates=dict(gates),
-        version=str(doc.get("fusesurgery_version", "")),
+        embedding_init=embedding_init,
+        dtypes=_dtypes(doc.get("dtypes", {}), origin),
+        seed=_typed(doc, "seed", int, 0, origin),
+        sources=_sources(doc.get("sources", {}), origin),
+        trained=_typed(doc, "trained", bool, False, origin),
+        gates=_gates(doc.get("gates", {}), origin),
+        version=_typed(doc, "fusesurgery_version", str, "", origin),
     )
 
 
