@@ -50,18 +50,6 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def fused_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny examples fused (every 2nd layer), as the README builds them."""
-    out = tmp_path_factory.mktemp("fused") / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "fusesurgery", "fuse", "examples/tiny-clip-vision",
-         "examples/tiny-llama", "-o", str(out), "--every", "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE",
@@ -117,12 +105,12 @@ def test_client_error_messages_never_echo_a_token(clean_env):
         assert token not in text and "<token>" in text, text
 
 
-def test_stray_return_in_token_pushes_and_never_shows(hub: FakeHub, hub_env, fused_out: Path):
-    pushed = _run(hub_env(token=f"{WRITE_TOKEN}\r"), "push", str(fused_out), "alice/tiny",
+def test_stray_return_in_token_pushes_and_never_shows(hub: FakeHub, hub_env, fused_example: Path):
+    pushed = _run(hub_env(token=f"{WRITE_TOKEN}\r"), "push", str(fused_example), "alice/tiny",
                   "--quick")
     assert pushed.returncode == 0, pushed.stderr
     assert hub.head("alice/tiny")  # it really committed, as alice
-    refused = _run(hub_env(token=None), "push", str(fused_out), "alice/tiny", "--quick",
+    refused = _run(hub_env(token=None), "push", str(fused_example), "alice/tiny", "--quick",
                    "--json", "--token", f"{SECRET}ø")
     line = _one_line_error(refused)
     assert "token from --token holds a non-ASCII character" in line
@@ -164,11 +152,11 @@ def test_wellformed_endpoints(clean_env, monkeypatch: pytest.MonkeyPatch, endpoi
     assert hub_endpoint() == expected
 
 
-def test_malformed_endpoint_from_the_command_line(tmp_path: Path, fused_out: Path,
+def test_malformed_endpoint_from_the_command_line(tmp_path: Path, fused_example: Path,
                                                   hub_env):
     """huggingface_hub fails to import with this HF_ENDPOINT: it is checked before."""
     env = hub_env(HF_ENDPOINT="http://[::1")
-    for args in (("inspect", "alice/model"), ("push", str(fused_out), "alice/m", "--quick")):
+    for args in (("inspect", "alice/model"), ("push", str(fused_example), "alice/m", "--quick")):
         line = _one_line_error(_run(env, *args))
         assert "HF_ENDPOINT='http://[::1' is not an http(s) URL" in line, args
 
@@ -274,12 +262,12 @@ def _raised_within(seconds: float, call) -> BaseException:
     return outcome[0]
 
 
-def test_a_silent_hub_ends_inspect_and_push(silent_hub: str, fused_out: Path, tmp_path: Path,
+def test_a_silent_hub_ends_inspect_and_push(silent_hub: str, fused_example: Path, tmp_path: Path,
                                             hub_env):
     env = hub_env(HF_ENDPOINT=silent_hub, **{_client.TIMEOUT_ENV: "1"})
     for args, expected in (
             (("inspect", "org/name"), f"the Hub at {silent_hub} did not answer within 1 s"),
-            (("push", str(fused_out), "org/name", "--quick"),
+            (("push", str(fused_example), "org/name", "--quick"),
              f"could not reach the Hub at {silent_hub} to check the token (no answer within "
              "1 s")):
         start = time.monotonic()

@@ -23,18 +23,11 @@ ENCODER = ROOT / "examples" / "tiny-clip-vision"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def fused_master(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fused") / "fused"
-    fusesurgery.fuse(ENCODER, DECODER, out, every=2)
-    return out
-
-
 @pytest.fixture
-def fused(fused_master, tmp_path) -> Path:
+def fused(fused_example, tmp_path) -> Path:
     """A private copy of a fused example checkpoint (tests may break it)."""
     copy = tmp_path / "my-vlm"
-    shutil.copytree(fused_master, copy)
+    shutil.copytree(fused_example, copy)
     return copy
 
 

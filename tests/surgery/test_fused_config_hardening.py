@@ -21,20 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = "/some/out/fusion_config.json"
 
 
-@pytest.fixture(scope="module")
-def fused_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fused") / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "fusesurgery", "fuse", "examples/tiny-clip-vision",
-         "examples/tiny-llama", "-o", str(out), "--every", "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 @pytest.fixture
-def doc(fused_out: Path) -> dict[str, Any]:
-    return json.loads((fused_out / "fusion_config.json").read_text())
+def doc(fused_example: Path) -> dict[str, Any]:
+    return json.loads((fused_example / "fusion_config.json").read_text())
 
 
 def test_the_written_document_parses(doc: dict[str, Any]):
@@ -90,10 +79,10 @@ def test_integer_gates_are_numbers(doc: dict[str, Any]):
     ("gates", {GATE: None}), ("gates", {GATE: [1]}), ("sources", {"decoder": "x"}),
     ("dtypes", ["a"]),
 ])
-def test_push_and_validate_say_which_field(fused_out: Path, tmp_path: Path, field: str,
+def test_push_and_validate_say_which_field(fused_example: Path, tmp_path: Path, field: str,
                                            value: Any):
     out = tmp_path / "out"
-    shutil.copytree(fused_out, out)
+    shutil.copytree(fused_example, out)
     path = out / "fusion_config.json"
     doc = json.loads(path.read_text())
     doc[field] = value
