@@ -79,11 +79,9 @@ def convert(
     typer.echo(f"{detected.kind} ({detected.family}) {detected.layout} -> {to}: "
                f"{result.num_tensors} tensors, {format_bytes(written.total_size)} in "
                f"{len(written.files)} files at {written.out_dir}")
-    dropped: dict[str, list[str]] = {}
-    for key, reason in result.plan.dropped:  # one line a reason, not one a tensor
-        dropped.setdefault(reason, []).append(key)
-    for reason, keys in dropped.items():
-        more = f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
-        stderr.print(f"dropped {keys[0]}{more}: {reason}")
+    from fusesurgery.convert.plan import dropped_by_reason
+
+    for keys, reason in dropped_by_reason(result.plan.dropped):  # a line a reason
+        stderr.print(f"dropped {keys}: {reason}")
     for note in result.notes:
         stderr.print(note)

@@ -159,3 +159,9 @@ def fuse(
         stderr.print("note: no tokenizer beside the decoder; none written")
     for note in (*result.decoder.differences, *result.encoder.differences):
         stderr.print(f"note: {note}")
+    from fusesurgery.convert.plan import dropped_by_reason
+
+    for part, part_plan in (("decoder", result.plan.decoder_plan),
+                            ("encoder", result.plan.encoder_plan)):
+        for keys, reason in dropped_by_reason(part_plan.dropped):  # a line a reason
+            stderr.print(f"note: {part}: dropped {keys}: {reason}")

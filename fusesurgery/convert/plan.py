@@ -13,7 +13,7 @@ Hugging Face's rotate-half order, as torchtune's does).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -158,6 +158,25 @@ def layout_tensor_infos(
         name = prefix + from_native_key(native_prefix + native_key, layout, kind)
         infos[name] = TensorInfo(name, shape, dtype)
     return infos
+
+
+def dropped_by_reason(dropped: Iterable[tuple[str, str]] | Mapping[str, str]
+                      ) -> list[tuple[str, str]]:
+    """Dropped keys grouped by why, for one message line a reason rather than one a tensor.
+
+    Args:
+        dropped: ``(key, reason)`` pairs (``ConversionPlan.dropped``) or ``{key: reason}``
+            (a fused source record's).
+
+    Returns:
+        ``[("first.key (+N more)", reason), ...]``, reasons in first-seen order.
+    """
+    pairs = dropped.items() if isinstance(dropped, Mapping) else dropped
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in pairs:
+        by_reason.setdefault(reason, []).append(key)
+    return [(keys[0] + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""), reason)
+            for reason, keys in by_reason.items()]
 
 
 def list_keys(keys: list[str], limit: int = 3) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from fusesurgery import _json as standard_json
 from fusesurgery.convert import plan_conversion
-from fusesurgery.convert.plan import ConversionPlan, PlanEntry
+from fusesurgery.convert.plan import ConversionPlan, PlanEntry, dropped_by_reason
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo
@@ -158,11 +158,8 @@ def unfuse_checkpoint(
                 native_infos[origin[1]] = TensorInfo(origin[1], info.shape, info.dtype)
         plan = plan_conversion(native_infos, "native", part_config, target_layout=fmt,
                                kind=kind)
-        dropped: dict[str, list[str]] = {}
-        for key, reason in record.get("dropped", {}).items():  # one note a reason
-            dropped.setdefault(reason, []).append(key)
-        notes = [f"{keys[0]}{f' (+{len(keys) - 1} more)' if len(keys) > 1 else ''} was "
-                 f"dropped by fuse: {reason}" for reason, keys in dropped.items()]
+        notes = [f"{keys} was dropped by fuse: {reason}"  # one note a reason
+                 for keys, reason in dropped_by_reason(record.get("dropped", {}))]
         if fmt == layout and isinstance(record.get("source_keys"), dict):
             plan = _renamed(plan, record["source_keys"])
         view = _PartView(source, part)

@@ -182,3 +182,16 @@ def test_dtype_cast_with_hf_spelling(tmp_path):
     result = cli("validate", fused, "--against", decoder, "--json")
     assert result.exit_code == 0, result.output  # compared with the same cast of the source
     assert json.loads(result.stdout)["identity"] is True
+
+
+def test_fuse_says_what_it_dropped_one_line_a_reason(tmp_path):
+    """A whole CLIPModel: its text tower is left out, and fuse says so (one line a reason,
+    not one a tensor)."""
+    decoder, overrides = save_decoder("llama", tmp_path)
+    encoder = save_encoder("clip-full", tmp_path)
+    result = cli("fuse", encoder, decoder, "-o", tmp_path / "fused", "--layers", "1",
+                 *overrides)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "encoder: dropped" in line]
+    assert len(notes) >= 1 and any("text_model." in line and "more)" in line
+                                   for line in notes), result.stderr
