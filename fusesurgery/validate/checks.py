@@ -318,7 +318,7 @@ def _check_forward(report: ValidationReport, model: DeepFusionModel, *, seed: in
         _drop_caches(model)
     diff = _max_diff(cached, fused_image)
     tolerance = TOLERANCES.get(dtype, 1e-1) * max(1.0, float(fused_image.abs().max()))
-    report.add("KV-cache decoding equals the full forward", diff <= tolerance,
+    report.add("KV-cache decoding matches the full forward", diff <= tolerance,
                f"max |diff| {diff:.3g}", f"tolerance {tolerance:.3g} for {dtype}")
     return fused_text
 
