@@ -38,9 +38,11 @@ from fusesurgery.hub._client import (
     hub_token,
     is_network_error,
 )
+from fusesurgery.io.checkpoint import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
+from fusesurgery.io.shard_index import INDEX_SUFFIX
 
 CARD_FILE = "README.md"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
 DEFAULT_COMMIT_MESSAGE = "Upload fused checkpoint with fusesurgery"
 NO_TOKEN = ("no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth "
             "login` (a token with write access, from https://huggingface.co/settings/tokens)")
@@ -163,7 +165,7 @@ def collect_files(out: Path) -> list[PushFile]:
                 continue
             files.append(PushFile(relative, str(path), path.stat().st_size))
     indexes = [f for f in files if "/" not in f.path_in_repo
-               and f.path_in_repo.endswith(".index.json")]
+               and f.path_in_repo.endswith(INDEX_SUFFIX)]
     named: set[str] = set()
     for index in indexes:
         named |= set(read_shard_index(index.local_path).shard_names)
@@ -193,7 +195,7 @@ def collect_files(out: Path) -> list[PushFile]:
 # it a mix (an old model.safetensors beside a new index), so the push deletes them; anything
 # else in the repo (a LICENSE, images, notes) is kept.
 CHECKPOINT_FILE_PATTERNS = (
-    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.json", "*.model", "*.tiktoken",
+    *(f"*{suffix}" for suffix in WEIGHT_SUFFIXES), "*.json", "*.model", "*.tiktoken",
     "merges.txt", "vocab.txt", "source/*",
 )
 
@@ -292,7 +294,7 @@ def plan_push(
         report = validate_fused(directory, device=device)
     if report.ok:
         passed = sum(c.status == "pass" for c in report.checks)
-        stage(f"validated: {passed} check{'s' if passed != 1 else ''} passed")
+        stage(f"validated: {plural(passed, 'check')} passed")
     else:
         failed = next(c for c in report.checks if c.status == "fail")
         raise ValidationError(
@@ -456,9 +458,6 @@ def push_plan(plan: PushPlan, *, token: str | None = None, user: str | None = No
     endpoint = hub_endpoint()
     repo_id = plan.repo_id
 
-    def fail(error: BaseException, doing: str) -> HubError:
-        return _failure(error, repo_id, user, doing)
-
     user = user or whoami(api, repo_id)
     if "/" not in repo_id:
         repo_id = f"{user}/{repo_id}"
@@ -479,8 +478,8 @@ def push_plan(plan: PushPlan, *, token: str | None = None, user: str | None = No
     except Exception as error:  # noqa: BLE001 - narrowed by _is_hub_error
         if not _is_hub_error(error):
             raise
-        raise fail(error, f"create {repo_id}" if not created else f"write to {repo_id}") \
-            from error
+        doing = f"write to {repo_id}" if created else f"create {repo_id}"
+        raise _failure(error, repo_id, user, doing) from error
     operations: list[Any] = [
         CommitOperationAdd(path_in_repo=f.path_in_repo,
                            path_or_fileobj=f.local_path if f.local_path else plan.card.encode())
