@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_fuse import build_inputs, tree_bytes  # noqa: E402
+from bench_startup import run_once  # noqa: E402
 
 from tests.hub_server import FakeHub  # noqa: E402
 
@@ -51,15 +51,6 @@ def child_env(hub: FakeHub, home: Path) -> dict[str, str]:
     env.update(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",
                HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     return env
-
-
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    run = subprocess.run(argv, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if run.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({run.returncode}): {run.stderr[-2000:]}")
-    return elapsed
 
 
 def main() -> None:
@@ -99,7 +90,7 @@ def main() -> None:
                 for name in order:
                     count += 1
                     repo = f"bench/run-{count}"
-                    times[name].append(timed(contenders[name](repo), env))
+                    times[name].append(run_once(contenders[name](repo), env))
                     hub.repos.pop(repo, None)  # forget what was stored: no deduplication
                     hub.lfs_objects.clear()
                 print(f"round {round_index + 1}: " + ", ".join(

@@ -49,9 +49,11 @@ def build_checkpoint(directory: Path, preset_name: str) -> None:
     (directory / "config.json").write_text(json.dumps(hf_config_dict(config)))
 
 
-def run_once(argv: list[str]) -> float:
+def run_once(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one whole process (exits with its stderr if it fails)."""
     start = time.perf_counter()
-    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=env)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
