@@ -13,12 +13,14 @@ what ``finetune`` describes: a model derived from its bases by further training.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusesurgery._sizes import format_bytes
 from fusesurgery.surgery.fused_config import FusedConfig
+
+if TYPE_CHECKING:
+    from fusesurgery.validate.checks import Check
 
 BASE_MODEL_RELATION = "finetune"
 PIPELINE_TAG = "image-text-to-text"
@@ -37,16 +39,6 @@ def relation_reason(base_models: Sequence[str]) -> str:
                 f"relation as a *merge*, but {REASON_WHAT}")
     return ("`base_model_relation: finetune`, set rather than left for the Hub to guess from "
             f"the files (a *merge* or an *adapter* would be wrong): {REASON_WHAT}")
-
-
-@dataclass(frozen=True)
-class CardCheck:
-    """One row of the validation report shown in the card (a ``validate`` check)."""
-
-    status: str
-    name: str
-    figure: str
-    detail: str = ""
 
 
 def _cell(text: object) -> str:
@@ -124,7 +116,7 @@ def build_model_card(
     repo_id: str,
     base_models: Sequence[str],
     hub_ids: Mapping[str, str],
-    checks: Sequence[CardCheck],
+    checks: Sequence[Check],
     files: Sequence[tuple[str, int]],
     validated_with: str,
     forward_checked: bool = True,
@@ -138,7 +130,7 @@ def build_model_card(
         repo_id: where it is pushed (its title).
         base_models: Hub ids of the sources, decoder first; empty when none is known.
         hub_ids: ``{"decoder", "encoder"}`` -> Hub id, for the sources that have one.
-        checks: the validation report's rows.
+        checks: the validation report's rows (``ValidationReport.checks``).
         files: ``(path in repo, size)`` of every uploaded file but the card.
         validated_with: what ran the checks (version, device), for the report's heading.
         forward_checked: validate's forward checks ran (not ``--quick``).

@@ -262,7 +262,7 @@ def plan_push(
         CheckpointError: ``out`` is not a complete fused checkpoint directory.
         ValidationError: ``out`` fails validation.
     """
-    from fusesurgery.hub.card import CardCheck, build_model_card
+    from fusesurgery.hub.card import build_model_card
     from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
     from fusesurgery.surgery.fused import read_fused_config
     from fusesurgery.validate import validate_fused, validate_layout
@@ -309,7 +309,7 @@ def plan_push(
     hub_ids.update(zip(("decoder", "encoder"), base_models, strict=False))  # decoder first
     card = build_model_card(
         config, repo_id=repo_id, base_models=chosen, hub_ids=hub_ids,
-        checks=[CardCheck(c.status, c.name, c.figure, c.detail) for c in report.checks],
+        checks=report.checks,
         files=[(f.path_in_repo, f.size) for f in files],
         validated_with=_validated_with(report, quick), forward_checked=not quick,
         endpoint=hub_endpoint(), license=license)
