@@ -81,6 +81,13 @@ def load_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     tensors = _extract_state_dict(path, _load(path, map_location="cpu", mmap=True))
     for name, tensor in tensors.items():
+        unsupported = _unsupported_kind(tensor)
+        if unsupported is not None:
+            what, fix = unsupported
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {what}; fusesurgery reads plain dense (strided) "
+                f"tensors only: {fix}"
+            )
         if tensor.is_meta:
             raise CheckpointError(
                 f"{path}: tensor {name!r} was saved on the meta device and holds no data; save "
@@ -92,6 +99,36 @@ def load_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     # damaged archive would otherwise yield tensors of bytes from neighbouring records.
     _check_storage_ranges(path, size, _extract_state_dict(path, _load(path, map_location="meta")))
     return tensors
+
+
+# A sparse tensor's layout -> how to say it.
+_SPARSE_LAYOUT_NAMES = {
+    "sparse_coo": "sparse COO", "sparse_csr": "sparse CSR", "sparse_csc": "sparse CSC",
+    "sparse_bsr": "sparse BSR", "sparse_bsc": "sparse BSC",
+}
+
+
+def _unsupported_kind(tensor: torch.Tensor) -> tuple[str, str] | None:
+    """``(what the tensor is, how to re-save it)`` for a tensor that has no one dense byte
+    range to map, copy or convert (nested, sparse, quantized, a Tensor subclass); None for a
+    plain dense tensor."""
+    import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
+    layout = str(tensor.layout).removeprefix("torch.")
+    if tensor.is_nested:
+        return (f"a nested tensor (layout torch.{layout})",
+                "save each of its components as a tensor of its own")
+    if tensor.layout != torch.strided:
+        kind = _SPARSE_LAYOUT_NAMES.get(layout, layout)
+        return f"a {kind} tensor (layout torch.{layout})", "re-save it with tensor.to_dense()"
+    if tensor.is_quantized:
+        return (f"a quantized tensor ({str(tensor.dtype).removeprefix('torch.')}, "
+                f"{str(tensor.qscheme()).removeprefix('torch.')})",
+                "re-save it with tensor.dequantize()")
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return (f"a tensor subclass ({type(tensor).__module__}.{type(tensor).__qualname__})",
+                "re-save the plain tensor (tensor.as_subclass(torch.Tensor))")
+    return None
 
 
 def _load(path: Path, **options) -> object:
@@ -177,6 +214,11 @@ def _first_sentence(text: str) -> str:
 
 def _classify_unpickling_error(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
     message = str(error)
+    if "nested jagged tensors" in message:  # torch refuses NJTs before any key is known
+        return CheckpointError(
+            f"{path}: holds a nested tensor (layout torch.jagged); fusesurgery reads plain "
+            "dense (strided) tensors only: save each of its components as a tensor of its own"
+        )
     for pattern in _NEEDS_CODE_PATTERNS:
         match = pattern.search(message)
         if match:

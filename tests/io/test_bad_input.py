@@ -349,6 +349,55 @@ def test_pickle_holding_no_state_dict(tmp_path: Path, payload, expected: str) ->
     assert expected in open_fails(file)
 
 
+class _MarkedTensor(torch.Tensor):
+    """A Tensor subclass: its pickle rebuilds it through this module's class."""
+
+
+def _nested(layout: torch.layout) -> torch.Tensor:
+    return torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(1, 3)], layout=layout)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sparse CSR, nested, quantized: "beta"
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: torch.eye(3).to_sparse(), "a sparse COO tensor (layout torch.sparse_coo)"),
+        (lambda: torch.eye(3).to_sparse_csr(), "a sparse CSR tensor (layout torch.sparse_csr)"),
+        (lambda: torch.eye(4).to_sparse_bsr((2, 2)),
+         "a sparse BSR tensor (layout torch.sparse_bsr)"),
+        (lambda: torch.quantize_per_tensor(torch.ones(2, 2), 0.1, 0, torch.qint8),
+         "a quantized tensor (qint8, per_tensor_affine)"),
+        (lambda: _nested(torch.strided), "a nested tensor (layout torch.strided)"),
+        (lambda: torch.ones(2).as_subclass(_MarkedTensor), "a tensor subclass (tests.io."),
+    ],
+    ids=["sparse-coo", "sparse-csr", "sparse-bsr", "quantized", "nested", "subclass"],
+)
+def test_tensor_without_one_dense_byte_range(tmp_path: Path, make, expected: str) -> None:
+    """A layout or subclass the lazy reader cannot map is refused up front, naming the key
+    and the layout, whatever the command (it failed later as an internal error before)."""
+    file = tmp_path / "odd.pt"
+    torch.save({"dense.weight": torch.ones(2), "odd.weight": make()}, file)
+    # the subclass case: as a user who registered it as safe would load it
+    with torch.serialization.safe_globals([_MarkedTensor]):
+        message = open_fails(file)
+    assert "'odd.weight'" in message and expected in message, message
+    assert "dense (strided) tensors only" in message
+
+
+def test_nested_jagged_tensor(tmp_path: Path) -> None:
+    file = tmp_path / "njt.pt"
+    torch.save({"odd.weight": _nested(torch.jagged)}, file)
+    assert "a nested tensor (layout torch.jagged)" in open_fails(file)
+
+
+def test_sparse_tensor_through_the_cli(tmp_path: Path) -> None:
+    from tests.hardening.conftest import assert_one_line_error, cli
+
+    file = tmp_path / "sparse.pt"
+    torch.save({"tok_embeddings.weight": torch.eye(8).to_sparse()}, file)
+    assert_one_line_error(cli("inspect", file), "'tok_embeddings.weight'", "sparse COO")
+
+
 # --- Meta --------------------------------------------------------------------------------
 
 
