@@ -102,6 +102,18 @@ def _hf_config_with_vocab(kept: dict[str, bytes], config: FusedConfig, vocab: in
     return (standard_json.dumps(document, indent=2) + "\n").encode()
 
 
+def _no_encoder_message(path: object, keys: list[str]) -> str:
+    """Why a fused checkpoint without a native encoder (transformers' Mllama) has no
+    ``--part encoder`` to write."""
+    opaque = [key for key in keys if key.startswith("encoder.")]
+    if not opaque:
+        return (f"{path} holds no vision encoder (a text model with cross-attention layers "
+                "alone, as MllamaForCausalLM): there is no --part encoder to unfuse")
+    return (f"{path}: its vision side (Mllama's tiled vision model and projector, "
+            f"{len(opaque)} tensors) is no CLIP/SigLIP tower and has no standalone layout; "
+            "convert --to mllama keeps it with the decoder")
+
+
 def unfuse_checkpoint(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -134,12 +146,15 @@ def unfuse_checkpoint(
         What was written.
 
     Raises:
-        FuseSurgeryError: not a fused checkpoint, an unknown part or format, merge without
-            ``hf`` or for the encoder, or an output that cannot be written.
+        FuseSurgeryError: not a fused checkpoint, an unknown part or format, an encoder asked
+            of a checkpoint without a native one (transformers' Mllama), merge without ``hf``
+            or for the encoder, or an output that cannot be written.
     """
     if part not in PARTS:
         raise ConfigError(f"unknown part {part!r}; valid: {', '.join(PARTS)}")
     with open_fused(path) as (source, config):
+        if part == "encoder" and config.encoder is None:
+            raise ConfigError(_no_encoder_message(path, source.keys()))
         record: dict[str, Any] = dict(config.sources.get(part, {}))
         layout = record.get("layout", "native")
         fmt = format or layout
