@@ -19,6 +19,7 @@ import torch
 
 from fusesurgery import _json as standard_json
 from fusesurgery.convert import plan_conversion
+from fusesurgery.convert.configs import HF_ARCHITECTURES, HF_MODEL_TYPES
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry, dropped_by_reason
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
 from fusesurgery.errors import ConfigError
@@ -100,6 +101,30 @@ def _hf_config_with_vocab(kept: dict[str, bytes], config: FusedConfig, vocab: in
             return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
     document = CONFIG_WRITERS["hf"](config.decoder.replace(vocab_size=vocab))
     return (standard_json.dumps(document, indent=2) + "\n").encode()
+
+
+def vision_tower_config(document: dict[str, Any], family: str) -> dict[str, Any]:
+    """The config.json of a vision tower alone: ``document`` itself when it is one, else a
+    whole ``CLIPModel`` / ``SiglipModel`` config's ``vision_config`` made a config of its own
+    (``CLIPVisionConfig`` / ``SiglipVisionConfig``, the architecture its keys load into, the
+    dtype and transformers version of the whole), so that ``AutoModel`` builds the vision
+    model and no random text tower beside the weights."""
+    section = document.get("vision_config")
+    if not isinstance(section, dict):
+        return document
+    tower = {"architectures": [HF_ARCHITECTURES[family]], "model_type": HF_MODEL_TYPES[family],
+             **{key: value for key, value in section.items() if key != "architectures"}}
+    for key in ("dtype", "torch_dtype", "transformers_version"):
+        if key in document and key not in tower:
+            tower[key] = document[key]
+    return tower
+
+
+def _architecture(document: dict[str, Any]) -> str:
+    names = document.get("architectures")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0]
+    return str(document.get("model_type", "model"))
 
 
 def _no_encoder_message(path: object, keys: list[str]) -> str:
@@ -194,18 +219,25 @@ def unfuse_checkpoint(
             extra.update({n: c for n, c in kept.items() if n != config_file})
             extra[CONFIG_FILES[fmt]] = (standard_json.dumps(CONFIG_WRITERS[fmt](part_config),
                                                             indent=2) + "\n").encode()
-        if part == "encoder" and fmt == "hf" and part_config.family in HEAD_FAMILIES \
-                and "config.json" in extra:
+        if part == "encoder" and fmt == "hf" and "config.json" in extra:
+            hf_config = json.loads(extra["config.json"])
+            tower = vision_tower_config(hf_config, part_config.family)
+            changed = tower is not hf_config
+            if changed:
+                notes.append(f"config.json is the vision half of the source's "
+                             f"{_architecture(hf_config)} config "
+                             f"({HF_ARCHITECTURES[part_config.family]}): fuse kept no text "
+                             "tower")
             # fuse keeps no SigLIP pooling head; a config claiming one would make transformers
             # build it at random
-            hf_config = json.loads(extra["config.json"])
-            tower = hf_config.get("vision_config")  # a SiglipModel's: its vision half's
-            tower = tower if isinstance(tower, dict) else hf_config
-            if tower.get(HEAD_CONFIG_FIELD, True) is not False:
+            if part_config.family in HEAD_FAMILIES \
+                    and tower.get(HEAD_CONFIG_FIELD, True) is not False:
                 tower[HEAD_CONFIG_FIELD] = False
-                extra["config.json"] = (standard_json.dumps(hf_config, indent=2) + "\n").encode()
+                changed = True
                 notes.append(f"config.json says {HEAD_CONFIG_FIELD}: false: fuse kept no SigLIP "
                              "attention-pooling head")
+            if changed:
+                extra["config.json"] = (standard_json.dumps(tower, indent=2) + "\n").encode()
         if merge_embeddings and config.new_tokens:
             infos, producers = _merge(plan, infos, producers, view, source, config)
             extra["config.json"] = _hf_config_with_vocab(

@@ -17,3 +17,53 @@ def test_encoder_of_an_mllama_checkpoint_is_refused_in_one_line(tmp_path, kind):
     assert_one_line_error(cli("unfuse", path, "-o", tmp_path / "out", "--part", "encoder"),
                           fragment)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from tests.fusion_inputs import save_decoder
+
+    return save_decoder("llama", tmp_path_factory.mktemp("llama"))[0]
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_encoder_of_a_whole_clip_or_siglip_model_loads_as_the_vision_model(
+        tmp_path, llama, family):
+    """The vision half of a CLIPModel / SiglipModel comes back with its own config: AutoModel
+    builds CLIPVisionModel / SiglipVisionModel with every weight from the file (a whole-model
+    config made it build a random text tower)."""
+    import torch
+    import transformers as t
+    from safetensors.torch import load_file
+
+    import fusesurgery
+    from tests.reports.diff_checkpoints import HF_VISION
+    from tests.tiny_models import TINY_TEXT
+
+    torch.manual_seed(0)
+    if family == "clip":
+        source = t.CLIPModel(t.CLIPConfig(vision_config=HF_VISION, text_config=TINY_TEXT,
+                                          projection_dim=24))
+    else:
+        source = t.SiglipModel(t.SiglipConfig(vision_config=HF_VISION, text_config=TINY_TEXT))
+    source.save_pretrained(tmp_path / family)
+    fusesurgery.fuse(tmp_path / family, llama, tmp_path / "fused", every=2)
+    result = cli("unfuse", tmp_path / "fused", "-o", tmp_path / "back", "--part", "encoder")
+    assert result.exit_code == 0, result.output
+    assert "vision half" in result.stderr
+
+    model, info = t.AutoModel.from_pretrained(tmp_path / "back", output_loading_info=True)
+    expected = {"clip": t.CLIPVisionModel, "siglip": t.SiglipVisionModel}[family]
+    assert type(model) is expected
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    original = load_file(tmp_path / family / "model.safetensors")
+    state = model.state_dict()  # transformers 5 names the tower's modules without vision_model.
+    assert len(state) == len(set(load_file(tmp_path / "back" / "model.safetensors")))
+    for key, tensor in state.items():
+        assert torch.equal(tensor, original.get(key, original.get(f"vision_model.{key}"))), key
+    images = torch.randn(1, 3, HF_VISION["image_size"], HF_VISION["image_size"])
+    vision = source.vision_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(pixel_values=images).last_hidden_state,
+                                   vision(pixel_values=images).last_hidden_state,
+                                   rtol=0, atol=0)
