@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fusesurgery import _json as standard_json
+from fusesurgery.convert.configs import config_style, set_hf_dtype
 from fusesurgery.convert.mllama import (
     FUSED_EMBEDDING,
     FUSED_FUSION_EMBEDDING,
@@ -27,13 +28,18 @@ from fusesurgery.convert.plan import PlanEntry, _rope_transform
 from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import TensorInfo
+from fusesurgery.io._files import read_side_file
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.surgery.fused import FusedView, open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
 from fusesurgery.write.convert_checkpoint import plan_entry_source
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
-from fusesurgery.write.side_files import DECODER_SIDE_FILES, read_side_files
+from fusesurgery.write.side_files import (
+    DECODER_SIDE_FILES,
+    HF_CONFIG_SIDE_FILE,
+    read_side_files,
+)
 
 FUSED_TARGETS: tuple[str, ...] = ("native", "mllama")
 
@@ -90,11 +96,62 @@ def mllama_text_config_dict(config: FusedConfig, base: Mapping[str, Any] | None)
             "high_freq_factor": scaling.high_freq_factor,
             "original_max_position_embeddings": scaling.original_max_position_embeddings},
     })
-    # Mllama's padding row must lie inside its table; the reference's 128004 does not in a
-    # smaller vocabulary
-    if not 0 <= out.get("pad_token_id", 128004) < d.vocab_size + MLLAMA_EXTRA_ROWS:
-        out["pad_token_id"] = d.vocab_size + MLLAMA_EXTRA_ROWS - 1
+    # token ids transformers would otherwise default to Llama 3's (128000, 128001, 128004),
+    # which name other tokens, or no row at all, in another vocabulary: unknown ids are null.
+    # The padding row is an original token's: a fusion row is a new token, never padding.
+    for key in ("bos_token_id", "eos_token_id"):
+        out.setdefault(key, None)
+    pad = out.get("pad_token_id")
+    if not (isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < d.vocab_size):
+        out["pad_token_id"] = None
     return out
+
+
+# What a decoder's own transformers config.json says that MllamaTextConfig also holds and the
+# fused config does not: token ids, initialisation and cache settings. (Its dtype is not
+# carried: fuse may have cast the tensors; the output states theirs.)
+MLLAMA_CARRIED_FIELDS: tuple[str, ...] = (
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
+)
+_TOKEN_ID_FIELDS: tuple[str, ...] = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _source_decoder_fields(directory: Path) -> dict[str, Any]:
+    """The :data:`MLLAMA_CARRIED_FIELDS` a fused checkpoint's decoder source stated: in its
+    own config.json (an hf source) or the ``hf_config.json`` a conversion kept beside a native
+    or Meta one, then (token ids only) in its generation config.
+
+    Raises:
+        ConfigError: a kept config file that is not valid JSON.
+    """
+    found: dict[str, Any] = {}
+    kept = directory / SOURCE_FILES_DIR / "decoder"
+    for name in ("config.json", HF_CONFIG_SIDE_FILE):
+        document = _json_file(kept / name)
+        if isinstance(document, dict) and config_style(document) == "hf":
+            found = {k: document[k] for k in MLLAMA_CARRIED_FIELDS if k in document}
+            break
+    for path in (kept / "generation_config.json", directory / "generation_config.json"):
+        generation = _json_file(path)
+        if isinstance(generation, dict):
+            for key in _TOKEN_ID_FIELDS:
+                if key in generation and found.get(key) is None:
+                    found[key] = generation[key]
+    return found
+
+
+def _json_file(path: Path) -> Any:
+    """A small JSON file's document, or None where there is no such file.
+
+    Raises:
+        ConfigError: a file that is not valid JSON.
+    """
+    if not os.path.lexists(path):
+        return None
+    try:
+        return json.loads(read_side_file(path))
+    except ValueError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
 
 
 def _kept_config(view: FusedView, config: FusedConfig) -> dict | None:
@@ -178,9 +235,16 @@ def _to_mllama(view: FusedView, config: FusedConfig):
                               "source/decoder/config.json): cannot write "
                               "MllamaForConditionalGeneration")
         document = {**base, "text_config": mllama_text_config_dict(config, base["text_config"])}
+        notes.append("load it with transformers' MllamaForConditionalGeneration (or "
+                     "AutoModelForImageTextToText)")
     else:
-        text_base = base.get("text_config", base) if base else None
+        text_base = base.get("text_config", base) if base else _source_decoder_fields(
+            _directory(view))
         document = mllama_text_config_dict(config, text_base)
+        if base is None:
+            set_hf_dtype(document, str(table.dtype).removeprefix("torch."))
+        notes.append("load it with transformers' MllamaForCausalLM: AutoModelForCausalLM does "
+                     "not take its config (MllamaTextConfig, model_type mllama_text_model)")
     return out_infos, producers, document, notes
 
 

@@ -67,3 +67,37 @@ def test_encoder_of_a_whole_clip_or_siglip_model_loads_as_the_vision_model(
         torch.testing.assert_close(model.eval()(pixel_values=images).last_hidden_state,
                                    vision(pixel_values=images).last_hidden_state,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pad", [3, None], ids=["pad-3", "no-pad"])
+def test_to_mllama_carries_the_token_ids_and_names_its_class(tmp_path, pad):
+    """convert --to mllama of a fused Llama: the source's bos/eos/pad ids (not Llama 3's
+    defaults, no padding row among the fusion rows), the tensors' dtype, and the class that
+    loads it, which AutoModelForCausalLM is not."""
+    import json
+
+    import transformers as t
+
+    import fusesurgery
+    from tests.fusion_inputs import save_encoder
+    from tests.tiny_models import TINY_DECODER, save_tiny_hf_decoder
+
+    decoder = save_tiny_hf_decoder("llama", tmp_path / "llama", bos_token_id=5,
+                                   eos_token_id=[6, 7], pad_token_id=pad, rms_norm_eps=1e-5)
+    fusesurgery.fuse(save_encoder("clip", tmp_path), decoder, tmp_path / "fused", every=2)
+    result = cli("convert", tmp_path / "fused", "-o", tmp_path / "mllama", "--to", "mllama",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert any("load it with transformers' MllamaForCausalLM" in note for note in notes), notes
+
+    config = json.loads((tmp_path / "mllama" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (5, [6, 7])
+    assert config["pad_token_id"] == pad  # a new token's row is never padding
+    assert config["torch_dtype"] == "float32"
+    model, info = t.MllamaForCausalLM.from_pretrained(tmp_path / "mllama",
+                                                      output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (5, [6, 7])
+    assert model.config.pad_token_id == pad
+    assert model.model.embed_tokens.num_embeddings == TINY_DECODER["vocab_size"] + 8
