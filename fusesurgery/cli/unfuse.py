@@ -10,7 +10,7 @@ from fusesurgery import _json as standard_json
 from fusesurgery._plural import plural
 from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
-from fusesurgery.cli.options import CheckpointPath, Json
+from fusesurgery.cli.options import CheckpointPath, DtypeOption, Json, parse_dtype_option
 from fusesurgery.cli.progress import byte_progress
 
 
@@ -24,6 +24,10 @@ def unfuse(
     merge_embeddings: Annotated[bool, typer.Option(
         help="One embedding table of vocab + new tokens (with --format hf): transformers "
         "loads it, and its tokenizer knows the new tokens.")] = False,
+    dtype: DtypeOption = None,
+    allow_missing: Annotated[bool, typer.Option(
+        help="Write the part even when files fuse kept of its source (source/PART/, such as "
+        "its tokenizer) are gone and cannot be derived.")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(
         help="Replace an earlier fusesurgery output (never any other directory).")] = False,
@@ -33,14 +37,17 @@ def unfuse(
     tensors, names, config and tokenizer, bit for bit (the inverse of fuse)."""
     from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint  # noqa: PLC0415 - torch
 
+    cast = parse_dtype_option(dtype)
     with byte_progress("unfusing") as update:
         result = unfuse_checkpoint(fused, output, part=part, format=format,
-                                   merge_embeddings=merge_embeddings,
+                                   merge_embeddings=merge_embeddings, dtype=cast,
+                                   allow_missing=allow_missing,
                                    max_shard_size=max_shard_size, overwrite=overwrite,
                                    on_progress=update)
     written = result.written
     summary = {"output": str(written.out_dir), "part": result.part, "format": result.format,
                "tensors": len(result.plan), "merged_embeddings": result.merged_embeddings,
+               "dtype": None if cast is None else str(cast).removeprefix("torch."),
                "total_bytes": written.total_size, "files": list(written.files),
                "notes": list(result.notes)}
     if as_json:

@@ -43,6 +43,7 @@ from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 from fusesurgery.write.side_files import (
     DECODER_SIDE_FILES,
     ENCODER_SIDE_FILES,
+    HF_CONFIG_SIDE_FILE,
     read_side_files,
     side_directory,
 )
@@ -245,6 +246,8 @@ def fuse_checkpoints(
             kept = dict(files)
             if source.config_file:
                 kept[source.config_file] = read_side_file(directory / source.config_file)
+            if part == "decoder":  # its transformers config, kept beside a native or Meta one
+                kept.update(read_side_files(directory, (HF_CONFIG_SIDE_FILE,)))
             for name, content in kept.items():
                 extra[f"{SOURCE_FILES_DIR}/{part}/{name}"] = content
             if part == "decoder":

@@ -18,15 +18,29 @@ from typing import Any
 import torch
 
 from fusesurgery import _json as standard_json
+from fusesurgery._plural import plural
 from fusesurgery.convert import plan_conversion
-from fusesurgery.convert.configs import HF_ARCHITECTURES, HF_MODEL_TYPES
-from fusesurgery.convert.plan import ConversionPlan, PlanEntry, dropped_by_reason
+from fusesurgery.convert.configs import (
+    HF_ARCHITECTURES,
+    HF_MODEL_TYPES,
+    config_style,
+    hf_config_dict,
+    set_hf_dtype,
+)
+from fusesurgery.convert.mllama import mllama_text_config
+from fusesurgery.convert.plan import (
+    ConversionPlan,
+    PlanEntry,
+    check_cast_dtype,
+    dropped_by_reason,
+)
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
-from fusesurgery.errors import ConfigError
+from fusesurgery.errors import CheckpointError, ConfigError
 from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo
+from fusesurgery.io._files import read_side_file
 from fusesurgery.surgery.fuse_plan import FUSION_EMBEDDING_KEY, fused_key_of, native_key_of
-from fusesurgery.surgery.fused import open_fused
-from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
+from fusesurgery.surgery.fused import FusedView, open_fused
+from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR
 from fusesurgery.write.convert_checkpoint import (
     CONFIG_FILES,
     CONFIG_WRITERS,
@@ -37,9 +51,15 @@ from fusesurgery.write.convert_checkpoint import (
 )
 from fusesurgery.write.safetensors_writer import WriteResult
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
-from fusesurgery.write.side_files import DECODER_SIDE_FILES, read_side_files
+from fusesurgery.write.side_files import (
+    DECODER_SIDE_FILES,
+    ENCODER_SIDE_FILES,
+    HF_CONFIG_SIDE_FILE,
+    read_side_files,
+)
 
 PARTS = ("decoder", "encoder")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 HF_EMBEDDING_KEY = "model.embed_tokens.weight"
 HF_OUTPUT_KEY = "lm_head.weight"
 
@@ -91,16 +111,144 @@ def _renamed(plan: ConversionPlan, names: dict[str, str]) -> ConversionPlan:
     return ConversionPlan(plan.kind, plan.source_layout, plan.target_layout, entries, plan.dropped)
 
 
-def _hf_config_with_vocab(kept: dict[str, bytes], config: FusedConfig, vocab: int) -> bytes:
-    """The source's config.json with ``vocab_size`` raised (other fields kept), or a new one."""
-    original = kept.get("config.json")
-    if original is not None:
-        document = json.loads(original)
-        if isinstance(document, dict) and "vocab_size" in document:
-            document["vocab_size"] = vocab
-            return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
-    document = CONFIG_WRITERS["hf"](config.decoder.replace(vocab_size=vocab))
-    return (standard_json.dumps(document, indent=2) + "\n").encode()
+def _hf_config_with_vocab(document: bytes, vocab: int) -> bytes:
+    """The output's transformers config.json with ``vocab_size`` raised, other fields kept."""
+    config = json.loads(document)
+    config["vocab_size"] = vocab
+    return (standard_json.dumps(config, indent=2) + "\n").encode()
+
+
+def _cast_note(plan: ConversionPlan, dtype: torch.dtype) -> str:
+    """What ``--dtype`` changed: how many tensors were cast, from which dtypes."""
+    name = str(dtype).removeprefix("torch.")
+    cast: dict[str, int] = {}
+    for entry in plan.entries:
+        if entry.source_dtype != entry.dtype:
+            origin = str(entry.source_dtype).removeprefix("torch.")
+            cast[origin] = cast.get(origin, 0) + 1
+    if not cast:
+        return f"nothing to cast: every floating-point tensor is {name} already"
+    origins = ", ".join(f"{plural(count, 'tensor')} from {origin}"
+                        for origin, count in sorted(cast.items()))
+    return f"cast to {name}: {origins}"
+
+
+def _json_document(content: bytes, name: str) -> dict[str, Any] | None:
+    try:
+        document = json.loads(content)
+    except ValueError as error:
+        raise ConfigError(f"{name}: not valid JSON ({error})") from None
+    return document if isinstance(document, dict) else None
+
+
+def _derived_token_ids(directory: Path, kept: dict[str, bytes], source: FusedView,
+                       vocab: int) -> dict[str, Any]:
+    """bos/eos/pad ids for a decoder config derived from ``fusion_config.json`` (which holds
+    none): an Mllama source's own text config, else the source's generation config, else the
+    fused directory's copy of it; ids outside the original table are left out."""
+    candidates: list[Any] = []
+    if source.layout == "mllama" and isinstance(source.source.config, dict):
+        candidates.append(mllama_text_config(source.source.config))
+    if "generation_config.json" in kept:
+        candidates.append(_json_document(kept["generation_config.json"],
+                                         "generation_config.json"))
+    elif os.path.lexists(directory / "generation_config.json"):
+        candidates.append(_json_document(read_side_file(directory / "generation_config.json"),
+                                         str(directory / "generation_config.json")))
+
+    def valid(value: Any) -> bool:
+        ids = value if isinstance(value, list) else [value]
+        return bool(ids) and all(isinstance(i, int) and not isinstance(i, bool)
+                                 and 0 <= i < vocab for i in ids)
+
+    found: dict[str, Any] = {}
+    for document in candidates:
+        for key in TOKEN_ID_FIELDS:
+            if isinstance(document, dict) and key not in found and valid(document.get(key)):
+                found[key] = document[key]
+    return found
+
+
+def _config_and_side_files(
+    directory: Path, part: str, record: dict[str, Any], fmt: str, part_config: Any,
+    source: FusedView, plan: ConversionPlan, allow_missing: bool, notes: list[str],
+) -> dict[str, bytes]:
+    """The small files of the unfused part, by name: the source's own files fuse kept under
+    ``source/<part>/``, with its config rewritten for another layout (its transformers
+    config.json kept as ``hf_config.json`` beside a native or Meta one, as ``convert`` does,
+    and read back as the base of an hf one). A kept file that is gone is derived where that
+    is exact: the config from ``fusion_config.json``, a generation or processor config from
+    the fused directory's unchanged copy. Appends what it did to ``notes``.
+
+    Raises:
+        CheckpointError: a kept file is gone that cannot be derived (a tokenizer), unless
+            ``allow_missing``.
+        ConfigError: a kept config that is not valid JSON.
+    """
+    layout = record.get("layout", "native")
+    config_file = record.get("config_file")
+    names = tuple(record.get("kept_files", ()))
+    kept = read_side_files(directory / SOURCE_FILES_DIR / part, names)
+    where = f"{SOURCE_FILES_DIR}/{part}/"
+    missing = [name for name in names if name not in kept]
+    # fuse copies these beside the fused weights unchanged (the tokenizer it changes)
+    copies = tuple(name for name in missing if name != config_file and name in (
+        *ENCODER_SIDE_FILES, "generation_config.json"))
+    recovered = read_side_files(directory, copies)
+    for name in recovered:
+        notes.append(f"{where}{name} is missing: {name} is the fused directory's copy")
+    lost = [name for name in missing if name != config_file and name not in recovered]
+    if lost and not allow_missing:
+        raise CheckpointError(
+            f"{directory}: {where} lacks {', '.join(lost)} of the {part} source, which unfuse "
+            "gives back and cannot derive; restore them, or write the part without them",
+            flag="--allow-missing")
+    if lost:
+        notes.append(f"written without {', '.join(lost)}: missing from {where}")
+    extra = {**recovered, **kept}
+    if source.layout == "mllama" and part == "decoder":  # its generation settings are Llama's
+        extra.update(read_side_files(directory, ("generation_config.json",)))
+
+    hf_base = None  # the decoder's own transformers config.json, if fuse kept it
+    if part == "decoder":
+        for name in (config_file, HF_CONFIG_SIDE_FILE):
+            if name in kept and name.endswith(".json"):
+                document = _json_document(kept[name], where + name)
+                if document is not None and config_style(document) == "hf":
+                    hf_base = name
+                    break
+    if fmt == layout and config_file in kept:
+        return extra  # the source's own config, as it was
+    if config_file is not None and config_file in missing:
+        notes.append(f"{where}{config_file} is missing: {CONFIG_FILES[fmt]} written from "
+                     f"fusion_config.json's {part} config")
+    extra.pop(config_file, None)
+    if fmt == "hf" and hf_base is not None:
+        config = hf_config_dict(part_config, base=json.loads(kept[hf_base]))
+        extra.pop(HF_CONFIG_SIDE_FILE, None)
+    else:
+        config = CONFIG_WRITERS[fmt](part_config)
+        if fmt != "hf" and hf_base == config_file and hf_base is not None:
+            extra[HF_CONFIG_SIDE_FILE] = kept[hf_base]  # for the way back to hf, as convert
+        if fmt == "hf":  # derived: what fusion_config.json holds, the ids and dtype it lacks
+            if part == "decoder":
+                config.update(_derived_token_ids(directory, kept, source,
+                                                 part_config.vocab_size))
+            dtypes = [str(entry.dtype).removeprefix("torch.") for entry in plan.entries]
+            if dtypes:
+                set_hf_dtype(config, max(set(dtypes), key=dtypes.count))
+    extra[CONFIG_FILES[fmt]] = (standard_json.dumps(config, indent=2) + "\n").encode()
+    return extra
+
+
+def _state_dtype(extra: dict[str, bytes], fmt: str, dtype_name: str) -> None:
+    """Say ``dtype_name`` in the output's transformers configs (config.json of an hf output,
+    the hf_config.json beside a native or Meta one)."""
+    for name in ("config.json" if fmt == "hf" else None, HF_CONFIG_SIDE_FILE):
+        if name in extra:
+            document = json.loads(extra[name])
+            set_hf_dtype(document, dtype_name)
+            extra[name] = (standard_json.dumps(document, indent=2) + "\n").encode()
 
 
 def vision_tower_config(document: dict[str, Any], family: str) -> dict[str, Any]:
@@ -146,6 +294,8 @@ def unfuse_checkpoint(
     part: str = "decoder",
     format: str | None = None,
     merge_embeddings: bool = False,
+    dtype: torch.dtype | None = None,
+    allow_missing: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
@@ -162,6 +312,12 @@ def unfuse_checkpoint(
         merge_embeddings: (decoder, ``hf``) one table of ``vocab + new tokens`` rows and a
             config and tokenizer that know them. An untied output projection gets zero rows
             for the new tokens (they were never predicted).
+        dtype: cast the floating-point tensors written (a checkpoint fused with ``--dtype``
+            back to its source's dtype); the config states the new dtype. None keeps them.
+        allow_missing: write the part even when files fuse kept of its source (under
+            ``source/<part>/``) are gone and cannot be derived, such as its tokenizer. A
+            missing config is always derived from ``fusion_config.json``, and a missing
+            generation or processor config taken from the fused directory's copy.
         max_shard_size: largest shard.
         overwrite: replace an earlier fusesurgery output at ``out_dir``.
         on_progress: called with ``(bytes written, total bytes)`` after each tensor.
@@ -171,12 +327,14 @@ def unfuse_checkpoint(
         What was written.
 
     Raises:
-        FuseSurgeryError: not a fused checkpoint, an unknown part or format, an encoder asked
-            of a checkpoint without a native one (transformers' Mllama), merge without ``hf``
-            or for the encoder, or an output that cannot be written.
+        FuseSurgeryError: not a fused checkpoint, an unknown part, format or dtype, an encoder
+            asked of a checkpoint without a native one (transformers' Mllama), merge without
+            ``hf`` or for the encoder, source files missing that cannot be derived (without
+            ``allow_missing``), or an output that cannot be written.
     """
     if part not in PARTS:
         raise ConfigError(f"unknown part {part!r}; valid: {', '.join(PARTS)}")
+    check_cast_dtype(dtype)
     with open_fused(path) as (source, config):
         if part == "encoder" and config.encoder is None:
             raise ConfigError(_no_encoder_message(path, source.keys()))
@@ -197,9 +355,11 @@ def unfuse_checkpoint(
             if origin is not None and origin[0] == part:
                 native_infos[origin[1]] = TensorInfo(origin[1], info.shape, info.dtype)
         plan = plan_conversion(native_infos, "native", part_config, target_layout=fmt,
-                               kind=kind)
+                               kind=kind, dtype=dtype)
         notes = [f"{keys} was dropped by fuse: {reason}"  # one note a reason
                  for keys, reason in dropped_by_reason(record.get("dropped", {}))]
+        if dtype is not None:
+            notes.append(_cast_note(plan, dtype))
         if fmt == layout and isinstance(record.get("source_keys"), dict):
             plan = _renamed(plan, record["source_keys"])
         view = _PartView(source, part)
@@ -209,16 +369,8 @@ def unfuse_checkpoint(
         infos, new_shard_at = source_file_order(plan, view)
 
         directory = Path(source.path) if Path(source.path).is_dir() else Path(source.path).parent
-        kept_dir = directory / SOURCE_FILES_DIR / part
-        kept = read_side_files(kept_dir, tuple(record.get("kept_files", ())))
-        extra: dict[str, bytes] = {}
-        config_file = record.get("config_file")
-        if fmt == layout and config_file:
-            extra.update(kept)
-        else:  # another layout, or a source without a config: write one for this layout
-            extra.update({n: c for n, c in kept.items() if n != config_file})
-            extra[CONFIG_FILES[fmt]] = (standard_json.dumps(CONFIG_WRITERS[fmt](part_config),
-                                                            indent=2) + "\n").encode()
+        extra = _config_and_side_files(directory, part, record, fmt, part_config, source,
+                                       plan, allow_missing, notes)
         if part == "encoder" and fmt == "hf" and "config.json" in extra:
             hf_config = json.loads(extra["config.json"])
             tower = vision_tower_config(hf_config, part_config.family)
@@ -241,11 +393,13 @@ def unfuse_checkpoint(
         if merge_embeddings and config.new_tokens:
             infos, producers = _merge(plan, infos, producers, view, source, config)
             extra["config.json"] = _hf_config_with_vocab(
-                kept, config, config.decoder.vocab_size + len(config.new_tokens))
+                extra["config.json"], config.decoder.vocab_size + len(config.new_tokens))
             # the fused tokenizer: the original one plus the new tokens at their ids
             extra.update(read_side_files(directory, DECODER_SIDE_FILES))
             notes.append(f"embedding table merged: {config.decoder.vocab_size} + "
                          f"{len(config.new_tokens)} rows")
+        if dtype is not None:
+            _state_dtype(extra, fmt, str(dtype).removeprefix("torch."))
         written = write_layout(
             out_dir, fmt, infos, lambda key: producers[key](),
             lambda key: plan_entry_tensor(entries[key], view), new_shard_at=new_shard_at,
@@ -265,11 +419,12 @@ def _merge(plan, infos, producers, view, source, config):
     output = by_source.get("output.weight")
 
     def merged_embedding() -> torch.Tensor:
-        return torch.cat([view.get_tensor("tok_embeddings.weight"),
-                          source.get_tensor(FUSION_EMBEDDING_KEY)], dim=0)
+        dtype = by_source["tok_embeddings.weight"].dtype  # the planned one (a --dtype cast)
+        return torch.cat([view.get_tensor("tok_embeddings.weight").to(dtype),
+                          source.get_tensor(FUSION_EMBEDDING_KEY).to(dtype)], dim=0)
 
     def padded_output() -> torch.Tensor:
-        table = view.get_tensor("output.weight")
+        table = view.get_tensor("output.weight").to(output.dtype)
         return torch.cat([table, table.new_zeros(new_rows, table.shape[1])], dim=0)
 
     infos = list(infos)
