@@ -28,7 +28,6 @@ from fusesurgery.convert.plan import PlanEntry, _rope_transform
 from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import TensorInfo
-from fusesurgery.io._files import read_side_file
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.surgery.fused import FusedView, open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
@@ -38,6 +37,8 @@ from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 from fusesurgery.write.side_files import (
     DECODER_SIDE_FILES,
     HF_CONFIG_SIDE_FILE,
+    TOKEN_ID_FIELDS,
+    read_json_side_file,
     read_side_files,
 )
 
@@ -113,9 +114,6 @@ def mllama_text_config_dict(config: FusedConfig, base: Mapping[str, Any] | None)
 MLLAMA_CARRIED_FIELDS: tuple[str, ...] = (
     "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
 )
-_TOKEN_ID_FIELDS: tuple[str, ...] = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
 def _source_decoder_fields(directory: Path) -> dict[str, Any]:
     """The :data:`MLLAMA_CARRIED_FIELDS` a fused checkpoint's decoder source stated: in its
     own config.json (an hf source) or the ``hf_config.json`` a conversion kept beside a native
@@ -127,31 +125,16 @@ def _source_decoder_fields(directory: Path) -> dict[str, Any]:
     found: dict[str, Any] = {}
     kept = directory / SOURCE_FILES_DIR / "decoder"
     for name in ("config.json", HF_CONFIG_SIDE_FILE):
-        document = _json_file(kept / name)
-        if isinstance(document, dict) and config_style(document) == "hf":
+        document = read_json_side_file(kept / name)
+        if document is not None and config_style(document) == "hf":
             found = {k: document[k] for k in MLLAMA_CARRIED_FIELDS if k in document}
             break
     for path in (kept / "generation_config.json", directory / "generation_config.json"):
-        generation = _json_file(path)
-        if isinstance(generation, dict):
-            for key in _TOKEN_ID_FIELDS:
-                if key in generation and found.get(key) is None:
-                    found[key] = generation[key]
+        generation = read_json_side_file(path)
+        for key in TOKEN_ID_FIELDS if generation is not None else ():
+            if key in generation and found.get(key) is None:
+                found[key] = generation[key]
     return found
-
-
-def _json_file(path: Path) -> Any:
-    """A small JSON file's document, or None where there is no such file.
-
-    Raises:
-        ConfigError: a file that is not valid JSON.
-    """
-    if not os.path.lexists(path):
-        return None
-    try:
-        return json.loads(read_side_file(path))
-    except ValueError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error})") from None
 
 
 def _kept_config(view: FusedView, config: FusedConfig) -> dict | None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from fusesurgery.convert.tokenizer import TOKENIZER_FILES
+from fusesurgery.errors import ConfigError
 from fusesurgery.io import CheckpointSource
 from fusesurgery.io._files import read_side_file
 
@@ -17,6 +20,8 @@ ENCODER_SIDE_FILES: tuple[str, ...] = ("preprocessor_config.json", "processor_co
 # from it: the way back to hf starts from it, so what the native config cannot hold (token
 # ids, a sliding window, dtype, ...) comes back as it was.
 HF_CONFIG_SIDE_FILE = "hf_config.json"
+# The special-token ids a transformers config.json (and a generation config) states.
+TOKEN_ID_FIELDS: tuple[str, ...] = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def side_directory(source: CheckpointSource) -> Path:
@@ -39,5 +44,30 @@ def read_side_files(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]
     return found
 
 
-__all__ = ["DECODER_SIDE_FILES", "ENCODER_SIDE_FILES", "HF_CONFIG_SIDE_FILE", "read_side_files",
-           "side_directory"]
+def json_object(content: bytes, origin: object) -> dict[str, Any] | None:
+    """A side file's JSON object (None when it holds another JSON value).
+
+    Raises:
+        ConfigError: not valid JSON.
+    """
+    try:
+        document = json.loads(content)
+    except ValueError as error:
+        raise ConfigError(f"{origin}: not valid JSON ({error})") from None
+    return document if isinstance(document, dict) else None
+
+
+def read_json_side_file(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None where there is no such file or no object.
+
+    Raises:
+        CheckpointError: unreadable, not a regular file, or too large.
+        ConfigError: not valid JSON.
+    """
+    if not os.path.lexists(path):
+        return None
+    return json_object(read_side_file(path), path)
+
+
+__all__ = ["DECODER_SIDE_FILES", "ENCODER_SIDE_FILES", "HF_CONFIG_SIDE_FILE", "TOKEN_ID_FIELDS",
+           "json_object", "read_json_side_file", "read_side_files", "side_directory"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,6 @@ from fusesurgery.convert.plan import (
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
 from fusesurgery.errors import CheckpointError, ConfigError
 from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo
-from fusesurgery.io._files import read_side_file
 from fusesurgery.surgery.fuse_plan import FUSION_EMBEDDING_KEY, fused_key_of, native_key_of
 from fusesurgery.surgery.fused import FusedView, open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR
@@ -55,11 +55,13 @@ from fusesurgery.write.side_files import (
     DECODER_SIDE_FILES,
     ENCODER_SIDE_FILES,
     HF_CONFIG_SIDE_FILE,
+    TOKEN_ID_FIELDS,
+    json_object,
+    read_json_side_file,
     read_side_files,
 )
 
 PARTS = ("decoder", "encoder")
-TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 HF_EMBEDDING_KEY = "model.embed_tokens.weight"
 HF_OUTPUT_KEY = "lm_head.weight"
 
@@ -133,14 +135,6 @@ def _cast_note(plan: ConversionPlan, dtype: torch.dtype) -> str:
     return f"cast to {name}: {origins}"
 
 
-def _json_document(content: bytes, name: str) -> dict[str, Any] | None:
-    try:
-        document = json.loads(content)
-    except ValueError as error:
-        raise ConfigError(f"{name}: not valid JSON ({error})") from None
-    return document if isinstance(document, dict) else None
-
-
 def _derived_token_ids(directory: Path, kept: dict[str, bytes], source: FusedView,
                        vocab: int) -> dict[str, Any]:
     """bos/eos/pad ids for a decoder config derived from ``fusion_config.json`` (which holds
@@ -150,11 +144,10 @@ def _derived_token_ids(directory: Path, kept: dict[str, bytes], source: FusedVie
     if source.layout == "mllama" and isinstance(source.source.config, dict):
         candidates.append(mllama_text_config(source.source.config))
     if "generation_config.json" in kept:
-        candidates.append(_json_document(kept["generation_config.json"],
-                                         "generation_config.json"))
-    elif os.path.lexists(directory / "generation_config.json"):
-        candidates.append(_json_document(read_side_file(directory / "generation_config.json"),
-                                         str(directory / "generation_config.json")))
+        candidates.append(json_object(kept["generation_config.json"], directory / SOURCE_FILES_DIR
+                                      / "decoder" / "generation_config.json"))
+    else:
+        candidates.append(read_json_side_file(directory / "generation_config.json"))
 
     def valid(value: Any) -> bool:
         ids = value if isinstance(value, list) else [value]
@@ -213,7 +206,7 @@ def _config_and_side_files(
     if part == "decoder":
         for name in (config_file, HF_CONFIG_SIDE_FILE):
             if name in kept and name.endswith(".json"):
-                document = _json_document(kept[name], where + name)
+                document = json_object(kept[name], directory / where / name)
                 if document is not None and config_style(document) == "hf":
                     hf_base = name
                     break
@@ -228,15 +221,15 @@ def _config_and_side_files(
         extra.pop(HF_CONFIG_SIDE_FILE, None)
     else:
         config = CONFIG_WRITERS[fmt](part_config)
-        if fmt != "hf" and hf_base == config_file and hf_base is not None:
+        if fmt != "hf" and hf_base is not None and hf_base == config_file:
             extra[HF_CONFIG_SIDE_FILE] = kept[hf_base]  # for the way back to hf, as convert
         if fmt == "hf":  # derived: what fusion_config.json holds, the ids and dtype it lacks
             if part == "decoder":
                 config.update(_derived_token_ids(directory, kept, source,
                                                  part_config.vocab_size))
-            dtypes = [str(entry.dtype).removeprefix("torch.") for entry in plan.entries]
+            dtypes = Counter(str(entry.dtype).removeprefix("torch.") for entry in plan.entries)
             if dtypes:
-                set_hf_dtype(config, max(set(dtypes), key=dtypes.count))
+                set_hf_dtype(config, dtypes.most_common(1)[0][0])
     extra[CONFIG_FILES[fmt]] = (standard_json.dumps(config, indent=2) + "\n").encode()
     return extra
 
