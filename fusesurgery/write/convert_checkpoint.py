@@ -16,6 +16,8 @@ import torch
 from fusesurgery import _json as standard_json
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.configs import (
+    HF_ARCHITECTURES,
+    HF_MODEL_TYPES,
     config_style,
     hf_config_dict,
     meta_config_dict,
@@ -78,6 +80,23 @@ def write_layout(
     for unused in ("max_shard_size", "new_shard_at"):
         options.pop(unused, None)
     return write_torch_checkpoint(out_dir, infos, tensor_of, **options)
+
+
+def vision_tower_config(document: dict[str, Any], family: str) -> dict[str, Any]:
+    """The config.json of a vision tower alone: ``document`` itself when it is one, else a
+    whole ``CLIPModel`` / ``SiglipModel`` config's ``vision_config`` made a config of its own
+    (``CLIPVisionConfig`` / ``SiglipVisionConfig``, the architecture its keys load into, the
+    dtype and transformers version of the whole), so that ``AutoModel`` builds the vision
+    model and no random text tower beside the weights."""
+    section = document.get("vision_config")
+    if not isinstance(section, dict):
+        return document
+    tower = {"architectures": [HF_ARCHITECTURES[family]], "model_type": HF_MODEL_TYPES[family],
+             **{key: value for key, value in section.items() if key != "architectures"}}
+    for key in ("dtype", "torch_dtype", "transformers_version"):
+        if key in document and key not in tower:
+            tower[key] = document[key]
+    return tower
 
 
 def plan_entry_tensor(entry: PlanEntry, source: CheckpointSource) -> torch.Tensor:
@@ -320,8 +339,9 @@ def convert_checkpoint(
         elif to == "hf" and source.config_file == "config.json" and source.config is not None \
                 and config_style(source.config) == "hf":
             # a vision tower's: keep what fusesurgery does not model, with the fields it does
-            # written as it resolved them
-            config = {**source.config, **config}
+            # written as it resolved them (of a CLIPModel / SiglipModel, its vision half's)
+            config = {**vision_tower_config(dict(source.config), detected.config.family),
+                      **config}
         dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
         if dtype_name is not None and to != "meta":
             set_hf_dtype(config, dtype_name)

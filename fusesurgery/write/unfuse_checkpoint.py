@@ -23,7 +23,6 @@ from fusesurgery._plural import plural
 from fusesurgery.convert import plan_conversion
 from fusesurgery.convert.configs import (
     HF_ARCHITECTURES,
-    HF_MODEL_TYPES,
     config_style,
     hf_config_dict,
     set_hf_dtype,
@@ -47,6 +46,7 @@ from fusesurgery.write.convert_checkpoint import (
     plan_entry_source,
     plan_entry_tensor,
     source_file_order,
+    vision_tower_config,
     write_layout,
 )
 from fusesurgery.write.safetensors_writer import WriteResult
@@ -242,23 +242,6 @@ def _state_dtype(extra: dict[str, bytes], fmt: str, dtype_name: str) -> None:
             document = json.loads(extra[name])
             set_hf_dtype(document, dtype_name)
             extra[name] = (standard_json.dumps(document, indent=2) + "\n").encode()
-
-
-def vision_tower_config(document: dict[str, Any], family: str) -> dict[str, Any]:
-    """The config.json of a vision tower alone: ``document`` itself when it is one, else a
-    whole ``CLIPModel`` / ``SiglipModel`` config's ``vision_config`` made a config of its own
-    (``CLIPVisionConfig`` / ``SiglipVisionConfig``, the architecture its keys load into, the
-    dtype and transformers version of the whole), so that ``AutoModel`` builds the vision
-    model and no random text tower beside the weights."""
-    section = document.get("vision_config")
-    if not isinstance(section, dict):
-        return document
-    tower = {"architectures": [HF_ARCHITECTURES[family]], "model_type": HF_MODEL_TYPES[family],
-             **{key: value for key, value in section.items() if key != "architectures"}}
-    for key in ("dtype", "torch_dtype", "transformers_version"):
-        if key in document and key not in tower:
-            tower[key] = document[key]
-    return tower
 
 
 def _architecture(document: dict[str, Any]) -> str:

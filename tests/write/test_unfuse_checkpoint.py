@@ -308,3 +308,29 @@ def test_unfuse_of_mllama_carries_its_token_ids(tmp_path):
         assert config[key] == original[key], key
     assert (tmp_path / "llama" / "generation_config.json").read_bytes() == (
         path / "generation_config.json").read_bytes()
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_convert_of_a_whole_clip_or_siglip_model_writes_the_vision_config(tmp_path, family):
+    """convert --to hf of a CLIPModel / SiglipModel (its vision half) writes the vision
+    model's own config, not the whole model's with vision fields over it."""
+    import torch
+    import transformers as t
+
+    from fusesurgery.write import convert_checkpoint
+    from tests.reports.diff_checkpoints import HF_VISION
+    from tests.tiny_models import TINY_TEXT
+
+    torch.manual_seed(0)
+    if family == "clip":
+        source = t.CLIPModel(t.CLIPConfig(vision_config=HF_VISION, text_config=TINY_TEXT,
+                                          projection_dim=24))
+    else:
+        source = t.SiglipModel(t.SiglipConfig(vision_config=HF_VISION, text_config=TINY_TEXT))
+    source.save_pretrained(tmp_path / family)
+    convert_checkpoint(tmp_path / family, tmp_path / "hf", to="hf")
+    config = _json(tmp_path / "hf" / "config.json")
+    assert "text_config" not in config and "vision_config" not in config, sorted(config)
+    model, info = t.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(model) is {"clip": t.CLIPVisionModel, "siglip": t.SiglipVisionModel}[family]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
