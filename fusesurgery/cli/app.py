@@ -31,8 +31,8 @@ COMMANDS: tuple[tuple[str, str, str, str], ...] = (
      "Examples: fusesurgery validate my-vlm/ ; fusesurgery validate my-vlm/ --against "
      "llama-3.1-8b/ --device cuda --json"),
     ("unfuse", "fusesurgery.cli.unfuse", "unfuse",
-     "Examples: fusesurgery unfuse my-vlm/ -o llama/ ; fusesurgery unfuse my-vlm/ -o merged/ "
-     "--format hf --merge-embeddings"),
+     "Examples: fusesurgery unfuse my-vlm/ -o llama/ --dtype bf16 ; fusesurgery unfuse my-vlm/ "
+     "-o merged/ --format hf --merge-embeddings"),
     ("inspect", "fusesurgery.cli.inspect", "inspect",
      "Examples: fusesurgery inspect decoder/ ; fusesurgery inspect model.safetensors --json ; "
      "fusesurgery inspect ckpt.pt --keys --num-heads 32"),
