@@ -114,6 +114,8 @@ def mllama_text_config_dict(config: FusedConfig, base: Mapping[str, Any] | None)
 MLLAMA_CARRIED_FIELDS: tuple[str, ...] = (
     "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
 )
+
+
 def _source_decoder_fields(directory: Path) -> dict[str, Any]:
     """The :data:`MLLAMA_CARRIED_FIELDS` a fused checkpoint's decoder source stated: in its
     own config.json (an hf source) or the ``hf_config.json`` a conversion kept beside a native

@@ -165,13 +165,15 @@ def _derived_token_ids(directory: Path, kept: dict[str, bytes], source: FusedVie
 def _config_and_side_files(
     directory: Path, part: str, record: dict[str, Any], fmt: str, part_config: Any,
     source: FusedView, plan: ConversionPlan, allow_missing: bool, notes: list[str],
+    replaced: tuple[str, ...] = (),
 ) -> dict[str, bytes]:
     """The small files of the unfused part, by name: the source's own files fuse kept under
     ``source/<part>/``, with its config rewritten for another layout (its transformers
     config.json kept as ``hf_config.json`` beside a native or Meta one, as ``convert`` does,
     and read back as the base of an hf one). A kept file that is gone is derived where that
     is exact: the config from ``fusion_config.json``, a generation or processor config from
-    the fused directory's unchanged copy. Appends what it did to ``notes``.
+    the fused directory's unchanged copy; one the caller writes itself (``replaced``) is not
+    needed. Appends what it did to ``notes``.
 
     Raises:
         CheckpointError: a kept file is gone that cannot be derived (a tokenizer), unless
@@ -190,7 +192,8 @@ def _config_and_side_files(
     recovered = read_side_files(directory, copies)
     for name in recovered:
         notes.append(f"{where}{name} is missing: {name} is the fused directory's copy")
-    lost = [name for name in missing if name != config_file and name not in recovered]
+    lost = [name for name in missing
+            if name != config_file and name not in recovered and name not in replaced]
     if lost and not allow_missing:
         raise CheckpointError(
             f"{directory}: {where} lacks {', '.join(lost)} of the {part} source, which unfuse "
@@ -345,10 +348,16 @@ def unfuse_checkpoint(
         infos, new_shard_at = source_file_order(plan, view)
 
         directory = Path(source.path) if Path(source.path).is_dir() else Path(source.path).parent
+        merging = merge_embeddings and bool(config.new_tokens)
+        # merged, the output takes the fused tokenizer, not the source's
+        fused_tokenizer = read_side_files(directory, DECODER_SIDE_FILES) if merging else {}
         extra = _config_and_side_files(directory, part, record, fmt, part_config, source,
-                                       plan, allow_missing, notes)
+                                       plan, allow_missing, notes, tuple(fused_tokenizer))
+        hf_config = None
         if part == "encoder" and fmt == "hf" and "config.json" in extra:
-            hf_config = json.loads(extra["config.json"])
+            hf_config = json_object(extra["config.json"], directory / SOURCE_FILES_DIR / part
+                                    / "config.json")
+        if hf_config is not None:
             tower = vision_tower_config(hf_config, part_config.family)
             changed = tower is not hf_config
             if changed:
@@ -366,12 +375,12 @@ def unfuse_checkpoint(
                              "attention-pooling head")
             if changed:
                 extra["config.json"] = (standard_json.dumps(tower, indent=2) + "\n").encode()
-        if merge_embeddings and config.new_tokens:
+        if merging:
             infos, producers = _merge(plan, infos, producers, view, source, config)
             extra["config.json"] = _hf_config_with_vocab(
                 extra["config.json"], config.decoder.vocab_size + len(config.new_tokens))
             # the fused tokenizer: the original one plus the new tokens at their ids
-            extra.update(read_side_files(directory, DECODER_SIDE_FILES))
+            extra.update(fused_tokenizer)
             notes.append(f"embedding table merged: {config.decoder.vocab_size} + "
                          f"{len(config.new_tokens)} rows")
         if dtype is not None:
@@ -383,7 +392,7 @@ def unfuse_checkpoint(
             on_progress=on_progress, durable=durable,
             inputs=(directory, *source.paths_read))
     return UnfuseResult(part=part, format=fmt, plan=plan, written=written,
-                        merged_embeddings=merge_embeddings and bool(config.new_tokens),
+                        merged_embeddings=merging,
                         notes=tuple(notes))
 
 

@@ -269,6 +269,11 @@ def test_unfuse_refuses_a_missing_tokenizer_unless_allowed(tmp_path, fused_examp
     assert "written without tokenizer.json: missing from source/decoder/" in result.stderr
     assert not (tmp_path / "back" / "tokenizer.json").exists()
     assert (tmp_path / "back" / "tokenizer_config.json").is_file()
+    # merged, the output takes the fused tokenizer: the source's is not needed
+    result = cli("unfuse", fused, "-o", tmp_path / "merged", "--merge-embeddings")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "tokenizer.json").read_bytes() == (
+        fused / "tokenizer.json").read_bytes()
 
 
 @pytest.mark.parametrize("part", ["decoder", "encoder"])
