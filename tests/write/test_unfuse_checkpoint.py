@@ -339,3 +339,12 @@ def test_convert_of_a_whole_clip_or_siglip_model_writes_the_vision_config(tmp_pa
     model, info = t.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert type(model) is {"clip": t.CLIPVisionModel, "siglip": t.SiglipVisionModel}[family]
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+@pytest.mark.parametrize("part", ["decoder", "encoder"])
+def test_unfuse_with_a_kept_config_that_is_not_json(tmp_path, fused_example, part):
+    fused = _copy(fused_example, tmp_path)
+    (fused / "source" / part / "config.json").write_text("{not json")
+    assert_one_line_error(cli("unfuse", fused, "-o", tmp_path / "back", "--part", part),
+                          f"source/{part}/config.json: not valid JSON")
+    assert not (tmp_path / "back").exists()
