@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 import fusesurgery
 from fusesurgery.errors import ConfigError, ValidationError, WriteError
+from fusesurgery.hub.card import fusion_rows
 from fusesurgery.validate.checks import validate_layout
 from tests.hardening.conftest import cli, snapshot
 from tests.reports.diff_checkpoints import HF_DECODER, HF_VISION
@@ -143,6 +144,9 @@ def test_trained_originals_are_recorded_and_validate_stops_claiming_identity(sou
     assert report.identity is False
     rows = {check.name: check for check in report.checks}
     assert rows["original tensors are the sources'"].figure == "1 changed by training"
+    card = dict(fusion_rows(fusesurgery.read_fused_config(out)))  # push's model card
+    assert card["gates"].startswith("trained: 1 original tensors differ")
+    assert "computes exactly" not in (out / "README.md").read_text()
 
 
 def test_trained_originals_naming_no_original_tensor_fail_validation(sources, tmp_path):
