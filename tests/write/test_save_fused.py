@@ -17,6 +17,7 @@ from fusesurgery.errors import ConfigError, ValidationError, WriteError
 from fusesurgery.hub.card import fusion_rows
 from fusesurgery.validate.checks import validate_layout
 from tests.hardening.conftest import cli, snapshot
+from tests.mllama_models import save_mllama_causal
 from tests.reports.diff_checkpoints import HF_DECODER, HF_VISION
 
 GATE = "decoder.layers.0.fusion_layer.ca_scale.scale"
@@ -227,4 +228,12 @@ def test_what_is_not_a_fused_model_is_refused(sources, tmp_path):
     with pytest.raises(ConfigError, match="dtype must be one of"):
         fusesurgery.save_fused(fusesurgery.load_fused(sources["fused"]), tmp_path / "out",
                                dtype=torch.int8)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_decoder_from_an_mllama_checkpoint_is_refused(tmp_path):
+    mllama = save_mllama_causal(tmp_path / "mllama")
+    decoder = fusesurgery.load_fused(mllama, part="decoder")
+    with pytest.raises(ConfigError, match="Mllama checkpoint"):
+        fusesurgery.save_fused(decoder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
