@@ -209,6 +209,8 @@ def save_fused(
     it to for training: an original tensor whose values, in that dtype, are still the
     source's is copied from the source's bytes; one that training changed is written cast
     and named in ``fusion_config.json`` (``trained_originals``), as are the gate values.
+    Without that checkpoint (a model built from a config, or one whose checkpoint was
+    removed or replaced since) every original tensor is named: none can be shown unchanged.
 
     Args:
         model: a ``DeepFusionModel`` (usually from ``load_fused``, then trained), or the fused
@@ -318,7 +320,9 @@ def _compare_with_source(state: Mapping[str, torch.Tensor], targets: Mapping[str
     Returns:
         The keys written from the source's bytes (an original tensor equal to the source's
         in the written dtype, or a source tensor the model does not hold), and the original
-        tensors that differ from the source's (trained).
+        tensors that differ from the source's (trained). Without a source (gone or changed
+        since the model was loaded, or a model built from a config) no original tensor can be
+        shown unchanged: every one is listed.
 
     Raises:
         ValidationError: tensors that are not finite once cast (NaN, inf, an overflow).
@@ -331,7 +335,10 @@ def _compare_with_source(state: Mapping[str, torch.Tensor], targets: Mapping[str
         if written.is_floating_point() and not bool(torch.isfinite(written).all()):
             non_finite.append(key)
             continue
-        if view is None or native_key_of(key) is None:
+        if native_key_of(key) is None:
+            continue
+        if view is None:
+            trained.append(key)
             continue
         stored = view.get_tensor(key)
         if stored.dtype == written.dtype and _bitwise_equal(stored, written):

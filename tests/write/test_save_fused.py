@@ -15,6 +15,8 @@ from safetensors import safe_open
 import fusesurgery
 from fusesurgery.errors import ConfigError, ValidationError, WriteError
 from fusesurgery.hub.card import fusion_rows
+from fusesurgery.surgery.fuse_plan import native_key_of
+from fusesurgery.surgery.fused import build_fused_model
 from fusesurgery.validate.checks import validate_layout
 from tests.hardening.conftest import cli, snapshot
 from tests.mllama_models import save_mllama_causal
@@ -237,3 +239,15 @@ def test_a_decoder_from_an_mllama_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="Mllama checkpoint"):
         fusesurgery.save_fused(decoder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_without_its_checkpoint_no_original_is_claimed_unchanged(sources, tmp_path):
+    config = fusesurgery.read_fused_config(sources["fused"])
+    model = build_fused_model(config)  # no checkpoint behind it: its originals are unknown
+    model.load_state_dict(fusesurgery.load_fused(sources["fused"]).state_dict())
+    out = tmp_path / "out"
+    fusesurgery.save_fused(model, out, config=config)
+    recorded = _config(out)["trained_originals"]
+    assert recorded and all(native_key_of(key) is not None for key in recorded)
+    assert len(recorded) == sum(native_key_of(key) is not None for key in model.state_dict())
+    assert validate_layout(out).ok
