@@ -182,9 +182,25 @@ def _original_dtype(key: str, tensor: torch.Tensor, config: FusedConfig,
     return getattr(torch, recorded) if recorded else tensor.dtype
 
 
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as integers of its element size (compared twice as fast as bytes)."""
+    flat = tensor.reshape(-1).contiguous()
+    return flat.view(_SAME_SIZE_INTEGER.get(flat.element_size(), torch.uint8))
+
+
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
-        a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf: a sum is finite only then, or when it overflowed (checked element by
+    element, which costs several times the sum)."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -313,6 +329,28 @@ def save_fused(
                                  inputs=inputs)
 
 
+class _CastBuffer:
+    """One buffer, reused, for the casts of a pass over many tensors: a fresh allocation per
+    tensor pays for faulting its pages in again each time."""
+
+    def __init__(self) -> None:
+        self._bytes = torch.empty(0, dtype=torch.uint8)
+
+    def cast(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``tensor`` on the CPU in ``dtype`` (floating point only); valid until the next
+        call."""
+        if not tensor.is_floating_point() or (tensor.dtype == dtype
+                                              and tensor.device.type == "cpu"):
+            return tensor.cpu()
+        nbytes = tensor.numel() * dtype.itemsize
+        if self._bytes.numel() < nbytes:
+            self._bytes = torch.empty(0, dtype=torch.uint8)  # the old one goes first
+            self._bytes = torch.empty(nbytes, dtype=torch.uint8)
+        out = self._bytes[:nbytes].view(dtype).view(tensor.shape)
+        out.copy_(tensor)
+        return out
+
+
 def _compare_with_source(state: Mapping[str, torch.Tensor], targets: Mapping[str, torch.dtype],
                          view: FusedView | None) -> tuple[set[str], list[str]]:
     """One pass over the model's tensors, each cast to the dtype it will be written in.
@@ -330,22 +368,22 @@ def _compare_with_source(state: Mapping[str, torch.Tensor], targets: Mapping[str
     copied: set[str] = set()
     trained: list[str] = []
     non_finite: list[str] = []
+    buffer = _CastBuffer()
     for key, tensor in state.items():
-        written = _cast(tensor, targets[key])
-        if written.is_floating_point() and not bool(torch.isfinite(written).all()):
+        written = buffer.cast(tensor, targets[key])
+        if native_key_of(key) is not None and view is not None:
+            stored = view.read_tensor(key)  # one pread: cheaper than faulting mapped pages in
+            if stored.dtype == written.dtype and _bitwise_equal(stored, written):
+                copied.add(key)  # the source's bytes, as fuse wrote them: nothing to check
+                continue
+            if not _bitwise_equal(_cast(stored, written.dtype), written):
+                trained.append(key)
+            del stored
+        elif native_key_of(key) is not None:
+            trained.append(key)
+        if not _finite(written):
             non_finite.append(key)
-            continue
-        if native_key_of(key) is None:
-            continue
-        if view is None:
-            trained.append(key)
-            continue
-        stored = view.get_tensor(key)
-        if stored.dtype == written.dtype and _bitwise_equal(stored, written):
-            copied.add(key)
-        elif not _bitwise_equal(_cast(stored, written.dtype), written):
-            trained.append(key)
-        del written, stored  # one tensor in memory at a time
+        del written  # one tensor in memory at a time
     if non_finite:
         raise ValidationError(
             f"refusing to save {len(non_finite)} tensors holding NaN or inf "
