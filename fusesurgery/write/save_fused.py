@@ -196,8 +196,9 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf: a sum is finite only then, or when it overflowed (checked element by
-    element, which costs several times the sum)."""
+    """No NaN or inf. A NaN or inf makes the sum NaN or inf, so a finite sum proves it; only
+    a non-finite one (which may be an overflow) is checked element by element, at several
+    times the cost."""
     if not tensor.is_floating_point():
         return True
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
