@@ -11,16 +11,30 @@ from __future__ import annotations
 class FuseSurgeryError(Exception):
     """Base class of every error fusesurgery raises on purpose.
 
+    The fix is named as the caller spells it: ``str(error)`` says ``(pass overwrite=True)``
+    to a Python caller when the error has an ``argument``, and the command line words it
+    with :meth:`cli_message` as ``(pass --overwrite)``.
+
     Args:
         message: what is wrong.
         flag: the CLI option that supplies the missing value or permission, if any.
+        argument: the same fix as a Python caller gives it (``overwrite=True``), where the
+            library function takes one; without it both say ``flag``.
     """
 
-    def __init__(self, message: str = "", *, flag: str | None = None) -> None:
-        if flag is not None:
-            message = f"{message} (pass {flag})"
-        super().__init__(message)
+    def __init__(self, message: str = "", *, flag: str | None = None,
+                 argument: str | None = None) -> None:
+        fix = argument if argument is not None else flag
+        super().__init__(f"{message} (pass {fix})" if fix is not None else message)
         self.flag = flag
+        self.argument = argument
+        self.bare_message = message
+
+    def cli_message(self) -> str:
+        """The message with the fix spelled as the command-line option."""
+        if self.argument is None or self.flag is None:
+            return str(self)
+        return f"{self.bare_message} (pass {self.flag})"
 
 
 class CheckpointError(FuseSurgeryError):

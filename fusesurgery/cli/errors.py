@@ -107,7 +107,9 @@ def report(exc: BaseException, as_json: bool = False) -> int:
         _error_stderr.print(escape("".join(traceback.format_exception(exc))), end="")
     for exc_type, code, prefix in ERROR_TABLE:
         if isinstance(exc, exc_type):
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # the fix as this interface spells it: --overwrite, not overwrite=True
+            text = exc.cli_message() if isinstance(exc, FuseSurgeryError) else str(exc)
+            message = text.splitlines()[0] if text else type(exc).__name__
             _error_stderr.print(f"[bold red]{prefix}:[/] {escape(message)}")
             if as_json:
                 print(standard_json.dumps({"error": message, "kind": prefix, "code": code}))

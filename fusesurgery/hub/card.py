@@ -66,6 +66,9 @@ def _source_line(part: str, record: Mapping[str, Any], hub_id: str | None,
 
 def _gate_state(config: FusedConfig, forward_checked: bool) -> str:
     values = [float(v) for v in config.gates.values()]
+    if config.trained_originals:  # zero gates or not, the decoder is no longer the source's
+        return (f"trained: {len(config.trained_originals)} original tensors differ from the "
+                f"sources', {sum(v != 0.0 for v in values)} of {len(values)} gates nonzero")
     if not values:
         return "unknown (no gates recorded)"
     if all(v == 0.0 for v in values):

@@ -37,6 +37,8 @@ IDENTITY_NOTE = (
     "computed"
 )
 TRAINED_NOTE = "trained: identity no longer holds (gates are nonzero)"
+ORIGINALS_TRAINED_NOTE = ("trained: identity no longer holds ({count} original tensors differ "
+                          "from the sources')")
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,12 @@ class FusedConfig:
         dtypes: ``{"decoder", "encoder", "fusion"}`` -> dtype name of those tensors.
         seed: the seed the new parameters were drawn with.
         sources: ``{"decoder", "encoder"}`` -> the source record written by ``fuse``.
-        trained: the fusion parameters changed since ``fuse`` (``save_fused`` of a trained
-            model); the identity no longer holds.
+        trained: the model changed since ``fuse`` (``save_fused`` of a trained model: a
+            nonzero gate, or ``trained_originals``); the identity no longer holds.
         gates: gate name -> value, as last saved.
+        trained_originals: the fused keys of original (decoder or encoder) tensors whose saved
+            values differ from their sources' (trained with ``decoder_trainable`` or
+            ``encoder_trainable``), sorted.
         version: the fusesurgery version that wrote the file.
     """
 
@@ -80,6 +85,7 @@ class FusedConfig:
     sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     trained: bool = False
     gates: Mapping[str, float] = field(default_factory=dict)
+    trained_originals: tuple[str, ...] = ()
     version: str = ""
 
     @property
@@ -109,10 +115,18 @@ class FusedConfig:
             "dtypes": dict(self.dtypes),
             "seed": self.seed,
             "trained": self.trained,
-            "identity": TRAINED_NOTE if self.trained else IDENTITY_NOTE,
+            "identity": self.identity_note,
             "gates": dict(self.gates),
+            "trained_originals": list(self.trained_originals),
             "sources": {part: dict(record) for part, record in self.sources.items()},
         }
+
+    @property
+    def identity_note(self) -> str:
+        """Whether the fused model still computes what the original decoder computed."""
+        if self.trained_originals:
+            return ORIGINALS_TRAINED_NOTE.format(count=len(self.trained_originals))
+        return TRAINED_NOTE if self.trained else IDENTITY_NOTE
 
     def replace(self, **changes: Any) -> FusedConfig:
         return dataclasses.replace(self, **changes)
@@ -183,6 +197,16 @@ def _gates(value: Any, origin: str) -> dict[str, float]:
             raise ConfigError(f"{origin}: gates[{name!r}] must be a finite number, not {shown}")
         gates[str(name)] = float(gate)
     return gates
+
+
+def _key_list(value: Any, origin: str, name: str) -> tuple[str, ...]:
+    """A list of distinct tensor names."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{origin}: {name} must be a list of tensor names, not "
+                          f"{_json_type(value)}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{origin}: {name} names a tensor twice")
+    return tuple(sorted(value))
 
 
 def _sources(value: Any, origin: str) -> dict[str, Mapping[str, Any]]:
@@ -264,6 +288,8 @@ def fused_config_from_dict(doc: Mapping[str, Any], origin: str = FUSION_CONFIG_F
         sources=_sources(doc.get("sources", {}), origin),
         trained=_typed(doc, "trained", bool, False, origin),
         gates=_gates(doc.get("gates", {}), origin),
+        trained_originals=_key_list(doc.get("trained_originals", []), origin,
+                                    "trained_originals"),
         version=_typed(doc, "fusesurgery_version", str, "", origin),
     )
 

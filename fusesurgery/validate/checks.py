@@ -129,9 +129,13 @@ def _check_layout(report: ValidationReport, path: str) -> None:
                 ok = not allowed[origin[0]] or name in allowed[origin[0]]
             if not ok:
                 retyped.append(key)
+        # trained_originals must name original tensors the checkpoint holds
+        unknown = [k for k in config.trained_originals
+                   if k not in infos or native_key_of(k) is None]
         problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (
             ("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped),
-            ("of an unexpected dtype", retyped)) if v]
+            ("of an unexpected dtype", retyped),
+            ("trained_originals naming no original tensor", unknown)) if v]
         report.add("keys, shapes and dtypes match the rebuilt model", not problems,
                    f"{len(infos)} tensors", "; ".join(problems))
 
@@ -448,6 +452,13 @@ def validate_fused(
         reference.eval()
     text = _check_forward(report, model, seed=seed, batch=batch, seq_len=seq_len,
                           device=torch_device, reference=reference, against=str(against))
+    changed = model.fused_config.trained_originals
+    if changed:  # what fusion_config.json records: the logits alone cannot tell
+        report.add("original tensors are the sources'", None,
+                   f"{len(changed)} changed by training",
+                   f"e.g. {changed[0]}, as fusion_config.json records: no longer the "
+                   "sources' model")
+        report.identity = False
     if torch_device.type == "cuda" and against is not None:
         cpu_model = load_fused(path, dtype=dtype)
         cpu_model.eval()

@@ -136,8 +136,12 @@ def readme_text(config: FusedConfig, sources: Mapping[str, str]) -> str:
             "The output projection is the original one: the new tokens are input-only (never "
             "predicted).")
     layer = "final hidden states" if e.output_layer is None else f"hidden_states[{e.output_layer}]"
+    changed = " and ".join(
+        ([f"{len(config.trained_originals)} of its original tensors differ from the sources'"]
+         if config.trained_originals else [])
+        + (["its gates are nonzero"] if any(config.gates.values()) else [])) or "it changed"
     identity = (
-        "This checkpoint was saved after training: its gates are nonzero, so it no longer "
+        f"This checkpoint was saved after training: {changed}, so it no longer "
         "computes what the original decoder computed." if config.trained else
         "Every gate starts at exactly zero, so until it is trained this model computes exactly "
         "what the original decoder computed (`fusesurgery validate` proves it).")

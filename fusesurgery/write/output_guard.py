@@ -30,7 +30,9 @@ from pathlib import Path
 from fusesurgery.errors import WriteError
 
 MARKER_FILE = ".fusesurgery.json"
+# The permission to replace an earlier output, as the command line and the Python API spell it.
 OVERWRITE_FLAG = "--overwrite"
+OVERWRITE_ARGUMENT = "overwrite=True"
 
 
 def resolve_output(out: str | os.PathLike[str]) -> Path:
@@ -76,8 +78,8 @@ def check_not_an_input(out_dir: Path, inputs: Iterable[str | os.PathLike[str] | 
         else:
             continue
         raise WriteError(
-            f"output {out_dir} {relation} {source}; inputs are never written to, with or "
-            "without --overwrite: choose an output directory outside every input"
+            f"output {out_dir} {relation} {source}; inputs are never written to, not even to "
+            "replace an earlier output: choose an output directory outside every input"
         )
     if cwd.is_relative_to(out_dir):
         raise WriteError(
@@ -136,6 +138,7 @@ def check_destination(out_dir: Path, overwrite: bool) -> bool:
             f"output directory {out_dir} holds an earlier fusesurgery output; choose another "
             "directory or replace it",
             flag=OVERWRITE_FLAG,
+            argument=OVERWRITE_ARGUMENT,
         )
     return True
 

@@ -306,8 +306,11 @@ def test_an_earlier_output_is_replaced_only_when_asked(tmp_path):
     out = tmp_path / "out"
     tensors = {"w": torch.ones(2)}
     write_safetensors(out, infos_of(tensors), tensors.__getitem__)
-    with pytest.raises(WriteError, match=r"holds an earlier fusesurgery output.*--overwrite"):
+    with pytest.raises(WriteError, match=r"holds an earlier fusesurgery output.*"
+                       r"\(pass overwrite=True\)$") as refused:
         write_safetensors(out, infos_of(tensors), tensors.__getitem__)
+    assert "--overwrite" not in str(refused.value)  # the Python caller's spelling
+    assert refused.value.cli_message().endswith("(pass --overwrite)")  # the command line's
     write_safetensors(out, infos_of(tensors), tensors.__getitem__, overwrite=True)
     marker = json.loads((out / MARKER_FILE).read_text())
     assert marker["written_by"] == "fusesurgery" and marker["files"] == ["model.safetensors"]
