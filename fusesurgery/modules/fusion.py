@@ -139,6 +139,11 @@ class FusionLayer(nn.Module):
         self.layer.reset_cache()
         self.fusion_layer.reset_cache()
 
+    def teardown_cache(self) -> None:
+        """Free the KV caches of both layers."""
+        self.layer.teardown_cache()
+        self.fusion_layer.teardown_cache()
+
     def fusion_params(self) -> list[str]:
         """Names (relative to this module) of the new layer's parameters."""
         return [f"fusion_layer.{name}" for name, _ in self.fusion_layer.named_parameters()]
@@ -353,6 +358,10 @@ class DeepFusionModel(nn.Module):
 
     def reset_caches(self) -> None:
         self.decoder.reset_caches()
+
+    def teardown_caches(self) -> None:
+        """Free the decoder's KV caches (see ``TransformerDecoder.teardown_caches``)."""
+        self.decoder.teardown_caches()
 
     def forward(
         self,

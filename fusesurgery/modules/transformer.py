@@ -38,6 +38,9 @@ class _CachedLayer(nn.Module):
     def reset_cache(self) -> None:
         self.attn.reset_cache()
 
+    def teardown_cache(self) -> None:
+        self.attn.teardown_cache()
+
 
 class TransformerSelfAttentionLayer(_CachedLayer):
     """Pre-norm layer: ``h = x + attn(sa_norm(x))``, ``out = h + mlp(mlp_norm(h))``.
@@ -222,6 +225,12 @@ class TransformerDecoder(nn.Module):
     def reset_caches(self) -> None:
         for layer in self.layers:
             layer.reset_cache()
+
+    def teardown_caches(self) -> None:
+        """Free every KV cache ``setup_caches`` allocated: the decoder runs cache-free again
+        (a training step after generation), and ``caches_are_enabled()`` is False."""
+        for layer in self.layers:
+            layer.teardown_cache()
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection, ``[b, s, d] -> [b, s, v]`` in fp32."""
