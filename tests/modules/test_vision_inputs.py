@@ -1,0 +1,66 @@
+"""The vision encoder at another resolution (its position table resized, as transformers'
+``interpolate_pos_encoding``) and several images per sample (``[b, n, c, h, w]``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusesurgery
+from fusesurgery.config import VISION_PRESETS
+from fusesurgery.modules import ProjectedEncoder, build_projection, build_vision_encoder
+from tests.fusion_inputs import save_encoder
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("size", [(48, 48), (16, 40), (32, 24)])
+def test_other_resolutions_match_transformers(tmp_path: Path, kind: str, size):
+    import transformers
+
+    path = EXAMPLES / "tiny-clip-vision" if kind == "clip" else save_encoder("siglip", tmp_path)
+    hf_class = transformers.CLIPVisionModel if kind == "clip" else transformers.SiglipVisionModel
+    hf = hf_class.from_pretrained(path).eval()
+    ours = fusesurgery.load_encoder(path)
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # CLIP's last hidden state is un-normed, SigLIP's post-normed: as the native towers
+        expected = hf(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state
+        got = ours(images)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_native_resolution_is_untouched():
+    encoder = build_vision_encoder(VISION_PRESETS["tiny_clip"])
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        table = encoder.token_pos_embedding.positional_embedding
+        assert torch.equal(encoder.token_pos_embedding.resized((4, 4), 1), table)
+        assert encoder(images).shape == (1, 17, 48)
+
+
+def test_bad_image_shapes_are_named():
+    encoder = build_vision_encoder(VISION_PRESETS["tiny_clip"])
+    with pytest.raises(ValueError, match=r"images must be \[b, 3, h, w\]"):
+        encoder(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="smaller than one 8-pixel patch"):
+        encoder(torch.randn(1, 3, 4, 32))
+
+
+def test_several_images_per_sample_are_laid_out_one_after_another():
+    torch.manual_seed(0)
+    vision = VISION_PRESETS["tiny_clip"]
+    encoder = ProjectedEncoder(build_vision_encoder(vision), build_projection("mlp", 48, 64))
+    images = torch.randn(2, 3, 3, 32, 32)  # [b, n, c, h, w]
+    with torch.no_grad():
+        together = encoder(images)
+        assert together.shape == (2, 3 * vision.seq_len, 64)
+        for i in range(2):
+            for j in range(3):
+                alone = encoder(images[i, j][None])[0]
+                torch.testing.assert_close(
+                    together[i, j * vision.seq_len:(j + 1) * vision.seq_len], alone)
