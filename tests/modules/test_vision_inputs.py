@@ -16,8 +16,8 @@ from tests.fusion_inputs import save_encoder
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
-@pytest.mark.parametrize("size", [(48, 48), (16, 40), (32, 24)])
+@pytest.mark.parametrize("kind, size", [("clip", (48, 48)), ("clip", (16, 40)),
+                                        ("siglip", (32, 24))])
 def test_other_resolutions_match_transformers(tmp_path: Path, kind: str, size):
     import transformers
 
