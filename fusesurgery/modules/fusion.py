@@ -376,9 +376,11 @@ class DeepFusionModel(nn.Module):
         Args:
             tokens: ``[b, s]``.
             mask: ``[b, s, s]`` bool self-attention mask, or None for causal.
-            encoder_input: keyword arguments of the encoder (e.g. ``{"images": ...}``), or
+            encoder_input: keyword arguments of the encoder (e.g. ``{"images": ...}``:
+                ``[b, c, h, w]``, or ``[b, n, c, h, w]`` for ``n`` images per sample), or
                 None on text-only calls and decode steps that read the cross-attention cache.
-            encoder_mask: ``[b, s, s_e]`` bool, True = token attends to that encoder position.
+            encoder_mask: ``[b, s, s_e]`` bool (``[b, s, n * s_e]`` with ``n`` images per
+                sample), True = token attends to that encoder position.
             input_pos: ``[b, s]`` positions, or None.
 
         Returns:

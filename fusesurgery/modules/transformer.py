@@ -149,10 +149,20 @@ class TransformerCrossAttentionLayer(_CachedLayer):
 
         Returns:
             ``[b, s, d]``; ``x`` itself when there is no encoder input and nothing cached.
+
+        Raises:
+            ValueError: ``encoder_mask`` does not have one row per token and one column per
+                encoder position.
         """
         cache = self.attn.kv_cache
         if encoder_input is None and (cache is None or cache.size == 0):
             return x
+        s_e = encoder_input.size(1) if encoder_input is not None else cache.size
+        if encoder_mask is not None and encoder_mask.shape[-2:] != (x.size(1), s_e):
+            raise ValueError(
+                f"encoder_mask is {list(encoder_mask.shape)}, the inputs need [b, {x.size(1)}, "
+                f"{s_e}]: one row per token and one column per encoder position (n images of "
+                "s_e tokens each give n * s_e columns)")
         skip_rows = None
         if encoder_mask is not None:
             skip_rows = ~encoder_mask.any(dim=-1, keepdim=True)  # [b, s, 1]

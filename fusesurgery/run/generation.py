@@ -248,9 +248,13 @@ def generate_text(
     Raises:
         InputError: an unreadable image, no tokenizer, image tokens that do not match the
             images, or bad options.
+        ConfigError: a device this machine does not have.
         FuseSurgeryError: not a fused checkpoint.
     """
+    from fusesurgery.validate.checks import check_device  # noqa: PLC0415 - the CLI's path
+
     _check_options(max_new_tokens, temperature, top_k, top_p)
+    check_device(device)
     directory = Path(path)
     processor = load_processor(directory)
     pictures = [load_image(image) for image in images]

@@ -67,6 +67,7 @@ def test_text_prompt(fused_example):
     ("two tokens", r"text 0 has 2 <|image|> token(s) and 1 image(s)"),
     ("no tokenizer", "has no tokenizer.json"),
     ("bad option", "max_new_tokens must be a positive integer"),
+    ("bad device", "--device: unknown device 'tpu'"),
 ])
 def test_errors_are_one_line(fused_example, picture, tmp_path, case, message):
     fused, image, prompt, extra = fused_example, picture, "word1", []
@@ -81,8 +82,10 @@ def test_errors_are_one_line(fused_example, picture, tmp_path, case, message):
         fused = tmp_path / "fused"
         shutil.copytree(fused_example, fused)
         (fused / "tokenizer.json").unlink()
-    else:
+    elif case == "bad option":
         extra = ["--max-new-tokens", "0"]
+    else:
+        extra = ["--device", "tpu"]
     result = runner.invoke(app, ["generate", str(fused), "--image", str(image), "--prompt",
                                  prompt, *extra])
     assert result.exit_code == 2, result.output

@@ -64,3 +64,20 @@ def test_several_images_per_sample_are_laid_out_one_after_another():
                 alone = encoder(images[i, j][None])[0]
                 torch.testing.assert_close(
                     together[i, j * vision.seq_len:(j + 1) * vision.seq_len], alone)
+
+
+def test_an_encoder_mask_of_the_wrong_width_is_named():
+    from fusesurgery.config import DECODER_PRESETS, FusionConfig
+    from fusesurgery.modules import build_deep_fusion_model
+
+    decoder, vision = DECODER_PRESETS["tiny"], VISION_PRESETS["tiny_clip"]
+    fusion = FusionConfig.every(2, decoder.num_layers, encoder_dim=decoder.embed_dim)
+    model = build_deep_fusion_model(decoder, vision, fusion)
+    tokens = torch.zeros(1, 5, dtype=torch.long)
+    images = torch.randn(1, 2, 3, 32, 32)  # two images: 2 * 17 encoder positions
+    with torch.no_grad():
+        good = torch.ones(1, 5, 2 * vision.seq_len, dtype=torch.bool)
+        model(tokens, encoder_input={"images": images}, encoder_mask=good)
+        with pytest.raises(ValueError, match=r"encoder_mask is \[1, 5, 17\], the inputs need "
+                                             r"\[b, 5, 34\]"):
+            model(tokens, encoder_input={"images": images}, encoder_mask=good[..., :17])
