@@ -120,8 +120,8 @@ class FusedProcessor:
         pad_id: the id padding uses (``pad_token_id``, else the first eos id, else 0).
     """
 
-    tokenizer: Any
-    config: FusedConfig
+    tokenizer: Any = field(repr=False)
+    config: FusedConfig = field(repr=False)
     image_token: str
     image_token_id: int
     preprocessor: ImagePreprocessor | None

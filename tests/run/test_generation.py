@@ -11,6 +11,7 @@ import torch
 
 import fusesurgery
 from fusesurgery.errors import InputError
+from fusesurgery.run.inputs import ModelInputs
 from tests.fusion_inputs import save_decoder, save_encoder
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -144,6 +145,9 @@ def test_caches_torn_down_on_error(model):
 def test_teardown_is_public(model):
     model.setup_caches(1, torch.float32, encoder_max_seq_len=17, decoder_max_seq_len=4)
     assert model.caches_are_enabled()
+    with pytest.raises(ValueError, match=r"9 positions > capacity 4 .*teardown_caches\(\)"):
+        with torch.no_grad():
+            model(torch.zeros(1, 9, dtype=torch.long))
     model.teardown_caches()
     assert not model.caches_are_enabled()
     assert all(getattr(m, "kv_cache", None) is None for m in model.modules())
@@ -209,3 +213,23 @@ def test_tied_qwen2_with_siglip(tmp_path: Path):
         model = fusesurgery.load_fused(fused, part=part)
         got = fusesurgery.generate(model, prompt, max_new_tokens=10, eos_ids=())
         assert got.tokens.tolist() == expected[:, 4:].tolist()
+
+
+def test_mllama_text_model(tmp_path: Path):
+    """A transformers Mllama checkpoint's fused decoder, text alone (no image: its cross
+    layers are skipped, in transformers as here), open gates and all."""
+    import transformers
+
+    from tests.mllama_models import save_mllama_causal
+
+    path = save_mllama_causal(tmp_path / "mllama")
+    source = transformers.MllamaForCausalLM.from_pretrained(path).eval()
+    prompt = torch.tensor([[3, 17, 42, 5, 9]])
+    expected = source.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    model = fusesurgery.load_fused(path, part="decoder")
+    got = fusesurgery.generate(model, prompt, max_new_tokens=8, eos_ids=())
+    assert got.tokens.tolist() == expected[:, 5:].tolist()
+    with pytest.raises(InputError, match="images need the whole fused model"):
+        fusesurgery.generate(model, ModelInputs(
+            tokens=prompt, labels=prompt, padding_mask=torch.ones_like(prompt, dtype=bool),
+            encoder_input={"images": torch.zeros(1, 3, 8, 8)}))
