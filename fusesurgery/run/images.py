@@ -197,10 +197,8 @@ class ImagePreprocessor:
 def _pil_from_uint8(image: torch.Tensor) -> Any:
     from PIL import Image  # noqa: PLC0415 - the [run] extra
 
-    array = image.permute(1, 2, 0).contiguous().numpy()
-    if array.shape[2] == 1:
-        return Image.fromarray(array[:, :, 0], mode="L")
-    return Image.fromarray(array, mode="RGB" if array.shape[2] == 3 else "RGBA")
+    array = image.permute(1, 2, 0).contiguous().numpy()  # [h, w, c]: L, RGB or RGBA
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
 def _center_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:

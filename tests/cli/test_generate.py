@@ -23,7 +23,7 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("images") / "cat.png"
     pixels = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    PIL.fromarray(pixels.numpy(), mode="RGB").save(path)
+    PIL.fromarray(pixels.numpy()).save(path)
     return path
 
 

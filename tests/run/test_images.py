@@ -27,7 +27,7 @@ TOLERANCE = dict(atol=1e-5, rtol=0)
 def _picture(height: int, width: int, seed: int) -> PIL.Image:
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
-    return PIL.fromarray(pixels.numpy(), mode="RGB")
+    return PIL.fromarray(pixels.numpy())
 
 
 @pytest.mark.parametrize("size", [(40, 50), (64, 33), (32, 32), (17, 90)])
@@ -59,6 +59,8 @@ def test_grey_and_float_images():
     processor = ImagePreprocessor.from_dict(CLIP_CONFIG)
     grey = _picture(40, 40, 1).convert("L")
     assert processor(grey).shape == (3, 32, 32)  # converted to RGB first, as transformers does
+    for channels in (1, 4):  # uint8 tensors: grey and RGBA pixels, as the same PIL images
+        assert processor(torch.zeros(channels, 40, 40, dtype=torch.uint8)).shape == (3, 32, 32)
     floats = torch.rand(3, 48, 64)  # values in [0, 1]: resized by torch, not rescaled again
     out = processor(floats)
     assert out.shape == (3, 32, 32)
