@@ -78,8 +78,8 @@ def next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | N
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p is not None and top_p < 1:
         ordered, order = logits.sort(dim=-1, descending=True)
-        before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)
-        drop = before >= top_p  # the tokens after the mass already reached top_p
+        probs = ordered.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before them reached top_p
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, -math.inf))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 

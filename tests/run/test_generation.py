@@ -233,3 +233,18 @@ def test_mllama_text_model(tmp_path: Path):
         fusesurgery.generate(model, ModelInputs(
             tokens=prompt, labels=prompt, padding_mask=torch.ones_like(prompt, dtype=bool),
             encoder_input={"images": torch.zeros(1, 3, 8, 8)}))
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    from fusesurgery.run.generation import next_token
+
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log().expand(2000, 4)  # probabilities
+    generator = torch.Generator().manual_seed(0)
+
+    def drawn(**options) -> set[int]:
+        return set(next_token(logits, temperature=1.0, generator=generator, **options).tolist())
+
+    assert drawn() == {0, 1, 2, 3}
+    assert drawn(top_k=3) == {0, 1, 2} and drawn(top_k=1) == {0}
+    assert drawn(top_p=0.6) == {0, 1}  # 0.4 < 0.6: the second is needed, the third is not
+    assert drawn(top_p=0.75) == {0, 1, 2} and drawn(top_p=0.3) == {0}
