@@ -29,7 +29,7 @@ import torch
 from fusesurgery.errors import InputError
 from fusesurgery.run.images import ImagePreprocessor
 from fusesurgery.surgery.fused import read_fused_config
-from fusesurgery.surgery.fused_config import FusedConfig
+from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
 
 IGNORE_INDEX = -100
 TOKENIZER_FILE = "tokenizer.json"
@@ -116,7 +116,7 @@ class FusedProcessor:
         preprocessor: the tower's image preprocessing, or None (no vision tower, or no
             ``preprocessor_config.json``).
         eos_ids: the ids generation stops at (``generation_config.json``'s
-            ``eos_token_id``).
+            ``eos_token_id``, else the source decoder config's).
         pad_id: the id padding uses (``pad_token_id``, else the first eos id, else 0).
     """
 
@@ -319,16 +319,21 @@ def _token_ids(value: Any, path: Path, name: str) -> tuple[int, ...]:
 
 
 def generation_ids(directory: str | os.PathLike[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(eos ids, pad ids)`` from the ``generation_config.json`` in ``directory`` (empty
-    where it or the field is absent).
+    """``(eos ids, pad ids)`` of a fused checkpoint: from its ``generation_config.json``, else
+    from the decoder's own ``config.json`` that fuse kept under ``source/decoder/`` (empty
+    where neither has the field).
 
     Raises:
         InputError: a malformed file or id.
     """
-    path = Path(directory) / GENERATION_CONFIG_FILE
-    doc = _json_file(path) or {}
-    return (_token_ids(doc.get("eos_token_id"), path, "eos_token_id"),
-            _token_ids(doc.get("pad_token_id"), path, "pad_token_id"))
+    found: dict[str, tuple[int, ...]] = {}
+    for path in (Path(directory) / GENERATION_CONFIG_FILE,
+                 Path(directory) / SOURCE_FILES_DIR / "decoder" / "config.json"):
+        doc = _json_file(path) or {}
+        for name in ("eos_token_id", "pad_token_id"):
+            if name not in found and doc.get(name) is not None:
+                found[name] = _token_ids(doc[name], path, name)
+    return found.get("eos_token_id", ()), found.get("pad_token_id", ())
 
 
 def _directory_of(source: Any) -> Path:

@@ -128,3 +128,17 @@ def test_missing_tokenizer_and_bad_source(tmp_path: Path, fused_example: Path):
         fusesurgery.prepare_inputs(copy, "word1")
     with pytest.raises(InputError, match="not a fused checkpoint directory"):
         fusesurgery.load_processor(tmp_path / "nowhere")
+
+
+def test_eos_ids_fall_back_to_the_source_config(tmp_path: Path, fused_example: Path):
+    copy = tmp_path / "fused"
+    shutil.copytree(fused_example, copy)
+    (copy / "generation_config.json").write_text('{"eos_token_id": [2, 7], "pad_token_id": 0}')
+    processor = fusesurgery.load_processor(copy)
+    assert (processor.eos_ids, processor.pad_id) == ((2, 7), 0)
+    (copy / "generation_config.json").unlink()
+    processor = fusesurgery.load_processor(copy)  # source/decoder/config.json: eos 2, no pad
+    assert (processor.eos_ids, processor.pad_id) == ((2,), 2)
+    (copy / "source" / "decoder" / "config.json").write_text('{"eos_token_id": "two"}')
+    with pytest.raises(InputError, match="eos_token_id must be a token id"):
+        fusesurgery.load_processor(copy)
