@@ -152,13 +152,16 @@ class TransformerCrossAttentionLayer(_CachedLayer):
 
         Raises:
             ValueError: ``encoder_mask`` does not have one row per token and one column per
-                encoder position.
+                encoder position (or per cache position).
         """
         cache = self.attn.kv_cache
         if encoder_input is None and (cache is None or cache.size == 0):
             return x
         s_e = encoder_input.size(1) if encoder_input is not None else cache.size
-        if encoder_mask is not None and encoder_mask.shape[-2:] != (x.size(1), s_e):
+        # a cached layer also takes a mask as wide as its cache (cut to the filled part)
+        widths = (s_e, cache.max_seq_len) if cache is not None else (s_e,)
+        if encoder_mask is not None and (encoder_mask.size(-2) != x.size(1)
+                                         or encoder_mask.size(-1) not in widths):
             raise ValueError(
                 f"encoder_mask is {list(encoder_mask.shape)}, the inputs need [b, {x.size(1)}, "
                 f"{s_e}]: one row per token and one column per encoder position (n images of "

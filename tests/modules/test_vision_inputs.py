@@ -81,3 +81,14 @@ def test_an_encoder_mask_of_the_wrong_width_is_named():
         with pytest.raises(ValueError, match=r"encoder_mask is \[1, 5, 17\], the inputs need "
                                              r"\[b, 5, 34\]"):
             model(tokens, encoder_input={"images": images}, encoder_mask=good[..., :17])
+    # a cached model also takes a mask as wide as its cross-attention cache
+    model.setup_caches(1, torch.float32, encoder_max_seq_len=40, decoder_max_seq_len=8)
+    try:
+        with torch.no_grad():
+            wide = torch.ones(1, 5, 40, dtype=torch.bool)
+            model(tokens, encoder_input={"images": images}, encoder_mask=wide)
+            model(tokens[:, :1], encoder_mask=wide[:, :1])
+            with pytest.raises(ValueError, match=r"the inputs need \[b, 1, 34\]"):
+                model(tokens[:, :1], encoder_mask=wide[:, :1, :20])
+    finally:
+        model.teardown_caches()
