@@ -181,7 +181,8 @@ class FusedProcessor:
                 ids = self.encode(self.image_token * added + sample_text)
                 count = ids.count(self.image_token_id)
             if count != len(pixels):
-                raise InputError(f"text {index} has {count} {self.image_token} token(s) and "
+                where = "the text" if isinstance(text, str) else f"text {index}"
+                raise InputError(f"{where} has {count} {self.image_token} token(s) and "
                                  f"{len(pixels)} image(s); give one image per image token")
             token_lists.append(ids)
             pixel_lists.append(pixels)

@@ -64,7 +64,7 @@ def test_text_prompt(fused_example):
 @pytest.mark.parametrize("case, message", [
     ("missing image", "image {dir}/missing.png not found"),
     ("not an image", "is not an image Pillow can read"),
-    ("two tokens", r"text 0 has 2 <|image|> token(s) and 1 image(s)"),
+    ("two tokens", "the text has 2 <|image|> token(s) and 1 image(s)"),
     ("no tokenizer", "has no tokenizer.json"),
     ("bad option", "max_new_tokens must be a positive integer"),
     ("bad device", "--device: unknown device 'tpu'"),

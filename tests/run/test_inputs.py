@@ -96,7 +96,8 @@ def test_image_token_prepended_when_missing(processor):
 
 @pytest.mark.parametrize("text, images, message", [
     ("word1 <|image|>", None, r"1 <\|image\|> token\(s\) and 0 image"),
-    ("<|image|> <|image|>", "one", r"2 <\|image\|> token\(s\) and 1 image"),
+    ("<|image|> <|image|>", "one", r"the text has 2 <\|image\|> token\(s\) and 1 image"),
+    (["a", "<|image|>"], [None, None], r"text 1 has 1 <\|image\|> token\(s\) and 0 image"),
     (["a", "b"], "one", "needs a list of 2 image entries"),
     (["a"], [[1]], "int is not an image"),
     (42, None, "text must be a string"),
