@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the bundled example checkpoints: inspect a decoder and a vision tower, fuse
-# them, prove the fused model computes exactly what the decoder computed, take the decoder back
-# out bit for bit, and run a fused model's life in Python (train, save, validate, unfuse).
+# them, prove the fused model computes exactly what the decoder computed, generate a few tokens
+# with it, take the decoder back out bit for bit, and run a fused model's life in Python
+# (train, save, validate, unfuse).
 # The push step is a dry run: it prints the files and the model card, with no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ step $fs inspect examples/tiny-clip-vision
 step $fs fuse examples/tiny-clip-vision examples/tiny-llama -o $out/fused --every 2 --overwrite
 step $fs inspect $out/fused
 step $fs validate $out/fused --against examples/tiny-llama
+step $fs generate $out/fused --prompt "word7 word8" --max-new-tokens 8
 step $fs push $out/fused my-org/my-vlm --dry-run --quick
 step $fs unfuse $out/fused -o $out/tiny-llama-unfused --overwrite
 step $fs diff examples/tiny-llama $out/tiny-llama-unfused --values

@@ -22,9 +22,12 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
     "VisionEncoderConfig": ("fusesurgery.config", "VisionEncoderConfig"),
     "detect_checkpoint": ("fusesurgery.surgery", "detect_checkpoint"),
     "fuse": ("fusesurgery.write.fuse_checkpoint", "fuse"),
+    "generate": ("fusesurgery.run.generation", "generate"),
     "load_decoder": ("fusesurgery.surgery", "load_decoder"),
     "load_encoder": ("fusesurgery.surgery", "load_encoder"),
     "load_fused": ("fusesurgery.surgery.fused", "load_fused"),
+    "load_processor": ("fusesurgery.run.inputs", "load_processor"),
+    "prepare_inputs": ("fusesurgery.run.inputs", "prepare_inputs"),
     "read_fused_config": ("fusesurgery.surgery.fused", "read_fused_config"),
     "save_fused": ("fusesurgery.write.save_fused", "save_fused"),
     "unfuse": ("fusesurgery.write.unfuse_checkpoint", "unfuse_checkpoint"),
@@ -34,6 +37,8 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
 if TYPE_CHECKING:
     from fusesurgery.config import DecoderConfig, FusionConfig, RopeScaling, VisionEncoderConfig
     from fusesurgery.errors import FuseSurgeryError
+    from fusesurgery.run.generation import generate
+    from fusesurgery.run.inputs import load_processor, prepare_inputs
     from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
     from fusesurgery.surgery.fuse_plan import FuseOptions
     from fusesurgery.surgery.fused import load_fused, read_fused_config
@@ -94,9 +99,12 @@ __all__ = [
     "__version__",
     "detect_checkpoint",
     "fuse",
+    "generate",
     "load_decoder",
     "load_encoder",
     "load_fused",
+    "load_processor",
+    "prepare_inputs",
     "read_fused_config",
     "save_fused",
     "unfuse",

@@ -72,3 +72,8 @@ class ValidationError(FuseSurgeryError):
 class HubError(FuseSurgeryError):
     """The Hugging Face Hub refused or failed a request: no token, no permission, a repo that
     is missing or cannot be created, a revision that does not exist, or the network."""
+
+
+class InputError(FuseSurgeryError):
+    """An input for running a fused model is unusable: an image that cannot be read, a prompt
+    whose image tokens do not match its images, a missing tokenizer or preprocessor."""

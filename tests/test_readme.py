@@ -233,7 +233,8 @@ def test_python_snippet_runs(block: Block, python_results) -> None:
 def test_python_snippets_cover_the_api() -> None:
     code = "\n".join("\n".join(block.lines) for block in PYTHON_BLOCKS)
     for name in ("load_decoder", "load_encoder", "fuse", "load_fused", "save_fused", "validate",
-                 "unfuse", "FusionLayer", "FusionEmbedding", "DeepFusionModel"):
+                 "unfuse", "FusionLayer", "FusionEmbedding", "DeepFusionModel", "prepare_inputs",
+                 "generate"):
         assert re.search(rf"\b{name}\(", code), f"no README snippet calls {name}"
 
 

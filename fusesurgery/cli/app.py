@@ -41,6 +41,9 @@ COMMANDS: tuple[tuple[str, str, str, str], ...] = (
     ("convert", "fusesurgery.cli.convert", "convert",
      "Examples: fusesurgery convert hf_model/ -o native/ ; fusesurgery convert native/ -o hf/ "
      "--to hf --dtype bf16"),
+    ("generate", "fusesurgery.cli.generate", "generate",
+     "Examples: fusesurgery generate my-vlm/ --image cat.jpg --prompt 'Describe this image:' ; "
+     "fusesurgery generate my-vlm/ --prompt 'Hello' --max-new-tokens 8 --json"),
     ("demo", "fusesurgery.cli.demo", "demo", "Example: fusesurgery demo --json"),
     ("push", "fusesurgery.cli.push", "push",
      "Examples: fusesurgery push my-vlm/ my-org/my-vlm --dry-run ; fusesurgery push my-vlm/ "
@@ -118,7 +121,7 @@ _CHOICE_NOUNS = {"to": "layout"}
 METAVARS = {
     "output": "DIR", "against": "CHECKPOINT", "to": "LAYOUT", "format": "LAYOUT",
     "base_model": "REPO_ID", "layers": "LIST", "embedding_init": "METHOD",
-    "revision": "BRANCH", "commit_message": "TEXT",
+    "revision": "BRANCH", "commit_message": "TEXT", "prompt": "TEXT", "image": "FILE",
 }
 _TYPE_METAVARS = {int: "N", float: "NUMBER"}
 

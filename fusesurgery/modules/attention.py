@@ -81,6 +81,10 @@ class MultiHeadAttention(nn.Module):
         if self.kv_cache is not None:
             self.kv_cache.reset()
 
+    def teardown_cache(self) -> None:
+        """Free the KV cache: later calls attend to their own inputs again, as in training."""
+        self.kv_cache = None
+
     def _project_kv(
         self, y: torch.Tensor, input_pos: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -139,6 +139,11 @@ class FusionLayer(nn.Module):
         self.layer.reset_cache()
         self.fusion_layer.reset_cache()
 
+    def teardown_cache(self) -> None:
+        """Free the KV caches of both layers."""
+        self.layer.teardown_cache()
+        self.fusion_layer.teardown_cache()
+
     def fusion_params(self) -> list[str]:
         """Names (relative to this module) of the new layer's parameters."""
         return [f"fusion_layer.{name}" for name, _ in self.fusion_layer.named_parameters()]
@@ -354,6 +359,10 @@ class DeepFusionModel(nn.Module):
     def reset_caches(self) -> None:
         self.decoder.reset_caches()
 
+    def teardown_caches(self) -> None:
+        """Free the decoder's KV caches (see ``TransformerDecoder.teardown_caches``)."""
+        self.decoder.teardown_caches()
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -367,9 +376,11 @@ class DeepFusionModel(nn.Module):
         Args:
             tokens: ``[b, s]``.
             mask: ``[b, s, s]`` bool self-attention mask, or None for causal.
-            encoder_input: keyword arguments of the encoder (e.g. ``{"images": ...}``), or
+            encoder_input: keyword arguments of the encoder (e.g. ``{"images": ...}``:
+                ``[b, c, h, w]``, or ``[b, n, c, h, w]`` for ``n`` images per sample), or
                 None on text-only calls and decode steps that read the cross-attention cache.
-            encoder_mask: ``[b, s, s_e]`` bool, True = token attends to that encoder position.
+            encoder_mask: ``[b, s, s_e]`` bool (``[b, s, n * s_e]`` with ``n`` images per
+                sample), True = token attends to that encoder position.
             input_pos: ``[b, s]`` positions, or None.
 
         Returns:

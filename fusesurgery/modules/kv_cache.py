@@ -56,7 +56,9 @@ class KVCache(nn.Module):
         new_size = self.size + k.size(2)
         if new_size > self.max_seq_len:
             raise ValueError(
-                f"KV cache overflow: {new_size} positions > capacity {self.max_seq_len}"
+                f"KV cache overflow: {new_size} positions > capacity {self.max_seq_len} (a "
+                "forward without caches, such as a training step, needs teardown_caches() "
+                "first)"
             )
         self.k_cache[:, :, self.size : new_size] = k
         self.v_cache[:, :, self.size : new_size] = v

@@ -38,6 +38,9 @@ class _CachedLayer(nn.Module):
     def reset_cache(self) -> None:
         self.attn.reset_cache()
 
+    def teardown_cache(self) -> None:
+        self.attn.teardown_cache()
+
 
 class TransformerSelfAttentionLayer(_CachedLayer):
     """Pre-norm layer: ``h = x + attn(sa_norm(x))``, ``out = h + mlp(mlp_norm(h))``.
@@ -146,10 +149,23 @@ class TransformerCrossAttentionLayer(_CachedLayer):
 
         Returns:
             ``[b, s, d]``; ``x`` itself when there is no encoder input and nothing cached.
+
+        Raises:
+            ValueError: ``encoder_mask`` does not have one row per token and one column per
+                encoder position (or per cache position).
         """
         cache = self.attn.kv_cache
         if encoder_input is None and (cache is None or cache.size == 0):
             return x
+        s_e = encoder_input.size(1) if encoder_input is not None else cache.size
+        # a cached layer also takes a mask as wide as its cache (cut to the filled part)
+        widths = (s_e, cache.max_seq_len) if cache is not None else (s_e,)
+        if encoder_mask is not None and (encoder_mask.size(-2) != x.size(1)
+                                         or encoder_mask.size(-1) not in widths):
+            raise ValueError(
+                f"encoder_mask is {list(encoder_mask.shape)}, the inputs need [b, {x.size(1)}, "
+                f"{s_e}]: one row per token and one column per encoder position (n images of "
+                "s_e tokens each give n * s_e columns)")
         skip_rows = None
         if encoder_mask is not None:
             skip_rows = ~encoder_mask.any(dim=-1, keepdim=True)  # [b, s, 1]
@@ -222,6 +238,12 @@ class TransformerDecoder(nn.Module):
     def reset_caches(self) -> None:
         for layer in self.layers:
             layer.reset_cache()
+
+    def teardown_caches(self) -> None:
+        """Free every KV cache ``setup_caches`` allocated: the decoder runs cache-free again
+        (a training step after generation), and ``caches_are_enabled()`` is False."""
+        for layer in self.layers:
+            layer.teardown_cache()
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection, ``[b, s, d] -> [b, s, v]`` in fp32."""

@@ -8,7 +8,10 @@ Shape notation:
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fusesurgery.modules._init import normal_
@@ -28,9 +31,37 @@ class TokenPositionalEmbedding(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(num_tokens, embed_dim))
         normal_(self.positional_embedding, std=embed_dim**-0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[b, s_e, d_e] -> [b, s_e, d_e]``."""
-        return x + self.positional_embedding
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[b, s_e, d_e] -> [b, s_e, d_e]``.
+
+        Args:
+            x: the image tokens (class token first, if any).
+            grid: ``(g_h, g_w)`` patches of ``x``; where they differ from the square grid the
+                table was trained for, the patch rows are resized bicubically to it (the class
+                token's row is kept), as transformers' ``interpolate_pos_encoding`` does.
+        """
+        table = self.positional_embedding
+        if grid is None or (x.size(1) == table.size(0) and grid[0] == grid[1]):
+            return x + table
+        return x + self.resized(grid, num_prefix=x.size(1) - grid[0] * grid[1])
+
+    def resized(self, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
+        """The table for a ``g_h x g_w`` patch grid, ``[num_prefix + g_h * g_w, d_e]``.
+
+        Raises:
+            ValueError: the table's patch rows are not a square grid.
+        """
+        table = self.positional_embedding
+        prefix, patches = table[:num_prefix], table[num_prefix:]
+        side = math.isqrt(patches.size(0))
+        if side * side != patches.size(0):
+            raise ValueError(f"cannot resize a position table of {patches.size(0)} patch rows: "
+                             "not a square grid")
+        # [g*g, d_e] -> [1, d_e, g, g] -> [1, d_e, g_h, g_w] -> [g_h*g_w, d_e]
+        square = patches.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+        resized = resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
+        return torch.cat([prefix, resized], dim=0)
 
 
 class ClassTokenEmbedding(nn.Module):
@@ -95,16 +126,30 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            images: ``[b, c, h, w]`` pixel values, normalised as the tower expects.
+            images: ``[b, c, h, w]`` pixel values, normalised as the tower expects. A side
+                other than the tower's gives another patch grid, and the position table is
+                resized to it (``s_e`` changes with it).
 
         Returns:
             ``[b, s_e, d_e]`` hidden states.
+
+        Raises:
+            ValueError: ``images`` is not ``[b, c, h, w]`` with the tower's channels, or is
+                smaller than one patch.
         """
-        x = self.conv(images.to(self.conv.weight.dtype))  # [b, d_e, g, g]
-        x = x.flatten(2).transpose(1, 2)  # [b, g*g, d_e]
+        conv = self.conv
+        if images.dim() != 4 or images.size(1) != conv.in_channels:
+            raise ValueError(f"images must be [b, {conv.in_channels}, h, w], got "
+                             f"{list(images.shape)}")
+        if min(images.shape[-2:]) < conv.kernel_size[0]:
+            raise ValueError(f"images of {images.size(-2)}x{images.size(-1)} pixels are smaller "
+                             f"than one {conv.kernel_size[0]}-pixel patch")
+        x = conv(images.to(conv.weight.dtype))  # [b, d_e, g_h, g_w]
+        grid = (x.size(2), x.size(3))
+        x = x.flatten(2).transpose(1, 2)  # [b, g_h*g_w, d_e]
         if self.cls_token_embedding is not None:
             x = self.cls_token_embedding(x)
-        x = self.token_pos_embedding(x)
+        x = self.token_pos_embedding(x, grid)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
         num_layers = len(self.layers) if self.output_layer is None else self.output_layer
@@ -131,9 +176,18 @@ class ProjectedEncoder(nn.Module):
         self.projection = projection
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``[b, c, h, w] -> [b, s_e, d]``; the encoder output is cast to the head's dtype
-        (a float32 tower may feed a bfloat16 decoder: each keeps its own dtype)."""
-        x = self.vision(images)  # [b, s_e, d_e]
+        """``[b, c, h, w] -> [b, s_e, d]``, or several images per sample,
+        ``[b, n, c, h, w] -> [b, n * s_e, d]``: the encoder runs on the ``b * n`` images and
+        each sample's images follow one another, image ``i``'s tokens at
+        ``i * s_e .. (i + 1) * s_e - 1`` (the columns of an ``encoder_mask``). The encoder
+        output is cast to the head's dtype (a float32 tower may feed a bfloat16 decoder: each
+        keeps its own dtype)."""
+        if images.dim() == 5:
+            b, n = images.shape[:2]
+            x = self.vision(images.flatten(0, 1))  # [b*n, s_e, d_e]
+            x = x.reshape(b, n * x.size(1), x.size(2))  # [b, n*s_e, d_e]
+        else:
+            x = self.vision(images)  # [b, s_e, d_e]
         head = next(self.projection.parameters(), None)
         if head is not None and x.dtype != head.dtype:
             x = x.to(head.dtype)

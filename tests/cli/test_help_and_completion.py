@@ -48,6 +48,7 @@ def test_help_shows_no_bool_placeholders_or_braces(command):
     ("inspect", "Usage: fusesurgery inspect [OPTIONS] PATH"),
     ("diff", "Usage: fusesurgery diff [OPTIONS] A B"),
     ("convert", "Usage: fusesurgery convert [OPTIONS] SOURCE"),
+    ("generate", "Usage: fusesurgery generate [OPTIONS] FUSED"),
 ])
 def test_positionals_are_shown_by_name(command, usage):
     text = help_text(command)
@@ -168,6 +169,7 @@ def test_root_help_offers_completion():
     ("fusesurgery ", "1", COMMAND_NAMES),
     ("fusesurgery in", "1", ["inspect"]),
     ("fusesurgery d", "1", ["diff", "demo"]),
+    ("fusesurgery g", "1", ["generate"]),
     ("fusesurgery inspect --js", "2", ["--json"]),
     ("fusesurgery diff --val", "2", ["--values"]),
 ])

@@ -79,7 +79,7 @@ def test_root_help_and_version_do_not_import_torch(tmp_path, args):
 
 
 @pytest.mark.parametrize("command", ["fuse", "validate", "unfuse", "inspect", "diff", "convert",
-                                     "demo"])
+                                     "demo", "generate"])
 def test_command_help_does_not_import_torch(tmp_path, command):
     done, torch_imported = run_probed(tmp_path, command, "--help")
     assert done.returncode == 0, done.stderr
