@@ -177,6 +177,59 @@ def add_special_tokens(
     return out
 
 
+def check_new_tokens_present(
+    files: Mapping[str, bytes], tokens: Sequence[tuple[str, int]], origin: str
+) -> None:
+    """A fused tokenizer against the new tokens its config records: each must be an added
+    token at exactly the recorded id, neither its text nor its id a base-vocabulary one, and
+    no other added token at its id. Nothing to check without a vocabulary file (fuse writes
+    no tokenizer for a decoder that had none).
+
+    Args:
+        files: file name -> bytes of the tokenizer's files.
+        tokens: ``(token, id)`` pairs as ``fusion_config.json`` records them.
+        origin: the config that records them, for messages.
+
+    Raises:
+        ConfigError: a token missing, at another id, in the base vocabulary, or an id taken
+            by another token; a malformed tokenizer file.
+    """
+    if not tokens or not any(name in files for name in VOCABULARY_FILES):
+        return
+    docs = {name: _load_json(name, files[name]) for name in
+            (TOKENIZER_JSON, TOKENIZER_CONFIG, ADDED_TOKENS, VOCAB_JSON) if name in files}
+    base = _Ids()
+    for name, token, token_id in _vocabulary(files, docs):
+        base.add(token, token_id, name)
+    if base.length is None:
+        return
+    added: dict[int, list[tuple[str, str]]] = {}
+    for name, token, token_id in _added_ids(docs):
+        added.setdefault(token_id, []).append((token, name))
+    for token, token_id in tokens:
+        if token in base.by_token:
+            other_id, where = base.by_token[token]
+            raise ConfigError(f"{where}: {token!r} is token {other_id} of the base vocabulary, "
+                              f"but {origin} records it as the new token {token_id}")
+        if token_id in base.by_id:
+            other, where = base.by_id[token_id]
+            raise ConfigError(f"{where}: id {token_id} is {other!r} of the base vocabulary, "
+                              f"but {origin} records it as the new token {token!r}")
+        elsewhere = sorted((i, name) for i, entries in added.items() for text, name in entries
+                           if text == token and i != token_id)
+        if elsewhere:
+            other_id, where = elsewhere[0]
+            raise ConfigError(f"{where}: {token!r} has id {other_id}, but {origin} records "
+                              f"id {token_id}")
+        others = [(text, name) for text, name in added.get(token_id, []) if text != token]
+        if others:
+            raise ConfigError(f"{others[0][1]}: id {token_id} is {others[0][0]!r}, but {origin} "
+                              f"records it as the new token {token!r}")
+        if token_id not in added:
+            raise ConfigError(f"the tokenizer has no added token {token!r}, but {origin} records "
+                              f"it as the new token {token_id}")
+
+
 def _check_new_tokens(tokens: list[str], first_id: int) -> None:
     if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
         raise ConfigError(f"new tokens: the first id must be a non-negative int, not {first_id!r}")

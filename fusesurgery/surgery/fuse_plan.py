@@ -25,7 +25,13 @@ from fusesurgery.convert.plan import ConversionPlan
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import TensorInfo
 from fusesurgery.modules import RMSNorm, TanhGate, build_fusion_layer, build_projection
-from fusesurgery.surgery.fused_config import EMBEDDING_INITS, PROJECTIONS, FusedConfig, NewToken
+from fusesurgery.surgery.fused_config import (
+    EMBEDDING_INITS,
+    GATE_SUFFIXES,
+    PROJECTIONS,
+    FusedConfig,
+    NewToken,
+)
 
 DEFAULT_NEW_TOKENS: tuple[str, ...] = ("<|image|>",)
 DEFAULT_EVERY = 4
@@ -35,7 +41,6 @@ DEFAULT_EVERY = 4
 ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {"clip": -2, "siglip": None}
 FUSION_EMBEDDING_KEY = FUSED_DECODER_PREFIX + "tok_embeddings.fusion_embedding.weight"
 EMBEDDING_KEY = "tok_embeddings.weight"
-GATE_SUFFIXES = (".ca_scale.scale", ".mlp_scale.scale")
 
 
 class _Default:

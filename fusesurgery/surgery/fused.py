@@ -15,6 +15,7 @@ from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
 from fusesurgery.convert.keymaps import keys_to_native
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry, check_cast_dtype
+from fusesurgery.convert.tokenizer import check_new_tokens_present, read_tokenizer_files
 from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError, ShapeError
 from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo, open_checkpoint
@@ -29,7 +30,14 @@ from fusesurgery.modules import (
     init_non_persistent_buffers,
     set_trainable_params,
 )
-from fusesurgery.surgery.fused_config import FusedConfig, NewToken, fused_config_from_dict
+from fusesurgery.surgery.fused_config import (
+    GATE_SUFFIXES,
+    FusedConfig,
+    NewToken,
+    check_config_against_keys,
+    check_gates_against_weights,
+    fused_config_from_dict,
+)
 
 
 class FusedView:
@@ -115,9 +123,29 @@ def open_fused(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, FusedC
         else:
             directory = Path(source.path) if Path(source.path).is_dir() else Path(
                 source.path).parent
-            config = fused_config_from_dict(source.config, str(directory / FUSION_CONFIG_FILE))
+            origin = str(directory / FUSION_CONFIG_FILE)
+            config = fused_config_from_dict(source.config, origin)
+            # before anything of the sizes it states is planned or built
+            check_config_against_keys(config, source.infos(), origin)
         plan = plan_conversion(source.infos(), layout, config.decoder, kind="fused")
-        yield FusedView(source, plan), config
+        view = FusedView(source, plan)
+        if layout != "mllama":  # an Mllama config is read off its weights: nothing to cross
+            _cross_check(view, config, directory, origin)
+        yield view, config
+
+
+def _cross_check(view: FusedView, config: FusedConfig, directory: Path, origin: str) -> None:
+    """What ``fusion_config.json`` records against what the weights and the tokenizer beside
+    them hold: the gate scalars (only those few tensors are read) and the new tokens' ids.
+
+    Raises:
+        ConfigError: a contradiction, in one line naming both sides.
+    """
+    gates = {key: float(view.get_tensor(key).float().item()) for key in view.keys()
+             if key.endswith(GATE_SUFFIXES) and ".fusion_layer." in key}
+    check_gates_against_weights(config, gates, origin)
+    check_new_tokens_present(read_tokenizer_files(directory),
+                             [(token.token, token.id) for token in config.new_tokens], origin)
 
 
 def read_fused_config(path: str | os.PathLike[str]) -> FusedConfig:
