@@ -219,7 +219,9 @@ def check_new_tokens_present(
                            if text == token and i != token_id)
         if elsewhere:
             other_id, where = elsewhere[0]
-            raise ConfigError(f"{where}: {token!r} has id {other_id}, but {origin} records "
+            taken = (f", which is {base.by_id[other_id][0]!r} of the base vocabulary;"
+                     if other_id in base.by_id else ", but")
+            raise ConfigError(f"{where}: {token!r} has id {other_id}{taken} {origin} records "
                               f"id {token_id}")
         others = [(text, name) for text, name in added.get(token_id, []) if text != token]
         if others:

@@ -310,20 +310,20 @@ def check_config_against_keys(config: FusedConfig, keys: Iterable[str], origin: 
         ConfigError: a count, a fusion layer or a source key the weights contradict.
     """
     keys = list(keys)
-    counts = [("decoder num_layers", config.decoder.num_layers, _indices(_DECODER_LAYER, keys))]
+    # worded as detection words it (inspect and convert refuse the same file there)
+    counts = [("num_layers", config.decoder.num_layers, _indices(_DECODER_LAYER, keys))]
     if config.encoder is not None:
         counts.append(("encoder num_layers", config.encoder.num_layers,
                        _indices(_ENCODER_LAYER, keys)))
     for name, stated, held in counts:
         if not _is_range(held, stated):
-            found = (f"{len(held)} layers" if _is_range(held, len(held))
-                     else f"layers {_shown(held)}")
-            raise ConfigError(f"{origin} gives {name} {stated}, but the weights hold {found}; "
-                              "the config does not belong to these weights")
+            found = str(len(held)) if _is_range(held, len(held)) else f"layers {_shown(held)}"
+            raise ConfigError(f"{origin} gives {name} {stated}, but the checkpoint holds "
+                              f"{found}; the config does not belong to these weights")
     fusion_held = _indices(_FUSION_LAYER, keys)
     if fusion_held != set(config.fusion.fusion_layers):
         raise ConfigError(f"{origin} gives fusion layers {_shown(config.fusion.fusion_layers)}, "
-                          f"but the weights hold fusion layers {_shown(fusion_held)}; the "
+                          f"but the checkpoint holds fusion layers {_shown(fusion_held)}; the "
                           "config does not belong to these weights")
     for part, record in config.sources.items():
         if "source_keys" in record:

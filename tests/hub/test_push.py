@@ -251,7 +251,7 @@ def _wrong_layers(out: Path) -> None:
     (_stray_shard, "model-00004-of-00004.safetensors is not named by the index"),
     (_missing_tokenizer, "tokenizer.json is missing"),
     (_missing_shard, "model-00002-of-00003.safetensors"),
-    (_wrong_layers, "gives fusion layers [0, 2], but the weights hold fusion layers [1, 3]"),
+    (_wrong_layers, "gives fusion layers [0, 2], but the checkpoint holds fusion layers [1, 3]"),
 ], ids=["no-fusion-config", "stray-shard", "missing-file", "missing-shard", "wrong-keys"])
 def test_broken_directory_is_refused_before_anything_is_sent(fused, on_hub, damage, needle):
     damage(fused)
