@@ -178,7 +178,8 @@ def add_special_tokens(
 
 
 def check_new_tokens_present(
-    files: Mapping[str, bytes], tokens: Sequence[tuple[str, int]], origin: str
+    files: Mapping[str, bytes], tokens: Sequence[tuple[str, int]], origin: str,
+    optional: Sequence[str] = (),
 ) -> None:
     """A fused tokenizer against the new tokens its config records: each must be an added
     token at exactly the recorded id, neither its text nor its id a base-vocabulary one, and
@@ -189,6 +190,8 @@ def check_new_tokens_present(
         files: file name -> bytes of the tokenizer's files.
         tokens: ``(token, id)`` pairs as ``fusion_config.json`` records them.
         origin: the config that records them, for messages.
+        optional: tokens that may be absent (names for embedding rows no token reaches);
+            their ids must still be free.
 
     Raises:
         ConfigError: a token missing, at another id, in the base vocabulary, or an id taken
@@ -227,7 +230,7 @@ def check_new_tokens_present(
         if others:
             raise ConfigError(f"{others[0][1]}: id {token_id} is {others[0][0]!r}, but {origin} "
                               f"records it as the new token {token!r}")
-        if token_id not in added:
+        if token_id not in added and token not in optional:
             raise ConfigError(f"the tokenizer has no added token {token!r}, but {origin} records "
                               f"it as the new token {token_id}")
 

@@ -82,12 +82,17 @@ class FusedView:
         return self.source.file_region(entry.source_key)
 
 
+# Mllama's embedding has 8 rows past the vocabulary, its tokenizer a token for the first
+# alone (<|image|>); the other rows get these names, which no tokenizer need hold.
+MLLAMA_ROW_TOKEN = "<|mllama_fusion_token_{i}|>"
+
+
 def _mllama_config(source: CheckpointSource, path: object) -> FusedConfig:
     """What an Mllama checkpoint holds, as a fusion config: its text model as the decoder,
     its vision side opaque, its 8 fusion rows as new tokens (``<|image|>`` first)."""
     detected = detect_model(source.infos(), source.config, source.config_file)
     vocab = detected.config.vocab_size
-    tokens = [NewToken("<|image|>" if i == 0 else f"<|mllama_fusion_token_{i}|>", vocab + i)
+    tokens = [NewToken("<|image|>" if i == 0 else MLLAMA_ROW_TOKEN.format(i=i), vocab + i)
               for i in range(detected.fusion.fusion_vocab_size)]
     has_vision = any(not k.startswith(("decoder.",)) for k in
                      keys_to_native(source.infos(), "mllama", "fused").mapping.values())
@@ -125,27 +130,27 @@ def open_fused(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, FusedC
                 source.path).parent
             origin = str(directory / FUSION_CONFIG_FILE)
             config = fused_config_from_dict(source.config, origin)
-            # before anything of the sizes it states is planned or built
+            # before anything of the sizes it states is planned or built; then the gates
+            # and the tokenizer against what it records
             check_config_against_keys(config, source.infos(), origin)
         plan = plan_conversion(source.infos(), layout, config.decoder, kind="fused")
         view = FusedView(source, plan)
-        if layout != "mllama":  # an Mllama config is read off its weights: nothing to cross
-            _cross_check(view, config, directory, origin)
+        gates = _gate_scalars(view)
+        if layout == "mllama":  # its config is read off its weights: record their gates
+            config = config.replace(gates=gates, trained=any(v != 0.0 for v in gates.values()))
+        else:
+            check_gates_against_weights(config, gates, origin)
+            check_new_tokens_present(
+                read_tokenizer_files(directory),
+                [(token.token, token.id) for token in config.new_tokens], origin,
+                optional=[MLLAMA_ROW_TOKEN.format(i=i) for i in range(len(config.new_tokens))])
         yield view, config
 
 
-def _cross_check(view: FusedView, config: FusedConfig, directory: Path, origin: str) -> None:
-    """What ``fusion_config.json`` records against what the weights and the tokenizer beside
-    them hold: the gate scalars (only those few tensors are read) and the new tokens' ids.
-
-    Raises:
-        ConfigError: a contradiction, in one line naming both sides.
-    """
-    gates = {key: float(view.get_tensor(key).float().item()) for key in view.keys()
-             if key.endswith(GATE_SUFFIXES) and ".fusion_layer." in key}
-    check_gates_against_weights(config, gates, origin)
-    check_new_tokens_present(read_tokenizer_files(directory),
-                             [(token.token, token.id) for token in config.new_tokens], origin)
+def _gate_scalars(view: FusedView) -> dict[str, float]:
+    """Every tanh gate's value, read from its one-element tensor (no other tensor is read)."""
+    return {key: float(view.get_tensor(key).float().item()) for key in sorted(view.keys())
+            if key.endswith(GATE_SUFFIXES) and ".fusion_layer." in key}
 
 
 def read_fused_config(path: str | os.PathLike[str]) -> FusedConfig:

@@ -188,3 +188,16 @@ def test_new_tokens_against_a_tokenizer_unit():
     # no tokenizer, or no new tokens: nothing to check
     check_new_tokens_present({}, [("<|image|>", 2)], "cfg")
     check_new_tokens_present(_files(vocab, []), [], "cfg")
+
+
+def test_rows_no_token_reaches_may_be_absent_but_not_taken():
+    """Mllama's 8 fusion rows: its tokenizer holds <|image|> alone; the other rows' names
+    may be missing, their ids not another token's."""
+    files = _files({"a": 0, "b": 1}, [("<|image|>", 2)])
+    tokens = [("<|image|>", 2), ("<|row_1|>", 3)]
+    check_new_tokens_present(files, tokens, "cfg", optional=["<|row_1|>"])
+    with pytest.raises(ConfigError, match="no added token '<|row_1|>'"):
+        check_new_tokens_present(files, tokens, "cfg")
+    taken = _files({"a": 0, "b": 1}, [("<|image|>", 2), ("<|other|>", 3)])
+    with pytest.raises(ConfigError, match="id 3 is '<|other|>'"):
+        check_new_tokens_present(taken, tokens, "cfg", optional=["<|row_1|>"])
