@@ -269,6 +269,8 @@ def plan_push(
 
     stage = on_stage or (lambda message: None)
     _check_repo_id(repo_id)
+    for base in base_models:  # every option before any long work
+        _check_repo_id(base)
     if not quick:  # a bad --device fails before any work
         from fusesurgery.validate.checks import check_device
 

@@ -82,6 +82,60 @@ class FuseOptions:
     dtype: torch.dtype | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse a value of the wrong type at once, naming the argument (``fuse``'s names),
+        instead of a TypeError from deep inside planning.
+
+        Raises:
+            ConfigError: naming the argument and the value.
+        """
+        layers = self.fusion_layers
+        if layers is not None and (isinstance(layers, str | bytes) or not isinstance(
+                layers, Sequence | range) or not all(_is_int(i) for i in layers)):
+            raise _argument_error("layers", layers, "a list of decoder layer indices (ints)")
+        if not _is_int(self.every):
+            raise _argument_error("every", self.every, "an integer")
+        if not isinstance(self.fusion_first, bool):
+            raise _argument_error("fusion_first", self.fusion_first, "True or False")
+        if isinstance(self.new_tokens, str | bytes) or not isinstance(self.new_tokens, Sequence):
+            raise _argument_error("new_tokens", self.new_tokens, "a list of strings")
+        for name in ("embedding_init", "projection"):
+            if not isinstance(getattr(self, name), str):
+                raise _argument_error(name, getattr(self, name), "a string")
+        layer = self.encoder_layer
+        if layer is not DEFAULT and layer is not None and not _is_int(layer):
+            raise _argument_error("encoder_layer", layer, "a hidden-layer index (an int), "
+                                  "None (the final hidden states) or the family default")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise _argument_error("dtype", self.dtype, "a torch dtype or None")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise _argument_error("seed", self.seed, f"an integer from 0 to {SEED_LIMIT - 1} "
+                                  "(it is mixed with each new tensor's name into one 64-bit "
+                                  "torch seed)")
+
+
+# fuse's seed takes the upper 32 bits of each new tensor's torch seed (see new_params).
+SEED_LIMIT = 2**32
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def brief(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a 30 000-entry list stays one short
+    line), with its length when cut."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f", {len(value)} entries" if isinstance(value, Sequence | range) else ""
+    return f"{text[:limit]}... ({len(text)} characters{size})"
+
+
+def _argument_error(name: str, value: object, wanted: str) -> ConfigError:
+    return ConfigError(f"{name} must be {wanted}, not {brief(value)} "
+                       f"({type(value).__name__})")
+
 
 @dataclass(frozen=True)
 class NewTensor:
@@ -188,7 +242,9 @@ def resolve_fusion_layers(options: FuseOptions, num_layers: int) -> tuple[int, .
             raise ConfigError(f"fusion layer {bad[0]} is out of range for a {num_layers}-layer "
                               f"decoder (valid: 0..{num_layers - 1})")
         if len(set(layers)) != len(layers):
-            raise ConfigError(f"fusion layers repeat an index: {list(layers)}")
+            seen: set[int] = set()
+            repeated = next(i for i in layers if i in seen or seen.add(i))
+            raise ConfigError(f"fusion layers repeat an index ({repeated}): {brief(list(layers))}")
         return tuple(sorted(layers))
     if options.every <= 0:
         raise ConfigError(f"--every must be positive, got {options.every}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fusesurgery._device import check_device
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
 from fusesurgery.convert.keymaps import keys_to_native
@@ -222,12 +223,19 @@ def load_fused(
         directory it came from (``save_fused`` reads both).
 
     Raises:
-        FuseSurgeryError: not a fused checkpoint, an unknown part, a whole model asked of an
-            encoder with no native module, or tensors that do not match the model.
+        FuseSurgeryError: not a fused checkpoint, an unknown part or device, an argument of
+            the wrong type, a whole model asked of an encoder with no native module, or
+            tensors that do not match the model.
     """
     check_cast_dtype(dtype)
-    if part not in ("model", "decoder"):
+    check_device(device, "device")
+    if not isinstance(part, str) or part not in ("model", "decoder"):
         raise ConfigError(f"unknown part {part!r}; valid: model, decoder")
+    for name, flag in (("decoder_trainable", decoder_trainable),
+                       ("encoder_trainable", encoder_trainable),
+                       ("fusion_trainable", fusion_trainable)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, not {flag!r}")
     with open_fused(path) as (view, config):
         if part == "model" and config.encoder is None:
             raise ConfigError(f"{path}: its vision side (Mllama's tiled encoder) has no native "
