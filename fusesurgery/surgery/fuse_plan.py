@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fusesurgery._arguments import argument_error, brief, check_int, is_int
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.keymaps import (
@@ -91,50 +92,29 @@ class FuseOptions:
         """
         layers = self.fusion_layers
         if layers is not None and (isinstance(layers, str | bytes) or not isinstance(
-                layers, Sequence | range) or not all(_is_int(i) for i in layers)):
-            raise _argument_error("layers", layers, "a list of decoder layer indices (ints)")
-        if not _is_int(self.every):
-            raise _argument_error("every", self.every, "an integer")
+                layers, Sequence | range) or not all(is_int(i) for i in layers)):
+            raise argument_error("layers", layers, "a list of decoder layer indices (ints)")
+        if not is_int(self.every):
+            raise argument_error("every", self.every, "an integer")
         if not isinstance(self.fusion_first, bool):
-            raise _argument_error("fusion_first", self.fusion_first, "True or False")
+            raise argument_error("fusion_first", self.fusion_first, "True or False")
         if isinstance(self.new_tokens, str | bytes) or not isinstance(self.new_tokens, Sequence):
-            raise _argument_error("new_tokens", self.new_tokens, "a list of strings")
+            raise argument_error("new_tokens", self.new_tokens, "a list of strings")
         for name in ("embedding_init", "projection"):
             if not isinstance(getattr(self, name), str):
-                raise _argument_error(name, getattr(self, name), "a string")
+                raise argument_error(name, getattr(self, name), "a string")
         layer = self.encoder_layer
-        if layer is not DEFAULT and layer is not None and not _is_int(layer):
-            raise _argument_error("encoder_layer", layer, "a hidden-layer index (an int), "
+        if layer is not DEFAULT and layer is not None and not is_int(layer):
+            raise argument_error("encoder_layer", layer, "a hidden-layer index (an int), "
                                   "None (the final hidden states) or the family default")
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
-            raise _argument_error("dtype", self.dtype, "a torch dtype or None")
-        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
-            raise _argument_error("seed", self.seed, f"an integer from 0 to {SEED_LIMIT - 1} "
-                                  "(it is mixed with each new tensor's name into one 64-bit "
-                                  "torch seed)")
+            raise argument_error("dtype", self.dtype, "a torch dtype or None")
+        check_int("seed", self.seed, 0, FUSE_SEED_LIMIT,
+                  "it is mixed with each new tensor's name into one 64-bit torch seed")
 
 
 # fuse's seed takes the upper 32 bits of each new tensor's torch seed (see new_params).
-SEED_LIMIT = 2**32
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def brief(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a 30 000-entry list stays one short
-    line), with its length when cut."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    size = f", {len(value)} entries" if isinstance(value, Sequence | range) else ""
-    return f"{text[:limit]}... ({len(text)} characters{size})"
-
-
-def _argument_error(name: str, value: object, wanted: str) -> ConfigError:
-    return ConfigError(f"{name} must be {wanted}, not {brief(value)} "
-                       f"({type(value).__name__})")
+FUSE_SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from fusesurgery._arguments import SEED_LIMIT, check_int
 from fusesurgery._device import check_device
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
@@ -396,11 +397,9 @@ def validate_fused(
     """
     path = str(path)
     check_device(device)
-    for name, value, low, high in (("seed", seed, 0, 2**63), ("batch", batch, 1, 2**31),
-                                   ("seq_len", seq_len, 1, 2**31)):
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
-            raise ConfigError(f"{name} must be an integer from {low} to {high - 1}, not "
-                              f"{value!r} ({type(value).__name__})")
+    check_int("seed", seed, 0, SEED_LIMIT)
+    check_int("batch", batch, 1, 2**31)
+    check_int("seq_len", seq_len, 1, 2**31)
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
     with open_fused(path) as (_, config):

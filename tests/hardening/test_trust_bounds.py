@@ -118,3 +118,13 @@ def test_push_checks_its_options_before_validating(fused_example):
     result = cli("push", fused_example, "alice/m", "--dry-run", "--base-model", "bad id!!")
     assert_one_line_error(result, "'bad id!!' is not a Hub repo id")
     assert "validating" not in result.stderr
+
+
+@pytest.mark.parametrize("seed", ["-5", "18446744073709551616"])
+def test_a_demo_seed_out_of_range_is_one_error_line(seed):
+    result = cli("demo", "--seed", seed)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: seed must be an integer from 0 to 9223372036854775807, not "
+                      f"{seed} (int)"], result.stderr
+    assert "Traceback" not in result.output and "internal error" not in result.output
