@@ -42,6 +42,12 @@ from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.reports.formatting import format_bytes, format_index_set
+from fusesurgery.surgery.fused_config import (
+    FusedConfig,
+    check_config_against_keys,
+    check_gates_against_weights,
+    fused_config_from_dict,
+)
 
 # Overrides of a vision encoder's fields carry this prefix (``encoder_num_heads``), as the
 # CLI's ``--encoder-*`` options do; unprefixed names are decoder fields.
@@ -462,27 +468,16 @@ def _detect_fused_encoder(
     return encoder, None
 
 
-def _recorded_fusion_settings(
-    source: CheckpointSource, from_keys: FusionConfig
-) -> tuple[dict[str, Any], str | None]:
+def _fusion_settings(recorded: FusedConfig | None, from_keys: FusionConfig) -> dict[str, Any]:
     """How the fusion computes beyond its shapes (order, epsilons, projection): as
-    ``fusion_config.json`` records it, else as the layout implies; and a note when the
-    record is unreadable."""
-    settings: dict[str, Any] = {"fusion_first": from_keys.fusion_first,
-                                "ca_norm_eps": from_keys.ca_norm_eps,
-                                "qk_norm_eps": from_keys.qk_norm_eps}
-    doc = source.config if source.config_file == FUSION_CONFIG_FILE else None
-    if not isinstance(doc, Mapping):
-        return settings, None
-    try:
-        recorded = FusionConfig(**doc["fusion"])
-    except (FuseSurgeryError, KeyError, TypeError) as error:
-        return settings, f"{FUSION_CONFIG_FILE}: its fusion section is not readable ({error})"
-    projection = doc.get("projection")
-    return {"fusion_first": recorded.fusion_first, "ca_norm_eps": recorded.ca_norm_eps,
-            "qk_norm_eps": recorded.qk_norm_eps,
-            "projection": projection if isinstance(projection, str) else None,
-            "settings_source": FUSION_CONFIG_FILE}, None
+    ``fusion_config.json`` records it, else as the layout implies."""
+    if recorded is None:
+        return {"fusion_first": from_keys.fusion_first, "ca_norm_eps": from_keys.ca_norm_eps,
+                "qk_norm_eps": from_keys.qk_norm_eps}
+    fusion = recorded.fusion
+    return {"fusion_first": fusion.fusion_first, "ca_norm_eps": fusion.ca_norm_eps,
+            "qk_norm_eps": fusion.qk_norm_eps, "projection": recorded.projection,
+            "settings_source": FUSION_CONFIG_FILE}
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,9 +536,12 @@ def inspect_checkpoint(
             encoder, why_not = _detect_fused_encoder(infos, source, vision_overrides)
             if why_not is not None:
                 notes.append(why_not)
-            settings, why_not = _recorded_fusion_settings(source, model.fusion)
-            if why_not is not None:
-                notes.append(why_not)
+            recorded = None
+            if source.config_file == FUSION_CONFIG_FILE:  # cross-checked, as every reader does
+                recorded = fused_config_from_dict(source.config, FUSION_CONFIG_FILE)
+                check_config_against_keys(recorded, infos, FUSION_CONFIG_FILE)
+                check_gates_against_weights(recorded, gates, FUSION_CONFIG_FILE)
+            settings = _fusion_settings(recorded, model.fusion)
             fusion = FusionReport(
                 fusion_layers=model.fusion.fusion_layers,
                 fusion_vocab_size=model.fusion.fusion_vocab_size,

@@ -50,10 +50,13 @@ def set_tensor(directory: Path, key: str, value: float) -> None:
     save_file(tensors, shard, metadata=metadata)
 
 
-def refused_everywhere(directory: Path, *fragments: str) -> None:
+def refused_everywhere(directory: Path, *fragments: str, inspect: bool = True) -> None:
     """The API and every command that reads a fused directory refuse it in one line, at
-    once (bounded: a config that invents a size must not be iterated)."""
+    once (bounded: a config that invents a size must not be iterated); ``inspect`` too,
+    except for the tokenizer, which it does not read."""
     with bounded(60):
+        if inspect:
+            assert_one_line_error(cli("inspect", directory), *fragments)
         for call in (read_fused_config, load_fused, validate):
             with pytest.raises(ConfigError) as error:
                 call(directory)
@@ -155,7 +158,8 @@ def _image_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
 def test_an_image_token_at_an_existing_id_is_refused(fused):
     _added(fused, lambda entries: _image_entry(entries).update(id=5))
     refused_everywhere(fused, "tokenizer.json: '<|image|>' has id 5, which is",
-                       "of the base vocabulary;", "fusion_config.json records id 512")
+                       "of the base vocabulary;", "fusion_config.json records id 512",
+                       inspect=False)
 
 
 @pytest.mark.parametrize(("change", "fragment"), [
