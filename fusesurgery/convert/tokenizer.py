@@ -201,9 +201,13 @@ def check_new_tokens_present(
         return
     docs = {name: _load_json(name, files[name]) for name in
             (TOKENIZER_JSON, TOKENIZER_CONFIG, ADDED_TOKENS, VOCAB_JSON) if name in files}
-    base = _Ids()
+    wanted_tokens = {token for token, _ in tokens}
+    wanted_ids = {token_id for _, token_id in tokens}
+    base = _Ids()  # only the entries that concern the new tokens: one pass, no full maps
     for name, token, token_id in _vocabulary(files, docs):
-        base.add(token, token_id, name)
+        base.length = 0
+        if token in wanted_tokens or token_id in wanted_ids:
+            base.add(token, token_id, name)
     if base.length is None:
         return
     added: dict[int, list[tuple[str, str]]] = {}

@@ -4,6 +4,7 @@ describes and load its tensors into it, mmap-backed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,11 +142,35 @@ def open_fused(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, FusedC
             config = config.replace(gates=gates, trained=any(v != 0.0 for v in gates.values()))
         else:
             check_gates_against_weights(config, gates, origin)
-            check_new_tokens_present(
-                read_tokenizer_files(directory),
-                [(token.token, token.id) for token in config.new_tokens], origin,
-                optional=[MLLAMA_ROW_TOKEN.format(i=i) for i in range(len(config.new_tokens))])
+            _check_tokenizer(directory, config, origin)
         yield view, config
+
+
+# (digest of the tokenizer files, the new tokens) already found consistent in this process:
+# validate opens a fused checkpoint several times, and a 128k-token tokenizer.json takes
+# most of a second to check, a few milliseconds to hash.
+_TOKENIZERS_CHECKED: set[tuple[str, tuple[NewToken, ...]]] = set()
+
+
+def _check_tokenizer(directory: Path, config: FusedConfig, origin: str) -> None:
+    """The new tokens against the tokenizer beside the weights (see
+    :func:`check_new_tokens_present`).
+
+    Raises:
+        ConfigError: a token missing, at another id, or an id taken.
+    """
+    files = read_tokenizer_files(directory)
+    digest = hashlib.sha256()
+    for name, content in sorted(files.items()):
+        digest.update(f"{name}\0{len(content)}\0".encode())
+        digest.update(content)
+    key = (digest.hexdigest(), config.new_tokens)
+    if key in _TOKENIZERS_CHECKED:
+        return
+    check_new_tokens_present(
+        files, [(token.token, token.id) for token in config.new_tokens], origin,
+        optional=[MLLAMA_ROW_TOKEN.format(i=i) for i in range(len(config.new_tokens))])
+    _TOKENIZERS_CHECKED.add(key)
 
 
 def _gate_scalars(view: FusedView) -> dict[str, float]:
