@@ -201,18 +201,21 @@ def check_new_tokens_present(
         return
     docs = {name: _load_json(name, files[name]) for name in
             (TOKENIZER_JSON, TOKENIZER_CONFIG, ADDED_TOKENS, VOCAB_JSON) if name in files}
+    added: dict[int, list[tuple[str, str]]] = {}
+    for name, token, token_id in _added_ids(docs):
+        added.setdefault(token_id, []).append((token, name))
     wanted_tokens = {token for token, _ in tokens}
-    wanted_ids = {token_id for _, token_id in tokens}
+    # the recorded ids, and any other id an added entry gives a new token
+    wanted_ids = {token_id for _, token_id in tokens} | {
+        token_id for token_id, entries in added.items()
+        if any(text in wanted_tokens for text, _ in entries)}
     base = _Ids()  # only the entries that concern the new tokens: one pass, no full maps
     for name, token, token_id in _vocabulary(files, docs):
-        base.length = 0
+        base.length = 0  # a vocabulary is there
         if token in wanted_tokens or token_id in wanted_ids:
             base.add(token, token_id, name)
     if base.length is None:
         return
-    added: dict[int, list[tuple[str, str]]] = {}
-    for name, token, token_id in _added_ids(docs):
-        added.setdefault(token_id, []).append((token, name))
     for token, token_id in tokens:
         if token in base.by_token:
             other_id, where = base.by_token[token]
