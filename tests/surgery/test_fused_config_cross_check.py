@@ -141,7 +141,7 @@ def test_a_gate_record_that_differs_from_the_weights_is_refused(fused):
         load_fused(fused)
     edit(fused, lambda doc: doc.update(gates={**doc["gates"], GATE: 0.25}))
     model = load_fused(fused)  # the record agrees: a trained checkpoint loads
-    assert float(model.decoder.layers[1].fusion_layer.ca_scale.scale) == 0.25
+    assert model.decoder.layers[1].fusion_layer.ca_scale.scale.item() == 0.25
 
 
 def _added(directory: Path, change: Callable[[list[dict[str, Any]]], None]) -> None:
