@@ -174,9 +174,19 @@ def _check_tokenizer(directory: Path, config: FusedConfig, origin: str) -> None:
 
 
 def _gate_scalars(view: FusedView) -> dict[str, float]:
-    """Every tanh gate's value, read from its one-element tensor (no other tensor is read)."""
-    return {key: float(view.get_tensor(key).float().item()) for key in sorted(view.keys())
-            if key.endswith(GATE_SUFFIXES) and ".fusion_layer." in key}
+    """Every tanh gate's value, read from its one-element tensor (no other tensor is read).
+
+    Raises:
+        ShapeError: a gate that is not one element.
+    """
+    gates = {}
+    for key, info in sorted(view.infos().items()):
+        if key.endswith(GATE_SUFFIXES) and ".fusion_layer." in key:
+            if info.numel != 1:
+                raise ShapeError(f"{view.path}: {key} has shape {list(info.shape)}, not the "
+                                 "one element of a tanh gate")
+            gates[key] = float(view.get_tensor(key).float().item())
+    return gates
 
 
 def read_fused_config(path: str | os.PathLike[str]) -> FusedConfig:

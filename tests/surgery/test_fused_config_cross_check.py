@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from fusesurgery import load_fused, read_fused_config, unfuse, validate
 from fusesurgery.convert.tokenizer import check_new_tokens_present
-from fusesurgery.errors import ConfigError
+from fusesurgery.errors import ConfigError, ShapeError
 from tests.hardening.conftest import assert_one_line_error, cli
 from tests.hardening.test_no_hangs import bounded
 
@@ -205,3 +205,16 @@ def test_rows_no_token_reaches_may_be_absent_but_not_taken():
     taken = _files({"a": 0, "b": 1}, [("<|image|>", 2), ("<|other|>", 3)])
     with pytest.raises(ConfigError, match="id 3 is '<|other|>'"):
         check_new_tokens_present(taken, tokens, "cfg", optional=["<|row_1|>"])
+
+
+def test_a_gate_that_is_not_one_element_is_a_shape_error(fused):
+    index = json.loads((fused / "model.safetensors.index.json").read_text())
+    shard = fused / index["weight_map"][GATE]
+    with safe_open(shard, "pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata()
+    tensors[GATE] = torch.zeros(3, dtype=tensors[GATE].dtype)
+    save_file(tensors, shard, metadata=metadata)
+    with pytest.raises(ShapeError, match=r"ca_scale.scale has shape \[3\], not the one element"):
+        read_fused_config(fused)
+    assert_one_line_error(cli("validate", fused), "not the one element of a tanh gate")
