@@ -128,3 +128,10 @@ def test_a_demo_seed_out_of_range_is_one_error_line(seed):
     assert errors == [f"error: seed must be an integer from 0 to 9223372036854775807, not "
                       f"{seed} (int)"], result.stderr
     assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+def test_push_refuses_a_file_name_that_is_not_utf8(fused_example, tmp_path):
+    fused = Path(shutil.copytree(fused_example, tmp_path / "fused"))
+    (Path(os.fsdecode(bytes(fused) + b"/notes\xff.txt"))).write_text("x")
+    assert_one_line_error(cli("push", fused, "alice/m", "--dry-run", "--quick"),
+                          "file name notes\\xff.txt is not valid UTF-8")
