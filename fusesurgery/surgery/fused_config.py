@@ -18,7 +18,7 @@ from typing import Any
 
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.configs import coerce_rope_scaling
-from fusesurgery.convert.keymaps import FUSED_VISION_PREFIX, to_native_key
+from fusesurgery.convert.keymaps import FUSED_VISION_PREFIX, TO_NATIVE, to_native_key
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS
@@ -340,6 +340,9 @@ def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
             isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
         raise ConfigError(f"{where} must map native keys to source keys (strings)")
     layout, kind = record.get("layout"), "decoder" if part == "decoder" else "vision"
+    if (kind, layout) not in TO_NATIVE:
+        raise ConfigError(f"{origin}: sources[{part!r}].layout is {layout!r}, not a {kind} "
+                          f"layout ({', '.join(sorted(lay for k, lay in TO_NATIVE if k == kind))})")
     prefix = "decoder." if part == "decoder" else FUSED_VISION_PREFIX
     held = {key.removeprefix(prefix) for key in keys if key.startswith(prefix)}
     if part == "decoder":

@@ -116,6 +116,13 @@ def test_a_damaged_source_key_record_is_refused(fused, change, fragment):
     assert fragment in str(error.value)
 
 
+def test_a_source_record_with_an_unknown_layout_is_refused(fused):
+    edit(fused, lambda doc: doc["sources"]["decoder"].update(layout="gguf"))
+    with pytest.raises(ConfigError, match=r"sources\['decoder'\].layout is 'gguf', not a "
+                                          r"decoder layout \(hf, meta, native\)"):
+        read_fused_config(fused)
+
+
 def test_the_intact_record_still_unfuses_bit_for_bit(fused, tmp_path):
     unfuse(fused, tmp_path / "llama")
     assert (tmp_path / "llama" / "model.safetensors").read_bytes() == (
