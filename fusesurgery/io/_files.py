@@ -27,8 +27,11 @@ def utf8_path(path: str | bytes | os.PathLike[str], what: str,
         error: the error class to raise.
 
     Raises:
-        FuseSurgeryError: ``error``, naming the path by its bytes (escaped).
+        FuseSurgeryError: ``error``: not a path, or not UTF-8 (named by its bytes, escaped).
     """
+    if not isinstance(path, str | bytes | os.PathLike):
+        raise error(f"{what} must be a str or os.PathLike, not {path!r} "
+                    f"({type(path).__name__})")
     raw = os.fspath(path)
     data = raw if isinstance(raw, bytes) else os.fsencode(raw)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import fusesurgery
-from fusesurgery.errors import CheckpointError, ConfigError
+from fusesurgery.errors import CheckpointError, ConfigError, WriteError
 from tests.hardening.conftest import EXAMPLES, assert_one_line_error, cli, edit_config
 from tests.hardening.test_no_hangs import bounded
 
@@ -135,3 +135,11 @@ def test_push_refuses_a_file_name_that_is_not_utf8(fused_example, tmp_path):
     (Path(os.fsdecode(bytes(fused) + b"/notes\xff.txt"))).write_text("x")
     assert_one_line_error(cli("push", fused, "alice/m", "--dry-run", "--quick"),
                           "file name notes\\xff.txt is not valid UTF-8")
+
+
+def test_a_path_argument_that_is_not_a_path_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"checkpoint path must be a str or os.PathLike, "
+                                              r"not None \(NoneType\)"):
+        fusesurgery.load_fused(None)
+    with pytest.raises(WriteError, match=r"output path must be a str or os.PathLike, not 5"):
+        fusesurgery.fuse(EXAMPLE_CLIP, EXAMPLE_LLAMA, 5)
