@@ -101,6 +101,7 @@ class RotaryPositionalEmbeddings(nn.Module):
         self.scaling = scaling
         self.style = style
         self.register_buffer("cache", torch.empty(0), persistent=False)
+        self._checked_pos: tuple[torch.Tensor, int] | None = None
         self.reset_parameters()
 
     def reset_parameters(self, device: torch.device | str | None = None) -> None:
@@ -111,6 +112,7 @@ class RotaryPositionalEmbeddings(nn.Module):
         # [positions, h_d // 2, 2] = (cos, sin); on meta the shape alone, no arithmetic
         rows = self.max_seq_len if target.type == "meta" else 0
         self.cache = torch.empty(rows, self.head_dim // 2, 2, device=target)
+        self._checked_pos = None
 
     def reserve(self, length: int) -> None:
         """Make the table hold positions ``0 .. length - 1`` (whole chunks, at most
@@ -154,8 +156,13 @@ class RotaryPositionalEmbeddings(nn.Module):
             self.reserve(seq_len)
             rope = self.cache[:seq_len]
         else:
-            if self.cache.size(0) < self.max_seq_len and input_pos.numel():
+            if self.cache.size(0) < self.max_seq_len and input_pos.numel() and (
+                    self._checked_pos is None or self._checked_pos[0] is not input_pos
+                    or self._checked_pos[1] != input_pos._version):
+                # reading the largest position waits for the device: once per positions
+                # tensor (every layer gets the same one), again only if it changed in place
                 self.reserve(int(input_pos.max()) + 1)
+                self._checked_pos = (input_pos, input_pos._version)
             rope = self.cache[input_pos]
         # [s, h_d/2, 2] -> [1, s, 1, h_d/2, 2]   or   [b, s, h_d/2, 2] -> [b, s, 1, h_d/2, 2]
         rope = rope.view(-1, seq_len, 1, half, 2)

@@ -137,3 +137,21 @@ def test_a_position_past_max_seq_len_is_refused():
         rope(torch.randn(1, 1, 2, 16), input_pos=torch.tensor([[10]]))
     with pytest.raises(ValueError, match="past max_seq_len 10"):
         rope(torch.randn(1, 11, 2, 16))
+
+
+def test_the_largest_position_is_read_once_per_positions_tensor(monkeypatch):
+    """Every layer gets the same input_pos: the device is waited on once for it, and again
+    only when it changes in place (a decode loop that increments it)."""
+    rope = RotaryPositionalEmbeddings(16, max_seq_len=10**6)
+    reads = []
+    reserve = rope.reserve
+    monkeypatch.setattr(rope, "reserve", lambda length: (reads.append(length), reserve(length)))
+    x = torch.randn(1, 1, 2, 16)
+    pos = torch.tensor([[5]])
+    for _ in range(8):  # eight layers
+        rope(x, input_pos=pos)
+    assert reads == [6]
+    pos += 5000
+    rope(x, input_pos=pos)
+    rope(x, input_pos=pos)
+    assert reads == [6, 5006] and rope.cache.shape[0] == 8192
