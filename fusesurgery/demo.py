@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fusesurgery._arguments import SEED_LIMIT, check_int
 from fusesurgery.config import DECODER_PRESETS, VISION_PRESETS, FusionConfig
 from fusesurgery.modules import build_decoder, build_deep_fusion_model, fusion_summary
 from fusesurgery.modules.summary import FusionSummary
@@ -28,7 +29,13 @@ class DemoResult:
 
 
 def run_demo(seed: int = 0, fusion_interval: int = 2) -> DemoResult:
-    """Build, fuse and compare; everything in memory, a second or so on a CPU."""
+    """Build, fuse and compare; everything in memory, a second or so on a CPU.
+
+    Raises:
+        ConfigError: a seed outside ``[0, 2**63)``, or an interval that is not positive or
+            larger than the decoder's layers.
+    """
+    check_int("seed", seed, 0, SEED_LIMIT)
     torch.manual_seed(seed)
     decoder_cfg, vision_cfg = DECODER_PRESETS["tiny"], VISION_PRESETS["tiny_clip"]
     fusion = FusionConfig.every(fusion_interval, decoder_cfg.num_layers,

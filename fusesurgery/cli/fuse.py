@@ -38,8 +38,10 @@ def _layers(value: str | None) -> list[int] | None:
     try:
         return [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
+        shown = repr(value) if len(value) <= 60 else (
+            f"{value[:60]!r}... ({len(value)} characters)")
         raise ConfigError(f"--layers takes comma-separated layer indices such as 3,7,11; "
-                          f"got {value!r}") from None
+                          f"got {shown}") from None
 
 
 def _encoder_layer(value: str | None):

@@ -87,6 +87,9 @@ def _config_table(title: str, model: DetectedModel) -> Table:
     for name, source in model.provenance.items():
         value = format_config_value(getattr(model.config, name))
         table.add_row(name, escape(value), Text(source, style=PROVENANCE_STYLES.get(source, "")))
+    for name, value in model.unmodelled.items():  # read, and it changes the computation
+        table.add_row(name, escape(format_config_value(value)),
+                      Text("read, not modelled (see notes)", style="bold yellow"))
     return table
 
 
@@ -109,6 +112,13 @@ def _fusion_section(fusion: FusionReport) -> Group:
                  if layers else "none")
     grid.add_row("fusion vocab", plural(fusion.fusion_vocab_size, "new token"))
     grid.add_row("encoder dim", str(fusion.encoder_dim))
+    order = "before" if fusion.fusion_first else "after"
+    grid.add_row("order", f"each fusion layer runs {order} its decoder layer "
+                 f"(from {fusion.settings_source})")
+    grid.add_row("norm eps", f"{fusion.ca_norm_eps:g} (ca_norm, mlp_norm), "
+                 f"{fusion.qk_norm_eps:g} (q/k norms)")
+    if fusion.projection is not None:
+        grid.add_row("projection", fusion.projection)
     if fusion.encoder is not None:
         enc = fusion.encoder.config
         grid.add_row("encoder", f"{fusion.encoder.family}, {plural(enc.num_layers, 'layer')}, "

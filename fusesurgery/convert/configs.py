@@ -42,12 +42,16 @@ class ConfigReading:
         notes: settings read but not modelled, and why that is safe; the differences too.
         differences: settings the native model does not compute as the file's own loader
             does (a sliding window shorter than the model's positions), one line each.
+        unmodelled: setting -> value, for what the file states that changes the
+            computation but has no field of the native config (``sliding_window``), so a
+            report can show it beside the fields.
     """
 
     read: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
+    unmodelled: dict[str, Any] = field(default_factory=dict)
 
 
 def config_style(config: Mapping[str, Any]) -> str:
@@ -216,6 +220,7 @@ def _sliding_window_notes(window: int | None, max_positions: Any, loader: str,
     # model is made for changes nothing.
     if window is None:
         return
+    reading.unmodelled["sliding_window"] = window
     if isinstance(max_positions, int) and window >= max_positions:
         reading.notes.append(f"sliding_window {window} read: no shorter than the "
                              f"{max_positions} positions the model has, so full attention "

@@ -86,6 +86,8 @@ class DetectedModel:
         differences: the notes on settings that make the native model compute something
             other than the source's own loader (a sliding window shorter than the model's
             positions); what ``convert`` and ``fuse`` report.
+        unmodelled: settings the config file states that change the computation but have
+            no field of ``config`` (``sliding_window``) -> their values.
     """
 
     kind: str
@@ -98,6 +100,8 @@ class DetectedModel:
     fused_style: str | None = None
     notes: tuple[str, ...] = ()
     differences: tuple[str, ...] = ()
+    unmodelled: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
 
     def fields_from(self, provenance: str) -> tuple[str, ...]:
         """Names of the config fields whose value came from ``provenance``."""
@@ -474,6 +478,7 @@ def _detect_decoder(
         fused_style=style,
         notes=tuple(notes),
         differences=tuple(reading.differences) if reading is not None else (),
+        unmodelled=types.MappingProxyType(dict(reading.unmodelled) if reading else {}),
     )
 
 

@@ -177,6 +177,71 @@ def add_special_tokens(
     return out
 
 
+def check_new_tokens_present(
+    files: Mapping[str, bytes], tokens: Sequence[tuple[str, int]], origin: str,
+    optional: Sequence[str] = (),
+) -> None:
+    """A fused tokenizer against the new tokens its config records: each must be an added
+    token at exactly the recorded id, neither its text nor its id a base-vocabulary one, and
+    no other added token at its id. Nothing to check without a vocabulary file (fuse writes
+    no tokenizer for a decoder that had none).
+
+    Args:
+        files: file name -> bytes of the tokenizer's files.
+        tokens: ``(token, id)`` pairs as ``fusion_config.json`` records them.
+        origin: the config that records them, for messages.
+        optional: tokens that may be absent (names for embedding rows no token reaches);
+            their ids must still be free.
+
+    Raises:
+        ConfigError: a token missing, at another id, in the base vocabulary, or an id taken
+            by another token; a malformed tokenizer file.
+    """
+    if not tokens or not any(name in files for name in VOCABULARY_FILES):
+        return
+    docs = {name: _load_json(name, files[name]) for name in
+            (TOKENIZER_JSON, TOKENIZER_CONFIG, ADDED_TOKENS, VOCAB_JSON) if name in files}
+    added: dict[int, list[tuple[str, str]]] = {}
+    for name, token, token_id in _added_ids(docs):
+        added.setdefault(token_id, []).append((token, name))
+    wanted_tokens = {token for token, _ in tokens}
+    # the recorded ids, and any other id an added entry gives a new token
+    wanted_ids = {token_id for _, token_id in tokens} | {
+        token_id for token_id, entries in added.items()
+        if any(text in wanted_tokens for text, _ in entries)}
+    base = _Ids()  # only the entries that concern the new tokens: one pass, no full maps
+    for name, token, token_id in _vocabulary(files, docs):
+        base.length = 0  # a vocabulary is there
+        if token in wanted_tokens or token_id in wanted_ids:
+            base.add(token, token_id, name)
+    if base.length is None:
+        return
+    for token, token_id in tokens:
+        if token in base.by_token:
+            other_id, where = base.by_token[token]
+            raise ConfigError(f"{where}: {token!r} is token {other_id} of the base vocabulary, "
+                              f"but {origin} records it as the new token {token_id}")
+        if token_id in base.by_id:
+            other, where = base.by_id[token_id]
+            raise ConfigError(f"{where}: id {token_id} is {other!r} of the base vocabulary, "
+                              f"but {origin} records it as the new token {token!r}")
+        elsewhere = sorted((i, name) for i, entries in added.items() for text, name in entries
+                           if text == token and i != token_id)
+        if elsewhere:
+            other_id, where = elsewhere[0]
+            taken = (f", which is {base.by_id[other_id][0]!r} of the base vocabulary;"
+                     if other_id in base.by_id else ", but")
+            raise ConfigError(f"{where}: {token!r} has id {other_id}{taken} {origin} records "
+                              f"id {token_id}")
+        others = [(text, name) for text, name in added.get(token_id, []) if text != token]
+        if others:
+            raise ConfigError(f"{others[0][1]}: id {token_id} is {others[0][0]!r}, but {origin} "
+                              f"records it as the new token {token!r}")
+        if token_id not in added and token not in optional:
+            raise ConfigError(f"the tokenizer has no added token {token!r}, but {origin} records "
+                              f"it as the new token {token_id}")
+
+
 def _check_new_tokens(tokens: list[str], first_id: int) -> None:
     if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
         raise ConfigError(f"new tokens: the first id must be a non-negative int, not {first_id!r}")

@@ -139,11 +139,12 @@ def collect_files(out: Path) -> list[PushFile]:
     among them) and ``README.md``, which the model card replaces; sorted by path.
 
     Raises:
-        CheckpointError: ``out`` holds weights the index does not name, or misses a file its
-            writer recorded.
+        CheckpointError: ``out`` holds weights the index does not name, a file whose name is
+            not UTF-8, or misses a file its writer recorded.
     """
     import json
 
+    from fusesurgery.io._files import utf8_path
     from fusesurgery.io.shard_index import read_shard_index
     from fusesurgery.write.output_guard import MARKER_FILE
 
@@ -163,6 +164,8 @@ def collect_files(out: Path) -> list[PushFile]:
             relative = path.relative_to(out).as_posix()
             if name.startswith(".") or relative == CARD_FILE or not path.is_file():
                 continue
+            # a Hub path is text: a name that is not UTF-8 could be neither sent nor listed
+            relative = utf8_path(relative, f"{out}: file name")
             files.append(PushFile(relative, str(path), path.stat().st_size))
     indexes = [f for f in files if "/" not in f.path_in_repo
                and f.path_in_repo.endswith(INDEX_SUFFIX)]
@@ -269,6 +272,8 @@ def plan_push(
 
     stage = on_stage or (lambda message: None)
     _check_repo_id(repo_id)
+    for base in base_models:  # every option before any long work
+        _check_repo_id(base)
     if not quick:  # a bad --device fails before any work
         from fusesurgery.validate.checks import check_device
 

@@ -13,7 +13,34 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fusesurgery._sizes import format_bytes
-from fusesurgery.errors import CheckpointError
+from fusesurgery.errors import CheckpointError, FuseSurgeryError
+
+
+def utf8_path(path: str | bytes | os.PathLike[str], what: str,
+              error: type[FuseSurgeryError] = CheckpointError) -> str:
+    """``path`` as text, refused unless it is valid UTF-8: fusesurgery records paths in its
+    JSON files and prints them, and neither can hold bytes that are no text.
+
+    Args:
+        path: the path as given (a str, bytes or path-like).
+        what: what the path is, for the message (``"checkpoint path"``).
+        error: the error class to raise.
+
+    Raises:
+        FuseSurgeryError: ``error``: not a path, or not UTF-8 (named by its bytes, escaped).
+    """
+    if not isinstance(path, str | bytes | os.PathLike):
+        raise error(f"{what} must be a str or os.PathLike, not {path!r} "
+                    f"({type(path).__name__})")
+    raw = os.fspath(path)
+    data = raw if isinstance(raw, bytes) else os.fsencode(raw)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = repr(data)[2:-1]  # \xff for each byte that is not UTF-8
+        raise error(f"{what} {shown} is not valid UTF-8; fusesurgery writes paths into its "
+                    "JSON files and messages, so rename it (or use a link with a UTF-8 "
+                    "name)") from None
 
 
 def describe_os_error(path: Path, error: OSError) -> CheckpointError:

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fusesurgery.errors import CheckpointError, ConfigError, UnrecognizedFormatError
-from fusesurgery.io._files import describe_os_error, open_for_reading, read_json_file
+from fusesurgery.io._files import describe_os_error, open_for_reading, read_json_file, utf8_path
 from fusesurgery.io.meta_parallel import MetaModelParallelReader
 from fusesurgery.io.safetensors_header import (
     HEADER_LENGTH_BYTES,
@@ -385,6 +385,7 @@ def open_checkpoint(path: str | os.PathLike[str], *,
         HubError: a Hub repo that is missing, gated, at a missing revision, not cached while
             offline, or out of reach.
     """
+    path = utf8_path(path, "checkpoint path")
     if not os.path.lexists(path) or os.fspath(path).startswith("hf://"):
         from fusesurgery.hub.sources import open_hub_checkpoint  # noqa: PLC0415 - Hub only
 

@@ -56,16 +56,24 @@ def rope_frequencies(
     return torch.where(short_wave, inv_freq, scaled)
 
 
+# Rows of the cos/sin table computed at a time. The table grows on demand, a whole chunk at
+# a time, so a config stating 10**12 positions costs nothing until positions are used, and
+# every row is computed by the same chunk-shaped arithmetic whatever the growth history (one
+# model's table equals another's bit for bit).
+ROPE_CHUNK = 4096
+
+
 class RotaryPositionalEmbeddings(nn.Module):
     """Rotates each pair of dims of each head by ``pos * inv_freq[j]``.
 
     Pair ``j`` is ``(x[2j], x[2j+1])`` with ``style="interleaved"`` and
     ``(x[j], x[j + h_d/2])`` with ``style="half"``; the cos/sin table, positions and scaling
-    are the same for both.
+    are the same for both. The table holds only the positions used so far (whole chunks of
+    :data:`ROPE_CHUNK`), never more than ``max_seq_len``.
 
     Args:
         head_dim: per-head width ``h_d``.
-        max_seq_len: positions precomputed.
+        max_seq_len: the most positions the table may hold.
         base: RoPE theta.
         scaling: optional Llama 3.1 scaling.
         style: ``"interleaved"`` or ``"half"``, the pairing the q/k weights were laid out for.
@@ -93,20 +101,43 @@ class RotaryPositionalEmbeddings(nn.Module):
         self.scaling = scaling
         self.style = style
         self.register_buffer("cache", torch.empty(0), persistent=False)
+        self._checked_pos: tuple[torch.Tensor, int] | None = None
         self.reset_parameters()
 
     def reset_parameters(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the cos/sin table: after building on the meta device, call this with
-        the real device, since a non-persistent buffer is not in any checkpoint."""
+        """Empty the cos/sin table on ``device`` (it refills on first use): after building on
+        the meta device, call this with the real device, since a non-persistent buffer is not
+        in any checkpoint."""
         target = torch.device(device) if device is not None else torch.get_default_device()
-        if target.type == "meta":  # built to be loaded: the shape alone, no arithmetic
-            self.cache = torch.empty(self.max_seq_len, self.head_dim // 2, 2, device=target)
+        # [positions, h_d // 2, 2] = (cos, sin); on meta the shape alone, no arithmetic
+        rows = self.max_seq_len if target.type == "meta" else 0
+        self.cache = torch.empty(rows, self.head_dim // 2, 2, device=target)
+        self._checked_pos = None
+
+    def reserve(self, length: int) -> None:
+        """Make the table hold positions ``0 .. length - 1`` (whole chunks, at most
+        ``max_seq_len`` rows).
+
+        Raises:
+            ValueError: ``length`` is past ``max_seq_len``.
+        """
+        if length > self.max_seq_len:
+            raise ValueError(f"RoPE position {length - 1} is past max_seq_len "
+                             f"{self.max_seq_len}")
+        have = self.cache.size(0)
+        if have >= length:
             return
-        inv_freq = rope_frequencies(self.head_dim, self.base, self.scaling).to(target)
-        positions = torch.arange(self.max_seq_len, dtype=torch.float32, device=target)
-        angles = torch.outer(positions, inv_freq)
-        # [max_seq_len, h_d // 2, 2] = (cos, sin)
-        self.cache = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        device = self.cache.device
+        inv_freq = rope_frequencies(self.head_dim, self.base, self.scaling).to(device)
+        stop = min(-(-length // ROPE_CHUNK) * ROPE_CHUNK, self.max_seq_len)
+        chunks = [self.cache]
+        for start in range(have, stop, ROPE_CHUNK):  # ``have`` is a whole number of chunks
+            positions = torch.arange(start, start + ROPE_CHUNK, dtype=torch.float32,
+                                     device=device)
+            angles = torch.outer(positions, inv_freq)
+            chunk = torch.stack([angles.cos(), angles.sin()], dim=-1)
+            chunks.append(chunk[: stop - start].to(self.cache.dtype))
+        self.cache = torch.cat(chunks)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, style={self.style!r}"
@@ -121,7 +152,18 @@ class RotaryPositionalEmbeddings(nn.Module):
             ``[b, s, n_h, h_d]``, same dtype as ``x``.
         """
         seq_len, half = x.size(1), self.head_dim // 2
-        rope = self.cache[:seq_len] if input_pos is None else self.cache[input_pos]
+        if input_pos is None:
+            self.reserve(seq_len)
+            rope = self.cache[:seq_len]
+        else:
+            if self.cache.size(0) < self.max_seq_len and input_pos.numel() and (
+                    self._checked_pos is None or self._checked_pos[0] is not input_pos
+                    or self._checked_pos[1] != input_pos._version):
+                # reading the largest position waits for the device: once per positions
+                # tensor (every layer gets the same one), again only if it changed in place
+                self.reserve(int(input_pos.max()) + 1)
+                self._checked_pos = (input_pos, input_pos._version)
+            rope = self.cache[input_pos]
         # [s, h_d/2, 2] -> [1, s, 1, h_d/2, 2]   or   [b, s, h_d/2, 2] -> [b, s, 1, h_d/2, 2]
         rope = rope.view(-1, seq_len, 1, half, 2)
         cos, sin = rope[..., 0], rope[..., 1]

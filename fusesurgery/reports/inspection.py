@@ -22,7 +22,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from fusesurgery._plural import plural
-from fusesurgery.config import DecoderConfig, VisionEncoderConfig
+from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.configs import DECODER_FIELDS, VISION_FIELDS
 from fusesurgery.convert.detect import (
     DECODER_FLAGS,
@@ -40,7 +40,14 @@ from fusesurgery.convert.keymaps import (
 )
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
+from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.reports.formatting import format_bytes, format_index_set
+from fusesurgery.surgery.fused_config import (
+    FusedConfig,
+    check_config_against_keys,
+    check_gates_against_weights,
+    fused_config_from_dict,
+)
 
 # Overrides of a vision encoder's fields carry this prefix (``encoder_num_heads``), as the
 # CLI's ``--encoder-*`` options do; unprefixed names are decoder fields.
@@ -136,6 +143,12 @@ class FusionReport:
             what the original decoder did.
         encoder: the vision encoder (``encoder.vision.*``) detected with its config, or None
             when it could not be resolved (the report's notes say why).
+        fusion_first: each fusion layer runs before its decoder layer (else after).
+        ca_norm_eps: epsilon of the fusion layers' RMSNorms.
+        qk_norm_eps: epsilon of the cross-attention q/k RMSNorms.
+        projection: the projection head (``mlp``, ``linear``), or None when unrecorded.
+        settings_source: where the four settings above come from (``fusion_config.json``,
+            or ``the layout's defaults`` when no fusion config records them).
     """
 
     fusion_layers: tuple[int, ...]
@@ -143,6 +156,11 @@ class FusionReport:
     encoder_dim: int
     gates: Mapping[str, float]
     encoder: DetectedModel | None = None
+    fusion_first: bool = True
+    ca_norm_eps: float = 1e-6
+    qk_norm_eps: float = 1e-5
+    projection: str | None = None
+    settings_source: str = "the layout's defaults"
 
     @property
     def is_identity(self) -> bool:
@@ -233,6 +251,8 @@ class InspectReport:
             },
             "config": config_to_dict(self.model.config),
             "provenance": dict(self.model.provenance),
+            # read from the config file, changing the computation, but not a config field
+            "unmodelled": dict(self.model.unmodelled),
             "config_source": self.model.config_source,
             "num_tensors": self.num_tensors,
             "num_parameters": self.num_parameters,
@@ -280,6 +300,11 @@ def _fusion_dict(fusion: FusionReport) -> dict[str, Any]:
         "fusion_layers": list(fusion.fusion_layers),
         "fusion_vocab_size": fusion.fusion_vocab_size,
         "encoder_dim": fusion.encoder_dim,
+        "fusion_first": fusion.fusion_first,
+        "ca_norm_eps": fusion.ca_norm_eps,
+        "qk_norm_eps": fusion.qk_norm_eps,
+        "projection": fusion.projection,
+        "settings_source": fusion.settings_source,
         "is_identity": fusion.is_identity,
         "gates": dict(fusion.gates),
         "encoder": encoder,
@@ -443,6 +468,18 @@ def _detect_fused_encoder(
     return encoder, None
 
 
+def _fusion_settings(recorded: FusedConfig | None, from_keys: FusionConfig) -> dict[str, Any]:
+    """How the fusion computes beyond its shapes (order, epsilons, projection): as
+    ``fusion_config.json`` records it, else as the layout implies."""
+    if recorded is None:
+        return {"fusion_first": from_keys.fusion_first, "ca_norm_eps": from_keys.ca_norm_eps,
+                "qk_norm_eps": from_keys.qk_norm_eps}
+    fusion = recorded.fusion
+    return {"fusion_first": fusion.fusion_first, "ca_norm_eps": fusion.ca_norm_eps,
+            "qk_norm_eps": fusion.qk_norm_eps, "projection": recorded.projection,
+            "settings_source": FUSION_CONFIG_FILE}
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -499,12 +536,19 @@ def inspect_checkpoint(
             encoder, why_not = _detect_fused_encoder(infos, source, vision_overrides)
             if why_not is not None:
                 notes.append(why_not)
+            recorded = None
+            if source.config_file == FUSION_CONFIG_FILE:  # cross-checked, as every reader does
+                recorded = fused_config_from_dict(source.config, FUSION_CONFIG_FILE)
+                check_config_against_keys(recorded, infos, FUSION_CONFIG_FILE)
+                check_gates_against_weights(recorded, gates, FUSION_CONFIG_FILE)
+            settings = _fusion_settings(recorded, model.fusion)
             fusion = FusionReport(
                 fusion_layers=model.fusion.fusion_layers,
                 fusion_vocab_size=model.fusion.fusion_vocab_size,
                 encoder_dim=model.fusion.encoder_dim,
                 gates=types.MappingProxyType(gates),
                 encoder=encoder,
+                **settings,
             )
 
         tensors = tuple(infos.values())

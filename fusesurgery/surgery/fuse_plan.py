@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fusesurgery._arguments import argument_error, brief, check_int, is_int
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.keymaps import (
@@ -25,7 +26,13 @@ from fusesurgery.convert.plan import ConversionPlan
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import TensorInfo
 from fusesurgery.modules import RMSNorm, TanhGate, build_fusion_layer, build_projection
-from fusesurgery.surgery.fused_config import EMBEDDING_INITS, PROJECTIONS, FusedConfig, NewToken
+from fusesurgery.surgery.fused_config import (
+    EMBEDDING_INITS,
+    GATE_SUFFIXES,
+    PROJECTIONS,
+    FusedConfig,
+    NewToken,
+)
 
 DEFAULT_NEW_TOKENS: tuple[str, ...] = ("<|image|>",)
 DEFAULT_EVERY = 4
@@ -35,7 +42,6 @@ DEFAULT_EVERY = 4
 ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {"clip": -2, "siglip": None}
 FUSION_EMBEDDING_KEY = FUSED_DECODER_PREFIX + "tok_embeddings.fusion_embedding.weight"
 EMBEDDING_KEY = "tok_embeddings.weight"
-GATE_SUFFIXES = (".ca_scale.scale", ".mlp_scale.scale")
 
 
 class _Default:
@@ -76,6 +82,39 @@ class FuseOptions:
     projection: str = "mlp"
     dtype: torch.dtype | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse a value of the wrong type at once, naming the argument (``fuse``'s names),
+        instead of a TypeError from deep inside planning.
+
+        Raises:
+            ConfigError: naming the argument and the value.
+        """
+        layers = self.fusion_layers
+        if layers is not None and (isinstance(layers, str | bytes) or not isinstance(
+                layers, Sequence | range) or not all(is_int(i) for i in layers)):
+            raise argument_error("layers", layers, "a list of decoder layer indices (ints)")
+        if not is_int(self.every):
+            raise argument_error("every", self.every, "an integer")
+        if not isinstance(self.fusion_first, bool):
+            raise argument_error("fusion_first", self.fusion_first, "True or False")
+        if isinstance(self.new_tokens, str | bytes) or not isinstance(self.new_tokens, Sequence):
+            raise argument_error("new_tokens", self.new_tokens, "a list of strings")
+        for name in ("embedding_init", "projection"):
+            if not isinstance(getattr(self, name), str):
+                raise argument_error(name, getattr(self, name), "a string")
+        layer = self.encoder_layer
+        if layer is not DEFAULT and layer is not None and not is_int(layer):
+            raise argument_error("encoder_layer", layer, "a hidden-layer index (an int), "
+                                  "None (the final hidden states) or the family default")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise argument_error("dtype", self.dtype, "a torch dtype or None")
+        check_int("seed", self.seed, 0, FUSE_SEED_LIMIT,
+                  "it is mixed with each new tensor's name into one 64-bit torch seed")
+
+
+# fuse's seed takes the upper 32 bits of each new tensor's torch seed (see new_params).
+FUSE_SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -183,7 +222,9 @@ def resolve_fusion_layers(options: FuseOptions, num_layers: int) -> tuple[int, .
             raise ConfigError(f"fusion layer {bad[0]} is out of range for a {num_layers}-layer "
                               f"decoder (valid: 0..{num_layers - 1})")
         if len(set(layers)) != len(layers):
-            raise ConfigError(f"fusion layers repeat an index: {list(layers)}")
+            seen: set[int] = set()
+            repeated = next(i for i in layers if i in seen or seen.add(i))
+            raise ConfigError(f"fusion layers repeat an index ({repeated}): {brief(list(layers))}")
         return tuple(sorted(layers))
     if options.every <= 0:
         raise ConfigError(f"--every must be positive, got {options.every}")

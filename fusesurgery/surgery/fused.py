@@ -4,6 +4,7 @@ describes and load its tensors into it, mmap-backed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from fusesurgery._device import check_device
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
 from fusesurgery.convert.keymaps import keys_to_native
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry, check_cast_dtype
+from fusesurgery.convert.tokenizer import check_new_tokens_present, read_tokenizer_files
 from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError, ShapeError
 from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo, open_checkpoint
@@ -29,7 +32,14 @@ from fusesurgery.modules import (
     init_non_persistent_buffers,
     set_trainable_params,
 )
-from fusesurgery.surgery.fused_config import FusedConfig, NewToken, fused_config_from_dict
+from fusesurgery.surgery.fused_config import (
+    GATE_SUFFIXES,
+    FusedConfig,
+    NewToken,
+    check_config_against_keys,
+    check_gates_against_weights,
+    fused_config_from_dict,
+)
 
 
 class FusedView:
@@ -74,12 +84,17 @@ class FusedView:
         return self.source.file_region(entry.source_key)
 
 
+# Mllama's embedding has 8 rows past the vocabulary, its tokenizer a token for the first
+# alone (<|image|>); the other rows get these names, which no tokenizer need hold.
+MLLAMA_ROW_TOKEN = "<|mllama_fusion_token_{i}|>"
+
+
 def _mllama_config(source: CheckpointSource, path: object) -> FusedConfig:
     """What an Mllama checkpoint holds, as a fusion config: its text model as the decoder,
     its vision side opaque, its 8 fusion rows as new tokens (``<|image|>`` first)."""
     detected = detect_model(source.infos(), source.config, source.config_file)
     vocab = detected.config.vocab_size
-    tokens = [NewToken("<|image|>" if i == 0 else f"<|mllama_fusion_token_{i}|>", vocab + i)
+    tokens = [NewToken("<|image|>" if i == 0 else MLLAMA_ROW_TOKEN.format(i=i), vocab + i)
               for i in range(detected.fusion.fusion_vocab_size)]
     has_vision = any(not k.startswith(("decoder.",)) for k in
                      keys_to_native(source.infos(), "mllama", "fused").mapping.values())
@@ -115,9 +130,63 @@ def open_fused(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, FusedC
         else:
             directory = Path(source.path) if Path(source.path).is_dir() else Path(
                 source.path).parent
-            config = fused_config_from_dict(source.config, str(directory / FUSION_CONFIG_FILE))
+            origin = str(directory / FUSION_CONFIG_FILE)
+            config = fused_config_from_dict(source.config, origin)
+            # before anything of the sizes it states is planned or built; then the gates
+            # and the tokenizer against what it records
+            check_config_against_keys(config, source.infos(), origin)
         plan = plan_conversion(source.infos(), layout, config.decoder, kind="fused")
-        yield FusedView(source, plan), config
+        view = FusedView(source, plan)
+        gates = _gate_scalars(view)
+        if layout == "mllama":  # its config is read off its weights: record their gates
+            config = config.replace(gates=gates, trained=any(v != 0.0 for v in gates.values()))
+        else:
+            check_gates_against_weights(config, gates, origin)
+            _check_tokenizer(directory, config, origin)
+        yield view, config
+
+
+# (digest of the tokenizer files, the new tokens) already found consistent in this process:
+# validate opens a fused checkpoint several times, and a 128k-token tokenizer.json takes
+# most of a second to check, a few milliseconds to hash.
+_TOKENIZERS_CHECKED: set[tuple[str, tuple[NewToken, ...]]] = set()
+
+
+def _check_tokenizer(directory: Path, config: FusedConfig, origin: str) -> None:
+    """The new tokens against the tokenizer beside the weights (see
+    :func:`check_new_tokens_present`).
+
+    Raises:
+        ConfigError: a token missing, at another id, or an id taken.
+    """
+    files = read_tokenizer_files(directory)
+    digest = hashlib.sha256()
+    for name, content in sorted(files.items()):
+        digest.update(f"{name}\0{len(content)}\0".encode())
+        digest.update(content)
+    key = (digest.hexdigest(), config.new_tokens)
+    if key in _TOKENIZERS_CHECKED:
+        return
+    check_new_tokens_present(
+        files, [(token.token, token.id) for token in config.new_tokens], origin,
+        optional=[MLLAMA_ROW_TOKEN.format(i=i) for i in range(len(config.new_tokens))])
+    _TOKENIZERS_CHECKED.add(key)
+
+
+def _gate_scalars(view: FusedView) -> dict[str, float]:
+    """Every tanh gate's value, read from its one-element tensor (no other tensor is read).
+
+    Raises:
+        ShapeError: a gate that is not one element.
+    """
+    gates = {}
+    for key, info in sorted(view.infos().items()):
+        if key.endswith(GATE_SUFFIXES) and ".fusion_layer." in key:
+            if info.numel != 1:
+                raise ShapeError(f"{view.path}: {key} has shape {list(info.shape)}, not the "
+                                 "one element of a tanh gate")
+            gates[key] = float(view.get_tensor(key).float().item())
+    return gates
 
 
 def read_fused_config(path: str | os.PathLike[str]) -> FusedConfig:
@@ -189,12 +258,19 @@ def load_fused(
         directory it came from (``save_fused`` reads both).
 
     Raises:
-        FuseSurgeryError: not a fused checkpoint, an unknown part, a whole model asked of an
-            encoder with no native module, or tensors that do not match the model.
+        FuseSurgeryError: not a fused checkpoint, an unknown part or device, an argument of
+            the wrong type, a whole model asked of an encoder with no native module, or
+            tensors that do not match the model.
     """
     check_cast_dtype(dtype)
-    if part not in ("model", "decoder"):
+    check_device(device, "device")
+    if not isinstance(part, str) or part not in ("model", "decoder"):
         raise ConfigError(f"unknown part {part!r}; valid: model, decoder")
+    for name, flag in (("decoder_trainable", decoder_trainable),
+                       ("encoder_trainable", encoder_trainable),
+                       ("fusion_trainable", fusion_trainable)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, not {flag!r}")
     with open_fused(path) as (view, config):
         if part == "model" and config.encoder is None:
             raise ConfigError(f"{path}: its vision side (Mllama's tiled encoder) has no native "

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.configs import coerce_rope_scaling
+from fusesurgery.convert.keymaps import FUSED_VISION_PREFIX, TO_NATIVE, to_native_key
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS
@@ -294,6 +296,138 @@ def fused_config_from_dict(doc: Mapping[str, Any], origin: str = FUSION_CONFIG_F
     )
 
 
+# What the checkpoint's keys say about the sizes a config states: the layer indices under
+# each prefix, and (for the fusion layers) the indices carrying a fusion layer.
+_DECODER_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+_FUSION_LAYER = re.compile(r"decoder\.layers\.(\d+)\.fusion_layer\.")
+_ENCODER_LAYER = re.compile(re.escape(FUSED_VISION_PREFIX) + r"layers\.(\d+)\.")
+GATE_SUFFIXES = (".ca_scale.scale", ".mlp_scale.scale")
+
+
+def _indices(pattern: re.Pattern[str], keys: Iterable[str]) -> set[int]:
+    return {int(match.group(1)) for key in keys if (match := pattern.match(key))}
+
+
+def _is_range(indices: set[int], count: int) -> bool:
+    """``indices == set(range(count))`` without building a range of a stated size."""
+    return len(indices) == count and (not indices or (min(indices) == 0
+                                                       and max(indices) == count - 1))
+
+
+def _shown(indices: Iterable[int], limit: int = 8) -> str:
+    ordered = sorted(indices)
+    more = f" (+{len(ordered) - limit} more)" if len(ordered) > limit else ""
+    return "[" + ", ".join(map(str, ordered[:limit])) + f"]{more}"
+
+
+def check_config_against_keys(config: FusedConfig, keys: Iterable[str], origin: str) -> None:
+    """What ``fusion_config.json`` states against what the weights hold, before anything of
+    the stated sizes is built or iterated: the decoder's and the encoder's layer counts, the
+    layers carrying a fusion layer, and each source key recorded for ``unfuse`` (it must be
+    the name the part's key map gives that tensor, so a swapped pair cannot rename one
+    tensor as another).
+
+    Args:
+        config: the parsed config.
+        keys: the fused checkpoint's tensor names (native fused layout).
+        origin: the config file, for messages.
+
+    Raises:
+        ConfigError: a count, a fusion layer or a source key the weights contradict.
+    """
+    keys = list(keys)
+    # worded as detection words it (inspect and convert refuse the same file there)
+    counts = [("num_layers", config.decoder.num_layers, _indices(_DECODER_LAYER, keys))]
+    if config.encoder is not None:
+        counts.append(("encoder num_layers", config.encoder.num_layers,
+                       _indices(_ENCODER_LAYER, keys)))
+    for name, stated, held in counts:
+        if not _is_range(held, stated):
+            found = str(len(held)) if _is_range(held, len(held)) else f"layers {_shown(held)}"
+            raise ConfigError(f"{origin} gives {name} {stated}, but the checkpoint holds "
+                              f"{found}; the config does not belong to these weights")
+    fusion_held = _indices(_FUSION_LAYER, keys)
+    if fusion_held != set(config.fusion.fusion_layers):
+        raise ConfigError(f"{origin} gives fusion layers {_shown(config.fusion.fusion_layers)}, "
+                          f"but the checkpoint holds fusion layers {_shown(fusion_held)}; the "
+                          "config does not belong to these weights")
+    for part, record in config.sources.items():
+        if "source_keys" in record:
+            _check_source_keys(part, record, keys, origin)
+
+
+def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
+                       origin: str) -> None:
+    """``sources[part].source_keys`` (native key -> the source's name) against the part's key
+    map and the part's tensors in the weights."""
+    names = record["source_keys"]
+    where = f"{origin}: sources[{part!r}].source_keys"
+    if not isinstance(names, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+        raise ConfigError(f"{where} must map native keys to source keys (strings)")
+    layout, kind = record.get("layout"), "decoder" if part == "decoder" else "vision"
+    if (kind, layout) not in TO_NATIVE:
+        raise ConfigError(f"{origin}: sources[{part!r}].layout is {layout!r}, not a {kind} "
+                          f"layout ({', '.join(sorted(lay for k, lay in TO_NATIVE if k == kind))})")
+    prefix = "decoder." if part == "decoder" else FUSED_VISION_PREFIX
+    held = {key.removeprefix(prefix) for key in keys if key.startswith(prefix)}
+    if part == "decoder":
+        held = {key for key in held if ".fusion_layer." not in key
+                and not key.startswith("tok_embeddings.fusion_embedding.")}
+    if set(names) != held:
+        odd = sorted(set(names) ^ held)
+        raise ConfigError(f"{where} names {len(names)} tensors, the weights hold {len(held)} "
+                          f"{part} tensors (first difference: {odd[0]!r}); the config does not "
+                          "belong to these weights")
+    for native, source_key in names.items():
+        try:
+            mapped = to_native_key(source_key, layout, kind)
+        except FuseSurgeryError:
+            mapped = None
+        if mapped != native:
+            raise ConfigError(
+                f"{where}: {source_key!r} is recorded as the source of {native!r}, but the "
+                f"{layout} key map gives {mapped!r} for it; the record is damaged (unfuse "
+                "would write one tensor under another's name)")
+
+
+def check_gates_against_weights(config: FusedConfig, gates: Mapping[str, float],
+                                origin: str) -> None:
+    """The ``trained`` flag and the recorded gate values against the gate scalars the
+    weights hold (each gate read from its tensor, in the tensor's dtype widened to float).
+
+    Args:
+        config: the parsed config.
+        gates: gate key -> the value the weights hold.
+        origin: the config file, for messages.
+
+    Raises:
+        ConfigError: ``trained`` says no gate moved while one did (or the reverse), or a
+            recorded gate differs from the weights (or names another set of gates).
+    """
+    moved = {key: value for key, value in gates.items() if value != 0.0}
+    if not config.trained and moved:
+        key, value = next(iter(sorted(moved.items())))
+        raise ConfigError(f"{origin} says the fusion is untrained (every gate exactly zero), "
+                          f"but {key} is {value!r} in the weights; the config does not belong "
+                          "to these weights")
+    if config.trained and gates and not moved:
+        raise ConfigError(f"{origin} says the fusion is trained, but all {len(gates)} gates "
+                          "are exactly zero in the weights; the config does not belong to "
+                          "these weights")
+    if not config.gates:
+        return  # an older record with no gate values: the flag alone is checked
+    if set(config.gates) != set(gates):
+        odd = sorted(set(config.gates) ^ set(gates))
+        raise ConfigError(f"{origin}: gates names {len(config.gates)} gates, the weights hold "
+                          f"{len(gates)} (first difference: {odd[0]!r})")
+    for key, value in sorted(gates.items()):
+        recorded = config.gates[key]
+        if recorded != value:
+            raise ConfigError(f"{origin}: gates[{key!r}] is {recorded!r}, but the weights hold "
+                              f"{value!r}; the config does not belong to these weights")
+
+
 __all__ = [
     "EMBEDDING_INITS",
     "FORMAT_NAME",
@@ -302,5 +436,7 @@ __all__ = [
     "NewToken",
     "PROJECTIONS",
     "SOURCE_FILES_DIR",
+    "check_config_against_keys",
+    "check_gates_against_weights",
     "fused_config_from_dict",
 ]

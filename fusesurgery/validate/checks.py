@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from fusesurgery._arguments import SEED_LIMIT, check_int
+from fusesurgery._device import check_device
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
 from fusesurgery.errors import ConfigError
@@ -353,31 +355,6 @@ def _check_round_trip(report: ValidationReport, model: DeepFusionModel) -> None:
                f"first differing: {differing[0]}" if differing else "")
 
 
-def check_device(device: str | torch.device) -> None:
-    """Refuse a device the forward checks cannot run on, before any work.
-
-    Raises:
-        ConfigError: an unknown device (``tpu``, ``cuda:x``), no CUDA device, or a
-            ``cuda:N`` past the machine's count.
-    """
-    # the device forms the forward checks run on; anything else (tpu, cuda:x) is bad input
-    kind, _, index = str(device).partition(":")
-    forms = ["cpu", "cuda", "cuda:N", *(["mps"] if torch.backends.mps.is_built() else [])]
-    if (kind not in ("cpu", "cuda", "mps") or (kind == "mps" and "mps" not in forms)
-            or (index and (kind != "cuda" or not index.isdigit()))):
-        raise ConfigError(f"--device: unknown device {str(device)!r}; valid: "
-                          f"{', '.join(forms)}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        built = "with" if torch.version.cuda else "without"
-        raise ConfigError(f"--device {device}: no CUDA device is available on this machine "
-                          f"(torch {torch.__version__}, built {built} CUDA)")
-    if index and int(index) >= torch.cuda.device_count():
-        from fusesurgery._plural import plural  # noqa: PLC0415 - this message alone
-
-        raise ConfigError(f"--device {device}: this machine has "
-                          f"{plural(torch.cuda.device_count(), 'CUDA device')}, from cuda:0")
-
-
 def validate_layout(path: str | os.PathLike[str]) -> ValidationReport:
     """The header-level part of :func:`validate_fused`: the fused checkpoint opens (index and
     shards agree, ``fusion_config.json`` parses) and its keys, shapes and dtypes are exactly
@@ -424,6 +401,9 @@ def validate_fused(
     """
     path = str(path)
     check_device(device)
+    check_int("seed", seed, 0, SEED_LIMIT)
+    check_int("batch", batch, 1, 2**31)
+    check_int("seq_len", seq_len, 1, 2**31)
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
     with open_fused(path) as (_, config):

@@ -377,7 +377,7 @@ def fuse(
         fusion_layers=layers,
         every=every,
         fusion_first=not fusion_after,
-        new_tokens=tuple(new_tokens),
+        new_tokens=new_tokens,
         embedding_init=embedding_init,
         encoder_layer=DEFAULT if encoder_layer == "default" else encoder_layer,
         projection=projection,

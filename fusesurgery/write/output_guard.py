@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fusesurgery.errors import WriteError
+from fusesurgery.io._files import utf8_path
 
 MARKER_FILE = ".fusesurgery.json"
 # The permission to replace an earlier output, as the command line and the Python API spell it.
@@ -39,11 +40,10 @@ def resolve_output(out: str | os.PathLike[str]) -> Path:
     """The absolute, symlink-free path an output will be written at.
 
     Raises:
-        WriteError: an empty path, or one naming no directory of its own (``/``).
+        WriteError: an empty path, one naming no directory of its own (``/``), or one that
+            is not valid UTF-8.
     """
-    raw = os.fspath(out)
-    if not isinstance(raw, str):
-        raw = os.fsdecode(raw)
+    raw = utf8_path(out, "output path", WriteError)
     if not raw.strip():
         raise WriteError("the output path is empty; name the output directory")
     resolved = Path(os.path.realpath(raw))

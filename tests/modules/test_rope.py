@@ -98,3 +98,60 @@ def test_each_family_builds_the_pairing_of_its_native_layout():
         config = tiny.replace(family=family)
         assert config.rope_style == style
         assert build_decoder_layer(config).attn.pos_embeddings.style == style
+
+
+def test_a_huge_max_seq_len_costs_nothing_until_positions_are_used():
+    """10**12 positions stated: the table holds the chunk the positions used, no more."""
+    from fusesurgery.modules.rope import ROPE_CHUNK
+
+    rope = RotaryPositionalEmbeddings(16, max_seq_len=10**12, base=500_000.0, scaling=SCALING)
+    assert rope.cache.shape == (0, 8, 2)
+    x = torch.randn(1, 8, 2, 16)
+    out = rope(x)
+    assert rope.cache.shape == (ROPE_CHUNK, 8, 2)
+    positions = torch.arange(8).expand(1, 8)
+    expected = reference_rope(x, positions, reference_inv_freq(16, 500_000.0, SCALING),
+                              "interleaved")
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    rope(x[:, :1], input_pos=torch.tensor([[ROPE_CHUNK + 3]]))  # one chunk more, on demand
+    assert rope.cache.shape == (2 * ROPE_CHUNK, 8, 2)
+
+
+def test_the_table_does_not_depend_on_how_it_grew():
+    """Grown a chunk at a time or at once, to the same rows: the same bits (a fused model and
+    the decoder loaded on its own must agree bit for bit whatever each one ran before)."""
+    from fusesurgery.modules.rope import ROPE_CHUNK
+
+    stepwise = RotaryPositionalEmbeddings(16, max_seq_len=3 * ROPE_CHUNK + 5, scaling=SCALING)
+    at_once = RotaryPositionalEmbeddings(16, max_seq_len=3 * ROPE_CHUNK + 5, scaling=SCALING)
+    for length in (1, ROPE_CHUNK + 1, 3 * ROPE_CHUNK + 5):
+        stepwise.reserve(length)
+    at_once.reserve(3 * ROPE_CHUNK + 5)
+    assert stepwise.cache.shape == (3 * ROPE_CHUNK + 5, 8, 2)
+    assert torch.equal(stepwise.cache.view(torch.int32), at_once.cache.view(torch.int32))
+
+
+def test_a_position_past_max_seq_len_is_refused():
+    rope = RotaryPositionalEmbeddings(16, max_seq_len=10)
+    with pytest.raises(ValueError, match="position 10 is past max_seq_len 10"):
+        rope(torch.randn(1, 1, 2, 16), input_pos=torch.tensor([[10]]))
+    with pytest.raises(ValueError, match="past max_seq_len 10"):
+        rope(torch.randn(1, 11, 2, 16))
+
+
+def test_the_largest_position_is_read_once_per_positions_tensor(monkeypatch):
+    """Every layer gets the same input_pos: the device is waited on once for it, and again
+    only when it changes in place (a decode loop that increments it)."""
+    rope = RotaryPositionalEmbeddings(16, max_seq_len=10**6)
+    reads = []
+    reserve = rope.reserve
+    monkeypatch.setattr(rope, "reserve", lambda length: (reads.append(length), reserve(length)))
+    x = torch.randn(1, 1, 2, 16)
+    pos = torch.tensor([[5]])
+    for _ in range(8):  # eight layers
+        rope(x, input_pos=pos)
+    assert reads == [6]
+    pos += 5000
+    rope(x, input_pos=pos)
+    rope(x, input_pos=pos)
+    assert reads == [6, 5006] and rope.cache.shape[0] == 8192
