@@ -411,10 +411,12 @@ def check_gates_against_weights(config: FusedConfig, gates: Mapping[str, float],
         raise ConfigError(f"{origin} says the fusion is untrained (every gate exactly zero), "
                           f"but {key} is {value!r} in the weights; the config does not belong "
                           "to these weights")
-    if config.trained and gates and not moved:
+    if config.trained and gates and not moved and not config.trained_originals:
+        # ``trained`` with every gate at zero is only consistent when original tensors
+        # changed (``trained_originals``): that is what else sets the flag.
         raise ConfigError(f"{origin} says the fusion is trained, but all {len(gates)} gates "
-                          "are exactly zero in the weights; the config does not belong to "
-                          "these weights")
+                          "are exactly zero in the weights and no original tensor is recorded "
+                          "as trained; the config does not belong to these weights")
     if not config.gates:
         return  # an older record with no gate values: the flag alone is checked
     if set(config.gates) != set(gates):
