@@ -194,8 +194,8 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
 
 
 # transformers' sliding-window defaults (MistralConfig, Qwen2Config): a Mistral config.json
-# silent on it gets a 4096-token window; Qwen2 applies its window only with
-# use_sliding_window (Qwen3 likewise), and then to the layers from max_window_layers on (or as layer_types says).
+# silent on it gets a 4096-token window; Qwen2 and Qwen3 apply their window only with
+# use_sliding_window, and then to the layers from max_window_layers on (or as layer_types says).
 HF_SLIDING_WINDOW_DEFAULT = 4096
 QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28
 
