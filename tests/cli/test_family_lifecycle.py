@@ -172,6 +172,8 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     reference_config = transformers.AutoConfig.from_pretrained(decoder)
     _assert_bitwise(_tensors(native),
                     torchtune_state_dict(original, family, reference_config))
+    result = cli("diff", "--values", decoder, native)  # lined up in one layout: identical
+    assert result.exit_code == 0, result.output
     back = tmp_path / "back"
     result = cli("convert", native, "-o", back, "--to", "hf")
     assert result.exit_code == 0, result.output
