@@ -5,10 +5,11 @@ from, which transform turns one into the other, and the resulting shape and dtyp
 source keys are dropped and why. Planning reads names, shapes and dtypes only, so a 405B
 checkpoint plans in milliseconds; :func:`apply_plan_entry` is the only place values are touched.
 
-The only values a decoder plan changes are q/k rows (and Qwen2's q/k biases) whose RoPE
-pairing differs between the source and target layouts (``LAYOUT_ROPE_STYLES``): Llama and
-Mistral are permuted between Hugging Face and native, Qwen2 is not (its native layout keeps
-Hugging Face's rotate-half order, as torchtune's does).
+The only values a decoder plan changes are q/k rows (and Qwen2's q/k biases, a q/k norm's
+scale) whose RoPE pairing differs between the source and target layouts
+(``LAYOUT_ROPE_STYLES``): Llama and Mistral are permuted between Hugging Face and native,
+Qwen2 and Qwen3 are not (their native layout keeps Hugging Face's rotate-half order, as
+torchtune's does).
 """
 
 from __future__ import annotations
