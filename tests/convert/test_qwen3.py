@@ -188,3 +188,25 @@ def test_q_k_norm_scales_follow_their_heads_rows_between_rope_pairings():
     tokens = torch.randint(0, 32, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(half(tokens), source(tokens), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "transform", "q_rows"), [
+    ("qwen3_0_6b", "identity", 16 * 128),         # 2048 q rows for a width of 1024
+    ("mistral_nemo_12b", "permute_qk_to_native", 32 * 128),  # 4096 for a width of 5120
+])
+def test_real_sized_plans_use_head_dim_not_width_over_heads(name, transform, q_rows):
+    """Planned from metadata alone at the real models' sizes: q/k rows are heads x head_dim,
+    Qwen3's q/k norms are [head_dim] and keep their order, NeMo's rows are permuted per head
+    of 128 (not of 160)."""
+    config = DECODER_PRESETS[name]
+    plan = plan_conversion(layout_tensor_infos(config, "hf"), "hf", config)
+    entries = {entry.target_key: entry for entry in plan.entries}
+    q = entries["layers.0.attn.q_proj.weight"]
+    assert q.shape == (q_rows, config.embed_dim) and q.transform[0] == transform
+    if transform != "identity":
+        assert q.transform[1:] == (config.num_heads, 128)
+        assert entries["layers.0.attn.k_proj.weight"].transform[1:] == (config.num_kv_heads, 128)
+    norms = [key for key in entries if key.endswith(("q_norm.scale", "k_norm.scale"))]
+    assert len(norms) == (2 * config.num_layers if config.qk_norm else 0)
+    assert all(entries[key].shape == (128,) and entries[key].transform == ("identity",)
+               for key in norms)
