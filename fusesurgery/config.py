@@ -14,7 +14,7 @@ from typing import Literal, get_args
 
 from fusesurgery.errors import ConfigError
 
-DecoderFamily = Literal["llama", "mistral", "qwen2"]
+DecoderFamily = Literal["llama", "mistral", "qwen2", "qwen3"]
 VisionFamily = Literal["clip", "siglip"]
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
 RopeStyle = Literal["interleaved", "half"]
@@ -37,18 +37,20 @@ class RopeScaling:
 # checkpoint converter for the family use, so a native checkpoint is torchtune's, values
 # included. "interleaved" rotates (x[2j], x[2j+1]) (Meta's reference code; torchtune's Llama
 # and Mistral converters permute Hugging Face's q/k rows into this order); "half" rotates
-# (x[j], x[j + h_d/2]) as transformers does (torchtune's Qwen2 keeps Hugging Face's rows).
+# (x[j], x[j + h_d/2]) as transformers does (torchtune's Qwen2 and Qwen3 keep Hugging Face's
+# rows: qwen3_hf_to_tune renames only).
 NATIVE_ROPE_STYLE: dict[str, RopeStyle] = {
     "llama": "interleaved",
     "mistral": "interleaved",
     "qwen2": "half",
+    "qwen3": "half",
 }
 assert set(NATIVE_ROPE_STYLE) == set(get_args(DecoderFamily)), "a family lacks a RoPE style"
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """A Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2).
+    """A Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3).
 
     Args:
         vocab_size: rows of the token embedding table.
@@ -63,6 +65,8 @@ class DecoderConfig:
         rope_base: RoPE theta.
         rope_scaling: Llama 3.1 scaling, or None for plain RoPE.
         attn_bias: q/k/v projections carry a bias (Qwen2).
+        qk_norm: each query and key head is RMSNormed over ``h_d`` (epsilon ``norm_eps``, one
+            ``[h_d]`` scale per layer for q and one for k) before RoPE (Qwen3).
         tie_word_embeddings: the output projection reuses the embedding table.
         family: the architecture family, for display and key maps.
     """
@@ -81,6 +85,7 @@ class DecoderConfig:
     attn_bias: bool = False
     tie_word_embeddings: bool = False
     family: DecoderFamily = "llama"
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         check_field_values(self)
@@ -315,6 +320,18 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
         vocab_size=151_936, embed_dim=896, num_layers=24, num_heads=14, num_kv_heads=2,
         intermediate_dim=4864, max_seq_len=32_768, norm_eps=1e-6, rope_base=1_000_000.0,
         attn_bias=True, tie_word_embeddings=True, family="qwen2",
+    ),
+    # head_dim 128 is not embed_dim / num_heads (1024 / 16 = 64)
+    "qwen3_0_6b": DecoderConfig(
+        vocab_size=151_936, embed_dim=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+        head_dim=128, intermediate_dim=3072, max_seq_len=40_960, norm_eps=1e-6,
+        rope_base=1_000_000.0, tie_word_embeddings=True, family="qwen3", qk_norm=True,
+    ),
+    # Mistral NeMo 12B: head_dim 128, not 5120 / 32 = 160
+    "mistral_nemo_12b": DecoderConfig(
+        vocab_size=131_072, embed_dim=5120, num_layers=40, num_heads=32, num_kv_heads=8,
+        head_dim=128, intermediate_dim=14_336, max_seq_len=1_024_000, rope_base=1_000_000.0,
+        family="mistral",
     ),
     "tiny": DecoderConfig(
         vocab_size=256, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2,

@@ -26,7 +26,7 @@ LLAMA3_SCALING = {
 
 def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODER,
                          **overrides) -> Path:
-    """A tiny Llama / Mistral / Qwen2 ``*ForCausalLM`` saved with ``save_pretrained``
+    """A tiny Llama / Mistral / Qwen2 / Qwen3 ``*ForCausalLM`` saved with ``save_pretrained``
     (weights seeded, so every call gives the same checkpoint)."""
     import transformers
 
@@ -34,6 +34,7 @@ def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODE
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }
     config_cls, model_cls = classes[family]
     torch.manual_seed(0)
@@ -43,8 +44,9 @@ def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODE
 
 # torchtune's own Hugging Face -> torchtune checkpoint convention, written out here as the
 # tests' source of truth for what "native" means: every family renames with this table; Llama
-# and Mistral also permute each q/k head's rows into interleaved RoPE order, Qwen2 does not
-# (its model rotates halves, as transformers does).
+# and Mistral also permute each q/k head's rows into interleaved RoPE order, Qwen2 and Qwen3
+# do not (their models rotate halves, as transformers does; qwen3_hf_to_tune renames only,
+# its q/k norms included).
 TORCHTUNE_FROM_HF = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
@@ -55,6 +57,8 @@ TORCHTUNE_FROM_HF = {
     "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
     "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_norm.scale",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_norm.scale",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w1.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
@@ -62,7 +66,7 @@ TORCHTUNE_FROM_HF = {
     "model.norm.weight": "norm.scale",
     "lm_head.weight": "output.weight",
 }
-TORCHTUNE_PERMUTES_QK = {"llama": True, "mistral": True, "qwen2": False}
+TORCHTUNE_PERMUTES_QK = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 
 
 def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
@@ -71,7 +75,7 @@ def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
 
     Args:
         hf_state: the Hugging Face tensors (a tied model's ``lm_head.weight`` is left out).
-        family: ``llama``, ``mistral`` or ``qwen2``.
+        family: ``llama``, ``mistral``, ``qwen2`` or ``qwen3``.
         config: the transformers config (head counts, tying).
     """
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads

@@ -8,7 +8,7 @@ settings read but deliberately not modelled. Readers never look at tensors: shap
 
 Styles understood:
 
-- ``hf``: transformers config.json of ``llama``, ``mistral``, ``qwen2`` decoders and of
+- ``hf``: transformers config.json of ``llama``, ``mistral``, ``qwen2``, ``qwen3`` decoders and of
   ``clip``/``siglip`` vision towers (bare ``*_vision_model`` or the full two-tower model with a
   ``vision_config``). RoPE settings in both spellings: transformers 4's ``rope_theta`` +
   ``rope_scaling`` (``rope_type`` or the older ``type``) and transformers 5's
@@ -76,11 +76,13 @@ def config_style(config: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # Decoders.
 
-HF_DECODER_FAMILIES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+HF_DECODER_FAMILIES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
+                                       "qwen3": "qwen3"}
 # transformers' names of the SiLU activation (ACT2CLS: both are torch's SiLU).
 HF_SILU_NAMES: tuple[str, ...] = ("silu", "swish")
 HF_DECODER_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 # transformers' class defaults for what a config.json may leave out and shapes cannot tell.
@@ -96,6 +98,28 @@ HF_DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
     # Qwen2's q/k/v projections always carry a bias: the architecture has no switch for it.
     "qwen2": {"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
               "rope_scaling": None, "attn_bias": True, "tie_word_embeddings": False},
+    "qwen3": {"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
+              "rope_scaling": None, "attn_bias": False, "tie_word_embeddings": False},
+}
+
+# Architecture facts no config.json field switches: what the family's transformers class
+# always builds. A config.json that names its family states them, so weights without them
+# (a Qwen3 checkpoint lacking its q/k norms) are refused rather than read as another model.
+HF_DECODER_FIXED: dict[str, dict[str, Any]] = {
+    "llama": {"qk_norm": False},
+    "mistral": {"qk_norm": False},
+    "qwen2": {"qk_norm": False},
+    "qwen3": {"qk_norm": True},
+}
+
+# What transformers' config class takes for a head_dim / num_key_value_heads that config.json
+# leaves out (None: derived from the head count, hidden_size / num_attention_heads or
+# num_attention_heads itself). Qwen3's head_dim is 128 whatever the width.
+HF_UNSTATED_HEADS: dict[str, dict[str, int | None]] = {
+    "llama": {"head_dim": None, "num_kv_heads": None},
+    "mistral": {"head_dim": None, "num_kv_heads": 8},
+    "qwen2": {"head_dim": None, "num_kv_heads": 32},
+    "qwen3": {"head_dim": 128, "num_kv_heads": 32},
 }
 
 # config.json key -> DecoderConfig field, for values copied as they are.
@@ -174,7 +198,7 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
 
 
 # transformers' sliding-window defaults (MistralConfig, Qwen2Config): a Mistral config.json
-# silent on it gets a 4096-token window; Qwen2 applies its window only with
+# silent on it gets a 4096-token window; Qwen2 and Qwen3 apply their window only with
 # use_sliding_window, and then to the layers from max_window_layers on (or as layer_types says).
 HF_SLIDING_WINDOW_DEFAULT = 4096
 QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28
@@ -199,7 +223,7 @@ def hf_sliding_window(config: Mapping[str, Any], family: str,
     """
     if family == "mistral":
         return _window_value(config, origin)
-    if family != "qwen2" or not config.get("use_sliding_window"):
+    if family not in ("qwen2", "qwen3") or not config.get("use_sliding_window"):
         return None
     window = _window_value(config, origin)
     layer_types = config.get("layer_types")
@@ -268,6 +292,8 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
         if config.get(key) is not None:
             reading.read[name] = config[key]
     _rope_from_hf(config, origin, reading)
+    if "family" in reading.read:
+        reading.read.update(HF_DECODER_FIXED[family])
     reading.defaults.update(HF_DECODER_DEFAULTS[family])
     _sliding_window_notes(
         hf_sliding_window(config, family, origin),
@@ -507,6 +533,7 @@ __all__ = [
 # Writing configs: the reading tables inverted, so each name is spelled once.
 
 HF_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
+                                  "qwen3": "qwen3",
                                   "clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 HF_ARCHITECTURES: dict[str, str] = {
     family: arch for arch, family in HF_DECODER_ARCHITECTURES.items()
@@ -542,7 +569,7 @@ def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
     """A Meta params.json for ``config`` (read back by ``read_meta_decoder_config``).
 
     Raises:
-        ConfigError: a vision tower, q/k/v biases, or RoPE scaling other than Meta's own
+        ConfigError: a vision tower, q/k/v biases, q/k norms, or RoPE scaling other than Meta's own
             (low/high frequency factors 1 and 4, 8192 original positions), which params.json
             cannot express.
     """
@@ -550,6 +577,9 @@ def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
         raise ConfigError("the Meta layout holds decoders only, not vision towers")
     if config.attn_bias:
         raise ConfigError(f"a Meta params.json cannot express q/k/v biases ({config.family})")
+    if config.qk_norm:
+        raise ConfigError(f"a Meta params.json cannot express per-head q/k norms "
+                          f"({config.family})")
     out: dict[str, Any] = {meta: getattr(config, name) for meta, name in META_DECODER_KEYS.items()
                            if name != "intermediate_dim"}
     out["vocab_size"] = config.vocab_size
@@ -584,7 +614,8 @@ def hf_config_dict(
 
     Raises:
         ConfigError: a setting transformers' class for the family cannot express (a Llama
-            with q/k/v biases but none on the output projection, a Qwen2 without biases), or
+            with q/k/v biases but none on the output projection, a Qwen2 without biases, a
+            Llama with q/k norms or a Qwen3 without), or
             a base that is no valid decoder config.json.
     """
     if isinstance(config, VisionEncoderConfig):
@@ -596,6 +627,10 @@ def hf_config_dict(
         if config.attn_bias != HF_DECODER_DEFAULTS[config.family]["attn_bias"]:
             raise ConfigError(
                 f"a {config.family} config.json cannot express attn_bias={config.attn_bias}"
+            )
+        if config.qk_norm != HF_DECODER_FIXED[config.family]["qk_norm"]:
+            raise ConfigError(
+                f"a {config.family} config.json cannot express qk_norm={config.qk_norm}"
             )
         if base is not None and read_hf_decoder_config(base).read.get(
                 "family", "llama") == config.family:
@@ -621,9 +656,10 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
     """``base`` with each field whose meaning differs from ``config`` rewritten."""
     reading = read_hf_decoder_config(base)
     meant = {**reading.defaults, **reading.read}
-    # what transformers derives when these are left out
-    meant.setdefault("head_dim", config.embed_dim // config.num_heads)
-    meant.setdefault("num_kv_heads", 8 if config.family == "mistral" else config.num_heads)
+    # what transformers takes when these are left out (derived from the widths written)
+    unstated = HF_UNSTATED_HEADS[config.family]
+    meant.setdefault("num_kv_heads", unstated["num_kv_heads"] or config.num_heads)
+    meant.setdefault("head_dim", unstated["head_dim"] or config.embed_dim // config.num_heads)
     out = dict(base)
     for key, name in HF_DECODER_KEYS.items():
         if key == "attention_bias" and config.family != "llama":

@@ -74,7 +74,7 @@ class DetectedModel:
     Args:
         kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
         layout: key layout, ``"native"``, ``"hf"`` or ``"meta"`` (fused: ``"native"``).
-        family: ``llama``/``mistral``/``qwen2`` or ``clip``/``siglip``.
+        family: ``llama``/``mistral``/``qwen2``/``qwen3`` or ``clip``/``siglip``.
         config: the resolved config; for a fused model, its decoder's.
         provenance: config field -> ``"given"``, ``"read"``, ``"inferred"`` or ``"default"``;
             every field of ``config`` has an entry.
@@ -338,7 +338,10 @@ def _infer_decoder_fields(
     if w1 is not None:
         fields.offer("intermediate_dim", w1[0], "inferred")
     fields.offer("attn_bias", shape("layers.0.attn.q_proj.bias") is not None, "inferred")
+    fields.offer("qk_norm", shape("layers.0.attn.q_norm.scale") is not None, "inferred")
     fields.offer("tie_word_embeddings", shape("output.weight") is None, "inferred")
+    if shape("layers.0.attn.q_norm.scale") is not None:
+        fields.offer("family", "qwen3", "inferred")
     if shape("layers.0.attn.q_proj.bias") is not None:
         fields.offer("family", "qwen2", "inferred")
     fields.offer("family", "llama", "default")

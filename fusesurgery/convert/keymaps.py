@@ -59,6 +59,8 @@ NATIVE_DECODER_KEYS: tuple[str, ...] = (
     "layers.{i}.attn.v_proj.weight",
     "layers.{i}.attn.v_proj.bias",
     "layers.{i}.attn.output_proj.weight",
+    "layers.{i}.attn.q_norm.scale",  # Qwen3's per-head q/k RMSNorms (torchtune's names)
+    "layers.{i}.attn.k_norm.scale",
     "layers.{i}.mlp_norm.scale",
     "layers.{i}.mlp.w1.weight",
     "layers.{i}.mlp.w2.weight",
@@ -136,6 +138,8 @@ HF_DECODER_TO_NATIVE: dict[str, str] = {
     "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v_proj.weight",
     "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.v_proj.bias",
     "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.output_proj.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attn.q_norm.scale",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attn.k_norm.scale",
     "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.scale",
     "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.w1.weight",
     "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w2.weight",

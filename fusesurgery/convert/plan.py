@@ -5,10 +5,11 @@ from, which transform turns one into the other, and the resulting shape and dtyp
 source keys are dropped and why. Planning reads names, shapes and dtypes only, so a 405B
 checkpoint plans in milliseconds; :func:`apply_plan_entry` is the only place values are touched.
 
-The only values a decoder plan changes are q/k rows (and Qwen2's q/k biases) whose RoPE
-pairing differs between the source and target layouts (``LAYOUT_ROPE_STYLES``): Llama and
-Mistral are permuted between Hugging Face and native, Qwen2 is not (its native layout keeps
-Hugging Face's rotate-half order, as torchtune's does).
+The only values a decoder plan changes are q/k rows (and Qwen2's q/k biases, a q/k norm's
+scale) whose RoPE pairing differs between the source and target layouts
+(``LAYOUT_ROPE_STYLES``): Llama and Mistral are permuted between Hugging Face and native,
+Qwen2 and Qwen3 are not (their native layout keeps Hugging Face's rotate-half order, as
+torchtune's does).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def _decoder_shapes(config: DecoderConfig) -> dict[str, Shape]:
         per_layer["layers.{i}.attn.q_proj.bias"] = (q_rows,)
         per_layer["layers.{i}.attn.k_proj.bias"] = (kv_rows,)
         per_layer["layers.{i}.attn.v_proj.bias"] = (kv_rows,)
+    if config.qk_norm:
+        per_layer["layers.{i}.attn.q_norm.scale"] = (config.head_dim,)
+        per_layer["layers.{i}.attn.k_norm.scale"] = (config.head_dim,)
     shapes: dict[str, Shape] = {"tok_embeddings.weight": (config.vocab_size, d)}
     for layer in range(config.num_layers):
         for template, shape in per_layer.items():
@@ -337,11 +341,20 @@ class ConversionPlan:
         }
 
 
+# A q/k norm's [h_d] scale multiplies one head's features, so it is ordered like one head's
+# rows (Qwen3's stay as they are: its native layout rotates halves, as Hugging Face's does).
 _QK_TEMPLATES = {
     "layers.{i}.attn.q_proj.weight": "q",
     "layers.{i}.attn.q_proj.bias": "q",
     "layers.{i}.attn.k_proj.weight": "k",
     "layers.{i}.attn.k_proj.bias": "k",
+    "layers.{i}.attn.q_norm.scale": "head",
+    "layers.{i}.attn.k_norm.scale": "head",
+}
+_QK_HEADS: dict[str, Callable[[DecoderConfig], int]] = {
+    "q": lambda config: config.num_heads,
+    "k": lambda config: config.num_kv_heads,
+    "head": lambda config: 1,
 }
 
 # The RoPE pairing each layout's q/k rows are ordered for. Hugging Face is always rotate-half
@@ -372,8 +385,7 @@ def _rope_transform(
     name = _ROPE_PERMUTATIONS.get(styles)
     if name is None:  # same pairing on both sides: the rows stay as they are
         return (IDENTITY,)
-    heads = config.num_heads if role == "q" else config.num_kv_heads
-    return (name, heads, config.head_dim)
+    return (name, _QK_HEADS[role](config), config.head_dim)
 
 
 def _kind_of(config: ModelConfig, kind: str | None) -> str:

@@ -7,8 +7,9 @@ output rows permuted so that the half-split rotation computes the same thing. Th
 follows torchtune, family by family (``fusesurgery.config.NATIVE_ROPE_STYLE``): Llama and
 Mistral are interleaved, so HF -> native undoes that permutation
 (:func:`permute_qk_to_native`: rotate-half order -> interleaved order) and native -> HF redoes
-it (:func:`permute_qk_from_native`); Qwen2 is rotate-half, so its HF and native rows are the
-same and only Meta <-> native would need a permutation. The plan picks the transform from the
+it (:func:`permute_qk_from_native`); Qwen2 and Qwen3 are rotate-half, so their HF and native
+rows are the same and only Meta <-> native would need a permutation. A q/k norm's ``[h_d]``
+scale is one head's row order, permuted like a single head. The plan picks the transform from the
 two layouts' pairings. Both are pure row reorderings, so round trips are bitwise.
 
 CLIP's class embedding ``[d_e]`` and position table ``[n_tokens, d_e]`` have the same shapes in

@@ -68,6 +68,8 @@ def build_decoder_layer(
         v_proj=nn.Linear(d, n_kv * h_d, bias=cfg.attn_bias),
         output_proj=nn.Linear(n_h * h_d, d, bias=False),
         pos_embeddings=rope,
+        q_norm=RMSNorm(h_d, cfg.norm_eps) if cfg.qk_norm else None,
+        k_norm=RMSNorm(h_d, cfg.norm_eps) if cfg.qk_norm else None,
         is_causal=True,
     )
     return TransformerSelfAttentionLayer(

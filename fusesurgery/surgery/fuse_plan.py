@@ -261,7 +261,7 @@ def check_fuse_inputs(decoder_kind: str, encoder_kind: str) -> None:
                               "vision tower and decoder (see fusesurgery unfuse)")
         if kind != want:
             what = "a vision tower (CLIP, SigLIP)" if want == "vision" else (
-                "a decoder (Llama, Mistral, Qwen2)")
+                "a decoder (Llama, Mistral, Qwen2, Qwen3)")
             raise ConfigError(f"{role} holds a {kind} checkpoint, not {what}")
 
 

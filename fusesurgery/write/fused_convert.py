@@ -58,6 +58,8 @@ def mllama_blockers(config: FusedConfig) -> list[str]:
         problems.append(f"its q/k/v projections have biases ({d.family})")
     if d.family == "qwen2":
         problems.append("it is a Qwen2 decoder (Mllama's text model is a Llama)")
+    if d.qk_norm:
+        problems.append(f"its self-attention normalises each q/k head ({d.family})")
     if f.fusion_vocab_size > MLLAMA_EXTRA_ROWS:
         problems.append(f"it has {f.fusion_vocab_size} new tokens (Mllama has room for "
                         f"{MLLAMA_EXTRA_ROWS})")
