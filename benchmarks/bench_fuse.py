@@ -61,7 +61,7 @@ import torch
 from fusesurgery.config import preset
 from fusesurgery.convert import detect_model, layout_tensor_infos, plan_conversion
 from fusesurgery.convert.configs import hf_config_dict
-from fusesurgery.io import open_checkpoint
+from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.surgery.fuse_plan import FuseOptions, FusePlan, plan_fuse
 from fusesurgery.write import write_safetensors
 
@@ -150,15 +150,42 @@ def make_hf_checkpoint(path: Path, name: str, kind: str) -> None:
     )
 
 
-def build_inputs(work: Path, decoder: str, encoder: str) -> tuple[Path, Path]:
+def make_clip_model_checkpoint(path: Path, name: str) -> None:
+    """Write a random float32 transformers ``CLIPModel`` checkpoint (text tower included, as
+    openai/clip-vit-large-patch14-336 ships it) whose vision tower is preset ``name``: the
+    tensor names and shapes are those of transformers' own class, built on the meta device."""
+    import transformers  # noqa: PLC0415 - a dev dependency, only for this input
+
+    vision = hf_config_dict(preset(name))
+    text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "vocab_size": 49408, "max_position_embeddings": 77}
+    config = transformers.CLIPConfig(vision_config=vision, text_config=text, projection_dim=768)
+    with torch.device("meta"):
+        model = transformers.CLIPModel(config)
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    infos = [TensorInfo(key, shape, torch.float32) for key, shape in shapes.items()]
+    generator = torch.Generator().manual_seed(0)
+    write_safetensors(
+        path, infos,
+        lambda key: torch.randn(shapes[key], generator=generator, dtype=torch.float32),
+        extra_files={"config.json": config.to_json_string()},
+    )
+
+
+def build_inputs(work: Path, decoder: str, encoder: str,
+                 clip_model: bool = True) -> tuple[Path, Path]:
     """The encoder and decoder checkpoints, written unless a complete earlier build is there;
     each checked to be recognised by `fusesurgery inspect` as what it should be."""
-    enc, dec = work / f"enc-{encoder}", work / f"dec-{decoder}"
+    enc = work / (f"enc-clipmodel-{encoder}" if clip_model else f"enc-{encoder}")
+    dec = work / f"dec-{decoder}"
     for path, name, kind in ((enc, encoder, "vision"), (dec, decoder, "decoder")):
         stamp = path / STAMP
         if not stamp.exists():
             shutil.rmtree(path, ignore_errors=True)
-            make_hf_checkpoint(path, name, kind)
+            if kind == "vision" and clip_model:
+                make_clip_model_checkpoint(path, name)
+            else:
+                make_hf_checkpoint(path, name, kind)
             stamp.write_text(json.dumps({"preset": name, "kind": kind}))
         report = json.loads(subprocess.run([CLI, "inspect", str(path), "--json"],
                                            capture_output=True, text=True, check=True).stdout)
@@ -191,7 +218,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from fusesurgery import read_fused_config
 from fusesurgery.convert import apply_plan, detect_model, plan_conversion
-from fusesurgery.io import open_checkpoint
+from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.modules import build_deep_fusion_model
 from fusesurgery.surgery.fuse_plan import fused_key_of
 
