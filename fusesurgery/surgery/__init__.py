@@ -1,5 +1,8 @@
 """Surgery: plans from metadata, then applied to tensors and modules."""
 
-from fusesurgery.surgery.load import detect_checkpoint, load_decoder, load_encoder
+from fusesurgery._lazy import lazy_exports
 
-__all__ = ["detect_checkpoint", "load_decoder", "load_encoder"]
+# imported on first use: the plans (fuse_plan, fused_config) load without torch
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "load": ["detect_checkpoint", "load_decoder", "load_encoder"],
+})

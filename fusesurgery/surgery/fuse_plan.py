@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.detect import DetectedModel
@@ -24,8 +22,11 @@ from fusesurgery.convert.keymaps import (
 from fusesurgery.convert.plan import ConversionPlan
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import TensorInfo
-from fusesurgery.modules import RMSNorm, TanhGate, build_fusion_layer, build_projection
 from fusesurgery.surgery.fused_config import EMBEDDING_INITS, PROJECTIONS, FusedConfig, NewToken
+
+if TYPE_CHECKING:  # torch and the modules are imported where modules are built: fuse can
+    import torch   # start copying before torch has loaded
+    from torch import nn
 
 DEFAULT_NEW_TOKENS: tuple[str, ...] = ("<|image|>",)
 DEFAULT_EVERY = 4
@@ -143,6 +144,10 @@ class FusePlan:
 
 
 def _init_rule(module: nn.Module, param: str) -> tuple:
+    from torch import nn  # noqa: PLC0415 - see the imports
+
+    from fusesurgery.modules import RMSNorm, TanhGate  # noqa: PLC0415
+
     if isinstance(module, nn.Linear):
         # torch's own nn.Linear init: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in)), and
         # the same bound for the bias
@@ -286,6 +291,10 @@ def plan_fuse(
 
     decoder_dtype = _main_dtype(decoder_plan, EMBEDDING_KEY)
     encoder_dtype = _main_dtype(encoder_plan, "conv.weight")
+    import torch  # noqa: PLC0415 - see the imports
+
+    from fusesurgery.modules import build_fusion_layer, build_projection  # noqa: PLC0415
+
     new: list[NewTensor] = []
     with torch.device("meta"):
         for index in fusion.fusion_layers:

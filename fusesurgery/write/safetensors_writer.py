@@ -256,7 +256,7 @@ def _write_all(fd: int, data: memoryview | bytes, position: int | None = None) -
         view = view[written:]
 
 
-def _copy_region(
+def copy_region(
     fd: int, region: FileRegion, progress: Callable[[int], None] | None = None
 ) -> None:
     """Append ``region``'s bytes to ``fd``: in the kernel (copy_file_range), falling back to
@@ -473,6 +473,15 @@ def _fsync_dir(path: Path, durable: bool = True) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with _write_errors("sync", path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _write_file(path: Path, chunks: Sequence[bytes], durable: bool = True) -> None:
     with _write_errors("write", path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -531,6 +540,28 @@ def _mirrored_file(
     return path, padding
 
 
+def whole_file_source(
+    tensors: Sequence[TensorInfo],
+    regions: Sequence[FileRegion],
+    metadata: Mapping[str, str] | None = None,
+) -> Path | None:
+    """The source file that a shard of exactly ``tensors`` (written with ``metadata``) would
+    be a renamed copy of, when their bytes lie at ``regions`` (one each, rows perhaps to be
+    reordered): the one file whose data section they fill in order and whose header leaves
+    room for theirs. None otherwise. From metadata alone, as the writer itself decides
+    (``write_safetensors``), so that a copy can start before the rest is planned.
+    """
+    if not tensors or len(tensors) != len(regions):
+        return None
+    ordered = _data_order(tensors)
+    if ordered != list(tensors):
+        return None
+    header = safetensors_header(ordered, _check_metadata(metadata))
+    layout = _ShardLayout("", header, tuple(ordered), sum(info.nbytes for info in ordered))
+    mirrored = _mirrored_file(header, layout, list(regions))
+    return None if mirrored is None else mirrored[0]
+
+
 def _write_mirror(
     fd: int,
     source_path: Path,
@@ -562,7 +593,7 @@ def _write_mirror(
     if copied:
         report_copied(size)
     else:
-        _copy_region(fd, FileRegion(source_path, 0, size), report_copied)
+        copy_region(fd, FileRegion(source_path, 0, size), report_copied)
     _write_all(fd, header, position=0)
     for info, source in zip(layout.tensors, sources, strict=True):
         if isinstance(source, PermutedRegion):
@@ -652,7 +683,7 @@ def _write_in_order(
         nonlocal run
         if run is not None:
             with _write_errors("write", path):
-                _copy_region(fd, run)
+                copy_region(fd, run)
             run = None
             for done in run_infos:
                 if on_tensor_written is not None:
@@ -907,7 +938,8 @@ def write_safetensors(
             for layout in layouts:
                 path = temp_dir / layout.filename
                 fetched = _fetch_ahead(layout, get_tensor)
-                arguments = (path, layout, get_tensor, on_tensor_written, durable, fetched,
+                # synced below, all at once: no shard waits for another's flush to disk
+                arguments = (path, layout, get_tensor, on_tensor_written, False, fetched,
                              precopied)
                 if _all_regions(layout, fetched):
                     copier.submit(_write_shard, *arguments)
@@ -915,6 +947,9 @@ def write_safetensors(
                     _write_shard(*arguments)
                     copier.raise_failure()
                 files.append(layout.filename)
+        if durable:
+            for layout in layouts:
+                _fsync_file(temp_dir / layout.filename)
         files += write_extra_files(temp_dir, extras, durable)
         # The index goes last: a directory holding an index always holds every shard it names.
         if index_bytes is not None:
