@@ -24,8 +24,10 @@ from fusesurgery.errors import ConfigError
 from fusesurgery.io import TensorInfo
 from fusesurgery.surgery.fused_config import EMBEDDING_INITS, PROJECTIONS, FusedConfig, NewToken
 
-if TYPE_CHECKING:  # torch and the modules are imported where modules are built: fuse can
-    import torch   # start copying before torch has loaded
+# torch and the modules are imported where modules are built: fuse starts copying before
+# torch has loaded
+if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 DEFAULT_NEW_TOKENS: tuple[str, ...] = ("<|image|>",)
