@@ -123,8 +123,9 @@ def files_kept_whole(part: str, source: CheckpointSource, detected: DetectedMode
         regions = {key: source.file_region(key) for key in infos}
     except FuseSurgeryError:
         return []
-    excluded = {region.path for key, region in regions.items()
-                if region is None or key not in mapping.mapping}
+    if any(region is None for region in regions.values()):  # a pickle: never copied whole
+        return []
+    excluded = {region.path for key, region in regions.items() if key not in mapping.mapping}
     tied = getattr(detected.config, "tie_word_embeddings", False)
     by_file: dict[Path, list[str]] = {}
     for key, native in mapping.mapping.items():

@@ -153,6 +153,7 @@ DECODERS = {
                                {"num_heads": 4, "num_kv_heads": 2}),
     "native": lambda root: (_native_llama(root), None),
     "sharded": lambda root: (_sharded_llama(root), None),
+    "pt": lambda root: (save_decoder("pt", root)[0], {"num_heads": 4, "num_kv_heads": 2}),
 }
 
 
@@ -162,6 +163,7 @@ DECODERS = {
     ("lone file", "clip-full", FuseOptions(every=1)),
     ("native", "clip", FuseOptions(every=1)),
     ("sharded", "clip", FuseOptions(every=1)),
+    ("pt", "clip", FuseOptions(every=1)),
     ("llama", "clip", FuseOptions(every=1, dtype=torch.float32)),  # its own dtype: no cast
     ("llama", "clip", FuseOptions(every=1, dtype=torch.bfloat16)),
 ])
