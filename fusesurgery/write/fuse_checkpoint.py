@@ -100,9 +100,9 @@ def files_kept_whole(part: str, source: CheckpointSource, detected: DetectedMode
                      options: FuseOptions, max_shard_size: int | str) -> list[Path]:
     """The source files that will be output shards with only their names (and perhaps the
     order of q/k rows) changed, from their headers and the key maps alone, before anything
-    is planned or torch imported: every tensor kept, none cast (``--dtype`` its own dtype
-    leaves it as it is), the fused names' header fits
-    the file's, the file fits one shard (see ``whole_file_source``).
+    is planned or torch imported: every tensor kept, none cast (a ``--dtype`` that is the
+    file's own leaves it as it is), the fused names' header fits in the file's, the file fits
+    one shard (see ``whole_file_source``).
 
     Args:
         part: ``"decoder"`` or ``"encoder"``.
