@@ -84,20 +84,28 @@ class CopyAhead:
 
     def take(self, source: Path) -> Path | None:
         """A complete copy of ``source``, once finished (waits for it); the caller renames it
-        away. None when ``source`` is not copied here, its copy failed, or the file's size
-        changed since (the writer then copies it itself).
+        away. None when ``source`` is not copied here, its copy failed, the file's size
+        changed since (the writer then copies it itself), or copying was stopped.
         """
         resolved = Path(os.path.realpath(source))
         if resolved not in self._done:
             return None
-        self._done[resolved].wait()
+        while not self._done[resolved].wait(0.05):
+            if self._stop.is_set():
+                return None
         copy = self._copies.pop(resolved, None)
+        if self._stop.is_set():
+            return None
         try:
             if copy is not None and os.stat(copy).st_size == os.stat(resolved).st_size:
                 return copy
         except OSError:
             pass
         return None
+
+    def stop(self) -> None:
+        """Stop copying, after the current kernel call: ``take`` returns None from now on."""
+        self._stop.set()
 
     def close(self) -> None:
         """Stop copying and remove every copy not taken."""

@@ -80,6 +80,9 @@ class PrecopiedFiles(Protocol):
         """A finished, byte-exact copy of ``source`` on the output's filesystem, now the
         caller's to rename; None when there is none."""
 
+    def stop(self) -> None:
+        """Stop copying (the write failed): ``take`` returns None from now on."""
+
 
 @dataclass(frozen=True)
 class WriteResult:
@@ -717,19 +720,38 @@ def _write_in_order(
     flush_run()
 
 
+class _Cancelled(Exception):
+    """Stops a background shard between two kernel calls once the write has failed."""
+
+
 class _ShardCopier:
     """Writes the shards whose every tensor is a file region on one background thread, while
     the caller's thread goes on producing the shards that hold tensors: kernel copies release
     the GIL, so the disk works while new tensors are made.
 
-    On leaving the block, queued shards that have not started are dropped if the block
-    failed, the running one is waited for (its files are then removed with the temporary
-    directory), and a background failure is raised.
+    On leaving the block after a failure (Ctrl-C included), queued shards are dropped, the
+    running one stops after its current kernel call (its files are then removed with the
+    temporary directory), and so do the copies made ahead; without one, a background failure
+    is raised.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, precopied: PrecopiedFiles | None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusesurgery-copy")
         self._futures: list[Future] = []
+        self._precopied = precopied
+        self._stopping = threading.Event()
+
+    def checked(self, callback: Callable[[TensorInfo], None] | None
+                ) -> Callable[[TensorInfo], None]:
+        """``callback`` for a background shard: it also stops the shard once the write
+        failed (called after each kernel call of a whole-file copy, after each tensor else)."""
+        def report(info: TensorInfo) -> None:
+            if self._stopping.is_set():
+                raise _Cancelled
+            if callback is not None:
+                callback(info)
+
+        return report
 
     def submit(self, function: Callable[..., None], *args: object) -> None:
         self.raise_failure()
@@ -746,6 +768,9 @@ class _ShardCopier:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:
+            self._stopping.set()
+            if self._precopied is not None:
+                self._precopied.stop()
             for future in self._futures:
                 future.cancel()
         self._pool.shutdown(wait=True)
@@ -934,17 +959,17 @@ def write_safetensors(
     )
     files: list[str] = []
     with atomic_output(out_dir, overwrite=overwrite, needed=needed, durable=durable) as temp_dir:
-        with _ShardCopier() as copier:
+        with _ShardCopier(precopied) as copier:
             for layout in layouts:
                 path = temp_dir / layout.filename
                 fetched = _fetch_ahead(layout, get_tensor)
                 # synced below, all at once: no shard waits for another's flush to disk
-                arguments = (path, layout, get_tensor, on_tensor_written, False, fetched,
-                             precopied)
                 if _all_regions(layout, fetched):
-                    copier.submit(_write_shard, *arguments)
+                    copier.submit(_write_shard, path, layout, get_tensor,
+                                  copier.checked(on_tensor_written), False, fetched, precopied)
                 else:
-                    _write_shard(*arguments)
+                    _write_shard(path, layout, get_tensor, on_tensor_written, False, fetched,
+                                 precopied)
                     copier.raise_failure()
                 files.append(layout.filename)
         if durable:

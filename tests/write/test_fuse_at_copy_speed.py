@@ -351,3 +351,30 @@ def test_copy_regions_of_a_file_region_list_decide_as_the_writer(tmp_path):
         part = FileRegion(path, regions[0].offset, regions[0].nbytes - 4)
         assert safetensors_writer.whole_file_source(
             [TensorInfo("a", (31,), torch.float32), infos[1]], [part, regions[1]]) is None
+
+
+def test_a_failure_stops_the_copies_at_once_and_leaves_nothing(tmp_path, monkeypatch):
+    # a decoder copy that would take 20 s (many kernel calls); the new tensors fail at once
+    import time
+
+    from fusesurgery.surgery import new_params
+
+    def slow_copy(fd, region, progress=None):
+        for step in range(400):
+            time.sleep(0.05)
+            if progress is not None:
+                progress(step)
+        raise AssertionError("the copy was not stopped")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(copy_ahead, "copy_region", slow_copy)
+    monkeypatch.setattr(new_params, "make_new_tensor", boom)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="boom"):
+        fuse_checkpoints(EXAMPLES / "tiny-clip-vision", EXAMPLES / "tiny-llama",
+                         tmp_path / "out")
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "out").exists()
+    assert partials(tmp_path) == []
