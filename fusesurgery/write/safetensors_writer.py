@@ -766,17 +766,25 @@ class _ShardCopier:
     def __enter__(self) -> _ShardCopier:
         return self
 
+    def _stop(self) -> None:
+        self._stopping.set()
+        if self._precopied is not None:
+            self._precopied.stop()
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is not None:
-            self._stopping.set()
-            if self._precopied is not None:
-                self._precopied.stop()
-            for future in self._futures:
-                future.cancel()
-        self._pool.shutdown(wait=True)
-        if exc_type is None:
+            self._stop()
+            return
+        try:
+            self._pool.shutdown(wait=True)
             for future in self._futures:
                 future.result()
+        except BaseException:  # a background failure, or Ctrl-C / SIGTERM while waiting
+            self._stop()
+            raise
 
 
 def _all_regions(layout: _ShardLayout, fetched: Sequence[TensorSource | None]) -> bool:
