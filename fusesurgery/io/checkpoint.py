@@ -140,6 +140,23 @@ class _SafetensorsReader:
         entry = self.header.entries[name]
         return FileRegion(self.header.path, entry.begin, entry.end - entry.begin)
 
+    def raw(self, name: str) -> bytes:
+        """The tensor's stored bytes, read from the file (no torch).
+
+        Raises:
+            CheckpointError: the file cannot be read, or ends inside the tensor.
+        """
+        region = self.region(name)
+        try:
+            with open(region.path, "rb") as f:
+                f.seek(region.offset)
+                data = f.read(region.nbytes)
+        except OSError as error:
+            raise describe_os_error(region.path, error) from None
+        if len(data) != region.nbytes:
+            raise CheckpointError(f"{region.path}: file ended inside {name!r}")
+        return data
+
     def close(self) -> None:
         # Tensors already handed out keep their own reference to the mapping and stay valid.
         self._storage = None
@@ -298,17 +315,10 @@ class CheckpointSource:
         if info.numel != 1:
             raise CheckpointError(f"{self.path}: {key} has shape {list(info.shape)}, not one "
                                   "value")
-        region = self.file_region(key)
-        if region is None or info.dtype_code not in _SCALAR_FORMATS:
+        reader = self._reader_of[key]
+        if not isinstance(reader, _SafetensorsReader) or info.dtype_code not in _SCALAR_FORMATS:
             return float(self.get_tensor(key).reshape(-1)[0].item())
-        try:
-            with open(region.path, "rb") as f:
-                f.seek(region.offset)
-                raw = f.read(region.nbytes)
-        except OSError as error:
-            raise describe_os_error(region.path, error) from None
-        if len(raw) != region.nbytes:
-            raise CheckpointError(f"{region.path}: file ended inside {key!r}")
+        raw = reader.raw(key)
         if info.dtype_code == "BF16":  # bfloat16 is the upper half of a float32
             raw = b"\0\0" + raw
         return struct.unpack(_SCALAR_FORMATS[info.dtype_code], raw)[0]
