@@ -378,3 +378,24 @@ def test_a_failure_stops_the_copies_at_once_and_leaves_nothing(tmp_path, monkeyp
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "out").exists()
     assert partials(tmp_path) == []
+
+
+def test_uniform_tensors_are_the_values_drawn_before(monkeypatch):
+    # drawn into their own mapping, reusing one float32 chunk: the same values as one fresh
+    # float32 chunk after another into a plain tensor (the code before)
+    from fusesurgery.surgery import new_params
+    from fusesurgery.surgery.fuse_plan import NewTensor
+
+    monkeypatch.setattr(new_params, "UNIFORM_CHUNK", 1000)
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        spec = NewTensor("w", (37, 101), dtype, ("uniform", 0.05))
+        generator = new_params.generator_for(3, "w")
+        expected = torch.empty(spec.shape, dtype=dtype).view(-1)
+        for start in range(0, expected.numel(), 1000):
+            piece = expected[start:start + 1000]
+            piece.copy_(torch.empty(piece.numel()).uniform_(-0.05, 0.05, generator=generator))
+        got = new_params.make_new_tensor(spec, 3)
+        assert got.shape == spec.shape and got.dtype == dtype
+        assert torch.equal(got.view(-1).view(torch.uint8), expected.view(torch.uint8))
+    assert new_params.make_new_tensor(NewTensor("e", (0, 4), torch.bfloat16,
+                                                ("uniform", 1.0)), 0).shape == (0, 4)
