@@ -1,6 +1,8 @@
 """`fusesurgery fuse` as a user runs it (whole process, imports included) on a Llama-3.2-1B-shaped
-decoder and a CLIP-ViT-L/14-336-shaped vision tower (bf16, HF layout, random data, real files),
-against `cp` of the same inputs, a naive in-memory fuse, and `fusesurgery validate`.
+bf16 decoder (2.47 GB; `--decoder-preset llama3_1_8b`: 16.1 GB) and a float32 `CLIPModel`
+shaped as openai/clip-vit-large-patch14-336 ships (1.71 GB, its text tower included, which fuse
+drops; `--vision-tower-only`: a bf16 `CLIPVisionModel`, 0.61 GB), HF layout, random data, real
+files, against `cp` of the same inputs, a naive in-memory fuse, and `fusesurgery validate`.
 
 What is measured, each round:
 
@@ -9,7 +11,11 @@ What is measured, each round:
    FILES` (one shell command; `sync` on the copied files fsyncs them, as fuse does, without
    waiting on other processes' dirty pages as a bare `sync` would). Both are timed around the
    child process from the parent, so interpreter start and imports count. GB/s is the bytes of
-   the output's files over the wall time. The claim checked: fuse/cp wall time <= 1.5.
+   the output's files over the wall time. The claim checked (issue 19): fuse/cp wall time,
+   median of the rounds' ratios, <= 1.3 at the 1B shape and <= 1.2 at the 8B shape (`--target`
+   for others; 1.5 by default). fuse does more than copy: torch's import and about 0.5 GB of
+   new random tensors, overlapped with the copies (see fusesurgery/write/fuse_checkpoint.py),
+   so the bigger the decoder, the nearer the ratio comes to 1.
 2. Peak anonymous memory (RssAnon, not VmHWM/ru_maxrss, which count mapped file pages) of the
    fuse process, sampled from /proc/PID/status every ~20 ms by a thread in this process,
    against 2 x the largest new tensor (from `plan_fuse`, planned from the inputs' metadata) +
@@ -37,9 +43,13 @@ The inputs are built once into the work directory (`--workdir DIR`, default a te
 directory under /tmp) and reused from there by later runs with the same presets; `--keep`
 keeps them (and a default temporary directory) afterwards.
 
+`--fuse-only` times fuse and cp alone (no naive path, no validate).
+
 Usage: python benchmarks/bench_fuse.py [--workdir DIR] [--keep] [--rounds 3] [--settle 1.0]
        [--decoder-preset llama3_2_1b] [--encoder-preset clip_vit_l_14_336]
-       (develop with: --decoder-preset tiny --encoder-preset tiny_clip --rounds 1)
+       [--vision-tower-only] [--fuse-only] [--target RATIO]
+       (develop with: --decoder-preset tiny --encoder-preset tiny_clip --vision-tower-only
+       --rounds 1)
 """
 
 from __future__ import annotations
@@ -61,13 +71,15 @@ import torch
 from fusesurgery.config import preset
 from fusesurgery.convert import detect_model, layout_tensor_infos, plan_conversion
 from fusesurgery.convert.configs import hf_config_dict
-from fusesurgery.io import open_checkpoint
+from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.surgery.fuse_plan import FuseOptions, FusePlan, plan_fuse
 from fusesurgery.write import write_safetensors
 
 CLI = str(Path(sys.executable).with_name("fusesurgery"))
 SAMPLE_SECONDS = 0.02
 STAMP = "bench_fuse_inputs.json"
+# issue 19's claims: fuse/cp wall time at the 1B and 8B shapes
+TARGETS = {"llama3_2_1b": 1.3, "llama3_1_8b": 1.2}
 
 
 # --- measuring ----------------------------------------------------------------------------
@@ -150,15 +162,42 @@ def make_hf_checkpoint(path: Path, name: str, kind: str) -> None:
     )
 
 
-def build_inputs(work: Path, decoder: str, encoder: str) -> tuple[Path, Path]:
+def make_clip_model_checkpoint(path: Path, name: str) -> None:
+    """Write a random float32 transformers ``CLIPModel`` checkpoint (text tower included, as
+    openai/clip-vit-large-patch14-336 ships it) whose vision tower is preset ``name``: the
+    tensor names and shapes are those of transformers' own class, built on the meta device."""
+    import transformers  # noqa: PLC0415 - a dev dependency, only for this input
+
+    vision = hf_config_dict(preset(name))
+    text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "vocab_size": 49408, "max_position_embeddings": 77}
+    config = transformers.CLIPConfig(vision_config=vision, text_config=text, projection_dim=768)
+    with torch.device("meta"):
+        model = transformers.CLIPModel(config)
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    infos = [TensorInfo(key, shape, torch.float32) for key, shape in shapes.items()]
+    generator = torch.Generator().manual_seed(0)
+    write_safetensors(
+        path, infos,
+        lambda key: torch.randn(shapes[key], generator=generator, dtype=torch.float32),
+        extra_files={"config.json": config.to_json_string()},
+    )
+
+
+def build_inputs(work: Path, decoder: str, encoder: str,
+                 clip_model: bool = True) -> tuple[Path, Path]:
     """The encoder and decoder checkpoints, written unless a complete earlier build is there;
     each checked to be recognised by `fusesurgery inspect` as what it should be."""
-    enc, dec = work / f"enc-{encoder}", work / f"dec-{decoder}"
+    enc = work / (f"enc-clipmodel-{encoder}" if clip_model else f"enc-{encoder}")
+    dec = work / f"dec-{decoder}"
     for path, name, kind in ((enc, encoder, "vision"), (dec, decoder, "decoder")):
         stamp = path / STAMP
         if not stamp.exists():
             shutil.rmtree(path, ignore_errors=True)
-            make_hf_checkpoint(path, name, kind)
+            if kind == "vision" and clip_model:
+                make_clip_model_checkpoint(path, name)
+            else:
+                make_hf_checkpoint(path, name, kind)
             stamp.write_text(json.dumps({"preset": name, "kind": kind}))
         report = json.loads(subprocess.run([CLI, "inspect", str(path), "--json"],
                                            capture_output=True, text=True, check=True).stdout)
@@ -191,7 +230,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from fusesurgery import read_fused_config
 from fusesurgery.convert import apply_plan, detect_model, plan_conversion
-from fusesurgery.io import open_checkpoint
+from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.modules import build_deep_fusion_model
 from fusesurgery.surgery.fuse_plan import fused_key_of
 
@@ -233,7 +272,14 @@ def main() -> None:
                         help="seconds to wait before each timed run")
     parser.add_argument("--decoder-preset", default="llama3_2_1b")
     parser.add_argument("--encoder-preset", default="clip_vit_l_14_336")
+    parser.add_argument("--vision-tower-only", action="store_true",
+                        help="a bf16 CLIPVisionModel instead of a float32 CLIPModel")
+    parser.add_argument("--fuse-only", action="store_true",
+                        help="time fuse and cp only (no naive path, no validate)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="the fuse/cp ratio claimed (default: issue 19's for the preset)")
     args = parser.parse_args()
+    target = args.target or TARGETS.get(args.decoder_preset, 1.5)
 
     temporary = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="fusesurgery-bench-fuse-")) if temporary else args.workdir
@@ -243,7 +289,8 @@ def main() -> None:
         for stale in (out, out_cp, out_naive):
             shutil.rmtree(stale, ignore_errors=True)
         print(f"inputs in {work}:")
-        enc, dec = build_inputs(work, args.decoder_preset, args.encoder_preset)
+        enc, dec = build_inputs(work, args.decoder_preset, args.encoder_preset,
+                                clip_model=not args.vision_tower_only)
         inputs = [enc, dec]
         input_bytes = tree_bytes(enc) + tree_bytes(dec)
         plan = plan_from_files(enc, dec)
@@ -255,9 +302,10 @@ def main() -> None:
               f"largest new tensor {largest_name} {largest / 1e6:.1f} MB")
         _, import_peak = run_sampled([CLI, "--help"])
         print(f"RssAnon of `fusesurgery --help` (imports only): {import_peak / 1e6:.0f} MB")
+        extra = () if args.fuse_only else ("naive", "validate", "against")
         print(f"{args.rounds} rounds; fuse and cp alternate order, each from the same start "
-              f"(synced, inputs cached, {args.settle:g} s pause); then naive, validate, "
-              "validate --against\n")
+              f"(synced, inputs cached, {args.settle:g} s pause)"
+              + ("; then naive, validate, validate --against" if extra else "") + "\n")
 
         fuse_cmd = [CLI, "fuse", str(enc), str(dec), "-o", str(out)]
         cp_cmd = (f"mkdir {out_cp} && cp -r {enc} {dec} {out_cp}/ && "
@@ -265,9 +313,8 @@ def main() -> None:
         naive_cmd = [sys.executable, "-c", NAIVE, str(enc), str(dec), str(out), str(out_naive)]
         validate_cmd = [CLI, "validate", str(out)]
         against_cmd = [*validate_cmd, "--against", str(dec)]
-        times: dict[str, list[float]] = {n: [] for n in
-                                         ("fuse", "cp", "naive", "validate", "against")}
-        peaks: dict[str, list[int]] = {n: [] for n in ("fuse", "naive", "validate", "against")}
+        times: dict[str, list[float]] = {n: [] for n in ("fuse", "cp", *extra)}
+        peaks: dict[str, list[int]] = {n: [] for n in ("fuse", *extra)}
         written = {"fuse": 0, "cp": 0, "naive": 0}
 
         def run(name: str) -> None:
@@ -294,7 +341,7 @@ def main() -> None:
             for name in order:
                 run(name)
             # the last fuse output of the round feeds the naive path's config and validate
-            for name in ("naive", "validate", "against"):
+            for name in extra:
                 run(name)
             shutil.rmtree(out)
             print(f"  round {round_number + 1} ({order[0]} first): " + "  ".join(
@@ -328,15 +375,21 @@ def main() -> None:
         print(f"  inputs {input_bytes / 1e6:.1f} MB ({args.encoder_preset} + "
               f"{args.decoder_preset}); fused output {checkpoint / 1e6:.1f} MB; "
               f"cp output {written['cp'] / 1e6:.1f} MB")
-        print(f"  fuse/cp wall: median of rounds {ratio_median:.2f} "
-              f"(rounds {', '.join(f'{r:.2f}' for r in per_round)}), best/best "
-              f"{ratio_best:.2f}; target <= 1.5: {'PASS' if ratio_median <= 1.5 else 'FAIL'}")
+        print(f"  fuse/cp wall at {checkpoint / 1e9:.2f} GB written: median of rounds "
+              f"{ratio_median:.2f} (rounds {', '.join(f'{r:.2f}' for r in per_round)}), "
+              f"best/best {ratio_best:.2f}; target <= {target:g}: "
+              f"{'PASS' if ratio_median <= target else 'FAIL'}")
+        print(f"  fuse median {statistics.median(times['fuse']):.2f} s, cp -r + sync median "
+              f"{statistics.median(times['cp']):.2f} s; load average at the end "
+              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
         print(f"  per byte written (fuse writes {written['fuse'] / written['cp']:.3f}x cp's "
               f"bytes): median ratio {per_byte:.2f}")
         print(f"  fuse peak RssAnon {fuse_peak / 1e6:.0f} MB (imports alone "
               f"{import_peak / 1e6:.0f} MB) vs 2 x {largest / 1e6:.1f} MB + 300 MB = "
               f"{fuse_bound / 1e6:.0f} MB: ratio {fuse_peak / fuse_bound:.2f} "
               f"{'PASS' if fuse_peak <= fuse_bound else 'FAIL'}")
+        if not extra:
+            return
         naive_peak = max(peaks["naive"])
         print(f"  naive: median {statistics.median(times['naive']):.2f} s "
               f"({statistics.median(times['naive']) / statistics.median(times['fuse']):.2f}x "

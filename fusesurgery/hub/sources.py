@@ -458,6 +458,13 @@ class _RemoteSafetensorsReader(_SafetensorsReader):
         data = bytearray(self._read_range(entry.begin, entry.end - 1))  # begin/end: absolute
         return torch.frombuffer(data, dtype=entry.info.dtype).view(entry.info.shape)
 
+    def raw(self, name: str) -> bytes:
+        entry = self.header.entries[name]
+        size = entry.end - entry.begin
+        if self._read_range is None or self.header.path.exists() or size > RANGE_READ_MAX_BYTES:
+            return super().raw(name)
+        return bytes(self._read_range(entry.begin, entry.end - 1)) if size else b""
+
     def _ensure_local(self) -> None:
         if not self.header.path.exists():
             self._download()

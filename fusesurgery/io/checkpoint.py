@@ -15,6 +15,7 @@ import difflib
 import os
 import re
 import stat
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -139,6 +140,23 @@ class _SafetensorsReader:
         entry = self.header.entries[name]
         return FileRegion(self.header.path, entry.begin, entry.end - entry.begin)
 
+    def raw(self, name: str) -> bytes:
+        """The tensor's stored bytes, read from the file (no torch).
+
+        Raises:
+            CheckpointError: the file cannot be read, or ends inside the tensor.
+        """
+        region = self.region(name)
+        try:
+            with open(region.path, "rb") as f:
+                f.seek(region.offset)
+                data = f.read(region.nbytes)
+        except OSError as error:
+            raise describe_os_error(region.path, error) from None
+        if len(data) != region.nbytes:
+            raise CheckpointError(f"{region.path}: file ended inside {name!r}")
+        return data
+
     def close(self) -> None:
         # Tensors already handed out keep their own reference to the mapping and stay valid.
         self._storage = None
@@ -167,6 +185,10 @@ class _TorchReader:
 
     def close(self) -> None:
         self._tensors = {}
+
+
+# safetensors dtype -> the struct format of one little-endian value (bf16: read as an f32)
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "<f"}
 
 
 class CheckpointSource:
@@ -278,6 +300,28 @@ class CheckpointSource:
         except KeyError:
             raise self._not_found(key) from None
         return reader.tensor(key)
+
+    def read_scalar(self, key: str) -> float:
+        """The value of a one-element floating-point tensor (a gate). Read from the file's
+        bytes for the dtypes ``struct`` decodes (f64, f32, f16; bf16 as the top half of an
+        f32), so that metadata-level commands (``inspect``) need no torch; else through
+        :meth:`get_tensor`.
+
+        Raises:
+            TensorNotFoundError: the checkpoint holds no such key.
+            CheckpointError: the tensor has more than one element, or the file cannot be read.
+        """
+        info = self.info(key)
+        if info.numel != 1:
+            raise CheckpointError(f"{self.path}: {key} has shape {list(info.shape)}, not one "
+                                  "value")
+        reader = self._reader_of[key]
+        if not isinstance(reader, _SafetensorsReader) or info.dtype_code not in _SCALAR_FORMATS:
+            return float(self.get_tensor(key).reshape(-1)[0].item())
+        raw = reader.raw(key)
+        if info.dtype_code == "BF16":  # bfloat16 is the upper half of a float32
+            raw = b"\0\0" + raw
+        return struct.unpack(_SCALAR_FORMATS[info.dtype_code], raw)[0]
 
     def read_tensor(self, key: str) -> torch.Tensor:
         """One tensor read into fresh memory with ``pread`` rather than mapped.

@@ -432,7 +432,7 @@ def _read_gates(source: CheckpointSource, keys: Iterable[str]) -> tuple[dict[str
         if info.numel != 1:
             notes.append(f"{key} has shape {list(info.shape)}, not a TanhGate scalar; not read")
             continue
-        gates[key] = float(source.get_tensor(key).reshape(-1)[0].item())
+        gates[key] = source.read_scalar(key)  # from the file's bytes: no torch
     return gates, notes
 
 

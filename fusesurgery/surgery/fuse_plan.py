@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from fusesurgery._arguments import argument_error, brief, check_int, is_int
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
@@ -25,7 +23,6 @@ from fusesurgery.convert.keymaps import (
 from fusesurgery.convert.plan import ConversionPlan
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import TensorInfo
-from fusesurgery.modules import RMSNorm, TanhGate, build_fusion_layer, build_projection
 from fusesurgery.surgery.fused_config import (
     EMBEDDING_INITS,
     GATE_SUFFIXES,
@@ -33,6 +30,12 @@ from fusesurgery.surgery.fused_config import (
     FusedConfig,
     NewToken,
 )
+
+# torch and the modules are imported where modules are built: fuse starts copying before
+# torch has loaded
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 DEFAULT_NEW_TOKENS: tuple[str, ...] = ("<|image|>",)
 DEFAULT_EVERY = 4
@@ -182,6 +185,10 @@ class FusePlan:
 
 
 def _init_rule(module: nn.Module, param: str) -> tuple:
+    from torch import nn  # noqa: PLC0415 - see the imports
+
+    from fusesurgery.modules import RMSNorm, TanhGate  # noqa: PLC0415
+
     if isinstance(module, nn.Linear):
         # torch's own nn.Linear init: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in)), and
         # the same bound for the bias
@@ -327,6 +334,10 @@ def plan_fuse(
 
     decoder_dtype = _main_dtype(decoder_plan, EMBEDDING_KEY)
     encoder_dtype = _main_dtype(encoder_plan, "conv.weight")
+    import torch  # noqa: PLC0415 - see the imports
+
+    from fusesurgery.modules import build_fusion_layer, build_projection  # noqa: PLC0415
+
     new: list[NewTensor] = []
     with torch.device("meta"):
         for index in fusion.fusion_layers:

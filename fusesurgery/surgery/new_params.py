@@ -8,6 +8,8 @@ staging copy.
 
 from __future__ import annotations
 
+import math
+import mmap
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,14 +56,26 @@ def generator_for(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) << 32) ^ zlib.crc32(name.encode()))
 
 
+def _mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in an anonymous mapping of its own, unmapped when the tensor is
+    freed. Tensors drawn on several threads and freed once written would otherwise leave
+    malloc's per-thread arenas holding freed blocks of megabytes (its threshold for mapping
+    large blocks rises as they are freed): the process's memory stays what is alive."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 def _uniform(spec: NewTensor, bound: float, generator: torch.Generator) -> torch.Tensor:
     """U(-bound, bound) drawn in float32 chunks of rows into the output dtype: faster than
     half-precision ``uniform_`` and never more than one chunk beside the output."""
-    out = torch.empty(spec.shape, dtype=spec.dtype)
+    out = _mapped_empty(spec.shape, spec.dtype)
     flat = out.view(-1)
+    scratch = torch.empty(min(UNIFORM_CHUNK, flat.numel()))
     for start in range(0, flat.numel(), UNIFORM_CHUNK):
         piece = flat[start:start + UNIFORM_CHUNK]
-        piece.copy_(torch.empty(piece.numel()).uniform_(-bound, bound, generator=generator))
+        piece.copy_(scratch[:piece.numel()].uniform_(-bound, bound, generator=generator))
     return out
 
 

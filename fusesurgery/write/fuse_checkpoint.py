@@ -4,26 +4,31 @@ streamed from the inputs to the output one tensor at a time.
 Original tensors keep their bytes (kernel copies, or row gathers for the RoPE q/k
 permutation); the new ones (fusion layers, new embedding rows, projection head) are created
 and written one at a time. Peak memory is about the largest new tensor, whatever the model.
+
+The work is mostly copying, and copying needs neither torch nor the plans: the source files
+that become output shards under new names start copying on a thread (``CopyAhead``) as soon
+as the inputs are recognised, before torch is imported; the shards that are copies of parts
+of files are written on a thread of the writer while the new tensors are drawn and written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fusesurgery import _json as standard_json
-from fusesurgery.convert import detect_model, plan_conversion
-from fusesurgery.convert.detect import DetectedModel, detect_layout
+from fusesurgery.convert.detect import DetectedModel, detect_layout, detect_model
+from fusesurgery.convert.keymaps import keys_to_native
 from fusesurgery.convert.tokenizer import TOKENIZER_FILES, add_special_tokens
-from fusesurgery.errors import ConfigError
+from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
 from fusesurgery.io._files import file_fingerprint, read_side_file
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
@@ -35,11 +40,10 @@ from fusesurgery.surgery.fuse_plan import (
     plan_fuse,
 )
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
-from fusesurgery.surgery.new_params import embedding_stats, make_new_tensor
-from fusesurgery.write.convert_checkpoint import plan_entry_source, source_file_order
+from fusesurgery.write.copy_ahead import CopyAhead
 from fusesurgery.write.output_guard import check_destination, check_not_an_input, resolve_output
-from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
-from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+from fusesurgery.write.safetensors_writer import WriteResult, whole_file_source, write_safetensors
+from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE, parse_size
 from fusesurgery.write.side_files import (
     DECODER_SIDE_FILES,
     ENCODER_SIDE_FILES,
@@ -47,6 +51,9 @@ from fusesurgery.write.side_files import (
     read_side_files,
     side_directory,
 )
+
+if TYPE_CHECKING:  # torch loads while the first files are copied (see the module docstring)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -90,10 +97,71 @@ def _source_record(source: CheckpointSource, detected: DetectedModel, plan, kept
     }
 
 
-class _OneAhead:
-    """Makes the next new tensor on a worker thread while the current one is written (torch
-    releases the GIL in its kernels): drawing random values overlaps the disk, and memory
-    holds at most two new tensors, the one written and the next.
+def files_kept_whole(part: str, source: CheckpointSource, detected: DetectedModel,
+                     options: FuseOptions, max_shard_size: int | str) -> list[Path]:
+    """The source files that will be output shards with only their names (and perhaps the
+    order of q/k rows) changed, from their headers and the key maps alone, before anything
+    is planned or torch imported: every tensor kept, none cast (a ``--dtype`` that is the
+    file's own leaves it as it is), the fused names' header fits in the file's, the file fits
+    one shard (see ``whole_file_source``).
+
+    Args:
+        part: ``"decoder"`` or ``"encoder"``.
+        source: the opened source.
+        detected: what it was recognised as.
+        options: the fuse options (a cast changes every byte).
+        max_shard_size: the output's largest shard.
+
+    Returns:
+        The files, in the order the writer will reach them; a guess that the plan confirms or
+        not (an unconfirmed copy is only wasted work, see ``CopyAhead``).
+    """
+    cast = None if options.dtype is None else TensorInfo("", (), options.dtype).dtype_code
+    try:
+        limit = parse_size(max_shard_size)
+        infos = source.infos()
+        mapping = keys_to_native(infos, detected.layout, detected.kind)
+        regions = {key: source.file_region(key) for key in infos}
+    except FuseSurgeryError:
+        return []
+    if any(region is None for region in regions.values()):  # a pickle: never copied whole
+        return []
+    excluded = {region.path for key, region in regions.items() if key not in mapping.mapping}
+    tied = getattr(detected.config, "tie_word_embeddings", False)
+    by_file: dict[Path, list[str]] = {}
+    for key, native in mapping.mapping.items():
+        if tied and native == "output.weight":  # dropped by the plan
+            excluded.add(regions[key].path)
+        by_file.setdefault(regions[key].path, []).append(key)
+    kept = []
+    for path in sorted(by_file, key=str):
+        keys = sorted(by_file[path], key=lambda key: regions[key].offset)
+        if path in excluded or sum(infos[key].nbytes for key in keys) > limit:
+            continue
+        if cast is not None and any(infos[key].is_floating_point
+                                    and infos[key].dtype_code != cast for key in keys):
+            continue
+        fused = [TensorInfo(fused_key_of(part, mapping.mapping[key]), tuple(infos[key].shape),
+                            infos[key].dtype_code) for key in keys]
+        if whole_file_source(fused, [regions[key] for key in keys]) == path:
+            kept.append(path)
+    return kept
+
+
+def _room_for(out: Path, needed: int) -> bool:
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    try:
+        return shutil.disk_usage(existing).free >= needed
+    except OSError:
+        return False
+
+
+class _TwoAtOnce:
+    """Makes new tensors on two worker threads (torch releases the GIL in its kernels, and
+    each tensor has its own generator, so their values do not depend on which thread draws
+    them, or when): asked for tensor ``i``, it draws ``i`` and ``i + 1`` at once. The caller
+    writes ``i`` and lets it go before asking for ``i + 1``, so memory holds at most two new
+    tensors: the one written and the next, or the next two.
 
     Args:
         order: the names, in the order they will be asked for.
@@ -104,7 +172,7 @@ class _OneAhead:
         self._order, self._makers = order, makers
         self._position = {name: i for i, name in enumerate(order)}
         self._futures: dict[str, Future] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusesurgery-new")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fusesurgery-new")
 
     def _submit(self, index: int) -> None:
         if index < len(self._order) and self._order[index] not in self._futures:
@@ -114,11 +182,10 @@ class _OneAhead:
     def get(self, name: str) -> Any:
         index = self._position[name]
         self._submit(index)
-        result = self._futures.pop(name).result()
         self._submit(index + 1)
-        return result
+        return self._futures.pop(name).result()
 
-    def __enter__(self) -> _OneAhead:
+    def __enter__(self) -> _TwoAtOnce:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -231,6 +298,25 @@ def fuse_checkpoints(
                            decoder_overrides)
         enc = detect_model(encoder.infos(), encoder.config, encoder.config_file,
                            encoder_overrides)
+        # the copying starts here, while torch loads
+        whole = [*files_kept_whole("decoder", decoder, dec, options, max_shard_size),
+                 *files_kept_whole("encoder", encoder, enc, options, max_shard_size)]
+        # never at the cost of the output's own space (the writer checks that it fits)
+        if whole and not _room_for(out, sum(os.path.getsize(file) for file in whole)
+                                   + decoder.total_bytes + encoder.total_bytes):
+            whole = []
+        precopied = stack.enter_context(CopyAhead(out, whole))
+
+        from fusesurgery.convert import plan_conversion  # noqa: PLC0415 - imports torch
+        from fusesurgery.surgery.new_params import (  # noqa: PLC0415
+            embedding_stats,
+            make_new_tensor,
+        )
+        from fusesurgery.write.convert_checkpoint import (  # noqa: PLC0415
+            plan_entry_source,
+            source_file_order,
+        )
+
         dec_plan = plan_conversion(decoder.infos(), dec.layout, dec.config, kind=dec.kind,
                                    dtype=options.dtype)
         enc_plan = plan_conversion(encoder.infos(), enc.layout, enc.config, kind=enc.kind,
@@ -288,16 +374,19 @@ def fuse_checkpoints(
                                   plan_entry_source(e, s))
 
         stats_cache: list = []
+        stats_lock = threading.Lock()
 
         def stats():
-            if not stats_cache:
+            with stats_lock:  # once, whichever drawing thread asks first
+                if stats_cache:
+                    return stats_cache[0]
                 entry = dec_plan.entry("tok_embeddings.weight")
                 stats_cache.append(embedding_stats(
                     decoder.get_tensor(entry.source_key),
                     with_std=options.embedding_init == "normal"))
             return stats_cache[0]
 
-        ahead = stack.enter_context(_OneAhead(
+        ahead = stack.enter_context(_TwoAtOnce(
             [spec.name for spec in plan.new_tensors],
             {spec.name: (lambda s=spec: make_new_tensor(s, options.seed, stats))
              for spec in plan.new_tensors}))
@@ -318,6 +407,7 @@ def fuse_checkpoints(
             on_progress=on_progress,
             durable=durable,
             inputs=inputs,
+            precopied=precopied,
         )
     return FuseResult(plan=dataclasses.replace(plan, config=config),
                       decoder=dec, encoder=enc, written=written,

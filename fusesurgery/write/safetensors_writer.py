@@ -28,17 +28,18 @@ import mmap
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from fusesurgery._sizes import format_bytes
 from fusesurgery.errors import ShapeError, WriteError
 from fusesurgery.io.tensor_info import (
-    TORCH_TO_SAFETENSORS,
+    SAFETENSORS_DTYPE_FACTS,
     FileRegion,
     PermutedRegion,
     TensorInfo,
@@ -63,9 +64,24 @@ _WRITE_CHUNK_BYTES = 256 * 2**20
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
-# What ``get_tensor`` may return: a tensor, or where its bytes lie in a file (as they are, or
-# with their rows reordered), which the writer then copies from file to file.
-TensorSource = torch.Tensor | FileRegion | PermutedRegion
+if TYPE_CHECKING:  # torch is imported where a tensor is first touched: fast start-up
+    import torch
+
+    # What ``get_tensor`` may return: a tensor, or where its bytes lie in a file (as they are,
+    # or with their rows reordered), which the writer then copies from file to file.
+    TensorSource = torch.Tensor | FileRegion | PermutedRegion
+
+
+class PrecopiedFiles(Protocol):
+    """Whole copies of source files made ahead of the writer (see
+    :class:`fusesurgery.write.copy_ahead.CopyAhead`)."""
+
+    def take(self, source: Path) -> Path | None:
+        """A finished, byte-exact copy of ``source`` on the output's filesystem, now the
+        caller's to rename; None when there is none."""
+
+    def stop(self) -> None:
+        """Stop copying (the write failed): ``take`` returns None from now on."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +134,7 @@ def safetensors_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str
     offset = 0
     for info in tensors:
         entries[info.name] = {
-            "dtype": TORCH_TO_SAFETENSORS[info.dtype],
+            "dtype": info.dtype_code,
             "shape": list(info.shape),
             "data_offsets": [offset, offset + info.nbytes],
         }
@@ -132,15 +148,15 @@ def _data_order(tensors: Sequence[TensorInfo]) -> list[TensorInfo]:
     # The format forbids gaps between tensors, so alignment comes from order: widest element
     # first keeps every tensor's offset a multiple of its element size (as safetensors itself
     # does). The sort is stable, so same-width tensors keep the plan's order.
-    return sorted(tensors, key=lambda info: -info.dtype.itemsize)
+    return sorted(tensors, key=lambda info: -info.itemsize)
 
 
 def _check_infos(infos: Sequence[TensorInfo]) -> None:
     for info in infos:
         if not isinstance(info, TensorInfo):
             raise WriteError(f"expected TensorInfo entries, got {type(info).__name__}: {info!r}")
-        if info.dtype not in TORCH_TO_SAFETENSORS:
-            supported = ", ".join(str(d).removeprefix("torch.") for d in TORCH_TO_SAFETENSORS)
+        if info.dtype_code not in SAFETENSORS_DTYPE_FACTS:
+            supported = ", ".join(facts[0] for facts in SAFETENSORS_DTYPE_FACTS.values())
             raise WriteError(
                 f"tensor {info.name!r} has dtype {info.dtype}, which safetensors cannot store "
                 f"here; convert it to one of: {supported}"
@@ -243,7 +259,7 @@ def _write_all(fd: int, data: memoryview | bytes, position: int | None = None) -
         view = view[written:]
 
 
-def _copy_region(
+def copy_region(
     fd: int, region: FileRegion, progress: Callable[[int], None] | None = None
 ) -> None:
     """Append ``region``'s bytes to ``fd``: in the kernel (copy_file_range), falling back to
@@ -383,7 +399,7 @@ def _fetch_checked(
     """Fetch one tensor, check it against its metadata, and make it a contiguous CPU tensor
     (or pass a file region of the right size through for a copy from file to file)."""
     tensor = get_tensor(info.name)
-    if isinstance(tensor, (FileRegion, PermutedRegion)):
+    if isinstance(tensor, (FileRegion, PermutedRegion)):  # no tensor: no need for torch
         if tensor.nbytes != info.nbytes:
             raise ShapeError(
                 f"tensor {info.name!r}: the file region holds {tensor.nbytes} bytes, its "
@@ -392,6 +408,8 @@ def _fetch_checked(
         if isinstance(tensor, PermutedRegion):
             _check_permuted(tensor, info)
         return tensor
+    import torch  # noqa: PLC0415 - a tensor came back, so torch is loaded already
+
     if not isinstance(tensor, torch.Tensor):
         raise ShapeError(
             f"get_tensor({info.name!r}) returned {type(tensor).__name__}, expected a torch.Tensor"
@@ -458,6 +476,15 @@ def _fsync_dir(path: Path, durable: bool = True) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with _write_errors("sync", path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _write_file(path: Path, chunks: Sequence[bytes], durable: bool = True) -> None:
     with _write_errors("write", path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -516,6 +543,28 @@ def _mirrored_file(
     return path, padding
 
 
+def whole_file_source(
+    tensors: Sequence[TensorInfo],
+    regions: Sequence[FileRegion],
+    metadata: Mapping[str, str] | None = None,
+) -> Path | None:
+    """The source file that a shard of exactly ``tensors`` (written with ``metadata``) would
+    be a renamed copy of, when their bytes lie at ``regions`` (one each, rows perhaps to be
+    reordered): the one file whose data section they fill in order and whose header leaves
+    room for theirs. None otherwise. From metadata alone, as the writer itself decides
+    (``write_safetensors``), so that a copy can start before the rest is planned.
+    """
+    if not tensors or len(tensors) != len(regions):
+        return None
+    ordered = _data_order(tensors)
+    if ordered != list(tensors):
+        return None
+    header = safetensors_header(ordered, _check_metadata(metadata))
+    layout = _ShardLayout("", header, tuple(ordered), sum(info.nbytes for info in ordered))
+    mirrored = _mirrored_file(header, layout, list(regions))
+    return None if mirrored is None else mirrored[0]
+
+
 def _write_mirror(
     fd: int,
     source_path: Path,
@@ -523,11 +572,13 @@ def _write_mirror(
     layout: _ShardLayout,
     sources: Sequence[TensorSource],
     on_tensor_written: Callable[[TensorInfo], None] | None,
+    copied: bool = False,
 ) -> None:
     # The whole source file goes over by kernel copies from offset 0, so every page lines up
     # with its source page, as in `cp`; then the bytes that differ are overwritten in place:
     # the header, and the rows of permuted tensors. The figures are in benchmarks/
-    # (bench_convert.py end to end, bench_copy_strategies.py the ways of copying).
+    # (bench_convert.py end to end, bench_copy_strategies.py the ways of copying). ``copied``:
+    # ``fd`` already holds that whole copy (made ahead, see CopyAhead).
     report = on_tensor_written or (lambda info: None)
     size = len(header) + layout.data_size
     unchanged = [(info, source) for info, source in zip(layout.tensors, sources, strict=True)
@@ -542,7 +593,10 @@ def _write_mirror(
             report(unchanged[reported][0])
             reported += 1
 
-    _copy_region(fd, FileRegion(source_path, 0, size), report_copied)
+    if copied:
+        report_copied(size)
+    else:
+        copy_region(fd, FileRegion(source_path, 0, size), report_copied)
     _write_all(fd, header, position=0)
     for info, source in zip(layout.tensors, sources, strict=True):
         if isinstance(source, PermutedRegion):
@@ -569,10 +623,16 @@ def _write_shard(
     get_tensor: Callable[[str], TensorSource],
     on_tensor_written: Callable[[TensorInfo], None] | None,
     durable: bool = True,
+    fetched: list[TensorSource | None] | None = None,
+    precopied: PrecopiedFiles | None = None,
 ) -> None:
-    sources = _fetch_ahead(layout, get_tensor)
+    """Write one shard; ``fetched``: what ``_fetch_ahead`` already returned for it."""
+    sources = _fetch_ahead(layout, get_tensor) if fetched is None else fetched
     header = layout.header
     mirrored = _mirrored_file(header, layout, sources)
+    copy = None
+    if mirrored is not None and precopied is not None:
+        copy = precopied.take(mirrored[0])
     if mirrored is None and sources:
         first = _region_of(sources[0])
         if first is not None and (first.offset - len(header)) % 8 == 0:
@@ -582,20 +642,25 @@ def _write_shard(
             header = _pad_header(header, (first.offset - len(header)) % _PAGE_BYTES)
 
     with _write_errors("write", path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if copy is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        else:  # the source file's bytes are there already: only the differences are written
+            os.rename(copy, path)
+            fd = os.open(path, os.O_WRONLY)
     try:
         if mirrored is not None:
             source_path, padding = mirrored
             header = _pad_header(header, padding)
             with _write_errors("write", path):
-                _write_mirror(fd, source_path, header, layout, sources, on_tensor_written)
+                _write_mirror(fd, source_path, header, layout, sources, on_tensor_written,
+                              copy is not None)
         else:
             with _write_errors("write", path):
                 _write_all(fd, header)
             _write_in_order(fd, path, layout, sources, get_tensor, on_tensor_written)
         with _write_errors("write", path):
             expected = len(header) + layout.data_size
-            if os.lseek(fd, 0, os.SEEK_CUR) != expected:
+            if os.fstat(fd).st_size != expected:
                 raise WriteError(f"wrote a wrong number of bytes to {path}; this is a bug")
             if durable:
                 os.fsync(fd)
@@ -621,7 +686,7 @@ def _write_in_order(
         nonlocal run
         if run is not None:
             with _write_errors("write", path):
-                _copy_region(fd, run)
+                copy_region(fd, run)
             run = None
             for done in run_infos:
                 if on_tensor_written is not None:
@@ -653,6 +718,91 @@ def _write_in_order(
         if on_tensor_written is not None:
             on_tensor_written(info)
     flush_run()
+
+
+class _Cancelled(Exception):
+    """Stops a background shard between two kernel calls once the write has failed."""
+
+
+class _ShardCopier:
+    """Writes the shards whose every tensor is a file region on one background thread, while
+    the caller's thread goes on producing the shards that hold tensors: kernel copies release
+    the GIL, so the disk works while new tensors are made.
+
+    On leaving the block after a failure (Ctrl-C included), queued shards are dropped, the
+    running one stops after its current kernel call (its files are then removed with the
+    temporary directory), and so do the copies made ahead; without one, a background failure
+    is raised.
+    """
+
+    def __init__(self, precopied: PrecopiedFiles | None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusesurgery-copy")
+        self._futures: list[Future] = []
+        self._precopied = precopied
+        self._stopping = threading.Event()
+
+    def checked(self, callback: Callable[[TensorInfo], None] | None
+                ) -> Callable[[TensorInfo], None]:
+        """``callback`` for a background shard: it also stops the shard once the write
+        failed (called after each kernel call of a whole-file copy, after each tensor else)."""
+        def report(info: TensorInfo) -> None:
+            if self._stopping.is_set():
+                raise _Cancelled
+            if callback is not None:
+                callback(info)
+
+        return report
+
+    def submit(self, function: Callable[..., None], *args: object) -> None:
+        self.raise_failure()
+        self._futures.append(self._pool.submit(function, *args))
+
+    def raise_failure(self) -> None:
+        """Raise what a finished background shard raised, if any."""
+        for future in self._futures:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                raise future.exception()
+
+    def __enter__(self) -> _ShardCopier:
+        return self
+
+    def _stop(self) -> None:
+        self._stopping.set()
+        if self._precopied is not None:
+            self._precopied.stop()
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self._stop()
+            return
+        try:
+            self._pool.shutdown(wait=True)
+            for future in self._futures:
+                future.result()
+        except BaseException:  # a background failure, or Ctrl-C / SIGTERM while waiting
+            self._stop()
+            raise
+
+
+def _all_regions(layout: _ShardLayout, fetched: Sequence[TensorSource | None]) -> bool:
+    return len(fetched) == len(layout.tensors) and all(
+        _region_of(source) is not None for source in fetched)
+
+
+def _thread_safe(callback: Callable[[TensorInfo], None] | None
+                 ) -> Callable[[TensorInfo], None] | None:
+    if callback is None:
+        return None
+    lock = threading.Lock()
+
+    def report(info: TensorInfo) -> None:
+        with lock:
+            callback(info)
+
+    return report
 
 
 def progress_callback(
@@ -730,6 +880,7 @@ def write_safetensors(
     new_shard_at: Collection[str] = (),
     inputs: Collection[str | os.PathLike[str]] = (),
     on_progress: Callable[[int, int], None] | None = None,
+    precopied: PrecopiedFiles | None = None,
 ) -> WriteResult:
     """Write tensors as Hugging Face-style (sharded) safetensors, streaming and atomically.
 
@@ -743,7 +894,11 @@ def write_safetensors(
     shard run ahead while they return regions (at most one tensor in memory is fetched
     ahead); when a shard turns out to be exactly one source file's data under new names (same
     order, no tensor added, dropped or resized, rows perhaps reordered), that file is copied
-    whole and only its header and reordered rows are rewritten in place.
+    whole and only its header and reordered rows are rewritten in place. Shards whose every
+    tensor is a file region are written on a background thread while the next shards' tensors
+    are fetched and written on the caller's (``get_tensor`` is only ever called from the
+    caller's thread; ``on_tensor_written`` and ``on_progress`` may be called from either, one
+    call at a time).
 
     Args:
         out_dir: the output directory. Missing parents are created. If it exists it must be
@@ -769,6 +924,8 @@ def write_safetensors(
         inputs: every path the tensors are read from (checkpoint paths given, files opened);
             the output may not overlap any of them.
         on_progress: called with ``(bytes written, total bytes)`` after each tensor.
+        precopied: whole copies of source files made ahead (same filesystem): a shard that
+            is such a file under new names takes its copy instead of copying again.
 
     Returns:
         The output directory, the shard plan, and the names of the files written.
@@ -788,7 +945,7 @@ def write_safetensors(
     out_dir = resolve_output(out_dir)
     check_not_an_input(out_dir, inputs)
     _check_infos(infos)
-    on_tensor_written = progress_callback(infos, on_tensor_written, on_progress)
+    on_tensor_written = _thread_safe(progress_callback(infos, on_tensor_written, on_progress))
     header_metadata = _check_metadata(metadata)
     plan = plan_shards(infos, max_shard_size, new_shard_at=new_shard_at)
     reserved = {shard.filename for shard in plan.shards} | {MARKER_FILE}
@@ -810,10 +967,22 @@ def write_safetensors(
     )
     files: list[str] = []
     with atomic_output(out_dir, overwrite=overwrite, needed=needed, durable=durable) as temp_dir:
-        for layout in layouts:
-            _write_shard(temp_dir / layout.filename, layout, get_tensor, on_tensor_written,
-                         durable)
-            files.append(layout.filename)
+        with _ShardCopier(precopied) as copier:
+            for layout in layouts:
+                path = temp_dir / layout.filename
+                fetched = _fetch_ahead(layout, get_tensor)
+                # synced below, all at once: no shard waits for another's flush to disk
+                if _all_regions(layout, fetched):
+                    copier.submit(_write_shard, path, layout, get_tensor,
+                                  copier.checked(on_tensor_written), False, fetched, precopied)
+                else:
+                    _write_shard(path, layout, get_tensor, on_tensor_written, False, fetched,
+                                 precopied)
+                    copier.raise_failure()
+                files.append(layout.filename)
+        if durable:
+            for layout in layouts:
+                _fsync_file(temp_dir / layout.filename)
         files += write_extra_files(temp_dir, extras, durable)
         # The index goes last: a directory holding an index always holds every shard it names.
         if index_bytes is not None:

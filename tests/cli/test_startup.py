@@ -196,3 +196,20 @@ def test_fuse_help_default_matches_the_library():
     from fusesurgery.surgery.fuse_plan import DEFAULT_EVERY
 
     assert fuse_cli.DEFAULT_EVERY == DEFAULT_EVERY
+
+
+def test_inspect_and_diff_of_a_fused_directory_do_not_import_torch(tmp_path, fused_example):
+    # issue 19: the gates are read from the file's bytes, the rest is metadata
+    done, torch_imported = run_probed(tmp_path, "inspect", str(fused_example))
+    assert done.returncode == 0, done.stderr
+    assert "identity: all gates 0 (4 gates)" in done.stdout
+    assert not torch_imported
+    done, torch_imported = run_probed(tmp_path, "inspect", str(fused_example), "--json")
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)["fusion"]["gates"].values()) == {0.0}
+    assert not torch_imported
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for a, b in ((examples / "tiny-llama", fused_example), (fused_example, fused_example)):
+        done, torch_imported = run_probed(tmp_path, "diff", str(a), str(b), "--no-values")
+        assert done.returncode in (0, 1), done.stdout + done.stderr
+        assert not torch_imported

@@ -314,16 +314,18 @@ def test_fused_gates_are_read_exactly(tmp_path):
 
 
 def test_fused_reads_only_the_gates(fused_identity, monkeypatch):
-    read = []
-    original = CheckpointSource.get_tensor
+    read, tensors = [], []
+    original = CheckpointSource.read_scalar
 
     def spy(self, key):
         read.append(key)
         return original(self, key)
 
-    monkeypatch.setattr(CheckpointSource, "get_tensor", spy)
+    monkeypatch.setattr(CheckpointSource, "read_scalar", spy)
+    monkeypatch.setattr(CheckpointSource, "get_tensor", lambda self, key: tensors.append(key))
     inspect_checkpoint(fused_identity, {"num_heads": 4, "encoder_num_heads": 4})
     assert sorted(read) == sorted(k for k in fused_state_dict() if k.endswith("_scale.scale"))
+    assert tensors == []  # the gates come from the file's bytes, without torch
 
 
 def test_fused_encoder_without_a_head_count_is_a_note(fused_identity):
