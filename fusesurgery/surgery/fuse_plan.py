@@ -8,6 +8,7 @@ tensors and :func:`fusesurgery.write.fuse_checkpoints` streams everything to dis
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -110,7 +111,10 @@ class FuseOptions:
         if layer is not DEFAULT and layer is not None and not is_int(layer):
             raise argument_error("encoder_layer", layer, "a hidden-layer index (an int), "
                                   "None (the final hidden states) or the family default")
-        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+        # a torch dtype implies torch is loaded; looking it up keeps the plan torch-free
+        loaded_torch = sys.modules.get("torch")
+        if self.dtype is not None and (loaded_torch is None
+                                       or not isinstance(self.dtype, loaded_torch.dtype)):
             raise argument_error("dtype", self.dtype, "a torch dtype or None")
         check_int("seed", self.seed, 0, FUSE_SEED_LIMIT,
                   "it is mixed with each new tensor's name into one 64-bit torch seed")

@@ -14,6 +14,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,9 +35,12 @@ from fusesurgery.surgery.fused import FusedView, build_fused_model, open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
 from fusesurgery.write.fuse_checkpoint import readme_text
 from fusesurgery.write.output_guard import check_not_an_input, resolve_output
-from fusesurgery.write.safetensors_writer import TensorSource, WriteResult, write_safetensors
+from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 from fusesurgery.write.side_files import DECODER_SIDE_FILES, ENCODER_SIDE_FILES, read_side_files
+
+if TYPE_CHECKING:
+    from fusesurgery.write.safetensors_writer import TensorSource
 
 DECODER_PREFIX = "decoder."
 # How many tensor names a refusal shows before the count.
