@@ -30,9 +30,10 @@ def convert(
     source: CheckpointPath,
     # str, not Path: typer turns "" into Path("."), the current directory
     output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
-    to: Annotated[Literal["native", "hf", "meta", "mllama"], typer.Option(
+    to: Annotated[Literal["native", "hf", "meta", "mllama", "transformers"], typer.Option(
         help="Target layout: native, hf, meta (consolidated.00.pth + params.json); for a "
-        "fused checkpoint native or mllama (transformers' Mllama).")] = "native",
+        "fused checkpoint native, mllama (transformers' Mllama) or transformers (a "
+        "transformers model directory with its modeling code).")] = "native",
     dtype: DtypeOption = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(
@@ -50,6 +51,9 @@ def convert(
     from fusesurgery.write import convert_checkpoint  # noqa: PLC0415 - imports torch
 
     cast = parse_dtype_option(dtype)
+    if to == "transformers":
+        _export(source, output, cast, max_shard_size, overwrite, as_json)
+        return
     decoder, vision = split_overrides(collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
         norm_eps=norm_eps, encoder_num_heads=encoder_num_heads))
@@ -85,3 +89,27 @@ def convert(
         stderr.print(f"dropped {keys}: {reason}")
     for note in result.notes:
         stderr.print(note)
+
+
+def _export(source, output: str, cast, max_shard_size: str, overwrite: bool,
+            as_json: bool) -> None:
+    """``--to transformers``: a fused checkpoint as a transformers model directory."""
+    from fusesurgery.errors import ConfigError  # noqa: PLC0415
+    from fusesurgery.hf import export_transformers  # noqa: PLC0415 - imports torch
+
+    if cast is not None:
+        raise ConfigError("--dtype is not supported with --to transformers")
+    with byte_progress("exporting") as update:
+        config, written = export_transformers(source, output, max_shard_size=max_shard_size,
+                                              overwrite=overwrite, on_progress=update)
+    tensors = sum(len(shard.keys) for shard in written.plan.shards)
+    if as_json:
+        typer.echo(standard_json.dumps({
+            "source": str(source), "output": str(written.out_dir), "kind": "fused",
+            "to": "transformers", "tensors": tensors, "total_bytes": written.total_size,
+            "files": list(written.files)}, indent=2))
+        return
+    typer.echo(f"fused -> transformers: {tensors} tensors, {format_bytes(written.total_size)} "
+               f"in {len(written.files)} files at {written.out_dir}")
+    stderr.print("load it with AutoModelForImageTextToText.from_pretrained(DIR, "
+                  "trust_remote_code=True), or after fusesurgery.register_transformers()")
