@@ -49,36 +49,51 @@ def _with_gates(fused: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=sorted(PAIRS))
-def exported(request, tmp_path_factory):
-    """Sources, fused checkpoints (zero and nonzero gates), their exports, and what the
-    exports computed in a process without fusesurgery."""
-    pair = PAIRS[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    decoder = save_tiny_hf_decoder(pair["decoder"], root / "decoder", **pair["overrides"])
-    tower = _save_tower(pair["tower"], root / "tower")
-    fusesurgery.fuse(tower, decoder, root / "fused", every=1,
-                     fusion_after=pair["fusion_after"])
-    trained = _with_gates(root / "fused", root / "trained")
+INPUTS = {
+    "ids": torch.tensor([[1, 5, 9, IMAGE_ID, 7, 3, 11], [2, 4, IMAGE_ID, 6, 8, 10, 12]]),
+    "text": torch.tensor([[1, 5, 9, 7, 3], [2, 4, 6, 8, 10]]),
+    "pixels": torch.randn(2, 3, TINY_VISION["image_size"], TINY_VISION["image_size"],
+                          generator=torch.Generator().manual_seed(2)),
+}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, dict]:
+    """Per pair: sources, fused checkpoints (zero and nonzero gates), their exports, and what
+    the exports computed in one process without fusesurgery."""
     from fusesurgery.hf import export_transformers
 
-    for name in ("fused", "trained"):
-        export_transformers(root / name, root / f"{name}-hf")
-    torch.manual_seed(2)
-    inputs = {"ids": torch.tensor([[1, 5, 9, IMAGE_ID, 7, 3, 11], [2, 4, IMAGE_ID, 6, 8, 10, 12]]),
-              "text": torch.tensor([[1, 5, 9, 7, 3], [2, 4, 6, 8, 10]]),
-              "pixels": torch.randn(2, 3, TINY_VISION["image_size"], TINY_VISION["image_size"])}
-    torch.save(inputs, root / "inputs.pt")
+    base = tmp_path_factory.mktemp("exports")
+    torch.save(INPUTS, base / "inputs.pt")
+    pairs, directories = {}, []
+    for name, pair in PAIRS.items():
+        root = base / name
+        decoder = save_tiny_hf_decoder(pair["decoder"], root / "decoder", **pair["overrides"])
+        tower = _save_tower(pair["tower"], root / "tower")
+        fusesurgery.fuse(tower, decoder, root / "fused", every=1,
+                         fusion_after=pair["fusion_after"])
+        _with_gates(root / "fused", root / "trained")
+        for kind in ("fused", "trained"):
+            export_transformers(root / kind, root / f"{kind}-hf")
+            directories.append(str(root / f"{kind}-hf"))
+        pairs[name] = dict(root=root, decoder=decoder, trained=root / "trained")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run(
-        [sys.executable, str(HERE / "load_without_fusesurgery.py"), str(root / "inputs.pt"),
-         str(root / "results.pt"), str(root / "fused-hf"), str(root / "trained-hf")],
-        capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        [sys.executable, str(HERE / "load_without_fusesurgery.py"), str(base / "inputs.pt"),
+         str(base / "results.pt"), *directories],
+        capture_output=True, text=True, env=env, cwd=base, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    results = torch.load(root / "results.pt", weights_only=True)
-    return dict(pair=pair, root=root, decoder=decoder, fused=root / "fused", trained=trained,
-                inputs=inputs, results=results,
-                zero=results[str(root / "fused-hf")], gated=results[str(root / "trained-hf")])
+    results = torch.load(base / "results.pt", weights_only=True)
+    assert results["fusesurgery_imported"] is False
+    for pair in pairs.values():
+        pair["zero"] = results[str(pair["root"] / "fused-hf")]
+        pair["gated"] = results[str(pair["root"] / "trained-hf")]
+    return pairs
+
+
+@pytest.fixture(params=sorted(PAIRS))
+def exported(request, exports) -> dict:
+    return exports[request.param]
 
 
 def _encoder_mask(ids: torch.Tensor, s_e: int) -> torch.Tensor:
@@ -88,8 +103,6 @@ def _encoder_mask(ids: torch.Tensor, s_e: int) -> torch.Tensor:
 
 
 def test_loads_with_transformers_alone_with_every_key(exported):
-    results = exported["results"]
-    assert results["fusesurgery_imported"] is False
     for loaded in (exported["zero"], exported["gated"]):
         assert loaded["class"] == "FusedVisionTextForConditionalGeneration"
         assert loaded["missing"] == [] and loaded["unexpected"] == []
@@ -97,7 +110,7 @@ def test_loads_with_transformers_alone_with_every_key(exported):
 
 def test_logits_with_an_image_equal_load_fused(exported):
     model = fusesurgery.load_fused(exported["trained"])
-    ids, pixels = exported["inputs"]["ids"], exported["inputs"]["pixels"]
+    ids, pixels = INPUTS["ids"], INPUTS["pixels"]
     s_e = model.fused_config.encoder.seq_len
     with torch.no_grad():
         native = model(ids, encoder_input={"images": pixels},
@@ -111,7 +124,7 @@ def test_zero_gates_give_the_source_decoder_bitwise(exported):
     from transformers import AutoModelForCausalLM
 
     source = AutoModelForCausalLM.from_pretrained(exported["decoder"], dtype=torch.float32)
-    text = exported["inputs"]["text"]
+    text = INPUTS["text"]
     with torch.no_grad():
         expected = source(text).logits
         generated = source.generate(text, max_new_tokens=4, do_sample=False)
