@@ -7,7 +7,12 @@ Auto classes. transformers is imported only by what needs it.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
+
+EXPORT_MODEL_TYPE = "fusesurgery_fused"  # the exported config.json's model_type
 
 
 def export_transformers(*args: Any, **kwargs: Any):
@@ -15,6 +20,26 @@ def export_transformers(*args: Any, **kwargs: Any):
     from fusesurgery.hf.export import export_transformers as export  # noqa: PLC0415
 
     return export(*args, **kwargs)
+
+
+def import_transformers(*args: Any, **kwargs: Any):
+    """See :func:`fusesurgery.hf.reimport.import_transformers`."""
+    from fusesurgery.hf.reimport import import_transformers as reimport  # noqa: PLC0415
+
+    return reimport(*args, **kwargs)
+
+
+def is_export_directory(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory written by ``convert --to transformers`` (its
+    config.json says so); reads that one file, imports nothing."""
+    config = Path(path) / "config.json"
+    if not Path(path).is_dir() or not config.is_file():
+        return False
+    try:
+        document = json.loads(config.read_bytes())
+    except (OSError, ValueError):
+        return False  # the readers report what is wrong with it
+    return isinstance(document, dict) and document.get("model_type") == EXPORT_MODEL_TYPE
 
 
 def register_transformers() -> None:
@@ -45,4 +70,5 @@ def register_transformers() -> None:
                       exist_ok=True)
 
 
-__all__ = ["export_transformers", "register_transformers"]
+__all__ = ["export_transformers", "import_transformers", "is_export_directory",
+           "register_transformers"]

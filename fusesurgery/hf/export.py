@@ -10,8 +10,11 @@ transformers alone.
 Keys (``exported_key``): the text model's and the tower's are the sources' own transformers
 names under ``language_model.`` and ``vision_tower.``; fusion's are
 ``cross_attention_layers.{i}.<native local name>``, ``projection.*`` and
-``fusion_embedding.weight``. Every tensor is the fused checkpoint's bytes: copied by the
-kernel, the decoder's q/k rows put back in transformers' rotary order.
+``fusion_embedding.weight``. ``config.json`` also holds the fused checkpoint's
+``fusion_config.json`` and the output its ``source/`` files, so that
+:func:`fusesurgery.hf.reimport.import_transformers` gives the fused checkpoint back. Every
+tensor is the fused checkpoint's bytes: copied by the kernel, the decoder's q/k rows put back
+in transformers' rotary order.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from fusesurgery.convert.plan import PlanEntry, _rope_transform
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
 from fusesurgery.convert.transforms import IDENTITY, Transform
 from fusesurgery.errors import ConfigError, KeyMapError
+from fusesurgery.hf import EXPORT_MODEL_TYPE
 from fusesurgery.io import TensorInfo
 from fusesurgery.surgery.fused import open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
@@ -56,7 +60,7 @@ from fusesurgery.write.side_files import (
     read_side_files,
 )
 
-MODEL_TYPE = "fusesurgery_fused"
+MODEL_TYPE = EXPORT_MODEL_TYPE
 CONFIG_MODULE = "configuration_fusesurgery_fused"
 MODELING_MODULE = "modeling_fusesurgery_fused"
 CONFIG_CLASS = "FusedVisionTextConfig"
@@ -68,6 +72,8 @@ VISION_PREFIX = "vision_tower."
 CROSS_PREFIX = "cross_attention_layers."
 PROJECTION_PREFIX = "projection."
 FUSION_EMBEDDING_KEY = "fusion_embedding.weight"
+# The fused checkpoint's whole fusion_config.json, inside config.json: the way back.
+FUSION_CONFIG_FIELD = "fusesurgery_fusion_config"
 _FUSION_SEGMENT = ".fusion_layer."
 
 
@@ -163,6 +169,7 @@ def export_config_dict(config: FusedConfig, directory: Path,
         "vision_feature_layer": e.output_layer,
         "tie_word_embeddings": d.tie_word_embeddings,
         "dtype": dtypes["decoder"],
+        FUSION_CONFIG_FIELD: config.to_dict(),
     }
 
 
@@ -241,6 +248,11 @@ def export_transformers(
             **template_files(),
             **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
         }
+        for part, record in config.sources.items():  # what unfuse gives back, kept
+            kept = read_side_files(directory / SOURCE_FILES_DIR / part,
+                                   tuple(record.get("kept_files", ())))
+            extra.update({f"{SOURCE_FILES_DIR}/{part}/{name}": content
+                          for name, content in kept.items()})
         written = write_safetensors(
             out_dir, infos, lambda key: producers[key](), max_shard_size=max_shard_size,
             extra_files=extra, overwrite=overwrite, on_tensor_written=on_tensor_written,
@@ -248,4 +260,5 @@ def export_transformers(
     return config, written
 
 
-__all__ = ["MODEL_TYPE", "exported_key", "export_config_dict", "export_transformers"]
+__all__ = ["FUSION_CONFIG_FIELD", "MODEL_TYPE", "export_config_dict", "export_transformers",
+           "exported_key"]

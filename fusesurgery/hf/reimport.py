@@ -1,0 +1,121 @@
+"""A transformers export (``convert --to transformers``) back to fusesurgery's fused layout,
+streaming, atomic: every tensor under its native fused name, the decoder's q/k rows back in
+the native rotary order, ``fusion_config.json`` and the kept ``source/`` files as they were.
+
+Nothing read is trusted: the export's keys and shapes must be exactly those the fusion config
+it carries describes (each native key mapped by :func:`~fusesurgery.hf.export.exported_key`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fusesurgery import _json as standard_json
+from fusesurgery.convert.plan import PlanEntry
+from fusesurgery.convert.transforms import invert_transform
+from fusesurgery.errors import ConfigError, ShapeError
+from fusesurgery.hf.export import FUSION_CONFIG_FIELD, MODEL_TYPE, exported_key
+from fusesurgery.io import TensorInfo, open_checkpoint
+from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
+from fusesurgery.surgery.fused import build_fused_model
+from fusesurgery.surgery.fused_config import (
+    SOURCE_FILES_DIR,
+    FusedConfig,
+    fused_config_from_dict,
+)
+from fusesurgery.write.convert_checkpoint import plan_entry_source
+from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
+from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+from fusesurgery.write.side_files import DECODER_SIDE_FILES, ENCODER_SIDE_FILES, read_side_files
+
+
+def is_transformers_export(document: object) -> bool:
+    """Whether a config.json document is an export's (``model_type`` fusesurgery_fused)."""
+    return isinstance(document, dict) and document.get("model_type") == MODEL_TYPE
+
+
+def _native_shapes(config: FusedConfig) -> dict[str, tuple[int, ...]]:
+    """Native fused key -> shape, of the model ``config`` describes (built on meta)."""
+    with torch.device("meta"):
+        model = build_fused_model(config)
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+def import_transformers(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    durable: bool = True,
+) -> tuple[FusedConfig, WriteResult]:
+    """Write a transformers export back as the fused checkpoint it came from.
+
+    Args:
+        path: a directory written by ``convert --to transformers``.
+        out_dir: the output directory (atomic; never an input, inside one or holding one).
+        max_shard_size: largest shard.
+        overwrite: replace an earlier fusesurgery output.
+        on_progress: called with ``(bytes written, total bytes)`` after each tensor.
+        durable: fsync before the output appears.
+
+    Returns:
+        The fusion config and the files written.
+
+    Raises:
+        FuseSurgeryError: not an export, a damaged carried fusion config, keys or shapes that
+            are not the ones it describes, or an output that cannot be written.
+    """
+    with open_checkpoint(path) as source:
+        if source.config_file != "config.json" or not is_transformers_export(source.config):
+            raise ConfigError(f"{path} is not a transformers export of a fused checkpoint "
+                              f"(its config.json's model_type is not {MODEL_TYPE!r})")
+        origin = f"{path}/config.json: {FUSION_CONFIG_FIELD}"
+        config = fused_config_from_dict(source.config.get(FUSION_CONFIG_FIELD), origin)
+        if config.encoder is None:
+            raise ConfigError(f"{origin}: a fused model without a vision tower is no export")
+        native_of: dict[str, tuple[str, tuple]] = {}
+        for key, shape in _native_shapes(config).items():
+            name, transform = exported_key(key, config)
+            native_of[name] = (key, invert_transform(transform), shape)
+        infos = source.infos()
+        missing = sorted(set(native_of) - set(infos))
+        unexpected = sorted(set(infos) - set(native_of))
+        if missing or unexpected:
+            raise ShapeError(f"{path}: its tensors are not the ones its fusion config "
+                             f"describes: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        out_infos, producers = [], {}
+        for name, info in infos.items():  # the export's order, which is the fused one's
+            key, transform, shape = native_of[name]
+            if tuple(info.shape) != shape:
+                raise ShapeError(f"{path}: {name} is {list(info.shape)}, its fusion "
+                                 f"config needs {list(shape)}")
+            entry = PlanEntry(target_key=key, source_key=name, transform=transform,
+                              source_shape=shape, source_dtype=info.dtype, shape=shape,
+                              dtype=info.dtype)
+            out_infos.append(TensorInfo(key, shape, info.dtype))
+            producers[key] = lambda e=entry: plan_entry_source(e, source)
+        directory = Path(source.path) if Path(source.path).is_dir() else Path(
+            source.path).parent
+        extra: dict[str, bytes | str] = {
+            FUSION_CONFIG_FILE: standard_json.dumps(config.to_dict(), indent=2) + "\n",
+            **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
+        }
+        for part, record in config.sources.items():
+            kept = read_side_files(directory / SOURCE_FILES_DIR / part,
+                                   tuple(record.get("kept_files", ())))
+            extra.update({f"{SOURCE_FILES_DIR}/{part}/{name}": content
+                          for name, content in kept.items()})
+        written = write_safetensors(
+            out_dir, out_infos, lambda key: producers[key](), max_shard_size=max_shard_size,
+            extra_files=extra, overwrite=overwrite, on_progress=on_progress, durable=durable,
+            inputs=(directory, *source.paths_read))
+    return config, written
+
+
+__all__ = ["import_transformers", "is_transformers_export"]
