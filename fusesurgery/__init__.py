@@ -21,11 +21,13 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
     "RopeScaling": ("fusesurgery.config", "RopeScaling"),
     "VisionEncoderConfig": ("fusesurgery.config", "VisionEncoderConfig"),
     "detect_checkpoint": ("fusesurgery.surgery", "detect_checkpoint"),
+    "export_transformers": ("fusesurgery.hf", "export_transformers"),
     "fuse": ("fusesurgery.write.fuse_checkpoint", "fuse"),
     "load_decoder": ("fusesurgery.surgery", "load_decoder"),
     "load_encoder": ("fusesurgery.surgery", "load_encoder"),
     "load_fused": ("fusesurgery.surgery.fused", "load_fused"),
     "read_fused_config": ("fusesurgery.surgery.fused", "read_fused_config"),
+    "register_transformers": ("fusesurgery.hf", "register_transformers"),
     "save_fused": ("fusesurgery.write.save_fused", "save_fused"),
     "unfuse": ("fusesurgery.write.unfuse_checkpoint", "unfuse_checkpoint"),
     "validate": ("fusesurgery.validate", "validate_fused"),
@@ -34,6 +36,7 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
 if TYPE_CHECKING:
     from fusesurgery.config import DecoderConfig, FusionConfig, RopeScaling, VisionEncoderConfig
     from fusesurgery.errors import FuseSurgeryError
+    from fusesurgery.hf import export_transformers, register_transformers
     from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
     from fusesurgery.surgery.fuse_plan import FuseOptions
     from fusesurgery.surgery.fused import load_fused, read_fused_config
@@ -93,11 +96,13 @@ __all__ = [
     "VisionEncoderConfig",
     "__version__",
     "detect_checkpoint",
+    "export_transformers",
     "fuse",
     "load_decoder",
     "load_encoder",
     "load_fused",
     "read_fused_config",
+    "register_transformers",
     "save_fused",
     "unfuse",
     "validate",
