@@ -122,3 +122,35 @@ def test_inspect_recognises_an_export(export):
     result = runner.invoke(app, ["inspect", str(export)])
     assert result.exit_code == 2
     assert "exported by `fusesurgery convert --to transformers`" in result.stderr
+
+
+def test_training_with_gradient_checkpointing_gets_the_same_gradients(export):
+    from transformers import AutoModelForImageTextToText
+
+    from fusesurgery.hf import register_transformers
+
+    register_transformers()
+    model = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32)
+    with torch.no_grad():  # gates open, so the image reaches the loss
+        for name, param in model.named_parameters():
+            if name.endswith(("ca_scale.scale", "mlp_scale.scale")):
+                param.fill_(0.5)
+    ids = torch.tensor([[1, 17, 42, 512, 7, 9, 11, 5]])
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def fusion_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        loss = model(input_ids=ids, pixel_values=images, labels=ids, use_cache=False).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()
+                if n.startswith("cross_attention_layers.")}
+
+    model.train()
+    plain = fusion_grads()
+    enable = (getattr(model, "activation_checkpointing_enable", None)
+              or model.gradient_checkpointing_enable)
+    enable()
+    checkpointed = fusion_grads()
+    assert plain and all(g.abs().sum() > 0 for g in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -27,6 +27,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from .configuration_fusesurgery_fused import FusedVisionTextConfig
 
 CACHE_FIELD = "fusesurgery_image_state"  # set on the generation cache: keys/values, last row
+IMAGE_KWARG = "fusesurgery_image"  # the text model's keyword that carries it to the layers
 
 
 class FusionRMSNorm(nn.Module):
@@ -193,40 +194,57 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         self.fusion_embedding = nn.Embedding(config.fusion_vocab_size, config.hidden_size)
         self.cross_attention_layers = nn.ModuleDict(
             {str(i): FusionCrossAttentionLayer(config) for i in config.fusion_layers})
-        self._image_state: tuple[dict, torch.Tensor | None] | None = None
         layers = self.language_model.base_model.layers
-        for i in config.fusion_layers:
-            if config.fusion_first:
-                layers[i].register_forward_pre_hook(self._fusion_before(str(i)),
-                                                    with_kwargs=True)
-            else:
-                layers[i].register_forward_hook(self._fusion_after(str(i)))
+        for i, layer in enumerate(layers):
+            name = str(i)
+            if i in config.fusion_layers and config.fusion_first:
+                layer.register_forward_pre_hook(self._fusion_before(name), with_kwargs=True)
+            elif i in config.fusion_layers:
+                layer.register_forward_pre_hook(self._take_image, with_kwargs=True)
+                layer.register_forward_hook(self._fusion_after(name))
+            else:  # the image reaches every layer's kwargs; only fusion layers keep it
+                layer.register_forward_pre_hook(self._drop_image, with_kwargs=True)
         self._cache_keyword = ("cache" if "cache" in inspect.signature(
             self.language_model.forward).parameters else "past_key_values")
         self.post_init()
 
-    # --- the hooks that run a cross-attention layer around a decoder layer
+    # --- the hooks that run a cross-attention layer around a decoder layer. The image's keys,
+    # values and mask travel as a keyword argument of the text model's call, which hands its
+    # extra keywords to every decoder layer: a layer recomputed under gradient checkpointing
+    # gets them again, and nothing is kept on the model between calls.
 
-    def _cross(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self._image_state is None:  # no image and nothing cached: the layer adds nothing
+    def _cross(self, name: str, x: torch.Tensor, image: tuple | None) -> torch.Tensor:
+        if image is None:  # no image and nothing cached: the layer adds nothing
             return x
-        keys_values, mask = self._image_state
+        keys_values, mask = image
         k, v = keys_values[name]
         return self.cross_attention_layers[name](x, k, v, mask)
 
+    @staticmethod
+    def _drop_image(module, args, kwargs):
+        kwargs.pop(IMAGE_KWARG, None)
+        return args, kwargs
+
+    @staticmethod
+    def _take_image(module, args, kwargs):
+        module._fusesurgery_image = kwargs.pop(IMAGE_KWARG, None)
+        return args, kwargs
+
     def _fusion_before(self, name: str):
         def hook(module, args, kwargs):
+            image = kwargs.pop(IMAGE_KWARG, None)
             if args:
-                return (self._cross(name, args[0]), *args[1:]), kwargs
-            kwargs["hidden_states"] = self._cross(name, kwargs["hidden_states"])
+                return (self._cross(name, args[0], image), *args[1:]), kwargs
+            kwargs["hidden_states"] = self._cross(name, kwargs["hidden_states"], image)
             return args, kwargs
         return hook
 
     def _fusion_after(self, name: str):
         def hook(module, args, output):
+            image = module.__dict__.pop("_fusesurgery_image", None)
             if isinstance(output, tuple):
-                return (self._cross(name, output[0]), *output[1:])
-            return self._cross(name, output)
+                return (self._cross(name, output[0], image), *output[1:])
+            return self._cross(name, output, image)
         return hook
 
     # --- transformers plumbing
@@ -297,7 +315,8 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             cross_attention_mask: ``[b, s, s_e]`` (True = the token attends to that image
                 position); None derives it: a token attends to the whole image from the
                 first image token on, earlier text to none of it.
-            labels: ``[b, s]`` for the language-model loss (-100 = ignored).
+            labels: ``[b, s]`` for the language-model loss (-100 = ignored; so are the new
+                tokens, which the output projection has no row for).
             past_key_values: the generation cache (``cache`` in newer transformers).
             use_cache: keep a cache.
 
@@ -305,6 +324,8 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             The text model's ``CausalLMOutputWithPast`` (logits ``[b, s, v]``).
         """
         cache = cache if cache is not None else past_key_values
+        if labels is not None:  # the new tokens are input-only: the output has no row for them
+            labels = labels.masked_fill(labels >= self.config.text_vocab_size, -100)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         state = getattr(cache, CACHE_FIELD, None) if cache is not None else None
@@ -314,21 +335,19 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             keys_values = {name: layer.attn.project_kv(image)
                            for name, layer in self.cross_attention_layers.items()}
             previous_row = None
-        self._image_state = None
+        image = None
         if keys_values is not None:
             s_e = next(iter(keys_values.values()))[0].shape[2]
             mask = self._cross_mask(input_ids, cross_attention_mask, previous_row, s_e)
-            self._image_state = (keys_values, mask)
-        try:
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                position_ids=position_ids, labels=labels, use_cache=use_cache,
-                **{self._cache_keyword: cache}, **kwargs)
-        finally:
-            image_state, self._image_state = self._image_state, None
+            image = (keys_values, mask)
+            kwargs[IMAGE_KWARG] = image
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, labels=labels, use_cache=use_cache,
+            **{self._cache_keyword: cache}, **kwargs)
         returned = getattr(outputs, self._cache_keyword, None)
-        if returned is not None and image_state is not None:
-            keys_values, mask = image_state
+        if returned is not None and image is not None:
+            keys_values, mask = image
             setattr(returned, CACHE_FIELD,
                     (keys_values, None if mask is None else mask[:, -1, :]))
         return outputs
