@@ -29,6 +29,13 @@ def import_transformers(*args: Any, **kwargs: Any):
     return reimport(*args, **kwargs)
 
 
+def unfuse_export(*args: Any, **kwargs: Any):
+    """See :func:`fusesurgery.hf.reimport.unfuse_export`."""
+    from fusesurgery.hf.reimport import unfuse_export as unfuse  # noqa: PLC0415
+
+    return unfuse(*args, **kwargs)
+
+
 def is_export_directory(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a directory written by ``convert --to transformers`` (its
     config.json says so); reads that one file, imports nothing."""
@@ -71,4 +78,4 @@ def register_transformers() -> None:
 
 
 __all__ = ["export_transformers", "import_transformers", "is_export_directory",
-           "register_transformers"]
+           "register_transformers", "unfuse_export"]

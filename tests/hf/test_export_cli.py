@@ -154,3 +154,26 @@ def test_training_with_gradient_checkpointing_gets_the_same_gradients(export):
     assert plain and all(g.abs().sum() > 0 for g in plain.values())
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(("part", "example", "files"), [
+    ("decoder", "tiny-llama", ("config.json", "generation_config.json", "tokenizer.json",
+                               "tokenizer_config.json")),
+    ("encoder", "tiny-clip-vision", ("config.json", "preprocessor_config.json")),
+])
+def test_unfuse_of_an_export_gives_the_source_back(part, example, files, export, tmp_path):
+    out = tmp_path / part
+    result = runner.invoke(app, ["unfuse", str(export), "-o", str(out), "--part", part])
+    assert result.exit_code == 0, result.output
+    original, returned = _tensors(EXAMPLES / example), _tensors(out)
+    assert sorted(original) == sorted(returned)
+    assert all(torch.equal(original[k], returned[k]) for k in original)
+    for name in files:  # the source's own files, byte for byte
+        assert (out / name).read_bytes() == (EXAMPLES / example / name).read_bytes(), name
+
+
+def test_unfuse_of_an_export_refuses_what_a_prefix_strip_cannot_do(export, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["unfuse", str(export), "-o", str(out), "--merge-embeddings"])
+    assert result.exit_code == 2 and "--merge-embeddings is not supported" in result.stderr
+    assert not out.exists()
