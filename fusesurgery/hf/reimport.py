@@ -91,6 +91,20 @@ def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, tuple]
     return config, native_of
 
 
+GATE_SUFFIXES: tuple[str, ...] = (".ca_scale.scale", ".mlp_scale.scale")
+
+
+def _with_gates_read(config: FusedConfig, source, native_of: dict[str, tuple]) -> FusedConfig:
+    """``config`` with the gate values the export's tensors hold (a model trained and saved
+    with transformers carries the fusion config it was exported with): ``trained`` once any
+    gate is nonzero, so the written fusion_config.json never claims an identity that no longer
+    holds."""
+    gates = {key: float(source.get_tensor(name).float().item())
+             for name, (key, _, _) in native_of.items() if key.endswith(GATE_SUFFIXES)}
+    trained = config.trained or any(value != 0.0 for value in gates.values())
+    return config.replace(gates=dict(sorted(gates.items())), trained=trained)
+
+
 def import_transformers(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -129,6 +143,7 @@ def import_transformers(
             producers[key] = lambda e=entry: plan_entry_source(e, source)
         directory = Path(source.path) if Path(source.path).is_dir() else Path(
             source.path).parent
+        config = _with_gates_read(config, source, native_of)
         extra: dict[str, bytes | str] = {
             FUSION_CONFIG_FILE: standard_json.dumps(config.to_dict(), indent=2) + "\n",
             **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),

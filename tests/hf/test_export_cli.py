@@ -177,3 +177,22 @@ def test_unfuse_of_an_export_refuses_what_a_prefix_strip_cannot_do(export, tmp_p
     result = runner.invoke(app, ["unfuse", str(export), "-o", str(out), "--merge-embeddings"])
     assert result.exit_code == 2 and "--merge-embeddings is not supported" in result.stderr
     assert not out.exists()
+
+
+def test_trained_in_transformers_and_back_says_trained(export, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from fusesurgery.hf import register_transformers
+
+    register_transformers()
+    model = AutoModelForImageTextToText.from_pretrained(export)
+    with torch.no_grad():
+        model.cross_attention_layers["1"].ca_scale.scale.fill_(0.5)
+    model.save_pretrained(tmp_path / "trained-hf")
+    back = tmp_path / "back"
+    result = runner.invoke(app, ["convert", str(tmp_path / "trained-hf"), "-o", str(back)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((back / "fusion_config.json").read_text())
+    assert config["trained"] is True
+    assert config["gates"]["decoder.layers.1.fusion_layer.ca_scale.scale"] == 0.5
+    assert config["gates"]["decoder.layers.3.fusion_layer.mlp_scale.scale"] == 0.0
