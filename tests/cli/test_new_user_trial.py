@@ -55,7 +55,7 @@ def run_script(*args: object, env: dict[str, str] | None = None) -> subprocess.C
     (["--bogus"], "error: No such option: --bogus (see 'fusesurgery --help')"),
     (["convert", "x", "-o", "y", "--to", "gguf"],
      "error: Invalid value for '--to': unknown layout 'gguf'; valid: native, hf, meta, "
-     "mllama (see 'fusesurgery convert --help')"),
+     "mllama, transformers (see 'fusesurgery convert --help')"),
 ])
 def test_usage_error_is_one_line(args, expected):
     result = cli(*args)

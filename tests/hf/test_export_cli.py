@@ -196,3 +196,12 @@ def test_trained_in_transformers_and_back_says_trained(export, tmp_path):
     assert config["trained"] is True
     assert config["gates"]["decoder.layers.1.fusion_layer.ca_scale.scale"] == 0.5
     assert config["gates"]["decoder.layers.3.fusion_layer.mlp_scale.scale"] == 0.0
+
+
+def test_convert_checkpoint_names_the_exporter(fused_example, tmp_path):
+    from fusesurgery.errors import ConfigError
+    from fusesurgery.write import convert_checkpoint
+
+    with pytest.raises(ConfigError, match="fusesurgery.export_transformers"):
+        convert_checkpoint(fused_example, tmp_path / "out", to="transformers")
+    assert not (tmp_path / "out").exists()
