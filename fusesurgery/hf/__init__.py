@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 EXPORT_MODEL_TYPE = "fusesurgery_fused"  # the exported config.json's model_type
+EXPORT_TARGET = "transformers"  # convert --to's name for the export
 
 
 def export_transformers(*args: Any, **kwargs: Any):
