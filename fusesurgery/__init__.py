@@ -21,6 +21,7 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
     "RopeScaling": ("fusesurgery.config", "RopeScaling"),
     "VisionEncoderConfig": ("fusesurgery.config", "VisionEncoderConfig"),
     "detect_checkpoint": ("fusesurgery.surgery", "detect_checkpoint"),
+    "export_transformers": ("fusesurgery.hf", "export_transformers"),
     "fuse": ("fusesurgery.write.fuse_checkpoint", "fuse"),
     "generate": ("fusesurgery.run.generation", "generate"),
     "load_decoder": ("fusesurgery.surgery", "load_decoder"),
@@ -29,6 +30,7 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
     "load_processor": ("fusesurgery.run.inputs", "load_processor"),
     "prepare_inputs": ("fusesurgery.run.inputs", "prepare_inputs"),
     "read_fused_config": ("fusesurgery.surgery.fused", "read_fused_config"),
+    "register_transformers": ("fusesurgery.hf", "register_transformers"),
     "save_fused": ("fusesurgery.write.save_fused", "save_fused"),
     "unfuse": ("fusesurgery.write.unfuse_checkpoint", "unfuse_checkpoint"),
     "validate": ("fusesurgery.validate", "validate_fused"),
@@ -37,6 +39,7 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
 if TYPE_CHECKING:
     from fusesurgery.config import DecoderConfig, FusionConfig, RopeScaling, VisionEncoderConfig
     from fusesurgery.errors import FuseSurgeryError
+    from fusesurgery.hf import export_transformers, register_transformers
     from fusesurgery.run.generation import generate
     from fusesurgery.run.inputs import load_processor, prepare_inputs
     from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
@@ -98,6 +101,7 @@ __all__ = [
     "VisionEncoderConfig",
     "__version__",
     "detect_checkpoint",
+    "export_transformers",
     "fuse",
     "generate",
     "load_decoder",
@@ -106,6 +110,7 @@ __all__ = [
     "load_processor",
     "prepare_inputs",
     "read_fused_config",
+    "register_transformers",
     "save_fused",
     "unfuse",
     "validate",

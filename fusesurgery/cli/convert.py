@@ -30,9 +30,10 @@ def convert(
     source: CheckpointPath,
     # str, not Path: typer turns "" into Path("."), the current directory
     output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
-    to: Annotated[Literal["native", "hf", "meta", "mllama"], typer.Option(
+    to: Annotated[Literal["native", "hf", "meta", "mllama", "transformers"], typer.Option(
         help="Target layout: native, hf, meta (consolidated.00.pth + params.json); for a "
-        "fused checkpoint native or mllama (transformers' Mllama).")] = "native",
+        "fused checkpoint native, mllama (transformers' Mllama) or transformers (a "
+        "transformers model directory with its modeling code).")] = "native",
     dtype: DtypeOption = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(
@@ -50,6 +51,11 @@ def convert(
     from fusesurgery.write import convert_checkpoint  # noqa: PLC0415 - imports torch
 
     cast = parse_dtype_option(dtype)
+    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+
+    if to == "transformers" or is_export_directory(source):
+        _transformers(source, output, to, cast, max_shard_size, overwrite, as_json)
+        return
     decoder, vision = split_overrides(collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
         norm_eps=norm_eps, encoder_num_heads=encoder_num_heads))
@@ -85,3 +91,39 @@ def convert(
         stderr.print(f"dropped {keys}: {reason}")
     for note in result.notes:
         stderr.print(note)
+
+
+def _transformers(source, output: str, to: str, cast, max_shard_size: str, overwrite: bool,
+                  as_json: bool) -> None:
+    """A fused checkpoint as a transformers model directory (``--to transformers``), or such
+    a directory back to the fused checkpoint (``--to native``)."""
+    from fusesurgery.errors import ConfigError  # noqa: PLC0415
+    from fusesurgery.hf import (  # noqa: PLC0415
+        export_transformers,
+        import_transformers,
+        is_export_directory,
+    )
+
+    if cast is not None:
+        raise ConfigError("--dtype is not supported with a transformers export")
+    if to != "native" and is_export_directory(source):
+        raise ConfigError(f"{source} is a transformers export of a fused checkpoint: only "
+                          f"--to native converts it (back to the fused checkpoint), not "
+                          f"--to {to}")
+    function = export_transformers if to == "transformers" else import_transformers
+    with byte_progress("converting") as update:
+        _, written = function(source, output, max_shard_size=max_shard_size,
+                              overwrite=overwrite, on_progress=update)
+    tensors = sum(len(shard.keys) for shard in written.plan.shards)
+    origin = "fused" if to == "transformers" else "transformers"
+    if as_json:
+        typer.echo(standard_json.dumps({
+            "source": str(source), "output": str(written.out_dir), "kind": "fused",
+            "from": origin, "to": to, "tensors": tensors, "total_bytes": written.total_size,
+            "files": list(written.files)}, indent=2))
+        return
+    typer.echo(f"{origin} -> {to}: {tensors} tensors, {format_bytes(written.total_size)} in "
+               f"{len(written.files)} files at {written.out_dir}")
+    if to == "transformers":
+        stderr.print("load it with AutoModelForImageTextToText.from_pretrained(DIR, "
+                     "trust_remote_code=True), or after fusesurgery.hf.register_transformers()")

@@ -38,6 +38,12 @@ def unfuse(
     from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint  # noqa: PLC0415 - torch
 
     cast = parse_dtype_option(dtype)
+    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+
+    if is_export_directory(fused):
+        _unfuse_export(fused, output, part, format, merge_embeddings, cast, max_shard_size,
+                       overwrite, as_json)
+        return
     with byte_progress("unfusing") as update:
         result = unfuse_checkpoint(fused, output, part=part, format=format,
                                    merge_embeddings=merge_embeddings, dtype=cast,
@@ -58,3 +64,28 @@ def unfuse(
                f"{written.out_dir}")
     for note in result.notes:
         stderr.print(f"note: {note}")
+
+
+def _unfuse_export(fused, output: str, part: str, format: str | None, merge_embeddings: bool,
+                   cast, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+    """A transformers export's text model or tower: a prefix strip (``format`` hf only)."""
+    from fusesurgery.errors import ConfigError  # noqa: PLC0415
+    from fusesurgery.hf import unfuse_export  # noqa: PLC0415 - imports torch
+
+    asked = [name for name, given in (("--format native/meta", format not in (None, "hf")),
+                                      ("--merge-embeddings", merge_embeddings),
+                                      ("--dtype", cast is not None)) if given]
+    if asked:
+        raise ConfigError(f"{asked[0]} is not supported for a transformers export; convert it "
+                          "--to native first")
+    with byte_progress("unfusing") as update:
+        tensors, written = unfuse_export(fused, output, part=part, max_shard_size=max_shard_size,
+                                         overwrite=overwrite, on_progress=update)
+    if as_json:
+        typer.echo(standard_json.dumps({
+            "output": str(written.out_dir), "part": part, "format": "hf", "tensors": tensors,
+            "merged_embeddings": False, "dtype": None, "total_bytes": written.total_size,
+            "files": list(written.files), "notes": []}, indent=2))
+        return
+    typer.echo(f"{part} (hf): {plural(tensors, 'tensor')}, {format_bytes(written.total_size)} "
+               f"in {plural(len(written.files), 'file')} at {written.out_dir}")

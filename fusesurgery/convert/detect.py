@@ -170,6 +170,11 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
         return "vision", "hf"
     if "conv.weight" in key_set:
         return "vision", "native"
+    if any_starts("cross_attention_layers.") and any_starts("language_model."):
+        raise UnrecognizedFormatError(
+            "this is a fused model exported by `fusesurgery convert --to transformers`: "
+            "`fusesurgery convert DIR --to native -o OUT` gives the fused checkpoint back"
+        )
     if any_starts("language_model.", "model.language_model.", "model.vision_model."):
         raise UnrecognizedFormatError(
             "this looks like a multimodal model (LLaVA-style language_model.* keys); "

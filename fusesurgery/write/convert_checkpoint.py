@@ -287,6 +287,9 @@ def convert_checkpoint(
         FuseSurgeryError: unreadable source, unknown keys, config problems, or an output
             that cannot be written.
     """
+    if to == "transformers":  # a model directory with its modeling code: fusesurgery.hf
+        raise ConfigError("a transformers model directory is written by "
+                          "fusesurgery.export_transformers (convert --to transformers)")
     if to not in (*CONFIG_WRITERS, "mllama"):
         raise ConfigError(f"cannot convert to {to!r}; valid: {', '.join(CONFIG_WRITERS)}, "
                           "mllama")

@@ -55,7 +55,7 @@ def run_script(*args: object, env: dict[str, str] | None = None) -> subprocess.C
     (["--bogus"], "error: No such option: --bogus (see 'fusesurgery --help')"),
     (["convert", "x", "-o", "y", "--to", "gguf"],
      "error: Invalid value for '--to': unknown layout 'gguf'; valid: native, hf, meta, "
-     "mllama (see 'fusesurgery convert --help')"),
+     "mllama, transformers (see 'fusesurgery convert --help')"),
 ])
 def test_usage_error_is_one_line(args, expected):
     result = cli(*args)
@@ -298,7 +298,9 @@ def test_choices_agree_with_the_library():
 
     assert choices("fuse", "projection") == set(PROJECTIONS)
     assert choices("fuse", "embedding_init") == set(EMBEDDING_INITS)
-    assert choices("convert", "to") == set(LAYOUTS)
+    from fusesurgery.hf import EXPORT_TARGET
+
+    assert choices("convert", "to") == {*LAYOUTS, EXPORT_TARGET}
     assert choices("unfuse", "part") == set(PARTS)
     assert choices("unfuse", "format") == set(CONFIG_WRITERS)
     from fusesurgery.cli.options import CAST_DTYPE_NAMES
@@ -311,7 +313,7 @@ def test_choices_agree_with_the_library():
     ("fusesurgery fuse --projection ", ["linear", "mlp"]),
     ("fusesurgery fuse --embedding-init ", ["mean", "normal", "zeros"]),
     ("fusesurgery fuse --dtype bf", ["bf16", "bfloat16"]),
-    ("fusesurgery convert --to ", ["hf", "meta", "mllama", "native"]),
+    ("fusesurgery convert --to ", ["hf", "meta", "mllama", "native", "transformers"]),
     ("fusesurgery unfuse --part ", ["decoder", "encoder"]),
     ("fusesurgery unfuse --format ", ["hf", "meta", "native"]),
 ])

@@ -1,0 +1,82 @@
+"""fusesurgery's fused models in the transformers ecosystem (after ``write`` in the flow).
+
+``export_transformers`` writes a fused checkpoint as a transformers model directory;
+``register_transformers`` registers its configuration and model classes with transformers'
+Auto classes. transformers is imported only by what needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+EXPORT_MODEL_TYPE = "fusesurgery_fused"  # the exported config.json's model_type
+EXPORT_TARGET = "transformers"  # convert --to's name for the export
+
+
+def export_transformers(*args: Any, **kwargs: Any):
+    """See :func:`fusesurgery.hf.export.export_transformers`."""
+    from fusesurgery.hf.export import export_transformers as export  # noqa: PLC0415
+
+    return export(*args, **kwargs)
+
+
+def import_transformers(*args: Any, **kwargs: Any):
+    """See :func:`fusesurgery.hf.reimport.import_transformers`."""
+    from fusesurgery.hf.reimport import import_transformers as reimport  # noqa: PLC0415
+
+    return reimport(*args, **kwargs)
+
+
+def unfuse_export(*args: Any, **kwargs: Any):
+    """See :func:`fusesurgery.hf.reimport.unfuse_export`."""
+    from fusesurgery.hf.reimport import unfuse_export as unfuse  # noqa: PLC0415
+
+    return unfuse(*args, **kwargs)
+
+
+def is_export_directory(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory written by ``convert --to transformers`` (its
+    config.json says so); reads that one file, imports nothing."""
+    config = Path(path) / "config.json"
+    if not Path(path).is_dir() or not config.is_file():
+        return False
+    try:
+        document = json.loads(config.read_bytes())
+    except (OSError, ValueError):
+        return False  # the readers report what is wrong with it
+    return isinstance(document, dict) and document.get("model_type") == EXPORT_MODEL_TYPE
+
+
+def register_transformers() -> None:
+    """Register the exported model's classes with transformers' ``AutoConfig``, ``AutoModel``
+    and ``AutoModelForImageTextToText``, so an exported directory loads without
+    ``trust_remote_code``. Imports transformers; calling it twice is harmless.
+
+    Raises:
+        ModuleNotFoundError: transformers is not installed.
+    """
+    from transformers import (  # noqa: PLC0415
+        AutoConfig,
+        AutoModel,
+        AutoModelForImageTextToText,
+    )
+
+    from fusesurgery.hf.template.configuration_fusesurgery_fused import (  # noqa: PLC0415
+        MODEL_TYPE,
+        FusedVisionTextConfig,
+    )
+    from fusesurgery.hf.template.modeling_fusesurgery_fused import (  # noqa: PLC0415
+        FusedVisionTextForConditionalGeneration,
+    )
+
+    AutoConfig.register(MODEL_TYPE, FusedVisionTextConfig, exist_ok=True)
+    for auto in (AutoModel, AutoModelForImageTextToText):
+        auto.register(FusedVisionTextConfig, FusedVisionTextForConditionalGeneration,
+                      exist_ok=True)
+
+
+__all__ = ["export_transformers", "import_transformers", "is_export_directory",
+           "register_transformers", "unfuse_export"]

@@ -1,0 +1,264 @@
+"""A fused checkpoint as a transformers model directory, streaming, atomic.
+
+The output holds ``config.json`` (a ``FusedVisionTextConfig``: the sources' own transformers
+configs as ``text_config`` / ``vision_config`` plus the fusion settings, with an ``auto_map``
+to the modeling files beside it), sharded safetensors with an index, the fused tokenizer,
+generation and preprocessor configs, and the template's configuration and modeling files.
+``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` loads it with
+transformers alone.
+
+Keys (``exported_key``): the text model's and the tower's are the sources' own transformers
+names under ``language_model.`` and ``vision_tower.``; fusion's are
+``cross_attention_layers.{i}.<native local name>``, ``projection.*`` and
+``fusion_embedding.weight``. ``config.json`` also holds the fused checkpoint's
+``fusion_config.json`` and the output its ``source/`` files, so that
+:func:`fusesurgery.hf.reimport.import_transformers` gives the fused checkpoint back. Every
+tensor is the fused checkpoint's bytes: copied by the kernel, the decoder's q/k rows put back
+in transformers' rotary order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fusesurgery import _json as standard_json
+from fusesurgery.convert.configs import (
+    HF_ARCHITECTURES,
+    HF_MODEL_TYPES,
+    config_style,
+    hf_config_dict,
+    set_hf_dtype,
+)
+from fusesurgery.convert.keymaps import (
+    FUSED_DECODER_PREFIX,
+    FUSED_PROJECTION_PREFIX,
+    FUSED_VISION_PREFIX,
+    HF_VISION_PREFIX,
+    from_native_key,
+)
+from fusesurgery.convert.mllama import FUSED_FUSION_EMBEDDING
+from fusesurgery.convert.plan import PlanEntry, _rope_transform
+from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
+from fusesurgery.convert.transforms import IDENTITY, Transform
+from fusesurgery.errors import ConfigError, KeyMapError
+from fusesurgery.hf import EXPORT_MODEL_TYPE
+from fusesurgery.io import TensorInfo
+from fusesurgery.surgery.fused import open_fused
+from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
+from fusesurgery.write.convert_checkpoint import plan_entry_source, vision_tower_config
+from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
+from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
+from fusesurgery.write.side_files import (
+    DECODER_SIDE_FILES,
+    ENCODER_SIDE_FILES,
+    HF_CONFIG_SIDE_FILE,
+    read_json_side_file,
+    read_side_files,
+)
+
+MODEL_TYPE = EXPORT_MODEL_TYPE
+CONFIG_MODULE = "configuration_fusesurgery_fused"
+MODELING_MODULE = "modeling_fusesurgery_fused"
+CONFIG_CLASS = "FusedVisionTextConfig"
+MODEL_CLASS = "FusedVisionTextForConditionalGeneration"
+TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py")
+
+TEXT_PREFIX = "language_model."
+VISION_PREFIX = "vision_tower."
+CROSS_PREFIX = "cross_attention_layers."
+PROJECTION_PREFIX = "projection."
+FUSION_EMBEDDING_KEY = "fusion_embedding.weight"
+# The fused checkpoint's whole fusion_config.json, inside config.json: the way back.
+FUSION_CONFIG_FIELD = "fusesurgery_fusion_config"
+_FUSION_SEGMENT = ".fusion_layer."
+
+
+def exported_key(key: str, config: FusedConfig) -> tuple[str, Transform]:
+    """The exported name of a native fused key, and the transform of its rows.
+
+    Raises:
+        KeyMapError: a key with no place in the exported model (an opaque encoder tensor).
+    """
+    if key == FUSED_FUSION_EMBEDDING:
+        return FUSION_EMBEDDING_KEY, (IDENTITY,)
+    if key.startswith(FUSED_DECODER_PREFIX + "layers.") and _FUSION_SEGMENT in key:
+        layer, _, local = key.removeprefix(FUSED_DECODER_PREFIX + "layers.").partition(
+            _FUSION_SEGMENT)
+        return f"{CROSS_PREFIX}{layer}.{local}", (IDENTITY,)
+    if key.startswith(FUSED_DECODER_PREFIX):
+        local = key.removeprefix(FUSED_DECODER_PREFIX)
+        return (TEXT_PREFIX + from_native_key(local, "hf", "decoder"),
+                _rope_transform(local, "native", "hf", config.decoder))
+    if key.startswith(FUSED_VISION_PREFIX):
+        name = from_native_key(key.removeprefix(FUSED_VISION_PREFIX), "hf", "vision")
+        return VISION_PREFIX + name.removeprefix(HF_VISION_PREFIX), (IDENTITY,)
+    if key.startswith(FUSED_PROJECTION_PREFIX):
+        return PROJECTION_PREFIX + key.removeprefix(FUSED_PROJECTION_PREFIX), (IDENTITY,)
+    raise KeyMapError(f"{key!r} has no place in the transformers export")
+
+
+def _kept_config(directory: Path, part: str, names: tuple[str, ...]) -> dict[str, Any] | None:
+    """A source's own transformers config.json that fuse kept under ``source/<part>/``."""
+    for name in names:
+        document = read_json_side_file(directory / SOURCE_FILES_DIR / part / name)
+        if document is not None and config_style(document) == "hf":
+            return document
+    return None
+
+
+def text_config_dict(config: FusedConfig, directory: Path, dtype: str) -> dict[str, Any]:
+    """The decoder's transformers config: its source's own, with what the fused config
+    states written over it (``hf_config_dict``), and the fused tensors' dtype."""
+    base = _kept_config(directory, "decoder", ("config.json", HF_CONFIG_SIDE_FILE))
+    document = hf_config_dict(config.decoder, base=base)
+    set_hf_dtype(document, dtype)
+    return document
+
+
+def vision_config_dict(config: FusedConfig, directory: Path, dtype: str) -> dict[str, Any]:
+    """The tower's transformers config (of a whole CLIPModel / SiglipModel, its vision half),
+    without SigLIP's pooling head (fuse does not carry it)."""
+    encoder = config.encoder
+    kept = _kept_config(directory, "encoder", ("config.json",))
+    document = hf_config_dict(encoder)
+    if kept is not None:
+        document = {**vision_tower_config(kept, encoder.family), **document}
+    document.setdefault("model_type", HF_MODEL_TYPES[encoder.family])
+    document.setdefault("architectures", [HF_ARCHITECTURES[encoder.family]])
+    if encoder.family in HEAD_FAMILIES:
+        document[HEAD_CONFIG_FIELD] = False
+    set_hf_dtype(document, dtype)
+    return document
+
+
+def export_config_dict(config: FusedConfig, directory: Path,
+                       dtypes: Mapping[str, str]) -> dict[str, Any]:
+    """``config.json`` of the export (``dtypes``: part -> dtype name of its tensors)."""
+    d, f, e = config.decoder, config.fusion, config.encoder
+    image = next((t.id for t in config.new_tokens if t.token == "<|image|>"),
+                 config.new_tokens[0].id if config.new_tokens else None)
+    return {
+        "architectures": [MODEL_CLASS],
+        "model_type": MODEL_TYPE,
+        "auto_map": {
+            "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
+            "AutoModel": f"{MODELING_MODULE}.{MODEL_CLASS}",
+            "AutoModelForImageTextToText": f"{MODELING_MODULE}.{MODEL_CLASS}",
+        },
+        "text_config": text_config_dict(config, directory, dtypes["decoder"]),
+        "vision_config": vision_config_dict(config, directory, dtypes["encoder"]),
+        "fusion_layers": list(f.fusion_layers),
+        "fusion_first": f.fusion_first,
+        "ca_norm_eps": f.ca_norm_eps,
+        "qk_norm_eps": f.qk_norm_eps,
+        "fusion_num_heads": d.num_heads,
+        "fusion_num_kv_heads": d.num_kv_heads,
+        "fusion_head_dim": d.head_dim,
+        "fusion_intermediate_size": d.intermediate_dim,
+        "hidden_size": d.embed_dim,
+        "vision_hidden_size": e.embed_dim,
+        "text_vocab_size": d.vocab_size,
+        "fusion_vocab_size": f.fusion_vocab_size,
+        "image_token_id": image,
+        "new_tokens": [{"token": t.token, "id": t.id} for t in config.new_tokens],
+        "projection": config.projection,
+        "vision_feature_layer": e.output_layer,
+        "tie_word_embeddings": d.tie_word_embeddings,
+        "dtype": dtypes["decoder"],
+        FUSION_CONFIG_FIELD: config.to_dict(),
+    }
+
+
+def template_files() -> dict[str, bytes]:
+    """The configuration and modeling files, as shipped in ``fusesurgery/hf/template``."""
+    package = resources.files("fusesurgery.hf.template")
+    return {name: package.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
+
+
+def _check_exportable(config: FusedConfig, path: object) -> None:
+    if config.encoder is None:
+        raise ConfigError(f"{path}: its vision side (Mllama's tiled encoder) has no "
+                          "transformers tower to export; convert it --to mllama instead")
+    if config.fusion.fusion_vocab_size == 0:
+        raise ConfigError(f"{path}: a fused model with no new tokens has no image token to "
+                          "place the image by")
+    if config.projection not in ("mlp", "linear"):
+        raise ConfigError(f"{path}: unknown projection {config.projection!r}")
+
+
+def export_transformers(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    on_tensor_written: Callable[[TensorInfo], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    durable: bool = True,
+) -> tuple[FusedConfig, WriteResult]:
+    """Write a fusesurgery fused checkpoint as a transformers model directory.
+
+    Tensors stream one at a time from the fused checkpoint (unchanged bytes copied by the
+    kernel, the decoder's q/k rows gathered into transformers' rotary order); the output
+    appears only when complete.
+
+    Args:
+        path: a fused checkpoint directory written by fusesurgery.
+        out_dir: the output directory (atomic; never an input, inside one or holding one).
+        max_shard_size: largest shard (``"5GB"``).
+        overwrite: replace an earlier fusesurgery output.
+        on_tensor_written: called after each tensor.
+        on_progress: called with ``(bytes written, total bytes)`` after each tensor.
+        durable: fsync before the output appears.
+
+    Returns:
+        The fusion config and the files written.
+
+    Raises:
+        FuseSurgeryError: not a fusesurgery fused checkpoint, one with no transformers tower
+            (Mllama's), a damaged one, or an output that cannot be written.
+    """
+    with open_fused(path) as (view, config):
+        _check_exportable(config, path)
+        source_path = Path(view.path)
+        directory = source_path if source_path.is_dir() else source_path.parent
+        infos, producers = [], {}
+        dtypes: dict[str, str] = {}
+        for key, info in view.infos().items():
+            try:
+                name, transform = exported_key(key, config)
+            except KeyMapError as error:
+                raise ConfigError(f"{path}: {error}") from None
+            part = ("encoder" if key.startswith(FUSED_VISION_PREFIX) else
+                    "decoder" if name.startswith(TEXT_PREFIX) else "fusion")
+            dtypes.setdefault(part, str(info.dtype).removeprefix("torch."))
+            entry = PlanEntry(target_key=name, source_key=key, transform=transform,
+                              source_shape=tuple(info.shape), source_dtype=info.dtype,
+                              shape=tuple(info.shape), dtype=info.dtype)
+            infos.append(TensorInfo(name, tuple(info.shape), info.dtype))
+            producers[name] = lambda e=entry: plan_entry_source(e, view)
+        dtypes.setdefault("encoder", dtypes.get("fusion", "float32"))
+        document = export_config_dict(config, directory, dtypes)
+        extra: dict[str, bytes | str] = {
+            "config.json": standard_json.dumps(document, indent=2) + "\n",
+            **template_files(),
+            **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
+        }
+        for part, record in config.sources.items():  # what unfuse gives back, kept
+            kept = read_side_files(directory / SOURCE_FILES_DIR / part,
+                                   tuple(record.get("kept_files", ())))
+            extra.update({f"{SOURCE_FILES_DIR}/{part}/{name}": content
+                          for name, content in kept.items()})
+        written = write_safetensors(
+            out_dir, infos, lambda key: producers[key](), max_shard_size=max_shard_size,
+            extra_files=extra, overwrite=overwrite, on_tensor_written=on_tensor_written,
+            on_progress=on_progress, durable=durable, inputs=(directory, *view.paths_read))
+    return config, written
+
+
+__all__ = ["FUSION_CONFIG_FIELD", "MODEL_TYPE", "export_config_dict", "export_transformers",
+           "exported_key"]

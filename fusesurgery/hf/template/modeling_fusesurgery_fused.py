@@ -1,0 +1,366 @@
+"""A vision tower fused into a causal language model by gated cross-attention, as a
+transformers model (written by fusesurgery's ``convert --to transformers``; needs only torch
+and transformers).
+
+The text model is ``AutoModelForCausalLM.from_config(text_config)`` and the tower
+``AutoModel.from_config(vision_config)``, both untouched; fusion adds only the gated
+cross-attention layers (run before or after chosen decoder layers through forward hooks, so
+the text model's keys stay its own), the projection head and the new tokens' embedding rows.
+The maths is fusesurgery's: ``h = x + tanh(g_a) * attn(ca_norm(x), image)``,
+``out = h + tanh(g_m) * mlp(mlp_norm(h))``; a text row that attends to no image position
+(text before the first image token) leaves the layer unchanged.
+
+Shape notation:
+    b: batch size, s: text length, s_e: image positions, d: decoder width,
+    d_e: tower width, n_h / n_kv: query / key-value heads, h_d: head width.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from .configuration_fusesurgery_fused import FusedVisionTextConfig
+
+CACHE_FIELD = "fusesurgery_image_state"  # set on the generation cache: keys/values, last row
+IMAGE_KWARG = "fusesurgery_image"  # the text model's keyword that carries it to the layers
+
+
+class FusionRMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back, then scaled (parameter ``scale``)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.scale * normed.to(x.dtype)
+
+
+class FusionTanhGate(nn.Module):
+    """``x * tanh(scale)``; ``scale`` starts at 0, so a new gate passes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.tanh()
+
+
+class FusionSwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class FusionCrossAttention(nn.Module):
+    """Grouped-query cross-attention onto the image, per-head RMSNorms on q and k, no RoPE."""
+
+    def __init__(self, config: FusedVisionTextConfig) -> None:
+        super().__init__()
+        d, h_d = config.hidden_size, config.fusion_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.fusion_num_heads, config.fusion_num_kv_heads, h_d)
+        self.q_proj = nn.Linear(d, self.num_heads * h_d, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * h_d, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * h_d, bias=False)
+        self.output_proj = nn.Linear(self.num_heads * h_d, d, bias=False)
+        self.q_norm = FusionRMSNorm(h_d, config.qk_norm_eps)
+        self.k_norm = FusionRMSNorm(h_d, config.qk_norm_eps)
+
+    def project_kv(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b, s_e, d] -> ([b, n_kv, s_e, h_d], [b, n_kv, s_e, h_d])``: computed once per
+        image, reused by every decoding step."""
+        b, s_e, _ = image.shape
+        k = self.k_norm(self.k_proj(image).view(b, s_e, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(image).view(b, s_e, self.num_kv_heads, self.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """``x [b, s, d]``, ``mask [b, s, s_e]`` bool (True = attend) or None -> ``[b, s, d]``."""
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        if self.num_kv_heads != self.num_heads:
+            group = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask[:, None, :, :])
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FusionCrossAttentionLayer(nn.Module):
+    """The gated cross-attention layer wrapped around one decoder layer."""
+
+    def __init__(self, config: FusedVisionTextConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.ca_norm = FusionRMSNorm(d, config.ca_norm_eps)
+        self.attn = FusionCrossAttention(config)
+        self.ca_scale = FusionTanhGate()
+        self.mlp_norm = FusionRMSNorm(d, config.ca_norm_eps)
+        self.mlp = FusionSwiGLU(d, config.fusion_intermediate_size)
+        self.mlp_scale = FusionTanhGate()
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """``x [b, s, d]`` -> ``[b, s, d]``; rows whose mask row is all False are unchanged."""
+        skip_rows = None
+        if mask is not None:
+            skip_rows = ~mask.any(dim=-1, keepdim=True)  # [b, s, 1]
+            mask = mask | skip_rows  # a finite softmax on rows whose output is zeroed
+        attn_out = self.attn(self.ca_norm(x), k, v, mask)
+        if skip_rows is not None:
+            attn_out = attn_out.masked_fill(skip_rows, 0.0)
+        h = x + self.ca_scale(attn_out)
+        mlp_out = self.mlp(self.mlp_norm(h))
+        if skip_rows is not None:
+            mlp_out = mlp_out.masked_fill(skip_rows, 0.0)
+        return h + self.mlp_scale(mlp_out)
+
+
+class FusionProjection(nn.Module):
+    """Tower width to decoder width: ``w2(gelu(w1 x))`` (``mlp``) or ``output(x)``
+    (``linear``)."""
+
+    def __init__(self, config: FusedVisionTextConfig) -> None:
+        super().__init__()
+        d_e, d = config.vision_hidden_size, config.hidden_size
+        self.kind = config.projection
+        if self.kind == "mlp":
+            self.w1 = nn.Linear(d_e, d)
+            self.w2 = nn.Linear(d, d)
+        else:
+            self.output = nn.Linear(d_e, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mlp":
+            return self.w2(F.gelu(self.w1(x)))
+        return self.output(x)
+
+
+class FusedVisionTextPreTrainedModel(PreTrainedModel):
+    config_class = FusedVisionTextConfig
+    config: FusedVisionTextConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _no_split_modules = ["FusionCrossAttentionLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, FusionTanhGate):
+            module.scale.zero_()
+        elif isinstance(module, FusionRMSNorm):
+            module.scale.fill_(1.0)
+        elif isinstance(module, nn.Linear | nn.Embedding):
+            module.weight.normal_(0.0, 0.02)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+
+
+class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, GenerationMixin):
+    """The fused model: ``vision_tower`` -> ``projection`` -> gated cross-attention in
+    ``language_model``'s layers ``config.fusion_layers``.
+
+    Keys: ``language_model.*`` and ``vision_tower.*`` are the sources' own transformers
+    names; ``cross_attention_layers.{i}.*`` (the layer at decoder layer ``i``),
+    ``projection.*`` and ``fusion_embedding.weight`` (rows of the new tokens) are fusion's.
+    """
+
+    def __init__(self, config: FusedVisionTextConfig) -> None:
+        super().__init__(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.projection = FusionProjection(config)
+        self.fusion_embedding = nn.Embedding(config.fusion_vocab_size, config.hidden_size)
+        self.cross_attention_layers = nn.ModuleDict(
+            {str(i): FusionCrossAttentionLayer(config) for i in config.fusion_layers})
+        layers = self.language_model.base_model.layers
+        for i, layer in enumerate(layers):
+            name = str(i)
+            if i in config.fusion_layers and config.fusion_first:
+                layer.register_forward_pre_hook(self._fusion_before(name), with_kwargs=True)
+            elif i in config.fusion_layers:
+                layer.register_forward_pre_hook(self._take_image, with_kwargs=True)
+                layer.register_forward_hook(self._fusion_after(name))
+            else:  # the image reaches every layer's kwargs; only fusion layers keep it
+                layer.register_forward_pre_hook(self._drop_image, with_kwargs=True)
+        self._cache_keyword = ("cache" if "cache" in inspect.signature(
+            self.language_model.forward).parameters else "past_key_values")
+        self.post_init()
+
+    # --- the hooks that run a cross-attention layer around a decoder layer. The image's keys,
+    # values and mask travel as a keyword argument of the text model's call, which hands its
+    # extra keywords to every decoder layer: a layer recomputed under gradient checkpointing
+    # gets them again, and nothing is kept on the model between calls.
+
+    def _cross(self, name: str, x: torch.Tensor, image: tuple | None) -> torch.Tensor:
+        if image is None:  # no image and nothing cached: the layer adds nothing
+            return x
+        keys_values, mask = image
+        k, v = keys_values[name]
+        return self.cross_attention_layers[name](x, k, v, mask)
+
+    @staticmethod
+    def _drop_image(module, args, kwargs):
+        kwargs.pop(IMAGE_KWARG, None)
+        return args, kwargs
+
+    @staticmethod
+    def _take_image(module, args, kwargs):
+        module._fusesurgery_image = kwargs.pop(IMAGE_KWARG, None)
+        return args, kwargs
+
+    def _fusion_before(self, name: str):
+        def hook(module, args, kwargs):
+            image = kwargs.pop(IMAGE_KWARG, None)
+            if args:
+                return (self._cross(name, args[0], image), *args[1:]), kwargs
+            kwargs["hidden_states"] = self._cross(name, kwargs["hidden_states"], image)
+            return args, kwargs
+        return hook
+
+    def _fusion_after(self, name: str):
+        def hook(module, args, output):
+            image = module.__dict__.pop("_fusesurgery_image", None)
+            if isinstance(output, tuple):
+                return (self._cross(name, output[0], image), *output[1:])
+            return self._cross(name, output, image)
+        return hook
+
+    # --- transformers plumbing
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # --- the computation
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` ids (the new tokens' from ``text_vocab_size`` on) -> ``[b, s, d]``."""
+        vocab = self.config.text_vocab_size
+        is_new = input_ids >= vocab
+        original = self.get_input_embeddings()(input_ids.clamp(max=vocab - 1))
+        new = self.fusion_embedding((input_ids - vocab).clamp(min=0)).to(original.dtype)
+        return torch.where(is_new.unsqueeze(-1), new, original)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[b, c, h, w]`` -> the projected image ``[b, s_e, d]``."""
+        layer = self.config.vision_feature_layer
+        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=layer is not None)
+        features = out.last_hidden_state if layer is None else out.hidden_states[layer]
+        head = next(self.projection.parameters())
+        return self.projection(features.to(head.dtype))
+
+    def _cross_mask(self, input_ids, cross_attention_mask, previous_row, s_e):
+        """``[b, s, s_e]`` bool: the given mask, else a row sees the image from the first
+        image token on (``previous_row`` carries what earlier steps saw); None: attend all."""
+        if cross_attention_mask is not None:
+            return cross_attention_mask.bool()
+        if input_ids is None or self.config.image_token_id is None:
+            return None
+        seen = (input_ids == self.config.image_token_id).cumsum(dim=1) > 0  # [b, s]
+        mask = seen[:, :, None].expand(-1, -1, s_e)
+        if previous_row is not None:
+            mask = mask | previous_row[:, None, :]
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ):
+        """
+        Args:
+            input_ids: ``[b, s]``; ``image_token_id`` marks where the image starts to count.
+            attention_mask: ``[b, s_past + s]`` padding mask, as for the text model.
+            pixel_values: ``[b, c, h, w]``, or None (text only, or a decoding step that reads
+                the image keys and values cached at the first step).
+            cross_attention_mask: ``[b, s, s_e]`` (True = the token attends to that image
+                position); None derives it: a token attends to the whole image from the
+                first image token on, earlier text to none of it.
+            labels: ``[b, s]`` for the language-model loss (-100 = ignored; so are the new
+                tokens, which the output projection has no row for).
+            past_key_values: the generation cache (``cache`` in newer transformers).
+            use_cache: keep a cache.
+
+        Returns:
+            The text model's ``CausalLMOutputWithPast`` (logits ``[b, s, v]``).
+        """
+        cache = cache if cache is not None else past_key_values
+        if labels is not None:  # the new tokens are input-only: the output has no row for them
+            labels = labels.masked_fill(labels >= self.config.text_vocab_size, -100)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        state = getattr(cache, CACHE_FIELD, None) if cache is not None else None
+        keys_values, previous_row = (None, None) if state is None else state
+        if pixel_values is not None:
+            image = self.get_image_features(pixel_values)  # [b, s_e, d]
+            keys_values = {name: layer.attn.project_kv(image)
+                           for name, layer in self.cross_attention_layers.items()}
+            previous_row = None
+        image = None
+        if keys_values is not None:
+            s_e = next(iter(keys_values.values()))[0].shape[2]
+            mask = self._cross_mask(input_ids, cross_attention_mask, previous_row, s_e)
+            image = (keys_values, mask)
+            kwargs[IMAGE_KWARG] = image
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, labels=labels, use_cache=use_cache,
+            **{self._cache_keyword: cache}, **kwargs)
+        returned = getattr(outputs, self._cache_keyword, None)
+        if returned is not None and image is not None:
+            keys_values, mask = image
+            setattr(returned, CACHE_FIELD,
+                    (keys_values, None if mask is None else mask[:, -1, :]))
+        return outputs
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """As the text model's, and after the first step no pixel values or given mask: the
+        image's keys and values and the last mask row come from the cache."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            inputs["pixel_values"] = None
+            inputs["cross_attention_mask"] = None
+        return inputs
+
+
+__all__ = ["FusedVisionTextForConditionalGeneration", "FusedVisionTextPreTrainedModel"]
