@@ -28,7 +28,7 @@ def test_failed_against_check_claims_no_identity(tmp_path):
 
     same = runner.invoke(app, ["validate", str(fused), "--against",
                                str(ROOT / "examples" / "tiny-llama")])
-    assert same.exit_code == 0 and "bit for bit" in same.stdout
+    assert same.exit_code == 0 and "bit for bit" in same.stdout, same.output
     result = runner.invoke(app, ["validate", str(fused), "--against", str(other)])
     assert result.exit_code == 1, result.output
     assert "some checks FAILED" in result.stdout
