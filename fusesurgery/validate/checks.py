@@ -19,8 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
@@ -55,8 +53,6 @@ ZERO_GATE_IDENTITY = "zero-gate identity"  # with zero gates it computes its dec
 TRAINED = "trained"  # the gates moved: no longer an identity
 # The rows that prove "the fused model is the original decoder, bit for bit", together.
 _BIT_FOR_BIT = (ORIGINAL_TENSORS, ORIGINAL_LOGITS, ZERO_GATE_IDENTITY)
-# Rows of at most this many bytes go through the save/load round trip at a time.
-_ROUND_TRIP_CHUNK_BYTES = 64 * 2**20
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -497,39 +493,38 @@ def _drop_caches(model: DeepFusionModel) -> None:
             module.kv_cache = None
 
 
-def _round_trip_pieces(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``tensor`` in slices along its first dimension of at most
-    :data:`_ROUND_TRIP_CHUNK_BYTES` (whole when it has no dimension or a row is larger), so
-    the round trip holds two slices at a time, never two copies of the largest tensor."""
-    if tensor.dim() == 0 or tensor.nbytes <= _ROUND_TRIP_CHUNK_BYTES:
-        yield tensor
-        return
-    row = max(1, tensor.nbytes // max(1, tensor.shape[0]))
-    rows = max(1, _ROUND_TRIP_CHUNK_BYTES // row)
-    yield from tensor.split(rows, dim=0)
-
-
-def _check_round_trip(report: ValidationReport, model: DeepFusionModel) -> None:
-    """Check 5: state_dict -> safetensors -> load gives the same tensors, bit for bit (a
-    slice of at most 64 MB at a time, so memory stays two slices), and loads into a fresh
-    model strictly."""
+def _check_round_trip(report: ValidationReport, model: DeepFusionModel, path: str) -> None:
+    """Check 5: the model's ``state_dict()`` (what ``save_fused`` writes) gives back the
+    checkpoint it was loaded from: the same keys, and each tensor bitwise the stored one (after
+    the same cast when ``--dtype`` cast the model), one tensor at a time; and it loads into a
+    fresh model strictly. The state-dict hooks that rename keys are what this proves."""
     state = model.state_dict()
     differing = []
-    for key, tensor in state.items():
-        for piece in _round_trip_pieces(tensor.detach()):
-            piece = piece.contiguous().cpu()
-            # through safetensors' own serialisation, in memory
-            back = load_safetensors_bytes(save_safetensors_bytes({key: piece}))[key]
-            if not _bitwise_equal(back, piece):
+    casts = set()
+    with open_fused(path) as (view, _):
+        infos = view.infos()
+        unmatched = sorted(set(state) ^ set(infos))
+        for key, tensor in state.items():
+            if key not in infos:
+                continue
+            stored = view.get_tensor(key)
+            if stored.dtype != tensor.dtype:
+                casts.add(tensor.dtype)
+                stored = stored.to(tensor.dtype)
+            if not _bitwise_equal(tensor.detach().cpu(), stored):
                 differing.append(key)
-                break
     with torch.device("meta"):
         fresh = build_fused_model(model.fused_config)
     result = fresh.load_state_dict(state, strict=True, assign=True)
     strict_ok = not result.missing_keys and not result.unexpected_keys
-    report.add("state_dict -> save -> load is bitwise", not differing and strict_ok,
-               f"{len(state) - len(differing)}/{len(state)} tensors",
-               f"first differing: {differing[0]}" if differing else "", basis=BITWISE)
+    basis = cast_basis(None, next(iter(casts)), "--dtype") if len(casts) == 1 else BITWISE
+    problems = ([f"first differing: {differing[0]}"] if differing else []) + (
+        [f"{len(unmatched)} keys not in both (e.g. {unmatched[0]})"] if unmatched else []) + (
+        [] if strict_ok else ["does not load strictly into a fresh model"])
+    report.add("state_dict gives back the checkpoint's tensors", not problems,
+               f"{len(state) - len(differing) - len(set(unmatched) & set(state))}/{len(infos)} "
+               + "bitwise equal" + basis.removeprefix(BITWISE),
+               "; ".join(problems) or "and loads into a fresh model strictly", basis=basis)
 
 
 def check_device(device: str | torch.device) -> None:
@@ -660,7 +655,7 @@ def validate_fused(
         tolerance = TOLERANCES.get(dt, 1e-1) * max(1.0, float(cpu_text.abs().max()))
         report.add("GPU logits match CPU logits", diff <= tolerance, f"max |diff| {diff:.3g}",
                    f"tolerance {tolerance:.3g} for {dt}", basis=TOLERANCE)
-    _check_round_trip(report, model)
+    _check_round_trip(report, model, path)
     return report
 
 
