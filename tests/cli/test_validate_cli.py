@@ -28,8 +28,31 @@ def test_failed_against_check_claims_no_identity(tmp_path):
 
     same = runner.invoke(app, ["validate", str(fused), "--against",
                                str(ROOT / "examples" / "tiny-llama")])
-    assert same.exit_code == 0 and "bit for bit" in same.stdout
+    assert same.exit_code == 0 and "bit for bit" in same.stdout, same.output
     result = runner.invoke(app, ["validate", str(fused), "--against", str(other)])
     assert result.exit_code == 1, result.output
     assert "some checks FAILED" in result.stdout
     assert "bit for bit" not in result.stdout.splitlines()[-1]
+
+
+def test_verdict_line_says_what_was_compared(tmp_path, fused_example):
+    """After `fuse --dtype f32` the tensors are the source's values, not its bits; without
+    --against nothing was compared with the original: the last line says so, and exit is 0."""
+    cast = tmp_path / "fused-f32"
+    result = runner.invoke(app, ["fuse", str(ROOT / "examples" / "tiny-clip-vision"),
+                                 str(ROOT / "examples" / "tiny-llama"), "-o", str(cast),
+                                 "--every", "2", "--dtype", "f32"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["validate", str(cast), "--against",
+                                 str(ROOT / "examples" / "tiny-llama")])
+    assert result.exit_code == 0, result.output
+    verdict = result.stdout.splitlines()[-1]
+    assert "original decoder, bit for bit" not in verdict
+    assert "bitwise after a cast bfloat16 -> float32, not the source's bits" in verdict
+
+    result = runner.invoke(app, ["validate", str(fused_example)])
+    assert result.exit_code == 0, result.output
+    verdict = result.stdout.splitlines()[-1]
+    assert "original decoder, bit for bit" not in verdict
+    assert verdict.endswith("not compared with the original (no --against)")
+    assert "not compared" in result.stdout  # the row (the table wraps at 80 columns)
