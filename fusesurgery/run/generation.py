@@ -120,7 +120,8 @@ def generate(
         :class:`GenerationOutput`.
 
     Raises:
-        InputError: bad options, right-padded inputs, images for a bare decoder, or a
+        InputError: bad options, inputs of another type, right-padded inputs, images for
+            a bare decoder, or a
             prompt plus ``max_new_tokens`` longer than the model's ``max_seq_len``.
     """
     _check_options(max_new_tokens, temperature, top_k, top_p)
@@ -130,6 +131,10 @@ def generate(
                              f"{list(inputs.shape)} {inputs.dtype}")
         inputs = ModelInputs(tokens=inputs.long(), labels=inputs.long(),
                              padding_mask=torch.ones_like(inputs, dtype=torch.bool))
+    elif not isinstance(inputs, ModelInputs):
+        raise InputError(f"generate takes prepare_inputs(...)'s ModelInputs or a [b, s] tensor "
+                         f"of token ids, not {type(inputs).__name__}; for text, pass "
+                         "prepare_inputs(model, text)")
     decoder = model.decoder if isinstance(model, DeepFusionModel) else model
     if not isinstance(decoder, TransformerDecoder):
         raise InputError(f"generate runs a DeepFusionModel or a TransformerDecoder, not "
