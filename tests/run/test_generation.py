@@ -183,6 +183,9 @@ def test_stops_at_eos(model):
     ({"temperature": -1.0}, "temperature"),
     ({"top_k": 0}, "top_k"),
     ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 3}, "top_k only apply to sampling, and temperature 0 is greedy"),
+    ({"top_p": 0.5, "seed": 1}, "top_p, seed only apply to sampling"),
+    ({"temperature": 1.0, "seed": -1}, "seed must be an integer from 0"),
     ({"max_new_tokens": 10_000}, "longer than the model's max_seq_len"),
 ])
 def test_bad_options(model, options, message):
