@@ -50,7 +50,8 @@ class GenerationOutput:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
 
 
-def _check_options(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any) -> None:
+def _check_options(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
+                   seed: Any) -> None:
     if type(max_new_tokens) is not int or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if (isinstance(temperature, bool) or not isinstance(temperature, int | float)
@@ -62,6 +63,16 @@ def _check_options(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, int | float)
                               or not 0 < top_p <= 1):
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (type(seed) is not int or not 0 <= seed < 2**64):
+        raise InputError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    # greedy decoding ignores them: taking them silently would hand back greedy text to a
+    # caller who asked for samples
+    sampling = [name for name, value in (("top_k", top_k), ("top_p", top_p), ("seed", seed))
+                if value is not None]
+    if temperature == 0 and sampling:
+        raise InputError(f"{', '.join(sampling)} only apply to sampling, and temperature 0 is "
+                         "greedy decoding: give a temperature > 0 (1.0 samples from the model's "
+                         "own distribution)")
 
 
 def next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
@@ -120,16 +131,21 @@ def generate(
         :class:`GenerationOutput`.
 
     Raises:
-        InputError: bad options, right-padded inputs, images for a bare decoder, or a
-            prompt plus ``max_new_tokens`` longer than the model's ``max_seq_len``.
+        InputError: bad options (top_k, top_p or seed without a temperature > 0), inputs
+            of another type, right-padded inputs, images for a bare decoder, or a prompt
+            plus ``max_new_tokens`` longer than the model's ``max_seq_len``.
     """
-    _check_options(max_new_tokens, temperature, top_k, top_p)
+    _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     if isinstance(inputs, torch.Tensor):
         if inputs.dim() != 2 or inputs.dtype not in (torch.long, torch.int32, torch.int64):
             raise InputError(f"token ids must be an integer [b, s] tensor, got "
                              f"{list(inputs.shape)} {inputs.dtype}")
         inputs = ModelInputs(tokens=inputs.long(), labels=inputs.long(),
                              padding_mask=torch.ones_like(inputs, dtype=torch.bool))
+    elif not isinstance(inputs, ModelInputs):
+        raise InputError(f"generate takes prepare_inputs(...)'s ModelInputs or a [b, s] tensor "
+                         f"of token ids, not {type(inputs).__name__}; for text, pass "
+                         "prepare_inputs(model, text)")
     decoder = model.decoder if isinstance(model, DeepFusionModel) else model
     if not isinstance(decoder, TransformerDecoder):
         raise InputError(f"generate runs a DeepFusionModel or a TransformerDecoder, not "
@@ -253,7 +269,7 @@ def generate_text(
     """
     from fusesurgery.validate.checks import check_device  # noqa: PLC0415 - the CLI's path
 
-    _check_options(max_new_tokens, temperature, top_k, top_p)
+    _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     check_device(device)
     directory = Path(path)
     processor = load_processor(directory)

@@ -139,7 +139,8 @@ class ImagePreprocessor:
                 rescaled again).
 
         Raises:
-            InputError: not an image, or a tensor that is not ``[c, h, w]``.
+            InputError: not an image, a tensor that is not ``[c, h, w]``, or a float tensor
+                with values outside ``[0, 1]`` (or NaN).
         """
         if isinstance(image, torch.Tensor):
             if image.dim() != 3 or image.size(0) not in (1, 3, 4) or 0 in image.shape:
@@ -151,6 +152,13 @@ class ImagePreprocessor:
                 raise InputError(f"an image tensor must be uint8 (0..255) or floating point "
                                  f"(0..1), got {image.dtype}")
             pixels = image.float()[:3] if image.size(0) == 4 else image.float()
+            # a float image of 0..255 pixels (or already normalised ones) would otherwise be
+            # scaled and normalised once more: garbage the encoder takes without complaint
+            low, high = float(pixels.min()), float(pixels.max())
+            if not (0.0 <= low and high <= 1.0):
+                raise InputError(f"a floating-point image tensor must hold values in [0, 1], "
+                                 f"got {low:g}..{high:g}; divide 0..255 pixels by 255 or pass "
+                                 "them as a uint8 tensor")
             if pixels.size(0) == 1:
                 pixels = pixels.expand(3, -1, -1)
             return self._finish(self._resize_tensor(pixels), rescale=False)

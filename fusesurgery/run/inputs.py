@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from fusesurgery.errors import InputError
+from fusesurgery.modules import DeepFusionModel
 from fusesurgery.run.images import ImagePreprocessor
 from fusesurgery.surgery.fused import read_fused_config
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
@@ -419,9 +420,16 @@ def prepare_inputs(
         :class:`ModelInputs`: ``model(**inputs.model_kwargs())`` runs the model.
 
     Raises:
-        InputError: see :func:`load_processor` and :meth:`FusedProcessor.__call__`.
+        InputError: see :func:`load_processor` and :meth:`FusedProcessor.__call__`; images
+            for a model that is not a whole ``DeepFusionModel`` (``part="decoder"``).
     """
-    return load_processor(source)(text, images, padding_side=padding_side)
+    inputs = load_processor(source)(text, images, padding_side=padding_side)
+    if (inputs.encoder_input is not None and isinstance(source, torch.nn.Module)
+            and not isinstance(source, DeepFusionModel)):
+        # a bare fused decoder has no encoder: its forward would choke on the image dict
+        raise InputError(f"images need the whole fused model (load_fused(path)), not "
+                         f"{type(source).__name__} alone")
+    return inputs
 
 
 __all__ = [

@@ -183,6 +183,9 @@ def test_stops_at_eos(model):
     ({"temperature": -1.0}, "temperature"),
     ({"top_k": 0}, "top_k"),
     ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 3}, "top_k only apply to sampling, and temperature 0 is greedy"),
+    ({"top_p": 0.5, "seed": 1}, "top_p, seed only apply to sampling"),
+    ({"temperature": 1.0, "seed": -1}, "seed must be an integer from 0"),
     ({"max_new_tokens": 10_000}, "longer than the model's max_seq_len"),
 ])
 def test_bad_options(model, options, message):
@@ -248,3 +251,17 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert drawn(top_k=3) == {0, 1, 2} and drawn(top_k=1) == {0}
     assert drawn(top_p=0.6) == {0, 1}  # 0.4 < 0.6: the second is needed, the third is not
     assert drawn(top_p=0.75) == {0, 1, 2} and drawn(top_p=0.3) == {0}
+
+
+def test_text_instead_of_inputs_is_refused(model):
+    with pytest.raises(InputError, match="not str; for text, pass prepare_inputs"):
+        fusesurgery.generate(model, "word1 word2", max_new_tokens=2)
+    assert not model.caches_are_enabled()
+
+
+def test_images_for_the_decoder_alone_are_refused(fused_example: Path):
+    decoder = fusesurgery.load_fused(fused_example, part="decoder")
+    with pytest.raises(InputError, match="images need the whole fused model"):
+        fusesurgery.prepare_inputs(decoder, "word7 <|image|>", _images())
+    text = fusesurgery.prepare_inputs(decoder, "word7 word8")      # text alone still runs
+    assert decoder(**text.model_kwargs()).shape == (1, 2, 512)

@@ -74,6 +74,9 @@ def test_grey_and_float_images():
     (torch.zeros(2, 3, 8, 8), r"\[c, h, w\]"),
     (torch.zeros(3, 8, 8, dtype=torch.int32), "uint8"),
     ("cat.jpg", "not an image: str"),
+    (torch.full((3, 8, 8), 255.0), r"values in \[0, 1\], got 255\.\.255"),
+    (torch.full((3, 8, 8), -0.5), r"values in \[0, 1\], got -0\.5"),
+    (torch.full((3, 8, 8), float("nan")), r"values in \[0, 1\]"),
 ])
 def test_bad_images_are_named(bad, message):
     with pytest.raises(InputError, match=message):
