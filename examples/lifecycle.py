@@ -21,26 +21,22 @@ fusesurgery.fuse(HERE / "tiny-clip-vision", HERE / "tiny-llama", out / "fused", 
 
 # 2. load: a DeepFusionModel on mmap-backed tensors; only the fusion parameters train
 model = fusesurgery.load_fused(out / "fused")
-config = model.fused_config
-image_id = config.new_tokens[0].id
 trainable = [p for p in model.parameters() if p.requires_grad]
 print(f"trainable: {sum(p.numel() for p in trainable)} of "
       f"{sum(p.numel() for p in model.parameters())} parameters", file=sys.stderr)
 
-# 3. train a few steps on random data: "<text> <|image|> <text>", the image attended to only
-#    from the image token on
+# 3. train a few steps on random images: prepare_inputs tokenizes each text, preprocesses its
+#    image as the tower's preprocessor_config.json says, builds encoder_mask (each image is seen
+#    from its token on) and the labels (-100 at <|image|> and padding; unshifted)
 optimizer = torch.optim.AdamW(trainable, lr=1e-2)
 generator = torch.Generator().manual_seed(0)
-size = config.encoder.image_size
+texts = ["word1 word2 <|image|> word7 word8 word9", "word3 <|image|> word4 word5"]
 for step in range(5):
-    tokens = torch.randint(0, config.decoder.vocab_size, (2, 10), generator=generator)
-    tokens[:, 3] = image_id
-    images = torch.randn(2, 3, size, size, generator=generator)
-    mask = torch.zeros(2, 10, config.encoder.seq_len, dtype=torch.bool)
-    mask[:, 3:] = True
-    logits = model(tokens, encoder_input={"images": images}, encoder_mask=mask)
-    targets = tokens[:, 1:].clamp(max=config.decoder.vocab_size - 1)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten())
+    images = [torch.rand(3, 40, 48, generator=generator) for _ in texts]  # [c, h, w] in [0, 1]
+    batch = fusesurgery.prepare_inputs(model, texts, images)
+    logits = model(**batch.model_kwargs())                                 # [b, s, v]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                             batch.labels[:, 1:].flatten(), ignore_index=-100)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
