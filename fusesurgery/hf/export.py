@@ -57,6 +57,7 @@ from fusesurgery.write.side_files import (
     ENCODER_SIDE_FILES,
     HF_CONFIG_SIDE_FILE,
     read_json_side_file,
+    read_kept_source_files,
     read_side_files,
 )
 
@@ -248,11 +249,7 @@ def export_transformers(
             **template_files(),
             **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
         }
-        for part, record in config.sources.items():  # what unfuse gives back, kept
-            kept = read_side_files(directory / SOURCE_FILES_DIR / part,
-                                   tuple(record.get("kept_files", ())))
-            extra.update({f"{SOURCE_FILES_DIR}/{part}/{name}": content
-                          for name, content in kept.items()})
+        extra.update(read_kept_source_files(directory, config.sources))
         written = write_safetensors(
             out_dir, infos, lambda key: producers[key](), max_shard_size=max_shard_size,
             extra_files=extra, overwrite=overwrite, on_tensor_written=on_tensor_written,

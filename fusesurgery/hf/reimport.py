@@ -41,6 +41,7 @@ from fusesurgery.write.side_files import (
     DECODER_SIDE_FILES,
     ENCODER_SIDE_FILES,
     json_object,
+    read_kept_source_files,
     read_side_files,
 )
 
@@ -148,11 +149,7 @@ def import_transformers(
             FUSION_CONFIG_FILE: standard_json.dumps(config.to_dict(), indent=2) + "\n",
             **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
         }
-        for part, record in config.sources.items():
-            kept = read_side_files(directory / SOURCE_FILES_DIR / part,
-                                   tuple(record.get("kept_files", ())))
-            extra.update({f"{SOURCE_FILES_DIR}/{part}/{name}": content
-                          for name, content in kept.items()})
+        extra.update(read_kept_source_files(directory, config.sources))
         written = write_safetensors(
             out_dir, out_infos, lambda key: producers[key](), max_shard_size=max_shard_size,
             extra_files=extra, overwrite=overwrite, on_progress=on_progress, durable=durable,

@@ -39,6 +39,7 @@ from fusesurgery.write.side_files import (
     HF_CONFIG_SIDE_FILE,
     TOKEN_ID_FIELDS,
     read_json_side_file,
+    read_kept_source_files,
     read_side_files,
 )
 
@@ -295,11 +296,7 @@ def convert_fused(
                           "kept_files": ["config.json"]}
                 config = config.replace(sources={**config.sources, "decoder": record})
             else:
-                for part, record in config.sources.items():
-                    kept = read_side_files(directory / SOURCE_FILES_DIR / part,
-                                           tuple(record.get("kept_files", ())))
-                    extra.update({f"{SOURCE_FILES_DIR}/{part}/{name}": content
-                                  for name, content in kept.items()})
+                extra.update(read_kept_source_files(directory, config.sources))
             extra[FUSION_CONFIG_FILE] = standard_json.dumps(config.to_dict(), indent=2) + "\n"
         extra.update(read_side_files(directory, DECODER_SIDE_FILES))
         written = write_safetensors(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from fusesurgery.convert.tokenizer import TOKENIZER_FILES
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import CheckpointSource
 from fusesurgery.io._files import read_side_file
+from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR
 
 # Files beside a decoder that the fused model needs as they are (or, the tokenizer, with the
 # new tokens added), and beside an encoder.
@@ -41,6 +43,23 @@ def read_side_files(directory: Path, names: tuple[str, ...]) -> dict[str, bytes]
         path = directory / name
         if os.path.lexists(path):
             found[name] = read_side_file(path)
+    return found
+
+
+def read_kept_source_files(directory: Path,
+                           sources: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+    """The source files fuse kept under ``directory/source/<part>/`` (each part's
+    ``kept_files`` in ``fusion_config.json``'s sources), keyed by their path in the directory.
+
+    Raises:
+        CheckpointError: one is present but unreadable, not a regular file, or too large.
+    """
+    found: dict[str, bytes] = {}
+    for part, record in sources.items():
+        kept = read_side_files(directory / SOURCE_FILES_DIR / part,
+                               tuple(record.get("kept_files", ())))
+        found.update({f"{SOURCE_FILES_DIR}/{part}/{name}": content
+                      for name, content in kept.items()})
     return found
 
 
