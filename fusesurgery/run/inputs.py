@@ -388,7 +388,18 @@ def load_processor(source: str | os.PathLike[str] | Any) -> FusedProcessor:
         raise InputError(f"{tokenizer_path} gives {image.token} the id "
                          f"{tokenizer.token_to_id(image.token)}, not {image.id} as "
                          "fusion_config.json says")
+    # ids the model's embedding has no row for would fail inside the forward (pad) or never
+    # stop generation (eos): refuse them here, naming the file
+    rows = config.decoder.vocab_size + config.fusion.fusion_vocab_size
+    tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    if tokens > rows:
+        raise InputError(f"{tokenizer_path} holds {tokens} tokens, more than the model's "
+                         f"{rows} embedding rows: it is not this model's tokenizer")
     eos_ids, pad = generation_ids(directory)
+    beyond = sorted({i for i in (*eos_ids, *pad) if not 0 <= i < rows})
+    if beyond:
+        raise InputError(f"{directory}: eos/pad token ids {beyond} have no embedding row (the "
+                         f"model has {rows})")
     preprocessor = None
     if config.encoder is not None and (directory / "preprocessor_config.json").is_file():
         preprocessor = ImagePreprocessor.from_directory(directory)

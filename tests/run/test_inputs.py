@@ -143,3 +143,16 @@ def test_eos_ids_fall_back_to_the_source_config(tmp_path: Path, fused_example: P
     (copy / "source" / "decoder" / "config.json").write_text('{"eos_token_id": "two"}')
     with pytest.raises(InputError, match="eos_token_id must be a token id"):
         fusesurgery.load_processor(copy)
+
+
+def test_ids_without_an_embedding_row_are_refused(tmp_path: Path, fused_example: Path):
+    copy = tmp_path / "fused"
+    shutil.copytree(fused_example, copy)
+    rows = 512 + fusesurgery.read_fused_config(copy).fusion.fusion_vocab_size
+    (copy / "generation_config.json").write_text(f'{{"eos_token_id": [2, {rows}]}}')
+    with pytest.raises(InputError, match=rf"eos/pad token ids \[{rows}\] have no embedding row"):
+        fusesurgery.load_processor(copy)
+    generation = f'{{"eos_token_id": 2, "pad_token_id": {rows + 5}}}'
+    (copy / "generation_config.json").write_text(generation)
+    with pytest.raises(InputError, match=rf"ids \[{rows + 5}\] have no embedding row"):
+        fusesurgery.load_processor(copy)
