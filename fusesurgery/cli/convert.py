@@ -53,12 +53,18 @@ def convert(
     cast = parse_dtype_option(dtype)
     from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
 
+    overrides = collect_overrides(
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
+        norm_eps=norm_eps, encoder_num_heads=encoder_num_heads)
     if to == "transformers" or is_export_directory(source):
+        if overrides:  # the export carries the fused checkpoint's own, checked configs
+            from fusesurgery.errors import ConfigError  # noqa: PLC0415
+
+            raise ConfigError("--num-heads, --head-dim and the other config overrides are not "
+                              "supported with a transformers export")
         _transformers(source, output, to, cast, max_shard_size, overwrite, as_json)
         return
-    decoder, vision = split_overrides(collect_overrides(
-        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
-        norm_eps=norm_eps, encoder_num_heads=encoder_num_heads))
+    decoder, vision = split_overrides(overrides)
     with byte_progress("converting") as update:
         result = convert_checkpoint(
             source, output, to=to, dtype=cast,

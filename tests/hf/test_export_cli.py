@@ -97,6 +97,8 @@ def test_register_transformers_loads_it_without_remote_code(export):
 @pytest.mark.parametrize(("source", "args", "message"), [
     ("decoder", ["--to", "transformers"], "is not a fused checkpoint written by fusesurgery"),
     ("fused", ["--to", "transformers", "--dtype", "bf16"], "--dtype is not supported"),
+    ("fused", ["--to", "transformers", "--num-heads", "4"], "config overrides are not supported"),
+    ("export", ["--to", "native", "--norm-eps", "1e-6"], "config overrides are not supported"),
     ("export", ["--to", "hf"], "only --to native converts it"),
     ("export", ["--to", "transformers"], "only --to native converts it"),
 ])
