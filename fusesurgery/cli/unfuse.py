@@ -12,6 +12,7 @@ from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import CheckpointPath, DtypeOption, Json, parse_dtype_option
 from fusesurgery.cli.progress import byte_progress
+from fusesurgery.io.tensor_info import dtype_name
 
 
 def unfuse(
@@ -53,7 +54,7 @@ def unfuse(
     written = result.written
     summary = {"output": str(written.out_dir), "part": result.part, "format": result.format,
                "tensors": len(result.plan), "merged_embeddings": result.merged_embeddings,
-               "dtype": None if cast is None else str(cast).removeprefix("torch."),
+               "dtype": None if cast is None else dtype_name(cast),
                "total_bytes": written.total_size, "files": list(written.files),
                "notes": list(result.notes)}
     if as_json:

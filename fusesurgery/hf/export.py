@@ -59,6 +59,7 @@ from fusesurgery.write.side_files import (
     read_json_side_file,
     read_kept_source_files,
     read_side_files,
+    side_directory,
 )
 
 MODEL_TYPE = EXPORT_MODEL_TYPE
@@ -225,8 +226,7 @@ def export_transformers(
     """
     with open_fused(path) as (view, config):
         _check_exportable(config, path)
-        source_path = Path(view.path)
-        directory = source_path if source_path.is_dir() else source_path.parent
+        directory = side_directory(view)
         infos, producers = [], {}
         dtypes: dict[str, str] = {}
         for key, info in view.infos().items():

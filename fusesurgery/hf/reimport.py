@@ -28,6 +28,7 @@ from fusesurgery.hf.export import (
 )
 from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
+from fusesurgery.io.tensor_info import dtype_name
 from fusesurgery.surgery.fused import build_fused_model
 from fusesurgery.surgery.fused_config import (
     SOURCE_FILES_DIR,
@@ -43,6 +44,7 @@ from fusesurgery.write.side_files import (
     json_object,
     read_kept_source_files,
     read_side_files,
+    side_directory,
 )
 
 PART_PREFIXES: dict[str, str] = {"decoder": TEXT_PREFIX, "encoder": VISION_PREFIX}
@@ -142,8 +144,7 @@ def import_transformers(
                               dtype=info.dtype)
             out_infos.append(TensorInfo(key, shape, info.dtype))
             producers[key] = lambda e=entry: plan_entry_source(e, source)
-        directory = Path(source.path) if Path(source.path).is_dir() else Path(
-            source.path).parent
+        directory = side_directory(source)
         config = _with_gates_read(config, source, native_of)
         extra: dict[str, bytes | str] = {
             FUSION_CONFIG_FILE: standard_json.dumps(config.to_dict(), indent=2) + "\n",
@@ -213,12 +214,11 @@ def unfuse_export(
             region = source.file_region(prefix + name)
             return region if region is not None else source.get_tensor(prefix + name)
 
-        directory = Path(source.path) if Path(source.path).is_dir() else Path(
-            source.path).parent
+        directory = side_directory(source)
         record = dict(config.sources.get(part, {}))
         kept = tuple(name for name in record.get("kept_files", ())
                      if name not in ("config.json", "hf_config.json"))
-        dtype = str(infos[0].dtype).removeprefix("torch.")
+        dtype = dtype_name(infos[0].dtype)
         extra: dict[str, bytes | str] = {
             **read_side_files(directory / SOURCE_FILES_DIR / part, kept),
             "config.json": _part_config(source, directory, part, record, dtype),
