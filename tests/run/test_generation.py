@@ -50,9 +50,11 @@ def test_text_prompt_is_the_source_decoders(model, source):
 
 def test_image_prompt_with_zero_gates_is_the_source_decoders(model, source):
     inputs = fusesurgery.prepare_inputs(model, "word7 <|image|> word8", _images())
-    # the source decoder fed the same ids: <|image|> is the fused checkpoint's new row
-    table = model.decoder.tok_embeddings
-    embeds = table(inputs.tokens).detach()
+    # the source decoder fed the same ids: its own rows for the text, and for <|image|> (which
+    # it has no row for) the fused checkpoint's new row
+    is_image = inputs.tokens >= source.config.vocab_size
+    embeds = source.get_input_embeddings()(inputs.tokens.masked_fill(is_image, 0)).detach()
+    embeds[is_image] = model.decoder.tok_embeddings(inputs.tokens)[is_image].detach()
     expected = source.generate(inputs_embeds=embeds, max_new_tokens=10, do_sample=False)
     got = fusesurgery.generate(model, inputs, max_new_tokens=10)
     assert got.sequences()[0] == expected[0].tolist()
