@@ -90,7 +90,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-__version__ = "0.1.0"
+from fusesurgery._version import __version__  # noqa: E402 - after the class swap above
 
 __all__ = [
     "DecoderConfig",

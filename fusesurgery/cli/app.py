@@ -338,7 +338,7 @@ def _root(
     """
     set_quiet(quiet)  # every invocation starts from this (in-process runs share the console)
     if version:
-        from fusesurgery import __version__
+        from fusesurgery._version import __version__
 
         typer.echo(f"fusesurgery {__version__}")  # as git and hf print theirs
         raise typer.Exit()

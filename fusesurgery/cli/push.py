@@ -48,7 +48,7 @@ def push(
     """Validate a fused checkpoint, write its model card, and upload it to the Hugging Face
     Hub in one commit. Nothing leaves the machine unless validate passes; a failed upload
     leaves the repo as it was."""
-    from fusesurgery.hub._client import hub_endpoint
+    from fusesurgery.io.hub_client import hub_endpoint
 
     hub_endpoint()  # huggingface_hub fails to import with a malformed HF_ENDPOINT: say so
     from huggingface_hub.utils import disable_progress_bars

@@ -45,6 +45,7 @@ from typing import Any
 
 from fusesurgery.errors import ConfigError
 from fusesurgery.io._files import DuplicateKeyError, read_side_file, reject_duplicate_keys
+from fusesurgery.io.checkpoint import TOKENIZER_FILES
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -56,14 +57,10 @@ VOCAB_TXT = "vocab.txt"
 SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 TIKTOKEN_FILES = ("tokenizer.model", "tiktoken.model")
 
-# What transformers' tokenizers read from a model directory (``vocab_files_names`` of the
-# decoder families' classes, plus ``PreTrainedTokenizerBase``'s own files).
-TOKENIZER_FILES: tuple[str, ...] = (
-    TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, ADDED_TOKENS,
-    "tokenizer.model", "tiktoken.model", "spiece.model", "sentencepiece.bpe.model",
-    VOCAB_JSON, "merges.txt", VOCAB_TXT,
-    "chat_template.jinja", "chat_template.json",
-)
+# (TOKENIZER_FILES, the files that travel with a checkpoint, lives with the reader in io)
+assert {TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, ADDED_TOKENS, VOCAB_JSON,
+        VOCAB_TXT, *SENTENCEPIECE_FILES, *TIKTOKEN_FILES} <= set(TOKENIZER_FILES), (
+    "a tokenizer file the readers here name is missing from io's TOKENIZER_FILES")
 # The files that define the base vocabulary; tokens can be added only beside one of them.
 VOCABULARY_FILES: tuple[str, ...] = (
     TOKENIZER_JSON, VOCAB_JSON, VOCAB_TXT, "tokenizer.model", "tiktoken.model", "spiece.model",

@@ -29,7 +29,8 @@ from typing import Any
 from fusesurgery._plural import plural
 from fusesurgery._sizes import format_bytes
 from fusesurgery.errors import CheckpointError, ConfigError, HubError, ValidationError
-from fusesurgery.hub._client import (
+from fusesurgery.io.checkpoint import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
+from fusesurgery.io.hub_client import (
     describe,
     http_status,
     hub_api,
@@ -38,7 +39,6 @@ from fusesurgery.hub._client import (
     hub_token,
     is_network_error,
 )
-from fusesurgery.io.checkpoint import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from fusesurgery.io.shard_index import INDEX_SUFFIX
 
 CARD_FILE = "README.md"
@@ -221,7 +221,7 @@ def _hub_ids(config: Any) -> dict[str, str]:
 
 
 def _validated_with(report: Any, quick: bool) -> str:
-    from fusesurgery import __version__
+    from fusesurgery._version import __version__
 
     what = "header-level checks only (--quick)" if quick else f"device {report.device}"
     return f"`fusesurgery validate` {__version__} ({what}, Python {platform.python_version()})"

@@ -1,6 +1,6 @@
 """Open any checkpoint lazily: one entry point, one read-only view of names, shapes and tensors.
 
-:func:`open_checkpoint` accepts a safetensors file, a shard index, a ``torch.save`` file, a
+:func:`open_local_checkpoint` accepts a safetensors file, a shard index, a ``torch.save`` file, a
 Hugging Face model directory, a Meta directory (``consolidated.00.pth`` + ``params.json``) or a
 directory holding a single checkpoint file, and returns a :class:`CheckpointSource`. Opening
 reads safetensors headers and pickle indexes only; tensor data is memory-mapped and read by the
@@ -45,6 +45,15 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 HF_CONFIG_FILE = "config.json"
 META_PARAMS_FILE = "params.json"
 FUSION_CONFIG_FILE = "fusion_config.json"  # a fused checkpoint's (fusesurgery.surgery)
+# What transformers' tokenizers read from a model directory (``vocab_files_names`` of the
+# decoder families' classes, plus ``PreTrainedTokenizerBase``'s own files): the files that
+# travel with a checkpoint (fusesurgery.convert.tokenizer reads and edits them).
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "tiktoken.model", "spiece.model", "sentencepiece.bpe.model",
+    "vocab.json", "merges.txt", "vocab.txt",
+    "chat_template.jinja", "chat_template.json",
+)
 # Hugging Face weight files, most preferred first (safetensors over pickles, as transformers).
 HF_WEIGHT_FILES = (
     "model.safetensors",
@@ -194,7 +203,8 @@ _SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "<f"}
 class CheckpointSource:
     """A checkpoint opened read-only and lazily: names, shapes and dtypes now, data on demand.
 
-    Build one with :func:`open_checkpoint`. Use it as a context manager or call :meth:`close`.
+    Build one with :func:`fusesurgery.io.open_checkpoint`. Use it as a context manager or call
+    :meth:`close`.
 
     Attributes:
         path: the path that was opened (a file or a directory).
@@ -208,7 +218,7 @@ class CheckpointSource:
             and the config file; writers refuse outputs that overlap any of them.
         is_hf_dir: a ``config.json`` sits beside the weights.
         metadata: ``__metadata__`` of the first safetensors file, or ``{}``.
-        hub: for a Hugging Face Hub repo, its :class:`fusesurgery.hub.sources.HubSnapshot`
+        hub: for a Hugging Face Hub repo, its :class:`fusesurgery.io.hub_sources.HubSnapshot`
             (repo id, revision, commit, cache directory); None for a local path.
     """
 
@@ -245,7 +255,7 @@ class CheckpointSource:
                 self._infos[info.name] = info
                 self._reader_of[info.name] = reader
         self.total_bytes = sum(info.nbytes for info in self._infos.values())
-        self.hub: Any = None  # set by fusesurgery.hub.sources for a Hub repo
+        self.hub: Any = None  # set by fusesurgery.io.hub_sources for a Hub repo
         self._closed = False
 
     @property
@@ -396,9 +406,9 @@ class CheckpointSource:
         )
 
 
-def open_checkpoint(path: str | os.PathLike[str], *,
-                    remote_headers: bool = False) -> CheckpointSource:
-    """Open a checkpoint of any supported form, reading metadata only.
+def open_local_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
+    """Open a checkpoint of any supported form on this machine, reading metadata only
+    (:func:`fusesurgery.io.open_checkpoint` also takes Hub repo ids).
 
     Forms: a ``.safetensors`` file; a shard index (``*.index.json``, or its directory) of
     safetensors or torch shards; a ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` state dict (also
@@ -406,16 +416,10 @@ def open_checkpoint(path: str | os.PathLike[str], *,
     (``config.json`` + ``model.safetensors`` / its index / ``pytorch_model.bin`` / its index,
     safetensors preferred); a Meta directory (``consolidated.00.pth`` + ``params.json``;
     model-parallel ``consolidated.NN.pth`` ranks are merged into full tensors when read); a
-    directory holding exactly one checkpoint file. A path that does not exist locally may
-    name a Hugging Face Hub model repo (``org/name[@revision]``, ``hf://[models/]org/name``):
-    the files the checkpoint needs are downloaded through huggingface_hub's cache and opened
-    from there (see :mod:`fusesurgery.hub.sources`).
+    directory holding exactly one checkpoint file.
 
     Args:
-        path: a file or directory, or a Hub repo id.
-        remote_headers: for a Hub repo of safetensors, read the headers with range requests
-            instead of downloading the weights; a data file is downloaded when one of its
-            tensors is first read. For metadata-only work (``inspect``, key-level ``diff``).
+        path: a file or directory.
 
     Returns:
         The opened source; close it (or use ``with``) when done.
@@ -426,16 +430,8 @@ def open_checkpoint(path: str | os.PathLike[str], *,
         UnsafeCheckpointError: a pickle that needs code to load.
         UnrecognizedFormatError: nothing recognisable at the path, or several candidates.
         ConfigError: a config.json / params.json beside the weights that is not a JSON object.
-        HubError: a Hub repo that is missing, gated, at a missing revision, not cached while
-            offline, or out of reach.
     """
     path = utf8_path(path, "checkpoint path")
-    if not os.path.lexists(path) or os.fspath(path).startswith("hf://"):
-        from fusesurgery.hub.sources import open_hub_checkpoint  # noqa: PLC0415 - Hub only
-
-        source = open_hub_checkpoint(path, remote_headers=remote_headers)
-        if source is not None:
-            return source
     path = Path(path)
     try:
         is_directory = stat.S_ISDIR(path.stat().st_mode)
@@ -576,7 +572,7 @@ def _list_directory(directory: Path) -> list[str]:
 
 
 def _pick_file_in_directory(directory: Path) -> Path:
-    """The one file to open in a directory, by the rules in :func:`open_checkpoint`."""
+    """The one file to open in a directory, by the rules in :func:`open_local_checkpoint`."""
     names = _list_directory(directory)
     files = [name for name in names if (directory / name).is_file()]
     for preferred in HF_WEIGHT_FILES:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fusesurgery import _json as standard_json
-from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
+from fusesurgery.convert import detect_model, plan_conversion
 from fusesurgery.convert.configs import (
     HF_ARCHITECTURES,
     HF_MODEL_TYPES,
@@ -33,7 +33,6 @@ from fusesurgery.convert.pooling_head import (
     HEAD_FILE,
     plan_pooling_head,
 )
-from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, row_order
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import (
     CheckpointSource,
@@ -43,6 +42,8 @@ from fusesurgery.io import (
     open_checkpoint,
 )
 from fusesurgery.io._files import read_side_file
+from fusesurgery.write.fused_convert import convert_fused
+from fusesurgery.write.plan_sources import plan_entry_source, plan_entry_tensor, source_file_order
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 from fusesurgery.write.side_files import (
@@ -97,11 +98,6 @@ def vision_tower_config(document: dict[str, Any], family: str) -> dict[str, Any]
         if key in document and key not in tower:
             tower[key] = document[key]
     return tower
-
-
-def plan_entry_tensor(entry: PlanEntry, source: CheckpointSource) -> torch.Tensor:
-    """The converted tensor of one plan entry, mmap-backed when nothing changes."""
-    return apply_plan_entry(entry, source.get_tensor(entry.source_key))
 
 
 @dataclass(frozen=True)
@@ -197,55 +193,6 @@ def _hf_base(source: CheckpointSource, detected: DetectedModel
     return document, path
 
 
-def plan_entry_source(
-    entry: PlanEntry, source: CheckpointSource
-) -> torch.Tensor | FileRegion | PermutedRegion:
-    """What the writer gets for one plan entry: the file region when the bytes do not change
-    (the kernel copies them), the region with a row order when only rows move (gathered from
-    the file's pages), else the converted tensor."""
-    if entry.dtype == entry.source_dtype:
-        region = source.file_region(entry.source_key)
-        if region is not None and entry.transform == (IDENTITY,):
-            return region
-        if region is not None and entry.transform[0] == TAKE_ROWS and entry.source_shape[0]:
-            _, start, stop = entry.transform  # rows of a C-order tensor: one byte range
-            row_bytes = region.nbytes // entry.source_shape[0]
-            return FileRegion(region.path, region.offset + start * row_bytes,
-                              (stop - start) * row_bytes)
-        if region is not None and entry.source_shape:
-            order = row_order(entry.transform, entry.source_shape[0])
-            if order is not None:
-                return PermutedRegion(region, order)
-        if entry.transform == (IDENTITY,):
-            return apply_plan_entry(entry, source.get_tensor(entry.source_key))
-    # about to be rewritten anyway: one read beats faulting in mapped pages
-    return apply_plan_entry(entry, source.read_tensor(entry.source_key))
-
-
-def source_file_order(
-    plan: ConversionPlan, source: CheckpointSource
-) -> tuple[list[TensorInfo], set[str]]:
-    """The output tensors in the order their bytes lie in the source files, and the first
-    tensor of each file, when every tensor's bytes lie in a file; else the plan's order.
-
-    Written in that order, with one shard per source file, a shard whose tensors keep their
-    bytes (or only reorder rows) is the source file under new names, which the writer copies
-    whole (see ``write_safetensors``). Nothing changes for the reader of the output.
-    """
-    targets = plan.target_infos()
-    positions = {}
-    for entry in plan.entries:
-        region = source.file_region(entry.source_key)
-        if region is None:
-            return list(targets.values()), set()
-        positions[entry.target_key] = (str(region.path), region.offset)
-    ordered = sorted(targets, key=positions.__getitem__)  # by file name, then offset
-    first_of_file: dict[str, str] = {}
-    for key in ordered:
-        first_of_file.setdefault(positions[key][0], key)
-    return [targets[key] for key in ordered], set(first_of_file.values())
-
-
 def convert_checkpoint(
     source_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -305,8 +252,6 @@ def convert_checkpoint(
                 raise ConfigError("--dtype is not supported for fused checkpoints")
             plan = plan_conversion(infos, detected.layout, detected.config, kind="fused")
             source.close()
-            from fusesurgery.write.fused_convert import convert_fused  # noqa: PLC0415
-
             _, written, notes = convert_fused(
                 source_path, out_dir, to=to, max_shard_size=max_shard_size,
                 overwrite=overwrite, on_tensor_written=on_tensor_written, durable=durable,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusesurgery import _json as standard_json
+from fusesurgery._version import __version__
 from fusesurgery.convert.detect import DetectedModel, detect_layout, detect_model
 from fusesurgery.convert.keymaps import keys_to_native
 from fusesurgery.convert.tokenizer import TOKENIZER_FILES, add_special_tokens
@@ -279,8 +280,6 @@ def fuse_checkpoints(
             (layers out of range, a new token the tokenizer already has), or an output that
             cannot be written. Nothing is left at ``out_dir`` on any failure.
     """
-    from fusesurgery import __version__  # noqa: PLC0415 - the package imports this module
-
     options = options or FuseOptions()
     with ExitStack() as stack:
         encoder = stack.enter_context(open_checkpoint(encoder_path))
@@ -312,7 +311,7 @@ def fuse_checkpoints(
             embedding_stats,
             make_new_tensor,
         )
-        from fusesurgery.write.convert_checkpoint import (  # noqa: PLC0415
+        from fusesurgery.write.plan_sources import (  # noqa: PLC0415
             plan_entry_source,
             source_file_order,
         )

@@ -31,7 +31,7 @@ from fusesurgery.io import TensorInfo
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.surgery.fused import FusedView, open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
-from fusesurgery.write.convert_checkpoint import plan_entry_source
+from fusesurgery.write.plan_sources import plan_entry_source
 from fusesurgery.write.safetensors_writer import WriteResult, write_safetensors
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 from fusesurgery.write.side_files import (

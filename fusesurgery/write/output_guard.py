@@ -27,6 +27,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from fusesurgery._version import __version__
 from fusesurgery.errors import WriteError
 from fusesurgery.io._files import utf8_path
 
@@ -99,8 +100,6 @@ def is_fusesurgery_output(directory: Path) -> bool:
 
 def marker_content(**details: object) -> str:
     """The marker file's text: who wrote the directory, and what it holds."""
-    from fusesurgery import __version__
-
     return json.dumps({"written_by": "fusesurgery", "version": __version__, **details},
                       indent=2, sort_keys=True) + "\n"
 

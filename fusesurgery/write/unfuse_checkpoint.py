@@ -43,12 +43,10 @@ from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR
 from fusesurgery.write.convert_checkpoint import (
     CONFIG_FILES,
     CONFIG_WRITERS,
-    plan_entry_source,
-    plan_entry_tensor,
-    source_file_order,
     vision_tower_config,
     write_layout,
 )
+from fusesurgery.write.plan_sources import plan_entry_source, plan_entry_tensor, source_file_order
 from fusesurgery.write.safetensors_writer import WriteResult
 from fusesurgery.write.shard_plan import DEFAULT_MAX_SHARD_SIZE
 from fusesurgery.write.side_files import (

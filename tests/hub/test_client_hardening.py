@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from fusesurgery.errors import FuseSurgeryError, HubError
-from fusesurgery.hub import _client
-from fusesurgery.hub._client import (
+from fusesurgery.io import hub_client as _client
+from fusesurgery.io import open_checkpoint
+from fusesurgery.io.hub_client import (
     describe,
     hub_endpoint,
     hub_session,
@@ -27,8 +28,7 @@ from fusesurgery.hub._client import (
     hub_token,
     server_message,
 )
-from fusesurgery.hub.sources import parse_hub_reference
-from fusesurgery.io import open_checkpoint
+from fusesurgery.io.hub_sources import parse_hub_reference
 from tests.hub.conftest import READ_TOKEN, WRITE_TOKEN
 from tests.hub_server import FakeHub
 

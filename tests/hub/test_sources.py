@@ -1,4 +1,4 @@
-"""Hub repo ids as checkpoint sources (fusesurgery.hub.sources), in process, against the fake
+"""Hub repo ids as checkpoint sources (fusesurgery.io.hub_sources), in process, against the fake
 Hub: parsing, local paths winning, which files are fetched, revisions, offline, errors, and
 remote headers read with range requests only."""
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from fusesurgery.errors import CheckpointError, HubError
-from fusesurgery.hub.sources import (
+from fusesurgery.io import open_checkpoint
+from fusesurgery.io.hub_sources import (
     HubReference,
     parse_hub_reference,
     select_checkpoint_files,
 )
-from fusesurgery.io import open_checkpoint
 from fusesurgery.reports.diff import diff_checkpoints
 from fusesurgery.reports.inspection import inspect_checkpoint
 from tests.hub.conftest import READ_TOKEN

@@ -15,7 +15,7 @@ local path always wins over a repo id of the same name). Two ways to open a repo
 
 Settings are read when called, not when huggingface_hub was imported: ``HF_ENDPOINT``,
 ``HF_TOKEN`` (else the saved login), ``HF_HUB_OFFLINE`` (cache only), ``HF_HUB_CACHE`` /
-``HF_HOME``; every request times out (:func:`fusesurgery.hub._client.hub_timeouts`). Client
+``HF_HOME``; every request times out (:func:`fusesurgery.io.hub_client.hub_timeouts`). Client
 and network errors become one-line :class:`~fusesurgery.errors.HubError`, never showing the
 token. huggingface_hub is imported inside functions only, so start-up does not pay for it.
 """
@@ -34,9 +34,22 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from fusesurgery.convert.tokenizer import TOKENIZER_FILES
 from fusesurgery.errors import HubError
-from fusesurgery.hub._client import (
+from fusesurgery.io.checkpoint import (
+    FORMAT_SAFETENSORS,
+    FORMAT_SAFETENSORS_SHARDED,
+    HF_CONFIG_FILE,
+    META_SHARD_PATTERN,
+    NOT_WEIGHTS_PATTERN,
+    SAFETENSORS_SUFFIX,
+    TOKENIZER_FILES,
+    TORCH_SUFFIXES,
+    CheckpointSource,
+    _read_config,
+    _SafetensorsReader,
+    open_local_checkpoint,
+)
+from fusesurgery.io.hub_client import (
     TIMEOUT_ENV,
     describe,
     hub_endpoint,
@@ -46,19 +59,6 @@ from fusesurgery.hub._client import (
     is_network_error,
     redact,
     timeout_seconds,
-)
-from fusesurgery.io.checkpoint import (
-    FORMAT_SAFETENSORS,
-    FORMAT_SAFETENSORS_SHARDED,
-    HF_CONFIG_FILE,
-    META_SHARD_PATTERN,
-    NOT_WEIGHTS_PATTERN,
-    SAFETENSORS_SUFFIX,
-    TORCH_SUFFIXES,
-    CheckpointSource,
-    _read_config,
-    _SafetensorsReader,
-    open_checkpoint,
 )
 from fusesurgery.io.safetensors_header import (
     HEADER_LENGTH_BYTES,
@@ -631,7 +631,7 @@ def open_hub_checkpoint(path: str | os.PathLike[str], *,
         if source is not None:
             return source
     snapshot = download_checkpoint(reference)
-    source = open_checkpoint(snapshot.directory)
+    source = open_local_checkpoint(snapshot.directory)
     source.hub = snapshot
     return source
 
