@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from fusesurgery.errors import ConfigError
+from fusesurgery.families import DECODER_FAMILIES, VISION_FAMILIES, native_rope_styles
+from fusesurgery.families._spec import RopeStyle
 
-DecoderFamily = Literal["llama", "mistral", "qwen2", "qwen3"]
-VisionFamily = Literal["clip", "siglip"]
+# The families are the files of fusesurgery.families; these admit exactly their names.
+DecoderFamily = Literal[tuple(DECODER_FAMILIES)]  # type: ignore[valid-type]
+VisionFamily = Literal[tuple(VISION_FAMILIES)]  # type: ignore[valid-type]
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
-RopeStyle = Literal["interleaved", "half"]
 
 
 @dataclass(frozen=True)
@@ -33,19 +35,13 @@ class RopeScaling:
         check_field_values(self)
 
 
-# The RoPE pairing of each decoder family's native layout: what torchtune's own model and
-# checkpoint converter for the family use, so a native checkpoint is torchtune's, values
-# included. "interleaved" rotates (x[2j], x[2j+1]) (Meta's reference code; torchtune's Llama
-# and Mistral converters permute Hugging Face's q/k rows into this order); "half" rotates
-# (x[j], x[j + h_d/2]) as transformers does (torchtune's Qwen2 and Qwen3 keep Hugging Face's
-# rows: qwen3_hf_to_tune renames only).
-NATIVE_ROPE_STYLE: dict[str, RopeStyle] = {
-    "llama": "interleaved",
-    "mistral": "interleaved",
-    "qwen2": "half",
-    "qwen3": "half",
-}
-assert set(NATIVE_ROPE_STYLE) == set(get_args(DecoderFamily)), "a family lacks a RoPE style"
+# The RoPE pairing of each decoder family's native layout (each family file's
+# ``native_rope_style``): what torchtune's own model and checkpoint converter for the family
+# use, so a native checkpoint is torchtune's, values included. "interleaved" rotates
+# (x[2j], x[2j+1]) (Meta's reference code; torchtune's Llama and Mistral converters permute
+# Hugging Face's q/k rows into this order); "half" rotates (x[j], x[j + h_d/2]) as
+# transformers does (torchtune's Qwen2 and Qwen3 keep Hugging Face's rows).
+NATIVE_ROPE_STYLE: dict[str, RopeStyle] = native_rope_styles()
 
 
 @dataclass(frozen=True)

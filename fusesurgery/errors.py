@@ -77,3 +77,22 @@ class HubError(FuseSurgeryError):
 class InputError(FuseSurgeryError):
     """An input for running a fused model is unusable: an image that cannot be read, a prompt
     whose image tokens do not match its images, a missing tokenizer or preprocessor."""
+
+
+class UnsupportedFamilyError(ConfigError):
+    """A checkpoint of an architecture no family file describes (a transformers
+    ``model_type`` such as ``olmo2`` or ``gemma3_text``).
+
+    Args:
+        message: what is wrong.
+        model_type: the ``model_type`` met, or None when the keys alone gave it away.
+        kind: ``"decoder"`` or ``"vision"``.
+        closest: the supported family closest to it, where one was named.
+    """
+
+    def __init__(self, message: str = "", *, model_type: str | None = None,
+                 kind: str | None = None, closest: str | None = None) -> None:
+        super().__init__(message)
+        self.model_type = model_type
+        self.kind = kind
+        self.closest = closest

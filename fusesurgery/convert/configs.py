@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusesurgery.config import DecoderConfig, RopeScaling, VisionEncoderConfig
-from fusesurgery.errors import ConfigError
+from fusesurgery.errors import ConfigError, UnsupportedFamilyError
+from fusesurgery.families import (
+    DECODER_FAMILIES,
+    VISION_FAMILIES,
+    by_model_type,
+    decoder_family,
+    vision_family,
+)
 
 DECODER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecoderConfig))
 VISION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VisionEncoderConfig))
@@ -76,66 +83,33 @@ def config_style(config: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # Decoders.
 
-HF_DECODER_FAMILIES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
-                                       "qwen3": "qwen3"}
+# The tables below are read off the family files (fusesurgery.families), one row a family.
+HF_DECODER_FAMILIES: dict[str, str] = by_model_type(DECODER_FAMILIES)
 # transformers' names of the SiLU activation (ACT2CLS: both are torch's SiLU).
 HF_SILU_NAMES: tuple[str, ...] = ("silu", "swish")
 HF_DECODER_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
+    architecture: family.name for family in DECODER_FAMILIES.values()
+    for architecture in family.architectures
 }
 
 # transformers' class defaults for what a config.json may leave out and shapes cannot tell.
-# Not the head count: transformers' default (32 heads, 12 for CLIP/SigLIP) belongs to one
-# model size, and shapes cannot contradict it (q_proj rows are heads times head_dim), so a
-# config silent on it is asked for it (--num-heads) rather than guessed.
 HF_DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"max_seq_len": 2048, "norm_eps": 1e-6, "rope_base": 10_000.0,
-              "rope_scaling": None, "attn_bias": False, "tie_word_embeddings": False},
-    "mistral": {"max_seq_len": 131_072, "norm_eps": 1e-6,
-                "rope_base": 10_000.0, "rope_scaling": None, "attn_bias": False,
-                "tie_word_embeddings": False},
-    # Qwen2's q/k/v projections always carry a bias: the architecture has no switch for it.
-    "qwen2": {"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
-              "rope_scaling": None, "attn_bias": True, "tie_word_embeddings": False},
-    "qwen3": {"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
-              "rope_scaling": None, "attn_bias": False, "tie_word_embeddings": False},
-}
+    name: dict(family.hf_defaults) for name, family in DECODER_FAMILIES.items()}
 
 # Architecture facts no config.json field switches: what the family's transformers class
 # always builds. A config.json that names its family states them, so weights without them
 # (a Qwen3 checkpoint lacking its q/k norms) are refused rather than read as another model.
 HF_DECODER_FIXED: dict[str, dict[str, Any]] = {
-    "llama": {"qk_norm": False},
-    "mistral": {"qk_norm": False},
-    "qwen2": {"qk_norm": False},
-    "qwen3": {"qk_norm": True},
-}
+    name: dict(family.fixed) for name, family in DECODER_FAMILIES.items()}
 
 # What transformers' config class takes for a head_dim / num_key_value_heads that config.json
-# leaves out (None: derived from the head count, hidden_size / num_attention_heads or
-# num_attention_heads itself). Qwen3's head_dim is 128 whatever the width.
+# leaves out (None: derived from the head count).
 HF_UNSTATED_HEADS: dict[str, dict[str, int | None]] = {
-    "llama": {"head_dim": None, "num_kv_heads": None},
-    "mistral": {"head_dim": None, "num_kv_heads": 8},
-    "qwen2": {"head_dim": None, "num_kv_heads": 32},
-    "qwen3": {"head_dim": 128, "num_kv_heads": 32},
-}
+    name: dict(family.unstated_heads) for name, family in DECODER_FAMILIES.items()}
 
-# config.json key -> DecoderConfig field, for values copied as they are.
-HF_DECODER_KEYS: dict[str, str] = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "embed_dim",
-    "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads",
-    "num_key_value_heads": "num_kv_heads",
-    "head_dim": "head_dim",
-    "intermediate_size": "intermediate_dim",
-    "max_position_embeddings": "max_seq_len",
-    "rms_norm_eps": "norm_eps",
-    "attention_bias": "attn_bias",
-    "tie_word_embeddings": "tie_word_embeddings",
-}
+# config.json key -> DecoderConfig field, for values copied as they are: Llama's spelling,
+# which every decoder family shares (a family's own table is ``hf_config_keys``).
+HF_DECODER_KEYS: dict[str, str] = dict(decoder_family("llama").hf_config_keys)
 
 _LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                         "original_max_position_embeddings")
@@ -221,9 +195,10 @@ def hf_sliding_window(config: Mapping[str, Any], family: str,
     Raises:
         ConfigError: a ``sliding_window`` that is neither a positive integer nor null.
     """
-    if family == "mistral":
+    rule = decoder_family(family).hf_sliding_window
+    if rule == "always":
         return _window_value(config, origin)
-    if family not in ("qwen2", "qwen3") or not config.get("use_sliding_window"):
+    if rule != "use_sliding_window" or not config.get("use_sliding_window"):
         return None
     window = _window_value(config, origin)
     layer_types = config.get("layer_types")
@@ -267,10 +242,9 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
     model_type = _name(config, "model_type", origin)
     if model_type is not None:
         if model_type not in HF_DECODER_FAMILIES:
-            raise ConfigError(
+            raise UnsupportedFamilyError(
                 f"{origin}: model_type {model_type!r} is not a supported decoder; supported: "
-                f"{', '.join(HF_DECODER_FAMILIES)}"
-            )
+                f"{', '.join(HF_DECODER_FAMILIES)}", model_type=model_type, kind="decoder")
         reading.read["family"] = HF_DECODER_FAMILIES[model_type]
     else:
         for architecture in config.get("architectures") or ():
@@ -278,17 +252,18 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
                 reading.read["family"] = HF_DECODER_ARCHITECTURES[architecture]
                 break
     family = reading.read.get("family", "llama")
+    spec = decoder_family(family)
     if (_name(config, "hidden_act", origin) or "silu") not in HF_SILU_NAMES:
         raise ConfigError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported "
                           "(Llama-family decoders use silu)")
     if config.get("mlp_bias"):
         raise ConfigError(f"{origin}: mlp_bias true is not supported")
-    if config.get("attention_bias") and family != "qwen2":
+    if config.get("attention_bias") and not spec.hf_defaults["attn_bias"]:
         # transformers' Llama/Mistral attention_bias also puts a bias on o_proj, which the
         # native attention (Qwen2-style q/k/v biases only) does not have.
         raise ConfigError(f"{origin}: attention_bias true (biases on q/k/v and o_proj) is not "
                           "supported")
-    for key, name in HF_DECODER_KEYS.items():
+    for key, name in spec.hf_config_keys.items():
         if config.get(key) is not None:
             reading.read[name] = config[key]
     _rope_from_hf(config, origin, reading)
@@ -373,13 +348,23 @@ def read_meta_decoder_config(
         else:
             reading.read["rope_scaling"] = None
     # Mistral's params.json states hidden_dim; Meta's derive it from multiple_of.
-    reading.read["family"] = "mistral" if "hidden_dim" in config else "llama"
+    reading.read["family"] = meta_family(config)
     if config.get("sliding_window") is not None:  # Mistral's reference code: no default
         _sliding_window_notes(_window_value(config, origin), config.get("max_seq_len"),
                               "Mistral's reference code", reading)
         reading.notes.extend(reading.differences)
     reading.defaults.update(META_DECODER_DEFAULTS)
     return reading
+
+
+def meta_family(config: Mapping[str, Any]) -> str:
+    """The family of a params.json: the one whose marker key it has (Mistral's
+    ``hidden_dim``), else the Meta-layout family without a marker (Llama)."""
+    meta = [family for family in DECODER_FAMILIES.values() if family.meta_layout]
+    for family in meta:
+        if family.meta_params_marker is not None and family.meta_params_marker in config:
+            return family.name
+    return next(family.name for family in meta if family.meta_params_marker is None)
 
 
 def coerce_rope_scaling(value: Any) -> RopeScaling | None:
@@ -430,32 +415,20 @@ def read_decoder_config(config: Mapping[str, Any], origin: str) -> ConfigReading
 # --------------------------------------------------------------------------------------------
 # Vision encoders.
 
-HF_VISION_FAMILIES: dict[str, str] = {
-    "clip": "clip", "clip_vision_model": "clip", "siglip": "siglip",
-    "siglip_vision_model": "siglip",
-}
+HF_VISION_FAMILIES: dict[str, str] = by_model_type(VISION_FAMILIES)
 HF_ACTIVATIONS: dict[str, str] = {
     "quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",
 }
-HF_VISION_KEYS: dict[str, str] = {
-    "image_size": "image_size",
-    "patch_size": "patch_size",
-    "hidden_size": "embed_dim",
-    "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads",
-    "intermediate_size": "intermediate_dim",
-    "num_channels": "num_channels",
-    "layer_norm_eps": "norm_eps",
-}
+# config.json key -> VisionEncoderConfig field: CLIP's spelling, which the towers share.
+HF_VISION_KEYS: dict[str, str] = dict(vision_family("clip").hf_config_keys)
 # transformers' CLIPVisionConfig / SiglipVisionConfig defaults for what shapes cannot tell.
 VISION_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "clip": {"norm_eps": 1e-5, "activation": "quick_gelu", "image_size": 224},
-    "siglip": {"norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 224},
-}
+    name: dict(family.hf_defaults) for name, family in VISION_FAMILIES.items()}
 # Architecture facts that no config states: CLIP norms only its pooled class token, SigLIP
 # norms every output token.
-VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True}
+VISION_POST_NORM_HIDDEN: dict[str, bool] = {
+    name: family.post_norm_hidden for name, family in VISION_FAMILIES.items()}
 
 
 def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -473,12 +446,14 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         tower = config
     if model_type is not None:
         if model_type not in HF_VISION_FAMILIES:
-            raise ConfigError(
+            raise UnsupportedFamilyError(
                 f"{origin}: model_type {model_type!r} is not a supported vision encoder; "
-                f"supported: {', '.join(HF_VISION_FAMILIES)}"
-            )
+                f"supported: {', '.join(HF_VISION_FAMILIES)}", model_type=model_type,
+                kind="vision")
         reading.read["family"] = HF_VISION_FAMILIES[model_type]
-    for key, name in HF_VISION_KEYS.items():
+    keys = (vision_family(reading.read["family"]).hf_config_keys if "family" in reading.read
+            else HF_VISION_KEYS)
+    for key, name in keys.items():
         if tower.get(key) is not None:
             reading.read[name] = tower[key]
     if _name(tower, "hidden_act", origin) is not None:
@@ -532,12 +507,12 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Writing configs: the reading tables inverted, so each name is spelled once.
 
-HF_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
-                                  "qwen3": "qwen3",
-                                  "clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+HF_MODEL_TYPES: dict[str, str] = {
+    name: family.model_types[0] for name, family in DECODER_FAMILIES.items()
+} | {name: family.hf_model_type for name, family in VISION_FAMILIES.items()}
 HF_ARCHITECTURES: dict[str, str] = {
-    family: arch for arch, family in HF_DECODER_ARCHITECTURES.items()
-} | {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+    name: family.architectures[0] for name, family in DECODER_FAMILIES.items()
+} | {name: family.architectures[0] for name, family in VISION_FAMILIES.items()}
 
 
 def _first_spelling(table: Mapping[str, str]) -> dict[str, str]:
@@ -583,7 +558,10 @@ def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
     out: dict[str, Any] = {meta: getattr(config, name) for meta, name in META_DECODER_KEYS.items()
                            if name != "intermediate_dim"}
     out["vocab_size"] = config.vocab_size
-    ffn = None if config.family == "mistral" else _meta_ffn_fields(
+    family = decoder_family(config.family)
+    if not family.meta_layout:
+        raise ConfigError(f"the Meta layout holds no {family.display_name} decoder")
+    ffn = None if family.meta_params_marker == "hidden_dim" else _meta_ffn_fields(
         config.embed_dim, config.intermediate_dim)
     if ffn is None:  # Mistral's spelling: the width itself
         out["hidden_dim"] = config.intermediate_dim
@@ -635,11 +613,12 @@ def hf_config_dict(
         if base is not None and read_hf_decoder_config(base).read.get(
                 "family", "llama") == config.family:
             return _over_base(config, base)
-        out = {key: getattr(config, name) for key, name in HF_DECODER_KEYS.items()
-               if key != "attention_bias" or config.family == "llama"}
+        family = decoder_family(config.family)
+        out = {key: getattr(config, name) for key, name in family.hf_config_keys.items()
+               if name != "attn_bias" or family.hf_attention_bias_switch}
         out["hidden_act"] = "silu"
         out.update(_hf_rope(config))
-        if config.family == "mistral":  # else transformers applies its default 4096 window
+        if family.hf_sliding_window == "always":  # else transformers applies its 4096 default
             out["sliding_window"] = None
     return {"architectures": [HF_ARCHITECTURES[config.family]],
             "model_type": HF_MODEL_TYPES[config.family], **out}
@@ -661,8 +640,9 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
     meant.setdefault("num_kv_heads", unstated["num_kv_heads"] or config.num_heads)
     meant.setdefault("head_dim", unstated["head_dim"] or config.embed_dim // config.num_heads)
     out = dict(base)
-    for key, name in HF_DECODER_KEYS.items():
-        if key == "attention_bias" and config.family != "llama":
+    family = decoder_family(config.family)
+    for key, name in family.hf_config_keys.items():
+        if name == "attn_bias" and not family.hf_attention_bias_switch:
             continue  # the family fixes it (hf_config_dict checked it)
         if name not in meant or meant[name] != getattr(config, name):
             out[key] = getattr(config, name)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ from fusesurgery.convert.mllama import (
 )
 from fusesurgery.convert.plan import check_native_shapes
 from fusesurgery.errors import ConfigError, UnrecognizedFormatError
+from fusesurgery.families import DECODER_FAMILIES, VISION_FAMILIES, Family
 from fusesurgery.io.tensor_info import TensorInfo
 
 Provenance = Literal["given", "read", "inferred", "default"]
@@ -304,6 +305,20 @@ def _layer_count(native_shapes: Mapping[str, Shape], template: str, prefix: str 
     return len(indices)
 
 
+def _offer_family(fields: _Fields, families: Mapping[str, Family],
+                  present: Callable[[str], bool]) -> None:
+    """Offer the family whose shape markers the checkpoint's native keys match (``inferred``),
+    else the family declared the fallback (``default``); a family a config names wins."""
+    for name, family in families.items():
+        if family.shape_markers and all(present(key) == wanted
+                                        for key, wanted in family.shape_markers.items()):
+            fields.offer("family", name, "inferred")
+            return
+    for name, family in families.items():
+        if getattr(family, "shape_fallback", False):
+            fields.offer("family", name, "default")
+
+
 # --------------------------------------------------------------------------------------------
 # Decoders.
 
@@ -345,11 +360,7 @@ def _infer_decoder_fields(
     fields.offer("attn_bias", shape("layers.0.attn.q_proj.bias") is not None, "inferred")
     fields.offer("qk_norm", shape("layers.0.attn.q_norm.scale") is not None, "inferred")
     fields.offer("tie_word_embeddings", shape("output.weight") is None, "inferred")
-    if shape("layers.0.attn.q_norm.scale") is not None:
-        fields.offer("family", "qwen3", "inferred")
-    if shape("layers.0.attn.q_proj.bias") is not None:
-        fields.offer("family", "qwen2", "inferred")
-    fields.offer("family", "llama", "default")
+    _offer_family(fields, DECODER_FAMILIES, lambda key: shape(key) is not None)
 
     q = shape("layers.0.attn.q_proj.weight")
     k = shape("layers.0.attn.k_proj.weight")
@@ -516,7 +527,7 @@ def _infer_vision_fields(
     if w1 is not None:
         fields.offer("intermediate_dim", w1[0], "inferred")
     # A checkpoint with a class token is CLIP-like; SigLIP has none.
-    fields.offer("family", "clip" if class_token else "siglip", "inferred")
+    _offer_family(fields, VISION_FAMILIES, lambda key: key in shapes)
 
     # The position table holds one row per patch of a square grid (plus the class token).
     # The side it gives may be a few pixels short of the configured one (384 px in 14 px

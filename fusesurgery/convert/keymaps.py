@@ -36,6 +36,7 @@ from typing import Literal
 
 from fusesurgery.convert.mllama import mllama_to_native
 from fusesurgery.errors import KeyMapError
+from fusesurgery.families import DECODER_FAMILIES, VISION_FAMILIES
 
 Kind = Literal["decoder", "vision", "fused"]
 Layout = Literal["native", "hf", "meta", "mllama"]
@@ -126,72 +127,43 @@ FUSED_TORCHTUNE_VISION_PREFIX = "encoder.clip."  # torchtune's llama3_2_vision e
 FUSED_PROJECTION_PREFIX = "encoder.projection."
 
 # --------------------------------------------------------------------------------------------
-# Foreign -> native tables.
+# Foreign -> native tables: the union of every family file's rows for the layout. A key spells
+# one thing in every family that has it, so a checkpoint's keys map before its family is known
+# (and tell it: Qwen2's biases, Qwen3's q/k norms).
 
-HF_DECODER_TO_NATIVE: dict[str, str] = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.layers.{i}.input_layernorm.weight": "layers.{i}.sa_norm.scale",
-    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.q_proj.weight",
-    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.q_proj.bias",
-    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.k_proj.weight",
-    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.k_proj.bias",
-    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v_proj.weight",
-    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.v_proj.bias",
-    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.output_proj.weight",
-    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attn.q_norm.scale",
-    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attn.k_norm.scale",
-    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.scale",
-    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.w1.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.w2.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.w3.weight",
-    "model.norm.weight": "norm.scale",
-    "lm_head.weight": "output.weight",
-}
 
-META_DECODER_TO_NATIVE: dict[str, str] = {
-    "tok_embeddings.weight": "tok_embeddings.weight",
-    "layers.{i}.attention_norm.weight": "layers.{i}.sa_norm.scale",
-    "layers.{i}.attention.wq.weight": "layers.{i}.attn.q_proj.weight",
-    "layers.{i}.attention.wk.weight": "layers.{i}.attn.k_proj.weight",
-    "layers.{i}.attention.wv.weight": "layers.{i}.attn.v_proj.weight",
-    "layers.{i}.attention.wo.weight": "layers.{i}.attn.output_proj.weight",
-    "layers.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.scale",
-    "layers.{i}.feed_forward.w1.weight": "layers.{i}.mlp.w1.weight",
-    "layers.{i}.feed_forward.w2.weight": "layers.{i}.mlp.w2.weight",
-    "layers.{i}.feed_forward.w3.weight": "layers.{i}.mlp.w3.weight",
-    "norm.weight": "norm.scale",
-    "output.weight": "output.weight",
-}
+def union_key_map(tables: Iterable[tuple[str, Mapping[str, str]]], what: str) -> dict[str, str]:
+    """Merge the families' ``foreign -> native`` tables of one layout.
+
+    Args:
+        tables: ``(family name, table)`` pairs.
+        what: the layout, for the message.
+
+    Raises:
+        KeyMapError: two families map one foreign key to different native keys.
+    """
+    merged: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for family, table in tables:
+        for source, target in table.items():
+            if merged.setdefault(source, target) != target:
+                raise KeyMapError(f"{what} key {source!r} maps to {merged[source]!r} in "
+                                  f"{owner[source]} but to {target!r} in {family}")
+            owner.setdefault(source, family)
+    return merged
+
+
+HF_DECODER_TO_NATIVE: dict[str, str] = union_key_map(
+    ((name, family.hf_keys) for name, family in DECODER_FAMILIES.items()), "hf decoder")
+
+META_DECODER_TO_NATIVE: dict[str, str] = union_key_map(
+    ((name, family.meta_keys) for name, family in DECODER_FAMILIES.items()
+     if family.meta_layout), "meta decoder")
 
 HF_VISION_PREFIX = "vision_model."
 
-HF_VISION_TO_NATIVE: dict[str, str] = {
-    "vision_model.embeddings.patch_embedding.weight": "conv.weight",
-    "vision_model.embeddings.patch_embedding.bias": "conv.bias",
-    "vision_model.embeddings.class_embedding": "cls_token_embedding.weight",
-    "vision_model.embeddings.position_embedding.weight": "token_pos_embedding.positional_embedding",
-    "vision_model.pre_layrnorm.weight": "ln_pre.weight",
-    "vision_model.pre_layrnorm.bias": "ln_pre.bias",
-    "vision_model.encoder.layers.{i}.layer_norm1.weight": "layers.{i}.sa_norm.weight",
-    "vision_model.encoder.layers.{i}.layer_norm1.bias": "layers.{i}.sa_norm.bias",
-    "vision_model.encoder.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.q_proj.weight",
-    "vision_model.encoder.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.q_proj.bias",
-    "vision_model.encoder.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.k_proj.weight",
-    "vision_model.encoder.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.k_proj.bias",
-    "vision_model.encoder.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v_proj.weight",
-    "vision_model.encoder.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.v_proj.bias",
-    "vision_model.encoder.layers.{i}.self_attn.out_proj.weight":
-        "layers.{i}.attn.output_proj.weight",
-    "vision_model.encoder.layers.{i}.self_attn.out_proj.bias": "layers.{i}.attn.output_proj.bias",
-    "vision_model.encoder.layers.{i}.layer_norm2.weight": "layers.{i}.mlp_norm.weight",
-    "vision_model.encoder.layers.{i}.layer_norm2.bias": "layers.{i}.mlp_norm.bias",
-    "vision_model.encoder.layers.{i}.mlp.fc1.weight": "layers.{i}.mlp.w1.weight",
-    "vision_model.encoder.layers.{i}.mlp.fc1.bias": "layers.{i}.mlp.w1.bias",
-    "vision_model.encoder.layers.{i}.mlp.fc2.weight": "layers.{i}.mlp.w2.weight",
-    "vision_model.encoder.layers.{i}.mlp.fc2.bias": "layers.{i}.mlp.w2.bias",
-    "vision_model.post_layernorm.weight": "ln_post.weight",
-    "vision_model.post_layernorm.bias": "ln_post.bias",
-}
+HF_VISION_TO_NATIVE: dict[str, str] = union_key_map(
+    ((name, family.hf_keys) for name, family in VISION_FAMILIES.items()), "hf vision")
 
 # Top-level module names of a transformers 5 CLIPVisionModel / SiglipVisionModel, whose keys
 # are saved without the ``vision_model.`` prefix.
@@ -220,15 +192,8 @@ DROPPED_KEYS: dict[tuple[str, str], dict[str, str]] = {
     ("decoder", "meta"): {
         "rope.freqs": "RoPE frequency buffer, recomputed",
     },
-    ("vision", "hf"): {
-        "vision_model.embeddings.position_ids": "position index buffer, recomputed",
-        "vision_model.head.*": "SigLIP attention-pooling head, not used for fusion",
-        "text_model.*": "text tower of a CLIP/SigLIP checkpoint",
-        "text_projection.weight": "text projection of a CLIP checkpoint",
-        "visual_projection.weight": "image-text projection of a CLIP checkpoint",
-        "logit_scale": "contrastive logit scale",
-        "logit_bias": "contrastive logit bias",
-    },
+    ("vision", "hf"): {pattern: reason for family in VISION_FAMILIES.values()
+                       for pattern, reason in family.hf_dropped.items()},
 }
 
 # --------------------------------------------------------------------------------------------

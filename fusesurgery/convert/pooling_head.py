@@ -26,6 +26,7 @@ from fusesurgery.convert.keymaps import HF_VISION_PREFIX
 from fusesurgery.convert.plan import PlanEntry, check_cast_dtype, list_keys
 from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError, ShapeError
+from fusesurgery.families import VISION_FAMILIES
 from fusesurgery.io.tensor_info import TensorInfo
 
 if TYPE_CHECKING:
@@ -40,7 +41,9 @@ HEAD_CONFIG_FIELD = "vision_use_head"
 HEAD_PREFIX = HF_VISION_PREFIX + "head."
 # transformers 5 saves a bare SiglipVisionModel without the ``vision_model.`` prefix.
 _BARE_HEAD_PREFIX = "head."
-HEAD_FAMILIES: tuple[str, ...] = ("siglip",)
+# the tower families whose transformers model ends in such a head (``pooling_head``)
+HEAD_FAMILIES: tuple[str, ...] = tuple(
+    name for name, family in VISION_FAMILIES.items() if family.pooling_head)
 
 
 def head_shapes(config: VisionEncoderConfig) -> dict[str, Shape]:

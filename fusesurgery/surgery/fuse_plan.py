@@ -23,6 +23,7 @@ from fusesurgery.convert.keymaps import (
 )
 from fusesurgery.convert.plan import ConversionPlan
 from fusesurgery.errors import ConfigError
+from fusesurgery.families import VISION_FAMILIES
 from fusesurgery.io import TensorInfo
 from fusesurgery.surgery.fused_config import (
     EMBEDDING_INITS,
@@ -41,9 +42,10 @@ if TYPE_CHECKING:
 DEFAULT_NEW_TOKENS: tuple[str, ...] = ("<|image|>",)
 DEFAULT_EVERY = 4
 # The hidden layer of each encoder family that feeds the fusion, in transformers'
-# ``hidden_states[k]`` numbering (None: the final hidden states). CLIP: the penultimate layer,
-# as LLaVA; SigLIP: its final, post-normed hidden states, as PaliGemma.
-ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {"clip": -2, "siglip": None}
+# ``hidden_states[k]`` numbering (None: the final hidden states), from its family file. CLIP:
+# the penultimate layer, as LLaVA; SigLIP: its final, post-normed hidden states, as PaliGemma.
+ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {
+    name: family.encoder_layer_default for name, family in VISION_FAMILIES.items()}
 FUSION_EMBEDDING_KEY = FUSED_DECODER_PREFIX + "tok_embeddings.fusion_embedding.weight"
 EMBEDDING_KEY = "tok_embeddings.weight"
 

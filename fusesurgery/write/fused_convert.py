@@ -27,6 +27,7 @@ from fusesurgery.convert.mllama import (
 from fusesurgery.convert.plan import PlanEntry, _rope_transform
 from fusesurgery.convert.transforms import IDENTITY
 from fusesurgery.errors import ConfigError
+from fusesurgery.families import VISION_FAMILIES, decoder_family
 from fusesurgery.io import TensorInfo
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.surgery.fused import FusedView, open_fused
@@ -57,8 +58,10 @@ def mllama_blockers(config: FusedConfig) -> list[str]:
                         f"embedding vocab + {MLLAMA_EXTRA_ROWS})")
     if d.attn_bias:
         problems.append(f"its q/k/v projections have biases ({d.family})")
-    if d.family == "qwen2":
-        problems.append("it is a Qwen2 decoder (Mllama's text model is a Llama)")
+    family = decoder_family(d.family)
+    if not family.mllama_text_model and not d.qk_norm:  # (q/k norms say why on their own)
+        problems.append(f"it is a {family.display_name} decoder (Mllama's text model is a "
+                        "Llama)")
     if d.qk_norm:
         problems.append(f"its self-attention normalises each q/k head ({d.family})")
     if f.fusion_vocab_size > MLLAMA_EXTRA_ROWS:
@@ -174,7 +177,7 @@ def _to_mllama(view: FusedView, config: FusedConfig):
     left_out = [k for k in infos if k.startswith(("encoder.vision.", "encoder.projection."))]
     if left_out:
         family = config.encoder.family if config.encoder is not None else None
-        tower = {"clip": "CLIP", "siglip": "SigLIP"}.get(family, "vision")
+        tower = VISION_FAMILIES[family].display_name if family in VISION_FAMILIES else "vision"
         notes.append(
             f"left out the {tower} tower and projection ({len(left_out)} tensors, "
             "encoder.vision.* and encoder.projection.*): Mllama's vision model is not a "

@@ -1,0 +1,152 @@
+"""What a family declares: the two frozen dataclasses every family file fills in.
+
+A family is data the generic machinery reads (``convert`` for config fields, key maps, shapes
+and transforms; ``modules`` for the native module's options; ``surgery`` for fusion
+defaults). Nothing here imports anything of fusesurgery beyond ``errors``: families sit just
+above the base of the import flow, below ``config``.
+
+Key tables map a foreign key template to a native one, ``{i}`` standing for a layer index;
+their inverses are derived by code (:func:`fusesurgery.convert.keymaps.invert_key_map`),
+never written.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RopeStyle = Literal["interleaved", "half"]
+SlidingWindowRule = Literal["none", "always", "use_sliding_window"]
+
+
+def frozen(table: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A read-only view of ``table``, so a family's data cannot be changed by a caller."""
+    return types.MappingProxyType(dict(table))
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """A Llama-shaped decoder family (pre-norm RMSNorm layers, SwiGLU MLP, RoPE attention).
+
+    Args:
+        name: the native ``DecoderConfig.family`` value (``"qwen3"``).
+        display_name: how people write it (``"Qwen3"``).
+        model_types: transformers ``model_type`` values this family reads; the first is
+            written.
+        architectures: transformers classes (``config.json``'s ``architectures``); the first
+            is written, any is read when ``model_type`` is missing.
+        hf_config_keys: ``config.json`` key -> ``DecoderConfig`` field, for values copied as
+            they are (read, and written back).
+        hf_defaults: field -> the value transformers' config class assumes when
+            ``config.json`` leaves it out (provenance ``default``). Not the head count: it
+            belongs to one model size, so a file silent on it is asked for it.
+        fixed: field -> value the family's transformers class always builds, whatever the
+            config says (provenance ``read`` when the file names the family): weights that
+            lack them belong to another model and are refused.
+        unstated_heads: ``head_dim`` / ``num_kv_heads`` transformers takes when
+            ``config.json`` leaves them out; None: derived from the width and head count.
+        hf_attention_bias_switch: ``config.json``'s ``attention_bias`` is this family's
+            switch (and is written): true puts a bias on the output projection too, which
+            the native attention does not have, so true is refused. A family whose q/k/v
+            biases are fixed (``hf_defaults["attn_bias"]`` true) ignores the key.
+        hf_sliding_window: how transformers applies ``sliding_window``: ``"none"`` (never),
+            ``"always"`` (Mistral: a missing key means 4096), ``"use_sliding_window"``
+            (Qwen2/3: only with that switch, from ``max_window_layers`` on).
+        meta_layout: Meta's ``consolidated.*.pth`` + ``params.json`` can hold it.
+        meta_params_marker: a ``params.json`` key that tells this family's file from
+            Meta's own (Mistral's ``hidden_dim``); None for the family such a file is
+            otherwise taken to be.
+        hf_keys: transformers key template -> native key template (``model.`` prefixed; a
+            bare ``LlamaModel``'s keys are read by adding the prefix).
+        meta_keys: Meta key template -> native key template, when ``meta_layout``.
+        native_rope_style: the RoPE pairing of the native layout: ``"interleaved"`` (Meta,
+            torchtune's Llama and Mistral: HF q/k rows are permuted on the way) or ``"half"``
+            (transformers' rotate-half, torchtune's Qwen2/Qwen3: rows kept as they are).
+        shape_markers: native key (layer 0) -> whether it is present, for telling this family
+            from the others by shapes alone when no config names it; every entry must match.
+            Empty: never inferred from shapes.
+        shape_fallback: the family a decoder is taken to be when no config names one and no
+            family's markers match (provenance ``default``).
+        torchtune_model: the torchtune module whose checkpoint converter the native layout
+            follows, names and values (``torchtune.models.qwen2``), or None.
+        mllama_text_model: transformers' Mllama text model (a Llama) can hold this family's
+            decoder, so a fused model exports ``--to mllama`` (other blockers aside).
+        relatives: transformers ``model_type`` values not supported here whose checkpoints
+            are closest to this family -> what differs; named when such a checkpoint is met.
+    """
+
+    name: str
+    display_name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    hf_config_keys: Mapping[str, str]
+    hf_defaults: Mapping[str, Any]
+    fixed: Mapping[str, Any]
+    unstated_heads: Mapping[str, int | None]
+    hf_keys: Mapping[str, str]
+    native_rope_style: RopeStyle
+    hf_attention_bias_switch: bool = False
+    hf_sliding_window: SlidingWindowRule = "none"
+    meta_layout: bool = False
+    meta_params_marker: str | None = None
+    meta_keys: Mapping[str, str] = field(default_factory=lambda: frozen({}))
+    shape_markers: Mapping[str, bool] = field(default_factory=lambda: frozen({}))
+    shape_fallback: bool = False
+    torchtune_model: str | None = None
+    mllama_text_model: bool = False
+    relatives: Mapping[str, str] = field(default_factory=lambda: frozen({}))
+
+    kind = "decoder"
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """A ViT vision tower family (patch convolution, LayerNorm pre-norm layers, GELU MLP).
+
+    Args:
+        name: the native ``VisionEncoderConfig.family`` value (``"siglip"``).
+        display_name: how people write it (``"SigLIP"``).
+        model_types: transformers ``model_type`` values this family reads (the vision
+            model's and the two-tower model's, whose ``vision_config`` is read).
+        hf_model_type: the ``model_type`` written for the tower alone.
+        architectures: transformers classes of the tower alone; the first is written.
+        hf_config_keys: ``config.json`` key -> ``VisionEncoderConfig`` field.
+        hf_defaults: field -> transformers' class default for what shapes cannot tell.
+        post_norm_hidden: the final LayerNorm applies to every output token (SigLIP), not
+            only to the pooled class token (CLIP): an architecture fact no config states.
+        hf_keys: transformers key template (``vision_model.`` prefixed) -> native template.
+        hf_dropped: transformers key patterns (``*`` matches dots too) the native tower has
+            no use for -> why they are dropped (the other tower, buffers, pooling heads).
+        shape_markers: native key -> whether it is present, to tell the family by shapes.
+        encoder_layer_default: the hidden layer that feeds the fusion, in transformers'
+            ``hidden_states[k]`` numbering; None: the final hidden states.
+        pooling_head: the transformers tower ends in an attention-pooling head, which
+            ``convert`` carries in a file beside the native weights.
+        torchtune_model: the torchtune module whose names the native layout follows, or None.
+        relatives: unsupported ``model_type`` values closest to this family -> what differs.
+    """
+
+    name: str
+    display_name: str
+    model_types: tuple[str, ...]
+    hf_model_type: str
+    architectures: tuple[str, ...]
+    hf_config_keys: Mapping[str, str]
+    hf_defaults: Mapping[str, Any]
+    post_norm_hidden: bool
+    hf_keys: Mapping[str, str]
+    hf_dropped: Mapping[str, str]
+    shape_markers: Mapping[str, bool]
+    encoder_layer_default: int | None
+    pooling_head: bool = False
+    torchtune_model: str | None = None
+    relatives: Mapping[str, str] = field(default_factory=lambda: frozen({}))
+
+    kind = "vision"
+
+
+Family = DecoderFamily | VisionFamily
+
+__all__ = ["DecoderFamily", "Family", "RopeStyle", "SlidingWindowRule", "VisionFamily", "frozen"]
