@@ -34,6 +34,8 @@ PROVENANCE_STYLES = {"given": "bold cyan", "read": "green", "inferred": "yellow"
 
 def render_report(report: InspectReport, *, all_keys: bool = False) -> Group:
     """The report as rich renderables: a header, then one section per aspect."""
+    if report.unsupported is not None:
+        return _render_unsupported(report, all_keys)
     sections: list[Any] = [_header(report), _config_table("config", report.model)]
     if report.fusion is not None:
         sections.append(_fusion_section(report.fusion))
@@ -54,14 +56,43 @@ def render_report(report: InspectReport, *, all_keys: bool = False) -> Group:
     return Group(*spaced[:-1])
 
 
-def _header(report: InspectReport) -> Text:
-    model = report.model
+def _render_unsupported(report: InspectReport, all_keys: bool) -> Group:
+    """What a metadata viewer shows (files, tensors, dtypes, parameters, config.json's main
+    fields, key rows), then the one line on the native family it would need."""
+    unsupported = report.unsupported
+    text = _file_line(report)
+    kind = unsupported.kind or "model"
+    what = unsupported.model_type or "unknown"
+    text.append(f"\n{kind}", style="bold")
+    text.append(f" · {what} · no supported family")
+    fields = _section("config.json", "field", "value")
+    for name, value in unsupported.config_fields.items():
+        fields.add_row(name, escape(format_config_value(value)))
+    sections: list[Any] = [text]
+    if unsupported.config_fields:
+        sections.append(fields)
+    sections.append(_counts_table("dtypes", "dtype", report.dtypes, report.num_parameters))
+    sections.append(_all_keys_table(report) if all_keys else _key_tree_table(report))
+    sections.append(Text(unsupported.needs(), style="bold yellow"))
+    spaced: list[Any] = []
+    for section in sections:
+        spaced.extend((section, Text("")))
+    return Group(*spaced[:-1])
+
+
+def _file_line(report: InspectReport) -> Text:
     text = Text(report.path, style="bold")
     text.append(
         f"\n{report.format}, {plural(len(report.files), 'file')}, "
         f"{plural(report.num_tensors, 'tensor', spec=',')}, "
         f"{_short_count(report.num_parameters)} parameters, {format_bytes(report.total_bytes)}"
     )
+    return text
+
+
+def _header(report: InspectReport) -> Text:
+    model = report.model
+    text = _file_line(report)
     text.append(f"\n{model.kind}", style="bold")
     text.append(f" · {model.family} · {model.layout} layout")
     if model.fused_style:

@@ -51,8 +51,16 @@ from fusesurgery.convert.mllama import (
     split_embedding_shapes,
 )
 from fusesurgery.convert.plan import check_native_shapes
-from fusesurgery.errors import ConfigError, UnrecognizedFormatError
-from fusesurgery.families import DECODER_FAMILIES, VISION_FAMILIES, Family
+from fusesurgery.errors import ConfigError, UnrecognizedFormatError, UnsupportedFamilyError
+from fusesurgery.families import (
+    ADDING_A_FAMILY,
+    DECODER_FAMILIES,
+    FAMILIES,
+    VISION_FAMILIES,
+    Family,
+    by_model_type,
+    closest_family,
+)
 from fusesurgery.io.tensor_info import TensorInfo
 
 Provenance = Literal["given", "read", "inferred", "default"]
@@ -591,6 +599,65 @@ def mllama_decoder_config(config: Mapping[str, Any], origin: str) -> dict[str, A
     return text
 
 
+# transformers class-name endings of a decoder with an LM head, and config fields only a
+# vision tower states: how an architecture no family file knows is told a decoder or a tower.
+_DECODER_ARCHITECTURE_ENDINGS = ("ForCausalLM", "LMHeadModel")
+_VISION_CONFIG_FIELDS = ("image_size", "patch_size", "num_channels")
+
+
+def _guess_kind(config: Mapping[str, Any], keys: Iterable[str]) -> str | None:
+    architectures = config.get("architectures")
+    names = [a for a in architectures if isinstance(a, str)] if isinstance(
+        architectures, list) else []
+    if any(name.endswith(_DECODER_ARCHITECTURE_ENDINGS) for name in names):
+        return "decoder"
+    if any(field in config for field in _VISION_CONFIG_FIELDS):
+        return "vision"
+    keys = list(keys)
+    if any("embed_tokens." in key or key.startswith("lm_head.") for key in keys):
+        return "decoder"
+    if any("patch_embed" in key for key in keys):
+        return "vision"
+    return None
+
+
+def unsupported_family(
+    tensors: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, origin: str
+) -> UnsupportedFamilyError | None:
+    """The error for a checkpoint whose config.json names an architecture no family file
+    describes (``olmo2``, ``gemma3_text``, ``dinov2``): what it is, that it needs a native
+    family of its own, the closest supported family and how to add one.
+
+    Returns:
+        The error to raise, or None: the config names a supported family, names none, or
+        describes a multimodal model (a ``text_config`` beside its ``vision_config``), which
+        no single family covers.
+    """
+    if not isinstance(config, Mapping):
+        return None
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type in by_model_type(FAMILIES) \
+            or "text_config" in config:
+        return None
+    kind = next((family.kind for family in FAMILIES.values()
+                 if model_type in family.relatives), None) or _guess_kind(config, tensors)
+    if kind is None:
+        return UnsupportedFamilyError(
+            f"{origin}: model_type {model_type!r} is neither a supported decoder "
+            f"({', '.join(by_model_type(DECODER_FAMILIES))}) nor a supported vision encoder "
+            f"({', '.join(by_model_type(VISION_FAMILIES))})", model_type=model_type)
+    families = DECODER_FAMILIES if kind == "decoder" else VISION_FAMILIES
+    what = "decoder" if kind == "decoder" else "vision encoder"
+    closest = closest_family(kind, model_type, tensors)
+    advice = closest.advice() if closest is not None else (
+        f"no supported family shares its key names; to add one, see {ADDING_A_FAMILY}")
+    return UnsupportedFamilyError(
+        f"{origin}: model_type {model_type!r} is not a supported {what}; supported: "
+        f"{', '.join(by_model_type(families))}. It needs a native {kind} family of its own: "
+        f"{advice}", model_type=model_type, kind=kind,
+        closest=closest.family.name if closest is not None else None)
+
+
 def detect_model(
     tensors: Mapping[str, TensorInfo],
     config: Mapping[str, Any] | None = None,
@@ -617,13 +684,18 @@ def detect_model(
             actual shape), an override name is unknown, or a value cannot be known (naming the
             flag that supplies it, e.g. ``--num-heads``).
     """
-    kind, layout = detect_layout(tensors)
     origin = config_name or "the config"
+    try:
+        kind, layout = detect_layout(tensors)
+    except UnrecognizedFormatError as error:
+        raise (unsupported_family(tensors, config, origin) or error) from None
     if layout == "mllama" and config is not None:
         config = mllama_decoder_config(config, origin)
     reader = read_vision_config if kind == "vision" else read_decoder_config
     try:
         reading = None if config is None else reader(config, origin)
+    except UnsupportedFamilyError as error:
+        raise (unsupported_family(tensors, config, origin) or error) from None
     except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as error:
         # a value of the wrong type met by a reader's arithmetic or lookups (a string where a
         # number belongs, a list where a name does): the file is at fault, not fusesurgery
@@ -641,4 +713,5 @@ __all__ = [
     "Provenance",
     "detect_layout",
     "detect_model",
+    "unsupported_family",
 ]

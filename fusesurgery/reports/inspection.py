@@ -30,6 +30,7 @@ from fusesurgery.convert.detect import (
     DetectedModel,
     detect_layout,
     detect_model,
+    unsupported_family,
 )
 from fusesurgery.convert.keymaps import (
     FUSED_TORCHTUNE_VISION_PREFIX,
@@ -38,7 +39,13 @@ from fusesurgery.convert.keymaps import (
     keys_to_native,
     split_layer_index,
 )
-from fusesurgery.errors import ConfigError, FuseSurgeryError
+from fusesurgery.errors import (
+    ConfigError,
+    FuseSurgeryError,
+    UnrecognizedFormatError,
+    UnsupportedFamilyError,
+)
+from fusesurgery.families import ADDING_A_FAMILY, Closest, closest_family
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.reports.formatting import format_bytes, format_index_set
@@ -168,6 +175,44 @@ class FusionReport:
         return all(value == 0.0 for value in self.gates.values())
 
 
+# config.json fields a metadata viewer shows first, for an architecture no family describes
+# (transformers' spellings; the first that is present of each group).
+CONFIG_MAIN_FIELDS: tuple[str, ...] = (
+    "model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+    "max_position_embeddings", "hidden_act", "hidden_activation", "rms_norm_eps",
+    "layer_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
+    "tie_word_embeddings", "image_size", "patch_size", "num_channels", "dtype", "torch_dtype",
+)
+
+
+@dataclass(frozen=True)
+class UnsupportedArchitecture:
+    """A checkpoint no family file describes: what its config.json says, and what it needs.
+
+    Args:
+        kind: ``"decoder"`` or ``"vision"``, or None when nothing tells.
+        model_type: its transformers ``model_type``, or None.
+        config_fields: the main fields of its config.json (``CONFIG_MAIN_FIELDS`` it states).
+        closest: the nearest supported family, or None when none shares a key name.
+        reason: the error every command that needs a native module gives for it.
+    """
+
+    kind: str | None
+    model_type: str | None
+    config_fields: Mapping[str, Any]
+    closest: Closest | None
+    reason: str
+
+    def needs(self) -> str:
+        """One line: which native family it would need, and the closest supported one."""
+        what = f"model_type {self.model_type!r}" if self.model_type else "this checkpoint"
+        kind = f"{self.kind} " if self.kind else ""
+        advice = self.closest.advice() if self.closest is not None else (
+            f"no supported family shares its key names; to add one, see {ADDING_A_FAMILY}")
+        return f"{what} needs a native {kind}family of its own: {advice}"
+
+
 @dataclass(frozen=True)
 class InspectReport:
     """What a checkpoint holds, from its metadata.
@@ -192,12 +237,15 @@ class InspectReport:
         fusion: fusion layers, fusion vocabulary and gates of a fused checkpoint, else None.
         notes: remarks for the user: the model's notes, overrides that did not apply, parts
             that could not be resolved.
+        unsupported: for an architecture no family file describes (``model`` is then None,
+            ``components`` one row of everything): its config's main fields and the native
+            family it would need.
     """
 
     path: str
     format: str
     files: tuple[str, ...]
-    model: DetectedModel
+    model: DetectedModel | None
     components: tuple[TensorCount, ...]
     dtypes: tuple[TensorCount, ...]
     num_tensors: int
@@ -207,22 +255,29 @@ class InspectReport:
     tensors: tuple[TensorInfo, ...]
     fusion: FusionReport | None = None
     notes: tuple[str, ...] = ()
+    unsupported: UnsupportedArchitecture | None = None
 
     @property
     def kind(self) -> str:
-        return self.model.kind
+        """``decoder``, ``vision`` or ``fused``; ``unsupported`` for an unknown architecture."""
+        return self.model.kind if self.model is not None else "unsupported"
 
     @property
-    def config(self) -> DecoderConfig | VisionEncoderConfig:
-        return self.model.config
+    def config(self) -> DecoderConfig | VisionEncoderConfig | None:
+        return self.model.config if self.model is not None else None
 
     def summary(self) -> str:
         """A few lines for people: the file, the model and its config, the fusion parts."""
         lines = [
             f"{self.path}: {self.format}, {plural(self.num_tensors, 'tensor')}, "
             f"{self.num_parameters:,} parameters, {format_bytes(self.total_bytes)}",
-            self.model.summary(),
         ]
+        if self.unsupported is not None:
+            lines.extend(f"  {name} = {value!r}"
+                         for name, value in self.unsupported.config_fields.items())
+            lines.append(f"  {self.unsupported.needs()}")
+            return "\n".join(lines)
+        lines.append(self.model.summary())
         if self.fusion is not None:
             gates = "identity: all gates 0" if self.fusion.is_identity else (
                 f"{sum(v != 0.0 for v in self.fusion.gates.values())} of "
@@ -239,6 +294,8 @@ class InspectReport:
             all_keys: list every tensor under ``"keys"`` instead of the collapsed
                 ``"key_tree"``.
         """
+        if self.unsupported is not None:
+            return self._unsupported_dict(all_keys)
         payload: dict[str, Any] = {
             "path": self.path,
             "format": self.format,
@@ -263,19 +320,46 @@ class InspectReport:
             "fusion": None if self.fusion is None else _fusion_dict(self.fusion),
             "notes": list(self.notes),
         }
+        payload.update(self._keys_dict(all_keys))
+        return payload
+
+    def _keys_dict(self, all_keys: bool) -> dict[str, Any]:
         if all_keys:
-            payload["keys"] = [
+            return {"keys": [
                 {"name": t.name, "shape": list(t.shape), "dtype": t.dtype_name}
                 for t in self.tensors
-            ]
-        else:
-            payload["key_tree"] = [
-                {"name": row.name, "template": row.template, "layers": list(row.layers),
-                 "shape": list(row.shape), "dtype": row.dtype,
-                 "num_tensors": row.num_tensors, "num_parameters": row.num_parameters}
-                for row in self.key_rows
-            ]
-        return payload
+            ]}
+        return {"key_tree": [
+            {"name": row.name, "template": row.template, "layers": list(row.layers),
+             "shape": list(row.shape), "dtype": row.dtype,
+             "num_tensors": row.num_tensors, "num_parameters": row.num_parameters}
+            for row in self.key_rows
+        ]}
+
+    def _unsupported_dict(self, all_keys: bool) -> dict[str, Any]:
+        unsupported = self.unsupported
+        closest = unsupported.closest
+        return {
+            "path": self.path,
+            "format": self.format,
+            "files": list(self.files),
+            "architecture": {
+                "kind": unsupported.kind,
+                "supported": False,
+                "model_type": unsupported.model_type,
+                "needs": unsupported.needs(),
+                "closest_family": None if closest is None else closest.family.name,
+                "closest_why": None if closest is None else closest.why,
+            },
+            "config_fields": dict(unsupported.config_fields),
+            "error": unsupported.reason,
+            "num_tensors": self.num_tensors,
+            "num_parameters": self.num_parameters,
+            "total_bytes": self.total_bytes,
+            "dtypes": {d.name: _count_dict(d) for d in self.dtypes},
+            "notes": list(self.notes),
+            **self._keys_dict(all_keys),
+        }
 
 
 def config_to_dict(config: DecoderConfig | VisionEncoderConfig) -> dict[str, Any]:
@@ -515,58 +599,106 @@ def inspect_checkpoint(
     decoder_overrides, vision_overrides = _split_overrides(overrides)
     with open_checkpoint(path, remote_headers=True) as source:
         infos = source.infos()
-        kind, _ = detect_layout(infos)
-        notes: list[str] = []
-        if kind == "vision":
-            model = detect_model(infos, source.config, source.config_file, vision_overrides)
-            if decoder_overrides:
-                notes.append(_ignored_note(decoder_overrides, DECODER_FLAGS,
-                                           "the checkpoint holds no decoder"))
-        else:
-            model = detect_model(infos, source.config, source.config_file, decoder_overrides)
-            if kind == "decoder" and vision_overrides:
-                notes.append(_ignored_note(vision_overrides, VISION_FLAGS,
-                                           "the checkpoint holds no vision encoder"))
-        notes[:0] = model.notes
+        try:
+            kind, _ = detect_layout(infos)
+        except UnrecognizedFormatError as error:
+            unsupported = unsupported_family(infos, source.config,
+                                             source.config_file or "the config")
+            if unsupported is None:
+                raise error from None
+            return _unsupported_report(path, source, infos, unsupported)
+        try:
+            return _supported_report(path, source, infos, kind, decoder_overrides,
+                                     vision_overrides)
+        except UnsupportedFamilyError as error:
+            return _unsupported_report(path, source, infos, error)
 
-        fusion = None
-        if model.kind == "fused" and model.fusion is not None:
-            gates, gate_notes = _read_gates(source, infos)
-            notes.extend(gate_notes)
-            encoder, why_not = _detect_fused_encoder(infos, source, vision_overrides)
-            if why_not is not None:
-                notes.append(why_not)
-            recorded = None
-            if source.config_file == FUSION_CONFIG_FILE:  # cross-checked, as every reader does
-                recorded = fused_config_from_dict(source.config, FUSION_CONFIG_FILE)
-                check_config_against_keys(recorded, infos, FUSION_CONFIG_FILE)
-                check_gates_against_weights(recorded, gates, FUSION_CONFIG_FILE)
-            settings = _fusion_settings(recorded, model.fusion)
-            fusion = FusionReport(
-                fusion_layers=model.fusion.fusion_layers,
-                fusion_vocab_size=model.fusion.fusion_vocab_size,
-                encoder_dim=model.fusion.encoder_dim,
-                gates=types.MappingProxyType(gates),
-                encoder=encoder,
-                **settings,
-            )
 
-        tensors = tuple(infos.values())
-        return InspectReport(
-            path=str(path),
-            format=source.format,
-            files=tuple(str(file) for file in source.files),
-            model=model,
-            components=_component_counts(infos, model.kind, model.layout),
-            dtypes=_dtype_counts(infos),
-            num_tensors=len(tensors),
-            num_parameters=sum(info.numel for info in tensors),
-            total_bytes=source.total_bytes,
-            key_rows=collapse_keys(tensors),
-            tensors=tensors,
-            fusion=fusion,
-            notes=tuple(notes),
+def _unsupported_report(path: str | os.PathLike[str], source: CheckpointSource,
+                        infos: Mapping[str, TensorInfo],
+                        error: UnsupportedFamilyError) -> InspectReport:
+    """What a metadata viewer shows of a checkpoint no family describes, and what it needs."""
+    config = source.config if isinstance(source.config, Mapping) else {}
+    fields = {name: config[name] for name in CONFIG_MAIN_FIELDS if name in config}
+    closest = (closest_family(error.kind, error.model_type, infos)
+               if error.kind is not None else None)
+    unsupported = UnsupportedArchitecture(kind=error.kind, model_type=error.model_type,
+                                          config_fields=types.MappingProxyType(fields),
+                                          closest=closest, reason=str(error))
+    tensors = tuple(infos.values())
+    everything = _tally(("all tensors (no family: not converted)", info) for info in tensors)
+    return InspectReport(
+        path=str(path),
+        format=source.format,
+        files=tuple(str(file) for file in source.files),
+        model=None,
+        components=tuple(TensorCount(name, *total) for name, total in everything.items()),
+        dtypes=_dtype_counts(infos),
+        num_tensors=len(tensors),
+        num_parameters=sum(info.numel for info in tensors),
+        total_bytes=source.total_bytes,
+        key_rows=collapse_keys(tensors),
+        tensors=tensors,
+        notes=(unsupported.needs(),),
+        unsupported=unsupported,
+    )
+
+
+def _supported_report(path: str | os.PathLike[str], source: CheckpointSource,
+                      infos: Mapping[str, TensorInfo], kind: str,
+                      decoder_overrides: dict[str, Any],
+                      vision_overrides: dict[str, Any]) -> InspectReport:
+    notes: list[str] = []
+    if kind == "vision":
+        model = detect_model(infos, source.config, source.config_file, vision_overrides)
+        if decoder_overrides:
+            notes.append(_ignored_note(decoder_overrides, DECODER_FLAGS,
+                                       "the checkpoint holds no decoder"))
+    else:
+        model = detect_model(infos, source.config, source.config_file, decoder_overrides)
+        if kind == "decoder" and vision_overrides:
+            notes.append(_ignored_note(vision_overrides, VISION_FLAGS,
+                                       "the checkpoint holds no vision encoder"))
+    notes[:0] = model.notes
+
+    fusion = None
+    if model.kind == "fused" and model.fusion is not None:
+        gates, gate_notes = _read_gates(source, infos)
+        notes.extend(gate_notes)
+        encoder, why_not = _detect_fused_encoder(infos, source, vision_overrides)
+        if why_not is not None:
+            notes.append(why_not)
+        recorded = None
+        if source.config_file == FUSION_CONFIG_FILE:  # cross-checked, as every reader does
+            recorded = fused_config_from_dict(source.config, FUSION_CONFIG_FILE)
+            check_config_against_keys(recorded, infos, FUSION_CONFIG_FILE)
+            check_gates_against_weights(recorded, gates, FUSION_CONFIG_FILE)
+        settings = _fusion_settings(recorded, model.fusion)
+        fusion = FusionReport(
+            fusion_layers=model.fusion.fusion_layers,
+            fusion_vocab_size=model.fusion.fusion_vocab_size,
+            encoder_dim=model.fusion.encoder_dim,
+            gates=types.MappingProxyType(gates),
+            encoder=encoder,
+            **settings,
         )
+
+    tensors = tuple(infos.values())
+    return InspectReport(
+        path=str(path),
+        format=source.format,
+        files=tuple(str(file) for file in source.files),
+        model=model,
+        components=_component_counts(infos, model.kind, model.layout),
+        dtypes=_dtype_counts(infos),
+        num_tensors=len(tensors),
+        num_parameters=sum(info.numel for info in tensors),
+        total_bytes=source.total_bytes,
+        key_rows=collapse_keys(tensors),
+        tensors=tensors,
+        fusion=fusion,
+        notes=tuple(notes),
+    )
 
 
 __all__ = [
@@ -576,6 +708,7 @@ __all__ = [
     "InspectReport",
     "KeyRow",
     "TensorCount",
+    "UnsupportedArchitecture",
     "collapse_keys",
     "config_to_dict",
     "format_index_set",
