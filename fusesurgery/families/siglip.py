@@ -39,5 +39,6 @@ FAMILY = VisionFamily(
         "siglip2": "NaFlex: a linear patch embedding over pre-cut patches, position "
                    "embeddings resized per image",
         "aimv2": "RMSNorms, SwiGLU MLPs, no biases",
+        "aimv2_vision_model": "RMSNorms, SwiGLU MLPs, no biases",
     }),
 )

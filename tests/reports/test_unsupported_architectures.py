@@ -1,0 +1,137 @@
+"""Issue 18 section 5: checkpoints of architectures no family file describes (OLMo2, Gemma 3,
+AIMv2, written by transformers itself). ``inspect`` still shows what a metadata viewer shows
+(files, tensors, dtypes, parameters, config.json's main fields, key rows) and then which
+native family it would need and the closest supported one; the commands that need a native
+module (``convert --to native``, ``load_decoder``, ``load_encoder``) refuse in one line that
+names the closest family and how to add one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import fusesurgery
+from fusesurgery.cli.app import app
+from fusesurgery.errors import UnsupportedFamilyError
+from fusesurgery.reports import inspect_checkpoint
+
+transformers = pytest.importorskip("transformers")
+runner = CliRunner()
+
+SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              image_size=16, patch_size=8)
+
+# name -> (config class, model class, settings, model_type, kind, closest family)
+CASES = {
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", SIZES, "olmo2", "decoder", "llama"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**SIZES, "head_dim": 8},
+               "gemma3_text", "decoder", "qwen3"),
+    "aimv2": ("Aimv2VisionConfig", "Aimv2VisionModel", VISION, "aimv2_vision_model", "vision",
+              "siglip"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("unsupported")
+    out = {}
+    for name, (config_cls, model_cls, settings, *_) in CASES.items():
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings))
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    torch.manual_seed(0)  # a torch pickle checkpoint of one, as older repos hold
+    model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**SIZES))
+    model.save_pretrained(root / "olmo2-bin", safe_serialization=False)
+    out["olmo2-bin"] = root / "olmo2-bin"
+    return out
+
+
+@pytest.mark.parametrize("name", [*CASES, "olmo2-bin"])
+def test_inspect_shows_the_metadata_and_the_family_it_needs(saved, name):
+    _, _, settings, model_type, kind, closest = CASES[name.removesuffix("-bin")]
+    weights = {}
+    for file in saved[name].iterdir():
+        if file.suffix in (".safetensors", ".bin"):
+            weights.update(torch.load(file, weights_only=True) if file.suffix == ".bin"
+                           else load_file(file))
+    report = inspect_checkpoint(saved[name])
+    assert report.model is None and report.kind == "unsupported"
+    assert report.num_tensors == len(weights)
+    assert report.num_parameters == sum(t.numel() for t in weights.values())
+    assert {row.dtype for row in report.key_rows} == {"f32"}
+    assert sum(row.num_tensors for row in report.key_rows) == len(weights)
+    fields = report.unsupported.config_fields
+    assert fields["model_type"] == model_type and fields["hidden_size"] == 32
+    assert report.unsupported.kind == kind
+    assert report.unsupported.closest.family.name == closest
+    assert f"model_type {model_type!r} needs a native {kind} family of its own" in (
+        report.unsupported.needs())
+
+    result = runner.invoke(app, ["inspect", str(saved[name])], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith(("safetensors, 1 file", "torch, 1 file"))
+    assert f"{len(weights)} tensors" in lines[1] and "parameters" in lines[1]
+    assert lines[2] == f"{kind} · {model_type} · no supported family"
+    assert any(line.split()[:2] == ["hidden_size", "32"] for line in lines)
+    assert any(line.startswith("f32") for line in lines)  # the dtypes table
+    if kind == "decoder":
+        assert any(line.startswith("model.layers.{0,1}.self_attn.q_proj.weight")
+                   for line in lines)
+    assert lines[-1].startswith(f"model_type {model_type!r} needs a native {kind} family")
+    assert f"closest supported family is {closest} (" in lines[-1]
+    assert f"copy fusesurgery/families/{closest}.py" in lines[-1]
+
+
+def test_inspect_json_of_an_unsupported_architecture(saved):
+    result = runner.invoke(app, ["inspect", str(saved["gemma3"]), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["architecture"]["supported"] is False
+    assert payload["architecture"]["closest_family"] == "qwen3"
+    assert payload["config_fields"]["head_dim"] == 8
+    assert payload["key_tree"] and payload["num_tensors"] == sum(
+        row["num_tensors"] for row in payload["key_tree"])
+    assert "is not a supported decoder" in payload["error"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_convert_names_the_closest_family_and_how_to_add_one(saved, tmp_path, name):
+    _, _, _, model_type, kind, closest = CASES[name]
+    result = runner.invoke(app, ["convert", str(saved[name]), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    what = "decoder" if kind == "decoder" else "vision encoder"
+    message = result.stderr.strip()
+    assert message.count("\n") == 0 and "Traceback" not in message
+    assert f"model_type {model_type!r} is not a supported {what}" in message
+    assert f"the closest supported family is {closest} (" in message
+    assert 'README, "Adding a family"' in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_decoder_and_load_encoder_name_the_closest_family(saved):
+    with pytest.raises(UnsupportedFamilyError, match="closest supported family is llama") as info:
+        fusesurgery.load_decoder(saved["olmo2"])
+    assert (info.value.model_type, info.value.kind, info.value.closest) == (
+        "olmo2", "decoder", "llama")
+    with pytest.raises(UnsupportedFamilyError, match="closest supported family is siglip"):
+        fusesurgery.load_encoder(saved["aimv2"])
+
+
+def test_a_multimodal_checkpoint_keeps_its_own_error(tmp_path):
+    """A config with a text_config and a vision_config is no single family: not reported as
+    one that needs a family file."""
+    save_file({"language_model.model.embed_tokens.weight": torch.zeros(4, 2)},
+              tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llava", "text_config": {}, "vision_config": {}}))
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "multimodal model" in result.stderr
