@@ -190,3 +190,15 @@ def test_native_rope_style_picks_the_q_k_transform():
         q = plan.entry("layers.0.attn.q_proj.weight")
         permuted = q.transform[0] != "identity"
         assert permuted == (decoder_family(name).native_rope_style == "interleaved")
+
+
+def test_readme_explains_every_field_of_a_family():
+    """The README's "Adding a family" names each field a family file fills in, so a new
+    field cannot be added without saying what it means."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Adding a family", 1)[1].split("\n## ", 1)[0]
+    for cls in (DecoderFamily, VisionFamily):
+        for spec in dataclasses.fields(cls):
+            assert f"`{spec.name}`" in section, f"{cls.__name__}.{spec.name}"
