@@ -65,6 +65,8 @@ class DecoderConfig:
             ``[h_d]`` scale per layer for q and one for k) before RoPE (Qwen3).
         tie_word_embeddings: the output projection reuses the embedding table.
         family: the architecture family, for display and key maps.
+        no_rope_layers: indices of the layers whose self-attention applies no RoPE
+            (SmolLM3: every 4th layer); empty for every other family.
     """
 
     vocab_size: int
@@ -82,9 +84,17 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     family: DecoderFamily = "llama"
     qk_norm: bool = False
+    no_rope_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_field_values(self)
+        layers = self.no_rope_layers
+        if not isinstance(layers, (tuple, list)) or not all(_is_int(i) for i in layers) or (
+                sorted(set(layers)) != list(layers)) or any(
+                    not 0 <= i < self.num_layers for i in layers):
+            raise _field_error(self, "no_rope_layers", layers,
+                               f"ascending distinct layer indices below {self.num_layers}")
+        object.__setattr__(self, "no_rope_layers", tuple(layers))
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:

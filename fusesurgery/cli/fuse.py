@@ -93,9 +93,10 @@ def fuse(
     norm_eps: NormEps = None,
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
-    """Fuse a vision tower (CLIP, SigLIP) into a decoder (Llama, Mistral, Qwen2, Qwen3): gated
-    cross-attention layers starting at exactly zero, new tokens such as <|image|>, a projection
-    head; written as sharded safetensors with fusion_config.json and the tokenizer."""
+    """Fuse a vision tower (CLIP, SigLIP) into a decoder (Llama, Mistral, Qwen2, Qwen3,
+    SmolLM3): gated cross-attention layers starting at exactly zero, new tokens such as
+    <|image|>, a projection head; written as sharded safetensors with fusion_config.json and
+    the tokenizer."""
     from fusesurgery.surgery.fuse_plan import FuseOptions  # noqa: PLC0415 - imports torch
     from fusesurgery.write.fuse_checkpoint import fuse_checkpoints  # noqa: PLC0415
 

@@ -107,6 +107,12 @@ HF_DECODER_FIXED: dict[str, dict[str, Any]] = {
 HF_UNSTATED_HEADS: dict[str, dict[str, int | None]] = {
     name: dict(family.unstated_heads) for name, family in DECODER_FAMILIES.items()}
 
+# DecoderConfig fields only some families' config.json can state (each spelled by its family
+# file's ``hf_config_fields``); every other family keeps their defaults.
+FAMILY_SPELLED_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(
+    name for family in DECODER_FAMILIES.values() for name in family.hf_config_fields))
+_DECODER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
+
 # config.json key -> DecoderConfig field, for values copied as they are: Llama's spelling,
 # which every decoder family shares (a family's own table is ``hf_config_keys``).
 HF_DECODER_KEYS: dict[str, str] = dict(decoder_family("llama").hf_config_keys)
@@ -266,6 +272,8 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
     for key, name in spec.hf_config_keys.items():
         if config.get(key) is not None:
             reading.read[name] = config[key]
+    for name, spelling in spec.hf_config_fields.items():
+        reading.read[name] = spelling.read(config, origin)
     _rope_from_hf(config, origin, reading)
     if "family" in reading.read:
         reading.read.update(HF_DECODER_FIXED[family])
@@ -555,6 +563,9 @@ def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
     if config.qk_norm:
         raise ConfigError(f"a Meta params.json cannot express per-head q/k norms "
                           f"({config.family})")
+    if config.no_rope_layers:
+        raise ConfigError(f"a Meta params.json cannot express layers without RoPE "
+                          f"({config.family})")
     out: dict[str, Any] = {meta: getattr(config, name) for meta, name in META_DECODER_KEYS.items()
                            if name != "intermediate_dim"}
     out["vocab_size"] = config.vocab_size
@@ -610,6 +621,12 @@ def hf_config_dict(
             raise ConfigError(
                 f"a {config.family} config.json cannot express qk_norm={config.qk_norm}"
             )
+        for name in FAMILY_SPELLED_FIELDS:
+            value = getattr(config, name)
+            if (name not in decoder_family(config.family).hf_config_fields
+                    and value != _DECODER_DEFAULTS[name]):
+                raise ConfigError(
+                    f"a {config.family} config.json cannot express {name}={value}")
         if base is not None and read_hf_decoder_config(base).read.get(
                 "family", "llama") == config.family:
             return _over_base(config, base)
@@ -617,6 +634,8 @@ def hf_config_dict(
         out = {key: getattr(config, name) for key, name in family.hf_config_keys.items()
                if name != "attn_bias" or family.hf_attention_bias_switch}
         out["hidden_act"] = "silu"
+        for name, spelling in family.hf_config_fields.items():
+            out.update(spelling.write(getattr(config, name), config.num_layers))
         out.update(_hf_rope(config))
         if family.hf_sliding_window == "always":  # else transformers applies its 4096 default
             out["sliding_window"] = None
@@ -646,6 +665,9 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
             continue  # the family fixes it (hf_config_dict checked it)
         if name not in meant or meant[name] != getattr(config, name):
             out[key] = getattr(config, name)
+    for name, spelling in family.hf_config_fields.items():
+        if meant.get(name) != getattr(config, name):
+            out.update(spelling.write(getattr(config, name), config.num_layers))
     if (meant["rope_base"], meant["rope_scaling"]) != (config.rope_base, config.rope_scaling):
         rope = _hf_rope(config)
         parameters = base.get("rope_parameters")

@@ -13,7 +13,7 @@ never written.
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +24,20 @@ SlidingWindowRule = Literal["none", "always", "use_sliding_window"]
 def frozen(table: Mapping[str, Any]) -> Mapping[str, Any]:
     """A read-only view of ``table``, so a family's data cannot be changed by a caller."""
     return types.MappingProxyType(dict(table))
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """A native config field a family's ``config.json`` spells in its own way (not a value
+    copied as it is): the two small functions that translate it.
+
+    Args:
+        read: ``(config.json, origin) -> value``, raising ``ConfigError`` on a malformed one.
+        write: ``(value, num_layers) -> config.json entries``.
+    """
+
+    read: Callable[[Mapping[str, Any], str], Any]
+    write: Callable[[Any, int], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,9 @@ class DecoderFamily:
             lack them belong to another model and are refused.
         unstated_heads: ``head_dim`` / ``num_kv_heads`` transformers takes when
             ``config.json`` leaves them out; None: derived from the width and head count.
+        hf_config_fields: native field -> how ``config.json`` spells it, for fields that are
+            not copied as they are (SmolLM3's ``no_rope_layers`` flags). A native option no
+            family's ``config.json`` can state keeps its default in every other family.
         hf_attention_bias_switch: ``config.json``'s ``attention_bias`` is this family's
             switch (and is written): true puts a bias on the output projection too, which
             the native attention does not have, so true is refused. A family whose q/k/v
@@ -87,6 +104,7 @@ class DecoderFamily:
     unstated_heads: Mapping[str, int | None]
     hf_keys: Mapping[str, str]
     native_rope_style: RopeStyle
+    hf_config_fields: Mapping[str, ConfigField] = field(default_factory=lambda: frozen({}))
     hf_attention_bias_switch: bool = False
     hf_sliding_window: SlidingWindowRule = "none"
     meta_layout: bool = False
@@ -149,4 +167,7 @@ class VisionFamily:
 
 Family = DecoderFamily | VisionFamily
 
-__all__ = ["DecoderFamily", "Family", "RopeStyle", "SlidingWindowRule", "VisionFamily", "frozen"]
+__all__ = [
+    "ConfigField", "DecoderFamily", "Family", "RopeStyle", "SlidingWindowRule", "VisionFamily",
+    "frozen",
+]

@@ -78,7 +78,6 @@ FAMILY = DecoderFamily(
     torchtune_model="torchtune.models.llama3",
     mllama_text_model=True,
     relatives=frozen({
-        "smollm3": "no RoPE on every 4th layer (no_rope_layers)",
         "olmo2": "RMSNorms after attention and MLP instead of before, q/k norms over the "
                  "whole width",
         "olmo": "LayerNorms without weights, q/k/v clipping",

@@ -46,7 +46,8 @@ def build_rope(cfg: DecoderConfig) -> RotaryPositionalEmbeddings:
 
 
 def build_decoder_layer(
-    cfg: DecoderConfig, rope: RotaryPositionalEmbeddings | None = None
+    cfg: DecoderConfig, rope: RotaryPositionalEmbeddings | None = None,
+    layer_index: int | None = None,
 ) -> TransformerSelfAttentionLayer:
     """One self-attention decoder layer of ``cfg``'s shape.
 
@@ -55,9 +56,14 @@ def build_decoder_layer(
         rope: a RoPE module to share (``build_decoder`` gives every layer the same one, as
             torchtune does: one ``[max_seq_len, h_d/2, 2]`` table rather than one per layer,
             which at Llama 3.1's 131072 positions is 33 MB a layer); None builds one.
+        layer_index: the layer's index: one of ``cfg.no_rope_layers`` gets no RoPE (its
+            queries and keys are not rotated); None builds a layer with RoPE.
     """
     d, n_h, n_kv, h_d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    rope = rope if rope is not None else build_rope(cfg)
+    if layer_index is not None and layer_index in cfg.no_rope_layers:
+        rope = None
+    else:
+        rope = rope if rope is not None else build_rope(cfg)
     attn = MultiHeadAttention(
         embed_dim=d,
         num_heads=n_h,
@@ -85,7 +91,7 @@ def build_decoder(cfg: DecoderConfig) -> TransformerDecoder:
     rope = build_rope(cfg)
     return TransformerDecoder(
         tok_embeddings=embedding(cfg.vocab_size, cfg.embed_dim),
-        layers=[build_decoder_layer(cfg, rope) for _ in range(cfg.num_layers)],
+        layers=[build_decoder_layer(cfg, rope, i) for i in range(cfg.num_layers)],
         norm=RMSNorm(cfg.embed_dim, cfg.norm_eps),
         output=None if cfg.tie_word_embeddings else nn.Linear(cfg.embed_dim, cfg.vocab_size,
                                                               bias=False),

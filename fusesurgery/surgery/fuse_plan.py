@@ -23,7 +23,7 @@ from fusesurgery.convert.keymaps import (
 )
 from fusesurgery.convert.plan import ConversionPlan
 from fusesurgery.errors import ConfigError
-from fusesurgery.families import VISION_FAMILIES
+from fusesurgery.families import DECODER_FAMILIES, VISION_FAMILIES
 from fusesurgery.io import TensorInfo
 from fusesurgery.surgery.fused_config import (
     EMBEDDING_INITS,
@@ -273,8 +273,9 @@ def check_fuse_inputs(decoder_kind: str, encoder_kind: str) -> None:
             raise ConfigError(f"{role} is already a fused checkpoint; fuse takes an unfused "
                               "vision tower and decoder (see fusesurgery unfuse)")
         if kind != want:
-            what = "a vision tower (CLIP, SigLIP)" if want == "vision" else (
-                "a decoder (Llama, Mistral, Qwen2, Qwen3)")
+            families = VISION_FAMILIES if want == "vision" else DECODER_FAMILIES
+            names = ", ".join(family.display_name for family in families.values())
+            what = f"a vision tower ({names})" if want == "vision" else f"a decoder ({names})"
             raise ConfigError(f"{role} holds a {kind} checkpoint, not {what}")
 
 

@@ -261,7 +261,8 @@ def fuse_checkpoints(
     Args:
         encoder_path: a CLIP or SigLIP vision tower (or a CLIPModel / SiglipModel), any form
             ``open_checkpoint`` reads.
-        decoder_path: a Llama, Mistral, Qwen2 or Qwen3 decoder, any form ``open_checkpoint`` reads.
+        decoder_path: a decoder of any family in ``fusesurgery.families``, any form
+            ``open_checkpoint`` reads.
         out_dir: the output directory, written atomically; it may not be, contain, lie inside
             or link to an input.
         options: where and how to fuse.

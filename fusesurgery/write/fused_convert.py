@@ -64,6 +64,8 @@ def mllama_blockers(config: FusedConfig) -> list[str]:
                         "Llama)")
     if d.qk_norm:
         problems.append(f"its self-attention normalises each q/k head ({d.family})")
+    if d.no_rope_layers and family.mllama_text_model:
+        problems.append(f"its layers {list(d.no_rope_layers)} apply no RoPE")
     if f.fusion_vocab_size > MLLAMA_EXTRA_ROWS:
         problems.append(f"it has {f.fusion_vocab_size} new tokens (Mllama has room for "
                         f"{MLLAMA_EXTRA_ROWS})")

@@ -37,7 +37,7 @@ from fusesurgery.families import (
 transformers = pytest.importorskip("transformers")
 
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2)
+             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
 VISION_SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, image_size=16, patch_size=8)
 
