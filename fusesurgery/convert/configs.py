@@ -107,16 +107,6 @@ HF_DECODER_FIXED: dict[str, dict[str, Any]] = {
 HF_UNSTATED_HEADS: dict[str, dict[str, int | None]] = {
     name: dict(family.unstated_heads) for name, family in DECODER_FAMILIES.items()}
 
-# DecoderConfig fields only some families' config.json can state (each spelled by its family
-# file's ``hf_config_fields``); every other family keeps their defaults.
-FAMILY_SPELLED_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(
-    name for family in DECODER_FAMILIES.values() for name in family.hf_config_fields))
-_DECODER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
-
-# config.json key -> DecoderConfig field, for values copied as they are: Llama's spelling,
-# which every decoder family shares (a family's own table is ``hf_config_keys``).
-HF_DECODER_KEYS: dict[str, str] = dict(decoder_family("llama").hf_config_keys)
-
 _LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                         "original_max_position_embeddings")
 
@@ -609,7 +599,8 @@ def hf_config_dict(
     """
     if isinstance(config, VisionEncoderConfig):
         out: dict[str, Any] = {
-            key: getattr(config, name) for key, name in HF_VISION_KEYS.items()
+            key: getattr(config, name)
+            for key, name in vision_family(config.family).hf_config_keys.items()
         }
         out["hidden_act"] = _first_spelling(HF_ACTIVATIONS)[config.activation]
     else:
@@ -617,16 +608,10 @@ def hf_config_dict(
             raise ConfigError(
                 f"a {config.family} config.json cannot express attn_bias={config.attn_bias}"
             )
-        if config.qk_norm != HF_DECODER_FIXED[config.family]["qk_norm"]:
-            raise ConfigError(
-                f"a {config.family} config.json cannot express qk_norm={config.qk_norm}"
-            )
-        for name in FAMILY_SPELLED_FIELDS:
-            value = getattr(config, name)
-            if (name not in decoder_family(config.family).hf_config_fields
-                    and value != _DECODER_DEFAULTS[name]):
-                raise ConfigError(
-                    f"a {config.family} config.json cannot express {name}={value}")
+        for name, fixed in HF_DECODER_FIXED[config.family].items():
+            if getattr(config, name) != fixed:  # (qk_norm, layers without RoPE)
+                raise ConfigError(f"a {config.family} config.json cannot express "
+                                  f"{name}={getattr(config, name)}")
         if base is not None and read_hf_decoder_config(base).read.get(
                 "family", "llama") == config.family:
             return _over_base(config, base)

@@ -62,8 +62,8 @@ class DecoderFamily:
         unstated_heads: ``head_dim`` / ``num_kv_heads`` transformers takes when
             ``config.json`` leaves them out; None: derived from the width and head count.
         hf_config_fields: native field -> how ``config.json`` spells it, for fields that are
-            not copied as they are (SmolLM3's ``no_rope_layers`` flags). A native option no
-            family's ``config.json`` can state keeps its default in every other family.
+            not copied as they are (SmolLM3's ``no_rope_layers`` flags). Every other family
+            states such a field in ``fixed`` (Llama: ``no_rope_layers`` empty).
         hf_attention_bias_switch: ``config.json``'s ``attention_bias`` is this family's
             switch (and is written): true puts a bias on the output projection too, which
             the native attention does not have, so true is refused. A family whose q/k/v

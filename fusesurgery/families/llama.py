@@ -67,7 +67,7 @@ FAMILY = DecoderFamily(
     hf_defaults=frozen({"max_seq_len": 2048, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": False,
                         "tie_word_embeddings": False}),
-    fixed=frozen({"qk_norm": False}),
+    fixed=frozen({"qk_norm": False, "no_rope_layers": ()}),
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": None}),
     hf_attention_bias_switch=True,
     hf_keys=HF_KEYS,

@@ -28,7 +28,7 @@ FAMILY = DecoderFamily(
     hf_defaults=frozen({"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": False,
                         "tie_word_embeddings": False}),
-    fixed=frozen({"qk_norm": True}),
+    fixed=frozen({"qk_norm": True, "no_rope_layers": ()}),
     # Qwen3Config's head_dim is 128 whatever the width
     unstated_heads=frozen({"head_dim": 128, "num_kv_heads": 32}),
     hf_sliding_window="use_sliding_window",
