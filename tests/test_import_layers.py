@@ -15,12 +15,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fusesurgery"
 
-# The flow, first to last. A module belongs to the first layer whose name prefixes its own
-# (``fusesurgery.io.hub_sources`` is ``io``); the package facade (``fusesurgery/__init__.py``)
-# sits above everything and nothing imports it.
+# The flow, first to last. A module belongs to the layer of the longest name that prefixes
+# its own (``fusesurgery.io.hub_sources`` is ``io``; ``reports.formatting``, a leaf of number
+# and size formatting every report shares, is ``base``); the package facade
+# (``fusesurgery/__init__.py``) sits above everything and nothing imports it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("_version", "errors", "_json", "_lazy", "_sizes", "_plural", "_arguments",
-              "_device")),
+              "_device", "reports.formatting")),
     ("families", ("families",)),
     ("config", ("config",)),
     ("io", ("io",)),
@@ -55,11 +56,12 @@ def layer_of(module: str) -> int:
     """The rank of ``module``'s layer in ``LAYERS`` (the facade ranks above them all)."""
     if module == "fusesurgery":
         return len(LAYERS)
-    top = module.split(".")[1]
-    for rank, (_, members) in enumerate(LAYERS):
-        if top in members:
-            return rank
-    raise AssertionError(f"{module} belongs to no layer: add its package to LAYERS")
+    name = module.removeprefix("fusesurgery.")
+    matches = [(len(member), rank) for rank, (_, members) in enumerate(LAYERS)
+               for member in members if name == member or name.startswith(member + ".")]
+    if not matches:
+        raise AssertionError(f"{module} belongs to no layer: add its package to LAYERS")
+    return max(matches)[1]
 
 
 def _is_lazy_facade(module: str, target: str, in_function: bool) -> bool:
