@@ -135,3 +135,21 @@ def test_a_multimodal_checkpoint_keeps_its_own_error(tmp_path):
         {"model_type": "llava", "text_config": {}, "vision_config": {}}))
     result = runner.invoke(app, ["inspect", str(tmp_path)])
     assert result.exit_code == 2 and "multimodal model" in result.stderr
+
+
+def test_an_unknown_model_type_no_family_lists_is_matched_by_key_names():
+    """No family file names ``brand_new``: its kind comes from config.json's architecture,
+    the closest family from the transformers key names it shares."""
+    from fusesurgery.convert.detect import unsupported_family
+    from fusesurgery.io import TensorInfo
+
+    keys = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.fused_proj.weight"]
+    tensors = {key: TensorInfo(key, (4, 4), torch.float32) for key in keys}
+    error = unsupported_family(tensors, {"model_type": "brand_new",
+                                         "architectures": ["BrandNewForCausalLM"]}, "config.json")
+    assert (error.kind, error.closest) == ("decoder", "qwen2")  # it has q/k/v biases
+    assert "by key names: 3 of its 15 key rows" in str(error)
+    neither = unsupported_family({}, {"model_type": "mystery"}, "config.json")
+    assert neither.kind is None and "is neither a supported decoder" in str(neither)
+    assert unsupported_family({}, {"model_type": "llama"}, "config.json") is None
