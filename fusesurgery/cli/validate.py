@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from fusesurgery import _json as standard_json
-from fusesurgery.cli.errors import EXIT_DIFFERENT, EXIT_OK
+from fusesurgery.cli.errors import EXIT_DIFFERENT, EXIT_OK, stdout_console
 from fusesurgery.cli.options import CheckpointPath, DtypeOption, Json, parse_dtype_option
 
-stdout = Console(highlight=False, soft_wrap=True)
 _STYLES = {"pass": "bold green", "fail": "bold red", "info": "bold yellow"}
 
 
@@ -47,6 +45,7 @@ def validate(
         for check in report.checks:
             table.add_row(f"[{_STYLES[check.status]}]{check.status.upper()}[/]", check.name,
                           check.figure, check.detail)
+        stdout = stdout_console()
         stdout.print(table)
         stdout.print(report.verdict(), style="bold green" if report.ok else "bold red")
     raise typer.Exit(EXIT_OK if report.ok else EXIT_DIFFERENT)

@@ -17,6 +17,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,7 @@ from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import open_checkpoint
+from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.modules import (
     DeepFusionModel,
     FusionLayer,
@@ -547,6 +549,23 @@ def validate_layout(path: str | os.PathLike[str]) -> ValidationReport:
     return report
 
 
+def _refuse_swapped(path: str, against: str | os.PathLike[str] | None) -> None:
+    """Name the likely mistake when the two paths were given the wrong way round: the first
+    is not a fused directory and the ``--against`` one is.
+
+    Raises:
+        ConfigError: ``path`` has no ``fusion_config.json`` and ``against`` has one.
+    """
+    if against is None:
+        return
+    first, second = Path(path), Path(against)
+    if (not (first / FUSION_CONFIG_FILE).is_file() and first.exists()
+            and (second / FUSION_CONFIG_FILE).is_file()):
+        raise ConfigError(
+            f"{path} is not a fused checkpoint but {against} is: the arguments look swapped; "
+            f"give the fused directory first: fusesurgery validate {against} --against {path}")
+
+
 def validate_fused(
     path: str | os.PathLike[str],
     *,
@@ -588,6 +607,7 @@ def validate_fused(
     check_int("seq_len", seq_len, 1, 2**31)
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
+    _refuse_swapped(path, against)
     with open_fused(path) as (_, config):
         if config.encoder is None:
             raise ConfigError(f"{path}: its vision side (Mllama's) has no native module, so "
