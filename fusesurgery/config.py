@@ -113,6 +113,22 @@ class RopeScaling:
                               f"and short_factor {len(self.short_factor)}: longrope needs one "
                               "of each per rotated pair")
 
+    def summary(self) -> str:
+        """One line: ``yarn x4 (orig 32768)``, ``llama3 x8 (low 1, high 4, orig 8192)``."""
+        short = {"low_freq_factor": "low", "high_freq_factor": "high",
+                 "original_max_position_embeddings": "orig"}
+        parts = []
+        for name, value in self.parameters().items():
+            if name in ("rope_type", "factor"):
+                continue
+            if isinstance(value, list):
+                value = f"[{len(value)} values]"
+            elif isinstance(value, float):
+                value = f"{value:g}"
+            parts.append(f"{short.get(name, name)} {value}")
+        return f"{self.rope_type} x{self.factor:g} ({', '.join(parts)})" if parts else (
+            f"{self.rope_type} x{self.factor:g}")
+
     def parameters(self) -> dict[str, object]:
         """The fields this type reads that are set, ``rope_type`` first (as config.json
         states them, lists for the per-frequency factors)."""

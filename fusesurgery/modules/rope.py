@@ -289,9 +289,21 @@ class RotaryPositionalEmbeddings(nn.Module):
         kind = "" if self.scaling is None else f", scaling={self.scaling.rope_type!r}"
         return f"head_dim={self.head_dim}, style={self.style!r}{kind}"
 
-    def _rope_rows(self, seq_len: int, input_pos: torch.Tensor | None) -> torch.Tensor:
-        """cos/sin of each position: ``[s, h_d/2, 2]``, or ``[b, s, h_d/2, 2]`` for
-        ``input_pos``."""
+    def cos_sin(self, seq_len: int, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """cos and sin of each position's angles, attention factor included, for one call of
+        ``s`` tokens (the call :meth:`forward` makes; it updates the dynamic scaling's state).
+
+        Args:
+            seq_len: tokens in the call ``s``.
+            input_pos: ``[b, s]`` positions, or None for ``0..s-1``.
+
+        Returns:
+            ``[s, h_d/2, 2]`` (or ``[b, s, h_d/2, 2]`` for ``input_pos``): ``[..., 0]`` cos,
+            ``[..., 1]`` sin.
+
+        Raises:
+            ValueError: a position past ``max_seq_len``.
+        """
         length = seq_len if input_pos is None else self._call_length(input_pos)
         table_name = "cache"
         if length is not None:
@@ -328,7 +340,7 @@ class RotaryPositionalEmbeddings(nn.Module):
             ValueError: a position past ``max_seq_len``.
         """
         seq_len, half = x.size(1), self.head_dim // 2
-        rope = self._rope_rows(seq_len, input_pos)
+        rope = self.cos_sin(seq_len, input_pos)
         # [s, h_d/2, 2] -> [1, s, 1, h_d/2, 2]   or   [b, s, h_d/2, 2] -> [b, s, 1, h_d/2, 2]
         rope = rope.view(-1, seq_len, 1, half, 2)
         cos, sin = rope[..., 0], rope[..., 1]
