@@ -193,6 +193,8 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
         raise ConfigError(f"{origin}: rope_type {rope_type!r} is not supported; supported: "
                           f"default, {', '.join(ROPE_TYPE_FIELDS)}")
     reads = ROPE_TYPE_FIELDS[rope_type]
+    if rope_type == "dynamic":  # its context is max_position_embeddings, read below
+        reads = tuple(name for name in reads if name != "original_max_position_embeddings")
     fields: dict[str, Any] = {"rope_type": rope_type}
     fields.update({name: source[name] for name in reads if source.get(name) is not None})
     if "truncate" in reads and "truncate" in source and source["truncate"] is None:
@@ -206,7 +208,7 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
     # What transformers takes for the context the scaling starts from: dynamic NTK always
     # max_position_embeddings; the others their own field, a top-level one first (the config
     # attribute transformers reads), else max_position_embeddings.
-    if rope_type == "dynamic" or "original_max_position_embeddings" in reads:
+    if "original_max_position_embeddings" in ROPE_TYPE_FIELDS[rope_type]:
         positions = _hf_max_positions(config, reading, origin)
         if rope_type == "dynamic":
             fields["original_max_position_embeddings"] = positions

@@ -21,9 +21,9 @@ import torch
 from typer.testing import CliRunner
 
 from fusesurgery import load_decoder
-from fusesurgery.validate import validate_fused
 from fusesurgery.cli.app import app
 from fusesurgery.io import open_checkpoint
+from fusesurgery.validate import validate_fused
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
