@@ -209,20 +209,22 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
     # max_position_embeddings; the others their own field, a top-level one first (the config
     # attribute transformers reads), else max_position_embeddings.
     if "original_max_position_embeddings" in ROPE_TYPE_FIELDS[rope_type]:
-        positions = _hf_max_positions(config, reading, origin)
         if rope_type == "dynamic":
-            fields["original_max_position_embeddings"] = positions
+            fields["original_max_position_embeddings"] = _hf_max_positions(config, reading,
+                                                                           origin)
         elif config.get("original_max_position_embeddings") is not None:
             fields["original_max_position_embeddings"] = config[
                 "original_max_position_embeddings"]
-        else:
-            fields.setdefault("original_max_position_embeddings", positions)
+        elif "original_max_position_embeddings" not in fields:
+            fields["original_max_position_embeddings"] = _hf_max_positions(config, reading,
+                                                                           origin)
         if rope_type in ("yarn", "longrope") and "factor" not in fields:
             original = fields["original_max_position_embeddings"]
             if not _positive_int(original):
                 raise ConfigError(f"{origin}: original_max_position_embeddings must be a "
                                   f"positive integer, got {original!r}")
-            fields["factor"] = positions / original  # transformers' implicit factor
+            # transformers' implicit factor
+            fields["factor"] = _hf_max_positions(config, reading, origin) / original
     ignored = sorted(set(source) - set(reads) - {"rope_type", "type", "rope_theta",
                                                  "partial_rotary_factor"})
     if ignored:
@@ -241,8 +243,8 @@ def _hf_max_positions(config: Mapping[str, Any], reading: ConfigReading, origin:
     if value is None:
         return HF_DECODER_DEFAULTS[reading.read.get("family", "llama")]["max_seq_len"]
     if not _positive_int(value):
-        raise ConfigError(f"{origin}: max_position_embeddings must be a positive integer, "
-                          f"got {value!r}")
+        raise ConfigError(f"{origin}: max_position_embeddings (max_seq_len) must be a "
+                          f"positive integer, got {value!r}")
     return value
 
 
