@@ -755,6 +755,11 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
                                       **(rope["rope_scaling"] or {"rope_type": "default"})}
         else:
             out.update(rope)
+        scaling = config.rope_scaling
+        if "original_max_position_embeddings" in base and scaling is not None and (
+                scaling.rope_type != "dynamic"):
+            # the top-level field (Phi-3's) is the one transformers reads: it must agree
+            out["original_max_position_embeddings"] = scaling.original_max_position_embeddings
     return out
 
 

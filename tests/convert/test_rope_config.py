@@ -131,6 +131,11 @@ def test_transformers_top_level_original_context_wins():
                                  "original_max_position_embeddings": 16}}
     scaling = read_hf_decoder_config(document).read["rope_scaling"]
     assert scaling.original_max_position_embeddings == 8
+    # a changed scaling is written where transformers reads it
+    config = decoder_config(read_hf_decoder_config(document))
+    changed = dataclasses.replace(scaling, original_max_position_embeddings=32)
+    out = hf_config_dict(config.replace(rope_scaling=changed), base=document)
+    assert read_hf_decoder_config(out).read["rope_scaling"] == changed
 
 
 def test_keys_the_type_does_not_read_are_noted():
