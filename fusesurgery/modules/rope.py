@@ -69,8 +69,8 @@ def _yarn(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     powers = base ** _exponents(head_dim)
     kept, interpolated = 1.0 / powers, 1.0 / (scaling.factor * powers)
-    extrapolated = 1 - ramp
-    return interpolated * (1 - extrapolated) + kept * extrapolated
+    keep_weight = 1 - ramp
+    return interpolated * (1 - keep_weight) + kept * keep_weight
 
 
 def _dynamic(head_dim: int, base: float, scaling: RopeScaling,
