@@ -84,8 +84,9 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPE_FIELDS:
-            raise ConfigError(f"rope_type {self.rope_type!r} is not supported; supported: "
-                              f"default, {', '.join(ROPE_TYPE_FIELDS)}")
+            raise ConfigError(f"rope_type {self.rope_type!r} is not a supported RoPE scaling; "
+                              f"supported: {', '.join(ROPE_TYPE_FIELDS)} (plain RoPE: no "
+                              "scaling, null)")
         if self.rope_type == "llama3":
             for name, value in _LLAMA3_DEFAULTS.items():
                 if getattr(self, name) is None:

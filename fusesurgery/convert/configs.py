@@ -434,7 +434,8 @@ def read_meta_decoder_config(
 
 
 def coerce_rope_scaling(value: Any) -> RopeScaling | None:
-    """Accept a RopeScaling, a mapping of its fields, or None.
+    """Accept a RopeScaling, a mapping of its fields (without ``rope_type``: Llama 3.1's, as
+    fusesurgery wrote them before it read other types; ``rope_type: default``: None), or None.
 
     Raises:
         ConfigError: anything else.
@@ -442,6 +443,8 @@ def coerce_rope_scaling(value: Any) -> RopeScaling | None:
     if value is None or isinstance(value, RopeScaling):
         return value
     if isinstance(value, Mapping):
+        if value.get("rope_type") == "default":
+            return None  # plain RoPE, as transformers spells it
         known = {f.name for f in dataclasses.fields(RopeScaling)}
         return _rope_scaling({k: v for k, v in value.items() if k in known}, "rope_scaling")
     raise ConfigError(f"rope_scaling must be a mapping or null, got {value!r}")

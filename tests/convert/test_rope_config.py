@@ -102,6 +102,16 @@ def test_a_native_config_of_before_rope_types_is_llama3():
     assert reading.read["rope_scaling"] == RopeScaling(factor=8.0)
 
 
+def test_native_and_option_spellings():
+    from fusesurgery.convert.configs import coerce_rope_scaling
+
+    assert coerce_rope_scaling({"rope_type": "default"}) is None
+    assert coerce_rope_scaling(SCALINGS["yarn"][1].parameters()) == SCALINGS["yarn"][1]
+    with pytest.raises(ConfigError, match="rope_type 'ntk' is not a supported RoPE scaling; "
+                                          "supported: linear, dynamic, yarn, longrope, llama3"):
+        coerce_rope_scaling({"rope_type": "ntk", "factor": 2.0})
+
+
 def test_changed_scaling_is_written_in_the_bases_spelling(tmp_path):
     document = saved_config("llama", SCALINGS["linear"][0], tmp_path)
     config = decoder_config(read_hf_decoder_config(document))
