@@ -198,3 +198,26 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     assert result.exit_code == 0, result.output
     _assert_bitwise(_tensors(back), original)
     assert json.loads((back / "config.json").read_text()) == hf_config
+
+
+def test_inspect_shows_the_scaling_and_refuses_a_bad_one_in_one_line(tmp_path):
+    hf = save_decoder("qwen2.5-yarn-tied-f32", tmp_path / "hf")
+    result = cli("inspect", hf)
+    assert result.exit_code == 0, result.output
+    assert any(line.split()[:4] == ["rope_scaling", "yarn", "x4", "(orig"]
+               for line in result.stdout.splitlines()), result.stdout
+    document = json.loads((hf / "config.json").read_text())
+    for rope, message in [
+        ({"rope_type": "mrope", "factor": 2.0}, "config.json: rope_type 'mrope' is not "
+         "supported; supported: default, linear, dynamic, yarn, longrope, llama3"),
+        ({"rope_type": "longrope", "short_factor": [1.0] * 2, "long_factor": [2.0] * 2},
+         "config.json: longrope scaling has 2 factors per list, head_dim 8 needs 4"),
+        ({"rope_type": "yarn", "factor": -4.0}, "config.json: RopeScaling.factor must be a "
+         "positive finite number, got -4.0"),
+    ]:
+        document["rope_parameters"] = {**rope, "rope_theta": 1e6}
+        (hf / "config.json").write_text(json.dumps(document))
+        result = cli("inspect", hf)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+            result.stderr)

@@ -57,8 +57,12 @@ def saved_config(family: str, rope: dict, tmp_path) -> dict:
     """config.json as transformers 5.25's save_pretrained writes it."""
     import json
 
-    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
-    config_cls(**SIZES, rope_parameters={**rope, "rope_theta": 1e6}).save_pretrained(tmp_path)
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "qwen3": transformers.Qwen3Config,
+                  "mistral": transformers.MistralConfig}[family]
+    head = {"head_dim": 8} if family == "qwen3" else {}  # Qwen3's default is 128
+    config_cls(**SIZES, **head, rope_parameters={**rope, "rope_theta": 1e6}).save_pretrained(
+        tmp_path)
     return json.loads((tmp_path / "config.json").read_text())
 
 
@@ -66,7 +70,7 @@ def decoder_config(reading) -> DecoderConfig:
     return DecoderConfig(**{**reading.defaults, **reading.read, "num_heads": 4})
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("name", sorted(SCALINGS))
 def test_save_pretrained_config_reads_and_writes_back(tmp_path, family, name):
     rope, expected = SCALINGS[name]
