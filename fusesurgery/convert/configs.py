@@ -230,7 +230,19 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
     if ignored:
         reading.notes.append(f"{key} {', '.join(ignored)} not read: {rope_type} scaling does "
                              "not use them (transformers ignores them too)")
-    reading.read["rope_scaling"] = _rope_scaling(fields, origin)
+    scaling = reading.read["rope_scaling"] = _rope_scaling(fields, origin)
+    if rope_type == "yarn" and scaling.factor > 1:
+        # A max_position_embeddings equal to YaRN's original context states the length
+        # before YaRN (Qwen2.5's config.json: 32768 and factor 4 for 131072 positions), as
+        # transformers reads it; the native model gets the positions YaRN is for.
+        stated = _hf_max_positions(config, reading, origin)
+        if stated == scaling.original_max_position_embeddings:
+            reading.read["max_seq_len"] = int(scaling.factor * stated)
+            reading.notes.append(
+                f"max_seq_len {reading.read['max_seq_len']}: YaRN's factor "
+                f"{scaling.factor:g} times the {stated} positions max_position_embeddings "
+                "states (the context before YaRN, as its original_max_position_embeddings "
+                "says)")
 
 
 def _positive_int(value: Any) -> bool:
@@ -745,9 +757,19 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
             continue  # the family fixes it (hf_config_dict checked it)
         if name not in meant or meant[name] != getattr(config, name):
             out[key] = getattr(config, name)
-    positions = hf_max_position_embeddings(config)
-    if meant.get("max_seq_len") != positions or "max_position_embeddings" in out:
-        out["max_position_embeddings"] = positions
+    if (meant["max_seq_len"], meant["rope_scaling"]) != (config.max_seq_len,
+                                                         config.rope_scaling):
+        # in transformers' sense (dynamic NTK's context, whatever the native length); the
+        # base's own value where it is that already
+        positions = hf_max_position_embeddings(config)
+        stated = base.get("max_position_embeddings",
+                          HF_DECODER_DEFAULTS[config.family]["max_seq_len"])
+        if positions != stated:
+            out["max_position_embeddings"] = positions
+        elif "max_position_embeddings" in base:
+            out["max_position_embeddings"] = base["max_position_embeddings"]
+        else:
+            out.pop("max_position_embeddings", None)
     if (meant["rope_base"], meant["rope_scaling"]) != (config.rope_base, config.rope_scaling):
         rope = _hf_rope(config)
         parameters = base.get("rope_parameters")

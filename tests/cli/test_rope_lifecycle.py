@@ -1,8 +1,8 @@
 """Issue 18's RoPE scalings through the whole life of a checkpoint, with sources written by
 transformers itself: Qwen2.5 with YaRN (factor 4 over a 16-position original context, in
 transformers 5's ``rope_parameters`` spelling and, as Qwen2.5's own config.json states it,
-transformers 4's ``rope_scaling`` + ``type``), a Llama with linear scaling, one with dynamic
-NTK and one with LongRoPE.
+transformers 4's ``rope_scaling`` + ``type`` with max_position_embeddings the context before
+YaRN), a Llama with linear scaling, one with dynamic NTK and one with LongRoPE.
 
 Each case: ``load_decoder`` against transformers at 8 and 40 tokens (past the original
 context), and token by token with a KV cache across it; ``fuse`` -> ``validate --against``
@@ -39,9 +39,12 @@ CASES = {
     "qwen2.5-yarn-tied-f32": (
         "qwen2", dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=ORIGINAL),
         dict(tie_word_embeddings=True, rope_theta=1_000_000.0), torch.float32, None),
+    # as Qwen2.5's own config.json states YaRN: max_position_embeddings is the context
+    # before YaRN, so the native max_seq_len is 4 x 16 = 64
     "qwen2.5-yarn-v4-spelling-untied-bf16-sharded": (
         "qwen2", dict(type="yarn", factor=4.0, original_max_position_embeddings=ORIGINAL),
-        dict(tie_word_embeddings=False), torch.bfloat16, "8KB"),
+        dict(tie_word_embeddings=False, max_position_embeddings=ORIGINAL), torch.bfloat16,
+        "8KB"),
     "llama-linear-f32": ("llama", dict(rope_type="linear", factor=4.0), {}, torch.float32,
                          None),
     # dynamic NTK grows past max_position_embeddings: 16 here, and load_decoder is given a
@@ -100,6 +103,7 @@ def test_load_decoder_equals_transformers_past_the_original_context(tmp_path, ca
     rope_type = CASES[case][1].get("rope_type", CASES[case][1].get("type"))
     assert reference.config.rope_parameters["rope_type"] == rope_type
     assert decoder.layers[0].attn.pos_embeddings.scaling.rope_type == rope_type
+    assert decoder.max_seq_len == 64
     for length in (8, 40, 12):  # 40 then 12: dynamic NTK goes back to its original table
         tokens = _tokens(length)
         with torch.no_grad():

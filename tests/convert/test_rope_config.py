@@ -126,6 +126,27 @@ def test_changed_scaling_is_written_in_the_bases_spelling(tmp_path):
     assert out["rope_parameters"] == {"rope_theta": 1e6, "rope_type": "default"}
 
 
+def test_yarn_over_a_stated_pre_yarn_context_extends_max_seq_len():
+    """Qwen2.5's config.json: max_position_embeddings 32768 = original, factor 4."""
+    rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    document = {"model_type": "qwen2", **SIZES, "max_position_embeddings": 32768,
+                "rope_theta": 1e6, "rope_scaling": rope}
+    reading = read_hf_decoder_config(document)
+    assert reading.read["max_seq_len"] == 131_072
+    assert any(note.startswith("max_seq_len 131072: YaRN's factor 4 times the 32768")
+               for note in reading.notes), reading.notes
+    config = decoder_config(reading)
+    assert hf_config_dict(config, base=document) == document
+    fresh = hf_config_dict(config)  # from scratch: the length YaRN is for, read back alike
+    assert fresh["max_position_embeddings"] == 131_072
+    assert decoder_config(read_hf_decoder_config(fresh)) == config
+    # another length given: written as it is, and read back as it is
+    shorter = config.replace(max_seq_len=65_536)
+    out = hf_config_dict(shorter, base=document)
+    assert out["max_position_embeddings"] == 65_536
+    assert decoder_config(read_hf_decoder_config(out)) == shorter
+
+
 def test_dynamic_ntk_keeps_its_context_as_max_position_embeddings():
     """transformers grows dynamic NTK's base past max_position_embeddings: a native model
     given a longer max_seq_len still writes the context the scaling starts from."""
