@@ -236,7 +236,8 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
         # before YaRN (Qwen2.5's config.json: 32768 and factor 4 for 131072 positions), as
         # transformers reads it; the native model gets the positions YaRN is for.
         stated = _hf_max_positions(config, reading, origin)
-        if stated == scaling.original_max_position_embeddings:
+        if stated == scaling.original_max_position_embeddings and (
+                scaling.factor * stated < float("inf")):
             reading.read["max_seq_len"] = int(scaling.factor * stated)
             reading.notes.append(
                 f"max_seq_len {reading.read['max_seq_len']}: YaRN's factor "

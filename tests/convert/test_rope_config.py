@@ -141,6 +141,8 @@ def test_yarn_over_a_stated_pre_yarn_context_extends_max_seq_len():
     assert fresh["max_position_embeddings"] == 131_072
     assert decoder_config(read_hf_decoder_config(fresh)) == config
     # another length given: written as it is, and read back as it is
+    huge = {**document, "rope_scaling": {**rope, "factor": 1e306}}  # no overflow, no error
+    assert read_hf_decoder_config(huge).read["max_seq_len"] == 32768
     shorter = config.replace(max_seq_len=65_536)
     out = hf_config_dict(shorter, base=document)
     assert out["max_position_embeddings"] == 65_536
