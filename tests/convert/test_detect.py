@@ -126,7 +126,9 @@ def test_llama2_config_without_rope_settings_takes_transformers_defaults():
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
         ({"mlp_bias": True}, "mlp_bias true is not supported"),
         ({"attention_bias": True}, "attention_bias true .* is not supported"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+        ({"rope_scaling": {"rope_type": "mrope", "factor": 4.0}},
+         "rope_type 'mrope' is not supported; supported: default, linear, dynamic, yarn, "
+         "longrope, llama3$"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
     ],
 )
