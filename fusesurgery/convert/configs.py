@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusesurgery.config import DecoderConfig, RopeScaling, VisionEncoderConfig
+from fusesurgery.convert import dinov2
 from fusesurgery.errors import ConfigError
 
 DECODER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecoderConfig))
@@ -452,10 +453,12 @@ HF_VISION_KEYS: dict[str, str] = {
 VISION_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "clip": {"norm_eps": 1e-5, "activation": "quick_gelu", "image_size": 224},
     "siglip": {"norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 224},
+    dinov2.FAMILY: {name: dinov2.HF_DEFAULTS[name]
+                    for name in ("norm_eps", "activation", "image_size")},
 }
 # Architecture facts that no config states: CLIP norms only its pooled class token, SigLIP
-# norms every output token.
-VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True}
+# and DINOv2 norm every output token.
+VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True, dinov2.FAMILY: True}
 
 
 def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -465,6 +468,11 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         ConfigError: an unsupported model type or activation.
     """
     reading = ConfigReading()
+    if config.get("model_type") in dinov2.MODEL_TYPES:
+        read, defaults = dinov2.read_hf_config(config, origin)
+        reading.read.update(read)
+        reading.defaults.update(defaults)
+        return reading
     model_type = _name(config, "model_type", origin)
     tower = config.get("vision_config")
     if isinstance(tower, Mapping):
@@ -475,7 +483,7 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         if model_type not in HF_VISION_FAMILIES:
             raise ConfigError(
                 f"{origin}: model_type {model_type!r} is not a supported vision encoder; "
-                f"supported: {', '.join(HF_VISION_FAMILIES)}"
+                f"supported: {', '.join((*HF_VISION_FAMILIES, *dinov2.MODEL_TYPES))}"
             )
         reading.read["family"] = HF_VISION_FAMILIES[model_type]
     for key, name in HF_VISION_KEYS.items():
@@ -534,10 +542,12 @@ __all__ = [
 
 HF_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
                                   "qwen3": "qwen3",
-                                  "clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+                                  "clip": "clip_vision_model", "siglip": "siglip_vision_model",
+                                  dinov2.FAMILY: "dinov2"}
 HF_ARCHITECTURES: dict[str, str] = {
     family: arch for arch, family in HF_DECODER_ARCHITECTURES.items()
-} | {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+} | {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
+     dinov2.FAMILY: dinov2.ARCHITECTURES["dinov2"]}
 
 
 def _first_spelling(table: Mapping[str, str]) -> dict[str, str]:
@@ -618,6 +628,8 @@ def hf_config_dict(
             Llama with q/k norms or a Qwen3 without), or
             a base that is no valid decoder config.json.
     """
+    if isinstance(config, VisionEncoderConfig) and config.family == dinov2.FAMILY:
+        return dinov2.hf_config(config)
     if isinstance(config, VisionEncoderConfig):
         out: dict[str, Any] = {
             key: getattr(config, name) for key, name in HF_VISION_KEYS.items()

@@ -36,6 +36,8 @@ from fusesurgery.convert.configs import (
     read_decoder_config,
     read_vision_config,
 )
+from fusesurgery.convert.dinov2 import FAMILY as DINOV2_FAMILY
+from fusesurgery.convert.dinov2 import HF_MARKER_PREFIXES as DINOV2_HF_MARKERS
 from fusesurgery.convert.keymaps import (
     FUSED_DECODER_PREFIX,
     FUSED_TORCHTUNE_VISION_PREFIX,
@@ -166,7 +168,7 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
         any_contains(".attn.q_proj.") and any_contains(".sa_norm.scale")
     ):
         return "decoder", "native"
-    if any_starts(HF_VISION_PREFIX) or any_starts("embeddings.patch_embedding."):
+    if any_starts(HF_VISION_PREFIX, "embeddings.patch_embedding.", *DINOV2_HF_MARKERS):
         return "vision", "hf"
     if "conv.weight" in key_set:
         return "vision", "native"
@@ -515,15 +517,25 @@ def _infer_vision_fields(
     w1 = shapes.get("layers.0.mlp.w1.weight")
     if w1 is not None:
         fields.offer("intermediate_dim", w1[0], "inferred")
-    # A checkpoint with a class token is CLIP-like; SigLIP has none.
-    fields.offer("family", "clip" if class_token else "siglip", "inferred")
+    # LayerScale is DINOv2's; else a checkpoint with a class token is CLIP-like, and SigLIP
+    # has none.
+    layer_scale = "layers.0.sa_scale.gamma" in shapes
+    fields.offer("layer_scale", layer_scale, "inferred")
+    fields.offer("family", DINOV2_FAMILY if layer_scale else "clip" if class_token else "siglip",
+                 "inferred")
+    registers = shapes.get("register_tokens.weight")
+    num_registers = registers[1] if registers is not None and len(registers) == 3 else 0
+    fields.offer("num_register_tokens", num_registers, "inferred")
+    fields.offer("mask_token", "mask_token.weight" in shapes, "inferred")
+    # registers came with transformers' antialiased resize (dinov2_with_registers)
+    fields.offer("position_antialias", num_registers > 0, "inferred")
 
     # The position table holds one row per patch of a square grid (plus the class token).
     # The side it gives may be a few pixels short of the configured one (384 px in 14 px
     # patches is a 27 x 27 grid, as is 378 px): either builds the same model.
     positions = shapes.get("token_pos_embedding.positional_embedding")
-    if positions is not None:
-        num_patches = positions[0] - int(fields.get("class_token"))
+    if positions is not None and len(positions) >= 2:
+        num_patches = positions[-2] - int(fields.get("class_token"))
         side = math.isqrt(max(num_patches, 0))
         if side * side == num_patches:
             fields.offer("image_size", side * fields.get("patch_size"), "inferred")

@@ -22,7 +22,10 @@ from fusesurgery.modules.transformer import (
 )
 from fusesurgery.modules.vision import (
     ClassTokenEmbedding,
+    LayerScale,
+    MaskToken,
     ProjectedEncoder,
+    RegisterTokens,
     TokenPositionalEmbedding,
     VisionTransformer,
 )
@@ -155,7 +158,7 @@ def fuse_decoder(
 
 
 def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionTransformer:
-    """A ViT matching a CLIP or SigLIP vision tower described by ``cfg``."""
+    """A ViT matching a CLIP, SigLIP or DINOv2 vision tower described by ``cfg``."""
     d = cfg.embed_dim
     h_d = d // cfg.num_heads
 
@@ -181,18 +184,27 @@ def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionTransformer:
             mlp=mlp,
             sa_norm=nn.LayerNorm(d, eps=cfg.norm_eps),
             mlp_norm=nn.LayerNorm(d, eps=cfg.norm_eps),
+            sa_scale=LayerScale(d) if cfg.layer_scale else None,
+            mlp_scale=LayerScale(d) if cfg.layer_scale else None,
         )
 
+    batch_dim = cfg.batch_dim_tables
     return VisionTransformer(
         conv=nn.Conv2d(cfg.num_channels, d, cfg.patch_size, stride=cfg.patch_size,
                        bias=cfg.patch_bias),
         layers=[layer() for _ in range(cfg.num_layers)],
-        token_pos_embedding=TokenPositionalEmbedding(cfg.seq_len, d),
+        token_pos_embedding=TokenPositionalEmbedding(
+            cfg.num_positions, d, batch_dim=batch_dim, antialias=cfg.position_antialias),
         ln_post=nn.LayerNorm(d, eps=cfg.norm_eps),
-        cls_token_embedding=ClassTokenEmbedding(d) if cfg.class_token else None,
+        cls_token_embedding=ClassTokenEmbedding(d, batch_dim=batch_dim)
+        if cfg.class_token else None,
         ln_pre=nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.pre_norm else None,
         post_norm_hidden=cfg.post_norm_hidden,
         output_layer=cfg.output_layer,
+        register_tokens=RegisterTokens(cfg.num_register_tokens, d)
+        if cfg.num_register_tokens else None,
+        mask_token=MaskToken(d) if cfg.mask_token else None,
+        feature_tokens=cfg.feature_tokens,
     )
 
 

@@ -1,9 +1,16 @@
-"""A ViT vision encoder that reproduces CLIP's and SigLIP's vision towers, and the wrapper
-that puts a projection head on any encoder.
+"""A ViT vision encoder that reproduces CLIP's, SigLIP's and DINOv2's vision towers, and the
+wrapper that puts a projection head on any encoder.
+
+DINOv2 adds to the CLIP/SigLIP ViT: a per-channel LayerScale on both residual branches
+(``TransformerSelfAttentionLayer``'s ``sa_scale`` / ``mlp_scale``), optional register tokens
+inserted after the class token once positions are added, and an unused mask token. Its
+parameters keep transformers' shapes (``[1, 1, d_e]`` class token, ``[1, n, d_e]`` position
+table) so conversions are pure renames.
 
 Shape notation:
     b: batch size, c: channels, h/w: image side, p: patch side, g: patches per side,
-    s_e: encoder tokens (``g * g`` plus an optional class token), d_e: encoder width.
+    r: register tokens, s_e: encoder tokens (``g * g`` plus an optional class token and
+    registers, less those ``feature_tokens`` leaves out), d_e: encoder width.
 """
 
 from __future__ import annotations
@@ -22,14 +29,19 @@ class TokenPositionalEmbedding(nn.Module):
     """Learned absolute position embedding added to every image token.
 
     Args:
-        num_tokens: ``s_e``.
+        num_tokens: rows of the table: patches plus the class token if any.
         embed_dim: ``d_e``.
+        batch_dim: store the table as ``[1, num_tokens, d_e]`` (DINOv2's shape).
+        antialias: resize with an antialiased bicubic filter (DINOv2 with registers).
     """
 
-    def __init__(self, num_tokens: int, embed_dim: int) -> None:
+    def __init__(self, num_tokens: int, embed_dim: int, *, batch_dim: bool = False,
+                 antialias: bool = False) -> None:
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.empty(num_tokens, embed_dim))
+        shape = (1, num_tokens, embed_dim) if batch_dim else (num_tokens, embed_dim)
+        self.positional_embedding = nn.Parameter(torch.empty(shape))
         normal_(self.positional_embedding, std=embed_dim**-0.5)
+        self.antialias = antialias
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``[b, s_e, d_e] -> [b, s_e, d_e]``.
@@ -40,7 +52,7 @@ class TokenPositionalEmbedding(nn.Module):
                 table was trained for, the patch rows are resized bicubically to it (the class
                 token's row is kept), as transformers' ``interpolate_pos_encoding`` does.
         """
-        table = self.positional_embedding
+        table = self.positional_embedding.flatten(0, -2)  # [num_tokens, d_e]
         if grid is None or (x.size(1) == table.size(0) and grid[0] == grid[1]):
             return x + table
         return x + self.resized(grid, num_prefix=x.size(1) - grid[0] * grid[1])
@@ -51,7 +63,7 @@ class TokenPositionalEmbedding(nn.Module):
         Raises:
             ValueError: the table's patch rows are not a square grid.
         """
-        table = self.positional_embedding
+        table = self.positional_embedding.flatten(0, -2)
         prefix, patches = table[:num_prefix], table[num_prefix:]
         side = math.isqrt(patches.size(0))
         if side * side != patches.size(0):
@@ -59,23 +71,76 @@ class TokenPositionalEmbedding(nn.Module):
                              "not a square grid")
         # [g*g, d_e] -> [1, d_e, g, g] -> [1, d_e, g_h, g_w] -> [g_h*g_w, d_e]
         square = patches.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+        resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False,
+                                antialias=self.antialias)
         resized = resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
         return torch.cat([prefix, resized], dim=0)
 
 
 class ClassTokenEmbedding(nn.Module):
-    """A learned class token prepended to the patch tokens (CLIP)."""
+    """A learned class token prepended to the patch tokens (CLIP, DINOv2).
 
-    def __init__(self, embed_dim: int) -> None:
+    Args:
+        embed_dim: ``d_e``.
+        batch_dim: store it as ``[1, 1, d_e]`` (DINOv2's shape) rather than ``[d_e]``.
+    """
+
+    def __init__(self, embed_dim: int, *, batch_dim: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(embed_dim))
+        self.weight = nn.Parameter(torch.empty((1, 1, embed_dim) if batch_dim else embed_dim))
         normal_(self.weight, std=embed_dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, g*g, d_e] -> [b, 1 + g*g, d_e]``."""
-        cls = self.weight.to(x.dtype).expand(x.size(0), 1, -1)
+        cls = self.weight.to(x.dtype).reshape(1, 1, -1).expand(x.size(0), 1, -1)
         return torch.cat([cls, x], dim=1)
+
+
+class RegisterTokens(nn.Module):
+    """Learned register tokens (DINOv2 with registers), inserted after the class token once
+    the position embedding has been added, so they carry no position.
+
+    Args:
+        num_tokens: ``r``.
+        embed_dim: ``d_e``.
+    """
+
+    def __init__(self, num_tokens: int, embed_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
+
+    def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
+        """``[b, n + g*g, d_e] -> [b, n + r + g*g, d_e]``, the registers after the first
+        ``num_prefix`` tokens (the class token)."""
+        registers = self.weight.to(x.dtype).expand(x.size(0), -1, -1)
+        return torch.cat([x[:, :num_prefix], registers, x[:, num_prefix:]], dim=1)
+
+
+class MaskToken(nn.Module):
+    """DINOv2's mask token ``[1, d_e]``: used only by masked-image pre-training, which
+    fusion never runs. It is held so that a converted or unfused tower gives it back."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, embed_dim))
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (DINOv2's LayerScale). Its parameter
+    is ``gamma`` (timm's name), never ``scale``: keys ending ``_scale.scale`` are the fusion
+    layers' tanh gates.
+
+    Args:
+        embed_dim: ``d_e``.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, s_e, d_e] -> [b, s_e, d_e]``."""
+        return x * self.gamma
 
 
 class VisionTransformer(nn.Module):
@@ -97,6 +162,10 @@ class VisionTransformer(nn.Module):
         output_layer: return the hidden states after this many layers (0 = embeddings,
             negative counts from the end, as in transformers' ``hidden_states``), un-normed;
             None returns the final hidden states.
+        register_tokens: register tokens (DINOv2 with registers), or None.
+        mask_token: DINOv2's unused mask token, or None.
+        feature_tokens: which tokens to return: ``all``, ``cls_and_patches`` (registers left
+            out) or ``patches``.
     """
 
     def __init__(
@@ -110,10 +179,19 @@ class VisionTransformer(nn.Module):
         ln_pre: nn.Module | None = None,
         post_norm_hidden: bool = False,
         output_layer: int | None = None,
+        register_tokens: RegisterTokens | None = None,
+        mask_token: MaskToken | None = None,
+        feature_tokens: str = "all",
     ) -> None:
         super().__init__()
+        if feature_tokens not in ("all", "cls_and_patches", "patches"):
+            raise ValueError(f"unknown feature_tokens {feature_tokens!r}; valid: all, "
+                             "cls_and_patches, patches")
         self.conv = conv
         self.cls_token_embedding = cls_token_embedding
+        self.register_tokens = register_tokens
+        self.mask_token = mask_token
+        self.feature_tokens = feature_tokens
         self.token_pos_embedding = token_pos_embedding
         self.ln_pre = ln_pre
         self.layers = nn.ModuleList(layers)
@@ -150,6 +228,9 @@ class VisionTransformer(nn.Module):
         if self.cls_token_embedding is not None:
             x = self.cls_token_embedding(x)
         x = self.token_pos_embedding(x, grid)
+        num_cls = int(self.cls_token_embedding is not None)
+        if self.register_tokens is not None:
+            x = self.register_tokens(x, num_cls)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
         num_layers = len(self.layers) if self.output_layer is None else self.output_layer
@@ -157,6 +238,14 @@ class VisionTransformer(nn.Module):
             x = layer(x)
         if self.output_layer is None and self.post_norm_hidden:
             x = self.ln_post(x)
+        return self._select(x, num_cls, x.size(1) - grid[0] * grid[1])
+
+    def _select(self, x: torch.Tensor, num_cls: int, num_prefix: int) -> torch.Tensor:
+        """The ``feature_tokens`` of ``[b, num_prefix + g_h*g_w, d_e]`` hidden states."""
+        if self.feature_tokens == "patches":
+            return x[:, num_prefix:]
+        if self.feature_tokens == "cls_and_patches" and num_prefix > num_cls:
+            return torch.cat([x[:, :num_cls], x[:, num_prefix:]], dim=1)
         return x
 
 
