@@ -98,9 +98,9 @@ def fuse(
     norm_eps: NormEps = None,
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
-    """Fuse a vision tower (CLIP, SigLIP, DINOv2) into a decoder (Llama, Mistral, Qwen2, Qwen3): gated
-    cross-attention layers starting at exactly zero, new tokens such as <|image|>, a projection
-    head; written as sharded safetensors with fusion_config.json and the tokenizer."""
+    """Fuse a vision tower (CLIP, SigLIP, DINOv2) into a decoder (Llama, Mistral, Qwen2,
+    Qwen3): gated cross-attention layers starting at exactly zero, new tokens such as <|image|>,
+    a projection head; written as sharded safetensors with fusion_config.json and the tokenizer."""
     from fusesurgery.surgery.fuse_plan import DEFAULT, FuseOptions  # noqa: PLC0415
     from fusesurgery.write.fuse_checkpoint import fuse_checkpoints  # noqa: PLC0415
 

@@ -224,7 +224,7 @@ class FusedProcessor:
                                  ": resize them to one size first")
             (c, h, w), = shapes
             encoder = self.config.encoder
-            s_e = (h // encoder.patch_size) * (w // encoder.patch_size) + int(encoder.class_token)
+            s_e = encoder.tokens_for(h, w)  # what the tower returns for this size
             images = torch.zeros(b, n, c, h, w)
             encoder_mask = torch.zeros(b, s, n * s_e, dtype=torch.bool)
             for i, (ids, pixels) in enumerate(zip(token_lists, pixel_lists, strict=True)):
