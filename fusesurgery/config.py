@@ -15,7 +15,7 @@ from typing import Literal, get_args
 from fusesurgery.errors import ConfigError
 
 DecoderFamily = Literal["llama", "mistral", "qwen2", "qwen3"]
-VisionFamily = Literal["clip", "siglip", "dinov2"]
+VisionFamily = Literal["clip", "siglip", "dinov2", "siglip2"]
 # Which of a tower's output tokens feed the fusion: every token, the class token and the
 # patches (registers left out, as the papers that fuse DINOv2 do), or the patches alone.
 FeatureTokens = Literal["all", "cls_and_patches", "patches"]
@@ -114,6 +114,9 @@ class DecoderConfig:
 
 
 BATCH_DIM_VISION_FAMILIES: tuple[str, ...] = ("dinov2",)
+# Towers that take pre-cut patches (SigLIP2 NaFlex: a linear patch embedding over
+# ``[b, n_patches, c*p*p]``, the position table resized per image's patch grid).
+NAFLEX_VISION_FAMILIES: tuple[str, ...] = ("siglip2",)
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,14 @@ class VisionEncoderConfig:
         """The class token and position table keep a leading batch dim, ``[1, 1, d_e]`` and
         ``[1, n, d_e]``, as DINOv2's checkpoints store them (a conversion then renames)."""
         return self.family in BATCH_DIM_VISION_FAMILIES
+
+    @property
+    def naflex(self) -> bool:
+        """The tower takes NaFlex inputs (``pixel_values [b, n_patches, c*p*p]``,
+        ``pixel_attention_mask``, ``spatial_shapes``), a variable number of patches per image.
+        ``image_size`` is then the side of the square grid its position table was trained
+        on, in pixels."""
+        return self.family in NAFLEX_VISION_FAMILIES
 
     @property
     def num_positions(self) -> int:

@@ -21,6 +21,7 @@ Styles understood:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -433,7 +434,7 @@ def read_decoder_config(config: Mapping[str, Any], origin: str) -> ConfigReading
 
 HF_VISION_FAMILIES: dict[str, str] = {
     "clip": "clip", "clip_vision_model": "clip", "siglip": "siglip",
-    "siglip_vision_model": "siglip",
+    "siglip_vision_model": "siglip", "siglip2": "siglip2", "siglip2_vision_model": "siglip2",
 }
 HF_ACTIVATIONS: dict[str, str] = {
     "quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -455,10 +456,13 @@ VISION_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "siglip": {"norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 224},
     dinov2.FAMILY: {name: dinov2.HF_DEFAULTS[name]
                     for name in ("norm_eps", "activation", "image_size")},
+    # Siglip2VisionConfig: 256 positions of 16-px patches, a 16 x 16 grid
+    "siglip2": {"norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 256},
 }
 # Architecture facts that no config states: CLIP norms only its pooled class token, SigLIP
 # and DINOv2 norm every output token.
-VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True, dinov2.FAMILY: True}
+VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True, dinov2.FAMILY: True,
+                                            "siglip2": True}
 
 
 def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -489,6 +493,12 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
     for key, name in HF_VISION_KEYS.items():
         if tower.get(key) is not None:
             reading.read[name] = tower[key]
+    positions = tower.get("num_patches")  # NaFlex: a square grid of positions, not a size
+    if positions is not None:
+        side = math.isqrt(positions) if type(positions) is int and positions > 0 else 0
+        if side * side != positions:
+            raise ConfigError(f"{origin}: num_patches {positions!r} is not a square grid")
+        reading.read["image_size"] = side * tower.get("patch_size", 16)
     if _name(tower, "hidden_act", origin) is not None:
         try:
             reading.read["activation"] = HF_ACTIVATIONS[tower["hidden_act"]]
@@ -543,11 +553,11 @@ __all__ = [
 HF_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
                                   "qwen3": "qwen3",
                                   "clip": "clip_vision_model", "siglip": "siglip_vision_model",
-                                  dinov2.FAMILY: "dinov2"}
+                                  "siglip2": "siglip2_vision_model", dinov2.FAMILY: "dinov2"}
 HF_ARCHITECTURES: dict[str, str] = {
     family: arch for arch, family in HF_DECODER_ARCHITECTURES.items()
 } | {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
-     dinov2.FAMILY: dinov2.ARCHITECTURES["dinov2"]}
+     "siglip2": "Siglip2VisionModel", dinov2.FAMILY: dinov2.ARCHITECTURES["dinov2"]}
 
 
 def _first_spelling(table: Mapping[str, str]) -> dict[str, str]:
@@ -635,6 +645,9 @@ def hf_config_dict(
             key: getattr(config, name) for key, name in HF_VISION_KEYS.items()
         }
         out["hidden_act"] = _first_spelling(HF_ACTIVATIONS)[config.activation]
+        if config.naflex:  # its position table's size, not an image size
+            out["num_patches"] = config.num_patches
+            del out["image_size"]
     else:
         if config.attn_bias != HF_DECODER_DEFAULTS[config.family]["attn_bias"]:
             raise ConfigError(

@@ -500,14 +500,17 @@ def _infer_vision_fields(
     fields: _Fields, shapes: Mapping[str, Shape], names: Mapping[str, str], origin: str
 ) -> None:
     conv = shapes.get("conv.weight")
-    if conv is None or len(conv) != 4 or conv[2] != conv[3]:
+    if conv is not None and len(conv) == 2:  # NaFlex: a linear embedding of c*p*p pixels
+        _infer_naflex_patch(fields, conv, names.get("conv.weight", "conv.weight"))
+    elif conv is None or len(conv) != 4 or conv[2] != conv[3]:
         raise ConfigError(
             f"vision checkpoint has no square patch convolution "
             f"({names.get('conv.weight', 'conv.weight')}: {conv})"
         )
-    fields.offer("embed_dim", conv[0], "inferred")
-    fields.offer("num_channels", conv[1], "inferred")
-    fields.offer("patch_size", conv[2], "inferred")
+    else:
+        fields.offer("embed_dim", conv[0], "inferred")
+        fields.offer("num_channels", conv[1], "inferred")
+        fields.offer("patch_size", conv[2], "inferred")
     class_token = "cls_token_embedding.weight" in shapes
     fields.offer("class_token", class_token, "inferred")
     fields.offer("patch_bias", "conv.bias" in shapes, "inferred")
@@ -521,8 +524,8 @@ def _infer_vision_fields(
     # has none.
     layer_scale = "layers.0.sa_scale.gamma" in shapes
     fields.offer("layer_scale", layer_scale, "inferred")
-    fields.offer("family", DINOV2_FAMILY if layer_scale else "clip" if class_token else "siglip",
-                 "inferred")
+    fields.offer("family", DINOV2_FAMILY if layer_scale else "siglip2" if len(conv) == 2
+                 else "clip" if class_token else "siglip", "inferred")
     registers = shapes.get("register_tokens.weight")
     num_registers = registers[1] if registers is not None and len(registers) == 3 else 0
     fields.offer("num_register_tokens", num_registers, "inferred")
@@ -539,6 +542,19 @@ def _infer_vision_fields(
         side = math.isqrt(max(num_patches, 0))
         if side * side == num_patches:
             fields.offer("image_size", side * fields.get("patch_size"), "inferred")
+
+
+def _infer_naflex_patch(fields: _Fields, conv: Shape, name: str) -> None:
+    """A NaFlex patch embedding ``[d_e, c*p*p]``: the width, and the patch side for the
+    channels stated (else 3)."""
+    fields.offer("embed_dim", conv[0], "inferred")
+    fields.offer("num_channels", 3, "default")
+    channels = fields.get("num_channels")
+    side = math.isqrt(conv[1] // channels) if type(channels) is int and channels > 0 else 0
+    if side * side * channels != conv[1]:
+        raise ConfigError(f"{name} has shape {list(conv)}: {conv[1]} inputs are no "
+                          f"{channels}-channel square patch")
+    fields.offer("patch_size", side, "inferred")
 
 
 def _detect_vision(

@@ -88,7 +88,8 @@ def _decoder_shapes(config: DecoderConfig) -> dict[str, Shape]:
 
 def _vision_shapes(config: VisionEncoderConfig) -> dict[str, Shape]:
     d, ffn, p = config.embed_dim, config.intermediate_dim, config.patch_size
-    shapes: dict[str, Shape] = {"conv.weight": (d, config.num_channels, p, p)}
+    shapes: dict[str, Shape] = {"conv.weight": (d, config.num_channels * p * p) if config.naflex
+                                else (d, config.num_channels, p, p)}
     if config.patch_bias:
         shapes["conv.bias"] = (d,)
     lead = (1,) if config.batch_dim_tables else ()

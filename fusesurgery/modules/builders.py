@@ -24,6 +24,7 @@ from fusesurgery.modules.vision import (
     ClassTokenEmbedding,
     LayerScale,
     MaskToken,
+    NaFlexVisionTransformer,
     ProjectedEncoder,
     RegisterTokens,
     TokenPositionalEmbedding,
@@ -158,7 +159,8 @@ def fuse_decoder(
 
 
 def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionTransformer:
-    """A ViT matching a CLIP, SigLIP or DINOv2 vision tower described by ``cfg``."""
+    """A ViT matching a CLIP, SigLIP, SigLIP2 NaFlex or DINOv2 vision tower described by
+    ``cfg``."""
     d = cfg.embed_dim
     h_d = d // cfg.num_heads
 
@@ -189,9 +191,10 @@ def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionTransformer:
         )
 
     batch_dim = cfg.batch_dim_tables
-    return VisionTransformer(
-        conv=nn.Conv2d(cfg.num_channels, d, cfg.patch_size, stride=cfg.patch_size,
-                       bias=cfg.patch_bias),
+    patch_width = cfg.num_channels * cfg.patch_size**2
+    return (NaFlexVisionTransformer if cfg.naflex else VisionTransformer)(
+        conv=nn.Linear(patch_width, d, bias=cfg.patch_bias) if cfg.naflex else nn.Conv2d(
+            cfg.num_channels, d, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias),
         layers=[layer() for _ in range(cfg.num_layers)],
         token_pos_embedding=TokenPositionalEmbedding(
             cfg.num_positions, d, batch_dim=batch_dim, antialias=cfg.position_antialias),

@@ -249,6 +249,98 @@ class VisionTransformer(nn.Module):
         return x
 
 
+def resize_position_grid(table: torch.Tensor, spatial_shapes: torch.Tensor,
+                         num_tokens: int) -> torch.Tensor:
+    """A square position table resized to each image's patch grid, as SigLIP2 NaFlex does:
+    separable linear interpolation whose triangle filter widens by the downscale factor
+    (antialiasing), computed in float32 and cast back.
+
+    Args:
+        table: ``[g*g, d_e]``, a square ``g x g`` grid in row-major order.
+        spatial_shapes: ``[b, 2]`` patch rows and columns ``(h_p, w_p)`` of each image.
+        num_tokens: ``n``, the padded token count; rows past ``h_p * w_p`` take the first
+            position's row (they are padding, masked out downstream).
+
+    Returns:
+        ``[b, n, d_e]``.
+    """
+    side = math.isqrt(table.size(0))
+    sizes = spatial_shapes.to(torch.float32)[:, None]  # [b, 1, 2]
+    flat = torch.arange(num_tokens, device=spatial_shapes.device, dtype=torch.float32)
+    flat = flat[None, :, None]  # [1, n, 1]
+    rows = torch.div(flat, sizes[..., 1:], rounding_mode="floor")
+    index = torch.cat([rows, flat - rows * sizes[..., 1:]], dim=-1)  # [b, n, 2] (row, col)
+    index = index * (flat < sizes.prod(-1, keepdim=True))
+    scale = side / sizes  # source pixels per target pixel, per axis
+    support = scale.clamp(min=1)
+    centre = (index + 0.5) * scale - 0.5
+    source = torch.arange(side, device=spatial_shapes.device, dtype=torch.float32)
+    weights = (1 - (source - centre[..., None]).abs() / support[..., None]).clamp(min=0)
+    weights = weights / weights.sum(-1, keepdim=True)  # [b, n, 2, g]
+    outer = (weights[..., 0, :, None] * weights[..., 1, None, :]).flatten(-2)  # [b, n, g*g]
+    return (outer.to(table.device) @ table.float()).to(table.dtype)
+
+
+class NaFlexVisionTransformer(VisionTransformer):
+    """SigLIP2 NaFlex: a linear patch embedding over pre-cut patches, the position table
+    resized to each image's own patch grid, and attention that ignores padding patches.
+
+    Arguments as :class:`VisionTransformer`, with ``conv`` a ``Linear(c*p*p, d_e)``.
+    """
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            pixel_values: ``[b, n, c*p*p]`` patches of each image in row-major order, padded
+                to ``n``.
+            pixel_attention_mask: ``[b, n]``, 1 (True) for real patches, 0 for padding; None
+                derives it from ``spatial_shapes``.
+            spatial_shapes: ``[b, 2]`` patch rows and columns of each image.
+
+        Returns:
+            ``[b, n, d_e]`` hidden states; the rows of padding patches are not meaningful.
+
+        Raises:
+            ValueError: inputs of the wrong shapes, or grids that do not fit ``n``.
+        """
+        width = self.conv.in_features
+        if pixel_values.dim() != 3 or pixel_values.size(-1) != width:
+            more = (" (several images per sample are not supported by a NaFlex tower: give "
+                    "one image per sample)" if pixel_values.dim() == 4 else "")
+            raise ValueError(f"NaFlex pixel_values must be [b, n_patches, {width}], got "
+                             f"{list(pixel_values.shape)}{more}")
+        b, n = pixel_values.shape[:2]
+        if spatial_shapes is None or tuple(spatial_shapes.shape) != (b, 2):
+            got = None if spatial_shapes is None else list(spatial_shapes.shape)
+            raise ValueError(f"a NaFlex tower needs spatial_shapes [{b}, 2] (patch rows and "
+                             f"columns of each image), got {got}")
+        if bool((spatial_shapes <= 0).any()) or bool((spatial_shapes.prod(-1) > n).any()):
+            raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} must be positive grids "
+                             f"of at most {n} patches")
+        if pixel_attention_mask is None:
+            pixel_attention_mask = torch.arange(n, device=pixel_values.device)[None] < (
+                spatial_shapes.prod(-1)[:, None].to(pixel_values.device))
+        if tuple(pixel_attention_mask.shape) != (b, n):
+            raise ValueError(f"pixel_attention_mask must be [{b}, {n}], got "
+                             f"{list(pixel_attention_mask.shape)}")
+        x = self.conv(pixel_values.to(self.conv.weight.dtype))  # [b, n, d_e]
+        table = self.token_pos_embedding.positional_embedding.flatten(0, -2)
+        x = x + resize_position_grid(table, spatial_shapes, n).to(x.dtype)
+        keys = pixel_attention_mask.bool()
+        mask = keys[:, None, :].expand(b, n, n)  # [b, n, n]: every token sees real patches
+        num_layers = len(self.layers) if self.output_layer is None else self.output_layer
+        for layer in self.layers[:num_layers]:
+            x = layer(x, mask=mask)
+        if self.output_layer is None and self.post_norm_hidden:
+            x = self.ln_post(x)
+        return x
+
+
 class ProjectedEncoder(nn.Module):
     """An encoder followed by a projection head into the decoder's width.
 
@@ -264,19 +356,39 @@ class ProjectedEncoder(nn.Module):
         self.vision = vision
         self.projection = projection
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | None = None, **naflex: torch.Tensor) -> torch.Tensor:
         """``[b, c, h, w] -> [b, s_e, d]``, or several images per sample,
         ``[b, n, c, h, w] -> [b, n * s_e, d]``: the encoder runs on the ``b * n`` images and
         each sample's images follow one another, image ``i``'s tokens at
         ``i * s_e .. (i + 1) * s_e - 1`` (the columns of an ``encoder_mask``). The encoder
         output is cast to the head's dtype (a float32 tower may feed a bfloat16 decoder: each
-        keeps its own dtype)."""
+        keeps its own dtype).
+
+        A NaFlex tower takes ``pixel_values`` ``[b, n_patches, c*p*p]``,
+        ``pixel_attention_mask`` and ``spatial_shapes`` instead, and gives
+        ``[b, n_patches, d]``.
+
+        Raises:
+            ValueError: NaFlex inputs for a tower that takes images, or the reverse.
+        """
+        if isinstance(self.vision, NaFlexVisionTransformer):
+            if images is not None or "pixel_values" not in naflex:
+                raise ValueError("this tower is SigLIP2 NaFlex: it takes pixel_values "
+                                 "[b, n_patches, c*p*p], pixel_attention_mask and "
+                                 "spatial_shapes, not images")
+            return self._project(self.vision(**naflex))
+        if naflex or images is None:
+            raise ValueError(f"this tower takes images [b, c, h, w], not "
+                             f"{', '.join(naflex) or 'nothing'}")
         if images.dim() == 5:
             b, n = images.shape[:2]
             x = self.vision(images.flatten(0, 1))  # [b*n, s_e, d_e]
             x = x.reshape(b, n * x.size(1), x.size(2))  # [b, n*s_e, d_e]
         else:
             x = self.vision(images)  # [b, s_e, d_e]
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         head = next(self.projection.parameters(), None)
         if head is not None and x.dtype != head.dtype:
             x = x.to(head.dtype)

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
 
 from fusesurgery._arguments import argument_error, brief, check_int, is_int
-from fusesurgery.config import DecoderConfig, FeatureTokens, FusionConfig, VisionEncoderConfig
+from fusesurgery.config import (
+    DecoderConfig,
+    FeatureTokens,
+    FusionConfig,
+    VisionEncoderConfig,
+    VisionFamily,
+)
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.keymaps import (
     FUSED_DECODER_PREFIX,
@@ -44,11 +50,14 @@ DEFAULT_EVERY = 4
 # ``hidden_states[k]`` numbering (None: the final hidden states). CLIP: the penultimate layer,
 # as LLaVA; SigLIP: its final, post-normed hidden states, as PaliGemma.
 # DINOv2: its final, post-normed hidden states, as Cambrian and Molmo take them.
-ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {"clip": -2, "siglip": None, "dinov2": None}
+ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {"clip": -2, "siglip": None, "dinov2": None,
+                                                  "siglip2": None}
 # The output tokens of each encoder family that feed the fusion (``feature_tokens``): every
 # token, except DINOv2's registers, which the papers that fuse DINOv2 leave out.
 ENCODER_TOKENS_DEFAULTS: dict[str, str] = {"clip": "all", "siglip": "all",
-                                           "dinov2": "cls_and_patches"}
+                                           "dinov2": "cls_and_patches", "siglip2": "all"}
+assert set(ENCODER_LAYER_DEFAULTS) == set(ENCODER_TOKENS_DEFAULTS) == set(
+    get_args(VisionFamily)), "a vision family lacks its fusion defaults"
 ENCODER_TOKENS: tuple[str, ...] = get_args(FeatureTokens)
 FUSION_EMBEDDING_KEY = FUSED_DECODER_PREFIX + "tok_embeddings.fusion_embedding.weight"
 EMBEDDING_KEY = "tok_embeddings.weight"
