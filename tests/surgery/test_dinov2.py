@@ -176,6 +176,11 @@ def test_fuse_validate_unfuse(tmp_path, fused_dinov2):
     assert report["ok"] and report["identity"], report
     assert {check["status"] for check in report["checks"]} == {"pass"}
 
+    # the transformers export's code does not run this tower: refused, nothing written
+    result = cli("convert", fused, "--to", "transformers", "-o", tmp_path / "export")
+    assert result.exit_code == 2 and "DINOv2 tower" in result.output, result.output
+    assert not (tmp_path / "export").exists()
+
     unfused = tmp_path / "encoder"
     result = cli("unfuse", fused, "--part", "encoder", "-o", unfused)
     assert result.exit_code == 0, result.output
@@ -205,6 +210,13 @@ def test_encoder_tokens_option_is_recorded(tmp_path):
         model(inputs.tokens, encoder_input=inputs.encoder_input,
               encoder_mask=inputs.encoder_mask)
     assert tokens.shape[1] == 1 + REGISTERS + 30 == inputs.encoder_mask.shape[-1]
+    # two images in one sample: one block of columns each
+    two = fusesurgery.load_processor(fused)("<|image|> a <|image|> b",
+                                            [torch.rand(3, 40, 40), torch.rand(3, 20, 30)])
+    with torch.no_grad():
+        both = model.encoder(two.encoder_input["images"])
+        model(two.tokens, encoder_input=two.encoder_input, encoder_mask=two.encoder_mask)
+    assert both.shape[1] == 2 * (1 + REGISTERS + 30) == two.encoder_mask.shape[-1]
     result = cli("fuse", source, EXAMPLES / "tiny-llama", "-o", tmp_path / "bad",
                  "--encoder-tokens", "registers")
     assert result.exit_code == 2 and "registers" in result.output

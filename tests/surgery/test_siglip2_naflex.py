@@ -150,6 +150,11 @@ def test_fuse_validate_unfuse(tmp_path, fused_naflex):
     assert report["ok"] and report["identity"], report
     assert {check["status"] for check in report["checks"]} == {"pass"}
 
+    # the transformers export's code does not run this tower: refused, nothing written
+    result = cli("convert", fused, "--to", "transformers", "-o", tmp_path / "export")
+    assert result.exit_code == 2 and "SigLIP2 NaFlex tower" in result.output, result.output
+    assert not (tmp_path / "export").exists()
+
     unfused = tmp_path / "encoder"
     result = cli("unfuse", fused, "--part", "encoder", "-o", unfused)
     assert result.exit_code == 0, result.output
