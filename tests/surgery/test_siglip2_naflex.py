@@ -11,6 +11,7 @@ text logit; ``prepare_inputs`` cuts patches as transformers does and ``generate`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -214,8 +215,14 @@ def test_prepare_inputs_and_generate(fused_naflex):
     # the encoder mask never points at padding patches
     padding = ~expected["pixel_attention_mask"].bool()
     assert not bool((inputs.encoder_mask & padding[:, None, :]).any())
-    output = fusesurgery.generate(model, inputs, max_new_tokens=3)
-    assert output.tokens.shape == (2, 3)
+    _open_gates(model)  # the image now changes what is generated
+    output = fusesurgery.generate(model, inputs, max_new_tokens=4)
+    assert output.tokens.shape == (2, 4)
+    # no encoder mask at all: generation builds one from pixel_attention_mask (padding
+    # patches out) and sizes the cross-attention caches by it
+    again = fusesurgery.generate(model, dataclasses.replace(inputs, encoder_mask=None),
+                                 max_new_tokens=4)
+    assert again.tokens.shape == (2, 4)
     with pytest.raises(InputError, match="one image per sample"):
         fused_processor("<|image|><|image|> two", [images[0], images[1]])
     with pytest.raises(ValueError, match="NaFlex"):
