@@ -15,7 +15,7 @@ from typing import Literal, get_args
 from fusesurgery.errors import ConfigError
 
 DecoderFamily = Literal["llama", "mistral", "qwen2", "qwen3"]
-VisionFamily = Literal["clip", "siglip", "dinov2", "siglip2"]
+VisionFamily = Literal["clip", "siglip", "dinov2", "siglip2", "dinov3"]
 # Which of a tower's output tokens feed the fusion: every token, the class token and the
 # patches (registers left out, as the papers that fuse DINOv2 do), or the patches alone.
 FeatureTokens = Literal["all", "cls_and_patches", "patches"]
@@ -113,7 +113,7 @@ class DecoderConfig:
         return dataclasses.replace(self, **changes)
 
 
-BATCH_DIM_VISION_FAMILIES: tuple[str, ...] = ("dinov2",)
+BATCH_DIM_VISION_FAMILIES: tuple[str, ...] = ("dinov2", "dinov3")
 # Towers that take pre-cut patches (SigLIP2 NaFlex: a linear patch embedding over
 # ``[b, n_patches, c*p*p]``, the position table resized per image's patch grid).
 NAFLEX_VISION_FAMILIES: tuple[str, ...] = ("siglip2",)
@@ -152,6 +152,10 @@ class VisionEncoderConfig:
             antialiased bicubic filter (DINOv2 with registers) rather than a plain one.
         feature_tokens: which output tokens the tower returns: ``all``, ``cls_and_patches``
             (registers left out) or ``patches``.
+        patch_rope_base: DINOv3: no position table; the patch tokens' queries and keys are
+            rotated by a 2-D RoPE of this base over the patch centres' coordinates in
+            ``[-1, 1]`` (the class token and registers are not). None: a learned table.
+        key_bias: the key projection has a bias (DINOv3 has none).
     """
 
     image_size: int
@@ -174,6 +178,8 @@ class VisionEncoderConfig:
     mask_token: bool = False
     position_antialias: bool = False
     feature_tokens: FeatureTokens = "all"
+    patch_rope_base: float | None = None
+    key_bias: bool = True
 
     def __post_init__(self) -> None:
         check_field_values(self)
@@ -343,6 +349,9 @@ def check_field_values(cfg: object) -> None:
                 raise _field_error(cfg, spec.name, value, "an integer or null")
         elif kind == "float":
             _check_float(cfg, spec.name, value)
+        elif kind == "float | None":
+            if value is not None:
+                _check_float(cfg, spec.name, value)
         elif kind == "bool":
             if not isinstance(value, bool):
                 raise _field_error(cfg, spec.name, value, "true or false")

@@ -76,11 +76,11 @@ def fuse(
         help="How new embedding rows start: mean (of the table), zeros, normal.")] = "mean",
     encoder_layer: Annotated[str | None, typer.Option(
         help="Encoder hidden layer that feeds the fusion (transformers' hidden_states[k]; "
-        "-2 penultimate) or 'last'; default per family: CLIP -2, SigLIP and DINOv2 "
+        "-2 penultimate) or 'last'; default per family: CLIP -2, SigLIP and DINOv2/v3 "
         "last.")] = None,
     encoder_tokens: Annotated[Literal["all", "cls_and_patches", "patches"] | None, typer.Option(
         help="Encoder output tokens that feed the fusion: all, cls_and_patches (registers "
-        "left out) or patches; default per family: DINOv2 cls_and_patches, others all."
+        "left out) or patches; default per family: DINOv2/v3 cls_and_patches, others all."
     )] = None,
     projection: Annotated[Literal["mlp", "linear"], typer.Option(
         help="Projection head from encoder to decoder width: mlp (2 layers, GELU) or "
@@ -98,7 +98,7 @@ def fuse(
     norm_eps: NormEps = None,
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
-    """Fuse a vision tower (CLIP, SigLIP, DINOv2) into a decoder (Llama, Mistral, Qwen2,
+    """Fuse a vision tower (CLIP, SigLIP, DINOv2/v3) into a decoder (Llama, Mistral, Qwen2,
     Qwen3): gated cross-attention layers starting at exactly zero, new tokens such as <|image|>,
     a projection head; written as sharded safetensors with fusion_config.json and the tokenizer."""
     from fusesurgery.surgery.fuse_plan import DEFAULT, FuseOptions  # noqa: PLC0415

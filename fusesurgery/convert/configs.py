@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusesurgery.config import DecoderConfig, RopeScaling, VisionEncoderConfig
-from fusesurgery.convert import dinov2
+from fusesurgery.convert import dinov2, dinov3
 from fusesurgery.errors import ConfigError
 
 DECODER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecoderConfig))
@@ -458,11 +458,13 @@ VISION_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                     for name in ("norm_eps", "activation", "image_size")},
     # Siglip2VisionConfig: 256 positions of 16-px patches, a 16 x 16 grid
     "siglip2": {"norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 256},
+    dinov3.FAMILY: {name: dinov3.HF_DEFAULTS[name]
+                    for name in ("norm_eps", "activation", "image_size", "patch_rope_base")},
 }
 # Architecture facts that no config states: CLIP norms only its pooled class token, SigLIP
 # and DINOv2 norm every output token.
 VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True, dinov2.FAMILY: True,
-                                            "siglip2": True}
+                                            "siglip2": True, dinov3.FAMILY: True}
 
 
 def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -472,8 +474,10 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         ConfigError: an unsupported model type or activation.
     """
     reading = ConfigReading()
-    if config.get("model_type") in dinov2.MODEL_TYPES:
-        read, defaults = dinov2.read_hf_config(config, origin)
+    family_reader = {**dict.fromkeys(dinov2.MODEL_TYPES, dinov2.read_hf_config),
+                     dinov3.MODEL_TYPE: dinov3.read_hf_config}.get(config.get("model_type"))
+    if family_reader is not None:
+        read, defaults = family_reader(config, origin)
         reading.read.update(read)
         reading.defaults.update(defaults)
         return reading
@@ -487,7 +491,8 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         if model_type not in HF_VISION_FAMILIES:
             raise ConfigError(
                 f"{origin}: model_type {model_type!r} is not a supported vision encoder; "
-                f"supported: {', '.join((*HF_VISION_FAMILIES, *dinov2.MODEL_TYPES))}"
+                f"supported: "
+                f"{', '.join((*HF_VISION_FAMILIES, *dinov2.MODEL_TYPES, dinov3.MODEL_TYPE))}"
             )
         reading.read["family"] = HF_VISION_FAMILIES[model_type]
     for key, name in HF_VISION_KEYS.items():
@@ -553,11 +558,13 @@ __all__ = [
 HF_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
                                   "qwen3": "qwen3",
                                   "clip": "clip_vision_model", "siglip": "siglip_vision_model",
-                                  "siglip2": "siglip2_vision_model", dinov2.FAMILY: "dinov2"}
+                                  "siglip2": "siglip2_vision_model", dinov2.FAMILY: "dinov2",
+                                  dinov3.FAMILY: dinov3.MODEL_TYPE}
 HF_ARCHITECTURES: dict[str, str] = {
     family: arch for arch, family in HF_DECODER_ARCHITECTURES.items()
 } | {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
-     "siglip2": "Siglip2VisionModel", dinov2.FAMILY: dinov2.ARCHITECTURES["dinov2"]}
+     "siglip2": "Siglip2VisionModel", dinov2.FAMILY: dinov2.ARCHITECTURES["dinov2"],
+     dinov3.FAMILY: dinov3.ARCHITECTURE}
 
 
 def _first_spelling(table: Mapping[str, str]) -> dict[str, str]:
@@ -640,6 +647,8 @@ def hf_config_dict(
     """
     if isinstance(config, VisionEncoderConfig) and config.family == dinov2.FAMILY:
         return dinov2.hf_config(config)
+    if isinstance(config, VisionEncoderConfig) and config.family == dinov3.FAMILY:
+        return dinov3.hf_config(config)
     if isinstance(config, VisionEncoderConfig):
         out: dict[str, Any] = {
             key: getattr(config, name) for key, name in HF_VISION_KEYS.items()

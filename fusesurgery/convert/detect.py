@@ -38,6 +38,8 @@ from fusesurgery.convert.configs import (
 )
 from fusesurgery.convert.dinov2 import FAMILY as DINOV2_FAMILY
 from fusesurgery.convert.dinov2 import HF_MARKER_PREFIXES as DINOV2_HF_MARKERS
+from fusesurgery.convert.dinov3 import FAMILY as DINOV3_FAMILY
+from fusesurgery.convert.dinov3 import HF_MARKER_PREFIXES as DINOV3_HF_MARKERS
 from fusesurgery.convert.keymaps import (
     FUSED_DECODER_PREFIX,
     FUSED_TORCHTUNE_VISION_PREFIX,
@@ -168,7 +170,8 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
         any_contains(".attn.q_proj.") and any_contains(".sa_norm.scale")
     ):
         return "decoder", "native"
-    if any_starts(HF_VISION_PREFIX, "embeddings.patch_embedding.", *DINOV2_HF_MARKERS):
+    if any_starts(HF_VISION_PREFIX, "embeddings.patch_embedding.", *DINOV2_HF_MARKERS,
+                  *DINOV3_HF_MARKERS):
         return "vision", "hf"
     if "conv.weight" in key_set:
         return "vision", "native"
@@ -522,16 +525,21 @@ def _infer_vision_fields(
         fields.offer("intermediate_dim", w1[0], "inferred")
     # LayerScale is DINOv2's; else a checkpoint with a class token is CLIP-like, and SigLIP
     # has none.
+    # LayerScale is DINOv2's and DINOv3's (DINOv3 has no position table: a 2-D RoPE)
     layer_scale = "layers.0.sa_scale.gamma" in shapes
+    table = "token_pos_embedding.positional_embedding" in shapes
     fields.offer("layer_scale", layer_scale, "inferred")
-    fields.offer("family", DINOV2_FAMILY if layer_scale else "siglip2" if len(conv) == 2
-                 else "clip" if class_token else "siglip", "inferred")
+    family = (DINOV2_FAMILY if table else DINOV3_FAMILY) if layer_scale else (
+        "siglip2" if len(conv) == 2 else "clip" if class_token else "siglip")
+    fields.offer("family", family, "inferred")
     registers = shapes.get("register_tokens.weight")
     num_registers = registers[1] if registers is not None and len(registers) == 3 else 0
     fields.offer("num_register_tokens", num_registers, "inferred")
     fields.offer("mask_token", "mask_token.weight" in shapes, "inferred")
-    # registers came with transformers' antialiased resize (dinov2_with_registers)
-    fields.offer("position_antialias", num_registers > 0, "inferred")
+    fields.offer("key_bias", "layers.0.attn.k_proj.bias" in shapes, "inferred")
+    # DINOv2's registers came with transformers' antialiased resize (dinov2_with_registers)
+    fields.offer("position_antialias", num_registers > 0 and family == DINOV2_FAMILY,
+                 "inferred")
 
     # The position table holds one row per patch of a square grid (plus the class token).
     # The side it gives may be a few pixels short of the configured one (384 px in 14 px

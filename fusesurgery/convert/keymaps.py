@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from fusesurgery.convert import dinov2
+from fusesurgery.convert import dinov2, dinov3
 from fusesurgery.convert.mllama import mllama_to_native
 from fusesurgery.errors import KeyMapError
 
@@ -284,7 +284,8 @@ FROM_NATIVE: dict[tuple[str, str], dict[str, str]] = {
 # Vision families whose transformers names differ from CLIP's and SigLIP's: family -> foreign
 # template -> native template. Reading tries them after the CLIP/SigLIP table (their foreign
 # names are distinct); writing takes the family's own table.
-HF_VISION_FAMILY_TO_NATIVE: dict[str, dict[str, str]] = {dinov2.FAMILY: dinov2.HF_TO_NATIVE}
+HF_VISION_FAMILY_TO_NATIVE: dict[str, dict[str, str]] = {dinov2.FAMILY: dinov2.HF_TO_NATIVE,
+                                                          dinov3.FAMILY: dinov3.HF_TO_NATIVE}
 HF_VISION_FAMILY_FROM_NATIVE: dict[str, dict[str, str]] = {
     family: invert_key_map(table) for family, table in HF_VISION_FAMILY_TO_NATIVE.items()
 }

@@ -95,11 +95,12 @@ def _vision_shapes(config: VisionEncoderConfig) -> dict[str, Shape]:
     lead = (1,) if config.batch_dim_tables else ()
     if config.class_token:
         shapes["cls_token_embedding.weight"] = (*lead, *lead, d)
-    if config.mask_token:
-        shapes["mask_token.weight"] = (1, d)
+    if config.mask_token:  # DINOv3 stores it as [1, 1, d_e]
+        shapes["mask_token.weight"] = (1, 1, d) if config.family == "dinov3" else (1, d)
     if config.num_register_tokens:
         shapes["register_tokens.weight"] = (1, config.num_register_tokens, d)
-    shapes["token_pos_embedding.positional_embedding"] = (*lead, config.num_positions, d)
+    if config.patch_rope_base is None:  # a 2-D RoPE has no table
+        shapes["token_pos_embedding.positional_embedding"] = (*lead, config.num_positions, d)
     if config.pre_norm:
         shapes["ln_pre.weight"] = shapes["ln_pre.bias"] = (d,)
     per_layer: dict[str, Shape] = {}
@@ -107,7 +108,8 @@ def _vision_shapes(config: VisionEncoderConfig) -> dict[str, Shape]:
         per_layer[f"layers.{{i}}.{norm}.weight"] = per_layer[f"layers.{{i}}.{norm}.bias"] = (d,)
     for proj in ("q_proj", "k_proj", "v_proj", "output_proj"):
         per_layer[f"layers.{{i}}.attn.{proj}.weight"] = (d, d)
-        per_layer[f"layers.{{i}}.attn.{proj}.bias"] = (d,)
+        if proj != "k_proj" or config.key_bias:
+            per_layer[f"layers.{{i}}.attn.{proj}.bias"] = (d,)
     per_layer["layers.{i}.mlp.w1.weight"], per_layer["layers.{i}.mlp.w1.bias"] = (ffn, d), (ffn,)
     per_layer["layers.{i}.mlp.w2.weight"], per_layer["layers.{i}.mlp.w2.bias"] = (d, ffn), (d,)
     if config.layer_scale:

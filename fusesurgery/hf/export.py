@@ -183,7 +183,8 @@ def template_files() -> dict[str, bytes]:
 
 # Towers whose inputs or output tokens the exported model's code does not reproduce yet
 # (NaFlex inputs; DINOv2's register tokens left out of what feeds the fusion).
-NOT_EXPORTED_TOWERS: dict[str, str] = {"siglip2": "SigLIP2 NaFlex", "dinov2": "DINOv2"}
+NOT_EXPORTED_TOWERS: dict[str, str] = {"siglip2": "SigLIP2 NaFlex", "dinov2": "DINOv2",
+                                        "dinov3": "DINOv3"}
 
 
 def _check_exportable(config: FusedConfig, path: object) -> None:

@@ -77,6 +77,57 @@ class TokenPositionalEmbedding(nn.Module):
         return torch.cat([prefix, resized], dim=0)
 
 
+class PatchRotaryEmbedding(nn.Module):
+    """DINOv3's 2-D rotary position embedding: each patch's centre, in ``[-1, 1]`` on both
+    axes, rotates a quarter of each head's dims by its row coordinate and a quarter by its
+    column coordinate (rotate-half pairing); the tokens before the patches (class token,
+    registers) are not rotated. One instance serves every layer; the tower sets the patch
+    grid before running them.
+
+    Args:
+        head_dim: ``h_d``, a multiple of 4.
+        base: the RoPE base (DINOv3's ``rope_theta``).
+    """
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"a 2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+        self.head_dim = head_dim
+        self.base = base
+        self.table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_grid(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Compute ``cos`` and ``sin`` ``[g_h * g_w, h_d]`` for a ``rows x cols`` patch grid,
+        in float32, cast to ``dtype`` (the image's, as transformers does)."""
+        quarter = torch.arange(0, 1, 4 / self.head_dim, dtype=torch.float32, device=device)
+        inv_freq = 1 / self.base**quarter  # [h_d / 4]
+        ys = (torch.arange(0.5, rows, dtype=torch.float32, device=device) / rows) * 2 - 1
+        xs = (torch.arange(0.5, cols, dtype=torch.float32, device=device) / cols) * 2 - 1
+        centres = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)
+        angles = 2 * math.pi * centres[:, :, None] * inv_freq[None, None, :]  # [P, 2, h_d/4]
+        angles = angles.flatten(1, 2).tile(2)  # [P, h_d]
+        self.table = (angles.cos().to(dtype), angles.sin().to(dtype))
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``[b, s, n_h, h_d] -> [b, s, n_h, h_d]``, the last ``g_h * g_w`` tokens rotated.
+
+        Raises:
+            ValueError: no grid was set, or it has more patches than ``x`` has tokens.
+        """
+        if self.table is None:
+            raise ValueError("the 2-D RoPE has no patch grid: the vision tower sets it")
+        cos, sin = self.table
+        patches = cos.size(0)
+        if patches > x.size(1):
+            raise ValueError(f"a {patches}-patch RoPE grid for {x.size(1)} tokens")
+        prefix, rest = x[:, :-patches], x[:, -patches:]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        half = rest.size(-1) // 2
+        rotated = torch.cat([-rest[..., half:], rest[..., :half]], dim=-1)
+        return torch.cat([prefix, rest * cos + rotated * sin], dim=1)
+
+
 class ClassTokenEmbedding(nn.Module):
     """A learned class token prepended to the patch tokens (CLIP, DINOv2).
 
@@ -117,12 +168,13 @@ class RegisterTokens(nn.Module):
 
 
 class MaskToken(nn.Module):
-    """DINOv2's mask token ``[1, d_e]``: used only by masked-image pre-training, which
-    fusion never runs. It is held so that a converted or unfused tower gives it back."""
+    """DINOv2's mask token ``[1, d_e]`` (DINOv3's ``[1, 1, d_e]``): used only by masked-image
+    pre-training, which fusion never runs. It is held so that a converted or unfused tower
+    gives it back."""
 
-    def __init__(self, embed_dim: int) -> None:
+    def __init__(self, embed_dim: int, *, batch_dim: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1, embed_dim))
+        self.weight = nn.Parameter(torch.zeros((1, 1, embed_dim) if batch_dim else (1, embed_dim)))
 
 
 class LayerScale(nn.Module):
@@ -154,7 +206,7 @@ class VisionTransformer(nn.Module):
     Args:
         conv: patch embedding, a ``Conv2d(c, d_e, p, stride=p)``.
         layers: transformer layers.
-        token_pos_embedding: position embedding.
+        token_pos_embedding: position embedding, or None (DINOv3: ``patch_rope``).
         ln_post: final LayerNorm.
         cls_token_embedding: class token, or None.
         ln_pre: LayerNorm after the embeddings, or None.
@@ -166,6 +218,8 @@ class VisionTransformer(nn.Module):
         mask_token: DINOv2's unused mask token, or None.
         feature_tokens: which tokens to return: ``all``, ``cls_and_patches`` (registers left
             out) or ``patches``.
+        patch_rope: DINOv3's 2-D RoPE, shared by the layers' attentions (which hold it as
+            ``pos_embeddings``), with ``token_pos_embedding`` None; or None.
     """
 
     def __init__(
@@ -173,7 +227,7 @@ class VisionTransformer(nn.Module):
         *,
         conv: nn.Conv2d,
         layers: list[TransformerSelfAttentionLayer],
-        token_pos_embedding: TokenPositionalEmbedding,
+        token_pos_embedding: TokenPositionalEmbedding | None,
         ln_post: nn.Module,
         cls_token_embedding: ClassTokenEmbedding | None = None,
         ln_pre: nn.Module | None = None,
@@ -182,6 +236,7 @@ class VisionTransformer(nn.Module):
         register_tokens: RegisterTokens | None = None,
         mask_token: MaskToken | None = None,
         feature_tokens: str = "all",
+        patch_rope: PatchRotaryEmbedding | None = None,
     ) -> None:
         super().__init__()
         if feature_tokens not in ("all", "cls_and_patches", "patches"):
@@ -192,6 +247,7 @@ class VisionTransformer(nn.Module):
         self.register_tokens = register_tokens
         self.mask_token = mask_token
         self.feature_tokens = feature_tokens
+        self.patch_rope = patch_rope
         self.token_pos_embedding = token_pos_embedding
         self.ln_pre = ln_pre
         self.layers = nn.ModuleList(layers)
@@ -227,7 +283,10 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [b, g_h*g_w, d_e]
         if self.cls_token_embedding is not None:
             x = self.cls_token_embedding(x)
-        x = self.token_pos_embedding(x, grid)
+        if self.token_pos_embedding is not None:
+            x = self.token_pos_embedding(x, grid)
+        if self.patch_rope is not None:
+            self.patch_rope.set_grid(*grid, device=x.device, dtype=conv.weight.dtype)
         num_cls = int(self.cls_token_embedding is not None)
         if self.register_tokens is not None:
             x = self.register_tokens(x, num_cls)

@@ -51,11 +51,12 @@ DEFAULT_EVERY = 4
 # as LLaVA; SigLIP: its final, post-normed hidden states, as PaliGemma.
 # DINOv2: its final, post-normed hidden states, as Cambrian and Molmo take them.
 ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {"clip": -2, "siglip": None, "dinov2": None,
-                                                  "siglip2": None}
+                                                  "siglip2": None, "dinov3": None}
 # The output tokens of each encoder family that feed the fusion (``feature_tokens``): every
-# token, except DINOv2's registers, which the papers that fuse DINOv2 leave out.
+# token, except DINOv2's and DINOv3's registers, which the papers that fuse DINOv2 leave out.
 ENCODER_TOKENS_DEFAULTS: dict[str, str] = {"clip": "all", "siglip": "all",
-                                           "dinov2": "cls_and_patches", "siglip2": "all"}
+                                           "dinov2": "cls_and_patches", "siglip2": "all",
+                                           "dinov3": "cls_and_patches"}
 assert set(ENCODER_LAYER_DEFAULTS) == set(ENCODER_TOKENS_DEFAULTS) == set(
     get_args(VisionFamily)), "a vision family lacks its fusion defaults"
 ENCODER_TOKENS: tuple[str, ...] = get_args(FeatureTokens)
