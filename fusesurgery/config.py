@@ -15,7 +15,10 @@ from typing import Literal, get_args
 from fusesurgery.errors import ConfigError
 
 DecoderFamily = Literal["llama", "mistral", "qwen2", "qwen3"]
-VisionFamily = Literal["clip", "siglip"]
+VisionFamily = Literal["clip", "siglip", "dinov2", "siglip2", "dinov3"]
+# Which of a tower's output tokens feed the fusion: every token, the class token and the
+# patches (registers left out, as the papers that fuse DINOv2 do), or the patches alone.
+FeatureTokens = Literal["all", "cls_and_patches", "patches"]
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
 RopeStyle = Literal["interleaved", "half"]
 
@@ -229,6 +232,12 @@ class DecoderConfig:
         return dataclasses.replace(self, **changes)
 
 
+BATCH_DIM_VISION_FAMILIES: tuple[str, ...] = ("dinov2", "dinov3")
+# Towers that take pre-cut patches (SigLIP2 NaFlex: a linear patch embedding over
+# ``[b, n_patches, c*p*p]``, the position table resized per image's patch grid).
+NAFLEX_VISION_FAMILIES: tuple[str, ...] = ("siglip2",)
+
+
 @dataclass(frozen=True)
 class VisionEncoderConfig:
     """A ViT vision tower that reproduces CLIP's and SigLIP's.
@@ -252,6 +261,20 @@ class VisionEncoderConfig:
             transformers' numbering, 0 = embeddings; negative counts from the end, -1 = last
             layer). None returns the final hidden states.
         family: the architecture family, for display and key maps.
+        layer_scale: each layer scales its attention and MLP outputs by a learned per-channel
+            vector before the residual add (DINOv2's LayerScale).
+        num_register_tokens: learned register tokens inserted after the class token, after
+            the position embedding (DINOv2 with registers); 0 for none.
+        mask_token: the checkpoint holds a mask token (DINOv2's masked-image pre-training).
+            The model keeps it so that conversions give it back, and never uses it.
+        position_antialias: resize the position table for another patch grid with an
+            antialiased bicubic filter (DINOv2 with registers) rather than a plain one.
+        feature_tokens: which output tokens the tower returns: ``all``, ``cls_and_patches``
+            (registers left out) or ``patches``.
+        patch_rope_base: DINOv3: no position table; the patch tokens' queries and keys are
+            rotated by a 2-D RoPE of this base over the patch centres' coordinates in
+            ``[-1, 1]`` (the class token and registers are not). None: a learned table.
+        key_bias: the key projection has a bias (DINOv3 has none).
     """
 
     image_size: int
@@ -269,6 +292,13 @@ class VisionEncoderConfig:
     post_norm_hidden: bool = False
     output_layer: int | None = None
     family: VisionFamily = "clip"
+    layer_scale: bool = False
+    num_register_tokens: int = 0
+    mask_token: bool = False
+    position_antialias: bool = False
+    feature_tokens: FeatureTokens = "all"
+    patch_rope_base: float | None = None
+    key_bias: bool = True
 
     def __post_init__(self) -> None:
         check_field_values(self)
@@ -290,9 +320,47 @@ class VisionEncoderConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
-    def seq_len(self) -> int:
-        """Tokens per image ``s_e``: patches plus the class token if any."""
+    def batch_dim_tables(self) -> bool:
+        """The class token and position table keep a leading batch dim, ``[1, 1, d_e]`` and
+        ``[1, n, d_e]``, as DINOv2's checkpoints store them (a conversion then renames)."""
+        return self.family in BATCH_DIM_VISION_FAMILIES
+
+    @property
+    def naflex(self) -> bool:
+        """The tower takes NaFlex inputs (``pixel_values [b, n_patches, c*p*p]``,
+        ``pixel_attention_mask``, ``spatial_shapes``), a variable number of patches per image.
+        ``image_size`` is then the side of the square grid its position table was trained
+        on, in pixels."""
+        return self.family in NAFLEX_VISION_FAMILIES
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position table: patches plus the class token if any."""
         return self.num_patches + int(self.class_token)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in the tower's hidden states: class token, registers."""
+        return int(self.class_token) + self.num_register_tokens
+
+    @property
+    def num_feature_prefix_tokens(self) -> int:
+        """Tokens before the patches in what the tower returns (``feature_tokens``)."""
+        if self.feature_tokens == "patches":
+            return 0
+        if self.feature_tokens == "cls_and_patches":
+            return int(self.class_token)
+        return self.num_prefix_tokens
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per image ``s_e`` the tower returns at its own image size."""
+        return self.num_patches + self.num_feature_prefix_tokens
+
+    def tokens_for(self, height: int, width: int) -> int:
+        """Tokens the tower returns for an image of ``height x width`` pixels."""
+        return ((height // self.patch_size) * (width // self.patch_size)
+                + self.num_feature_prefix_tokens)
 
     def replace(self, **changes) -> VisionEncoderConfig:
         return dataclasses.replace(self, **changes)
@@ -364,8 +432,10 @@ def _field_error(cfg: object, name: str, value: object, expected: str) -> Config
 # booleans; names one of their Literal's values. Fields not listed (tuples, nested configs)
 # are checked by their own class.
 _LITERALS = {"DecoderFamily": DecoderFamily, "VisionFamily": VisionFamily,
-             "Activation": Activation, "RopeType": RopeType}
+             "Activation": Activation, "RopeType": RopeType,
+             "FeatureTokens": FeatureTokens}
 _BOUNDED_INTS = ("output_layer",)  # may be negative (counts from the end) or None
+_COUNTS = ("num_register_tokens",)  # may be 0
 
 
 def _check_float(cfg: object, name: str, value: object) -> None:
@@ -399,7 +469,10 @@ def check_field_values(cfg: object) -> None:
     """
     for spec in dataclasses.fields(cfg):
         value, kind = getattr(cfg, spec.name), spec.type
-        if kind == "int" or (kind == "int | None" and spec.name not in _BOUNDED_INTS):
+        if spec.name in _COUNTS:
+            if not _is_int(value) or value < 0:
+                raise _field_error(cfg, spec.name, value, "a non-negative integer")
+        elif kind == "int" or (kind == "int | None" and spec.name not in _BOUNDED_INTS):
             if value is None and kind == "int | None":
                 continue
             if not _is_int(value) or value <= 0:
@@ -409,6 +482,9 @@ def check_field_values(cfg: object) -> None:
                 raise _field_error(cfg, spec.name, value, "an integer or null")
         elif kind == "float":
             _check_float(cfg, spec.name, value)
+        elif kind == "float | None":
+            if value is not None:
+                _check_float(cfg, spec.name, value)
         elif kind == "bool":
             if not isinstance(value, bool):
                 raise _field_error(cfg, spec.name, value, "true or false")
@@ -515,6 +591,7 @@ __all__ = [
     "NATIVE_ROPE_STYLE",
     "VISION_PRESETS",
     "DecoderConfig",
+    "FeatureTokens",
     "FusionConfig",
     "ROPE_TYPE_FIELDS",
     "RopeScaling",

@@ -76,7 +76,12 @@ def fuse(
         help="How new embedding rows start: mean (of the table), zeros, normal.")] = "mean",
     encoder_layer: Annotated[str | None, typer.Option(
         help="Encoder hidden layer that feeds the fusion (transformers' hidden_states[k]; "
-        "-2 penultimate) or 'last'; default per family: CLIP -2, SigLIP last.")] = None,
+        "-2 penultimate) or 'last'; default per family: CLIP -2, SigLIP and DINOv2/v3 "
+        "last.")] = None,
+    encoder_tokens: Annotated[Literal["all", "cls_and_patches", "patches"] | None, typer.Option(
+        help="Encoder output tokens that feed the fusion: all, cls_and_patches (registers "
+        "left out) or patches; default per family: DINOv2/v3 cls_and_patches, others all."
+    )] = None,
     projection: Annotated[Literal["mlp", "linear"], typer.Option(
         help="Projection head from encoder to decoder width: mlp (2 layers, GELU) or "
         "linear.")] = "mlp",
@@ -93,10 +98,10 @@ def fuse(
     norm_eps: NormEps = None,
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
-    """Fuse a vision tower (CLIP, SigLIP) into a decoder (Llama, Mistral, Qwen2, Qwen3): gated
-    cross-attention layers starting at exactly zero, new tokens such as <|image|>, a projection
-    head; written as sharded safetensors with fusion_config.json and the tokenizer."""
-    from fusesurgery.surgery.fuse_plan import FuseOptions  # noqa: PLC0415 - imports torch
+    """Fuse a vision tower (CLIP, SigLIP, DINOv2/v3) into a decoder (Llama, Mistral, Qwen2,
+    Qwen3): gated cross-attention layers starting at exactly zero, new tokens such as <|image|>,
+    a projection head; written as sharded safetensors with fusion_config.json and the tokenizer."""
+    from fusesurgery.surgery.fuse_plan import DEFAULT, FuseOptions  # noqa: PLC0415
     from fusesurgery.write.fuse_checkpoint import fuse_checkpoints  # noqa: PLC0415
 
     if every is not None and layers is not None:
@@ -111,6 +116,7 @@ def fuse(
         new_tokens=tuple(new_token) if new_token else ("<|image|>",),
         embedding_init=embedding_init,
         encoder_layer=_encoder_layer(encoder_layer),
+        encoder_tokens=DEFAULT if encoder_tokens is None else encoder_tokens,
         projection=projection,
         dtype=parse_dtype_option(dtype),
         seed=seed,
@@ -132,6 +138,7 @@ def fuse(
         "fusion_first": config.fusion.fusion_first,
         "new_tokens": {t.token: t.id for t in config.new_tokens},
         "encoder_layer": config.encoder.output_layer,
+        "encoder_tokens": config.encoder.feature_tokens,
         "projection": config.projection,
         "tied_embeddings": config.decoder.tie_word_embeddings,
         "dtypes": dict(config.dtypes),

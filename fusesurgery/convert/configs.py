@@ -21,11 +21,13 @@ Styles understood:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fusesurgery.config import ROPE_TYPE_FIELDS, DecoderConfig, RopeScaling, VisionEncoderConfig
+from fusesurgery.convert import dinov2, dinov3
 from fusesurgery.errors import ConfigError
 
 DECODER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecoderConfig))
@@ -499,7 +501,7 @@ def read_decoder_config(config: Mapping[str, Any], origin: str) -> ConfigReading
 
 HF_VISION_FAMILIES: dict[str, str] = {
     "clip": "clip", "clip_vision_model": "clip", "siglip": "siglip",
-    "siglip_vision_model": "siglip",
+    "siglip_vision_model": "siglip", "siglip2": "siglip2", "siglip2_vision_model": "siglip2",
 }
 HF_ACTIVATIONS: dict[str, str] = {
     "quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -519,10 +521,17 @@ HF_VISION_KEYS: dict[str, str] = {
 VISION_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "clip": {"norm_eps": 1e-5, "activation": "quick_gelu", "image_size": 224},
     "siglip": {"norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 224},
+    dinov2.FAMILY: {name: dinov2.HF_DEFAULTS[name]
+                    for name in ("norm_eps", "activation", "image_size")},
+    # Siglip2VisionConfig: 256 positions of 16-px patches, a 16 x 16 grid
+    "siglip2": {"norm_eps": 1e-6, "activation": "gelu_tanh", "image_size": 256},
+    dinov3.FAMILY: {name: dinov3.HF_DEFAULTS[name]
+                    for name in ("norm_eps", "activation", "image_size", "patch_rope_base")},
 }
 # Architecture facts that no config states: CLIP norms only its pooled class token, SigLIP
-# norms every output token.
-VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True}
+# and DINOv2 norm every output token.
+VISION_POST_NORM_HIDDEN: dict[str, bool] = {"clip": False, "siglip": True, dinov2.FAMILY: True,
+                                            "siglip2": True, dinov3.FAMILY: True}
 
 
 def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -532,6 +541,13 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         ConfigError: an unsupported model type or activation.
     """
     reading = ConfigReading()
+    family_reader = {**dict.fromkeys(dinov2.MODEL_TYPES, dinov2.read_hf_config),
+                     dinov3.MODEL_TYPE: dinov3.read_hf_config}.get(config.get("model_type"))
+    if family_reader is not None:
+        read, defaults = family_reader(config, origin)
+        reading.read.update(read)
+        reading.defaults.update(defaults)
+        return reading
     model_type = _name(config, "model_type", origin)
     tower = config.get("vision_config")
     if isinstance(tower, Mapping):
@@ -542,12 +558,19 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         if model_type not in HF_VISION_FAMILIES:
             raise ConfigError(
                 f"{origin}: model_type {model_type!r} is not a supported vision encoder; "
-                f"supported: {', '.join(HF_VISION_FAMILIES)}"
+                f"supported: "
+                f"{', '.join((*HF_VISION_FAMILIES, *dinov2.MODEL_TYPES, dinov3.MODEL_TYPE))}"
             )
         reading.read["family"] = HF_VISION_FAMILIES[model_type]
     for key, name in HF_VISION_KEYS.items():
         if tower.get(key) is not None:
             reading.read[name] = tower[key]
+    positions = tower.get("num_patches")  # NaFlex: a square grid of positions, not a size
+    if positions is not None:
+        side = math.isqrt(positions) if type(positions) is int and positions > 0 else 0
+        if side * side != positions:
+            raise ConfigError(f"{origin}: num_patches {positions!r} is not a square grid")
+        reading.read["image_size"] = side * tower.get("patch_size", 16)
     if _name(tower, "hidden_act", origin) is not None:
         try:
             reading.read["activation"] = HF_ACTIVATIONS[tower["hidden_act"]]
@@ -603,10 +626,14 @@ __all__ = [
 
 HF_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
                                   "qwen3": "qwen3",
-                                  "clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+                                  "clip": "clip_vision_model", "siglip": "siglip_vision_model",
+                                  "siglip2": "siglip2_vision_model", dinov2.FAMILY: "dinov2",
+                                  dinov3.FAMILY: dinov3.MODEL_TYPE}
 HF_ARCHITECTURES: dict[str, str] = {
     family: arch for arch, family in HF_DECODER_ARCHITECTURES.items()
-} | {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+} | {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
+     "siglip2": "Siglip2VisionModel", dinov2.FAMILY: dinov2.ARCHITECTURES["dinov2"],
+     dinov3.FAMILY: dinov3.ARCHITECTURE}
 
 
 def _first_spelling(table: Mapping[str, str]) -> dict[str, str]:
@@ -690,11 +717,18 @@ def hf_config_dict(
             Llama with q/k norms or a Qwen3 without), or
             a base that is no valid decoder config.json.
     """
+    if isinstance(config, VisionEncoderConfig) and config.family == dinov2.FAMILY:
+        return dinov2.hf_config(config)
+    if isinstance(config, VisionEncoderConfig) and config.family == dinov3.FAMILY:
+        return dinov3.hf_config(config)
     if isinstance(config, VisionEncoderConfig):
         out: dict[str, Any] = {
             key: getattr(config, name) for key, name in HF_VISION_KEYS.items()
         }
         out["hidden_act"] = _first_spelling(HF_ACTIVATIONS)[config.activation]
+        if config.naflex:  # its position table's size, not an image size
+            out["num_patches"] = config.num_patches
+            del out["image_size"]
     else:
         if config.attn_bias != HF_DECODER_DEFAULTS[config.family]["attn_bias"]:
             raise ConfigError(

@@ -36,6 +36,10 @@ from fusesurgery.convert.configs import (
     read_decoder_config,
     read_vision_config,
 )
+from fusesurgery.convert.dinov2 import FAMILY as DINOV2_FAMILY
+from fusesurgery.convert.dinov2 import HF_MARKER_PREFIXES as DINOV2_HF_MARKERS
+from fusesurgery.convert.dinov3 import FAMILY as DINOV3_FAMILY
+from fusesurgery.convert.dinov3 import HF_MARKER_PREFIXES as DINOV3_HF_MARKERS
 from fusesurgery.convert.keymaps import (
     FUSED_DECODER_PREFIX,
     FUSED_TORCHTUNE_VISION_PREFIX,
@@ -166,7 +170,8 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
         any_contains(".attn.q_proj.") and any_contains(".sa_norm.scale")
     ):
         return "decoder", "native"
-    if any_starts(HF_VISION_PREFIX) or any_starts("embeddings.patch_embedding."):
+    if any_starts(HF_VISION_PREFIX, "embeddings.patch_embedding.", *DINOV2_HF_MARKERS,
+                  *DINOV3_HF_MARKERS):
         return "vision", "hf"
     if "conv.weight" in key_set:
         return "vision", "native"
@@ -498,14 +503,17 @@ def _infer_vision_fields(
     fields: _Fields, shapes: Mapping[str, Shape], names: Mapping[str, str], origin: str
 ) -> None:
     conv = shapes.get("conv.weight")
-    if conv is None or len(conv) != 4 or conv[2] != conv[3]:
+    if conv is not None and len(conv) == 2:  # NaFlex: a linear embedding of c*p*p pixels
+        _infer_naflex_patch(fields, conv, names.get("conv.weight", "conv.weight"))
+    elif conv is None or len(conv) != 4 or conv[2] != conv[3]:
         raise ConfigError(
             f"vision checkpoint has no square patch convolution "
             f"({names.get('conv.weight', 'conv.weight')}: {conv})"
         )
-    fields.offer("embed_dim", conv[0], "inferred")
-    fields.offer("num_channels", conv[1], "inferred")
-    fields.offer("patch_size", conv[2], "inferred")
+    else:
+        fields.offer("embed_dim", conv[0], "inferred")
+        fields.offer("num_channels", conv[1], "inferred")
+        fields.offer("patch_size", conv[2], "inferred")
     class_token = "cls_token_embedding.weight" in shapes
     fields.offer("class_token", class_token, "inferred")
     fields.offer("patch_bias", "conv.bias" in shapes, "inferred")
@@ -515,18 +523,46 @@ def _infer_vision_fields(
     w1 = shapes.get("layers.0.mlp.w1.weight")
     if w1 is not None:
         fields.offer("intermediate_dim", w1[0], "inferred")
-    # A checkpoint with a class token is CLIP-like; SigLIP has none.
-    fields.offer("family", "clip" if class_token else "siglip", "inferred")
+    # LayerScale is DINOv2's; else a checkpoint with a class token is CLIP-like, and SigLIP
+    # has none.
+    # LayerScale is DINOv2's and DINOv3's (DINOv3 has no position table: a 2-D RoPE)
+    layer_scale = "layers.0.sa_scale.gamma" in shapes
+    table = "token_pos_embedding.positional_embedding" in shapes
+    fields.offer("layer_scale", layer_scale, "inferred")
+    family = (DINOV2_FAMILY if table else DINOV3_FAMILY) if layer_scale else (
+        "siglip2" if len(conv) == 2 else "clip" if class_token else "siglip")
+    fields.offer("family", family, "inferred")
+    registers = shapes.get("register_tokens.weight")
+    num_registers = registers[1] if registers is not None and len(registers) == 3 else 0
+    fields.offer("num_register_tokens", num_registers, "inferred")
+    fields.offer("mask_token", "mask_token.weight" in shapes, "inferred")
+    fields.offer("key_bias", "layers.0.attn.k_proj.bias" in shapes, "inferred")
+    # DINOv2's registers came with transformers' antialiased resize (dinov2_with_registers)
+    fields.offer("position_antialias", num_registers > 0 and family == DINOV2_FAMILY,
+                 "inferred")
 
     # The position table holds one row per patch of a square grid (plus the class token).
     # The side it gives may be a few pixels short of the configured one (384 px in 14 px
     # patches is a 27 x 27 grid, as is 378 px): either builds the same model.
     positions = shapes.get("token_pos_embedding.positional_embedding")
-    if positions is not None:
-        num_patches = positions[0] - int(fields.get("class_token"))
+    if positions is not None and len(positions) >= 2:
+        num_patches = positions[-2] - int(fields.get("class_token"))
         side = math.isqrt(max(num_patches, 0))
         if side * side == num_patches:
             fields.offer("image_size", side * fields.get("patch_size"), "inferred")
+
+
+def _infer_naflex_patch(fields: _Fields, conv: Shape, name: str) -> None:
+    """A NaFlex patch embedding ``[d_e, c*p*p]``: the width, and the patch side for the
+    channels stated (else 3)."""
+    fields.offer("embed_dim", conv[0], "inferred")
+    fields.offer("num_channels", 3, "default")
+    channels = fields.get("num_channels")
+    side = math.isqrt(conv[1] // channels) if type(channels) is int and channels > 0 else 0
+    if side * side * channels != conv[1]:
+        raise ConfigError(f"{name} has shape {list(conv)}: {conv[1]} inputs are no "
+                          f"{channels}-channel square patch")
+    fields.offer("patch_size", side, "inferred")
 
 
 def _detect_vision(

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
 
+from fusesurgery.convert import dinov2, dinov3
 from fusesurgery.convert.mllama import mllama_to_native
 from fusesurgery.errors import KeyMapError
 
@@ -116,6 +117,7 @@ NATIVE_VISION_KEYS: tuple[str, ...] = (
     "layers.{i}.mlp.w2.bias",
     "ln_post.weight",
     "ln_post.bias",
+    *dinov2.NATIVE_KEYS,
 )
 
 # Prefixes inside a fused checkpoint.
@@ -279,8 +281,17 @@ TO_NATIVE: dict[tuple[str, str], dict[str, str]] = {
 FROM_NATIVE: dict[tuple[str, str], dict[str, str]] = {
     kind_layout: invert_key_map(table) for kind_layout, table in TO_NATIVE.items()
 }
+# Vision families whose transformers names differ from CLIP's and SigLIP's: family -> foreign
+# template -> native template. Reading tries them after the CLIP/SigLIP table (their foreign
+# names are distinct); writing takes the family's own table.
+HF_VISION_FAMILY_TO_NATIVE: dict[str, dict[str, str]] = {dinov2.FAMILY: dinov2.HF_TO_NATIVE,
+                                                          dinov3.FAMILY: dinov3.HF_TO_NATIVE}
+HF_VISION_FAMILY_FROM_NATIVE: dict[str, dict[str, str]] = {
+    family: invert_key_map(table) for family, table in HF_VISION_FAMILY_TO_NATIVE.items()
+}
 _NATIVE_TEMPLATES = {"decoder": set(NATIVE_DECODER_KEYS), "vision": set(NATIVE_VISION_KEYS)}
-for (_kind, _layout), _table in TO_NATIVE.items():
+for (_kind, _layout), _table in [*TO_NATIVE.items(), *(
+        (("vision", family), table) for family, table in HF_VISION_FAMILY_TO_NATIVE.items())]:
     _strays = set(_table.values()) - _NATIVE_TEMPLATES[_kind]
     assert not _strays, f"{_kind}/{_layout} key map names non-native keys: {sorted(_strays)}"
 
@@ -380,18 +391,26 @@ def to_native_key(key: str, layout: str, kind: str = "decoder") -> str | None:
     native = _lookup(_normalize_hf_key(key, layout, kind), TO_NATIVE[kind, layout])
     if native is not None:
         return native
+    if kind == "vision" and layout == "hf":
+        for table in HF_VISION_FAMILY_TO_NATIVE.values():
+            native = _lookup(key, table)
+            if native is not None:
+                return native
     if dropped_reason(key, layout, kind) is not None:
         return None
     raise KeyMapError(f"unknown key {key!r} for a {kind} checkpoint in the {layout} layout")
 
 
-def from_native_key(key: str, layout: str, kind: str = "decoder") -> str:
+def from_native_key(key: str, layout: str, kind: str = "decoder",
+                    family: str | None = None) -> str:
     """The ``layout`` name of one native key.
 
     Args:
         key: a native state-dict key.
         layout: the target layout, ``"native"``, ``"hf"`` or ``"meta"``.
         kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+        family: the model's family, for a vision family with transformers names of its own
+            (``HF_VISION_FAMILY_TO_NATIVE``); None or another family takes CLIP's names.
 
     Raises:
         KeyMapError: the key is not a native key of that kind, or has no name in ``layout``
@@ -405,7 +424,10 @@ def from_native_key(key: str, layout: str, kind: str = "decoder") -> str:
         if _fused_key_is_known(key):
             return key
         raise KeyMapError(f"unknown key {key!r} for a fused checkpoint (native layout)")
-    foreign = _lookup(key, FROM_NATIVE[kind, layout])
+    table = FROM_NATIVE[kind, layout]
+    if kind == "vision" and layout == "hf" and family in HF_VISION_FAMILY_FROM_NATIVE:
+        table = HF_VISION_FAMILY_FROM_NATIVE[family]
+    foreign = _lookup(key, table)
     if foreign is None:
         raise KeyMapError(f"native {kind} key {key!r} has no name in the {layout} layout")
     return foreign
@@ -488,8 +510,10 @@ def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> K
     )
 
 
-def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> KeyMapping:
-    """Map every native key to its name in ``layout`` (nothing is dropped this way).
+def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder",
+                     family: str | None = None) -> KeyMapping:
+    """Map every native key to its name in ``layout`` (nothing is dropped this way); ``family``
+    as for :func:`from_native_key`.
 
     Raises:
         KeyMapError: some keys are not native keys of that kind or have no ``layout`` name.
@@ -497,7 +521,7 @@ def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder") ->
     _check_kind_layout(kind, layout)
     return _map_all(
         keys,
-        lambda key: from_native_key(key, layout, kind),
+        lambda key: from_native_key(key, layout, kind, family),
         lambda key: "dropped",
         f"native {kind} key map (to {layout})",
     )
@@ -509,6 +533,8 @@ __all__ = [
     "HF_DECODER_BARE_ROOTS",
     "HF_DECODER_PREFIX",
     "HF_DECODER_TO_NATIVE",
+    "HF_VISION_FAMILY_FROM_NATIVE",
+    "HF_VISION_FAMILY_TO_NATIVE",
     "HF_VISION_TO_NATIVE",
     "KINDS",
     "LAYOUTS",

@@ -40,7 +40,7 @@ HEAD_CONFIG_FIELD = "vision_use_head"
 HEAD_PREFIX = HF_VISION_PREFIX + "head."
 # transformers 5 saves a bare SiglipVisionModel without the ``vision_model.`` prefix.
 _BARE_HEAD_PREFIX = "head."
-HEAD_FAMILIES: tuple[str, ...] = ("siglip",)
+HEAD_FAMILIES: tuple[str, ...] = ("siglip", "siglip2")  # SigLIP2 NaFlex: the same head
 
 
 def head_shapes(config: VisionEncoderConfig) -> dict[str, Shape]:

@@ -181,6 +181,12 @@ def template_files() -> dict[str, bytes]:
     return {name: package.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
 
 
+# Towers whose inputs or output tokens the exported model's code does not reproduce yet
+# (NaFlex inputs; DINOv2's register tokens left out of what feeds the fusion).
+NOT_EXPORTED_TOWERS: dict[str, str] = {"siglip2": "SigLIP2 NaFlex", "dinov2": "DINOv2",
+                                        "dinov3": "DINOv3"}
+
+
 def _check_exportable(config: FusedConfig, path: object) -> None:
     if config.encoder is None:
         raise ConfigError(f"{path}: its vision side (Mllama's tiled encoder) has no "
@@ -190,6 +196,10 @@ def _check_exportable(config: FusedConfig, path: object) -> None:
                           "place the image by")
     if config.projection not in ("mlp", "linear"):
         raise ConfigError(f"{path}: unknown projection {config.projection!r}")
+    if config.encoder.family in NOT_EXPORTED_TOWERS:
+        raise ConfigError(f"{path}: the transformers export does not carry a "
+                          f"{NOT_EXPORTED_TOWERS[config.encoder.family]} tower yet; use the "
+                          "fused checkpoint with fusesurgery (load_fused, generate)")
 
 
 def export_transformers(

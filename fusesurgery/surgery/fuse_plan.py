@@ -11,10 +11,16 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from fusesurgery._arguments import argument_error, brief, check_int, is_int
-from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
+from fusesurgery.config import (
+    DecoderConfig,
+    FeatureTokens,
+    FusionConfig,
+    VisionEncoderConfig,
+    VisionFamily,
+)
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.keymaps import (
     FUSED_DECODER_PREFIX,
@@ -43,7 +49,17 @@ DEFAULT_EVERY = 4
 # The hidden layer of each encoder family that feeds the fusion, in transformers'
 # ``hidden_states[k]`` numbering (None: the final hidden states). CLIP: the penultimate layer,
 # as LLaVA; SigLIP: its final, post-normed hidden states, as PaliGemma.
-ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {"clip": -2, "siglip": None}
+# DINOv2: its final, post-normed hidden states, as Cambrian and Molmo take them.
+ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {"clip": -2, "siglip": None, "dinov2": None,
+                                                  "siglip2": None, "dinov3": None}
+# The output tokens of each encoder family that feed the fusion (``feature_tokens``): every
+# token, except DINOv2's and DINOv3's registers, which the papers that fuse DINOv2 leave out.
+ENCODER_TOKENS_DEFAULTS: dict[str, str] = {"clip": "all", "siglip": "all",
+                                           "dinov2": "cls_and_patches", "siglip2": "all",
+                                           "dinov3": "cls_and_patches"}
+assert set(ENCODER_LAYER_DEFAULTS) == set(ENCODER_TOKENS_DEFAULTS) == set(
+    get_args(VisionFamily)), "a vision family lacks its fusion defaults"
+ENCODER_TOKENS: tuple[str, ...] = get_args(FeatureTokens)
 FUSION_EMBEDDING_KEY = FUSED_DECODER_PREFIX + "tok_embeddings.fusion_embedding.weight"
 EMBEDDING_KEY = "tok_embeddings.weight"
 
@@ -70,6 +86,9 @@ class FuseOptions:
         encoder_layer: the encoder hidden layer that feeds the fusion (``hidden_states[k]``
             numbering; negative counts from the end; None: final hidden states);
             ``DEFAULT`` takes :data:`ENCODER_LAYER_DEFAULTS` for the family.
+        encoder_tokens: which encoder output tokens feed the fusion: ``all``,
+            ``cls_and_patches`` (registers left out) or ``patches``; ``DEFAULT`` takes
+            :data:`ENCODER_TOKENS_DEFAULTS` for the family.
         projection: ``linear`` or ``mlp`` (two layers, GELU) from encoder to decoder width.
         dtype: cast every tensor to this dtype; None keeps each source's dtype (new decoder-side
             tensors and the projection take the decoder's).
@@ -83,6 +102,7 @@ class FuseOptions:
     new_tokens: Sequence[str] = DEFAULT_NEW_TOKENS
     embedding_init: str = "mean"
     encoder_layer: int | None | _Default = DEFAULT
+    encoder_tokens: str | _Default = DEFAULT
     projection: str = "mlp"
     dtype: torch.dtype | None = None
     seed: int = 0
@@ -111,6 +131,10 @@ class FuseOptions:
         if layer is not DEFAULT and layer is not None and not is_int(layer):
             raise argument_error("encoder_layer", layer, "a hidden-layer index (an int), "
                                   "None (the final hidden states) or the family default")
+        tokens = self.encoder_tokens
+        if tokens is not DEFAULT and tokens not in ENCODER_TOKENS:
+            raise argument_error("encoder_tokens", tokens, "one of " + ", ".join(ENCODER_TOKENS)
+                                 + " or the family default")
         # a torch dtype implies torch is loaded; looking it up keeps the plan torch-free
         loaded_torch = sys.modules.get("torch")
         if self.dtype is not None and (loaded_torch is None
@@ -322,7 +346,10 @@ def plan_fuse(
         raise ConfigError(f"--encoder-layer {layer} is outside [-{encoder_cfg.num_layers + 1}, "
                           f"{encoder_cfg.num_layers}] for a {encoder_cfg.num_layers}-layer "
                           "encoder")
-    encoder_cfg = encoder_cfg.replace(output_layer=layer)
+    feature_tokens = options.encoder_tokens
+    if feature_tokens is DEFAULT:
+        feature_tokens = ENCODER_TOKENS_DEFAULTS[encoder_cfg.family]
+    encoder_cfg = encoder_cfg.replace(output_layer=layer, feature_tokens=feature_tokens)
     tokens = _check_tokens(options.new_tokens)
     fusion = FusionConfig(
         fusion_layers=resolve_fusion_layers(options, decoder_cfg.num_layers),
@@ -409,6 +436,8 @@ __all__ = [
     "DEFAULT_EVERY",
     "DEFAULT_NEW_TOKENS",
     "ENCODER_LAYER_DEFAULTS",
+    "ENCODER_TOKENS",
+    "ENCODER_TOKENS_DEFAULTS",
     "FUSION_EMBEDDING_KEY",
     "FuseOptions",
     "FusePlan",

@@ -375,17 +375,28 @@ def _inputs(model: DeepFusionModel, seed: int, batch: int, seq_len: int, device:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, config.decoder.vocab_size, (batch, seq_len), generator=generator)
     enc = config.encoder
-    images = torch.randn(batch, enc.num_channels, enc.image_size, enc.image_size,
-                         generator=generator)
+    dtype = model.encoder.vision.conv.weight.dtype
+    if enc.naflex:  # one whole image of the trained grid, pre-cut into patches
+        side = enc.image_size // enc.patch_size
+        encoder_input = {
+            "pixel_values": torch.randn(batch, side * side,
+                                        enc.num_channels * enc.patch_size**2,
+                                        generator=generator).to(device, dtype),
+            "spatial_shapes": torch.tensor([[side, side]] * batch, device=device),
+            "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long,
+                                               device=device)}
+    else:
+        encoder_input = {"images": torch.randn(batch, enc.num_channels, enc.image_size,
+                                               enc.image_size, generator=generator
+                                               ).to(device, dtype)}
     position = seq_len // 2  # mid-sequence: text before it must not see the image
     image_tokens = tokens.clone()
     if config.new_tokens:
         image_tokens[:, position] = config.new_tokens[0].id
     mask = torch.zeros(batch, seq_len, enc.seq_len, dtype=torch.bool)
     mask[:, position:] = True
-    dtype = model.encoder.vision.conv.weight.dtype
-    return (tokens.to(device), image_tokens.to(device), images.to(device, dtype),
-            mask.to(device), position)
+    return (tokens.to(device), image_tokens.to(device), encoder_input, mask.to(device),
+            position)
 
 
 def _equal_figure(equal: bool, a: torch.Tensor, b: torch.Tensor, basis: str) -> str:
@@ -416,8 +427,9 @@ def _check_forward(report: ValidationReport, model: DeepFusionModel, *, seed: in
     """
     gates = gate_values(model)
     zero_gates = all(value == 0.0 for value in gates.values())
-    tokens, image_tokens, images, mask, position = _inputs(model, seed, batch, seq_len, device)
-    encoded = model.encoder(images)  # [b, s_e, d]: the tower runs once, shared below
+    tokens, image_tokens, encoder_input, mask, position = _inputs(model, seed, batch, seq_len,
+                                                                  device)
+    encoded = model.encoder(**encoder_input)  # [b, s_e, d]: the tower runs once, shared below
     fused_text = model(tokens)
     with _gate_inputs_finite(model) as finite:
         fused_image = model.decoder(image_tokens, encoder_input=encoded, encoder_mask=mask)

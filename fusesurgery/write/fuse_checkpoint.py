@@ -425,6 +425,7 @@ def fuse(
     new_tokens: tuple[str, ...] | list[str] = ("<|image|>",),
     embedding_init: str = "mean",
     encoder_layer: Any = "default",
+    encoder_tokens: str = "default",
     projection: str = "mlp",
     dtype: torch.dtype | str | None = None,
     seed: int = 0,
@@ -444,6 +445,8 @@ def fuse(
         embedding_init: ``mean``, ``zeros`` or ``normal``.
         encoder_layer: the encoder hidden layer that feeds the fusion; ``"default"`` for the
             family's default, None for the final hidden states.
+        encoder_tokens: which encoder output tokens feed the fusion (``all``,
+            ``cls_and_patches``, ``patches``); ``"default"`` for the family's default.
         projection: ``linear`` or ``mlp``.
         dtype: cast everything (a torch dtype or a name such as ``"bf16"``); None keeps each
             input's dtype.
@@ -470,6 +473,7 @@ def fuse(
         new_tokens=new_tokens,
         embedding_init=embedding_init,
         encoder_layer=DEFAULT if encoder_layer == "default" else encoder_layer,
+        encoder_tokens=DEFAULT if encoder_tokens == "default" else encoder_tokens,
         projection=projection,
         dtype=dtype,
         seed=seed,

@@ -387,7 +387,10 @@ def test_unsupported_vision_config(hf_vision_models):
     saved = hf_vision_models["clip_vision"]
     with pytest.raises(ConfigError, match="hidden_act 'relu' is not supported"):
         detect_model(saved.infos, dict(saved.config, hidden_act="relu"), "config.json")
-    with pytest.raises(ConfigError, match="model_type 'siglip2'"):
+    with pytest.raises(ConfigError, match="model_type 'aimv2'"):
+        detect_model(saved.infos, dict(saved.config, model_type="aimv2"), "config.json")
+    # a supported type whose weights are another tower's: the shapes say so
+    with pytest.raises(ConfigError, match="patch_embedding.weight has shape"):
         detect_model(saved.infos, dict(saved.config, model_type="siglip2"), "config.json")
     with pytest.raises(ConfigError, match="params.json, which describes no vision encoder"):
         detect_model(saved.infos, PARAMS_405B, "params.json")
