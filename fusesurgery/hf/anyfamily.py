@@ -47,11 +47,13 @@ from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
 from fusesurgery.io._files import file_fingerprint, read_side_file
 from fusesurgery.surgery.fuse_plan import (
     DEFAULT,
-    FUSION_EMBEDDING_KEY as NATIVE_FUSION_EMBEDDING_KEY,
     FuseOptions,
     NewTensor,
     _check_tokens,
     resolve_fusion_layers,
+)
+from fusesurgery.surgery.fuse_plan import (
+    FUSION_EMBEDDING_KEY as NATIVE_FUSION_EMBEDDING_KEY,
 )
 from fusesurgery.surgery.fused_config import EMBEDDING_INITS, PROJECTIONS, SOURCE_FILES_DIR
 from fusesurgery.write.output_guard import check_destination, check_not_an_input, resolve_output
@@ -829,5 +831,5 @@ def checked_any_export(source: CheckpointSource, path: object) -> dict[str, tupl
 
 
 __all__ = ["FUSE_RECORD_FIELD", "AnyFuseResult", "DecoderSizes", "TowerSizes",
-           "check_template_files", "checked_any_export", "choose_layout", "fuse", "expected_fusion_shapes",
-           "fuse_transformers", "fusion_tensors", "is_any_export", "read_decoder", "read_tower"]
+           "check_template_files", "checked_any_export", "choose_layout",
+           "expected_fusion_shapes", "fuse", "fuse_transformers", "fusion_tensors", "is_any_export", "read_decoder", "read_tower"]

@@ -19,19 +19,19 @@ from fusesurgery.convert.configs import config_style
 from fusesurgery.convert.plan import PlanEntry
 from fusesurgery.convert.transforms import invert_transform
 from fusesurgery.errors import ConfigError, ShapeError
-from fusesurgery.hf.export import (
-    FUSION_CONFIG_FIELD,
-    MODEL_TYPE,
-    TEXT_PREFIX,
-    VISION_PREFIX,
-    exported_key,
-)
 from fusesurgery.hf.anyfamily import (
     FUSE_RECORD_FIELD,
     _native_model_types,
     check_template_files,
     checked_any_export,
     is_any_export,
+)
+from fusesurgery.hf.export import (
+    FUSION_CONFIG_FIELD,
+    MODEL_TYPE,
+    TEXT_PREFIX,
+    VISION_PREFIX,
+    exported_key,
 )
 from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
