@@ -832,4 +832,5 @@ def checked_any_export(source: CheckpointSource, path: object) -> dict[str, tupl
 
 __all__ = ["FUSE_RECORD_FIELD", "AnyFuseResult", "DecoderSizes", "TowerSizes",
            "check_template_files", "checked_any_export", "choose_layout",
-           "expected_fusion_shapes", "fuse", "fuse_transformers", "fusion_tensors", "is_any_export", "read_decoder", "read_tower"]
+           "expected_fusion_shapes", "fuse", "fuse_transformers", "fusion_tensors",
+           "is_any_export", "read_decoder", "read_tower"]
