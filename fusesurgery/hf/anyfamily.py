@@ -543,8 +543,8 @@ def fuse_transformers(
 
         choices = {
             "fusion_layers": (f"layers {list(options.fusion_layers)}" if options.fusion_layers
-                              is not None else f"every {options.every}th of "
-                              f"{dec.num_layers} layers"),
+                              is not None else f"one in every {options.every} of the "
+                              f"decoder's {dec.num_layers} layers"),
             **{name: f"the decoder's {why}" for name, why in dec.choices.items()},
             "vision_feature_layer": feature_why,
             "fusion dtype": f"the decoder's embedding table's ({_dtype_text(dec.dtype)})",

@@ -35,7 +35,12 @@ from fusesurgery.validate.checks import (
 PAIR_VISION_PREFIX = "vision_model."
 
 
-def _check_layout(report: ValidationReport, path: str) -> dict[str, tuple]:
+def check_export_layout(report: ValidationReport, path: str) -> dict[str, tuple]:
+    """The first row: the export's tensors are exactly what its config.json describes.
+
+    Raises:
+        FuseSurgeryError: half an export, a family this transformers lacks, other tensors.
+    """
     with open_checkpoint(path) as source:
         if is_any_export(source.config):
             shapes = checked_any_export(source, path)
@@ -124,7 +129,7 @@ def validate_export(
     check_int("batch", batch, 1, 2**31)
     check_int("seq_len", seq_len, 4, 2**31)
     report = ValidationReport(path=path, device=str(torch.device(device)))
-    names = set(_check_layout(report, path))
+    names = set(check_export_layout(report, path))
     part = None if against is None else _check_against(report, path, str(against), names)
 
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: PLC0415
@@ -182,4 +187,4 @@ def validate_export(
     return report
 
 
-__all__ = ["validate_export"]
+__all__ = ["check_export_layout", "validate_export"]

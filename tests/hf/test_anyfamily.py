@@ -304,3 +304,20 @@ def test_options_the_layout_cannot_honour_are_refused(fused, args, fragment, tmp
                                  str(out), "--format", "transformers", *args])
     _one_line_exit_2(result, fragment)
     assert not out.exists()
+
+
+def test_inspect_reads_it_without_torch(fused, tmp_path):
+    from tests.cli.test_startup import run_probed
+
+    target = fused["granite-siglip"]["fused"]
+    done, torch_imported = run_probed(tmp_path, "inspect", str(target))
+    assert done.returncode == 0, done.stderr
+    assert not torch_imported
+    assert ("a transformers export (fuse --format transformers): siglip_vision_model tower -> "
+            "granite text model") in done.stdout
+    assert "identity: all gates 0 (2 gates)" in done.stdout
+    assert "chose fusion_num_kv_heads: the decoder's num_key_value_heads" in done.stdout
+    result = runner.invoke(app, ["inspect", str(target), "--json", "--keys"])
+    report = json.loads(result.stdout)
+    assert report["fusion"]["fusion_layers"] == [1] and report["notes"] == []
+    assert {k["name"] for k in report["keys"]} == set(_tensors(target))
