@@ -192,8 +192,6 @@ def _fuse_transformers(encoder, decoder, output: str, options, max_shard_size: s
     """``--format transformers`` (or chosen for a family with no native module)."""
     from fusesurgery.hf.anyfamily import fuse_transformers  # noqa: PLC0415
 
-    if note:
-        stderr.print(f"note: {note}")
     with byte_progress("fusing") as update:
         result = fuse_transformers(encoder, decoder, output, options=options,
                                    max_shard_size=max_shard_size, overwrite=overwrite,
@@ -229,6 +227,8 @@ def _fuse_transformers(encoder, decoder, output: str, options, max_shard_size: s
         f"{'final hidden states' if layer is None else f'hidden_states[{layer}]'}; "
         f"{format_bytes(written.total_size)} in {plural(len(written.files), 'file')} at "
         f"{written.out_dir}")
+    if note:
+        stderr.print(f"note: {note}")
     if result.decoder.tied:
         stderr.print("note: tied embeddings: the output stays the original table; new tokens "
                      "are input-only")

@@ -438,6 +438,22 @@ def _resolve_feature_layer(options: FuseOptions, tower: TowerSizes) -> tuple[int
     return layer, "given"
 
 
+def _check_not_swapped(decoder: CheckpointSource, encoder: CheckpointSource) -> None:
+    """Raises ConfigError when the ENCODER is a causal LM and the DECODER is not."""
+    from transformers.models.auto.modeling_auto import (  # noqa: PLC0415
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    def model_type(source: CheckpointSource) -> object:
+        document = source.config if source.config_file == "config.json" else None
+        return document.get("model_type") if isinstance(document, dict) else None
+
+    if (model_type(encoder) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type(decoder) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        raise ConfigError("the encoder and the decoder are swapped: give the vision tower first "
+                          "(fusesurgery fuse ENCODER DECODER)")
+
+
 def _source_record(source: CheckpointSource, given: object, family: str,
                    kept: list[str], dropped: Mapping[str, str]) -> dict[str, Any]:
     hub = {"hub": source.hub.record()} if source.hub is not None else {}
@@ -515,6 +531,7 @@ def fuse_transformers(
         out = resolve_output(out_dir)
         check_not_an_input(out, inputs)
         check_destination(out, overwrite)
+        _check_not_swapped(decoder, encoder)
         dec = read_decoder(decoder, decoder_path)
         tower = read_tower(encoder, encoder_path)
         layers = resolve_fusion_layers(options, dec.num_layers)
@@ -666,12 +683,17 @@ def choose_layout(encoder_path: str | os.PathLike[str],
         FuseSurgeryError: an input that cannot be opened.
     """
     decoders, towers = _native_model_types()
-    for role, path, known in (("decoder", decoder_path, decoders),
-                              ("tower", encoder_path, towers)):
-        with open_checkpoint(path) as source:
+    types = {}
+    for role, path in (("decoder", decoder_path), ("tower", encoder_path)):
+        with open_checkpoint(path, remote_headers=True) as source:  # a Hub repo: no download
             document = source.config if source.config_file == "config.json" else None
         model_type = document.get("model_type") if isinstance(document, dict) else None
-        if isinstance(model_type, str) and model_type not in known:
+        types[role] = model_type if isinstance(model_type, str) else None
+    if types["decoder"] in towers or types["tower"] in decoders:
+        return "native", None  # swapped inputs: the native reader says so
+    for role, known in (("decoder", decoders), ("tower", towers)):
+        model_type = types[role]
+        if model_type is not None and model_type not in known:
             return "transformers", (
                 f"the {role}'s family {model_type!r} has no native module: written in the "
                 "transformers layout (load it with AutoModelForImageTextToText)")

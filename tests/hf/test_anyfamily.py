@@ -321,3 +321,34 @@ def test_inspect_reads_it_without_torch(fused, tmp_path):
     report = json.loads(result.stdout)
     assert report["fusion"]["fusion_layers"] == [1] and report["notes"] == []
     assert {k["name"] for k in report["keys"]} == set(_tensors(target))
+
+
+def test_saved_after_training_it_is_still_a_whole_export(fused, tmp_path):
+    from fusesurgery.hf import register_transformers
+
+    register_transformers()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        fused["olmo2-aimv2"]["fused"])
+    with torch.no_grad():
+        model.cross_attention_layers["1"].ca_scale.scale.fill_(0.5)
+    model.save_pretrained(tmp_path / "trained")
+    for name in ("configuration_fusesurgery_fused.py", "modeling_fusesurgery_fused.py"):
+        assert (tmp_path / "trained" / name).is_file(), name
+    result = runner.invoke(app, ["validate", str(tmp_path / "trained"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["identity"] is False and "the fusion is trained" in report["verdict"]
+    out = tmp_path / "decoder"
+    result = runner.invoke(app, ["unfuse", str(tmp_path / "trained"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    original = _tensors(fused["olmo2-aimv2"]["decoder"])
+    assert all(torch.equal(v, _tensors(out)[k]) for k, v in original.items())
+
+
+def test_swapped_inputs_are_named(fused, tmp_path):
+    pair = fused["olmo2-aimv2"]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["fuse", str(pair["decoder"]), str(pair["tower"]), "-o",
+                                 str(out), "--format", "transformers"])
+    _one_line_exit_2(result, "swapped")
+    assert not out.exists()
