@@ -100,7 +100,9 @@ def fuse(
 ) -> None:
     """Fuse a vision tower (CLIP, SigLIP) into a decoder (Llama, Mistral, Qwen2, Qwen3): gated
     cross-attention layers starting at exactly zero, new tokens such as <|image|>, a projection
-    head; written as sharded safetensors with fusion_config.json and the tokenizer."""
+    head; written as sharded safetensors with fusion_config.json and the tokenizer. With
+    --format transformers (chosen by itself for a family with no native module): any decoder
+    and tower transformers has, as a transformers model directory."""
     from fusesurgery.surgery.fuse_plan import FuseOptions  # noqa: PLC0415 - imports torch
     from fusesurgery.write.fuse_checkpoint import fuse_checkpoints  # noqa: PLC0415
 

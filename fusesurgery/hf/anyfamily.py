@@ -439,7 +439,8 @@ def _resolve_feature_layer(options: FuseOptions, tower: TowerSizes) -> tuple[int
 
 
 def _check_not_swapped(decoder: CheckpointSource, encoder: CheckpointSource) -> None:
-    """Raises ConfigError when the ENCODER is a causal LM and the DECODER is not."""
+    """Raises ConfigError when an input is already a fused export, or the ENCODER is a causal
+    LM and the DECODER is not (swapped)."""
     from transformers.models.auto.modeling_auto import (  # noqa: PLC0415
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     )
@@ -448,6 +449,11 @@ def _check_not_swapped(decoder: CheckpointSource, encoder: CheckpointSource) -> 
         document = source.config if source.config_file == "config.json" else None
         return document.get("model_type") if isinstance(document, dict) else None
 
+    for source, role in ((decoder, "DECODER"), (encoder, "ENCODER")):
+        if model_type(source) == MODEL_TYPE:
+            raise ConfigError(f"{role} is already a fused model (a transformers export); fuse "
+                              "takes an unfused vision tower and decoder (see fusesurgery "
+                              "unfuse)")
     if (model_type(encoder) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
             and model_type(decoder) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         raise ConfigError("the encoder and the decoder are swapped: give the vision tower first "
@@ -689,8 +695,8 @@ def choose_layout(encoder_path: str | os.PathLike[str],
             document = source.config if source.config_file == "config.json" else None
         model_type = document.get("model_type") if isinstance(document, dict) else None
         types[role] = model_type if isinstance(model_type, str) else None
-    if types["decoder"] in towers or types["tower"] in decoders:
-        return "native", None  # swapped inputs: the native reader says so
+    if types["decoder"] in towers or types["tower"] in decoders or MODEL_TYPE in types.values():
+        return "native", None  # swapped or fused inputs: the native reader says so
     for role, known in (("decoder", decoders), ("tower", towers)):
         model_type = types[role]
         if model_type is not None and model_type not in known:

@@ -212,6 +212,9 @@ def test_a_native_family_gives_what_fuse_then_convert_gives(tmp_path):
     for key in ours:
         if key.startswith("language_model."):
             assert torch.equal(ours[key], theirs[key]), key
+    result = runner.invoke(app, ["convert", str(tmp_path / "direct"), "-o", str(tmp_path / "x")])
+    _one_line_exit_2(result, "fused straight into the transformers layout",
+                     "fuse the sources without --format")
 
 
 def test_convert_to_native_says_there_is_no_native_form(fused, tmp_path):
@@ -345,10 +348,30 @@ def test_saved_after_training_it_is_still_a_whole_export(fused, tmp_path):
     assert all(torch.equal(v, _tensors(out)[k]) for k, v in original.items())
 
 
-def test_swapped_inputs_are_named(fused, tmp_path):
+@pytest.mark.parametrize(("inputs", "fragment"), [
+    (("decoder", "tower"), "swapped"),
+    (("tower", "fused"), "DECODER is already a fused model (a transformers export)"),
+])
+def test_swapped_or_fused_inputs_are_named(fused, inputs, fragment, tmp_path):
     pair = fused["olmo2-aimv2"]
     out = tmp_path / "out"
-    result = runner.invoke(app, ["fuse", str(pair["decoder"]), str(pair["tower"]), "-o",
+    result = runner.invoke(app, ["fuse", *(str(pair[name]) for name in inputs), "-o",
                                  str(out), "--format", "transformers"])
-    _one_line_exit_2(result, "swapped")
+    _one_line_exit_2(result, fragment)
     assert not out.exists()
+
+
+def test_fuse_json_says_the_layout_and_every_choice(fused, tmp_path):
+    pair = fused["granite-siglip"]
+    result = runner.invoke(app, ["fuse", str(pair["tower"]), str(pair["decoder"]), "-o",
+                                 str(tmp_path / "out"), "--layers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["format"] == "transformers"
+    assert summary["decoder"]["family"] == "granite"
+    assert summary["encoder"]["family"] == "siglip_vision_model"
+    assert summary["choices"]["fusion_head_dim"] == (
+        "the decoder's hidden_size // num_attention_heads")
+    assert summary["notes"] == ["the decoder's family 'granite' has no native module: written "
+                                "in the transformers layout (load it with "
+                                "AutoModelForImageTextToText)"]
