@@ -375,3 +375,15 @@ def test_fuse_json_says_the_layout_and_every_choice(fused, tmp_path):
     assert summary["notes"] == ["the decoder's family 'granite' has no native module: written "
                                 "in the transformers layout (load it with "
                                 "AutoModelForImageTextToText)"]
+
+
+def test_fusing_a_family_this_transformers_lacks_names_it(fused, tmp_path):
+    pair = fused["olmo2-aimv2"]
+    decoder = tmp_path / "decoder"
+    shutil.copytree(pair["decoder"], decoder)
+    _edit_config(decoder, lambda c: c.update(model_type="olmo9", transformers_version="9.0.0"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["fuse", str(pair["tower"]), str(decoder), "-o", str(out)])
+    _one_line_exit_2(result, "the decoder's family 'olmo9' is unknown to transformers",
+                     "transformers >= 9.0.0")
+    assert not out.exists()
