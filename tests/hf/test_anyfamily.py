@@ -212,6 +212,11 @@ def test_a_native_family_gives_what_fuse_then_convert_gives(tmp_path):
     for key in ours:
         if key.startswith("language_model."):
             assert torch.equal(ours[key], theirs[key]), key
+    for export in ("direct", "converted"):  # validate takes either, through transformers
+        result = runner.invoke(app, ["validate", str(tmp_path / export), "--against",
+                                     str(decoder), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["bit_for_bit"] is True
     result = runner.invoke(app, ["convert", str(tmp_path / "direct"), "-o", str(tmp_path / "x")])
     _one_line_exit_2(result, "fused straight into the transformers layout",
                      "fuse the sources without --format")
