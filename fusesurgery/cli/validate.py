@@ -32,7 +32,12 @@ def validate(
     (text only and with an image); KV-cache decoding; a save/load round trip. Each row says
     what it compared; the last line says what that proves. Exit 0 all pass, 1 a check
     failed, 2 bad input."""
-    from fusesurgery.validate import validate_fused  # noqa: PLC0415 - imports torch
+    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+
+    if is_export_directory(fused):  # through transformers' own classes
+        from fusesurgery.hf.validate_export import validate_export as validate_fused
+    else:
+        from fusesurgery.validate import validate_fused  # noqa: PLC0415 - imports torch
 
     report = validate_fused(fused, against=against, device=device,
                             dtype=parse_dtype_option(dtype), seed=seed)

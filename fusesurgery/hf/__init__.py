@@ -76,6 +76,12 @@ def register_transformers() -> None:
     for auto in (AutoModel, AutoModelForImageTextToText):
         auto.register(FusedVisionTextConfig, FusedVisionTextForConditionalGeneration,
                       exist_ok=True)
+    # save_pretrained then writes the configuration and modeling files beside the weights (and
+    # config.json's auto_map to them), as a model loaded with remote code does: a model
+    # trained here and saved still loads with transformers alone
+    FusedVisionTextConfig.register_for_auto_class()
+    FusedVisionTextForConditionalGeneration.register_for_auto_class(
+        "AutoModelForImageTextToText")
 
 
 __all__ = ["export_transformers", "import_transformers", "is_export_directory",

@@ -137,6 +137,15 @@ def vision_config_dict(config: FusedConfig, directory: Path, dtype: str) -> dict
     return document
 
 
+def auto_map() -> dict[str, str]:
+    """config.json's ``auto_map``: the Auto classes to the template's files beside it."""
+    return {
+        "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
+        "AutoModel": f"{MODELING_MODULE}.{MODEL_CLASS}",
+        "AutoModelForImageTextToText": f"{MODELING_MODULE}.{MODEL_CLASS}",
+    }
+
+
 def export_config_dict(config: FusedConfig, directory: Path,
                        dtypes: Mapping[str, str]) -> dict[str, Any]:
     """``config.json`` of the export (``dtypes``: part -> dtype name of its tensors)."""
@@ -146,11 +155,7 @@ def export_config_dict(config: FusedConfig, directory: Path,
     return {
         "architectures": [MODEL_CLASS],
         "model_type": MODEL_TYPE,
-        "auto_map": {
-            "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
-            "AutoModel": f"{MODELING_MODULE}.{MODEL_CLASS}",
-            "AutoModelForImageTextToText": f"{MODELING_MODULE}.{MODEL_CLASS}",
-        },
+        "auto_map": auto_map(),
         "text_config": text_config_dict(config, directory, dtypes["decoder"]),
         "vision_config": vision_config_dict(config, directory, dtypes["encoder"]),
         "fusion_layers": list(f.fusion_layers),

@@ -19,6 +19,13 @@ from fusesurgery.convert.configs import config_style
 from fusesurgery.convert.plan import PlanEntry
 from fusesurgery.convert.transforms import invert_transform
 from fusesurgery.errors import ConfigError, ShapeError
+from fusesurgery.hf.anyfamily import (
+    FUSE_RECORD_FIELD,
+    _native_model_types,
+    check_template_files,
+    checked_any_export,
+    is_any_export,
+)
 from fusesurgery.hf.export import (
     FUSION_CONFIG_FIELD,
     MODEL_TYPE,
@@ -73,6 +80,9 @@ def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, tuple]
     if source.config_file != "config.json" or not is_transformers_export(source.config):
         raise ConfigError(f"{path} is not a transformers export of a fused checkpoint "
                           f"(its config.json's model_type is not {MODEL_TYPE!r})")
+    check_template_files(side_directory(source), path)
+    if is_any_export(source.config):
+        raise ConfigError(_no_native_message(source.config, path))
     origin = f"{path}/config.json: {FUSION_CONFIG_FIELD}"
     config = fused_config_from_dict(source.config.get(FUSION_CONFIG_FIELD), origin)
     if config.encoder is None:
@@ -92,6 +102,23 @@ def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, tuple]
             raise ShapeError(f"{path}: {name} is {list(info.shape)}, its fusion config needs "
                              f"{list(native_of[name][2])}")
     return config, native_of
+
+
+def _no_native_message(document: dict, path: object) -> str:
+    """Why a directory ``fuse --format transformers`` wrote has no native form."""
+    sources = document[FUSE_RECORD_FIELD].get("sources") or {}
+    families = [(role, (sources.get(part) or {}).get("family"))
+                for role, part in (("decoder", "decoder"), ("tower", "encoder"))]
+    decoders, towers = _native_model_types()
+    missing = [f"its {role}'s family {family!r}" for (role, family), known in
+               zip(families, (decoders, towers), strict=True) if family not in known]
+    if missing:
+        return (f"{path} was fused straight into the transformers layout and "
+                f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no native "
+                "module: it has no native form (validate, unfuse, diff, inspect and push take "
+                "it as it is)")
+    return (f"{path} was fused straight into the transformers layout (fuse --format "
+            "transformers): for a native fused checkpoint fuse the sources without --format")
 
 
 GATE_SUFFIXES: tuple[str, ...] = (".ca_scale.scale", ".mlp_scale.scale")
@@ -206,7 +233,12 @@ def unfuse_export(
         raise ConfigError(f"unknown part {part!r}; valid: {', '.join(PART_PREFIXES)}")
     prefix = PART_PREFIXES[part]
     with open_checkpoint(path) as source:
-        config, _ = _checked_export(source, path)
+        if source.config_file == "config.json" and is_any_export(source.config):
+            checked_any_export(source, path)
+            sources = source.config[FUSE_RECORD_FIELD].get("sources") or {}
+        else:
+            config, _ = _checked_export(source, path)
+            sources = config.sources
         infos = [TensorInfo(name.removeprefix(prefix), tuple(info.shape), info.dtype)
                  for name, info in source.infos().items() if name.startswith(prefix)]
 
@@ -215,7 +247,7 @@ def unfuse_export(
             return region if region is not None else source.get_tensor(prefix + name)
 
         directory = side_directory(source)
-        record = dict(config.sources.get(part, {}))
+        record = dict(sources.get(part, {}))
         kept = tuple(name for name in record.get("kept_files", ())
                      if name not in ("config.json", "hf_config.json"))
         dtype = dtype_name(infos[0].dtype)

@@ -458,6 +458,23 @@ def fuse(
     Raises:
         FuseSurgeryError: see ``fuse_checkpoints``.
     """
+    options = fuse_options(every=every, layers=layers, fusion_after=fusion_after,
+                           new_tokens=new_tokens, embedding_init=embedding_init,
+                           encoder_layer=encoder_layer, encoder_tokens=encoder_tokens,
+                           projection=projection, dtype=dtype, seed=seed)
+    return fuse_checkpoints(encoder, decoder, out_dir, options=options, **kwargs)
+
+
+def fuse_options(*, every: int = 4, layers: list[int] | None = None, fusion_after: bool = False,
+                 new_tokens: tuple[str, ...] | list[str] = ("<|image|>",),
+                 embedding_init: str = "mean", encoder_layer: Any = "default",
+                 encoder_tokens: str = "default", projection: str = "mlp",
+                 dtype: torch.dtype | str | None = None, seed: int = 0) -> FuseOptions:
+    """``fuse``'s keyword arguments as FuseOptions (see ``fuse``).
+
+    Raises:
+        ConfigError: an unknown dtype name, or an argument of the wrong type.
+    """
     from fusesurgery.io.tensor_info import dtype_from_name  # noqa: PLC0415
     from fusesurgery.surgery.fuse_plan import DEFAULT  # noqa: PLC0415
 
@@ -466,7 +483,7 @@ def fuse(
             dtype = dtype_from_name(dtype)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    options = FuseOptions(
+    return FuseOptions(
         fusion_layers=layers,
         every=every,
         fusion_first=not fusion_after,
@@ -478,7 +495,6 @@ def fuse(
         dtype=dtype,
         seed=seed,
     )
-    return fuse_checkpoints(encoder, decoder, out_dir, options=options, **kwargs)
 
 
-__all__ = ["FuseResult", "fuse", "fuse_checkpoints", "readme_text"]
+__all__ = ["FuseResult", "fuse", "fuse_checkpoints", "fuse_options", "readme_text"]

@@ -267,8 +267,12 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         """``[b, s]`` ids (the new tokens' from ``text_vocab_size`` on) -> ``[b, s, d]``."""
         vocab = self.config.text_vocab_size
         is_new = input_ids >= vocab
-        original = self.get_input_embeddings()(input_ids.clamp(max=vocab - 1))
+        table = self.get_input_embeddings()
+        original = table(input_ids.clamp(max=vocab - 1))
         new = self.fusion_embedding((input_ids - vocab).clamp(min=0)).to(original.dtype)
+        scale = getattr(table, "embed_scale", None)  # Gemma's scaled table: new rows too
+        if scale is not None:
+            new = new * scale.to(new.dtype)
         return torch.where(is_new.unsqueeze(-1), new, original)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
