@@ -67,7 +67,10 @@ CONFIG_MODULE = "configuration_fusesurgery_fused"
 MODELING_MODULE = "modeling_fusesurgery_fused"
 CONFIG_CLASS = "FusedVisionTextConfig"
 MODEL_CLASS = "FusedVisionTextForConditionalGeneration"
-TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py")
+PROCESSING_MODULE = "processing_fusesurgery_fused"
+PROCESSOR_CLASS = "FusedVisionTextProcessor"
+TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py",
+                                   f"{PROCESSING_MODULE}.py")
 
 TEXT_PREFIX = "language_model."
 VISION_PREFIX = "vision_tower."
@@ -150,6 +153,7 @@ def export_config_dict(config: FusedConfig, directory: Path,
             "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
             "AutoModel": f"{MODELING_MODULE}.{MODEL_CLASS}",
             "AutoModelForImageTextToText": f"{MODELING_MODULE}.{MODEL_CLASS}",
+            "AutoProcessor": f"{PROCESSING_MODULE}.{PROCESSOR_CLASS}",
         },
         "text_config": text_config_dict(config, directory, dtypes["decoder"]),
         "vision_config": vision_config_dict(config, directory, dtypes["encoder"]),
@@ -173,6 +177,15 @@ def export_config_dict(config: FusedConfig, directory: Path,
         "dtype": dtypes["decoder"],
         FUSION_CONFIG_FIELD: config.to_dict(),
     }
+
+
+def processor_config_dict(config: FusedConfig) -> dict[str, Any]:
+    """``processor_config.json`` of the export: the processor class (beside it) and the image
+    token; the tower's image processor config and the tokenizer are their own files."""
+    image = next((t.token for t in config.new_tokens if t.token == "<|image|>"),
+                 config.new_tokens[0].token)
+    return {"processor_class": PROCESSOR_CLASS, "image_token": image,
+            "auto_map": {"AutoProcessor": f"{PROCESSING_MODULE}.{PROCESSOR_CLASS}"}}
 
 
 def template_files() -> dict[str, bytes]:
@@ -250,6 +263,8 @@ def export_transformers(
             **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
         }
         extra.update(read_kept_source_files(directory, config.sources))
+        extra["processor_config.json"] = standard_json.dumps(processor_config_dict(config),
+                                                             indent=2) + "\n"
         written = write_safetensors(
             out_dir, infos, lambda key: producers[key](), max_shard_size=max_shard_size,
             extra_files=extra, overwrite=overwrite, on_tensor_written=on_tensor_written,
