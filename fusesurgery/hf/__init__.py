@@ -72,7 +72,6 @@ def register_transformers() -> None:
     from fusesurgery.hf.template.modeling_fusesurgery_fused import (  # noqa: PLC0415
         FusedVisionTextForConditionalGeneration,
     )
-
     from fusesurgery.hf.template.processing_fusesurgery_fused import (  # noqa: PLC0415
         FusedVisionTextProcessor,
     )
