@@ -88,4 +88,8 @@ class FusedVisionTextConfig(PretrainedConfig):
                                                     False))
 
 
+# save_pretrained writes these files beside the weights (and auto_map), so a saved model
+# loads with transformers alone as the export did
+FusedVisionTextConfig.register_for_auto_class()
+
 __all__ = ["MODEL_TYPE", "FusedVisionTextConfig"]

@@ -452,4 +452,8 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         return inputs
 
 
+# save_pretrained writes these files beside the weights (and auto_map), so a saved model
+# loads with transformers alone as the export did
+FusedVisionTextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
 __all__ = ["FusedVisionTextForConditionalGeneration", "FusedVisionTextPreTrainedModel"]

@@ -171,4 +171,8 @@ class FusedVisionTextProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "cross_attention_mask"]
 
 
+# save_pretrained writes these files beside the weights (and auto_map), so a saved model
+# loads with transformers alone as the export did
+FusedVisionTextProcessor.register_for_auto_class("AutoProcessor")
+
 __all__ = ["FusedVisionTextProcessor"]
