@@ -84,6 +84,18 @@ def test_chat_template_puts_the_image_where_the_message_does(gated_export):
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 1
 
 
+def test_chat_template_is_the_decoders_own_where_it_has_one(gated_export):
+    processor = _processor(gated_export)
+    processor.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "word5"}]},
+                {"role": "assistant", "content": "word6"}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == (
+        f"<user>{IMAGE}word5</user><assistant>word6</assistant><assistant>")
+
+
 def test_logits_with_images_equal_load_fused(gated_export, gated_example, batch):
     model = _model(gated_export)
     native = fusesurgery.load_fused(gated_example, dtype=torch.float32).eval()
