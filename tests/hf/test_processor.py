@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fusesurgery
 
@@ -215,3 +217,24 @@ def test_processor_and_model_load_with_transformers_alone(gated_export, tmp_path
         assert torch.equal(remote["logits"], model(**local).logits)
         assert torch.equal(remote["generated"],
                            model.generate(**local, max_new_tokens=3, do_sample=False))
+
+
+@settings(max_examples=200)
+@given(st.lists(st.lists(st.sampled_from([3, 4, IMAGE_ID]), min_size=1, max_size=12),
+                min_size=1, max_size=3, unique_by=len))
+def test_image_token_mask_is_fusesurgerys_image_spans(rows):
+    from fusesurgery.hf.template.modeling_fusesurgery_fused import image_token_mask
+    from fusesurgery.run.inputs import image_spans
+
+    s = max(len(row) for row in rows)
+    n = max(1, max(row.count(IMAGE_ID) for row in rows))
+    ids = torch.tensor([row + [3] * (s - len(row)) for row in rows])  # right-padded
+    expected = torch.zeros(len(rows), s, n, dtype=torch.bool)
+    for i, row in enumerate(ids.tolist()):
+        for j, (start, end) in enumerate(image_spans(row, IMAGE_ID)):
+            expected[i, start:end, j] = True
+    assert torch.equal(image_token_mask(ids, IMAGE_ID, n), expected)
+    if n > 1 or any(IMAGE_ID in row for row in rows):
+        with pytest.raises(ValueError, match="image tokens and only"):
+            image_token_mask(ids, IMAGE_ID, n - 1) if n > 1 else image_token_mask(
+                ids, IMAGE_ID, 0)
