@@ -19,7 +19,7 @@ What is measured (whole processes, timed from the parent, imports included, unle
    for `--rounds` rounds, `--new-tokens` tokens each (`min_new_tokens` forces the length). A
    forward hook times every call of the model; the calls after the first are the decoding
    steps, whose median is the cost per new token (the first call, with the tower and the
-   image keys/values, is the prefill). Target: with / without an image <= 1.2 (median of the
+   image keys/values, is the prefill). One untimed short generate of each comes first. Target: with / without an image <= 1.2 (median of the
    per-round ratios).
 
 Usage: python benchmarks/bench_export.py [--workdir DIR] [--keep] [--rounds 3]
@@ -85,6 +85,8 @@ runs = {"image": dict(input_ids=with_image, pixel_values=pixels), "text": dict(i
 steps = {"image": [], "text": []}
 prefill = {"image": [], "text": []}
 with torch.no_grad():
+    for name in runs:  # warm-up, untimed: first-call allocations and kernel choices
+        model.generate(**runs[name], max_new_tokens=2, min_new_tokens=2, do_sample=False)
     for r in range(rounds):
         for name in (("image", "text") if r % 2 == 0 else ("text", "image")):
             stamps.clear()
@@ -107,6 +109,9 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds to wait before each timed run")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--parts", default="export,load,decode",
+                        help="which measurements to run (comma-separated; load and decode "
+                        "need the export an earlier run left in --workdir)")
     parser.add_argument("--decoder-preset", default="llama3_2_1b")
     parser.add_argument("--encoder-preset", default="clip_vit_l_14_336")
     args = parser.parse_args()
@@ -132,74 +137,89 @@ def main() -> None:
         copy_cmd = ["bash", "-c", f"cp -r '{fused}' '{copy}' && cd '{copy}' && find . -type f "
                     f"-exec sync {{}} +"]
 
-        # 1. export against cp -r + sync
-        times: dict[str, list[float]] = {"export": [], "cp": []}
-        peaks: list[int] = []
-        print(f"\n1. export vs cp -r + sync, {args.rounds} rounds, alternating")
-        for r in range(args.rounds):
-            order = ("export", "cp") if r % 2 == 0 else ("cp", "export")
-            for name in order:
-                shutil.rmtree(export if name == "export" else copy, ignore_errors=True)
-                same_start([fused], args.settle)
-                seconds, peak = run_sampled(export_cmd if name == "export" else copy_cmd)
-                times[name].append(seconds)
-                if name == "export":
-                    peaks.append(peak)
-            print(f"  round {r + 1} ({order[0]} first): export {times['export'][-1]:.2f} s, "
-                  f"cp {times['cp'][-1]:.2f} s, ratio "
-                  f"{times['export'][-1] / times['cp'][-1]:.2f}", flush=True)
-        ratios = [e / c for e, c in zip(times["export"], times["cp"], strict=True)]
-        bound = 300e6 + largest
-        print(f"  export / cp: median of rounds {statistics.median(ratios):.2f} (target <= 1.3: "
-              f"{'PASS' if statistics.median(ratios) <= 1.3 else 'FAIL'}); peak RssAnon "
-              f"{max(peaks) / 1e6:.0f} MB (bound 300 MB + largest tensor = {bound / 1e6:.0f} "
-              f"MB: {'PASS' if max(peaks) <= bound else 'FAIL'})")
-        shutil.rmtree(copy, ignore_errors=True)
-
-        # 2. from_pretrained of the export against the source decoder's
-        report = work / "bench_export_load.json"
-        loads: dict[str, list[float]] = {"export": [], "decoder": []}
-        walls: dict[str, list[float]] = {"export": [], "decoder": []}
-        print(f"\n2. from_pretrained: export vs the source decoder, {args.rounds} rounds")
-        for r in range(args.rounds):
-            order = ("export", "decoder") if r % 2 == 0 else ("decoder", "export")
-            for name in order:
-                same_start([export, dec], args.settle)
-                seconds, _ = run_sampled([sys.executable, "-c", LOAD, name,
-                                          str(export if name == "export" else dec),
-                                          str(report)])
-                walls[name].append(seconds)
-                loads[name].append(json.loads(report.read_text())["from_pretrained"])
-            print(f"  round {r + 1}: from_pretrained export {loads['export'][-1]:.2f} s, "
-                  f"decoder {loads['decoder'][-1]:.2f} s (whole processes "
-                  f"{walls['export'][-1]:.2f} s, {walls['decoder'][-1]:.2f} s)", flush=True)
-        load_ratio = statistics.median(e / d for e, d in zip(loads["export"], loads["decoder"],
-                                                             strict=True))
-        wall_ratio = statistics.median(e / d for e, d in zip(walls["export"], walls["decoder"],
-                                                             strict=True))
-        size_ratio = tree_bytes(export) / tree_bytes(dec)
-        print(f"  export / decoder: from_pretrained median {load_ratio:.2f}, whole process "
-              f"{wall_ratio:.2f}; bytes {size_ratio:.2f}; target <= {size_ratio * 1.2:.2f}: "
-              f"{'PASS' if load_ratio <= size_ratio * 1.2 else 'FAIL'}")
-
-        # 3. cost per new token with an image and without
-        report = work / "bench_export_decode.json"
-        print(f"\n3. cost per new token, {args.rounds} rounds of {args.new_tokens} tokens")
-        subprocess.run([sys.executable, "-c", DECODE, str(export), str(args.rounds),
-                        str(args.new_tokens), str(report)], check=True)
-        decode = json.loads(report.read_text())
-        steps, prefill = decode["steps"], decode["prefill"]
-        per_round = [i / t for i, t in zip(steps["image"], steps["text"], strict=True)]
-        for r, ratio in enumerate(per_round):
-            print(f"  round {r + 1}: per new token with an image {steps['image'][r] * 1e3:.1f} "
-                  f"ms, without {steps['text'][r] * 1e3:.1f} ms, ratio {ratio:.2f} (prefill "
-                  f"{prefill['image'][r]:.2f} s with the tower, {prefill['text'][r]:.2f} s)")
-        median = statistics.median(per_round)
-        print(f"  with / without an image: median of rounds {median:.2f} (target <= 1.2: "
-              f"{'PASS' if median <= 1.2 else 'FAIL'})")
+        parts = set(args.parts.split(","))
+        if "export" in parts or not (export / "config.json").is_file():
+            measure_export(args, fused, export, copy, export_cmd, copy_cmd, largest)
+        if "load" in parts:
+            measure_load(args, work, export, dec)
+        if "decode" in parts:
+            measure_decode(args, work, export)
     finally:
         if temporary and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_export(args, fused: Path, export: Path, copy: Path, export_cmd: list[str],
+                   copy_cmd: list[str], largest: int) -> None:
+    """1. export against cp -r + sync."""
+    times: dict[str, list[float]] = {"export": [], "cp": []}
+    peaks: list[int] = []
+    print(f"\n1. export vs cp -r + sync, {args.rounds} rounds, alternating")
+    for r in range(args.rounds):
+        order = ("export", "cp") if r % 2 == 0 else ("cp", "export")
+        for name in order:
+            shutil.rmtree(export if name == "export" else copy, ignore_errors=True)
+            same_start([fused], args.settle)
+            seconds, peak = run_sampled(export_cmd if name == "export" else copy_cmd)
+            times[name].append(seconds)
+            if name == "export":
+                peaks.append(peak)
+        print(f"  round {r + 1} ({order[0]} first): export {times['export'][-1]:.2f} s, "
+              f"cp {times['cp'][-1]:.2f} s, ratio "
+              f"{times['export'][-1] / times['cp'][-1]:.2f}", flush=True)
+    ratios = [e / c for e, c in zip(times["export"], times["cp"], strict=True)]
+    bound = 300e6 + largest
+    print(f"  export / cp: median of rounds {statistics.median(ratios):.2f} (target <= 1.3: "
+          f"{'PASS' if statistics.median(ratios) <= 1.3 else 'FAIL'}); peak RssAnon "
+          f"{max(peaks) / 1e6:.0f} MB (bound 300 MB + largest tensor = {bound / 1e6:.0f} "
+          f"MB: {'PASS' if max(peaks) <= bound else 'FAIL'})")
+    shutil.rmtree(copy, ignore_errors=True)
+
+
+def measure_load(args, work: Path, export: Path, dec: Path) -> None:
+    """2. from_pretrained of the export against the source decoder's."""
+    report = work / "bench_export_load.json"
+    loads: dict[str, list[float]] = {"export": [], "decoder": []}
+    walls: dict[str, list[float]] = {"export": [], "decoder": []}
+    print(f"\n2. from_pretrained: export vs the source decoder, {args.rounds} rounds")
+    for r in range(args.rounds):
+        order = ("export", "decoder") if r % 2 == 0 else ("decoder", "export")
+        for name in order:
+            same_start([export, dec], args.settle)
+            seconds, _ = run_sampled([sys.executable, "-c", LOAD, name,
+                                      str(export if name == "export" else dec),
+                                      str(report)])
+            walls[name].append(seconds)
+            loads[name].append(json.loads(report.read_text())["from_pretrained"])
+        print(f"  round {r + 1}: from_pretrained export {loads['export'][-1]:.2f} s, "
+              f"decoder {loads['decoder'][-1]:.2f} s (whole processes "
+              f"{walls['export'][-1]:.2f} s, {walls['decoder'][-1]:.2f} s)", flush=True)
+    load_ratio = statistics.median(e / d for e, d in zip(loads["export"], loads["decoder"],
+                                                         strict=True))
+    wall_ratio = statistics.median(e / d for e, d in zip(walls["export"], walls["decoder"],
+                                                         strict=True))
+    size_ratio = tree_bytes(export) / tree_bytes(dec)
+    print(f"  export / decoder: from_pretrained median {load_ratio:.2f}, whole process "
+          f"{wall_ratio:.2f}; bytes {size_ratio:.2f}; target <= {size_ratio * 1.2:.2f}: "
+          f"{'PASS' if load_ratio <= size_ratio * 1.2 else 'FAIL'}")
+
+
+def measure_decode(args, work: Path, export: Path) -> None:
+    """3. cost per new token with an image and without."""
+    report = work / "bench_export_decode.json"
+    print(f"\n3. cost per new token, {args.rounds} rounds of {args.new_tokens} tokens")
+    subprocess.run([sys.executable, "-c", DECODE, str(export), str(args.rounds),
+                    str(args.new_tokens), str(report)], check=True)
+    decode = json.loads(report.read_text())
+    steps, prefill = decode["steps"], decode["prefill"]
+    per_round = [i / t for i, t in zip(steps["image"], steps["text"], strict=True)]
+    for r, ratio in enumerate(per_round):
+        print(f"  round {r + 1}: per new token with an image {steps['image'][r] * 1e3:.1f} "
+              f"ms, without {steps['text'][r] * 1e3:.1f} ms, ratio {ratio:.2f} (prefill "
+              f"{prefill['image'][r]:.2f} s with the tower, {prefill['text'][r]:.2f} s)")
+    median = statistics.median(per_round)
+    print(f"  with / without an image: median of rounds {median:.2f} (target <= 1.2: "
+          f"{'PASS' if median <= 1.2 else 'FAIL'})")
 
 
 if __name__ == "__main__":

@@ -122,22 +122,25 @@ class FusionCrossAttention(nn.Module):
         self.k_norm = FusionRMSNorm(h_d, config.qk_norm_eps)
 
     def project_kv(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[b, s_e, d] -> ([b, n_kv, s_e, h_d], [b, n_kv, s_e, h_d])``: computed once per
-        image, reused by every decoding step."""
+        """``[b, s_e, d] -> ([b, n_h, s_e, h_d], [b, n_h, s_e, h_d])``: computed once per
+        image, reused by every decoding step (the key/value heads already repeated for their
+        query heads, so no step repeats them again)."""
         b, s_e, _ = image.shape
         k = self.k_norm(self.k_proj(image).view(b, s_e, self.num_kv_heads, self.head_dim))
         v = self.v_proj(image).view(b, s_e, self.num_kv_heads, self.head_dim)
-        return k.transpose(1, 2), v.transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """``x [b, s, d]``, ``mask [b, s, s_e]`` bool (True = attend) or None -> ``[b, s, d]``."""
-        b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if self.num_kv_heads != self.num_heads:
             group = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """``x [b, s, d]``, ``k``, ``v`` ``[b, n_h, s_e, h_d]`` (from :meth:`project_kv`),
+        ``mask [b, s, s_e]`` bool (True = attend) or None -> ``[b, s, d]``."""
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if mask is None else mask[:, None, :, :])
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
@@ -370,11 +373,11 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             return mask
         if input_ids is None or self.config.image_token_id is None:
             return None
+        if previous_row is not None:  # a decoding step continues the span it is in (generate
+            # gives images at the first step only, so later image tokens open no new span)
+            return previous_row[:, None, :].expand(-1, input_ids.shape[1], -1)
         mask = image_token_mask(input_ids, self.config.image_token_id, num_images)
-        mask = mask.repeat_interleave(s_e, dim=-1)
-        if previous_row is not None:  # a decoding step continues the span it is in
-            mask = mask | previous_row[:, None, :]
-        return mask
+        return mask.repeat_interleave(s_e, dim=-1)
 
     def forward(
         self,
