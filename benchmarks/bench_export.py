@@ -19,8 +19,8 @@ What is measured (whole processes, timed from the parent, imports included, unle
    for `--rounds` rounds, `--new-tokens` tokens each (`min_new_tokens` forces the length). A
    forward hook times every call of the model; the calls after the first are the decoding
    steps, whose median is the cost per new token (the first call, with the tower and the
-   image keys/values, is the prefill). One untimed short generate of each comes first. Target: with / without an image <= 1.2 (median of the
-   per-round ratios).
+   image keys/values, is the prefill). One untimed short generate of each comes first.
+   Target: with / without an image <= 1.2 (median of the per-round ratios).
 
 Usage: python benchmarks/bench_export.py [--workdir DIR] [--keep] [--rounds 3]
        [--settle 1.0] [--new-tokens 16] [--decoder-preset llama3_2_1b]
