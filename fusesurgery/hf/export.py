@@ -3,9 +3,10 @@
 The output holds ``config.json`` (a ``FusedVisionTextConfig``: the sources' own transformers
 configs as ``text_config`` / ``vision_config`` plus the fusion settings, with an ``auto_map``
 to the modeling files beside it), sharded safetensors with an index, the fused tokenizer,
-generation and preprocessor configs, and the template's configuration and modeling files.
-``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` loads it with
-transformers alone.
+generation and preprocessor configs, the processor's config, and the template's
+configuration, modeling and processing files.
+``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` and
+``AutoProcessor.from_pretrained(DIR, trust_remote_code=True)`` load it with transformers alone.
 
 Keys (``exported_key``): the text model's and the tower's are the sources' own transformers
 names under ``language_model.`` and ``vision_tower.``; fusion's are
@@ -189,7 +190,8 @@ def processor_config_dict(config: FusedConfig) -> dict[str, Any]:
 
 
 def template_files() -> dict[str, bytes]:
-    """The configuration and modeling files, as shipped in ``fusesurgery/hf/template``."""
+    """The configuration, modeling and processing files, as shipped in
+    ``fusesurgery/hf/template``."""
     package = resources.files("fusesurgery.hf.template")
     return {name: package.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
 
