@@ -24,23 +24,24 @@ def validate(
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     dtype: DtypeOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the random tokens and images.")] = 0,
+    transformers: Annotated[bool, typer.Option(
+        "--transformers", help="Also export FUSED to a temporary directory, load it with "
+        "transformers and compare its logits with an image with the native model's (always "
+        "done when FUSED is a transformers export).")] = False,
     as_json: Json = False,
 ) -> None:
     """Check a fused checkpoint: its keys, shapes and dtypes; with --against that its original
     tensors are the source's bit for bit (or after the same cast) and its text logits the
     original decoder's; that its logits equal its decoder's exactly while the gates are zero
     (text only and with an image); KV-cache decoding; a save/load round trip. Each row says
-    what it compared; the last line says what that proves. Exit 0 all pass, 1 a check
-    failed, 2 bad input."""
-    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
-
-    if is_export_directory(fused):  # through transformers' own classes
-        from fusesurgery.hf.validate_export import validate_export as validate_fused
-    else:
-        from fusesurgery.validate import validate_fused  # noqa: PLC0415 - imports torch
+    what it compared; the last line says what that proves. A transformers export is checked
+    through its fused checkpoint, and its logits compared with the native model's. Exit 0 all
+    pass, 1 a check failed, 2 bad input."""
+    from fusesurgery.validate import validate_fused  # noqa: PLC0415 - imports torch
 
     report = validate_fused(fused, against=against, device=device,
-                            dtype=parse_dtype_option(dtype), seed=seed)
+                            dtype=parse_dtype_option(dtype), seed=seed,
+                            transformers=True if transformers else None)
     if as_json:
         typer.echo(standard_json.dumps(report.to_dict(), indent=2))
     else:

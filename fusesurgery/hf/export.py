@@ -3,9 +3,10 @@
 The output holds ``config.json`` (a ``FusedVisionTextConfig``: the sources' own transformers
 configs as ``text_config`` / ``vision_config`` plus the fusion settings, with an ``auto_map``
 to the modeling files beside it), sharded safetensors with an index, the fused tokenizer,
-generation and preprocessor configs, and the template's configuration and modeling files.
-``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` loads it with
-transformers alone.
+generation and preprocessor configs, the processor's config, and the template's
+configuration, modeling and processing files.
+``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` and
+``AutoProcessor.from_pretrained(DIR, trust_remote_code=True)`` load it with transformers alone.
 
 Keys (``exported_key``): the text model's and the tower's are the sources' own transformers
 names under ``language_model.`` and ``vision_tower.``; fusion's are
@@ -67,7 +68,10 @@ CONFIG_MODULE = "configuration_fusesurgery_fused"
 MODELING_MODULE = "modeling_fusesurgery_fused"
 CONFIG_CLASS = "FusedVisionTextConfig"
 MODEL_CLASS = "FusedVisionTextForConditionalGeneration"
-TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py")
+PROCESSING_MODULE = "processing_fusesurgery_fused"
+PROCESSOR_CLASS = "FusedVisionTextProcessor"
+TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py",
+                                   f"{PROCESSING_MODULE}.py")
 
 TEXT_PREFIX = "language_model."
 VISION_PREFIX = "vision_tower."
@@ -143,6 +147,7 @@ def auto_map() -> dict[str, str]:
         "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
         "AutoModel": f"{MODELING_MODULE}.{MODEL_CLASS}",
         "AutoModelForImageTextToText": f"{MODELING_MODULE}.{MODEL_CLASS}",
+        "AutoProcessor": f"{PROCESSING_MODULE}.{PROCESSOR_CLASS}",
     }
 
 
@@ -180,8 +185,18 @@ def export_config_dict(config: FusedConfig, directory: Path,
     }
 
 
+def processor_config_dict(config: FusedConfig) -> dict[str, Any]:
+    """``processor_config.json`` of the export: the processor class (beside it) and the image
+    token; the tower's image processor config and the tokenizer are their own files."""
+    image = next((t.token for t in config.new_tokens if t.token == "<|image|>"),
+                 config.new_tokens[0].token)
+    return {"processor_class": PROCESSOR_CLASS, "image_token": image,
+            "auto_map": {"AutoProcessor": f"{PROCESSING_MODULE}.{PROCESSOR_CLASS}"}}
+
+
 def template_files() -> dict[str, bytes]:
-    """The configuration and modeling files, as shipped in ``fusesurgery/hf/template``."""
+    """The configuration, modeling and processing files, as shipped in
+    ``fusesurgery/hf/template``."""
     package = resources.files("fusesurgery.hf.template")
     return {name: package.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
 
@@ -265,6 +280,8 @@ def export_transformers(
             **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
         }
         extra.update(read_kept_source_files(directory, config.sources))
+        extra["processor_config.json"] = standard_json.dumps(processor_config_dict(config),
+                                                             indent=2) + "\n"
         written = write_safetensors(
             out_dir, infos, lambda key: producers[key](), max_shard_size=max_shard_size,
             extra_files=extra, overwrite=overwrite, on_tensor_written=on_tensor_written,

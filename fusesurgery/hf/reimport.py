@@ -29,6 +29,7 @@ from fusesurgery.hf.anyfamily import (
 from fusesurgery.hf.export import (
     FUSION_CONFIG_FIELD,
     MODEL_TYPE,
+    PROCESSOR_CLASS,
     TEXT_PREFIX,
     VISION_PREFIX,
     exported_key,
@@ -122,6 +123,26 @@ def _no_native_message(document: dict, path: object) -> str:
 
 
 GATE_SUFFIXES: tuple[str, ...] = (".ca_scale.scale", ".mlp_scale.scale")
+PROCESSOR_CONFIG_FILE = "processor_config.json"
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+
+
+def _native_side_files(directory: Path) -> dict[str, bytes | str]:
+    """The tokenizer, generation and image-processor files for the native layout. The
+    export's own ``processor_config.json`` names a class only the export has, so it stays
+    behind; a processor saved with ``save_pretrained`` holds the tower's image-processor
+    config inside it, which becomes ``preprocessor_config.json`` again."""
+    found: dict[str, bytes | str] = dict(
+        read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)))
+    processor = found.get(PROCESSOR_CONFIG_FILE)
+    document = None if processor is None else json_object(
+        processor, directory / PROCESSOR_CONFIG_FILE)
+    if document is not None and document.get("processor_class") == PROCESSOR_CLASS:
+        del found[PROCESSOR_CONFIG_FILE]
+        nested = document.get("image_processor")
+        if PREPROCESSOR_CONFIG_FILE not in found and isinstance(nested, dict):
+            found[PREPROCESSOR_CONFIG_FILE] = standard_json.dumps(nested, indent=2) + "\n"
+    return found
 
 
 def _with_gates_read(config: FusedConfig, source, native_of: dict[str, tuple]) -> FusedConfig:
@@ -175,7 +196,7 @@ def import_transformers(
         config = _with_gates_read(config, source, native_of)
         extra: dict[str, bytes | str] = {
             FUSION_CONFIG_FILE: standard_json.dumps(config.to_dict(), indent=2) + "\n",
-            **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
+            **_native_side_files(directory),
         }
         extra.update(read_kept_source_files(directory, config.sources))
         written = write_safetensors(
