@@ -35,9 +35,9 @@ from fusesurgery.hf.export import (
     CROSS_PREFIX,
     FUSION_EMBEDDING_KEY,
     MODEL_CLASS,
+    MODEL_CODE_FILES,
     MODEL_TYPE,
     PROJECTION_PREFIX,
-    TEMPLATE_FILES,
     TEXT_PREFIX,
     VISION_PREFIX,
     auto_map,
@@ -777,7 +777,7 @@ def is_any_export(document: object) -> bool:
 
 def check_template_files(directory: Path, path: object) -> None:
     """Raises CheckpointError when the modeling or configuration file is missing."""
-    missing = [name for name in TEMPLATE_FILES if not (directory / name).is_file()]
+    missing = [name for name in MODEL_CODE_FILES if not (directory / name).is_file()]
     if missing:
         raise CheckpointError(f"{path}: half a transformers export: {missing[0]} is missing "
                               "(transformers cannot load it with trust_remote_code); write "

@@ -72,6 +72,9 @@ PROCESSING_MODULE = "processing_fusesurgery_fused"
 PROCESSOR_CLASS = "FusedVisionTextProcessor"
 TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py",
                                    f"{PROCESSING_MODULE}.py")
+# what the model itself needs to load with trust_remote_code (a model's own save_pretrained
+# writes these two; the processing file comes with the processor's)
+MODEL_CODE_FILES: tuple[str, ...] = TEMPLATE_FILES[:2]
 
 TEXT_PREFIX = "language_model."
 VISION_PREFIX = "vision_tower."

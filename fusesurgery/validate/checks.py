@@ -14,6 +14,7 @@ output shared by every check that needs an image.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -593,12 +594,13 @@ def _check_transformers(report: ValidationReport, export: str, native: str, *, s
                "were edited; the row below ran this version's classes")
     model = load_fused(native, device=device, dtype=torch.float32)
     model.eval()
-    _, image_tokens, images, mask, position = _inputs(model, seed, batch, seq_len, device)
-    native_logits = model(image_tokens, encoder_input={"images": images}, encoder_mask=mask)
+    _, image_tokens, encoder_input, mask, position = _inputs(model, seed, batch, seq_len,
+                                                             device)
+    native_logits = model(image_tokens, encoder_input=encoder_input, encoder_mask=mask)
     del model
     exported = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32)
     exported.to(device).eval()
-    logits = exported(input_ids=image_tokens, pixel_values=images).logits
+    logits = exported(input_ids=image_tokens, pixel_values=encoder_input["images"]).logits
     equal = _bitwise_equal(logits, native_logits)
     diff = _max_diff(logits, native_logits)
     tolerance = TRANSFORMERS_TOLERANCE * max(1.0, float(native_logits.abs().max()))
@@ -729,7 +731,7 @@ def validate_fused(
         from fusesurgery.hf.anyfamily import is_any_export  # noqa: PLC0415
         from fusesurgery.io._files import read_side_file  # noqa: PLC0415
 
-        if is_any_export(read_side_file(Path(path) / "config.json")):
+        if is_any_export(json.loads(read_side_file(Path(path) / "config.json"))):
             # fuse --format transformers: any family, checked through transformers' classes
             from fusesurgery.hf.validate_export import validate_export  # noqa: PLC0415
 
