@@ -22,7 +22,7 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
     "VisionEncoderConfig": ("fusesurgery.config", "VisionEncoderConfig"),
     "detect_checkpoint": ("fusesurgery.surgery", "detect_checkpoint"),
     "export_transformers": ("fusesurgery.hf", "export_transformers"),
-    "fuse": ("fusesurgery.write.fuse_checkpoint", "fuse"),
+    "fuse": ("fusesurgery.hf.anyfamily", "fuse"),
     "generate": ("fusesurgery.run.generation", "generate"),
     "load_decoder": ("fusesurgery.surgery", "load_decoder"),
     "load_encoder": ("fusesurgery.surgery", "load_encoder"),
@@ -40,13 +40,13 @@ if TYPE_CHECKING:
     from fusesurgery.config import DecoderConfig, FusionConfig, RopeScaling, VisionEncoderConfig
     from fusesurgery.errors import FuseSurgeryError
     from fusesurgery.hf import export_transformers, register_transformers
+    from fusesurgery.hf.anyfamily import fuse
     from fusesurgery.run.generation import generate
     from fusesurgery.run.inputs import load_processor, prepare_inputs
     from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
     from fusesurgery.surgery.fuse_plan import FuseOptions
     from fusesurgery.surgery.fused import load_fused, read_fused_config
     from fusesurgery.validate import validate_fused as validate
-    from fusesurgery.write.fuse_checkpoint import fuse
     from fusesurgery.write.save_fused import save_fused
     from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint as unfuse
 

@@ -19,20 +19,131 @@ from fusesurgery.families._spec import RopeStyle
 # The families are the files of fusesurgery.families; these admit exactly their names.
 DecoderFamily = Literal[tuple(DECODER_FAMILIES)]  # type: ignore[valid-type]
 VisionFamily = Literal[tuple(VISION_FAMILIES)]  # type: ignore[valid-type]
+# Which of a tower's output tokens feed the fusion: every token, the class token and the
+# patches (registers left out, as the papers that fuse DINOv2 do), or the patches alone.
+FeatureTokens = Literal["all", "cls_and_patches", "patches"]
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+
+
+RopeType = Literal["linear", "dynamic", "yarn", "longrope", "llama3"]
+
+# The fields each RoPE scaling reads (transformers' ROPE_INIT_FUNCTIONS take the same ones from
+# a config's rope_scaling / rope_parameters); any other field of a RopeScaling stays None.
+ROPE_TYPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    "longrope": ("factor", "original_max_position_embeddings", "attention_factor",
+                 "short_factor", "long_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+assert set(ROPE_TYPE_FIELDS) == set(get_args(RopeType)), "a RoPE type lacks its fields"
+# Fields a type needs; Llama 3.1's own values fill those a bare RopeScaling(factor=...) omits.
+_ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "linear": (), "dynamic": ("original_max_position_embeddings",),
+    "yarn": ("original_max_position_embeddings",),
+    "longrope": ("original_max_position_embeddings", "short_factor", "long_factor"),
+    "llama3": (),
+}
+_LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1 frequency-dependent RoPE scaling (``rope_type: llama3``)."""
+    """A RoPE frequency scaling, one of transformers' ``rope_type``s (the fields each type
+    reads are :data:`ROPE_TYPE_FIELDS`; the others stay None).
+
+    - ``linear``: every frequency divided by ``factor``.
+    - ``dynamic`` (NTK): past ``original_max_position_embeddings`` positions (transformers:
+      the config's ``max_position_embeddings``) the base grows with the sequence length.
+    - ``yarn``: frequencies blended between interpolated and extrapolated by wavelength
+      (``beta_fast``, ``beta_slow``, ``truncate``); cos/sin scaled by ``attention_factor``
+      (derived from ``factor``, ``mscale``, ``mscale_all_dim`` when not given).
+    - ``longrope``: per-frequency ``short_factor`` up to ``original_max_position_embeddings``
+      positions, ``long_factor`` past them; cos/sin scaled by ``attention_factor``.
+    - ``llama3`` (Llama 3.1): long wavelengths divided by ``factor``, short ones kept, a
+      smooth blend between ``low_freq_factor`` and ``high_freq_factor``.
+
+    Raises:
+        ConfigError: an unknown type, a field the type does not read, a missing one, or a
+            value out of its domain (factors and betas positive, ``high_freq_factor`` above
+            ``low_freq_factor``, ``short_factor`` and ``long_factor`` of one length).
+    """
 
     factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    rope_type: RopeType = "llama3"
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPE_FIELDS:
+            raise ConfigError(f"rope_type {self.rope_type!r} is not a supported RoPE scaling; "
+                              f"supported: {', '.join(ROPE_TYPE_FIELDS)} (plain RoPE: no "
+                              "scaling, null)")
+        if self.rope_type == "llama3":
+            for name, value in _LLAMA3_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        uses = ROPE_TYPE_FIELDS[self.rope_type]
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if spec.name in uses or spec.name == "rope_type":
+                if value is None and spec.name in _ROPE_REQUIRED[self.rope_type]:
+                    raise _field_error(self, spec.name, value, f"set for {self.rope_type} "
+                                       "scaling")
+            elif value is not None:
+                raise _field_error(self, spec.name, value,
+                                   f"null for {self.rope_type} scaling (it does not read it)")
         check_field_values(self)
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise _field_error(self, "high_freq_factor", self.high_freq_factor,
+                               f"above low_freq_factor {self.low_freq_factor}")
+        if self.rope_type == "longrope" and len(self.short_factor) != len(self.long_factor):
+            raise ConfigError(f"RopeScaling.long_factor has {len(self.long_factor)} values "
+                              f"and short_factor {len(self.short_factor)}: longrope needs one "
+                              "of each per rotated pair")
+
+    def summary(self) -> str:
+        """One line: ``yarn x4 (orig 32768)``, ``llama3 x8 (low 1, high 4, orig 8192)``."""
+        short = {"low_freq_factor": "low", "high_freq_factor": "high",
+                 "original_max_position_embeddings": "orig"}
+        parts = []
+        for name, value in self.parameters().items():
+            if name in ("rope_type", "factor"):
+                continue
+            if isinstance(value, list):
+                value = f"[{len(value)} values]"
+            elif isinstance(value, float):
+                value = f"{value:g}"
+            parts.append(f"{short.get(name, name)} {value}")
+        return f"{self.rope_type} x{self.factor:g} ({', '.join(parts)})" if parts else (
+            f"{self.rope_type} x{self.factor:g}")
+
+    def parameters(self) -> dict[str, object]:
+        """The fields this type reads that are set, ``rope_type`` first (as config.json
+        states them, lists for the per-frequency factors)."""
+        out: dict[str, object] = {"rope_type": self.rope_type}
+        for name in ROPE_TYPE_FIELDS[self.rope_type]:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
 # The RoPE pairing of each decoder family's native layout (each family file's
@@ -59,7 +170,7 @@ class DecoderConfig:
         max_seq_len: longest sequence the RoPE cache and KV caches are built for.
         norm_eps: RMSNorm epsilon.
         rope_base: RoPE theta.
-        rope_scaling: Llama 3.1 scaling, or None for plain RoPE.
+        rope_scaling: a RoPE scaling (:class:`RopeScaling`), or None for plain RoPE.
         attn_bias: q/k/v projections carry a bias (Qwen2).
         qk_norm: each query and key head is RMSNormed over ``h_d`` (epsilon ``norm_eps``, one
             ``[h_d]`` scale per layer for q and one for k) before RoPE (Qwen3).
@@ -105,6 +216,17 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise _field_error(self, "num_kv_heads", self.num_kv_heads,
                                f"a divisor of num_heads {self.num_heads}")
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.rope_type == "longrope" and (
+                len(scaling.short_factor) != self.head_dim // 2):
+            error = ConfigError(f"longrope scaling has {len(scaling.short_factor)} factors per "
+                                f"list, head_dim {self.head_dim} needs {self.head_dim // 2} "
+                                "(one per rotated pair)")
+            error.field = "rope_scaling"
+            raise error
+        if scaling is not None and scaling.rope_type == "dynamic" and self.head_dim <= 2:
+            raise _field_error(self, "head_dim", self.head_dim,
+                               "above 2 for dynamic RoPE scaling")
 
     @property
     def rope_style(self) -> RopeStyle:
@@ -114,6 +236,16 @@ class DecoderConfig:
     def replace(self, **changes) -> DecoderConfig:
         """Return a copy with ``changes`` applied (derived fields recomputed if not given)."""
         return dataclasses.replace(self, **changes)
+
+
+# Towers whose class token and position table keep a leading batch dim (DINOv2, DINOv3), and
+# towers that take pre-cut patches (SigLIP2 NaFlex: a linear patch embedding over
+# ``[b, n_patches, c*p*p]``, the position table resized per image's patch grid): from the
+# family files' ``batch_dim_tables`` and ``naflex``.
+BATCH_DIM_VISION_FAMILIES: tuple[str, ...] = tuple(
+    name for name, family in VISION_FAMILIES.items() if family.batch_dim_tables)
+NAFLEX_VISION_FAMILIES: tuple[str, ...] = tuple(
+    name for name, family in VISION_FAMILIES.items() if family.naflex)
 
 
 @dataclass(frozen=True)
@@ -139,6 +271,20 @@ class VisionEncoderConfig:
             transformers' numbering, 0 = embeddings; negative counts from the end, -1 = last
             layer). None returns the final hidden states.
         family: the architecture family, for display and key maps.
+        layer_scale: each layer scales its attention and MLP outputs by a learned per-channel
+            vector before the residual add (DINOv2's LayerScale).
+        num_register_tokens: learned register tokens inserted after the class token, after
+            the position embedding (DINOv2 with registers); 0 for none.
+        mask_token: the checkpoint holds a mask token (DINOv2's masked-image pre-training).
+            The model keeps it so that conversions give it back, and never uses it.
+        position_antialias: resize the position table for another patch grid with an
+            antialiased bicubic filter (DINOv2 with registers) rather than a plain one.
+        feature_tokens: which output tokens the tower returns: ``all``, ``cls_and_patches``
+            (registers left out) or ``patches``.
+        patch_rope_base: DINOv3: no position table; the patch tokens' queries and keys are
+            rotated by a 2-D RoPE of this base over the patch centres' coordinates in
+            ``[-1, 1]`` (the class token and registers are not). None: a learned table.
+        key_bias: the key projection has a bias (DINOv3 has none).
     """
 
     image_size: int
@@ -156,6 +302,13 @@ class VisionEncoderConfig:
     post_norm_hidden: bool = False
     output_layer: int | None = None
     family: VisionFamily = "clip"
+    layer_scale: bool = False
+    num_register_tokens: int = 0
+    mask_token: bool = False
+    position_antialias: bool = False
+    feature_tokens: FeatureTokens = "all"
+    patch_rope_base: float | None = None
+    key_bias: bool = True
 
     def __post_init__(self) -> None:
         check_field_values(self)
@@ -177,9 +330,47 @@ class VisionEncoderConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
-    def seq_len(self) -> int:
-        """Tokens per image ``s_e``: patches plus the class token if any."""
+    def batch_dim_tables(self) -> bool:
+        """The class token and position table keep a leading batch dim, ``[1, 1, d_e]`` and
+        ``[1, n, d_e]``, as DINOv2's checkpoints store them (a conversion then renames)."""
+        return self.family in BATCH_DIM_VISION_FAMILIES
+
+    @property
+    def naflex(self) -> bool:
+        """The tower takes NaFlex inputs (``pixel_values [b, n_patches, c*p*p]``,
+        ``pixel_attention_mask``, ``spatial_shapes``), a variable number of patches per image.
+        ``image_size`` is then the side of the square grid its position table was trained
+        on, in pixels."""
+        return self.family in NAFLEX_VISION_FAMILIES
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position table: patches plus the class token if any."""
         return self.num_patches + int(self.class_token)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in the tower's hidden states: class token, registers."""
+        return int(self.class_token) + self.num_register_tokens
+
+    @property
+    def num_feature_prefix_tokens(self) -> int:
+        """Tokens before the patches in what the tower returns (``feature_tokens``)."""
+        if self.feature_tokens == "patches":
+            return 0
+        if self.feature_tokens == "cls_and_patches":
+            return int(self.class_token)
+        return self.num_prefix_tokens
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per image ``s_e`` the tower returns at its own image size."""
+        return self.num_patches + self.num_feature_prefix_tokens
+
+    def tokens_for(self, height: int, width: int) -> int:
+        """Tokens the tower returns for an image of ``height x width`` pixels."""
+        return ((height // self.patch_size) * (width // self.patch_size)
+                + self.num_feature_prefix_tokens)
 
     def replace(self, **changes) -> VisionEncoderConfig:
         return dataclasses.replace(self, **changes)
@@ -251,8 +442,10 @@ def _field_error(cfg: object, name: str, value: object, expected: str) -> Config
 # booleans; names one of their Literal's values. Fields not listed (tuples, nested configs)
 # are checked by their own class.
 _LITERALS = {"DecoderFamily": DecoderFamily, "VisionFamily": VisionFamily,
-             "Activation": Activation}
+             "Activation": Activation, "RopeType": RopeType,
+             "FeatureTokens": FeatureTokens}
 _BOUNDED_INTS = ("output_layer",)  # may be negative (counts from the end) or None
+_COUNTS = ("num_register_tokens",)  # may be 0
 
 
 def _check_float(cfg: object, name: str, value: object) -> None:
@@ -261,6 +454,19 @@ def _check_float(cfg: object, name: str, value: object) -> None:
         object.__setattr__(cfg, name, value)
     if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
         raise _field_error(cfg, name, value, "a positive finite number")
+
+
+def _check_factors(cfg: object, name: str, value: object) -> None:
+    if not isinstance(value, tuple) or not value:
+        raise _field_error(cfg, name, value, "a non-empty list of positive finite numbers")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not (
+                math.isfinite(item) and item > 0):
+            error = ConfigError(f"{type(cfg).__name__}.{name} must hold positive finite "
+                                f"numbers only, got {item!r}")
+            error.field = name
+            raise error
+    object.__setattr__(cfg, name, tuple(float(item) for item in value))
 
 
 def check_field_values(cfg: object) -> None:
@@ -273,7 +479,10 @@ def check_field_values(cfg: object) -> None:
     """
     for spec in dataclasses.fields(cfg):
         value, kind = getattr(cfg, spec.name), spec.type
-        if kind == "int" or (kind == "int | None" and spec.name not in _BOUNDED_INTS):
+        if spec.name in _COUNTS:
+            if not _is_int(value) or value < 0:
+                raise _field_error(cfg, spec.name, value, "a non-negative integer")
+        elif kind == "int" or (kind == "int | None" and spec.name not in _BOUNDED_INTS):
             if value is None and kind == "int | None":
                 continue
             if not _is_int(value) or value <= 0:
@@ -283,6 +492,9 @@ def check_field_values(cfg: object) -> None:
                 raise _field_error(cfg, spec.name, value, "an integer or null")
         elif kind == "float":
             _check_float(cfg, spec.name, value)
+        elif kind == "float | None":
+            if value is not None:
+                _check_float(cfg, spec.name, value)
         elif kind == "bool":
             if not isinstance(value, bool):
                 raise _field_error(cfg, spec.name, value, "true or false")
@@ -290,6 +502,15 @@ def check_field_values(cfg: object) -> None:
             allowed = get_args(_LITERALS[kind])
             if not isinstance(value, str) or value not in allowed:
                 raise _field_error(cfg, spec.name, value, "one of " + ", ".join(allowed))
+        elif kind == "float | None":
+            if value is not None:
+                _check_float(cfg, spec.name, value)
+        elif kind == "bool | None":
+            if value is not None and not isinstance(value, bool):
+                raise _field_error(cfg, spec.name, value, "true, false or null")
+        elif kind == "tuple[float, ...] | None":
+            if value is not None:
+                _check_factors(cfg, spec.name, value)
         elif kind == "RopeScaling | None":
             if value is not None and not isinstance(value, RopeScaling):
                 raise _field_error(cfg, spec.name, value, "a RopeScaling or null")
@@ -380,9 +601,12 @@ __all__ = [
     "NATIVE_ROPE_STYLE",
     "VISION_PRESETS",
     "DecoderConfig",
+    "FeatureTokens",
     "FusionConfig",
+    "ROPE_TYPE_FIELDS",
     "RopeScaling",
     "RopeStyle",
+    "RopeType",
     "VisionEncoderConfig",
     "preset",
 ]

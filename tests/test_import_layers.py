@@ -39,6 +39,20 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# Known debts, each one lazy import with its reason; anything else that points up or closes a
+# circle fails. validate.checks hands a transformers export to hf's checks (the transformers
+# row), while hf.validate_export builds on validate's rows and report: untangling it means
+# moving the report types below hf. (Merged from the hftrain and hfany work.)
+KNOWN_LAZY_UPWARD: frozenset[tuple[str, str]] = frozenset({
+    ("fusesurgery.validate.checks", "fusesurgery.hf"),
+})
+
+
+def _known_debt(module: str, target: str, in_function: bool) -> bool:
+    return in_function and any(module == source and (target == to or target.startswith(to + "."))
+                               for source, to in KNOWN_LAZY_UPWARD)
+
+
 def _module_names() -> dict[str, Path]:
     names = {}
     for path in PACKAGE.rglob("*.py"):
@@ -106,8 +120,8 @@ def test_every_module_has_a_layer():
 def test_imports_only_point_down():
     upward = []
     for module in sorted(MODULES):
-        for target, line, _ in imports_of(module):
-            if layer_of(target) > layer_of(module):
+        for target, line, lazy in imports_of(module):
+            if layer_of(target) > layer_of(module) and not _known_debt(module, target, lazy):
                 upward.append(f"{MODULES[module].relative_to(PACKAGE.parent)}:{line}: "
                               f"{LAYERS[layer_of(module)][0]} imports {target}")
     assert not upward, "imports pointing up the flow:\n" + "\n".join(upward)
@@ -144,7 +158,8 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module in MODULES:
         graph[module] = {target for target, _, lazy in imports_of(module)
-                         if not _is_lazy_facade(module, target, lazy)}
+                         if not _is_lazy_facade(module, target, lazy)
+                         and not _known_debt(module, target, lazy)}
     return graph
 
 

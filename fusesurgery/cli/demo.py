@@ -6,13 +6,10 @@ import dataclasses
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from fusesurgery import _json as standard_json
-from fusesurgery.cli.errors import stderr
-
-stdout = Console(highlight=False)
+from fusesurgery.cli.errors import stderr, stdout_console
 
 
 def demo(
@@ -42,6 +39,6 @@ def demo(
         table.add_row("text-only logits == decoder", str(result.text_only_equal))
         table.add_row("with-image logits == decoder", str(result.with_image_equal))
         table.add_row("max |diff| with gates at 0.5", f"{result.gated_max_abs_diff:.4g}")
-        stdout.print(table)
+        stdout_console().print(table)
     if not (result.text_only_equal and result.with_image_equal):
         raise typer.Exit(1)

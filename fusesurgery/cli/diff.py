@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from fusesurgery import _json as standard_json
-from fusesurgery.cli.errors import EXIT_DIFFERENT, EXIT_OK
+from fusesurgery.cli.errors import EXIT_DIFFERENT, EXIT_OK, stdout_console
 from fusesurgery.cli.options import (
     CheckpointPath,
     HeadDim,
@@ -18,8 +17,6 @@ from fusesurgery.cli.options import (
     collect_overrides,
 )
 from fusesurgery.errors import FuseSurgeryError
-
-stdout = Console(highlight=False, soft_wrap=True)
 
 _SECTION_PREFIXES = ("only in ", "shape changes", "dtype changes", "values:")
 
@@ -61,6 +58,7 @@ def diff(
     if as_json:
         typer.echo(standard_json.dumps(report.to_dict(), indent=2))
     else:
+        stdout = stdout_console()
         for line in report.summary(max_lines=max_lines).splitlines():
             if line in ("identical", "different") or line.startswith("same keys"):
                 stdout.print(line, style="bold green" if report.identical else "bold red")

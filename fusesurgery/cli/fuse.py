@@ -76,7 +76,12 @@ def fuse(
         help="How new embedding rows start: mean (of the table), zeros, normal.")] = "mean",
     encoder_layer: Annotated[str | None, typer.Option(
         help="Encoder hidden layer that feeds the fusion (transformers' hidden_states[k]; "
-        "-2 penultimate) or 'last'; default per family: CLIP -2, SigLIP last.")] = None,
+        "-2 penultimate) or 'last'; default per family: CLIP -2, SigLIP and DINOv2/v3 "
+        "last.")] = None,
+    encoder_tokens: Annotated[Literal["all", "cls_and_patches", "patches"] | None, typer.Option(
+        help="Encoder output tokens that feed the fusion: all, cls_and_patches (registers "
+        "left out) or patches; default per family: DINOv2/v3 cls_and_patches, others all."
+    )] = None,
     projection: Annotated[Literal["mlp", "linear"], typer.Option(
         help="Projection head from encoder to decoder width: mlp (2 layers, GELU) or "
         "linear.")] = "mlp",
@@ -85,6 +90,11 @@ def fuse(
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(
         help="Replace an earlier fusesurgery output (never any other directory).")] = False,
+    format: Annotated[Literal["native", "transformers"] | None, typer.Option(
+        "--format", help="native (fusesurgery's fused checkpoint) or transformers (a "
+        "transformers model directory, for any decoder AutoModelForCausalLM builds and any "
+        "tower AutoModel builds); default native, transformers when a family has no native "
+        "module.", show_default=False)] = None,
     as_json: Json = False,
     num_heads: NumHeads = None,
     num_kv_heads: NumKvHeads = None,
@@ -93,11 +103,13 @@ def fuse(
     norm_eps: NormEps = None,
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
-    """Fuse a vision tower (CLIP, SigLIP) into a decoder (Llama, Mistral, Qwen2, Qwen3,
-    SmolLM3): gated cross-attention layers starting at exactly zero, new tokens such as
-    <|image|>, a projection head; written as sharded safetensors with fusion_config.json and
-    the tokenizer."""
-    from fusesurgery.surgery.fuse_plan import FuseOptions  # noqa: PLC0415 - imports torch
+    """Fuse a vision tower (CLIP, SigLIP, SigLIP2, DINOv2/v3) into a decoder (Llama, Mistral,
+    Qwen2, Qwen3, SmolLM3): gated cross-attention layers starting at exactly zero, new tokens
+    such as <|image|>, a projection head; written as sharded safetensors with
+    fusion_config.json and the tokenizer. With --format transformers (chosen by itself for a
+    family with no native module): any decoder and tower transformers has, as a transformers
+    model directory."""
+    from fusesurgery.surgery.fuse_plan import DEFAULT, FuseOptions  # noqa: PLC0415
     from fusesurgery.write.fuse_checkpoint import fuse_checkpoints  # noqa: PLC0415
 
     if every is not None and layers is not None:
@@ -112,10 +124,24 @@ def fuse(
         new_tokens=tuple(new_token) if new_token else ("<|image|>",),
         embedding_init=embedding_init,
         encoder_layer=_encoder_layer(encoder_layer),
+        encoder_tokens=DEFAULT if encoder_tokens is None else encoder_tokens,
         projection=projection,
         dtype=parse_dtype_option(dtype),
         seed=seed,
     )
+    note = None
+    if format is None:
+        from fusesurgery.hf.anyfamily import choose_layout  # noqa: PLC0415
+
+        format, note = choose_layout(encoder, decoder)
+    if format == "transformers":
+        if decoder_overrides or encoder_overrides:
+            raise ConfigError("--num-heads, --head-dim and the other config overrides are not "
+                              "supported with --format transformers: its configs are used "
+                              "as they are")
+        _fuse_transformers(encoder, decoder, output, options, max_shard_size, overwrite,
+                           as_json, note)
+        return
     with byte_progress("fusing") as update:
         result = fuse_checkpoints(
             encoder, decoder, output, options=options,
@@ -133,6 +159,7 @@ def fuse(
         "fusion_first": config.fusion.fusion_first,
         "new_tokens": {t.token: t.id for t in config.new_tokens},
         "encoder_layer": config.encoder.output_layer,
+        "encoder_tokens": config.encoder.feature_tokens,
         "projection": config.projection,
         "tied_embeddings": config.decoder.tie_word_embeddings,
         "dtypes": dict(config.dtypes),
@@ -168,3 +195,61 @@ def fuse(
                             ("encoder", result.plan.encoder_plan)):
         for keys, reason in dropped_by_reason(part_plan.dropped):  # a line a reason
             stderr.print(f"note: {part}: dropped {keys}: {reason}")
+
+
+def _fuse_transformers(encoder, decoder, output: str, options, max_shard_size: str,
+                       overwrite: bool, as_json: bool, note: str | None) -> None:
+    """``--format transformers`` (or chosen for a family with no native module)."""
+    from fusesurgery.hf.anyfamily import fuse_transformers  # noqa: PLC0415
+
+    with byte_progress("fusing") as update:
+        result = fuse_transformers(encoder, decoder, output, options=options,
+                                   max_shard_size=max_shard_size, overwrite=overwrite,
+                                   on_progress=update)
+    config, written = result.config, result.written
+    summary = {
+        "output": str(written.out_dir),
+        "format": "transformers",
+        "decoder": {"path": str(decoder), "family": result.decoder.model_type},
+        "encoder": {"path": str(encoder), "family": result.tower.model_type},
+        "fusion_layers": config["fusion_layers"],
+        "fusion_first": config["fusion_first"],
+        "new_tokens": {t["token"]: t["id"] for t in config["new_tokens"]},
+        "encoder_layer": config["vision_feature_layer"],
+        "projection": config["projection"],
+        "tied_embeddings": result.decoder.tied,
+        "choices": config["fusesurgery_fuse"]["choices"],
+        "new_parameters": result.new_parameters,
+        "total_bytes": written.total_size,
+        "tokenizer_files": list(result.tokenizer_files),
+        "notes": [note] if note else [],
+        "files": list(written.files),
+    }
+    if as_json:
+        typer.echo(standard_json.dumps(summary, indent=2))
+        return
+    layer = config["vision_feature_layer"]
+    typer.echo(
+        f"fused {result.tower.model_type} -> {result.decoder.model_type} (transformers "
+        f"layout): fusion layers {config['fusion_layers']}, new tokens "
+        f"{', '.join(f'{t}={i}' for t, i in summary['new_tokens'].items())}, "
+        f"{config['projection']} projection from "
+        f"{'final hidden states' if layer is None else f'hidden_states[{layer}]'}; "
+        f"{format_bytes(written.total_size)} in {plural(len(written.files), 'file')} at "
+        f"{written.out_dir}")
+    if note:
+        stderr.print(f"note: {note}")
+    if result.decoder.tied:
+        stderr.print("note: tied embeddings: the output stays the original table; new tokens "
+                     "are input-only")
+    if not result.tokenizer_files:
+        stderr.print("note: no tokenizer beside the decoder; none written")
+    for key_count, reason in _dropped(result.tower.dropped):
+        stderr.print(f"note: encoder: dropped {key_count}: {reason}")
+
+
+def _dropped(dropped: dict[str, str]) -> list[tuple[str, str]]:
+    by_reason: dict[str, int] = {}
+    for reason in dropped.values():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return [(plural(n, "tensor"), reason) for reason, n in by_reason.items()]

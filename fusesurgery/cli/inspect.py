@@ -41,6 +41,20 @@ def inspect(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         rope_base=rope_base, norm_eps=norm_eps, encoder_num_heads=encoder_num_heads,
     )
+    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+
+    if is_export_directory(path):  # config.json and the headers: no torch, no transformers
+        from fusesurgery.hf.inspect_export import inspect_export  # noqa: PLC0415
+
+        if overrides:
+            from fusesurgery.errors import ConfigError  # noqa: PLC0415
+
+            raise ConfigError("--num-heads and the other config overrides do not apply to a "
+                              "transformers export: its configs are used as they are")
+        export = inspect_export(path)
+        typer.echo(standard_json.dumps(export.to_dict(all_keys=keys), indent=2) if as_json
+                   else export.summary(all_keys=keys))
+        return
     from fusesurgery.reports.inspection import inspect_checkpoint
 
     report = inspect_checkpoint(path, overrides)

@@ -127,8 +127,7 @@ def _config_table(title: str, model: DetectedModel) -> Table:
 def format_config_value(value: Any) -> str:
     """A config value as a short string (RoPE scaling on one line, floats without noise)."""
     if isinstance(value, RopeScaling):
-        return (f"llama3 x{value.factor:g} (low {value.low_freq_factor:g}, high "
-                f"{value.high_freq_factor:g}, orig {value.original_max_position_embeddings})")
+        return value.summary()
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

@@ -21,11 +21,12 @@ Styles understood:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fusesurgery.config import DecoderConfig, RopeScaling, VisionEncoderConfig
+from fusesurgery.config import ROPE_TYPE_FIELDS, DecoderConfig, RopeScaling, VisionEncoderConfig
 from fusesurgery.errors import ConfigError, UnsupportedFamilyError
 from fusesurgery.families import (
     DECODER_FAMILIES,
@@ -107,10 +108,6 @@ HF_DECODER_FIXED: dict[str, dict[str, Any]] = {
 HF_UNSTATED_HEADS: dict[str, dict[str, int | None]] = {
     name: dict(family.unstated_heads) for name, family in DECODER_FAMILIES.items()}
 
-_LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
-                        "original_max_position_embeddings")
-
-
 def _rope_scaling(fields: Mapping[str, Any], origin: str) -> RopeScaling:
     try:
         return RopeScaling(**fields)
@@ -131,40 +128,108 @@ def _name(config: Mapping[str, Any], key: str, origin: str) -> str | None:
     return value
 
 
-def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading) -> None:
+def _rope_source(config: Mapping[str, Any], origin: str) -> tuple[Any, Any, bool, str]:
+    """``(scaling dict or None, theta, whether the file states the scaling, its key)`` in
+    either spelling: transformers 5's ``rope_parameters`` (theta inside) or transformers 4's
+    ``rope_scaling`` beside ``rope_theta``."""
     parameters = config.get("rope_parameters")
-    if isinstance(parameters, Mapping):  # transformers 5
-        scaling_source: Mapping[str, Any] | None = parameters
-        theta = parameters.get("rope_theta", config.get("rope_theta"))
-        stated = True
-    else:  # transformers 4: scaling is null or a dict, theta sits beside it
-        scaling_source = config.get("rope_scaling")
-        theta = config.get("rope_theta")
-        stated = "rope_scaling" in config
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise ConfigError(f"{origin}: rope_parameters must be an object, got {parameters!r}")
+    if parameters is not None:
+        return (parameters, parameters.get("rope_theta", config.get("rope_theta")), True,
+                "rope_parameters")
+    return (config.get("rope_scaling"), config.get("rope_theta"), "rope_scaling" in config,
+            "rope_scaling")
+
+
+def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading) -> None:
+    source, theta, stated, key = _rope_source(config, origin)
     if theta is not None:
         reading.read["rope_base"] = theta  # typed and range-checked by DecoderConfig
-    if scaling_source is None:
+    if source is None:
         if stated:
             reading.read["rope_scaling"] = None
         return
-    if not isinstance(scaling_source, Mapping):
-        raise ConfigError(f"{origin}: rope_scaling must be an object or null, got "
-                          f"{scaling_source!r}")
-    rope_type = (_name(scaling_source, "rope_type", origin) or _name(scaling_source, "type", origin)
-                 or "default")
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"{origin}: {key} must be an object or null, got {source!r}")
+    rope_type = _name(source, "rope_type", origin) or _name(source, "type", origin) or "default"
+    partial = source.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial is not None and partial != 1:
+        raise ConfigError(f"{origin}: partial_rotary_factor {partial!r} is not supported (the "
+                          "native RoPE rotates the whole head)")
     if rope_type == "default":
         reading.read["rope_scaling"] = None
-    elif rope_type == "llama3":
-        missing = [k for k in _LLAMA3_SCALING_KEYS if k not in scaling_source]
-        if missing:
-            raise ConfigError(f"{origin}: llama3 rope scaling lacks {', '.join(missing)}")
-        reading.read["rope_scaling"] = _rope_scaling(
-            {key: scaling_source[key] for key in _LLAMA3_SCALING_KEYS}, origin
-        )
-    else:
-        raise ConfigError(
-            f"{origin}: rope_type {rope_type!r} is not supported (supported: default, llama3)"
-        )
+        return
+    if rope_type not in ROPE_TYPE_FIELDS:
+        raise ConfigError(f"{origin}: rope_type {rope_type!r} is not supported; supported: "
+                          f"default, {', '.join(ROPE_TYPE_FIELDS)}")
+    reads = ROPE_TYPE_FIELDS[rope_type]
+    if rope_type == "dynamic":  # its context is max_position_embeddings, read below
+        reads = tuple(name for name in reads if name != "original_max_position_embeddings")
+    fields: dict[str, Any] = {"rope_type": rope_type}
+    fields.update({name: source[name] for name in reads if source.get(name) is not None})
+    if "truncate" in reads and "truncate" in source and source["truncate"] is None:
+        fields["truncate"] = False  # transformers truncates only for a true value
+    required = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+                "longrope": ("short_factor", "long_factor"),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+    missing = [name for name in required if name not in source]
+    if missing:
+        raise ConfigError(f"{origin}: {rope_type} rope scaling lacks {', '.join(missing)}")
+    # What transformers takes for the context the scaling starts from: dynamic NTK always
+    # max_position_embeddings; the others their own field, a top-level one first (the config
+    # attribute transformers reads), else max_position_embeddings.
+    if "original_max_position_embeddings" in ROPE_TYPE_FIELDS[rope_type]:
+        if rope_type == "dynamic":
+            fields["original_max_position_embeddings"] = _hf_max_positions(config, reading,
+                                                                           origin)
+        elif config.get("original_max_position_embeddings") is not None:
+            fields["original_max_position_embeddings"] = config[
+                "original_max_position_embeddings"]
+        elif "original_max_position_embeddings" not in fields:
+            fields["original_max_position_embeddings"] = _hf_max_positions(config, reading,
+                                                                           origin)
+        if rope_type in ("yarn", "longrope") and "factor" not in fields:
+            original = fields["original_max_position_embeddings"]
+            if not _positive_int(original):
+                raise ConfigError(f"{origin}: original_max_position_embeddings must be a "
+                                  f"positive integer, got {original!r}")
+            # transformers' implicit factor
+            fields["factor"] = _hf_max_positions(config, reading, origin) / original
+    ignored = sorted(set(source) - set(reads) - {"rope_type", "type", "rope_theta",
+                                                 "partial_rotary_factor"})
+    if ignored:
+        reading.notes.append(f"{key} {', '.join(ignored)} not read: {rope_type} scaling does "
+                             "not use them (transformers ignores them too)")
+    scaling = reading.read["rope_scaling"] = _rope_scaling(fields, origin)
+    if rope_type == "yarn" and scaling.factor > 1:
+        # A max_position_embeddings equal to YaRN's original context states the length
+        # before YaRN (Qwen2.5's config.json: 32768 and factor 4 for 131072 positions), as
+        # transformers reads it; the native model gets the positions YaRN is for.
+        stated = _hf_max_positions(config, reading, origin)
+        if stated == scaling.original_max_position_embeddings and (
+                scaling.factor * stated < float("inf")):
+            reading.read["max_seq_len"] = int(scaling.factor * stated)
+            reading.notes.append(
+                f"max_seq_len {reading.read['max_seq_len']}: YaRN's factor "
+                f"{scaling.factor:g} times the {stated} positions max_position_embeddings "
+                "states (the context before YaRN, as its original_max_position_embeddings "
+                "says)")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _hf_max_positions(config: Mapping[str, Any], reading: ConfigReading, origin: str) -> int:
+    """config.json's ``max_position_embeddings``, or the family's transformers default."""
+    value = config.get("max_position_embeddings")
+    if value is None:
+        return HF_DECODER_DEFAULTS[reading.read.get("family", "llama")]["max_seq_len"]
+    if not _positive_int(value):
+        raise ConfigError(f"{origin}: max_position_embeddings (max_seq_len) must be a "
+                          f"positive integer, got {value!r}")
+    return value
 
 
 # transformers' sliding-window defaults (MistralConfig, Qwen2Config): a Mistral config.json
@@ -366,7 +431,8 @@ def meta_family(config: Mapping[str, Any]) -> str:
 
 
 def coerce_rope_scaling(value: Any) -> RopeScaling | None:
-    """Accept a RopeScaling, a mapping of its fields, or None.
+    """Accept a RopeScaling, a mapping of its fields (without ``rope_type``: Llama 3.1's, as
+    fusesurgery wrote them before it read other types; ``rope_type: default``: None), or None.
 
     Raises:
         ConfigError: anything else.
@@ -374,6 +440,8 @@ def coerce_rope_scaling(value: Any) -> RopeScaling | None:
     if value is None or isinstance(value, RopeScaling):
         return value
     if isinstance(value, Mapping):
+        if value.get("rope_type") == "default":
+            return None  # plain RoPE, as transformers spells it
         known = {f.name for f in dataclasses.fields(RopeScaling)}
         return _rope_scaling({k: v for k, v in value.items() if k in known}, "rope_scaling")
     raise ConfigError(f"rope_scaling must be a mapping or null, got {value!r}")
@@ -436,6 +504,14 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
         ConfigError: an unsupported model type or activation.
     """
     reading = ConfigReading()
+    model_type = config.get("model_type")
+    own = VISION_FAMILIES.get(HF_VISION_FAMILIES.get(model_type)) if isinstance(
+        model_type, str) else None
+    if own is not None and own.hf_config_reader is not None:  # a config.json of its own kind
+        read, defaults = own.hf_config_reader(config, origin)
+        reading.read.update(read)
+        reading.defaults.update(defaults)
+        return reading
     model_type = _name(config, "model_type", origin)
     tower = config.get("vision_config")
     if isinstance(tower, Mapping):
@@ -454,6 +530,12 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
     for key, name in keys.items():
         if tower.get(key) is not None:
             reading.read[name] = tower[key]
+    positions = tower.get("num_patches")  # NaFlex: a square grid of positions, not a size
+    if positions is not None:
+        side = math.isqrt(positions) if type(positions) is int and positions > 0 else 0
+        if side * side != positions:
+            raise ConfigError(f"{origin}: num_patches {positions!r} is not a square grid")
+        reading.read["image_size"] = side * tower.get("patch_size", 16)
     if _name(tower, "hidden_act", origin) is not None:
         try:
             reading.read["activation"] = HF_ACTIVATIONS[tower["hidden_act"]]
@@ -489,6 +571,8 @@ __all__ = [
     "coerce_rope_scaling",
     "config_style",
     "hf_config_dict",
+    "hf_max_position_embeddings",
+    "hf_rope_scaling",
     "hf_sliding_window",
     "native_config_dict",
     "meta_intermediate_dim",
@@ -571,9 +655,12 @@ def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
     scaling = config.rope_scaling
     out["use_scaled_rope"] = scaling is not None
     if scaling is not None:
-        if (scaling.low_freq_factor, scaling.high_freq_factor,
+        if scaling.rope_type != "llama3" or (
+                scaling.low_freq_factor, scaling.high_freq_factor,
                 scaling.original_max_position_embeddings) != (1.0, 4.0, 8192):
-            raise ConfigError(f"a Meta params.json cannot express this RoPE scaling ({scaling})")
+            raise ConfigError(f"a Meta params.json cannot express this RoPE scaling "
+                              f"({scaling.summary()}): only Llama 3.1's (llama3, low 1, high 4, "
+                              "orig 8192)")
         out["rope_scaling_factor"] = scaling.factor
     return out
 
@@ -597,12 +684,18 @@ def hf_config_dict(
             Llama with q/k norms or a Qwen3 without), or
             a base that is no valid decoder config.json.
     """
+    if isinstance(config, VisionEncoderConfig) and (
+            vision_family(config.family).hf_config_writer is not None):
+        return vision_family(config.family).hf_config_writer(config)
     if isinstance(config, VisionEncoderConfig):
         out: dict[str, Any] = {
             key: getattr(config, name)
             for key, name in vision_family(config.family).hf_config_keys.items()
         }
         out["hidden_act"] = _first_spelling(HF_ACTIVATIONS)[config.activation]
+        if config.naflex:  # its position table's size, not an image size
+            out["num_patches"] = config.num_patches
+            del out["image_size"]
     else:
         if config.attn_bias != HF_DECODER_DEFAULTS[config.family]["attn_bias"]:
             raise ConfigError(
@@ -619,6 +712,7 @@ def hf_config_dict(
         out = {key: getattr(config, name) for key, name in family.hf_config_keys.items()
                if name != "attn_bias" or family.hf_attention_bias_switch}
         out["hidden_act"] = "silu"
+        out["max_position_embeddings"] = hf_max_position_embeddings(config)
         for name, spelling in family.hf_config_fields.items():
             out.update(spelling.write(getattr(config, name), config.num_layers))
         out.update(_hf_rope(config))
@@ -628,11 +722,30 @@ def hf_config_dict(
             "model_type": HF_MODEL_TYPES[config.family], **out}
 
 
-def _hf_rope(config: DecoderConfig) -> dict[str, Any]:
+def hf_rope_scaling(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    """A RoPE scaling as transformers' ``rope_scaling`` states it (None for plain RoPE).
+    Dynamic NTK's original context is not in it: transformers takes the config's
+    ``max_position_embeddings`` (see :func:`hf_max_position_embeddings`)."""
+    if scaling is None:
+        return None
+    out = scaling.parameters()
+    if scaling.rope_type == "dynamic":
+        del out["original_max_position_embeddings"]
+    return out
+
+
+def hf_max_position_embeddings(config: DecoderConfig) -> int:
+    """The ``max_position_embeddings`` a transformers config.json states for ``config``:
+    ``max_seq_len``, except under dynamic NTK scaling, where transformers reads it as the
+    context past which the base grows (the scaling's original context)."""
     scaling = config.rope_scaling
-    return {"rope_theta": config.rope_base,
-            "rope_scaling": None if scaling is None else {
-                "rope_type": "llama3", **dataclasses.asdict(scaling)}}
+    if scaling is not None and scaling.rope_type == "dynamic":
+        return scaling.original_max_position_embeddings
+    return config.max_seq_len
+
+
+def _hf_rope(config: DecoderConfig) -> dict[str, Any]:
+    return {"rope_theta": config.rope_base, "rope_scaling": hf_rope_scaling(config.rope_scaling)}
 
 
 def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -653,16 +766,34 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
     for name, spelling in family.hf_config_fields.items():
         if meant.get(name) != getattr(config, name):
             out.update(spelling.write(getattr(config, name), config.num_layers))
+    if (meant["max_seq_len"], meant["rope_scaling"]) != (config.max_seq_len,
+                                                         config.rope_scaling):
+        # in transformers' sense (dynamic NTK's context, whatever the native length); the
+        # base's own value where it is that already
+        positions = hf_max_position_embeddings(config)
+        stated = base.get("max_position_embeddings",
+                          HF_DECODER_DEFAULTS[config.family]["max_seq_len"])
+        if positions != stated:
+            out["max_position_embeddings"] = positions
+        elif "max_position_embeddings" in base:
+            out["max_position_embeddings"] = base["max_position_embeddings"]
+        else:
+            out.pop("max_position_embeddings", None)
     if (meant["rope_base"], meant["rope_scaling"]) != (config.rope_base, config.rope_scaling):
         rope = _hf_rope(config)
         parameters = base.get("rope_parameters")
         if isinstance(parameters, Mapping):  # transformers 5's spelling
-            kept = {k: v for k, v in parameters.items()
-                    if k not in ("rope_type", "type", *_LLAMA3_SCALING_KEYS)}
+            scaling_keys = {"type", *(f.name for f in dataclasses.fields(RopeScaling))}
+            kept = {k: v for k, v in parameters.items() if k not in scaling_keys}
             out["rope_parameters"] = {**kept, "rope_theta": rope["rope_theta"],
                                       **(rope["rope_scaling"] or {"rope_type": "default"})}
         else:
             out.update(rope)
+        scaling = config.rope_scaling
+        if "original_max_position_embeddings" in base and scaling is not None and (
+                scaling.rope_type != "dynamic"):
+            # the top-level field (Phi-3's) is the one transformers reads: it must agree
+            out["original_max_position_embeddings"] = scaling.original_max_position_embeddings
     return out
 
 

@@ -60,6 +60,7 @@ from fusesurgery.families import (
     Family,
     by_model_type,
     closest_family,
+    dinov2,
 )
 from fusesurgery.io.tensor_info import TensorInfo
 
@@ -175,7 +176,9 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
         any_contains(".attn.q_proj.") and any_contains(".sa_norm.scale")
     ):
         return "decoder", "native"
-    if any_starts(HF_VISION_PREFIX) or any_starts("embeddings.patch_embedding."):
+    if any_starts(HF_VISION_PREFIX, "embeddings.patch_embedding.", *(
+            marker for family in VISION_FAMILIES.values()
+            for marker in family.hf_layout_markers)):
         return "vision", "hf"
     if "conv.weight" in key_set:
         return "vision", "native"
@@ -313,12 +316,18 @@ def _layer_count(native_shapes: Mapping[str, Shape], template: str, prefix: str 
     return len(indices)
 
 
+def _marker_matches(shape: Shape | None, wanted: bool | int) -> bool:
+    if isinstance(wanted, bool):
+        return (shape is not None) == wanted
+    return shape is not None and len(shape) == wanted
+
+
 def _offer_family(fields: _Fields, families: Mapping[str, Family],
-                  present: Callable[[str], bool]) -> None:
+                  shape_of: Callable[[str], Shape | None]) -> None:
     """Offer the family whose shape markers the checkpoint's native keys match (``inferred``),
     else the family declared the fallback (``default``); a family a config names wins."""
     for name, family in families.items():
-        if family.shape_markers and all(present(key) == wanted
+        if family.shape_markers and all(_marker_matches(shape_of(key), wanted)
                                         for key, wanted in family.shape_markers.items()):
             fields.offer("family", name, "inferred")
             return
@@ -368,7 +377,7 @@ def _infer_decoder_fields(
     fields.offer("attn_bias", shape("layers.0.attn.q_proj.bias") is not None, "inferred")
     fields.offer("qk_norm", shape("layers.0.attn.q_norm.scale") is not None, "inferred")
     fields.offer("tie_word_embeddings", shape("output.weight") is None, "inferred")
-    _offer_family(fields, DECODER_FAMILIES, lambda key: shape(key) is not None)
+    _offer_family(fields, DECODER_FAMILIES, shape)
 
     q = shape("layers.0.attn.q_proj.weight")
     k = shape("layers.0.attn.k_proj.weight")
@@ -517,14 +526,17 @@ def _infer_vision_fields(
     fields: _Fields, shapes: Mapping[str, Shape], names: Mapping[str, str], origin: str
 ) -> None:
     conv = shapes.get("conv.weight")
-    if conv is None or len(conv) != 4 or conv[2] != conv[3]:
+    if conv is not None and len(conv) == 2:  # NaFlex: a linear embedding of c*p*p pixels
+        _infer_naflex_patch(fields, conv, names.get("conv.weight", "conv.weight"))
+    elif conv is None or len(conv) != 4 or conv[2] != conv[3]:
         raise ConfigError(
             f"vision checkpoint has no square patch convolution "
             f"({names.get('conv.weight', 'conv.weight')}: {conv})"
         )
-    fields.offer("embed_dim", conv[0], "inferred")
-    fields.offer("num_channels", conv[1], "inferred")
-    fields.offer("patch_size", conv[2], "inferred")
+    else:
+        fields.offer("embed_dim", conv[0], "inferred")
+        fields.offer("num_channels", conv[1], "inferred")
+        fields.offer("patch_size", conv[2], "inferred")
     class_token = "cls_token_embedding.weight" in shapes
     fields.offer("class_token", class_token, "inferred")
     fields.offer("patch_bias", "conv.bias" in shapes, "inferred")
@@ -534,18 +546,44 @@ def _infer_vision_fields(
     w1 = shapes.get("layers.0.mlp.w1.weight")
     if w1 is not None:
         fields.offer("intermediate_dim", w1[0], "inferred")
-    # A checkpoint with a class token is CLIP-like; SigLIP has none.
-    _offer_family(fields, VISION_FAMILIES, lambda key: key in shapes)
+    # Each family file says what tells it by shapes (DINOv2: LayerScale and a position table;
+    # DINOv3: LayerScale and a 2-D RoPE instead; SigLIP2 NaFlex: a linear patch embedding;
+    # CLIP: a class token; SigLIP: none).
+    layer_scale = "layers.0.sa_scale.gamma" in shapes
+    fields.offer("layer_scale", layer_scale, "inferred")
+    _offer_family(fields, VISION_FAMILIES, shapes.get)
+    family = fields.get("family")
+    registers = shapes.get("register_tokens.weight")
+    num_registers = registers[1] if registers is not None and len(registers) == 3 else 0
+    fields.offer("num_register_tokens", num_registers, "inferred")
+    fields.offer("mask_token", "mask_token.weight" in shapes, "inferred")
+    fields.offer("key_bias", "layers.0.attn.k_proj.bias" in shapes, "inferred")
+    # DINOv2's registers came with transformers' antialiased resize (dinov2_with_registers)
+    fields.offer("position_antialias", num_registers > 0 and family == dinov2.NAME,
+                 "inferred")
 
     # The position table holds one row per patch of a square grid (plus the class token).
     # The side it gives may be a few pixels short of the configured one (384 px in 14 px
     # patches is a 27 x 27 grid, as is 378 px): either builds the same model.
     positions = shapes.get("token_pos_embedding.positional_embedding")
-    if positions is not None:
-        num_patches = positions[0] - int(fields.get("class_token"))
+    if positions is not None and len(positions) >= 2:
+        num_patches = positions[-2] - int(fields.get("class_token"))
         side = math.isqrt(max(num_patches, 0))
         if side * side == num_patches:
             fields.offer("image_size", side * fields.get("patch_size"), "inferred")
+
+
+def _infer_naflex_patch(fields: _Fields, conv: Shape, name: str) -> None:
+    """A NaFlex patch embedding ``[d_e, c*p*p]``: the width, and the patch side for the
+    channels stated (else 3)."""
+    fields.offer("embed_dim", conv[0], "inferred")
+    fields.offer("num_channels", 3, "default")
+    channels = fields.get("num_channels")
+    side = math.isqrt(conv[1] // channels) if type(channels) is int and channels > 0 else 0
+    if side * side * channels != conv[1]:
+        raise ConfigError(f"{name} has shape {list(conv)}: {conv[1]} inputs are no "
+                          f"{channels}-channel square patch")
+    fields.offer("patch_size", side, "inferred")
 
 
 def _detect_vision(

@@ -36,7 +36,7 @@ from typing import Literal
 
 from fusesurgery.convert.mllama import mllama_to_native
 from fusesurgery.errors import KeyMapError
-from fusesurgery.families import DECODER_FAMILIES, VISION_FAMILIES
+from fusesurgery.families import DECODER_FAMILIES, VISION_FAMILIES, dinov2
 
 Kind = Literal["decoder", "vision", "fused"]
 Layout = Literal["native", "hf", "meta", "mllama"]
@@ -117,6 +117,7 @@ NATIVE_VISION_KEYS: tuple[str, ...] = (
     "layers.{i}.mlp.w2.bias",
     "ln_post.weight",
     "ln_post.bias",
+    *dinov2.NATIVE_KEYS,
 )
 
 # Prefixes inside a fused checkpoint.
@@ -162,8 +163,11 @@ META_DECODER_TO_NATIVE: dict[str, str] = union_key_map(
 
 HF_VISION_PREFIX = "vision_model."
 
+# (the towers spelled as CLIP is; a family with transformers names of its own, DINOv2 and
+# DINOv3, has its own table below)
 HF_VISION_TO_NATIVE: dict[str, str] = union_key_map(
-    ((name, family.hf_keys) for name, family in VISION_FAMILIES.items()), "hf vision")
+    ((name, family.hf_keys) for name, family in VISION_FAMILIES.items()
+     if not family.own_hf_names), "hf vision")
 
 # Top-level module names of a transformers 5 CLIPVisionModel / SiglipVisionModel, whose keys
 # are saved without the ``vision_model.`` prefix.
@@ -244,8 +248,18 @@ TO_NATIVE: dict[tuple[str, str], dict[str, str]] = {
 FROM_NATIVE: dict[tuple[str, str], dict[str, str]] = {
     kind_layout: invert_key_map(table) for kind_layout, table in TO_NATIVE.items()
 }
+# Vision families whose transformers names differ from CLIP's and SigLIP's: family -> foreign
+# template -> native template. Reading tries them after the CLIP/SigLIP table (their foreign
+# names are distinct); writing takes the family's own table.
+HF_VISION_FAMILY_TO_NATIVE: dict[str, dict[str, str]] = {
+    name: dict(family.hf_keys) for name, family in VISION_FAMILIES.items()
+    if family.own_hf_names}
+HF_VISION_FAMILY_FROM_NATIVE: dict[str, dict[str, str]] = {
+    family: invert_key_map(table) for family, table in HF_VISION_FAMILY_TO_NATIVE.items()
+}
 _NATIVE_TEMPLATES = {"decoder": set(NATIVE_DECODER_KEYS), "vision": set(NATIVE_VISION_KEYS)}
-for (_kind, _layout), _table in TO_NATIVE.items():
+for (_kind, _layout), _table in [*TO_NATIVE.items(), *(
+        (("vision", family), table) for family, table in HF_VISION_FAMILY_TO_NATIVE.items())]:
     _strays = set(_table.values()) - _NATIVE_TEMPLATES[_kind]
     assert not _strays, f"{_kind}/{_layout} key map names non-native keys: {sorted(_strays)}"
 
@@ -345,18 +359,26 @@ def to_native_key(key: str, layout: str, kind: str = "decoder") -> str | None:
     native = _lookup(_normalize_hf_key(key, layout, kind), TO_NATIVE[kind, layout])
     if native is not None:
         return native
+    if kind == "vision" and layout == "hf":
+        for table in HF_VISION_FAMILY_TO_NATIVE.values():
+            native = _lookup(key, table)
+            if native is not None:
+                return native
     if dropped_reason(key, layout, kind) is not None:
         return None
     raise KeyMapError(f"unknown key {key!r} for a {kind} checkpoint in the {layout} layout")
 
 
-def from_native_key(key: str, layout: str, kind: str = "decoder") -> str:
+def from_native_key(key: str, layout: str, kind: str = "decoder",
+                    family: str | None = None) -> str:
     """The ``layout`` name of one native key.
 
     Args:
         key: a native state-dict key.
         layout: the target layout, ``"native"``, ``"hf"`` or ``"meta"``.
         kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+        family: the model's family, for a vision family with transformers names of its own
+            (``HF_VISION_FAMILY_TO_NATIVE``); None or another family takes CLIP's names.
 
     Raises:
         KeyMapError: the key is not a native key of that kind, or has no name in ``layout``
@@ -370,7 +392,10 @@ def from_native_key(key: str, layout: str, kind: str = "decoder") -> str:
         if _fused_key_is_known(key):
             return key
         raise KeyMapError(f"unknown key {key!r} for a fused checkpoint (native layout)")
-    foreign = _lookup(key, FROM_NATIVE[kind, layout])
+    table = FROM_NATIVE[kind, layout]
+    if kind == "vision" and layout == "hf" and family in HF_VISION_FAMILY_FROM_NATIVE:
+        table = HF_VISION_FAMILY_FROM_NATIVE[family]
+    foreign = _lookup(key, table)
     if foreign is None:
         raise KeyMapError(f"native {kind} key {key!r} has no name in the {layout} layout")
     return foreign
@@ -453,8 +478,10 @@ def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> K
     )
 
 
-def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> KeyMapping:
-    """Map every native key to its name in ``layout`` (nothing is dropped this way).
+def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder",
+                     family: str | None = None) -> KeyMapping:
+    """Map every native key to its name in ``layout`` (nothing is dropped this way); ``family``
+    as for :func:`from_native_key`.
 
     Raises:
         KeyMapError: some keys are not native keys of that kind or have no ``layout`` name.
@@ -462,7 +489,7 @@ def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder") ->
     _check_kind_layout(kind, layout)
     return _map_all(
         keys,
-        lambda key: from_native_key(key, layout, kind),
+        lambda key: from_native_key(key, layout, kind, family),
         lambda key: "dropped",
         f"native {kind} key map (to {layout})",
     )
@@ -474,6 +501,8 @@ __all__ = [
     "HF_DECODER_BARE_ROOTS",
     "HF_DECODER_PREFIX",
     "HF_DECODER_TO_NATIVE",
+    "HF_VISION_FAMILY_FROM_NATIVE",
+    "HF_VISION_FAMILY_TO_NATIVE",
     "HF_VISION_TO_NATIVE",
     "KINDS",
     "LAYOUTS",

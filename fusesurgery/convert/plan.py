@@ -88,12 +88,19 @@ def _decoder_shapes(config: DecoderConfig) -> dict[str, Shape]:
 
 def _vision_shapes(config: VisionEncoderConfig) -> dict[str, Shape]:
     d, ffn, p = config.embed_dim, config.intermediate_dim, config.patch_size
-    shapes: dict[str, Shape] = {"conv.weight": (d, config.num_channels, p, p)}
+    shapes: dict[str, Shape] = {"conv.weight": (d, config.num_channels * p * p) if config.naflex
+                                else (d, config.num_channels, p, p)}
     if config.patch_bias:
         shapes["conv.bias"] = (d,)
+    lead = (1,) if config.batch_dim_tables else ()
     if config.class_token:
-        shapes["cls_token_embedding.weight"] = (d,)
-    shapes["token_pos_embedding.positional_embedding"] = (config.seq_len, d)
+        shapes["cls_token_embedding.weight"] = (*lead, *lead, d)
+    if config.mask_token:  # DINOv3 stores it as [1, 1, d_e]
+        shapes["mask_token.weight"] = (1, 1, d) if config.family == "dinov3" else (1, d)
+    if config.num_register_tokens:
+        shapes["register_tokens.weight"] = (1, config.num_register_tokens, d)
+    if config.patch_rope_base is None:  # a 2-D RoPE has no table
+        shapes["token_pos_embedding.positional_embedding"] = (*lead, config.num_positions, d)
     if config.pre_norm:
         shapes["ln_pre.weight"] = shapes["ln_pre.bias"] = (d,)
     per_layer: dict[str, Shape] = {}
@@ -101,9 +108,12 @@ def _vision_shapes(config: VisionEncoderConfig) -> dict[str, Shape]:
         per_layer[f"layers.{{i}}.{norm}.weight"] = per_layer[f"layers.{{i}}.{norm}.bias"] = (d,)
     for proj in ("q_proj", "k_proj", "v_proj", "output_proj"):
         per_layer[f"layers.{{i}}.attn.{proj}.weight"] = (d, d)
-        per_layer[f"layers.{{i}}.attn.{proj}.bias"] = (d,)
+        if proj != "k_proj" or config.key_bias:
+            per_layer[f"layers.{{i}}.attn.{proj}.bias"] = (d,)
     per_layer["layers.{i}.mlp.w1.weight"], per_layer["layers.{i}.mlp.w1.bias"] = (ffn, d), (ffn,)
     per_layer["layers.{i}.mlp.w2.weight"], per_layer["layers.{i}.mlp.w2.bias"] = (d, ffn), (d,)
+    if config.layer_scale:
+        per_layer["layers.{i}.sa_scale.gamma"] = per_layer["layers.{i}.mlp_scale.gamma"] = (d,)
     for layer in range(config.num_layers):
         for template, shape in per_layer.items():
             shapes[template.replace(LAYER, str(layer))] = shape
@@ -159,7 +169,8 @@ def layout_tensor_infos(
     native_prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
     infos: dict[str, TensorInfo] = {}
     for native_key, shape in expected_native_shapes(config).items():
-        name = prefix + from_native_key(native_prefix + native_key, layout, kind)
+        name = prefix + from_native_key(native_prefix + native_key, layout, kind,
+                                        config.family)
         infos[name] = TensorInfo(name, shape, dtype)
     return infos
 
@@ -227,7 +238,8 @@ def check_native_shapes(
         raise ConfigError(f"checkpoint disagrees with {origin}: {mismatched[0]}{more}")
     kind = "decoder" if isinstance(config, DecoderConfig) else "vision"
     missing = [
-        _spell(key, layout, kind) if not prefix else key for key in expected if key not in shapes
+        _spell(key, layout, kind, config.family) if not prefix else key
+        for key in expected if key not in shapes
     ]
     if missing:
         raise ConfigError(
@@ -250,9 +262,9 @@ def check_native_shapes(
         )
 
 
-def _spell(native_key: str, layout: str, kind: str) -> str:
+def _spell(native_key: str, layout: str, kind: str, family: str | None = None) -> str:
     try:
-        return from_native_key(native_key, layout, kind)
+        return from_native_key(native_key, layout, kind, family)
     except KeyMapError:
         return native_key
 
@@ -510,7 +522,7 @@ def plan_conversion(
         out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
         entries.append(
             PlanEntry(
-                target_key=from_native_key(native_key, target_layout, kind),
+                target_key=from_native_key(native_key, target_layout, kind, config.family),
                 source_key=source_key,
                 transform=transform,
                 source_shape=tuple(info.shape),

@@ -41,7 +41,8 @@ HEAD_CONFIG_FIELD = "vision_use_head"
 HEAD_PREFIX = HF_VISION_PREFIX + "head."
 # transformers 5 saves a bare SiglipVisionModel without the ``vision_model.`` prefix.
 _BARE_HEAD_PREFIX = "head."
-# the tower families whose transformers model ends in such a head (``pooling_head``)
+# the tower families whose transformers model ends in such a head (``pooling_head``: SigLIP,
+# SigLIP2 NaFlex)
 HEAD_FAMILIES: tuple[str, ...] = tuple(
     name for name, family in VISION_FAMILIES.items() if family.pooling_head)
 

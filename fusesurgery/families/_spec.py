@@ -137,11 +137,26 @@ class VisionFamily:
         hf_keys: transformers key template (``vision_model.`` prefixed) -> native template.
         hf_dropped: transformers key patterns (``*`` matches dots too) the native tower has
             no use for -> why they are dropped (the other tower, buffers, pooling heads).
-        shape_markers: native key -> whether it is present, to tell the family by shapes.
+        shape_markers: native key -> whether it is present (a bool) or present with that
+            many dimensions (an int), to tell the family by shapes; every entry must match.
         encoder_layer_default: the hidden layer that feeds the fusion, in transformers'
             ``hidden_states[k]`` numbering; None: the final hidden states.
+        encoder_tokens_default: which output tokens feed the fusion by default (``all``,
+            ``cls_and_patches``: registers left out, ``patches``).
         pooling_head: the transformers tower ends in an attention-pooling head, which
             ``convert`` carries in a file beside the native weights.
+        own_hf_names: its transformers names are its own, not CLIP's spelling (DINOv2): read
+            after the shared table, written from its own.
+        hf_layout_markers: key prefixes only this family's transformers checkpoints have, which
+            tell the layout apart when they are not CLIP's spelling.
+        hf_config_reader: for a config.json of its own kind, ``(config, origin) -> (read,
+            defaults)`` in place of the generic reading; None: ``hf_config_keys`` and
+            ``hf_defaults``.
+        hf_config_writer: the matching ``VisionEncoderConfig -> config.json``; None: generic.
+        batch_dim_tables: the class token and position table keep a leading batch dim
+            (``[1, 1, d_e]``, ``[1, n, d_e]``), as DINOv2's checkpoints store them.
+        naflex: the tower takes pre-cut patches (SigLIP2 NaFlex: a linear patch embedding, the
+            position table resized per image).
         torchtune_model: the torchtune module whose names the native layout follows, or None.
         relatives: unsupported ``model_type`` values closest to this family -> what differs.
     """
@@ -156,9 +171,17 @@ class VisionFamily:
     post_norm_hidden: bool
     hf_keys: Mapping[str, str]
     hf_dropped: Mapping[str, str]
-    shape_markers: Mapping[str, bool]
+    shape_markers: Mapping[str, bool | int]
     encoder_layer_default: int | None
+    encoder_tokens_default: str = "all"
     pooling_head: bool = False
+    own_hf_names: bool = False
+    hf_layout_markers: tuple[str, ...] = ()
+    hf_config_reader: Callable[[Mapping[str, Any], str],
+                               tuple[dict[str, Any], dict[str, Any]]] | None = None
+    hf_config_writer: Callable[[Any], dict[str, Any]] | None = None
+    batch_dim_tables: bool = False
+    naflex: bool = False
     torchtune_model: str | None = None
     relatives: Mapping[str, str] = field(default_factory=lambda: frozen({}))
 

@@ -77,13 +77,11 @@ FAMILY = VisionFamily(
         "text_projection.weight": "text projection of a CLIP checkpoint",
         "visual_projection.weight": "image-text projection of a CLIP checkpoint",
     }),
-    shape_markers=frozen({"cls_token_embedding.weight": True}),
+    shape_markers=frozen({"cls_token_embedding.weight": True, "conv.weight": 4,
+                          "layers.0.sa_scale.gamma": False}),
     # the penultimate layer, as LLaVA
     encoder_layer_default=-2,
     torchtune_model="torchtune.models.clip",
     relatives=frozen({
-        "dinov2": "layer scale in every layer, a mask token, no LayerNorm before the layers",
-        "dinov2_with_registers": "DINOv2's layers plus register tokens",
-        "dinov3_vit": "RoPE on the patch tokens, register tokens, layer scale",
     }),
 )

@@ -31,13 +31,12 @@ FAMILY = VisionFamily(
         "vision_model.head.*": "SigLIP attention-pooling head, not used for fusion",
         "logit_bias": "contrastive logit bias",
     }),
-    shape_markers=frozen({"cls_token_embedding.weight": False}),
+    shape_markers=frozen({"cls_token_embedding.weight": False, "conv.weight": 4,
+                          "layers.0.sa_scale.gamma": False}),
     # the final, post-normed hidden states, as PaliGemma
     encoder_layer_default=None,
     pooling_head=True,
     relatives=frozen({
-        "siglip2": "NaFlex: a linear patch embedding over pre-cut patches, position "
-                   "embeddings resized per image",
         "aimv2": "RMSNorms, SwiGLU MLPs, no biases",
         "aimv2_vision_model": "RMSNorms, SwiGLU MLPs, no biases",
     }),

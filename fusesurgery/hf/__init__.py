@@ -51,9 +51,9 @@ def is_export_directory(path: str | os.PathLike[str]) -> bool:
 
 
 def register_transformers() -> None:
-    """Register the exported model's classes with transformers' ``AutoConfig``, ``AutoModel``
-    and ``AutoModelForImageTextToText``, so an exported directory loads without
-    ``trust_remote_code``. Imports transformers; calling it twice is harmless.
+    """Register the exported model's classes with transformers' ``AutoConfig``, ``AutoModel``,
+    ``AutoModelForImageTextToText`` and ``AutoProcessor``, so an exported directory loads
+    without ``trust_remote_code``. Imports transformers; calling it twice is harmless.
 
     Raises:
         ModuleNotFoundError: transformers is not installed.
@@ -62,6 +62,7 @@ def register_transformers() -> None:
         AutoConfig,
         AutoModel,
         AutoModelForImageTextToText,
+        AutoProcessor,
     )
 
     from fusesurgery.hf.template.configuration_fusesurgery_fused import (  # noqa: PLC0415
@@ -71,11 +72,21 @@ def register_transformers() -> None:
     from fusesurgery.hf.template.modeling_fusesurgery_fused import (  # noqa: PLC0415
         FusedVisionTextForConditionalGeneration,
     )
+    from fusesurgery.hf.template.processing_fusesurgery_fused import (  # noqa: PLC0415
+        FusedVisionTextProcessor,
+    )
 
     AutoConfig.register(MODEL_TYPE, FusedVisionTextConfig, exist_ok=True)
     for auto in (AutoModel, AutoModelForImageTextToText):
         auto.register(FusedVisionTextConfig, FusedVisionTextForConditionalGeneration,
                       exist_ok=True)
+    # save_pretrained then writes the configuration and modeling files beside the weights (and
+    # config.json's auto_map to them), as a model loaded with remote code does: a model
+    # trained here and saved still loads with transformers alone
+    FusedVisionTextConfig.register_for_auto_class()
+    FusedVisionTextForConditionalGeneration.register_for_auto_class(
+        "AutoModelForImageTextToText")
+    AutoProcessor.register(FusedVisionTextConfig, FusedVisionTextProcessor, exist_ok=True)
 
 
 __all__ = ["export_transformers", "import_transformers", "is_export_directory",

@@ -3,9 +3,10 @@
 The output holds ``config.json`` (a ``FusedVisionTextConfig``: the sources' own transformers
 configs as ``text_config`` / ``vision_config`` plus the fusion settings, with an ``auto_map``
 to the modeling files beside it), sharded safetensors with an index, the fused tokenizer,
-generation and preprocessor configs, and the template's configuration and modeling files.
-``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` loads it with
-transformers alone.
+generation and preprocessor configs, the processor's config, and the template's
+configuration, modeling and processing files.
+``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`` and
+``AutoProcessor.from_pretrained(DIR, trust_remote_code=True)`` load it with transformers alone.
 
 Keys (``exported_key``): the text model's and the tower's are the sources' own transformers
 names under ``language_model.`` and ``vision_tower.``; fusion's are
@@ -67,7 +68,13 @@ CONFIG_MODULE = "configuration_fusesurgery_fused"
 MODELING_MODULE = "modeling_fusesurgery_fused"
 CONFIG_CLASS = "FusedVisionTextConfig"
 MODEL_CLASS = "FusedVisionTextForConditionalGeneration"
-TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py")
+PROCESSING_MODULE = "processing_fusesurgery_fused"
+PROCESSOR_CLASS = "FusedVisionTextProcessor"
+TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py",
+                                   f"{PROCESSING_MODULE}.py")
+# what the model itself needs to load with trust_remote_code (a model's own save_pretrained
+# writes these two; the processing file comes with the processor's)
+MODEL_CODE_FILES: tuple[str, ...] = TEMPLATE_FILES[:2]
 
 TEXT_PREFIX = "language_model."
 VISION_PREFIX = "vision_tower."
@@ -137,6 +144,16 @@ def vision_config_dict(config: FusedConfig, directory: Path, dtype: str) -> dict
     return document
 
 
+def auto_map() -> dict[str, str]:
+    """config.json's ``auto_map``: the Auto classes to the template's files beside it."""
+    return {
+        "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
+        "AutoModel": f"{MODELING_MODULE}.{MODEL_CLASS}",
+        "AutoModelForImageTextToText": f"{MODELING_MODULE}.{MODEL_CLASS}",
+        "AutoProcessor": f"{PROCESSING_MODULE}.{PROCESSOR_CLASS}",
+    }
+
+
 def export_config_dict(config: FusedConfig, directory: Path,
                        dtypes: Mapping[str, str]) -> dict[str, Any]:
     """``config.json`` of the export (``dtypes``: part -> dtype name of its tensors)."""
@@ -146,11 +163,7 @@ def export_config_dict(config: FusedConfig, directory: Path,
     return {
         "architectures": [MODEL_CLASS],
         "model_type": MODEL_TYPE,
-        "auto_map": {
-            "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
-            "AutoModel": f"{MODELING_MODULE}.{MODEL_CLASS}",
-            "AutoModelForImageTextToText": f"{MODELING_MODULE}.{MODEL_CLASS}",
-        },
+        "auto_map": auto_map(),
         "text_config": text_config_dict(config, directory, dtypes["decoder"]),
         "vision_config": vision_config_dict(config, directory, dtypes["encoder"]),
         "fusion_layers": list(f.fusion_layers),
@@ -175,10 +188,26 @@ def export_config_dict(config: FusedConfig, directory: Path,
     }
 
 
+def processor_config_dict(config: FusedConfig) -> dict[str, Any]:
+    """``processor_config.json`` of the export: the processor class (beside it) and the image
+    token; the tower's image processor config and the tokenizer are their own files."""
+    image = next((t.token for t in config.new_tokens if t.token == "<|image|>"),
+                 config.new_tokens[0].token)
+    return {"processor_class": PROCESSOR_CLASS, "image_token": image,
+            "auto_map": {"AutoProcessor": f"{PROCESSING_MODULE}.{PROCESSOR_CLASS}"}}
+
+
 def template_files() -> dict[str, bytes]:
-    """The configuration and modeling files, as shipped in ``fusesurgery/hf/template``."""
+    """The configuration, modeling and processing files, as shipped in
+    ``fusesurgery/hf/template``."""
     package = resources.files("fusesurgery.hf.template")
     return {name: package.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
+
+
+# Towers whose inputs or output tokens the exported model's code does not reproduce yet
+# (NaFlex inputs; DINOv2's register tokens left out of what feeds the fusion).
+NOT_EXPORTED_TOWERS: dict[str, str] = {"siglip2": "SigLIP2 NaFlex", "dinov2": "DINOv2",
+                                        "dinov3": "DINOv3"}
 
 
 def _check_exportable(config: FusedConfig, path: object) -> None:
@@ -190,6 +219,10 @@ def _check_exportable(config: FusedConfig, path: object) -> None:
                           "place the image by")
     if config.projection not in ("mlp", "linear"):
         raise ConfigError(f"{path}: unknown projection {config.projection!r}")
+    if config.encoder.family in NOT_EXPORTED_TOWERS:
+        raise ConfigError(f"{path}: the transformers export does not carry a "
+                          f"{NOT_EXPORTED_TOWERS[config.encoder.family]} tower yet; use the "
+                          "fused checkpoint with fusesurgery (load_fused, generate)")
 
 
 def export_transformers(
@@ -250,6 +283,8 @@ def export_transformers(
             **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
         }
         extra.update(read_kept_source_files(directory, config.sources))
+        extra["processor_config.json"] = standard_json.dumps(processor_config_dict(config),
+                                                             indent=2) + "\n"
         written = write_safetensors(
             out_dir, infos, lambda key: producers[key](), max_shard_size=max_shard_size,
             extra_files=extra, overwrite=overwrite, on_tensor_written=on_tensor_written,

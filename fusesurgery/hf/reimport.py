@@ -19,9 +19,17 @@ from fusesurgery.convert.configs import config_style
 from fusesurgery.convert.plan import PlanEntry
 from fusesurgery.convert.transforms import invert_transform
 from fusesurgery.errors import ConfigError, ShapeError
+from fusesurgery.hf.anyfamily import (
+    FUSE_RECORD_FIELD,
+    _native_model_types,
+    check_template_files,
+    checked_any_export,
+    is_any_export,
+)
 from fusesurgery.hf.export import (
     FUSION_CONFIG_FIELD,
     MODEL_TYPE,
+    PROCESSOR_CLASS,
     TEXT_PREFIX,
     VISION_PREFIX,
     exported_key,
@@ -73,6 +81,9 @@ def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, tuple]
     if source.config_file != "config.json" or not is_transformers_export(source.config):
         raise ConfigError(f"{path} is not a transformers export of a fused checkpoint "
                           f"(its config.json's model_type is not {MODEL_TYPE!r})")
+    check_template_files(side_directory(source), path)
+    if is_any_export(source.config):
+        raise ConfigError(_no_native_message(source.config, path))
     origin = f"{path}/config.json: {FUSION_CONFIG_FIELD}"
     config = fused_config_from_dict(source.config.get(FUSION_CONFIG_FIELD), origin)
     if config.encoder is None:
@@ -94,7 +105,44 @@ def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, tuple]
     return config, native_of
 
 
+def _no_native_message(document: dict, path: object) -> str:
+    """Why a directory ``fuse --format transformers`` wrote has no native form."""
+    sources = document[FUSE_RECORD_FIELD].get("sources") or {}
+    families = [(role, (sources.get(part) or {}).get("family"))
+                for role, part in (("decoder", "decoder"), ("tower", "encoder"))]
+    decoders, towers = _native_model_types()
+    missing = [f"its {role}'s family {family!r}" for (role, family), known in
+               zip(families, (decoders, towers), strict=True) if family not in known]
+    if missing:
+        return (f"{path} was fused straight into the transformers layout and "
+                f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no native "
+                "module: it has no native form (validate, unfuse, diff, inspect and push take "
+                "it as it is)")
+    return (f"{path} was fused straight into the transformers layout (fuse --format "
+            "transformers): for a native fused checkpoint fuse the sources without --format")
+
+
 GATE_SUFFIXES: tuple[str, ...] = (".ca_scale.scale", ".mlp_scale.scale")
+PROCESSOR_CONFIG_FILE = "processor_config.json"
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+
+
+def _native_side_files(directory: Path) -> dict[str, bytes | str]:
+    """The tokenizer, generation and image-processor files for the native layout. The
+    export's own ``processor_config.json`` names a class only the export has, so it stays
+    behind; a processor saved with ``save_pretrained`` holds the tower's image-processor
+    config inside it, which becomes ``preprocessor_config.json`` again."""
+    found: dict[str, bytes | str] = dict(
+        read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)))
+    processor = found.get(PROCESSOR_CONFIG_FILE)
+    document = None if processor is None else json_object(
+        processor, directory / PROCESSOR_CONFIG_FILE)
+    if document is not None and document.get("processor_class") == PROCESSOR_CLASS:
+        del found[PROCESSOR_CONFIG_FILE]
+        nested = document.get("image_processor")
+        if PREPROCESSOR_CONFIG_FILE not in found and isinstance(nested, dict):
+            found[PREPROCESSOR_CONFIG_FILE] = standard_json.dumps(nested, indent=2) + "\n"
+    return found
 
 
 def _with_gates_read(config: FusedConfig, source, native_of: dict[str, tuple]) -> FusedConfig:
@@ -148,7 +196,7 @@ def import_transformers(
         config = _with_gates_read(config, source, native_of)
         extra: dict[str, bytes | str] = {
             FUSION_CONFIG_FILE: standard_json.dumps(config.to_dict(), indent=2) + "\n",
-            **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
+            **_native_side_files(directory),
         }
         extra.update(read_kept_source_files(directory, config.sources))
         written = write_safetensors(
@@ -206,7 +254,12 @@ def unfuse_export(
         raise ConfigError(f"unknown part {part!r}; valid: {', '.join(PART_PREFIXES)}")
     prefix = PART_PREFIXES[part]
     with open_checkpoint(path) as source:
-        config, _ = _checked_export(source, path)
+        if source.config_file == "config.json" and is_any_export(source.config):
+            checked_any_export(source, path)
+            sources = source.config[FUSE_RECORD_FIELD].get("sources") or {}
+        else:
+            config, _ = _checked_export(source, path)
+            sources = config.sources
         infos = [TensorInfo(name.removeprefix(prefix), tuple(info.shape), info.dtype)
                  for name, info in source.infos().items() if name.startswith(prefix)]
 
@@ -215,7 +268,7 @@ def unfuse_export(
             return region if region is not None else source.get_tensor(prefix + name)
 
         directory = side_directory(source)
-        record = dict(config.sources.get(part, {}))
+        record = dict(sources.get(part, {}))
         kept = tuple(name for name in record.get("kept_files", ())
                      if name not in ("config.json", "hf_config.json"))
         dtype = dtype_name(infos[0].dtype)

@@ -220,3 +220,98 @@ everything needed to rebuild the model; `source/` keeps the sources' own config 
 files.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def build_export_card(
+    document: Mapping[str, Any],
+    *,
+    repo_id: str,
+    base_models: Sequence[str],
+    checks: Sequence[Check],
+    files: Sequence[tuple[str, int]],
+    validated_with: str,
+    license: str | None = None,
+) -> Any:
+    """The ``huggingface_hub.ModelCard`` of a transformers export (its config.json is
+    ``document``); see :func:`build_model_card` for the other arguments."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    text, vision = document.get("text_config") or {}, document.get("vision_config") or {}
+    families = sorted({str(c.get("model_type")) for c in (text, vision) if c.get("model_type")})
+    extra: dict[str, Any] = {"base_model_relation": BASE_MODEL_RELATION} if base_models else {}
+    data = ModelCardData(
+        base_model=list(base_models) or None, library_name="transformers",
+        pipeline_tag=PIPELINE_TAG, license=license,
+        tags=["fusesurgery", "deep-fusion", "cross-attention", "multimodal", "vision-language",
+              "safetensors", "custom_code", *families],
+        **extra,
+    )
+    name = repo_id.split("/")[-1]
+    tokens = ", ".join(f"`{t.get('token')}` = {t.get('id')}"
+                       for t in document.get("new_tokens") or []) or "none"
+    rows = [
+        ("text model", f"{text.get('model_type')} ({text.get('num_hidden_layers')} layers, "
+                       f"width {text.get('hidden_size')}, vocab {text.get('vocab_size')})"),
+        ("vision tower", f"{vision.get('model_type')} ({vision.get('num_hidden_layers')} "
+                         f"layers, width {vision.get('hidden_size')})"),
+        ("fusion layers", f"{document.get('fusion_layers')} ("
+                          f"{'before' if document.get('fusion_first') else 'after'} the "
+                          "decoder layer)"),
+        ("cross-attention", f"{document.get('fusion_num_heads')} heads, "
+                            f"{document.get('fusion_num_kv_heads')} key-value heads, head "
+                            f"width {document.get('fusion_head_dim')}, SwiGLU width "
+                            f"{document.get('fusion_intermediate_size')}"),
+        ("projection", f"{document.get('projection')} from the tower's "
+                       + ("final hidden states" if document.get("vision_feature_layer") is None
+                          else f"hidden_states[{document.get('vision_feature_layer')}]")),
+        ("new tokens", tokens),
+    ]
+    fusion = "\n".join(f"| {what} | {_cell(value)} |" for what, value in rows)
+    report = "\n".join(
+        f"| {c.status.upper()} | {_cell(c.name)} | {_cell(c.figure)} | {_cell(c.detail)} |"
+        for c in checks)
+    total = sum(size for _, size in files)
+    relation = relation_reason(base_models) if base_models else (
+        "No `base_model` is listed: the sources were local checkpoints with no Hub id (push "
+        "with `--base-model ID` for each source to name them).")
+    body = f"""
+# {name}
+
+A vision tower fused into a causal language model by gated cross-attention (Flamingo / Llama
+3.2 Vision style) with fusesurgery, as a transformers model: the text model and the tower are
+transformers' own classes with the sources' tensors unchanged; fusion adds the gated
+cross-attention layers, the new tokens' embedding rows and a projection head.
+
+{relation}
+
+## The fusion
+
+| | |
+|---|---|
+{fusion}
+
+## Load it
+
+```python
+from transformers import AutoModelForImageTextToText
+
+model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)
+```
+
+`fusesurgery validate {name}/` repeats the checks below; `fusesurgery unfuse {name}/ -o
+decoder/` gives the original decoder back, bit for bit.
+
+## Validation
+
+Run by {validated_with} before the upload.
+
+| status | check | figure | detail |
+|---|---|---|---|
+{report}
+
+## Files
+
+{len(files)} files besides this card, {format_bytes(total)}; `source/` keeps the sources' own
+config and tokenizer files.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -283,10 +283,18 @@ def plan_push(
     if not directory.is_dir():
         raise CheckpointError(f"{out}: not a directory; push uploads a fused checkpoint "
                               "directory written by `fusesurgery fuse`")
-    if not (directory / FUSION_CONFIG_FILE).is_file():
+    from fusesurgery.hf import is_export_directory
+
+    export = is_export_directory(directory)
+    if not export and not (directory / FUSION_CONFIG_FILE).is_file():
         raise CheckpointError(f"{out}: no {FUSION_CONFIG_FILE}; push uploads fused checkpoints "
                               "written by `fusesurgery fuse` or fusesurgery.save_fused")
     files = collect_files(directory)
+    if export:
+        return _plan_export_push(directory, files, repo_id, revision=revision,
+                                 private=private, create_pr=create_pr,
+                                 commit_message=commit_message, base_models=base_models,
+                                 license=license, quick=quick, device=device, stage=stage)
     config = read_fused_config(directory)
     from fusesurgery.reports.inspection import inspect_checkpoint
 
@@ -322,6 +330,53 @@ def plan_push(
     files.append(PushFile(CARD_FILE, None, len(text.encode())))
     return PushPlan(
         out=str(out), repo_id=repo_id, revision=revision, private=private,
+        create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+        files=tuple(files), card=text, base_models=chosen, validation=report.to_dict())
+
+
+def _plan_export_push(directory: Path, files: list[PushFile], repo_id: str, *,
+                      revision: str | None, private: bool, create_pr: bool,
+                      commit_message: str | None, base_models: Sequence[str],
+                      license: str | None, quick: bool, device: str,
+                      stage: Callable[[str], None]) -> PushPlan:
+    """``plan_push`` of a transformers export: validated through transformers' classes (the
+    keys and shapes alone with ``quick``), its card from its config.json."""
+    from fusesurgery.hf.validate_export import check_export_layout, validate_export
+    from fusesurgery.hub.card import build_export_card
+    from fusesurgery.io import open_checkpoint
+    from fusesurgery.validate.checks import ValidationReport
+
+    stage(f"validating {directory}" + (" (header-level checks)" if quick else ""))
+    if quick:
+        report = ValidationReport(path=str(directory))
+        check_export_layout(report, str(directory))
+    else:
+        report = validate_export(directory, device=device)
+    if not report.ok:
+        failed = next(c for c in report.checks if c.status == "fail")
+        raise ValidationError(f"{directory} fails validation, so it is not pushed: "
+                              f"{failed.name}: {failed.figure}; see `fusesurgery validate "
+                              f"{directory}`")
+    stage(f"validated: {plural(sum(c.status == 'pass' for c in report.checks), 'check')} "
+          "passed")
+    with open_checkpoint(directory) as source:
+        document = source.config
+    record = document.get("fusesurgery_fuse") or document.get("fusesurgery_fusion_config") or {}
+    hub_ids = {part: r["hub"]["repo_id"] for part, r in (record.get("sources") or {}).items()
+               if isinstance(r, dict) and isinstance(r.get("hub"), dict)
+               and isinstance(r["hub"].get("repo_id"), str)}
+    chosen = tuple(base_models) or tuple(hub_ids[p] for p in ("decoder", "encoder")
+                                         if p in hub_ids)
+    for base in chosen:
+        _check_repo_id(base)
+    card = build_export_card(document, repo_id=repo_id, base_models=chosen,
+                             checks=report.checks,
+                             files=[(f.path_in_repo, f.size) for f in files],
+                             validated_with=_validated_with(report, quick), license=license)
+    text = str(card)
+    files.append(PushFile(CARD_FILE, None, len(text.encode())))
+    return PushPlan(
+        out=str(directory), repo_id=repo_id, revision=revision, private=private,
         create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
         files=tuple(files), card=text, base_models=chosen, validation=report.to_dict())
 

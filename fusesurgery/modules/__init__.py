@@ -23,7 +23,11 @@ from fusesurgery.modules.fusion import (
 from fusesurgery.modules.kv_cache import KVCache
 from fusesurgery.modules.norms import RMSNorm, TanhGate
 from fusesurgery.modules.projection import LinearProjection, MLPProjection
-from fusesurgery.modules.rope import RotaryPositionalEmbeddings, rope_frequencies
+from fusesurgery.modules.rope import (
+    RotaryPositionalEmbeddings,
+    rope_attention_factor,
+    rope_frequencies,
+)
 from fusesurgery.modules.summary import FusionSummary, fusion_summary
 from fusesurgery.modules.transformer import (
     TransformerCrossAttentionLayer,
@@ -69,6 +73,7 @@ __all__ = [
     "get_fusion_params",
     "init_non_persistent_buffers",
     "register_fusion_module",
+    "rope_attention_factor",
     "rope_frequencies",
     "set_trainable_params",
 ]

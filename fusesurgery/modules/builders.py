@@ -22,7 +22,12 @@ from fusesurgery.modules.transformer import (
 )
 from fusesurgery.modules.vision import (
     ClassTokenEmbedding,
+    LayerScale,
+    MaskToken,
+    NaFlexVisionTransformer,
+    PatchRotaryEmbedding,
     ProjectedEncoder,
+    RegisterTokens,
     TokenPositionalEmbedding,
     VisionTransformer,
 )
@@ -161,9 +166,11 @@ def fuse_decoder(
 
 
 def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionTransformer:
-    """A ViT matching a CLIP or SigLIP vision tower described by ``cfg``."""
+    """A ViT matching a CLIP, SigLIP, SigLIP2 NaFlex, DINOv2 or DINOv3 vision tower described
+    by ``cfg``."""
     d = cfg.embed_dim
     h_d = d // cfg.num_heads
+    rope = None if cfg.patch_rope_base is None else PatchRotaryEmbedding(h_d, cfg.patch_rope_base)
 
     def layer() -> TransformerSelfAttentionLayer:
         attn = MultiHeadAttention(
@@ -172,9 +179,10 @@ def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionTransformer:
             num_kv_heads=cfg.num_heads,
             head_dim=h_d,
             q_proj=nn.Linear(d, d),
-            k_proj=nn.Linear(d, d),
+            k_proj=nn.Linear(d, d, bias=cfg.key_bias),
             v_proj=nn.Linear(d, d),
             output_proj=nn.Linear(d, d),
+            pos_embeddings=rope,
             is_causal=False,
         )
         mlp = FeedForward(
@@ -187,18 +195,29 @@ def build_vision_encoder(cfg: VisionEncoderConfig) -> VisionTransformer:
             mlp=mlp,
             sa_norm=nn.LayerNorm(d, eps=cfg.norm_eps),
             mlp_norm=nn.LayerNorm(d, eps=cfg.norm_eps),
+            sa_scale=LayerScale(d) if cfg.layer_scale else None,
+            mlp_scale=LayerScale(d) if cfg.layer_scale else None,
         )
 
-    return VisionTransformer(
-        conv=nn.Conv2d(cfg.num_channels, d, cfg.patch_size, stride=cfg.patch_size,
-                       bias=cfg.patch_bias),
+    batch_dim = cfg.batch_dim_tables
+    patch_width = cfg.num_channels * cfg.patch_size**2
+    return (NaFlexVisionTransformer if cfg.naflex else VisionTransformer)(
+        conv=nn.Linear(patch_width, d, bias=cfg.patch_bias) if cfg.naflex else nn.Conv2d(
+            cfg.num_channels, d, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias),
         layers=[layer() for _ in range(cfg.num_layers)],
-        token_pos_embedding=TokenPositionalEmbedding(cfg.seq_len, d),
+        token_pos_embedding=None if rope is not None else TokenPositionalEmbedding(
+            cfg.num_positions, d, batch_dim=batch_dim, antialias=cfg.position_antialias),
         ln_post=nn.LayerNorm(d, eps=cfg.norm_eps),
-        cls_token_embedding=ClassTokenEmbedding(d) if cfg.class_token else None,
+        cls_token_embedding=ClassTokenEmbedding(d, batch_dim=batch_dim)
+        if cfg.class_token else None,
         ln_pre=nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.pre_norm else None,
         post_norm_hidden=cfg.post_norm_hidden,
         output_layer=cfg.output_layer,
+        register_tokens=RegisterTokens(cfg.num_register_tokens, d)
+        if cfg.num_register_tokens else None,
+        mask_token=MaskToken(d, batch_dim=cfg.family == "dinov3") if cfg.mask_token else None,
+        feature_tokens=cfg.feature_tokens,
+        patch_rope=rope,
     )
 
 

@@ -298,6 +298,33 @@ def set_trainable_params(model: nn.Module, trainable: Iterable[str]) -> None:
         param.requires_grad_(name in trainable)
 
 
+def mask_padding_tokens(encoder_mask: torch.Tensor | None, token_mask: torch.Tensor,
+                        seq_len: int) -> torch.Tensor:
+    """An ``encoder_mask`` with the columns of padding encoder tokens (NaFlex's padding
+    patches) set to False, so no text token attends to them.
+
+    Args:
+        encoder_mask: ``[b, s, s_e]`` bool, or None (every token attends to every real one).
+        token_mask: ``[b, s_e]``, nonzero for real encoder tokens (``pixel_attention_mask``).
+        seq_len: ``s``.
+
+    Returns:
+        ``[b, s, s_e]`` bool.
+
+    Raises:
+        ValueError: ``encoder_mask`` is not as wide as ``token_mask``.
+    """
+    real = token_mask.bool()[:, None, :]  # [b, 1, s_e]
+    if encoder_mask is None:
+        return real.expand(real.size(0), seq_len, real.size(-1))
+    if encoder_mask.dim() != 3 or encoder_mask.size(-1) != real.size(-1) or (
+            encoder_mask.size(0) != real.size(0)):
+        raise ValueError(f"encoder_mask {list(encoder_mask.shape)} does not fit "
+                         f"pixel_attention_mask {list(token_mask.shape)}: it needs one column "
+                         "per patch of the padded NaFlex input")
+    return encoder_mask & real
+
+
 class DeepFusionModel(nn.Module):
     """A pretrained encoder feeding a pretrained decoder through fusion layers.
 
@@ -380,13 +407,19 @@ class DeepFusionModel(nn.Module):
                 ``[b, c, h, w]``, or ``[b, n, c, h, w]`` for ``n`` images per sample), or
                 None on text-only calls and decode steps that read the cross-attention cache.
             encoder_mask: ``[b, s, s_e]`` bool (``[b, s, n * s_e]`` with ``n`` images per
-                sample), True = token attends to that encoder position.
+                sample), True = token attends to that encoder position. With NaFlex inputs
+                (``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``) the padding
+                patches' columns are masked out whatever it says; None then lets every token
+                attend to the real patches.
             input_pos: ``[b, s]`` positions, or None.
 
         Returns:
             logits ``[b, s, v]``, or a list of chunks of them.
         """
         encoder_output = None if encoder_input is None else self.encoder(**encoder_input)
+        if encoder_input is not None and encoder_input.get("pixel_attention_mask") is not None:
+            encoder_mask = mask_padding_tokens(encoder_mask, encoder_input["pixel_attention_mask"],
+                                               tokens.size(1))
         return self.decoder(
             tokens,
             mask=mask,
@@ -398,6 +431,7 @@ class DeepFusionModel(nn.Module):
 
 __all__ = [
     "DeepFusionModel",
+    "mask_padding_tokens",
     "FusionEmbedding",
     "FusionLayer",
     "get_fusion_params",

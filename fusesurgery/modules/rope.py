@@ -1,4 +1,4 @@
-"""Rotary position embeddings in both pairings, with the Llama 3.1 frequency scaling.
+"""Rotary position embeddings in both pairings, with transformers' RoPE scalings.
 
 Each head's ``h_d`` dims form ``h_d / 2`` pairs, pair ``j`` rotated by ``pos * inv_freq[j]``.
 Which dims pair up is a convention of the weights, not of the maths:
@@ -10,6 +10,14 @@ Which dims pair up is a convention of the weights, not of the maths:
   Qwen2 checkpoint keeps Hugging Face's q/k rows as they are.
 
 ``DecoderConfig.rope_style`` says which one a family's native layout uses.
+
+The scalings (:class:`~fusesurgery.config.RopeScaling`) compute the frequencies and the factor
+on cos/sin that transformers' ``ROPE_INIT_FUNCTIONS`` compute for the same config, in the same
+float32 operations, so the tables agree bit for bit. Two depend on the sequence length the way
+transformers' rotary embedding does per forward call (``max(positions) + 1``): ``longrope``
+takes its long factors for a call reaching past ``original_max_position_embeddings``, and
+``dynamic`` grows its base for the longest call seen so far past that length, back to the
+original frequencies for a call shorter than it.
 """
 
 from __future__ import annotations
@@ -25,25 +33,14 @@ from fusesurgery.config import RopeScaling, RopeStyle
 ROPE_STYLES: tuple[str, ...] = get_args(RopeStyle)
 
 
-def rope_frequencies(
-    head_dim: int, base: float, scaling: RopeScaling | None = None
-) -> torch.Tensor:
-    """Inverse frequencies of each rotated pair.
+def _exponents(head_dim: int) -> torch.Tensor:
+    """``[h_d // 2]`` float32 ``2j / h_d``, on the CPU whatever the default device (a few
+    numbers; under ``torch.device("meta")`` the first arithmetic would load torch's meta
+    kernels, ~2 s)."""
+    return torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
 
-    Args:
-        head_dim: per-head width ``h_d`` (even).
-        base: RoPE theta.
-        scaling: Llama 3.1 scaling: long wavelengths divided by ``factor``, short ones kept,
-            a smooth blend between ``low_freq_factor`` and ``high_freq_factor``.
 
-    Returns:
-        ``[h_d // 2]`` float32, on the CPU whatever the default device (a few numbers; under
-        ``torch.device("meta")`` the first arithmetic would load torch's meta kernels, ~2 s).
-    """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-    inv_freq = 1.0 / (base**exponents)
-    if scaling is None:
-        return inv_freq
+def _llama3(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
     context = scaling.original_max_position_embeddings
     wavelen = 2 * math.pi / inv_freq
     long_wave = wavelen > context / scaling.low_freq_factor
@@ -54,6 +51,96 @@ def rope_frequencies(
     blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
     scaled = torch.where(long_wave, inv_freq / scaling.factor, blended)
     return torch.where(short_wave, inv_freq, scaled)
+
+
+def _yarn(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
+    # Pairs rotating fewer than beta_slow times over the original context are interpolated
+    # (divided by factor), those rotating more than beta_fast times kept, a linear ramp between.
+    def pair_of(rotations: float) -> float:
+        context = scaling.original_max_position_embeddings
+        return (head_dim * math.log(context / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = pair_of(scaling.beta_fast or 32), pair_of(scaling.beta_slow or 1)
+    if scaling.truncate is not False:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width would divide by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    powers = base ** _exponents(head_dim)
+    kept, interpolated = 1.0 / powers, 1.0 / (scaling.factor * powers)
+    keep_weight = 1 - ramp
+    return interpolated * (1 - keep_weight) + kept * keep_weight
+
+
+def _dynamic(head_dim: int, base: float, scaling: RopeScaling,
+             seq_len: int | None) -> torch.Tensor:
+    original, factor = scaling.original_max_position_embeddings, scaling.factor
+    # transformers grows the base from a 0-d int64 tensor of the length (float32 arithmetic)
+    # when a forward call passes the original context, from Python numbers at construction
+    length: int | torch.Tensor = original
+    if seq_len is not None:
+        length = torch.maximum(torch.tensor(seq_len), torch.tensor(original))
+    grown = base * ((factor * length / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return 1.0 / (grown ** _exponents(head_dim))
+
+
+def rope_frequencies(
+    head_dim: int, base: float, scaling: RopeScaling | None = None, *,
+    seq_len: int | None = None,
+) -> torch.Tensor:
+    """Inverse frequencies of each rotated pair.
+
+    Args:
+        head_dim: per-head width ``h_d`` (even).
+        base: RoPE theta.
+        scaling: the RoPE scaling, or None for plain RoPE.
+        seq_len: for ``dynamic`` and ``longrope``, the length of the forward call the
+            frequencies are for (``max(positions) + 1``); None for those a model starts with.
+
+    Returns:
+        ``[h_d // 2]`` float32, on the CPU.
+    """
+    kind = None if scaling is None else scaling.rope_type
+    if kind == "yarn":
+        return _yarn(head_dim, base, scaling)
+    if kind == "dynamic":
+        return _dynamic(head_dim, base, scaling, seq_len)
+    if kind == "longrope":
+        long = seq_len is not None and seq_len > scaling.original_max_position_embeddings
+        factors = torch.tensor(scaling.long_factor if long else scaling.short_factor,
+                               dtype=torch.float32)
+        return 1.0 / (factors * base ** _exponents(head_dim))
+    inv_freq = 1.0 / (base ** _exponents(head_dim))
+    if kind == "linear":
+        return inv_freq / scaling.factor
+    if kind == "llama3":
+        return _llama3(inv_freq, scaling)
+    return inv_freq
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(scaling: RopeScaling | None) -> float:
+    """The factor on cos and sin (YaRN's and LongRoPE's attention factor; 1 for the others):
+    ``attention_factor`` when the scaling states it, else derived from ``factor`` as
+    transformers derives it."""
+    if scaling is None or scaling.rope_type not in ("yarn", "longrope"):
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    factor = scaling.factor
+    if scaling.rope_type == "longrope":
+        if factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(factor)
+                         / math.log(scaling.original_max_position_embeddings))
+    if scaling.mscale and scaling.mscale_all_dim:
+        return float(_yarn_mscale(factor, scaling.mscale)
+                     / _yarn_mscale(factor, scaling.mscale_all_dim))
+    return _yarn_mscale(factor)
 
 
 # Rows of the cos/sin table computed at a time. The table grows on demand, a whole chunk at
@@ -69,13 +156,16 @@ class RotaryPositionalEmbeddings(nn.Module):
     Pair ``j`` is ``(x[2j], x[2j+1])`` with ``style="interleaved"`` and
     ``(x[j], x[j + h_d/2])`` with ``style="half"``; the cos/sin table, positions and scaling
     are the same for both. The table holds only the positions used so far (whole chunks of
-    :data:`ROPE_CHUNK`), never more than ``max_seq_len``.
+    :data:`ROPE_CHUNK`), never more than ``max_seq_len``. A ``longrope`` scaling keeps a
+    second table for its long factors; a ``dynamic`` one, once grown past its original
+    context, computes cos/sin for each call's positions alone (its frequencies change with
+    the length, so a table would not be reused).
 
     Args:
         head_dim: per-head width ``h_d``.
         max_seq_len: the most positions the table may hold.
         base: RoPE theta.
-        scaling: optional Llama 3.1 scaling.
+        scaling: optional RoPE scaling (:class:`~fusesurgery.config.RopeScaling`).
         style: ``"interleaved"`` or ``"half"``, the pairing the q/k weights were laid out for.
 
     Raises:
@@ -100,19 +190,61 @@ class RotaryPositionalEmbeddings(nn.Module):
         self.base = base
         self.scaling = scaling
         self.style = style
+        self.attention_factor = rope_attention_factor(scaling)
+        kind = None if scaling is None else scaling.rope_type
+        # the length past which the frequencies depend on the call (longrope, dynamic)
+        self._switch_length = (scaling.original_max_position_embeddings
+                               if kind in ("longrope", "dynamic") else None)
         self.register_buffer("cache", torch.empty(0), persistent=False)
-        self._checked_pos: tuple[torch.Tensor, int] | None = None
+        if kind == "longrope":
+            self.register_buffer("long_cache", torch.empty(0), persistent=False)
+        self._checked_pos: tuple[torch.Tensor, int, int] | None = None
         self.reset_parameters()
 
     def reset_parameters(self, device: torch.device | str | None = None) -> None:
-        """Empty the cos/sin table on ``device`` (it refills on first use): after building on
-        the meta device, call this with the real device, since a non-persistent buffer is not
-        in any checkpoint."""
+        """Empty the cos/sin tables on ``device`` (they refill on first use) and forget the
+        lengths seen (dynamic scaling): after building on the meta device, call this with the
+        real device, since a non-persistent buffer is not in any checkpoint."""
         target = torch.device(device) if device is not None else torch.get_default_device()
         # [positions, h_d // 2, 2] = (cos, sin); on meta the shape alone, no arithmetic
         rows = self.max_seq_len if target.type == "meta" else 0
         self.cache = torch.empty(rows, self.head_dim // 2, 2, device=target)
+        if hasattr(self, "long_cache"):
+            self.long_cache = torch.empty(rows, self.head_dim // 2, 2, device=target)
         self._checked_pos = None
+        # dynamic scaling: the longest call seen past the original context, and the
+        # frequencies for it (None: the original ones, in the table)
+        self._dynamic_length = self._switch_length
+        self._dynamic_freq: torch.Tensor | None = None
+
+    def _check_length(self, length: int) -> None:
+        if length > self.max_seq_len:
+            raise ValueError(f"RoPE position {length - 1} is past max_seq_len "
+                             f"{self.max_seq_len}")
+
+    def _grow(self, table: torch.Tensor, inv_freq: torch.Tensor, length: int) -> torch.Tensor:
+        self._check_length(length)
+        have = table.size(0)
+        if have >= length:
+            return table
+        device = table.device
+        inv_freq = inv_freq.to(device)
+        stop = min(-(-length // ROPE_CHUNK) * ROPE_CHUNK, self.max_seq_len)
+        chunks = [table]
+        for start in range(have, stop, ROPE_CHUNK):  # ``have`` is a whole number of chunks
+            positions = torch.arange(start, start + ROPE_CHUNK, dtype=torch.float32,
+                                     device=device)
+            chunk = self._cos_sin(torch.outer(positions, inv_freq))
+            chunks.append(chunk[: stop - start].to(table.dtype))
+        return torch.cat(chunks)
+
+    def _cos_sin(self, angles: torch.Tensor) -> torch.Tensor:
+        """``[..., h_d/2]`` angles -> ``[..., h_d/2, 2]`` (cos, sin), each times the
+        attention factor as transformers scales them."""
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return torch.stack([cos, sin], dim=-1)
 
     def reserve(self, length: int) -> None:
         """Make the table hold positions ``0 .. length - 1`` (whole chunks, at most
@@ -121,26 +253,79 @@ class RotaryPositionalEmbeddings(nn.Module):
         Raises:
             ValueError: ``length`` is past ``max_seq_len``.
         """
-        if length > self.max_seq_len:
-            raise ValueError(f"RoPE position {length - 1} is past max_seq_len "
-                             f"{self.max_seq_len}")
-        have = self.cache.size(0)
-        if have >= length:
-            return
-        device = self.cache.device
-        inv_freq = rope_frequencies(self.head_dim, self.base, self.scaling).to(device)
-        stop = min(-(-length // ROPE_CHUNK) * ROPE_CHUNK, self.max_seq_len)
-        chunks = [self.cache]
-        for start in range(have, stop, ROPE_CHUNK):  # ``have`` is a whole number of chunks
-            positions = torch.arange(start, start + ROPE_CHUNK, dtype=torch.float32,
-                                     device=device)
-            angles = torch.outer(positions, inv_freq)
-            chunk = torch.stack([angles.cos(), angles.sin()], dim=-1)
-            chunks.append(chunk[: stop - start].to(self.cache.dtype))
-        self.cache = torch.cat(chunks)
+        if self.cache.size(0) < length:
+            self.cache = self._grow(self.cache, rope_frequencies(
+                self.head_dim, self.base, self.scaling), length)
+        else:
+            self._check_length(length)
+
+    def _call_length(self, input_pos: torch.Tensor) -> int | None:
+        """``max(input_pos) + 1``, or None when nothing needs it (the table is whole and the
+        frequencies do not depend on the length). Reading it waits for the device: once per
+        positions tensor (every layer gets the same one), again only if it changed in place."""
+        if not input_pos.numel() or (self._switch_length is None
+                                     and self.cache.size(0) >= self.max_seq_len):
+            return None
+        checked = self._checked_pos
+        if (checked is not None and checked[0] is input_pos
+                and checked[1] == input_pos._version):
+            return checked[2]
+        length = int(input_pos.max()) + 1
+        self._checked_pos = (input_pos, input_pos._version, length)
+        return length
+
+    def _dynamic_update(self, length: int) -> None:
+        """transformers' dynamic NTK: grow past the longest call so far, and go back to the
+        original frequencies for a call shorter than the original context."""
+        original = self._switch_length
+        if length > self._dynamic_length:
+            self._dynamic_freq = rope_frequencies(self.head_dim, self.base, self.scaling,
+                                                  seq_len=length)
+            self._dynamic_length = length
+        if length < original < self._dynamic_length:
+            self._dynamic_freq, self._dynamic_length = None, original
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, style={self.style!r}"
+        kind = "" if self.scaling is None else f", scaling={self.scaling.rope_type!r}"
+        return f"head_dim={self.head_dim}, style={self.style!r}{kind}"
+
+    def cos_sin(self, seq_len: int, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """cos and sin of each position's angles, attention factor included, for one call of
+        ``s`` tokens (the call :meth:`forward` makes; it updates the dynamic scaling's state).
+
+        Args:
+            seq_len: tokens in the call ``s``.
+            input_pos: ``[b, s]`` positions, or None for ``0..s-1``.
+
+        Returns:
+            ``[s, h_d/2, 2]`` (or ``[b, s, h_d/2, 2]`` for ``input_pos``): ``[..., 0]`` cos,
+            ``[..., 1]`` sin.
+
+        Raises:
+            ValueError: a position past ``max_seq_len``.
+        """
+        length = seq_len if input_pos is None else self._call_length(input_pos)
+        table_name = "cache"
+        if length is not None:
+            self._check_length(length)
+            kind = self.scaling.rope_type if self.scaling is not None else None
+            if kind == "dynamic":
+                self._dynamic_update(length)
+                if self._dynamic_freq is not None:
+                    positions = (torch.arange(seq_len, device=self.cache.device)
+                                 if input_pos is None else input_pos)
+                    inv_freq = self._dynamic_freq.to(self.cache.device)
+                    # [.., s, 1] * [h_d/2]: transformers' product, so the same bits
+                    angles = positions[..., None].float() * inv_freq
+                    return self._cos_sin(angles).to(self.cache.dtype)
+            if kind == "longrope" and length > self._switch_length:
+                table_name = "long_cache"
+                self.long_cache = self._grow(self.long_cache, rope_frequencies(
+                    self.head_dim, self.base, self.scaling, seq_len=length), length)
+            elif self.cache.size(0) < length:
+                self.reserve(length)
+        table = getattr(self, table_name)
+        return table[:seq_len] if input_pos is None else table[input_pos]
 
     def forward(self, x: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -150,20 +335,12 @@ class RotaryPositionalEmbeddings(nn.Module):
 
         Returns:
             ``[b, s, n_h, h_d]``, same dtype as ``x``.
+
+        Raises:
+            ValueError: a position past ``max_seq_len``.
         """
         seq_len, half = x.size(1), self.head_dim // 2
-        if input_pos is None:
-            self.reserve(seq_len)
-            rope = self.cache[:seq_len]
-        else:
-            if self.cache.size(0) < self.max_seq_len and input_pos.numel() and (
-                    self._checked_pos is None or self._checked_pos[0] is not input_pos
-                    or self._checked_pos[1] != input_pos._version):
-                # reading the largest position waits for the device: once per positions
-                # tensor (every layer gets the same one), again only if it changed in place
-                self.reserve(int(input_pos.max()) + 1)
-                self._checked_pos = (input_pos, input_pos._version)
-            rope = self.cache[input_pos]
+        rope = self.cos_sin(seq_len, input_pos)
         # [s, h_d/2, 2] -> [1, s, 1, h_d/2, 2]   or   [b, s, h_d/2, 2] -> [b, s, 1, h_d/2, 2]
         rope = rope.view(-1, seq_len, 1, half, 2)
         cos, sin = rope[..., 0], rope[..., 1]

@@ -52,16 +52,22 @@ class TransformerSelfAttentionLayer(_CachedLayer):
         mlp: feed-forward block.
         sa_norm: norm before attention.
         mlp_norm: norm before the feed-forward block.
+        sa_scale: applied to the attention branch before the residual add (DINOv2's
+            LayerScale), or None.
+        mlp_scale: the same on the feed-forward branch, or None.
     """
 
     def __init__(
-        self, *, attn: MultiHeadAttention, mlp: nn.Module, sa_norm: nn.Module, mlp_norm: nn.Module
+        self, *, attn: MultiHeadAttention, mlp: nn.Module, sa_norm: nn.Module, mlp_norm: nn.Module,
+        sa_scale: nn.Module | None = None, mlp_scale: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.sa_norm = sa_norm
         self.attn = attn
         self.mlp_norm = mlp_norm
         self.mlp = mlp
+        self.sa_scale = sa_scale
+        self.mlp_scale = mlp_scale
 
     def _cache_length(self, encoder_max_seq_len: int | None, decoder_max_seq_len: int) -> int:
         return decoder_max_seq_len
@@ -85,8 +91,14 @@ class TransformerSelfAttentionLayer(_CachedLayer):
             ``[b, s, d]``.
         """
         normed = self.sa_norm(x)
-        h = x + self.attn(normed, normed, mask=mask, input_pos=input_pos)
-        return h + self.mlp(self.mlp_norm(h))
+        attended = self.attn(normed, normed, mask=mask, input_pos=input_pos)
+        if self.sa_scale is not None:
+            attended = self.sa_scale(attended)
+        h = x + attended
+        fed = self.mlp(self.mlp_norm(h))
+        if self.mlp_scale is not None:
+            fed = self.mlp_scale(fed)
+        return h + fed
 
 
 class TransformerCrossAttentionLayer(_CachedLayer):

@@ -545,6 +545,13 @@ def _detect_kind(source: CheckpointSource, *, required: bool) -> tuple[str | Non
         ) from None
 
 
+def _is_transformers_export(source: CheckpointSource) -> bool:
+    from fusesurgery.hf import EXPORT_MODEL_TYPE  # noqa: PLC0415 - imports nothing
+
+    return isinstance(source.config, dict) and source.config.get(
+        "model_type") == EXPORT_MODEL_TYPE
+
+
 def _claim(compared: dict[str, str], name: str, key: str, source: CheckpointSource) -> None:
     if name in compared:
         raise KeyMapError(
@@ -825,6 +832,8 @@ def _diff(
     atol: float,
     chunk_bytes: int,
 ) -> DiffReport:
+    # a transformers export's keys are transformers' own names: compared as stored
+    raw = raw or any(_is_transformers_export(s) for s in (source_a, source_b))
     kind_a, layout_a = _detect_kind(source_a, required=not raw)
     kind_b, layout_b = _detect_kind(source_b, required=not raw)
     if raw:

@@ -22,6 +22,7 @@ import torch
 
 from fusesurgery.errors import InputError
 from fusesurgery.modules import DeepFusionModel, TransformerDecoder
+from fusesurgery.modules.fusion import mask_padding_tokens
 from fusesurgery.run.images import load_image
 from fusesurgery.run.inputs import (
     ModelInputs,
@@ -178,6 +179,10 @@ def generate(
                       torch.ones(b, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     mask, positions = padded_attention(real)
     encoder_mask = inputs.encoder_mask
+    token_mask = None if inputs.encoder_input is None else inputs.encoder_input.get(
+        "pixel_attention_mask")
+    if token_mask is not None:  # NaFlex: no step may attend to a padding patch either
+        encoder_mask = mask_padding_tokens(encoder_mask, token_mask, s)
     step_encoder_mask = None if encoder_mask is None else encoder_mask[:, -1:]
     dtype = decoder.tok_embeddings.weight.dtype
     encoder_len = 1 if encoder_mask is None else encoder_mask.size(-1)

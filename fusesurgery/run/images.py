@@ -41,6 +41,10 @@ class ImagePreprocessor:
         std: per-channel std.
         do_resize: resize to ``size``.
         convert_rgb: convert PIL images to RGB first.
+        max_num_patches: SigLIP2 NaFlex: resize each image, keeping its aspect ratio, to the
+            largest multiple of ``patch_size`` on each side that gives at most this many
+            patches (``size`` is then unused); None for a fixed-size tower.
+        patch_size: NaFlex's patch side.
     """
 
     size: Mapping[str, int]
@@ -51,6 +55,8 @@ class ImagePreprocessor:
     std: tuple[float, ...] | None = None
     do_resize: bool = True
     convert_rgb: bool = True
+    max_num_patches: int | None = None
+    patch_size: int | None = None
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], origin: str = PREPROCESSOR_FILE
@@ -67,10 +73,15 @@ class ImagePreprocessor:
                                  f"positive integers, got {value!r}")
             return {k: value[k] for k in keys}
 
-        size_doc = doc.get("size")
-        keys = ("shortest_edge",) if isinstance(size_doc, Mapping) and (
-            "shortest_edge" in size_doc) else ("height", "width")
-        size = ints(size_doc, keys, "size")
+        naflex = None
+        if "max_num_patches" in doc:  # SigLIP2 NaFlex: sizes follow from the patch budget
+            naflex = ints(doc, ("max_num_patches", "patch_size"), "a NaFlex preprocessor")
+            size = {}
+        else:
+            size_doc = doc.get("size")
+            keys = ("shortest_edge",) if isinstance(size_doc, Mapping) and (
+                "shortest_edge" in size_doc) else ("height", "width")
+            size = ints(size_doc, keys, "size")
         crop = None
         if doc.get("do_center_crop", False):
             crop_doc = ints(doc.get("crop_size"), ("height", "width"), "crop_size")
@@ -94,7 +105,8 @@ class ImagePreprocessor:
                              f"{resample!r}")
         return cls(size=size, crop_size=crop, resample=resample, rescale_factor=rescale,
                    mean=mean, std=std, do_resize=bool(doc.get("do_resize", True)),
-                   convert_rgb=bool(doc.get("do_convert_rgb", True)))
+                   convert_rgb=bool(doc.get("do_convert_rgb", True)),
+                   **(naflex or {}))
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> ImagePreprocessor:
@@ -122,6 +134,8 @@ class ImagePreprocessor:
         return self.crop_size if self.crop_size is not None else (height, width)
 
     def _resized_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.max_num_patches is not None:
+            return naflex_size(height, width, self.patch_size, self.max_num_patches)
         if "shortest_edge" not in self.size:
             return self.size["height"], self.size["width"]
         short, long = sorted((height, width))
@@ -202,6 +216,34 @@ class ImagePreprocessor:
         return pixels
 
 
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int
+                ) -> tuple[int, int]:
+    """The ``(h, w)`` SigLIP2's NaFlex preprocessing resizes an image to: one scale for both
+    sides, each rounded up to a multiple of ``patch_size`` (at least one patch), the largest
+    scale whose grid has at most ``max_num_patches`` patches, found by bisection on the scale
+    to a tolerance of 1e-5 as transformers' ``Siglip2ImageProcessor`` searches it."""
+    def side(scale: float, size: int) -> int:
+        return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+    low, high = 1e-6, 100.0
+    while high - low >= 1e-5:
+        scale = (low + high) / 2
+        if side(scale, height) / patch_size * (side(scale, width) / patch_size) <= (
+                max_num_patches):
+            low = scale
+        else:
+            high = scale
+    return side(low, height), side(low, width)
+
+
+def to_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[c, h, w] -> [h/p * w/p, p * p * c]``: the patches in row-major order, each flattened
+    as (row, column, channel), NaFlex's ``pixel_values`` layout."""
+    c, h, w = pixels.shape
+    grid = pixels.reshape(c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return grid.permute(1, 3, 2, 4, 0).reshape((h // patch_size) * (w // patch_size), -1)
+
+
 def _pil_from_uint8(image: torch.Tensor) -> Any:
     from PIL import Image  # noqa: PLC0415 - the [run] extra
 
@@ -244,4 +286,4 @@ def load_image(path: str | Path) -> Any:
         raise InputError(f"image {path} cannot be read: {error}") from None
 
 
-__all__ = ["PREPROCESSOR_FILE", "ImagePreprocessor", "load_image"]
+__all__ = ["PREPROCESSOR_FILE", "ImagePreprocessor", "load_image", "naflex_size", "to_patches"]

@@ -28,7 +28,7 @@ import torch
 
 from fusesurgery.errors import InputError
 from fusesurgery.modules import DeepFusionModel
-from fusesurgery.run.images import ImagePreprocessor
+from fusesurgery.run.images import ImagePreprocessor, to_patches
 from fusesurgery.surgery.fused import read_fused_config
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
 
@@ -199,6 +199,46 @@ class FusedProcessor:
                              "preprocessing of its vision tower is unknown")
         return self.preprocessor(image)
 
+    def _naflex(self, token_lists: list[list[int]], pixel_lists: list[list[torch.Tensor]],
+                offsets: list[int], s: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """SigLIP2 NaFlex inputs: each sample's image cut into patches and padded to the
+        preprocessor's ``max_num_patches``; the encoder mask's columns of padding patches
+        stay False. A sample without an image gets one zero patch nobody attends to.
+
+        Raises:
+            InputError: a sample with several images, or a preprocessor that is not NaFlex's.
+        """
+        patch, budget = self.preprocessor.patch_size, self.preprocessor.max_num_patches
+        encoder = self.config.encoder
+        if budget is None or patch != encoder.patch_size:
+            raise InputError(f"{self.directory}: the tower is SigLIP2 NaFlex with "
+                             f"{encoder.patch_size}-px patches, but preprocessor_config.json "
+                             "is no NaFlex preprocessor of that patch size (it needs "
+                             "max_num_patches and patch_size)")
+        if any(len(pixels) > 1 for pixels in pixel_lists):
+            raise InputError("a SigLIP2 NaFlex tower takes one image per sample; give each "
+                             "sample at most one image")
+        b = len(token_lists)
+        width = encoder.num_channels * patch * patch
+        values = torch.zeros(b, budget, width)
+        real = torch.zeros(b, budget, dtype=torch.long)
+        shapes = torch.ones(b, 2, dtype=torch.long)
+        encoder_mask = torch.zeros(b, s, budget, dtype=torch.bool)
+        for i, (ids, pixels) in enumerate(zip(token_lists, pixel_lists, strict=True)):
+            if not pixels:
+                real[i, 0] = 1  # a zero patch, so the tower's attention has a key
+                continue
+            (image,) = pixels
+            patches = to_patches(image, patch)
+            count = patches.size(0)
+            values[i, :count] = patches
+            real[i, :count] = 1
+            shapes[i] = torch.tensor([image.size(1) // patch, image.size(2) // patch])
+            for start, end in image_spans(ids, self.image_token_id):
+                encoder_mask[i, offsets[i] + start:offsets[i] + end, :count] = True
+        return ({"pixel_values": values, "pixel_attention_mask": real,
+                 "spatial_shapes": shapes}, encoder_mask)
+
     def _collate(self, token_lists: list[list[int]], pixel_lists: list[list[torch.Tensor]],
                  padding_side: PaddingSide, prepended: tuple[int, ...]) -> ModelInputs:
         b, s = len(token_lists), max(len(ids) for ids in token_lists)
@@ -217,14 +257,16 @@ class FusedProcessor:
 
         encoder_input = encoder_mask = None
         n = max(len(pixels) for pixels in pixel_lists)
-        if n:
+        if n and self.config.encoder.naflex:
+            encoder_input, encoder_mask = self._naflex(token_lists, pixel_lists, offsets, s)
+        elif n:
             shapes = {tuple(p.shape) for pixels in pixel_lists for p in pixels}
             if len(shapes) > 1:
                 raise InputError(f"images of different sizes after preprocessing {sorted(shapes)}"
                                  ": resize them to one size first")
             (c, h, w), = shapes
             encoder = self.config.encoder
-            s_e = (h // encoder.patch_size) * (w // encoder.patch_size) + int(encoder.class_token)
+            s_e = encoder.tokens_for(h, w)  # what the tower returns for this size
             images = torch.zeros(b, n, c, h, w)
             encoder_mask = torch.zeros(b, s, n * s_e, dtype=torch.bool)
             for i, (ids, pixels) in enumerate(zip(token_lists, pixel_lists, strict=True)):

@@ -11,10 +11,15 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from fusesurgery._arguments import argument_error, brief, check_int, is_int
-from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
+from fusesurgery.config import (
+    DecoderConfig,
+    FeatureTokens,
+    FusionConfig,
+    VisionEncoderConfig,
+)
 from fusesurgery.convert.detect import DetectedModel
 from fusesurgery.convert.keymaps import (
     FUSED_DECODER_PREFIX,
@@ -43,9 +48,17 @@ DEFAULT_NEW_TOKENS: tuple[str, ...] = ("<|image|>",)
 DEFAULT_EVERY = 4
 # The hidden layer of each encoder family that feeds the fusion, in transformers'
 # ``hidden_states[k]`` numbering (None: the final hidden states), from its family file. CLIP:
-# the penultimate layer, as LLaVA; SigLIP: its final, post-normed hidden states, as PaliGemma.
+# the penultimate layer, as LLaVA; SigLIP: its final, post-normed hidden states, as PaliGemma;
+# DINOv2: its final, post-normed hidden states, as Cambrian and Molmo take them.
 ENCODER_LAYER_DEFAULTS: dict[str, int | None] = {
     name: family.encoder_layer_default for name, family in VISION_FAMILIES.items()}
+# The output tokens of each encoder family that feed the fusion (``feature_tokens``): every
+# token, except DINOv2's and DINOv3's registers, which the papers that fuse DINOv2 leave out.
+ENCODER_TOKENS_DEFAULTS: dict[str, str] = {
+    name: family.encoder_tokens_default for name, family in VISION_FAMILIES.items()}
+ENCODER_TOKENS: tuple[str, ...] = get_args(FeatureTokens)
+assert all(tokens in ENCODER_TOKENS for tokens in ENCODER_TOKENS_DEFAULTS.values()), (
+    "a family's default encoder tokens are not a FeatureTokens value")
 FUSION_EMBEDDING_KEY = FUSED_DECODER_PREFIX + "tok_embeddings.fusion_embedding.weight"
 EMBEDDING_KEY = "tok_embeddings.weight"
 
@@ -72,6 +85,9 @@ class FuseOptions:
         encoder_layer: the encoder hidden layer that feeds the fusion (``hidden_states[k]``
             numbering; negative counts from the end; None: final hidden states);
             ``DEFAULT`` takes :data:`ENCODER_LAYER_DEFAULTS` for the family.
+        encoder_tokens: which encoder output tokens feed the fusion: ``all``,
+            ``cls_and_patches`` (registers left out) or ``patches``; ``DEFAULT`` takes
+            :data:`ENCODER_TOKENS_DEFAULTS` for the family.
         projection: ``linear`` or ``mlp`` (two layers, GELU) from encoder to decoder width.
         dtype: cast every tensor to this dtype; None keeps each source's dtype (new decoder-side
             tensors and the projection take the decoder's).
@@ -85,6 +101,7 @@ class FuseOptions:
     new_tokens: Sequence[str] = DEFAULT_NEW_TOKENS
     embedding_init: str = "mean"
     encoder_layer: int | None | _Default = DEFAULT
+    encoder_tokens: str | _Default = DEFAULT
     projection: str = "mlp"
     dtype: torch.dtype | None = None
     seed: int = 0
@@ -113,6 +130,10 @@ class FuseOptions:
         if layer is not DEFAULT and layer is not None and not is_int(layer):
             raise argument_error("encoder_layer", layer, "a hidden-layer index (an int), "
                                   "None (the final hidden states) or the family default")
+        tokens = self.encoder_tokens
+        if tokens is not DEFAULT and tokens not in ENCODER_TOKENS:
+            raise argument_error("encoder_tokens", tokens, "one of " + ", ".join(ENCODER_TOKENS)
+                                 + " or the family default")
         # a torch dtype implies torch is loaded; looking it up keeps the plan torch-free
         loaded_torch = sys.modules.get("torch")
         if self.dtype is not None and (loaded_torch is None
@@ -325,7 +346,10 @@ def plan_fuse(
         raise ConfigError(f"--encoder-layer {layer} is outside [-{encoder_cfg.num_layers + 1}, "
                           f"{encoder_cfg.num_layers}] for a {encoder_cfg.num_layers}-layer "
                           "encoder")
-    encoder_cfg = encoder_cfg.replace(output_layer=layer)
+    feature_tokens = options.encoder_tokens
+    if feature_tokens is DEFAULT:
+        feature_tokens = ENCODER_TOKENS_DEFAULTS[encoder_cfg.family]
+    encoder_cfg = encoder_cfg.replace(output_layer=layer, feature_tokens=feature_tokens)
     tokens = _check_tokens(options.new_tokens)
     fusion = FusionConfig(
         fusion_layers=resolve_fusion_layers(options, decoder_cfg.num_layers),
@@ -412,6 +436,8 @@ __all__ = [
     "DEFAULT_EVERY",
     "DEFAULT_NEW_TOKENS",
     "ENCODER_LAYER_DEFAULTS",
+    "ENCODER_TOKENS",
+    "ENCODER_TOKENS_DEFAULTS",
     "FUSION_EMBEDDING_KEY",
     "FuseOptions",
     "FusePlan",

@@ -107,6 +107,7 @@ class FusedConfig:
                        "fusion_layers": list(self.fusion.fusion_layers)},
             "projection": self.projection,
             "encoder_layer": None if self.encoder is None else self.encoder.output_layer,
+            "encoder_tokens": None if self.encoder is None else self.encoder.feature_tokens,
             "new_tokens": [{"token": t.token, "id": t.id} for t in self.new_tokens],
             "embedding_init": self.embedding_init,
             "tied_embeddings": tied,

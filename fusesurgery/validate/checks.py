@@ -14,9 +14,11 @@ output shared by every check that needs an image.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,7 @@ from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import open_checkpoint
+from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.modules import (
     DeepFusionModel,
     FusionLayer,
@@ -373,17 +376,28 @@ def _inputs(model: DeepFusionModel, seed: int, batch: int, seq_len: int, device:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, config.decoder.vocab_size, (batch, seq_len), generator=generator)
     enc = config.encoder
-    images = torch.randn(batch, enc.num_channels, enc.image_size, enc.image_size,
-                         generator=generator)
+    dtype = model.encoder.vision.conv.weight.dtype
+    if enc.naflex:  # one whole image of the trained grid, pre-cut into patches
+        side = enc.image_size // enc.patch_size
+        encoder_input = {
+            "pixel_values": torch.randn(batch, side * side,
+                                        enc.num_channels * enc.patch_size**2,
+                                        generator=generator).to(device, dtype),
+            "spatial_shapes": torch.tensor([[side, side]] * batch, device=device),
+            "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long,
+                                               device=device)}
+    else:
+        encoder_input = {"images": torch.randn(batch, enc.num_channels, enc.image_size,
+                                               enc.image_size, generator=generator
+                                               ).to(device, dtype)}
     position = seq_len // 2  # mid-sequence: text before it must not see the image
     image_tokens = tokens.clone()
     if config.new_tokens:
         image_tokens[:, position] = config.new_tokens[0].id
     mask = torch.zeros(batch, seq_len, enc.seq_len, dtype=torch.bool)
     mask[:, position:] = True
-    dtype = model.encoder.vision.conv.weight.dtype
-    return (tokens.to(device), image_tokens.to(device), images.to(device, dtype),
-            mask.to(device), position)
+    return (tokens.to(device), image_tokens.to(device), encoder_input, mask.to(device),
+            position)
 
 
 def _equal_figure(equal: bool, a: torch.Tensor, b: torch.Tensor, basis: str) -> str:
@@ -414,8 +428,9 @@ def _check_forward(report: ValidationReport, model: DeepFusionModel, *, seed: in
     """
     gates = gate_values(model)
     zero_gates = all(value == 0.0 for value in gates.values())
-    tokens, image_tokens, images, mask, position = _inputs(model, seed, batch, seq_len, device)
-    encoded = model.encoder(images)  # [b, s_e, d]: the tower runs once, shared below
+    tokens, image_tokens, encoder_input, mask, position = _inputs(model, seed, batch, seq_len,
+                                                                  device)
+    encoded = model.encoder(**encoder_input)  # [b, s_e, d]: the tower runs once, shared below
     fused_text = model(tokens)
     with _gate_inputs_finite(model) as finite:
         fused_image = model.decoder(image_tokens, encoder_input=encoded, encoder_mask=mask)
@@ -533,6 +548,104 @@ def _check_round_trip(report: ValidationReport, model: DeepFusionModel, path: st
                "; ".join(problems) or "and loads into a fresh model strictly", basis=basis)
 
 
+TRANSFORMERS_TOLERANCE = 1e-5  # float32; the same maths through other kernels
+
+
+def _template_files_differ(export: str) -> list[str]:
+    """The export's configuration / modeling / processing files that are not this
+    fusesurgery's template byte for byte (written by another version, or edited)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from fusesurgery.hf.export import template_files  # noqa: PLC0415
+
+    differ = []
+    for name, content in template_files().items():
+        path = Path(export) / name
+        if not path.is_file() or path.read_bytes() != content:
+            differ.append(name)
+    return differ
+
+
+@torch.no_grad()
+def _check_transformers(report: ValidationReport, export: str, native: str, *, seed: int,
+                        batch: int, seq_len: int, device: torch.device) -> None:
+    """The transformers-export row: ``AutoModelForImageTextToText`` loaded from ``export``
+    and ``load_fused(native)``, both in float32, give the same logits on tokens with an image
+    token mid-sequence and an image (gates as stored, so a trained fusion is compared with
+    its image path active). The model classes are this fusesurgery's (registered with the
+    Auto classes), never code read from the directory; a row says whether the directory's
+    code files are those.
+
+    Raises:
+        FuseSurgeryError: transformers is not installed.
+    """
+    try:
+        from transformers import AutoModelForImageTextToText  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError("the transformers check needs transformers: pip install "
+                          "'fusesurgery[transformers]'") from None
+    from fusesurgery.hf import register_transformers  # noqa: PLC0415
+
+    register_transformers()
+    differ = _template_files_differ(export)
+    report.add("transformers export's code files are this fusesurgery's", not differ or None,
+               "identical" if not differ else f"{len(differ)} differ",
+               "" if not differ else f"{', '.join(differ)}: another version wrote them or they "
+               "were edited; the row below ran this version's classes")
+    model = load_fused(native, device=device, dtype=torch.float32)
+    model.eval()
+    _, image_tokens, encoder_input, mask, position = _inputs(model, seed, batch, seq_len,
+                                                             device)
+    native_logits = model(image_tokens, encoder_input=encoder_input, encoder_mask=mask)
+    del model
+    exported = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32)
+    exported.to(device).eval()
+    logits = exported(input_ids=image_tokens, pixel_values=encoder_input["images"]).logits
+    equal = _bitwise_equal(logits, native_logits)
+    diff = _max_diff(logits, native_logits)
+    tolerance = TRANSFORMERS_TOLERANCE * max(1.0, float(native_logits.abs().max()))
+    report.add("transformers export's logits with an image equal load_fused's", diff <= tolerance,
+               "bitwise equal" if equal else f"max |diff| {diff:.3g}",
+               f"float32, image token at position {position}, the mask derived from it"
+               + ("" if equal else f"; tolerance {tolerance:.3g}"),
+               basis=BITWISE if equal else TOLERANCE)
+
+
+def _validate_export(path: str, *, transformers_row: bool, **options) -> ValidationReport:
+    """Validate a transformers export: its fused checkpoint, written back to the native
+    layout in a temporary directory (streaming; as much disk as the export), goes through
+    every check, then the transformers row compares the export with it."""
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from fusesurgery.hf import import_transformers  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="fusesurgery-validate-") as scratch:
+        native = Path(scratch) / "native"
+        import_transformers(path, native, durable=False)
+        report = validate_fused(native, **options)
+        report.path = path
+        if transformers_row:
+            _check_transformers(report, path, str(native), seed=options["seed"],
+                                batch=options["batch"], seq_len=options["seq_len"],
+                                device=torch.device(options["device"]))
+    return report
+
+
+def _validate_with_export(report: ValidationReport, path: str, **options) -> None:
+    """The transformers row for a native fused checkpoint: exported to a temporary directory
+    (as much disk as the checkpoint), loaded with transformers and compared."""
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from fusesurgery.hf import export_transformers  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="fusesurgery-validate-") as scratch:
+        export = Path(scratch) / "hf"
+        export_transformers(path, export, durable=False)
+        _check_transformers(report, str(export), path, **options)
+
+
 def validate_layout(path: str | os.PathLike[str]) -> ValidationReport:
     """The header-level part of :func:`validate_fused`: the fused checkpoint opens (index and
     shards agree, ``fusion_config.json`` parses) and its keys, shapes and dtypes are exactly
@@ -547,6 +660,23 @@ def validate_layout(path: str | os.PathLike[str]) -> ValidationReport:
     return report
 
 
+def _refuse_swapped(path: str, against: str | os.PathLike[str] | None) -> None:
+    """Name the likely mistake when the two paths were given the wrong way round: the first
+    is not a fused directory and the ``--against`` one is.
+
+    Raises:
+        ConfigError: ``path`` has no ``fusion_config.json`` and ``against`` has one.
+    """
+    if against is None:
+        return
+    first, second = Path(path), Path(against)
+    if (not (first / FUSION_CONFIG_FILE).is_file() and first.exists()
+            and (second / FUSION_CONFIG_FILE).is_file()):
+        raise ConfigError(
+            f"{path} is not a fused checkpoint but {against} is: the arguments look swapped; "
+            f"give the fused directory first: fusesurgery validate {against} --against {path}")
+
+
 def validate_fused(
     path: str | os.PathLike[str],
     *,
@@ -556,11 +686,14 @@ def validate_fused(
     seed: int = 0,
     batch: int = 1,
     seq_len: int = 8,
+    transformers: bool | None = None,
 ) -> ValidationReport:
-    """Validate a fused checkpoint written by fusesurgery.
+    """Validate a fused checkpoint written by fusesurgery, or its transformers export.
 
     Args:
-        path: the fused checkpoint directory.
+        path: the fused checkpoint directory, or a directory ``convert --to transformers``
+            wrote (its fused checkpoint, written back to the native layout in a temporary
+            directory, goes through every check).
         against: the original decoder (or vision tower): its tensors must be the fused
             checkpoint's, bit for bit (or after the same cast, when fuse cast them), and its
             own logits the fused model's. Without it nothing is compared with the original;
@@ -571,6 +704,10 @@ def validate_fused(
         seed: seed of the random tokens and images.
         batch: batch size of the forward checks.
         seq_len: sequence length of the forward checks (at least 4).
+        transformers: add the row that loads the transformers export with transformers and
+            compares its logits with ``load_fused``'s (float32, with an image); for a native
+            checkpoint the export is written to a temporary directory. None: only when
+            ``path`` is an export.
 
     Returns:
         The report; ``report.ok`` is False when any check failed, ``report.verdict()`` says
@@ -588,6 +725,22 @@ def validate_fused(
     check_int("seq_len", seq_len, 1, 2**31)
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
+    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+
+    if is_export_directory(path):
+        from fusesurgery.hf.anyfamily import is_any_export  # noqa: PLC0415
+        from fusesurgery.io._files import read_side_file  # noqa: PLC0415
+
+        if is_any_export(json.loads(read_side_file(Path(path) / "config.json"))):
+            # fuse --format transformers: any family, checked through transformers' classes
+            from fusesurgery.hf.validate_export import validate_export  # noqa: PLC0415
+
+            return validate_export(path, against=against, device=device, dtype=dtype,
+                                   seed=seed, batch=batch, seq_len=seq_len)
+        return _validate_export(path, transformers_row=transformers is not False,
+                                against=against, device=device, dtype=dtype, seed=seed,
+                                batch=batch, seq_len=seq_len, transformers=False)
+    _refuse_swapped(path, against)
     with open_fused(path) as (_, config):
         if config.encoder is None:
             raise ConfigError(f"{path}: its vision side (Mllama's) has no native module, so "
@@ -647,6 +800,10 @@ def validate_fused(
         report.add("GPU logits match CPU logits", diff <= tolerance, f"max |diff| {diff:.3g}",
                    f"tolerance {tolerance:.3g} for {dt}", basis=TOLERANCE)
     _check_round_trip(report, model, path)
+    if transformers:
+        del model
+        _validate_with_export(report, path, seed=seed, batch=batch, seq_len=seq_len,
+                              device=torch_device)
     return report
 
 

@@ -425,6 +425,7 @@ def fuse(
     new_tokens: tuple[str, ...] | list[str] = ("<|image|>",),
     embedding_init: str = "mean",
     encoder_layer: Any = "default",
+    encoder_tokens: str = "default",
     projection: str = "mlp",
     dtype: torch.dtype | str | None = None,
     seed: int = 0,
@@ -444,6 +445,8 @@ def fuse(
         embedding_init: ``mean``, ``zeros`` or ``normal``.
         encoder_layer: the encoder hidden layer that feeds the fusion; ``"default"`` for the
             family's default, None for the final hidden states.
+        encoder_tokens: which encoder output tokens feed the fusion (``all``,
+            ``cls_and_patches``, ``patches``); ``"default"`` for the family's default.
         projection: ``linear`` or ``mlp``.
         dtype: cast everything (a torch dtype or a name such as ``"bf16"``); None keeps each
             input's dtype.
@@ -455,6 +458,23 @@ def fuse(
     Raises:
         FuseSurgeryError: see ``fuse_checkpoints``.
     """
+    options = fuse_options(every=every, layers=layers, fusion_after=fusion_after,
+                           new_tokens=new_tokens, embedding_init=embedding_init,
+                           encoder_layer=encoder_layer, encoder_tokens=encoder_tokens,
+                           projection=projection, dtype=dtype, seed=seed)
+    return fuse_checkpoints(encoder, decoder, out_dir, options=options, **kwargs)
+
+
+def fuse_options(*, every: int = 4, layers: list[int] | None = None, fusion_after: bool = False,
+                 new_tokens: tuple[str, ...] | list[str] = ("<|image|>",),
+                 embedding_init: str = "mean", encoder_layer: Any = "default",
+                 encoder_tokens: str = "default", projection: str = "mlp",
+                 dtype: torch.dtype | str | None = None, seed: int = 0) -> FuseOptions:
+    """``fuse``'s keyword arguments as FuseOptions (see ``fuse``).
+
+    Raises:
+        ConfigError: an unknown dtype name, or an argument of the wrong type.
+    """
     from fusesurgery.io.tensor_info import dtype_from_name  # noqa: PLC0415
     from fusesurgery.surgery.fuse_plan import DEFAULT  # noqa: PLC0415
 
@@ -463,18 +483,18 @@ def fuse(
             dtype = dtype_from_name(dtype)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    options = FuseOptions(
+    return FuseOptions(
         fusion_layers=layers,
         every=every,
         fusion_first=not fusion_after,
         new_tokens=new_tokens,
         embedding_init=embedding_init,
         encoder_layer=DEFAULT if encoder_layer == "default" else encoder_layer,
+        encoder_tokens=DEFAULT if encoder_tokens == "default" else encoder_tokens,
         projection=projection,
         dtype=dtype,
         seed=seed,
     )
-    return fuse_checkpoints(encoder, decoder, out_dir, options=options, **kwargs)
 
 
-__all__ = ["FuseResult", "fuse", "fuse_checkpoints", "readme_text"]
+__all__ = ["FuseResult", "fuse", "fuse_checkpoints", "fuse_options", "readme_text"]

@@ -14,7 +14,12 @@ from typing import Any
 import torch
 
 from fusesurgery import _json as standard_json
-from fusesurgery.convert.configs import config_style, set_hf_dtype
+from fusesurgery.convert.configs import (
+    config_style,
+    hf_max_position_embeddings,
+    hf_rope_scaling,
+    set_hf_dtype,
+)
 from fusesurgery.convert.mllama import (
     FUSED_EMBEDDING,
     FUSED_FUSION_EMBEDDING,
@@ -83,7 +88,6 @@ def mllama_text_config_dict(config: FusedConfig, base: Mapping[str, Any] | None)
     d, f = config.decoder, config.fusion
     out: dict[str, Any] = {key: value for key, value in (base or {}).items()
                            if key not in ("rope_parameters", "rope_scaling", "rope_theta")}
-    scaling = d.rope_scaling
     out.update({
         "architectures": ["MllamaForCausalLM"],
         "model_type": "mllama_text_model",
@@ -95,15 +99,11 @@ def mllama_text_config_dict(config: FusedConfig, base: Mapping[str, Any] | None)
         "num_key_value_heads": d.num_kv_heads,
         "hidden_act": "silu",
         "rms_norm_eps": d.norm_eps,
-        "max_position_embeddings": d.max_seq_len,
+        "max_position_embeddings": hf_max_position_embeddings(d),
         "cross_attention_layers": list(hf_cross_layers(f.fusion_layers)),
         "tie_word_embeddings": False,
         "rope_theta": d.rope_base,
-        "rope_scaling": None if scaling is None else {
-            "rope_type": "llama3", "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position_embeddings},
+        "rope_scaling": hf_rope_scaling(d.rope_scaling),
     })
     # token ids transformers would otherwise default to Llama 3's (128000, 128001, 128004),
     # which name other tokens, or no row at all, in another vocabulary: unknown ids are null.

@@ -55,4 +55,24 @@ def test_verdict_line_says_what_was_compared(tmp_path, fused_example):
     verdict = result.stdout.splitlines()[-1]
     assert "original decoder, bit for bit" not in verdict
     assert verdict.endswith("not compared with the original (no --against)")
-    assert "not compared" in result.stdout  # the row (the table wraps at 80 columns)
+    assert "not compared" in result.stdout
+
+
+def test_swapped_arguments_are_named(tmp_path, fused_example):
+    """`validate DECODER --against FUSED` says the two look swapped and how to call it, instead
+    of only "not a fused checkpoint"."""
+    decoder = ROOT / "examples" / "tiny-llama"
+    result = runner.invoke(app, ["validate", str(decoder), "--against", str(fused_example)])
+    assert result.exit_code == 2, result.output
+    assert "look swapped" in result.output
+    assert f"fusesurgery validate {fused_example} --against {decoder}" in " ".join(
+        result.output.split())
+
+
+def test_rows_do_not_wrap_when_piped(fused_example):
+    """Piped (not a terminal), each check is one line: grep finds a row whole."""
+    result = runner.invoke(app, ["validate", str(fused_example)], env={"COLUMNS": None})
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if "not compared" in line]
+    assert any("give --against DECODER to compare them with the original" in row
+               for row in rows), result.stdout

@@ -126,7 +126,9 @@ def test_llama2_config_without_rope_settings_takes_transformers_defaults():
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
         ({"mlp_bias": True}, "mlp_bias true is not supported"),
         ({"attention_bias": True}, "attention_bias true .* is not supported"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
+        ({"rope_scaling": {"rope_type": "mrope", "factor": 4.0}},
+         "rope_type 'mrope' is not supported; supported: default, linear, dynamic, yarn, "
+         "longrope, llama3$"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
     ],
 )
@@ -385,7 +387,10 @@ def test_unsupported_vision_config(hf_vision_models):
     saved = hf_vision_models["clip_vision"]
     with pytest.raises(ConfigError, match="hidden_act 'relu' is not supported"):
         detect_model(saved.infos, dict(saved.config, hidden_act="relu"), "config.json")
-    with pytest.raises(ConfigError, match="model_type 'siglip2'"):
+    with pytest.raises(ConfigError, match="model_type 'aimv2'"):
+        detect_model(saved.infos, dict(saved.config, model_type="aimv2"), "config.json")
+    # a supported type whose weights are another tower's: the shapes say so
+    with pytest.raises(ConfigError, match="patch_embedding.weight has shape"):
         detect_model(saved.infos, dict(saved.config, model_type="siglip2"), "config.json")
     with pytest.raises(ConfigError, match="params.json, which describes no vision encoder"):
         detect_model(saved.infos, PARAMS_405B, "params.json")

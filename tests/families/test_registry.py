@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from fusesurgery.convert.keymaps import (
     HF_DECODER_TO_NATIVE,
+    HF_VISION_FAMILY_TO_NATIVE,
     HF_VISION_TO_NATIVE,
     NATIVE_DECODER_KEYS,
     NATIVE_VISION_KEYS,
@@ -78,11 +79,15 @@ def test_vision_key_rows_are_what_transformers_saves(tmp_path, name):
     keys exactly (transformers 5 saves the bare model without ``vision_model.``, which the
     CLIP-spelled tables read by adding it)."""
     family = vision_family(name)
+    sizes = dict(VISION_SIZES)
+    if family.naflex:  # a position table of num_patches rows, no image size
+        sizes.pop("image_size")
+    prefix = "" if family.own_hf_names else "vision_model."
     saved: set[str] = set()
-    for i, architecture in enumerate(family.architectures):
+    for i, architecture in enumerate(family.architectures):  # (DINOv2: with registers too)
         model_cls = getattr(transformers, architecture)
-        model = model_cls(model_cls.config_class(**VISION_SIZES))
-        saved |= _templates("vision_model." + key.removeprefix("vision_model.")
+        model = model_cls(model_cls.config_class(**sizes))
+        saved |= _templates(prefix + key.removeprefix("vision_model.")
                             for key in _saved_keys(model, tmp_path / str(i)))
     dropped = {t for t in saved if any(re.fullmatch(p.replace(".", r"\.").replace("*", ".*"), t)
                                        for p in family.hf_dropped)}
@@ -112,7 +117,9 @@ def test_vision_defaults_are_transformers_class_defaults(name):
     family = vision_family(name)
     config = transformers.AutoConfig.for_model(family.hf_model_type)
     assert config.layer_norm_eps == family.hf_defaults["norm_eps"]
-    assert config.image_size == family.hf_defaults["image_size"]
+    image_size = (int(config.num_patches ** 0.5) * config.patch_size if family.naflex
+                  else config.image_size)
+    assert image_size == family.hf_defaults["image_size"]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -125,7 +132,10 @@ def test_each_family_key_map_is_one_to_one_onto_native_keys(name):
 
 def test_generic_tables_are_the_union_of_the_family_rows():
     assert set(HF_DECODER_TO_NATIVE) == {k for f in DECODER_FAMILIES.values() for k in f.hf_keys}
-    assert set(HF_VISION_TO_NATIVE) == {k for f in VISION_FAMILIES.values() for k in f.hf_keys}
+    assert set(HF_VISION_TO_NATIVE) == {k for f in VISION_FAMILIES.values() for k in f.hf_keys
+                                        if not f.own_hf_names}
+    assert set(HF_VISION_FAMILY_TO_NATIVE) == {f.name for f in VISION_FAMILIES.values()
+                                               if f.own_hf_names}
 
 
 def test_union_refuses_two_families_that_spell_a_key_differently():

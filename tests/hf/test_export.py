@@ -24,6 +24,9 @@ PAIRS = {
     "llama-clip": dict(decoder="llama", tower="clip", overrides={}, fusion_after=False),
     "qwen2-siglip": dict(decoder="qwen2", tower="siglip",
                          overrides={"tie_word_embeddings": True}, fusion_after=True),
+    "mistral-siglip": dict(decoder="mistral", tower="siglip", overrides={}, fusion_after=False),
+    "qwen3-clip": dict(decoder="qwen3", tower="clip", overrides={"head_dim": 16},
+                       fusion_after=False),
 }
 IMAGE_ID = TINY_DECODER["vocab_size"]  # <|image|>: the first id past the vocabulary
 

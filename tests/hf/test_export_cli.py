@@ -120,10 +120,12 @@ def test_output_inside_the_fused_input_is_refused(fused_example):
     assert not out.exists()
 
 
-def test_inspect_recognises_an_export(export):
+def test_inspect_describes_an_export(export):
     result = runner.invoke(app, ["inspect", str(export)])
-    assert result.exit_code == 2
-    assert "exported by `fusesurgery convert --to transformers`" in result.stderr
+    assert result.exit_code == 0, result.output
+    assert "a transformers export (convert --to transformers): clip_vision_model tower -> " \
+        "llama text model" in result.stdout
+    assert "identity: all gates 0 (4 gates)" in result.stdout
 
 
 def test_training_with_gradient_checkpointing_gets_the_same_gradients(export):

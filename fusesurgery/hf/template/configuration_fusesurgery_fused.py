@@ -41,6 +41,9 @@ class FusedVisionTextConfig(PretrainedConfig):
         projection: ``mlp`` (two layers, GELU) or ``linear``.
         vision_feature_layer: ``hidden_states`` index of the tower that feeds the projection,
             or None for its ``last_hidden_state``.
+        decoder_trainable: the text model's parameters train (torchtune's default: frozen).
+        encoder_trainable: the tower's parameters train (default: frozen).
+        fusion_trainable: what fusion added trains (default: it does).
     """
 
     model_type = MODEL_TYPE
@@ -71,6 +74,9 @@ class FusedVisionTextConfig(PretrainedConfig):
     projection: str = "mlp"
     vision_feature_layer: int | None = None
     tie_word_embeddings: bool = False
+    decoder_trainable: bool = False
+    encoder_trainable: bool = False
+    fusion_trainable: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -81,5 +87,9 @@ class FusedVisionTextConfig(PretrainedConfig):
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings",
                                                     False))
 
+
+# save_pretrained writes these files beside the weights (and auto_map), so a saved model
+# loads with transformers alone as the export did
+FusedVisionTextConfig.register_for_auto_class()
 
 __all__ = ["MODEL_TYPE", "FusedVisionTextConfig"]

@@ -23,11 +23,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_fusesurgery_fused import FusedVisionTextConfig
 
 CACHE_FIELD = "fusesurgery_image_state"  # set on the generation cache: keys/values, last row
 IMAGE_KWARG = "fusesurgery_image"  # the text model's keyword that carries it to the layers
+
+
+def image_token_mask(input_ids: torch.Tensor, image_token_id: int,
+                     num_images: int) -> torch.Tensor:
+    """Which image each token sees, from the image tokens' positions (what the processor
+    returns as ``cross_attention_mask`` and what the model derives when it gets none).
+
+    The j-th image token starts image j's span, which runs to the next image token that does
+    not directly follow another one (or to the end): consecutive image tokens share one span,
+    text before the first image token sees no image (torchtune's ``VisionCrossAttentionMask``).
+
+    Args:
+        input_ids: ``[b, s]`` token ids.
+        image_token_id: the image token's id.
+        num_images: ``n``, the images per sample (a sample may have fewer image tokens; the
+            images past them are padding nobody sees).
+
+    Returns:
+        ``[b, s, n]`` bool, True where token ``i`` attends to image ``j``.
+
+    Raises:
+        ValueError: a sample has more image tokens than ``num_images``.
+    """
+    is_image = input_ids == image_token_id  # [b, s]
+    ordinal = is_image.long().cumsum(dim=1)  # image tokens up to and including each position
+    follows_image = F.pad(is_image[:, :-1], (1, 0), value=False)
+    group = (is_image & ~follows_image).long().cumsum(dim=1)  # which run of image tokens
+    if input_ids.shape[1] and int(ordinal[:, -1].max()) > num_images:
+        raise ValueError(f"a sample has {int(ordinal[:, -1].max())} image tokens and only "
+                         f"{num_images} image(s) per sample were given; give one image per "
+                         "image token")
+    columns = []
+    for j in range(num_images):
+        at_j = is_image & (ordinal == j + 1)  # [b, s]: the j-th image token
+        group_j = (group * at_j).sum(dim=1, keepdim=True)  # [b, 1]
+        columns.append((ordinal > j) & (group == group_j) & at_j.any(dim=1, keepdim=True))
+    return torch.stack(columns, dim=-1)  # [b, s, n]
 
 
 class FusionRMSNorm(nn.Module):
@@ -84,29 +122,33 @@ class FusionCrossAttention(nn.Module):
         self.k_norm = FusionRMSNorm(h_d, config.qk_norm_eps)
 
     def project_kv(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[b, s_e, d] -> ([b, n_kv, s_e, h_d], [b, n_kv, s_e, h_d])``: computed once per
-        image, reused by every decoding step."""
+        """``[b, s_e, d] -> ([b, n_h, s_e, h_d], [b, n_h, s_e, h_d])``: computed once per
+        image, reused by every decoding step (the key/value heads already repeated for their
+        query heads, so no step repeats them again)."""
         b, s_e, _ = image.shape
         k = self.k_norm(self.k_proj(image).view(b, s_e, self.num_kv_heads, self.head_dim))
         v = self.v_proj(image).view(b, s_e, self.num_kv_heads, self.head_dim)
-        return k.transpose(1, 2), v.transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """``x [b, s, d]``, ``mask [b, s, s_e]`` bool (True = attend) or None -> ``[b, s, d]``."""
-        b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if self.num_kv_heads != self.num_heads:
             group = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """``x [b, s, d]``, ``k``, ``v`` ``[b, n_h, s_e, h_d]`` (from :meth:`project_kv`),
+        ``mask [b, s, s_e]`` bool (True = attend) or None -> ``[b, s, d]``."""
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if mask is None else mask[:, None, :, :])
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-class FusionCrossAttentionLayer(nn.Module):
-    """The gated cross-attention layer wrapped around one decoder layer."""
+class FusionCrossAttentionLayer(GradientCheckpointingLayer):
+    """The gated cross-attention layer wrapped around one decoder layer (recomputed in the
+    backward pass under ``gradient_checkpointing_enable()``, as the decoder layers are)."""
 
     def __init__(self, config: FusedVisionTextConfig) -> None:
         super().__init__()
@@ -207,6 +249,40 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         self._cache_keyword = ("cache" if "cache" in inspect.signature(
             self.language_model.forward).parameters else "past_key_values")
         self.post_init()
+        self.set_trainable(decoder=config.decoder_trainable,
+                           encoder=config.encoder_trainable, fusion=config.fusion_trainable)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers' ``from_pretrained``; loading makes every parameter trainable, so
+        the config's trainable parts are set again afterwards (see :meth:`set_trainable`)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.set_trainable(decoder=model.config.decoder_trainable,
+                            encoder=model.config.encoder_trainable,
+                            fusion=model.config.fusion_trainable)
+        return loaded
+
+    def fusion_parameters(self) -> dict[str, nn.Parameter]:
+        """What fusion added: the cross-attention layers, the projection and the new tokens'
+        rows, by name."""
+        return {name: param for name, param in self.named_parameters()
+                if name.startswith(("cross_attention_layers.", "projection.",
+                                    "fusion_embedding."))}
+
+    def set_trainable(self, *, decoder: bool = False, encoder: bool = False,
+                      fusion: bool = True) -> None:
+        """Set ``requires_grad``: torchtune's ``DeepFusionModel`` defaults train the fusion
+        parameters only; the text model (its embedding's original rows included) and the
+        tower stay frozen. Loading applies the config's ``decoder_trainable``,
+        ``encoder_trainable`` and ``fusion_trainable``
+        (``from_pretrained(DIR, decoder_trainable=True)`` overrides them)."""
+        for param in self.language_model.parameters():
+            param.requires_grad_(decoder)
+        for param in self.vision_tower.parameters():
+            param.requires_grad_(encoder)
+        for param in self.fusion_parameters().values():
+            param.requires_grad_(fusion)
 
     # --- the hooks that run a cross-attention layer around a decoder layer. The image's keys,
     # values and mask travel as a keyword argument of the text model's call, which hands its
@@ -267,30 +343,45 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         """``[b, s]`` ids (the new tokens' from ``text_vocab_size`` on) -> ``[b, s, d]``."""
         vocab = self.config.text_vocab_size
         is_new = input_ids >= vocab
-        original = self.get_input_embeddings()(input_ids.clamp(max=vocab - 1))
+        table = self.get_input_embeddings()
+        original = table(input_ids.clamp(max=vocab - 1))
         new = self.fusion_embedding((input_ids - vocab).clamp(min=0)).to(original.dtype)
+        scale = getattr(table, "embed_scale", None)  # Gemma's scaled table: new rows too
+        if scale is not None:
+            new = new * scale.to(new.dtype)
         return torch.where(is_new.unsqueeze(-1), new, original)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[b, c, h, w]`` -> the projected image ``[b, s_e, d]``."""
+        """``[b, c, h, w]`` or ``[b, n, c, h, w]`` -> the projected images ``[b, n * s_e, d]``
+        (image ``j``'s positions are ``j * s_e`` to ``(j + 1) * s_e``)."""
+        b = pixel_values.shape[0]
+        pixel_values = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values
         layer = self.config.vision_feature_layer
-        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=layer is not None)
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(pixel_values=pixel_values.to(tower_dtype),
+                                output_hidden_states=layer is not None)
         features = out.last_hidden_state if layer is None else out.hidden_states[layer]
         head = next(self.projection.parameters())
-        return self.projection(features.to(head.dtype))
+        projected = self.projection(features.to(head.dtype))  # [b * n, s_e, d]
+        return projected.reshape(b, -1, projected.shape[-1])
 
-    def _cross_mask(self, input_ids, cross_attention_mask, previous_row, s_e):
-        """``[b, s, s_e]`` bool: the given mask, else a row sees the image from the first
-        image token on (``previous_row`` carries what earlier steps saw); None: attend all."""
+    def _cross_mask(self, input_ids, cross_attention_mask, previous_row, num_images, s_e):
+        """``[b, s, n * s_e]`` bool (True = attend). A given mask is ``[b, s, n]`` (per image,
+        as the processor returns it) or ``[b, s, n * s_e]``; without one it is derived from
+        the image tokens in ``input_ids`` as the processor derives it (``previous_row``
+        ``[b, n * s_e]``: what the last token of earlier steps saw). None: attend to all."""
         if cross_attention_mask is not None:
-            return cross_attention_mask.bool()
+            mask = cross_attention_mask.bool()
+            if mask.shape[-1] == num_images and num_images * s_e != num_images:
+                mask = mask.repeat_interleave(s_e, dim=-1)
+            return mask
         if input_ids is None or self.config.image_token_id is None:
             return None
-        seen = (input_ids == self.config.image_token_id).cumsum(dim=1) > 0  # [b, s]
-        mask = seen[:, :, None].expand(-1, -1, s_e)
-        if previous_row is not None:
-            mask = mask | previous_row[:, None, :]
-        return mask
+        if previous_row is not None:  # a decoding step continues the span it is in (generate
+            # gives images at the first step only, so later image tokens open no new span)
+            return previous_row[:, None, :].expand(-1, input_ids.shape[1], -1)
+        mask = image_token_mask(input_ids, self.config.image_token_id, num_images)
+        return mask.repeat_interleave(s_e, dim=-1)
 
     def forward(
         self,
@@ -310,13 +401,16 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         Args:
             input_ids: ``[b, s]``; ``image_token_id`` marks where the image starts to count.
             attention_mask: ``[b, s_past + s]`` padding mask, as for the text model.
-            pixel_values: ``[b, c, h, w]``, or None (text only, or a decoding step that reads
+            pixel_values: ``[b, c, h, w]`` (one image per sample) or ``[b, n, c, h, w]``, or
+                None (text only: the fusion layers do no work; or a decoding step that reads
                 the image keys and values cached at the first step).
-            cross_attention_mask: ``[b, s, s_e]`` (True = the token attends to that image
-                position); None derives it: a token attends to the whole image from the
-                first image token on, earlier text to none of it.
-            labels: ``[b, s]`` for the language-model loss (-100 = ignored; so are the new
-                tokens, which the output projection has no row for).
+            cross_attention_mask: ``[b, s, n]`` (True = the token attends to image ``j``, as
+                the processor returns it) or ``[b, s, n * s_e]`` per image position; None
+                derives it from the image tokens (:func:`image_token_mask`): the j-th image
+                token and the text after it see image ``j``, earlier text sees none.
+            labels: ``[b, s]`` for the language-model loss, shifted inside as transformers'
+                causal LMs do (-100 = ignored; so are the image tokens and any new token,
+                which the output projection has no row for).
             past_key_values: the generation cache (``cache`` in newer transformers).
             use_cache: keep a cache.
 
@@ -329,16 +423,18 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         state = getattr(cache, CACHE_FIELD, None) if cache is not None else None
-        keys_values, previous_row = (None, None) if state is None else state
-        if pixel_values is not None:
-            image = self.get_image_features(pixel_values)  # [b, s_e, d]
+        keys_values, previous_row, num_images = (None, None, 1) if state is None else state
+        if pixel_values is not None:  # new images: their keys and values, once per call
+            num_images = pixel_values.shape[1] if pixel_values.dim() == 5 else 1
+            image = self.get_image_features(pixel_values)  # [b, n * s_e, d]
             keys_values = {name: layer.attn.project_kv(image)
                            for name, layer in self.cross_attention_layers.items()}
             previous_row = None
         image = None
-        if keys_values is not None:
-            s_e = next(iter(keys_values.values()))[0].shape[2]
-            mask = self._cross_mask(input_ids, cross_attention_mask, previous_row, s_e)
+        if keys_values is not None:  # else text only: the fusion layers do nothing at all
+            s_e = next(iter(keys_values.values()))[0].shape[2] // num_images
+            mask = self._cross_mask(input_ids, cross_attention_mask, previous_row,
+                                    num_images, s_e)
             image = (keys_values, mask)
             kwargs[IMAGE_KWARG] = image
         outputs = self.language_model(
@@ -349,7 +445,7 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         if returned is not None and image is not None:
             keys_values, mask = image
             setattr(returned, CACHE_FIELD,
-                    (keys_values, None if mask is None else mask[:, -1, :]))
+                    (keys_values, None if mask is None else mask[:, -1, :], num_images))
         return outputs
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
@@ -362,5 +458,9 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             inputs["cross_attention_mask"] = None
         return inputs
 
+
+# save_pretrained writes these files beside the weights (and auto_map), so a saved model
+# loads with transformers alone as the export did
+FusedVisionTextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["FusedVisionTextForConditionalGeneration", "FusedVisionTextPreTrainedModel"]

@@ -1,0 +1,226 @@
+"""`fusesurgery convert FUSED --to transformers` and the exported model in transformers, on a
+Llama-3.2-1B-shaped bf16 decoder fused with a CLIP-ViT-L/14-336-shaped tower (the inputs of
+`bench_fuse.py`, fused once as `bench_validate.py` does).
+
+What is measured (whole processes, timed from the parent, imports included, unless said):
+
+1. Export: `fusesurgery convert FUSED -o OUT --to transformers` against `cp -r FUSED OUT2 &&
+   sync FILES`, alternating which goes first, each from the same start (synced, inputs in the
+   page cache, `--settle` seconds of sleep); the median of the per-round ratios, and the
+   export's peak RssAnon (sampled every ~20 ms) against 300 MB + the largest tensor. Targets
+   (issue 17): ratio <= 1.3, peak within the bound.
+2. Loading: a child process that imports torch, transformers and fusesurgery and then runs
+   `AutoModelForImageTextToText.from_pretrained(EXPORT)`, against one that runs
+   `AutoModelForCausalLM.from_pretrained(DECODER)` on the source decoder; both timed whole and
+   around `from_pretrained` alone (inside the child), alternating. Target: the median ratio
+   (of the `from_pretrained` times) at most (export bytes / decoder bytes) x 1.2.
+3. Cost per new token: one child loads the export and runs greedy `generate` from 16 tokens
+   with an image (the image token at position 1, a random image) and without one, alternating
+   for `--rounds` rounds, `--new-tokens` tokens each (`min_new_tokens` forces the length). A
+   forward hook times every call of the model; the calls after the first are the decoding
+   steps, whose median is the cost per new token (the first call, with the tower and the
+   image keys/values, is the prefill). One untimed short generate of each comes first.
+   Target: with / without an image <= 1.2 (median of the per-round ratios).
+
+Usage: python benchmarks/bench_export.py [--workdir DIR] [--keep] [--rounds 3]
+       [--settle 1.0] [--new-tokens 16] [--decoder-preset llama3_2_1b]
+       [--encoder-preset clip_vit_l_14_336]
+       (develop with: --decoder-preset tiny --encoder-preset tiny_clip --rounds 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fuse import CLI, build_inputs, run_sampled, same_start, tree_bytes  # noqa: E402
+from bench_validate import fuse_once  # noqa: E402
+
+LOAD = """
+import json, sys, time
+import torch, transformers
+import fusesurgery
+
+transformers.logging.disable_progress_bar()
+fusesurgery.register_transformers()
+kind, directory, report = sys.argv[1:4]
+auto = (transformers.AutoModelForImageTextToText if kind == "export"
+        else transformers.AutoModelForCausalLM)
+start = time.perf_counter()
+model = auto.from_pretrained(directory)
+seconds = time.perf_counter() - start
+assert sum(p.numel() for p in model.parameters()) > 0
+with open(report, "w") as f:
+    json.dump({"from_pretrained": seconds}, f)
+"""
+
+DECODE = """
+import json, statistics, sys, time
+import torch, transformers
+import fusesurgery
+
+transformers.logging.disable_progress_bar()
+fusesurgery.register_transformers()
+directory, rounds, new_tokens, report = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+model = transformers.AutoModelForImageTextToText.from_pretrained(directory).eval()
+config = model.config
+stamps = []
+model.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+generator = torch.Generator().manual_seed(0)
+tokens = torch.randint(0, config.text_vocab_size, (1, 16), generator=generator)
+with_image = tokens.clone()
+with_image[0, 1] = config.image_token_id
+side = config.vision_config.image_size
+pixels = torch.randn(1, 3, side, side, generator=generator)
+runs = {"image": dict(input_ids=with_image, pixel_values=pixels), "text": dict(input_ids=tokens)}
+steps = {"image": [], "text": []}
+prefill = {"image": [], "text": []}
+with torch.no_grad():
+    for name in runs:  # warm-up, untimed: first-call allocations and kernel choices
+        model.generate(**runs[name], max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    for r in range(rounds):
+        for name in (("image", "text") if r % 2 == 0 else ("text", "image")):
+            stamps.clear()
+            model.generate(**runs[name], max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False)
+            calls = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
+            prefill[name].append(calls[0])
+            steps[name].append(statistics.median(calls[1:]))
+with open(report, "w") as f:
+    json.dump({"steps": steps, "prefill": prefill}, f)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the inputs are built (and reused); default a temp dir")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds to wait before each timed run")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--parts", default="export,load,decode",
+                        help="which measurements to run (comma-separated; load and decode "
+                        "need the export an earlier run left in --workdir)")
+    parser.add_argument("--decoder-preset", default="llama3_2_1b")
+    parser.add_argument("--encoder-preset", default="clip_vit_l_14_336")
+    args = parser.parse_args()
+
+    temporary = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="fusesurgery-bench-export-")) if temporary \
+        else args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(f"inputs in {work}:")
+        enc, dec = build_inputs(work, args.decoder_preset, args.encoder_preset)
+        fused = work / f"fused-{args.decoder_preset}-{args.encoder_preset}"
+        fuse_once(enc, dec, fused)
+        from fusesurgery.io import open_checkpoint  # noqa: PLC0415
+
+        with open_checkpoint(fused) as source:
+            largest = max(info.nbytes for info in source.infos().values())
+        print(f"  {fused.name}: {tree_bytes(fused) / 1e6:.1f} MB, largest tensor "
+              f"{largest / 1e6:.0f} MB")
+        export, copy = work / "export", work / "copy"
+        export_cmd = [CLI, "convert", str(fused), "-o", str(export), "--to", "transformers",
+                      "-q"]
+        copy_cmd = ["bash", "-c", f"cp -r '{fused}' '{copy}' && cd '{copy}' && find . -type f "
+                    f"-exec sync {{}} +"]
+
+        parts = set(args.parts.split(","))
+        if "export" in parts or not (export / "config.json").is_file():
+            measure_export(args, fused, export, copy, export_cmd, copy_cmd, largest)
+        if "load" in parts:
+            measure_load(args, work, export, dec)
+        if "decode" in parts:
+            measure_decode(args, work, export)
+    finally:
+        if temporary and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_export(args, fused: Path, export: Path, copy: Path, export_cmd: list[str],
+                   copy_cmd: list[str], largest: int) -> None:
+    """1. export against cp -r + sync."""
+    times: dict[str, list[float]] = {"export": [], "cp": []}
+    peaks: list[int] = []
+    print(f"\n1. export vs cp -r + sync, {args.rounds} rounds, alternating")
+    for r in range(args.rounds):
+        order = ("export", "cp") if r % 2 == 0 else ("cp", "export")
+        for name in order:
+            shutil.rmtree(export if name == "export" else copy, ignore_errors=True)
+            same_start([fused], args.settle)
+            seconds, peak = run_sampled(export_cmd if name == "export" else copy_cmd)
+            times[name].append(seconds)
+            if name == "export":
+                peaks.append(peak)
+        print(f"  round {r + 1} ({order[0]} first): export {times['export'][-1]:.2f} s, "
+              f"cp {times['cp'][-1]:.2f} s, ratio "
+              f"{times['export'][-1] / times['cp'][-1]:.2f}", flush=True)
+    ratios = [e / c for e, c in zip(times["export"], times["cp"], strict=True)]
+    bound = 300e6 + largest
+    print(f"  export / cp: median of rounds {statistics.median(ratios):.2f} (target <= 1.3: "
+          f"{'PASS' if statistics.median(ratios) <= 1.3 else 'FAIL'}); peak RssAnon "
+          f"{max(peaks) / 1e6:.0f} MB (bound 300 MB + largest tensor = {bound / 1e6:.0f} "
+          f"MB: {'PASS' if max(peaks) <= bound else 'FAIL'})")
+    shutil.rmtree(copy, ignore_errors=True)
+
+
+def measure_load(args, work: Path, export: Path, dec: Path) -> None:
+    """2. from_pretrained of the export against the source decoder's."""
+    report = work / "bench_export_load.json"
+    loads: dict[str, list[float]] = {"export": [], "decoder": []}
+    walls: dict[str, list[float]] = {"export": [], "decoder": []}
+    print(f"\n2. from_pretrained: export vs the source decoder, {args.rounds} rounds")
+    for r in range(args.rounds):
+        order = ("export", "decoder") if r % 2 == 0 else ("decoder", "export")
+        for name in order:
+            same_start([export, dec], args.settle)
+            seconds, _ = run_sampled([sys.executable, "-c", LOAD, name,
+                                      str(export if name == "export" else dec),
+                                      str(report)])
+            walls[name].append(seconds)
+            loads[name].append(json.loads(report.read_text())["from_pretrained"])
+        print(f"  round {r + 1}: from_pretrained export {loads['export'][-1]:.2f} s, "
+              f"decoder {loads['decoder'][-1]:.2f} s (whole processes "
+              f"{walls['export'][-1]:.2f} s, {walls['decoder'][-1]:.2f} s)", flush=True)
+    load_ratio = statistics.median(e / d for e, d in zip(loads["export"], loads["decoder"],
+                                                         strict=True))
+    wall_ratio = statistics.median(e / d for e, d in zip(walls["export"], walls["decoder"],
+                                                         strict=True))
+    size_ratio = tree_bytes(export) / tree_bytes(dec)
+    print(f"  export / decoder: from_pretrained median {load_ratio:.2f}, whole process "
+          f"{wall_ratio:.2f}; bytes {size_ratio:.2f}; target <= {size_ratio * 1.2:.2f}: "
+          f"{'PASS' if load_ratio <= size_ratio * 1.2 else 'FAIL'}")
+
+
+def measure_decode(args, work: Path, export: Path) -> None:
+    """3. cost per new token with an image and without."""
+    report = work / "bench_export_decode.json"
+    print(f"\n3. cost per new token, {args.rounds} rounds of {args.new_tokens} tokens")
+    subprocess.run([sys.executable, "-c", DECODE, str(export), str(args.rounds),
+                    str(args.new_tokens), str(report)], check=True)
+    decode = json.loads(report.read_text())
+    steps, prefill = decode["steps"], decode["prefill"]
+    per_round = [i / t for i, t in zip(steps["image"], steps["text"], strict=True)]
+    for r, ratio in enumerate(per_round):
+        print(f"  round {r + 1}: per new token with an image {steps['image'][r] * 1e3:.1f} "
+              f"ms, without {steps['text'][r] * 1e3:.1f} ms, ratio {ratio:.2f} (prefill "
+              f"{prefill['image'][r]:.2f} s with the tower, {prefill['text'][r]:.2f} s)")
+    median = statistics.median(per_round)
+    print(f"  with / without an image: median of rounds {median:.2f} (target <= 1.2: "
+          f"{'PASS' if median <= 1.2 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()

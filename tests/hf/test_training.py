@@ -1,0 +1,177 @@
+"""Training the exported model where people train: torchtune's trainable defaults after
+loading, a ``transformers.Trainer`` run on image + text with labels, ``save_pretrained`` ->
+``from_pretrained``, PEFT LoRA on the fusion layers and on the decoder's attention (adapter
+saved, merged, read back by fusesurgery), and bfloat16 loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fusesurgery
+
+pytest.importorskip("transformers")
+FUSION = ("cross_attention_layers.", "projection.", "fusion_embedding.")
+
+
+def _model(export, **kwargs):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32, **kwargs)
+
+
+def _processor(export):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(export)
+
+
+def _batch(export) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 32, 32), generator=generator, dtype=torch.uint8)
+              for _ in range(2)]
+    inputs = _processor(export)(
+        images=[[images[0]], [images[1]]],
+        text=["word5 <|image|> word17 word42 word7 word9", "<|image|> word3 word8 word11"])
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return dict(inputs)
+
+
+class _Repeated(torch.utils.data.Dataset):
+    """The same samples, one per item (the Trainer's collator stacks them again)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = index % self.batch["input_ids"].shape[0]
+        return {k: v[row] for k, v in self.batch.items()}
+
+
+def _train(model, batch, out, steps: int = 2) -> list[float]:
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=2, max_steps=steps,
+        learning_rate=1e-2, weight_decay=0.1, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=_Repeated(batch, 2 * steps))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_loading_trains_fusion_only_unless_told(gated_export):
+    model = _model(gated_export)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(FUSION)}
+    assert trainable and "fusion_embedding.weight" in trainable
+    everything = _model(gated_export, decoder_trainable=True, encoder_trainable=True)
+    assert all(p.requires_grad for p in everything.parameters())
+    everything.set_trainable(fusion=False)
+    assert not any(p.requires_grad for p in everything.parameters())
+
+
+def test_trainer_steps_train_fusion_and_round_trip(gated_export, gated_example, tmp_path):
+    model = _model(gated_export)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = _batch(gated_export)
+    losses = _train(model, batch, tmp_path / "run")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    after = dict(model.named_parameters())
+    for name, value in before.items():  # frozen: bitwise, under weight decay too
+        if not name.startswith(FUSION):
+            assert torch.equal(after[name], value), name
+    assert torch.equal(model.get_input_embeddings().weight, before[
+        "language_model.model.embed_tokens.weight"])  # the original rows
+    moved = [n for n in before if n.startswith(FUSION) and not torch.equal(after[n], before[n])]
+    assert any(n.startswith("cross_attention_layers.") for n in moved)
+    assert "fusion_embedding.weight" in moved and any(n.startswith("projection.") for n in moved)
+
+    model.save_pretrained(tmp_path / "trained")
+    _processor(gated_export).save_pretrained(tmp_path / "trained")
+    for name in ("configuration", "modeling", "processing"):  # loads without fusesurgery
+        assert (tmp_path / "trained" / f"{name}_fusesurgery_fused.py").is_file(), name
+    saved = json.loads((tmp_path / "trained" / "processor_config.json").read_text())
+    assert saved["auto_map"]["AutoProcessor"].startswith("processing_fusesurgery_fused.")
+    again = _model(tmp_path / "trained").eval()
+    model.eval()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        expected = model(**batch).logits
+    # back to fusesurgery's layout: load_fused computes what the trained model computes
+    native_dir = tmp_path / "native"
+    fusesurgery.hf.import_transformers(tmp_path / "trained", native_dir)
+    native = fusesurgery.load_fused(native_dir, dtype=torch.float32).eval()
+    inputs = fusesurgery.load_processor(native_dir)(
+        ["word5 <|image|> word17 word42 word7 word9", "<|image|> word3 word8 word11"],
+        [torch.zeros(3, 32, 32, dtype=torch.uint8)] * 2, padding_side="left")
+    with torch.no_grad():
+        got = native(inputs.tokens, mask=inputs.mask, input_pos=inputs.input_pos,
+                     encoder_input={"images": batch["pixel_values"]},
+                     encoder_mask=inputs.encoder_mask)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("targets", "trains"), [
+    (r"cross_attention_layers\.\d+\.attn\.(q|k|v|output)_proj", "cross_attention_layers."),
+    (r"language_model\.model\.layers\.\d+\.self_attn\.(q|v)_proj", "language_model."),
+])
+def test_peft_lora_trains_saves_merges_and_reads_back(targets, trains, gated_export, tmp_path):
+    peft = pytest.importorskip("peft")
+
+    model = _model(gated_export)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8,
+                                                      target_modules=targets))
+    adapted = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert adapted and all("lora_" in n and trains in n for n in adapted)
+    batch = _batch(gated_export)
+    _train(lora, batch, tmp_path / "run")
+    lora.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    lora.eval()
+    with torch.no_grad():
+        adapted_logits = lora(**batch).logits
+    merged = lora.merge_and_unload()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])]
+    assert changed and all(k.startswith(trains) for k in changed)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted_logits, rtol=0, atol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    native_dir = tmp_path / "native"
+    fusesurgery.hf.import_transformers(tmp_path / "merged", native_dir)
+    native = fusesurgery.load_fused(native_dir, dtype=torch.float32)
+    assert type(native).__name__ == "DeepFusionModel"
+    if trains != "cross_attention_layers.":
+        return
+    # the reloaded adapter applies to a fresh model the same way
+    fresh = peft.PeftModel.from_pretrained(_model(gated_export), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, adapted_logits, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_loading_runs_and_generates(gated_export):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(gated_export,
+                                                        dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    batch = _batch(gated_export)
+    with torch.no_grad():
+        out = model(**batch)
+        generated = model.generate(**{k: v for k, v in batch.items() if k != "labels"},
+                                   max_new_tokens=3, do_sample=False)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert generated.shape == (2, batch["input_ids"].shape[1] + 3)
+    reference = _model(gated_export).eval()
+    with torch.no_grad():
+        expected = reference(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert float((out.logits.float() - expected)[real].abs().max()) < 0.25
