@@ -286,17 +286,24 @@ def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
 
 def meta_model_shapes(model_class, config) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the state dict ``model_class.from_config(config)`` saves (tied
-    parameters once, under their first name), built on the meta device."""
+    parameters once, under their first name), built on the meta device.
+
+    The names are the ones ``save_pretrained`` writes: a family whose module names differ
+    from its checkpoints' (DINOv2's ``attention.attention.key`` is ``attention.k_proj`` in
+    transformers 5) has its loading renames reverted, as ``save_pretrained`` reverts them.
+    """
     import torch  # noqa: PLC0415
+    from transformers.core_model_loading import revert_weight_conversion  # noqa: PLC0415
 
     with torch.device("meta"):
         model = model_class.from_config(config)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    tensors = dict(model.named_parameters())
     every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for name, tensor in model.state_dict().items():
         if name not in every:  # a persistent buffer
-            shapes[name] = tuple(tensor.shape)
-    return shapes
+            tensors[name] = tensor
+    return {name: tuple(tensor.shape)
+            for name, tensor in revert_weight_conversion(model, tensors).items()}
 
 
 def read_tower(source: CheckpointSource, origin: object) -> TowerSizes:
