@@ -229,6 +229,23 @@ def test_convert_to_native_says_there_is_no_native_form(fused, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("to", ["meta", "hf", "mllama"])
+def test_convert_to_another_format_says_there_is_no_native_form(fused, to, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(fused["olmo2-aimv2"]["fused"]), "--to", to,
+                                 "-o", str(out)])
+    _one_line_exit_2(result, "family 'olmo2'", "no native module", "no other format")
+    assert "only --to native converts it" not in result.stderr
+    assert not out.exists()
+
+
+def test_generate_names_both_writers_of_the_layout(fused):
+    result = runner.invoke(app, ["generate", str(fused["olmo2-aimv2"]["fused"]), "--prompt",
+                                 "hi", "--max-new-tokens", "1"])
+    _one_line_exit_2(result, "transformers layout", "fuse --format transformers",
+                     "AutoModelForImageTextToText")
+
+
 @pytest.fixture
 def broken(fused, tmp_path) -> Path:
     """A copy of a fused directory to damage."""
