@@ -442,3 +442,16 @@ def test_a_tower_whose_checkpoint_names_are_not_its_module_names(tmp_path):
         expected = tower_model(pixel_values=pixels).last_hidden_state
         got = model.vision_tower(pixel_values=pixels).last_hidden_state
     assert torch.equal(got, expected)
+
+
+def test_nan_logits_are_no_bitwise_agreement(fused, tmp_path):
+    """A text_config whose RoPE gives NaN logits (a NaN YaRN factor) computes the same NaN
+    bits in the fused model and its own text model: that is a failure, not a pass."""
+    copy = tmp_path / "copy"
+    shutil.copytree(fused["olmo2-aimv2"]["fused"], copy)
+    _edit_config(copy, lambda config: config["text_config"].update(rope_parameters={
+        "rope_type": "yarn", "factor": float("nan"), "rope_theta": 10000.0}))
+    result = runner.invoke(app, ["validate", str(copy)])
+    assert result.exit_code != 0, result.output
+    assert "non-finite logits" in result.output
+    assert "all checks passed" not in result.output
