@@ -175,3 +175,35 @@ def test_bfloat16_loading_runs_and_generates(gated_export):
         expected = reference(**batch).logits
     real = batch["attention_mask"].bool()
     assert float((out.logits.float() - expected)[real].abs().max()) < 0.25
+
+
+def test_default_loading_keeps_each_parts_stored_dtype(gated_export, tmp_path):
+    """Without a dtype, the bfloat16 decoder stays bfloat16 and the float32 tower float32, each
+    tensor the stored one bit for bit (transformers alone would cast the tower to bfloat16),
+    and a save -> load keeps them so."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    config = json.loads((gated_export / "config.json").read_text())
+    text_dtype = getattr(torch, config["text_config"]["dtype"])
+    vision_dtype = getattr(torch, config["vision_config"]["dtype"])
+    assert (text_dtype, vision_dtype) == (torch.bfloat16, torch.float32)  # the examples' own
+    model = AutoModelForImageTextToText.from_pretrained(gated_export).eval()
+    assert {p.dtype for p in model.language_model.parameters()} == {text_dtype}
+    assert {p.dtype for p in model.vision_tower.parameters()} == {vision_dtype}
+    assert model.config.vision_config.dtype == vision_dtype
+    state = model.state_dict()
+    for shard in sorted(gated_export.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                stored = f.get_tensor(key)
+                assert state[key].dtype == stored.dtype, key
+                assert torch.equal(state[key], stored), key
+    batch = _batch(gated_export)
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.dtype == text_dtype and torch.isfinite(out.loss)
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
+    assert {p.dtype for p in again.vision_tower.parameters()} == {vision_dtype}
+    assert {p.dtype for p in again.language_model.parameters()} == {text_dtype}
