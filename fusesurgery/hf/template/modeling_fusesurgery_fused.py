@@ -493,7 +493,9 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             s_e = next(iter(keys_values.values()))[0].shape[2] // num_images
             mask = self._cross_mask(input_ids, cross_attention_mask, previous_row,
                                     num_images, s_e)
-            image = (keys_values, mask)
+            # a mask that lets every token see every image position (each decoding step after
+            # the image token) is no mask: the layers then skip masking and the masked kernel
+            image = (keys_values, None if mask is not None and bool(mask.all()) else mask)
             kwargs[IMAGE_KWARG] = image
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -501,7 +503,6 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             **{self._cache_keyword: cache}, **kwargs)
         returned = getattr(outputs, self._cache_keyword, None)
         if returned is not None and image is not None:
-            keys_values, mask = image
             setattr(returned, CACHE_FIELD,
                     (keys_values, None if mask is None else mask[:, -1, :], num_images))
         return outputs
