@@ -418,10 +418,22 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         tower_dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values=pixel_values.to(tower_dtype),
                                 output_hidden_states=layer is not None)
-        features = out.last_hidden_state if layer is None else out.hidden_states[layer]
+        features = self.select_tokens(
+            out.last_hidden_state if layer is None else out.hidden_states[layer])
         head = next(self.projection.parameters())
         projected = self.projection(features.to(head.dtype))  # [b * n, s_e, d]
         return projected.reshape(b, -1, projected.shape[-1])
+
+    def select_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The tower's output ``[b, n_cls + n_reg + n_patches, d_e]`` (class tokens, registers,
+        patches) less what ``config.encoder_tokens`` leaves out: ``[b, s_e, d_e]``."""
+        tokens = self.config.encoder_tokens
+        n_cls, n_reg = self.config.vision_num_cls_tokens, self.config.vision_num_register_tokens
+        if tokens == "patches":
+            return features[:, n_cls + n_reg:]
+        if tokens == "cls_and_patches" and n_reg:
+            return torch.cat([features[:, :n_cls], features[:, n_cls + n_reg:]], dim=1)
+        return features
 
     def _cross_mask(self, input_ids, cross_attention_mask, previous_row, num_images, s_e):
         """``[b, s, n * s_e]`` bool (True = attend). A given mask is ``[b, s, n]`` (per image,
