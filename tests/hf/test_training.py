@@ -207,3 +207,29 @@ def test_default_loading_keeps_each_parts_stored_dtype(gated_export, tmp_path):
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
     assert {p.dtype for p in again.vision_tower.parameters()} == {vision_dtype}
     assert {p.dtype for p in again.language_model.parameters()} == {text_dtype}
+
+
+def test_decoding_steps_run_the_cross_attention_unmasked(gated_export):
+    """A step whose tokens see every image position hands the layers no mask (no masked
+    kernel, no zeroed rows to compute); the prompt, whose text before the image sees none,
+    keeps its mask, and the tokens are those of a masked run."""
+    model = _model(gated_export).eval()
+    batch = {k: v for k, v in _batch(gated_export).items() if k != "labels"}
+    batch = {k: v[:1] for k, v in batch.items()}  # one sample: no padding rows
+    masks = []
+    for layer in model.cross_attention_layers.values():
+        layer.register_forward_pre_hook(lambda module, args: masks.append(args[3]))
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=4, min_new_tokens=4,
+                                   do_sample=False)
+    per_call = len(model.cross_attention_layers)
+    prefill, steps = masks[:per_call], masks[per_call:]
+    assert all(mask is not None and not bool(mask.all()) for mask in prefill)
+    assert len(steps) == 3 * per_call and all(mask is None for mask in steps)
+    with torch.no_grad():  # the same tokens from full forwards with their masks
+        ids = batch["input_ids"]
+        for _ in range(4):
+            logits = model(input_ids=ids, pixel_values=batch["pixel_values"],
+                           attention_mask=torch.ones_like(ids)).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
