@@ -6,6 +6,7 @@ saved, merged, read back by fusesurgery), and bfloat16 loading."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import fusesurgery
 
 pytest.importorskip("transformers")
 FUSION = ("cross_attention_layers.", "projection.", "fusion_embedding.")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _model(export, **kwargs):
@@ -182,7 +184,7 @@ def test_default_loading_keeps_each_parts_stored_dtype(gated_export, tmp_path):
     tensor the stored one bit for bit (transformers alone would cast the tower to bfloat16),
     and a save -> load keeps them so."""
     from safetensors import safe_open
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = json.loads((gated_export / "config.json").read_text())
     text_dtype = getattr(torch, config["text_config"]["dtype"])
@@ -203,6 +205,10 @@ def test_default_loading_keeps_each_parts_stored_dtype(gated_export, tmp_path):
     with torch.no_grad():
         out = model(**batch)
     assert out.logits.dtype == text_dtype and torch.isfinite(out.loss)
+    decoder = AutoModelForCausalLM.from_pretrained(EXAMPLES / "tiny-llama").eval()
+    ids = batch["input_ids"].clamp(max=model.config.text_vocab_size - 1)
+    with torch.no_grad():  # text only: the decoder's logits bit for bit (its buffers untouched)
+        assert torch.equal(model(input_ids=ids).logits, decoder(input_ids=ids).logits)
     model.save_pretrained(tmp_path / "saved")
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
     assert {p.dtype for p in again.vision_tower.parameters()} == {vision_dtype}

@@ -282,8 +282,13 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             self.language_model.forward).parameters else "past_key_values")
         for part, dtype in (STORED_DTYPES.get() or {}).items():
             # transformers builds every part in one dtype and then casts each stored tensor to
-            # its parameter's dtype: a part built in its stored dtype loads without a cast
-            getattr(self, part).to(dtype)
+            # its parameter's dtype: a part built in its stored dtype loads without a cast.
+            # Parameters only: buffers (RoPE's float32 inverse frequencies) stay as built
+            for module in getattr(self, part).modules():
+                for name, param in module.named_parameters(recurse=False):
+                    if param.is_floating_point() and param.dtype != dtype:
+                        module._parameters[name] = nn.Parameter(
+                            param.to(dtype), requires_grad=param.requires_grad)
         self.post_init()
         self.set_trainable(decoder=config.decoder_trainable,
                            encoder=config.encoder_trainable, fusion=config.fusion_trainable)
