@@ -125,6 +125,10 @@ def check_causal_lm(model_type: str, saved_with: object) -> None:
                           "cannot build it)")
 
 
+# towers whose inputs the exported model's code cannot pass (pixel_values only)
+NAFLEX_TOWERS = frozenset({"siglip2", "siglip2_vision_model"})
+
+
 def check_tower_model(model_type: str, saved_with: object) -> None:
     """Raises ConfigError unless ``AutoModel`` builds ``model_type``."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES  # noqa: PLC0415
@@ -132,6 +136,11 @@ def check_tower_model(model_type: str, saved_with: object) -> None:
     if model_type not in MODEL_MAPPING_NAMES:
         raise ConfigError(f"the tower's family {model_type!r} has no model in transformers "
                           f"{transformers_version()} (AutoModel cannot build it)")
+    if model_type in NAFLEX_TOWERS:
+        raise ConfigError(f"the tower's family {model_type!r} (SigLIP2 NaFlex) takes pre-cut "
+                          "patches with their mask and spatial shapes, which the transformers "
+                          "layout's code does not feed yet: fuse it without --format "
+                          "transformers (the native layout takes NaFlex inputs)")
 
 
 @dataclass(frozen=True)
