@@ -109,10 +109,14 @@ def _transformers(source, output: str, to: str, cast, max_shard_size: str, overw
         import_transformers,
         is_export_directory,
     )
+    from fusesurgery.hf.reimport import no_native_form  # noqa: PLC0415
 
     if cast is not None:
         raise ConfigError("--dtype is not supported with a transformers export")
     if to != "native" and is_export_directory(source):
+        reason = no_native_form(source)  # fuse --format transformers wrote it
+        if reason is not None:
+            raise ConfigError(f"{reason}; it converts to no other format")
         raise ConfigError(f"{source} is a transformers export of a fused checkpoint: only "
                           f"--to native converts it (back to the fused checkpoint), not "
                           f"--to {to}")

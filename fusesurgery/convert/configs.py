@@ -131,15 +131,19 @@ def _name(config: Mapping[str, Any], key: str, origin: str) -> str | None:
 def _rope_source(config: Mapping[str, Any], origin: str) -> tuple[Any, Any, bool, str]:
     """``(scaling dict or None, theta, whether the file states the scaling, its key)`` in
     either spelling: transformers 5's ``rope_parameters`` (theta inside) or transformers 4's
-    ``rope_scaling`` beside ``rope_theta``."""
+    ``rope_scaling`` beside ``rope_theta`` (which wins where both are, as in transformers)."""
     parameters = config.get("rope_parameters")
     if parameters is not None and not isinstance(parameters, Mapping):
         raise ConfigError(f"{origin}: rope_parameters must be an object, got {parameters!r}")
-    if parameters is not None:
+    legacy = config.get("rope_scaling")
+    if parameters is not None and not legacy:
         return (parameters, parameters.get("rope_theta", config.get("rope_theta")), True,
                 "rope_parameters")
-    return (config.get("rope_scaling"), config.get("rope_theta"), "rope_scaling" in config,
-            "rope_scaling")
+    # transformers 5 too takes a non-empty rope_scaling over rope_parameters when both are there
+    theta = config.get("rope_theta")
+    if isinstance(legacy, Mapping):
+        theta = legacy.get("rope_theta", theta)
+    return legacy, theta, "rope_scaling" in config, "rope_scaling"
 
 
 def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading) -> None:
@@ -787,6 +791,7 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
             kept = {k: v for k, v in parameters.items() if k not in scaling_keys}
             out["rope_parameters"] = {**kept, "rope_theta": rope["rope_theta"],
                                       **(rope["rope_scaling"] or {"rope_type": "default"})}
+            out.pop("rope_scaling", None)  # transformers would read a stale one over these
         else:
             out.update(rope)
         scaling = config.rope_scaling

@@ -184,8 +184,10 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
         return "vision", "native"
     if any_starts("cross_attention_layers.") and any_starts("language_model."):
         raise UnrecognizedFormatError(
-            "this is a fused model exported by `fusesurgery convert --to transformers`: "
-            "`fusesurgery convert DIR --to native -o OUT` gives the fused checkpoint back"
+            "this is a fused model in the transformers layout (`fusesurgery convert --to "
+            "transformers` or `fuse --format transformers` wrote it): load it with "
+            "transformers' AutoModelForImageTextToText; `fusesurgery convert DIR --to native "
+            "-o OUT` gives back the fused checkpoint of one that `convert` wrote"
         )
     if any_starts("language_model.", "model.language_model.", "model.vision_model."):
         raise UnrecognizedFormatError(

@@ -125,6 +125,10 @@ def check_causal_lm(model_type: str, saved_with: object) -> None:
                           "cannot build it)")
 
 
+# towers whose inputs the exported model's code cannot pass (pixel_values only)
+NAFLEX_TOWERS = frozenset({"siglip2", "siglip2_vision_model"})
+
+
 def check_tower_model(model_type: str, saved_with: object) -> None:
     """Raises ConfigError unless ``AutoModel`` builds ``model_type``."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES  # noqa: PLC0415
@@ -132,6 +136,11 @@ def check_tower_model(model_type: str, saved_with: object) -> None:
     if model_type not in MODEL_MAPPING_NAMES:
         raise ConfigError(f"the tower's family {model_type!r} has no model in transformers "
                           f"{transformers_version()} (AutoModel cannot build it)")
+    if model_type in NAFLEX_TOWERS:
+        raise ConfigError(f"the tower's family {model_type!r} (SigLIP2 NaFlex) takes pre-cut "
+                          "patches with their mask and spatial shapes, which the transformers "
+                          "layout's code does not feed yet: fuse it without --format "
+                          "transformers (the native layout takes NaFlex inputs)")
 
 
 @dataclass(frozen=True)
@@ -286,17 +295,24 @@ def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
 
 def meta_model_shapes(model_class, config) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the state dict ``model_class.from_config(config)`` saves (tied
-    parameters once, under their first name), built on the meta device."""
+    parameters once, under their first name), built on the meta device.
+
+    The names are the ones ``save_pretrained`` writes: a family whose module names differ
+    from its checkpoints' (DINOv2's ``attention.attention.key`` is ``attention.k_proj`` in
+    transformers 5) has its loading renames reverted, as ``save_pretrained`` reverts them.
+    """
     import torch  # noqa: PLC0415
+    from transformers.core_model_loading import revert_weight_conversion  # noqa: PLC0415
 
     with torch.device("meta"):
         model = model_class.from_config(config)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    tensors = dict(model.named_parameters())
     every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for name, tensor in model.state_dict().items():
         if name not in every:  # a persistent buffer
-            shapes[name] = tuple(tensor.shape)
-    return shapes
+            tensors[name] = tensor
+    return {name: tuple(tensor.shape)
+            for name, tensor in revert_weight_conversion(model, tensors).items()}
 
 
 def read_tower(source: CheckpointSource, origin: object) -> TowerSizes:

@@ -103,7 +103,8 @@ def exported_key(key: str, config: FusedConfig) -> tuple[str, Transform]:
         return (TEXT_PREFIX + from_native_key(local, "hf", "decoder"),
                 _rope_transform(local, "native", "hf", config.decoder))
     if key.startswith(FUSED_VISION_PREFIX):
-        name = from_native_key(key.removeprefix(FUSED_VISION_PREFIX), "hf", "vision")
+        name = from_native_key(key.removeprefix(FUSED_VISION_PREFIX), "hf", "vision",
+                               family=None if config.encoder is None else config.encoder.family)
         return VISION_PREFIX + name.removeprefix(HF_VISION_PREFIX), (IDENTITY,)
     if key.startswith(FUSED_PROJECTION_PREFIX):
         return PROJECTION_PREFIX + key.removeprefix(FUSED_PROJECTION_PREFIX), (IDENTITY,)
@@ -182,6 +183,9 @@ def export_config_dict(config: FusedConfig, directory: Path,
         "new_tokens": [{"token": t.token, "id": t.id} for t in config.new_tokens],
         "projection": config.projection,
         "vision_feature_layer": e.output_layer,
+        "encoder_tokens": e.feature_tokens,
+        "vision_num_cls_tokens": int(e.class_token),
+        "vision_num_register_tokens": e.num_register_tokens,
         "tie_word_embeddings": d.tie_word_embeddings,
         "dtype": dtypes["decoder"],
         FUSION_CONFIG_FIELD: config.to_dict(),
@@ -204,10 +208,9 @@ def template_files() -> dict[str, bytes]:
     return {name: package.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
 
 
-# Towers whose inputs or output tokens the exported model's code does not reproduce yet
-# (NaFlex inputs; DINOv2's register tokens left out of what feeds the fusion).
-NOT_EXPORTED_TOWERS: dict[str, str] = {"siglip2": "SigLIP2 NaFlex", "dinov2": "DINOv2",
-                                        "dinov3": "DINOv3"}
+# Towers whose inputs the exported model's code does not reproduce yet (NaFlex's patches,
+# pixel_attention_mask and spatial_shapes).
+NOT_EXPORTED_TOWERS: dict[str, str] = {"siglip2": "SigLIP2 NaFlex"}
 
 
 def _check_exportable(config: FusedConfig, path: object) -> None:

@@ -8,6 +8,7 @@ it carries describes (each native key mapped by :func:`~fusesurgery.hf.export.ex
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from fusesurgery import _json as standard_json
 from fusesurgery.convert.configs import config_style
 from fusesurgery.convert.plan import PlanEntry
 from fusesurgery.convert.transforms import invert_transform
-from fusesurgery.errors import ConfigError, ShapeError
+from fusesurgery.errors import ConfigError, FuseSurgeryError, ShapeError
 from fusesurgery.hf.anyfamily import (
     FUSE_RECORD_FIELD,
     _native_model_types,
@@ -35,6 +36,7 @@ from fusesurgery.hf.export import (
     exported_key,
 )
 from fusesurgery.io import TensorInfo, open_checkpoint
+from fusesurgery.io._files import read_side_file
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.io.tensor_info import dtype_name
 from fusesurgery.surgery.fused import build_fused_model
@@ -120,6 +122,17 @@ def _no_native_message(document: dict, path: object) -> str:
                 "it as it is)")
     return (f"{path} was fused straight into the transformers layout (fuse --format "
             "transformers): for a native fused checkpoint fuse the sources without --format")
+
+
+def no_native_form(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` has no native form when ``fuse --format transformers`` wrote it (its
+    config.json says so), else None (other directories, or a config.json that is no JSON:
+    the readers report what is wrong with it)."""
+    try:
+        document = json.loads(read_side_file(Path(path) / "config.json"))
+    except (FuseSurgeryError, OSError, ValueError):
+        return None
+    return _no_native_message(document, path) if is_any_export(document) else None
 
 
 GATE_SUFFIXES: tuple[str, ...] = (".ca_scale.scale", ".mlp_scale.scale")

@@ -163,20 +163,24 @@ def validate_export(
     with torch.no_grad():
         ours = model(input_ids=ids, use_cache=False).logits
         theirs = reference(input_ids=ids, use_cache=False).logits
-        same = _bitwise_equal(ours, theirs)
+        finite = _finite(ours, theirs)
+        same = finite and _bitwise_equal(ours, theirs)
         proves = ORIGINAL_LOGITS if part == "decoder" else ZERO_GATE_IDENTITY
-        report.add(f"text-only logits equal {whose}", None if trained and not same else same,
+        report.add(f"text-only logits equal {whose}",
+                   None if trained and finite and not same else same,
                    f"max |diff| {_max_diff(ours, theirs):.3g}", "" if same else
-                   "the gates are nonzero: the fusion is trained", basis=BITWISE,
-                   proves=proves)
+                   "the gates are nonzero: the fusion is trained" if finite else NOT_FINITE,
+                   basis=BITWISE, proves=proves)
         ours = model(input_ids=with_image, pixel_values=pixels, use_cache=False).logits
         table = reference.get_input_embeddings()(with_image.clamp(max=vocab - 1))
         new = model.embed_tokens(with_image).to(table.dtype)
         embeds = torch.where((with_image >= vocab).unsqueeze(-1), new, table)
         theirs = reference(inputs_embeds=embeds, use_cache=False).logits
-        same = _bitwise_equal(ours, theirs)
-        report.add(f"logits with an image equal {whose}", None if trained else same,
-                   f"max |diff| {_max_diff(ours, theirs):.3g}",
+        finite = _finite(ours, theirs)
+        same = finite and _bitwise_equal(ours, theirs)
+        report.add(f"logits with an image equal {whose}",
+                   None if trained and finite else same,
+                   f"max |diff| {_max_diff(ours, theirs):.3g}", NOT_FINITE if not finite else
                    "zero gates: the image adds exactly nothing" if same and not trained else
                    "the gates are nonzero: the image changes the logits, as trained",
                    basis=BITWISE, proves=TRAINED if trained else ZERO_GATE_IDENTITY)
@@ -185,6 +189,14 @@ def validate_export(
                "trained: no longer an identity" if trained else "all zero: an identity")
     report.identity = not trained and all(c.status != "fail" for c in report.checks)
     return report
+
+
+NOT_FINITE = "non-finite logits (NaN or inf): equal bits prove nothing"
+
+
+def _finite(*logits: torch.Tensor) -> bool:
+    """Whether every logit is finite: NaNs with the same bits are no agreement."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in logits)
 
 
 __all__ = ["check_export_layout", "validate_export"]

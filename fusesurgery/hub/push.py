@@ -287,6 +287,10 @@ def plan_push(
 
     export = is_export_directory(directory)
     if not export and not (directory / FUSION_CONFIG_FILE).is_file():
+        from fusesurgery.write.side_files import read_json_side_file
+
+        # a damaged export's config.json: say so, not that it is no fused checkpoint
+        read_json_side_file(directory / "config.json")
         raise CheckpointError(f"{out}: no {FUSION_CONFIG_FILE}; push uploads fused checkpoints "
                               "written by `fusesurgery fuse` or fusesurgery.save_fused")
     files = collect_files(directory)

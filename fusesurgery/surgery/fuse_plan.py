@@ -328,7 +328,8 @@ def plan_fuse(
 
     Raises:
         ConfigError: swapped or unrecognised inputs, a fusion layer out of range, an unknown
-            projection or embedding init, bad new tokens, or an encoder layer out of range.
+            projection or embedding init, bad new tokens, an encoder layer out of range, or
+            class-token features asked of a tower without one.
     """
     check_fuse_inputs(decoder.kind, encoder.kind)
     if options.projection not in PROJECTIONS:
@@ -349,6 +350,11 @@ def plan_fuse(
     feature_tokens = options.encoder_tokens
     if feature_tokens is DEFAULT:
         feature_tokens = ENCODER_TOKENS_DEFAULTS[encoder_cfg.family]
+    elif feature_tokens == "cls_and_patches" and not encoder_cfg.class_token:
+        # it would feed exactly what "all" feeds, not the class token the user asked for
+        raise ConfigError(f"--encoder-tokens cls_and_patches: a {encoder_cfg.family} tower has "
+                          "no class token; its output tokens are all patches (patches or "
+                          "all)")
     encoder_cfg = encoder_cfg.replace(output_layer=layer, feature_tokens=feature_tokens)
     tokens = _check_tokens(options.new_tokens)
     fusion = FusionConfig(

@@ -204,6 +204,11 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(wide_a, wide_b)
 
 
+def _logits_agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal and finite: NaN logits with the same bits are no agreement."""
+    return _bitwise_equal(a, b) and bool(torch.isfinite(a).all())
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max().item()) if a.numel() else 0.0
 
@@ -446,7 +451,7 @@ def _check_forward(report: ValidationReport, model: DeepFusionModel, *, seed: in
     # checkpoint's decoder tensors without the fusion layers
     if reference is not None:
         ref_text = reference(tokens)
-        text_equal = _bitwise_equal(fused_text, ref_text)
+        text_equal = _logits_agree(fused_text, ref_text)
         report.add(f"text logits equal {against}'s decoder, loaded on its own",
                    text_equal,
                    _equal_figure(text_equal, fused_text, ref_text, reference_basis),
@@ -454,12 +459,12 @@ def _check_forward(report: ValidationReport, model: DeepFusionModel, *, seed: in
                    basis=reference_basis, proves=ORIGINAL_LOGITS)
     else:
         plain_text = _plain_decoder(model, with_new_tokens=False)(tokens)
-        text_equal = _bitwise_equal(fused_text, plain_text)
+        text_equal = _logits_agree(fused_text, plain_text)
         report.add("text-only logits equal its decoder's without the fusion layers",
                    text_equal,
                    _equal_figure(text_equal, fused_text, plain_text, forward_basis),
                    basis=forward_basis, proves=ZERO_GATE_IDENTITY)
-    image_equal = _bitwise_equal(fused_image, plain_image)
+    image_equal = _logits_agree(fused_image, plain_image)
     if zero_gates:
         where = f"token at position {position}; text before it masked from the encoder"
         report.add("logits with an image (new token mid-sequence) equal its decoder's without "

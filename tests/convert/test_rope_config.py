@@ -252,3 +252,23 @@ def test_inspect_shows_the_type_and_its_parameters():
     assert format_config_value(SCALINGS["linear"][1]) == "linear x4"
     assert format_config_value(RopeScaling(factor=8.0)) == (
         "llama3 x8 (low 1, high 4, orig 8192)")
+
+
+def test_rope_scaling_beside_rope_parameters_is_what_transformers_reads(tmp_path):
+    """A config.json with both spellings (a transformers 5 file a user added rope_scaling to):
+    transformers reads the non-empty rope_scaling; so does fusesurgery, and writes it there."""
+    document = saved_config("llama", {"rope_type": "default"}, tmp_path)
+    document["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    theirs = transformers.AutoConfig.for_model(**document).rope_parameters
+    reading = read_hf_decoder_config(document)
+    assert reading.read["rope_scaling"] == RopeScaling(rope_type="linear", factor=4.0)
+    assert theirs["rope_type"] == "linear" and theirs["factor"] == 4.0
+    assert reading.read.get("rope_base", 10_000.0) == theirs["rope_theta"]
+    config = decoder_config(reading)
+    changed = RopeScaling(rope_type="linear", factor=2.0)
+    out = hf_config_dict(config.replace(rope_scaling=changed), base=document)
+    assert read_hf_decoder_config(out).read["rope_scaling"] == changed
+    assert transformers.AutoConfig.for_model(**out).rope_parameters["factor"] == 2.0
+    document["rope_scaling"] = {"rope_type": "linear", "factor": float("nan")}
+    with pytest.raises(ConfigError, match="factor"):
+        read_hf_decoder_config(document)

@@ -229,6 +229,23 @@ def test_convert_to_native_says_there_is_no_native_form(fused, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("to", ["meta", "hf", "mllama"])
+def test_convert_to_another_format_says_there_is_no_native_form(fused, to, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(fused["olmo2-aimv2"]["fused"]), "--to", to,
+                                 "-o", str(out)])
+    _one_line_exit_2(result, "family 'olmo2'", "no native module", "no other format")
+    assert "only --to native converts it" not in result.stderr
+    assert not out.exists()
+
+
+def test_generate_names_both_writers_of_the_layout(fused):
+    result = runner.invoke(app, ["generate", str(fused["olmo2-aimv2"]["fused"]), "--prompt",
+                                 "hi", "--max-new-tokens", "1"])
+    _one_line_exit_2(result, "transformers layout", "fuse --format transformers",
+                     "AutoModelForImageTextToText")
+
+
 @pytest.fixture
 def broken(fused, tmp_path) -> Path:
     """A copy of a fused directory to damage."""
@@ -393,3 +410,48 @@ def test_fusing_a_family_this_transformers_lacks_names_it(fused, tmp_path):
     _one_line_exit_2(result, "the decoder's family 'olmo9' is unknown to transformers",
                      "transformers >= 9.0.0")
     assert not out.exists()
+
+
+def test_a_tower_whose_checkpoint_names_are_not_its_module_names(tmp_path):
+    """DINOv2 saves ``attention.attention.key`` where transformers 5's module is
+    ``attention.k_proj``: the export keeps the saved names, and every reader of it (unfuse,
+    validate) expects the saved names, and transformers loads the tower's own weights."""
+    import fusesurgery
+
+    decoder = _save_decoder("olmo2", tmp_path / "decoder")
+    torch.manual_seed(1)
+    tower_model = transformers.Dinov2Model(transformers.Dinov2Config(**VISION))
+    tower_model.save_pretrained(tmp_path / "tower")
+    target = tmp_path / "fused"
+    result = runner.invoke(app, ["fuse", str(tmp_path / "tower"), str(decoder), "-o",
+                                 str(target), "--every", "1"])
+    assert result.exit_code == 0, result.output
+    assert "vision_tower.encoder.layer.0.attention.attention.key.weight" in _tensors(target)
+    result = runner.invoke(app, ["unfuse", str(target), "-o", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    again, source = _tensors(tmp_path / "again"), _tensors(decoder)
+    assert again.keys() == source.keys()
+    assert all(torch.equal(again[k], v) for k, v in source.items())
+    result = runner.invoke(app, ["validate", str(target), "--against", str(decoder)])
+    assert result.exit_code == 0, result.output
+    fusesurgery.register_transformers()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(target,
+                                                                     dtype=torch.float32)
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = tower_model(pixel_values=pixels).last_hidden_state
+        got = model.vision_tower(pixel_values=pixels).last_hidden_state
+    assert torch.equal(got, expected)
+
+
+def test_nan_logits_are_no_bitwise_agreement(fused, tmp_path):
+    """A text_config whose RoPE gives NaN logits (a NaN YaRN factor) computes the same NaN
+    bits in the fused model and its own text model: that is a failure, not a pass."""
+    copy = tmp_path / "copy"
+    shutil.copytree(fused["olmo2-aimv2"]["fused"], copy)
+    _edit_config(copy, lambda config: config["text_config"].update(rope_parameters={
+        "rope_type": "yarn", "factor": float("nan"), "rope_theta": 10000.0}))
+    result = runner.invoke(app, ["validate", str(copy)])
+    assert result.exit_code != 0, result.output
+    assert "non-finite logits" in result.output
+    assert "all checks passed" not in result.output

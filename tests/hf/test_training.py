@@ -6,6 +6,7 @@ saved, merged, read back by fusesurgery), and bfloat16 loading."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import fusesurgery
 
 pytest.importorskip("transformers")
 FUSION = ("cross_attention_layers.", "projection.", "fusion_embedding.")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _model(export, **kwargs):
@@ -175,3 +177,65 @@ def test_bfloat16_loading_runs_and_generates(gated_export):
         expected = reference(**batch).logits
     real = batch["attention_mask"].bool()
     assert float((out.logits.float() - expected)[real].abs().max()) < 0.25
+
+
+def test_default_loading_keeps_each_parts_stored_dtype(gated_export, tmp_path):
+    """Without a dtype, the bfloat16 decoder stays bfloat16 and the float32 tower float32, each
+    tensor the stored one bit for bit (transformers alone would cast the tower to bfloat16),
+    and a save -> load keeps them so."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = json.loads((gated_export / "config.json").read_text())
+    text_dtype = getattr(torch, config["text_config"]["dtype"])
+    vision_dtype = getattr(torch, config["vision_config"]["dtype"])
+    assert (text_dtype, vision_dtype) == (torch.bfloat16, torch.float32)  # the examples' own
+    model = AutoModelForImageTextToText.from_pretrained(gated_export).eval()
+    assert {p.dtype for p in model.language_model.parameters()} == {text_dtype}
+    assert {p.dtype for p in model.vision_tower.parameters()} == {vision_dtype}
+    assert model.config.vision_config.dtype == vision_dtype
+    state = model.state_dict()
+    for shard in sorted(gated_export.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                stored = f.get_tensor(key)
+                assert state[key].dtype == stored.dtype, key
+                assert torch.equal(state[key], stored), key
+    batch = _batch(gated_export)
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.dtype == text_dtype and torch.isfinite(out.loss)
+    decoder = AutoModelForCausalLM.from_pretrained(EXAMPLES / "tiny-llama").eval()
+    ids = batch["input_ids"].clamp(max=model.config.text_vocab_size - 1)
+    with torch.no_grad():  # text only: the decoder's logits bit for bit (its buffers untouched)
+        assert torch.equal(model(input_ids=ids).logits, decoder(input_ids=ids).logits)
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
+    assert {p.dtype for p in again.vision_tower.parameters()} == {vision_dtype}
+    assert {p.dtype for p in again.language_model.parameters()} == {text_dtype}
+
+
+def test_decoding_steps_run_the_cross_attention_unmasked(gated_export):
+    """A step whose tokens see every image position hands the layers no mask (no masked
+    kernel, no zeroed rows to compute); the prompt, whose text before the image sees none,
+    keeps its mask, and the tokens are those of a masked run."""
+    model = _model(gated_export).eval()
+    batch = {k: v for k, v in _batch(gated_export).items() if k != "labels"}
+    batch = {k: v[:1] for k, v in batch.items()}  # one sample: no padding rows
+    masks = []
+    for layer in model.cross_attention_layers.values():
+        layer.register_forward_pre_hook(lambda module, args: masks.append(args[3]))
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=4, min_new_tokens=4,
+                                   do_sample=False)
+    per_call = len(model.cross_attention_layers)
+    prefill, steps = masks[:per_call], masks[per_call:]
+    assert all(mask is not None and not bool(mask.all()) for mask in prefill)
+    assert len(steps) == 3 * per_call and all(mask is None for mask in steps)
+    with torch.no_grad():  # the same tokens from full forwards with their masks
+        ids = batch["input_ids"]
+        for _ in range(4):
+            logits = model(input_ids=ids, pixel_values=batch["pixel_values"],
+                           attention_mask=torch.ones_like(ids)).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)

@@ -65,3 +65,11 @@ def test_a_broken_export_is_not_pushed(export, hub, monkeypatch):
     assert result.exit_code == 2, result.output
     assert "its config.json needs" in result.stderr
     assert "fuse-org/olmo-vlm" not in hub.repos
+
+
+def test_a_truncated_config_json_is_named_not_taken_for_no_checkpoint(export):
+    (export / "config.json").write_bytes((export / "config.json").read_bytes()[:200])
+    result = runner.invoke(app, ["push", str(export), "fuse-org/olmo-vlm", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert "config.json: not valid JSON" in result.stderr
+    assert "no fusion_config.json" not in result.stderr

@@ -176,10 +176,12 @@ def test_fuse_validate_unfuse(tmp_path, fused_dinov2):
     assert report["ok"] and report["identity"], report
     assert {check["status"] for check in report["checks"]} == {"pass"}
 
-    # the transformers export's code does not run this tower: refused, nothing written
+    # the transformers export carries it (registers left out as here), validated through it
     result = cli("convert", fused, "--to", "transformers", "-o", tmp_path / "export")
-    assert result.exit_code == 2 and "DINOv2 tower" in result.output, result.output
-    assert not (tmp_path / "export").exists()
+    assert result.exit_code == 0, result.output
+    result = cli("validate", tmp_path / "export", "--against", EXAMPLES / "tiny-llama", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["identity"] is True
 
     unfused = tmp_path / "encoder"
     result = cli("unfuse", fused, "--part", "encoder", "-o", unfused)

@@ -102,6 +102,16 @@ def test_bad_options_are_config_errors(options, message):
         _plan(**options)
 
 
+def test_class_token_features_need_a_class_token():
+    with pytest.raises(ConfigError, match="siglip tower has no class token"):
+        _plan(vision="siglip_so400m_384", encoder_tokens="cls_and_patches")
+    for tokens in ("all", "patches"):  # the same tokens, asked for as they are
+        assert _plan(vision="siglip_so400m_384",
+                     encoder_tokens=tokens).config.encoder.feature_tokens == tokens
+    assert _plan(encoder_tokens="cls_and_patches").config.encoder.feature_tokens == (
+        "cls_and_patches")  # CLIP has one
+
+
 def test_every_must_fuse_something():
     assert resolve_fusion_layers(FuseOptions(every=4), 4) == (3,)
     with pytest.raises(ConfigError, match="no layer would get a fusion layer"):

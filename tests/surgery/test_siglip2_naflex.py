@@ -227,3 +227,13 @@ def test_prepare_inputs_and_generate(fused_naflex):
         fused_processor("<|image|><|image|> two", [images[0], images[1]])
     with pytest.raises(ValueError, match="NaFlex"):
         model.encoder(images=torch.zeros(1, 3, 16, 16))
+
+
+def test_the_transformers_layout_refuses_a_naflex_tower(tmp_path):
+    """Its code feeds the tower pixel_values only: one line, exit 2, nothing written."""
+    tower = save_naflex(tmp_path / "naflex")
+    out = tmp_path / "out"
+    result = cli("fuse", tower, EXAMPLES / "tiny-llama", "-o", out, "--format", "transformers")
+    assert result.exit_code == 2, result.output
+    assert "SigLIP2 NaFlex" in result.output and "without --format transformers" in result.output
+    assert not out.exists()

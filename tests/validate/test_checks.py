@@ -168,3 +168,23 @@ def test_verdict_is_derived_from_the_rows():
         assert BIT_FOR_BIT not in _report(*changed).verdict()
         changed[index] = (full[index][0], FAIL, BITWISE)
         assert _report(*changed).verdict() == "some checks FAILED"
+
+
+def test_nan_logits_with_the_same_bits_are_no_agreement(tmp_path):
+    """A decoder with a NaN in its final norm gives NaN logits with and without the fusion
+    layers, the same bits: the logit rows fail rather than claim 'bitwise equal'."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    decoder = tmp_path / "decoder"
+    shutil.copytree(DECODER, decoder)
+    tensors = load_file(decoder / "model.safetensors")
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, decoder / "model.safetensors", metadata={"format": "pt"})
+    fusesurgery.fuse(ENCODER, decoder, tmp_path / "fused", every=2)
+    report = validate_fused(tmp_path / "fused")
+    rows = [check for check in report.checks if check.proves == ZERO_GATE_IDENTITY
+            and "logits" in check.name]
+    assert len(rows) == 2 and all(check.status == FAIL for check in rows), rows
+    assert not report.ok and not report.identity

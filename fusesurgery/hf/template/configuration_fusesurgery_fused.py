@@ -41,6 +41,12 @@ class FusedVisionTextConfig(PretrainedConfig):
         projection: ``mlp`` (two layers, GELU) or ``linear``.
         vision_feature_layer: ``hidden_states`` index of the tower that feeds the projection,
             or None for its ``last_hidden_state``.
+        encoder_tokens: which of the tower's output tokens (class tokens, registers, patches,
+            in that order) feed the projection: ``all``, ``cls_and_patches`` (registers left
+            out) or ``patches``.
+        vision_num_cls_tokens: class tokens at the start of the tower's output.
+        vision_num_register_tokens: register tokens after them (DINOv2 with registers,
+            DINOv3).
         decoder_trainable: the text model's parameters train (torchtune's default: frozen).
         encoder_trainable: the tower's parameters train (default: frozen).
         fusion_trainable: what fusion added trains (default: it does).
@@ -73,6 +79,9 @@ class FusedVisionTextConfig(PretrainedConfig):
     image_token_id: int | None = None
     projection: str = "mlp"
     vision_feature_layer: int | None = None
+    encoder_tokens: str = "all"
+    vision_num_cls_tokens: int = 0
+    vision_num_register_tokens: int = 0
     tie_word_embeddings: bool = False
     decoder_trainable: bool = False
     encoder_trainable: bool = False
@@ -83,6 +92,9 @@ class FusedVisionTextConfig(PretrainedConfig):
         self.fusion_layers = list(self.fusion_layers or [])
         if self.projection not in ("mlp", "linear"):
             raise ValueError(f"projection must be 'mlp' or 'linear', not {self.projection!r}")
+        if self.encoder_tokens not in ("all", "cls_and_patches", "patches"):
+            raise ValueError("encoder_tokens must be 'all', 'cls_and_patches' or 'patches', "
+                             f"not {self.encoder_tokens!r}")
         if self.text_config is not None:
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings",
                                                     False))

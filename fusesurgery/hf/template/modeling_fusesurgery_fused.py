@@ -17,6 +17,7 @@ Shape notation:
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 
 import torch
@@ -29,6 +30,37 @@ from .configuration_fusesurgery_fused import FusedVisionTextConfig
 
 CACHE_FIELD = "fusesurgery_image_state"  # set on the generation cache: keys/values, last row
 IMAGE_KWARG = "fusesurgery_image"  # the text model's keyword that carries it to the layers
+# while from_pretrained builds the model with dtype "auto": the dtypes the text model and the
+# tower are stored in (their sub-configs' ``dtype``), which they keep (see ``from_pretrained``)
+STORED_DTYPES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "fusesurgery_stored_dtypes", default=None)
+SUB_CONFIGS = {"language_model": "text_config", "vision_tower": "vision_config"}
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token",
+              "revision", "subfolder")
+
+
+def _torch_dtype(value) -> torch.dtype | None:
+    """A config's ``dtype`` (``torch.bfloat16`` or ``"bfloat16"``) as a floating torch dtype,
+    or None where it names none."""
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def stored_dtypes(config) -> dict[str, torch.dtype]:
+    """``{"language_model": ..., "vision_tower": ...}``: the dtype each part's sub-config says
+    it is stored in (a part whose sub-config names none is left out). ``config`` is a
+    :class:`FusedVisionTextConfig` or its ``config.json`` as a dict."""
+    found = {}
+    for part, key in SUB_CONFIGS.items():
+        sub = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(sub, dict):
+            value = sub.get("dtype", sub.get("torch_dtype"))
+        else:
+            value = getattr(sub, "dtype", None)
+        if (dtype := _torch_dtype(value)) is not None:
+            found[part] = dtype
+    return found
 
 
 def image_token_mask(input_ids: torch.Tensor, image_token_id: int,
@@ -248,16 +280,47 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
                 layer.register_forward_pre_hook(self._drop_image, with_kwargs=True)
         self._cache_keyword = ("cache" if "cache" in inspect.signature(
             self.language_model.forward).parameters else "past_key_values")
+        for part, dtype in (STORED_DTYPES.get() or {}).items():
+            # transformers builds every part in one dtype and then casts each stored tensor to
+            # its parameter's dtype: a part built in its stored dtype loads without a cast.
+            # Parameters only: buffers (RoPE's float32 inverse frequencies) stay as built
+            for module in getattr(self, part).modules():
+                for name, param in module.named_parameters(recurse=False):
+                    if param.is_floating_point() and param.dtype != dtype:
+                        module._parameters[name] = nn.Parameter(
+                            param.to(dtype), requires_grad=param.requires_grad)
         self.post_init()
         self.set_trainable(decoder=config.decoder_trainable,
                            encoder=config.encoder_trainable, fusion=config.fusion_trainable)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As transformers' ``from_pretrained``; loading makes every parameter trainable, so
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers' ``from_pretrained``, except that without a ``dtype`` (or with
+        ``"auto"``) the text model and the tower keep the dtypes they are stored in (their
+        sub-configs' ``dtype``: a bfloat16 decoder beside a float32 tower stays so, where
+        transformers would cast everything to the top config's ``dtype``); what fusion added
+        takes that top ``dtype`` (the decoder's). Loading makes every parameter trainable, so
         the config's trainable parts are set again afterwards (see :meth:`set_trainable`)."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        requested = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        parts = None
+        if requested is None or requested == "auto":
+            config = kwargs.get("config")
+            if not isinstance(config, FusedVisionTextConfig):
+                config, _ = FusedVisionTextConfig.get_config_dict(
+                    pretrained_model_name_or_path,
+                    **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
+            parts = stored_dtypes(config)
+        token = STORED_DTYPES.set(parts)
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        finally:
+            STORED_DTYPES.reset(token)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        for part, key in SUB_CONFIGS.items():  # the sub-configs say what each part now is
+            sub = getattr(model.config, key, None)
+            parameter = next(getattr(model, part).parameters(), None)
+            if sub is not None and parameter is not None:
+                sub.dtype = parameter.dtype
         model.set_trainable(decoder=model.config.decoder_trainable,
                             encoder=model.config.encoder_trainable,
                             fusion=model.config.fusion_trainable)
@@ -360,10 +423,22 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         tower_dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values=pixel_values.to(tower_dtype),
                                 output_hidden_states=layer is not None)
-        features = out.last_hidden_state if layer is None else out.hidden_states[layer]
+        features = self.select_tokens(
+            out.last_hidden_state if layer is None else out.hidden_states[layer])
         head = next(self.projection.parameters())
         projected = self.projection(features.to(head.dtype))  # [b * n, s_e, d]
         return projected.reshape(b, -1, projected.shape[-1])
+
+    def select_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The tower's output ``[b, n_cls + n_reg + n_patches, d_e]`` (class tokens, registers,
+        patches) less what ``config.encoder_tokens`` leaves out: ``[b, s_e, d_e]``."""
+        tokens = self.config.encoder_tokens
+        n_cls, n_reg = self.config.vision_num_cls_tokens, self.config.vision_num_register_tokens
+        if tokens == "patches":
+            return features[:, n_cls + n_reg:]
+        if tokens == "cls_and_patches" and n_reg:
+            return torch.cat([features[:, :n_cls], features[:, n_cls + n_reg:]], dim=1)
+        return features
 
     def _cross_mask(self, input_ids, cross_attention_mask, previous_row, num_images, s_e):
         """``[b, s, n * s_e]`` bool (True = attend). A given mask is ``[b, s, n]`` (per image,
@@ -435,7 +510,9 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             s_e = next(iter(keys_values.values()))[0].shape[2] // num_images
             mask = self._cross_mask(input_ids, cross_attention_mask, previous_row,
                                     num_images, s_e)
-            image = (keys_values, mask)
+            # a mask that lets every token see every image position (each decoding step after
+            # the image token) is no mask: the layers then skip masking and the masked kernel
+            image = (keys_values, None if mask is not None and bool(mask.all()) else mask)
             kwargs[IMAGE_KWARG] = image
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -443,7 +520,6 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             **{self._cache_keyword: cache}, **kwargs)
         returned = getattr(outputs, self._cache_keyword, None)
         if returned is not None and image is not None:
-            keys_values, mask = image
             setattr(returned, CACHE_FIELD,
                     (keys_values, None if mask is None else mask[:, -1, :], num_images))
         return outputs
