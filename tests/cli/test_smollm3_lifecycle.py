@@ -133,3 +133,21 @@ def test_layers_without_rope_only_where_a_config_can_say_so():
         read_no_rope_layers({"no_rope_layers": [1, 1, 0], "num_hidden_layers": 4}, "config.json")
     with pytest.raises(ConfigError, match="states neither no_rope_layers nor num_hidden_layers"):
         read_no_rope_layers({}, "config.json")
+
+
+def test_the_transformers_export_computes_the_source(tmp_path):
+    """The fused SmolLM3 exported for transformers: with zero gates its text logits are the
+    source SmolLM3ForCausalLM's, bit for bit (its layers without RoPE included)."""
+    from fusesurgery import export_transformers, fuse
+
+    decoder = save_smollm3("default-interval-tied-f32", tmp_path / "hf")
+    fuse(save_clip(tmp_path / "clip"), decoder, tmp_path / "fused", every=2)
+    export_transformers(tmp_path / "fused", tmp_path / "export")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "export", trust_remote_code=True, dtype=torch.float32).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        decoder, dtype=torch.float32).eval()
+    tokens = torch.randint(3, SIZES["vocab_size"], (2, 12),
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, reference(tokens).logits)
