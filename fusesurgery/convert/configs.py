@@ -297,6 +297,10 @@ def _sliding_window_notes(window: int | None, max_positions: Any, loader: str,
     )
 
 
+# native fields a config.json may leave out (for the default) but not state as null
+NULL_REFUSED: frozenset[str] = frozenset({"norm_eps"})
+
+
 def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
     """Read a transformers decoder config.json (transformers 4 or 5 style).
 
@@ -331,6 +335,10 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
     for key, name in spec.hf_config_keys.items():
         if config.get(key) is not None:
             reading.read[name] = config[key]
+        elif key in config and name in NULL_REFUSED:
+            # transformers keeps the null and fails in the forward; a default would hide it
+            raise ConfigError(f"{origin}: {key} is null: transformers cannot run a model with "
+                              "it; state its value (or remove the key for the default)")
     for name, spelling in spec.hf_config_fields.items():
         reading.read[name] = spelling.read(config, origin)
     _rope_from_hf(config, origin, reading)

@@ -130,6 +130,7 @@ def test_llama2_config_without_rope_settings_takes_transformers_defaults():
          "rope_type 'mrope' is not supported; supported: default, linear, dynamic, yarn, "
          "longrope, llama3$"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
+        ({"rms_norm_eps": None}, "rms_norm_eps is null: transformers cannot run a model"),
     ],
 )
 def test_unsupported_hf_settings(change, message):
