@@ -315,7 +315,11 @@ class DiffReport:
             raise FuseSurgeryError(f"max_lines must be at least 1, got {max_lines}")
         lines = [f"A: {self.a.describe()}", f"B: {self.b.describe()}"]
         if self.mode == MODE_RAW:
-            lines.append("names compared as stored (raw)")
+            aligned = [f"{side}'s under {s.key_prefix}" for side, s in (("A", self.a),
+                                                                         ("B", self.b))
+                       if s.key_prefix]
+            lines.append("names compared as stored (raw)"
+                         + (f", {', '.join(aligned)}" if aligned else ""))
         else:
             aligned = [f"{side} under {s.key_prefix}" for side, s in (("A", self.a), ("B", self.b))
                        if s.key_prefix]
@@ -550,6 +554,27 @@ def _is_transformers_export(source: CheckpointSource) -> bool:
 
     return isinstance(source.config, dict) and source.config.get(
         "model_type") == EXPORT_MODEL_TYPE
+
+
+# where a transformers export keeps each source's own names
+_EXPORT_PARTS = ("language_model.", "vision_tower.")
+
+
+def _export_alignment(source_a: CheckpointSource, source_b: CheckpointSource
+                      ) -> tuple[str, str]:
+    """The prefixes that align a transformers export with one of its sources (``diff EXPORT
+    DECODER``): the source's names go under the export's part that holds most of them. Two
+    exports, or neither, or no name in common: no prefix."""
+    export_a, export_b = _is_transformers_export(source_a), _is_transformers_export(source_b)
+    if export_a == export_b:
+        return "", ""
+    export, other = (source_a, source_b) if export_a else (source_b, source_a)
+    stored = set(export.keys())
+    counts = {part: sum(part + key in stored for key in other.keys()) for part in _EXPORT_PARTS}
+    part = max(_EXPORT_PARTS, key=counts.__getitem__)
+    if not counts[part]:
+        return "", ""
+    return ("", part) if export_a else (part, "")
 
 
 def _claim(compared: dict[str, str], name: str, key: str, source: CheckpointSource) -> None:
@@ -837,9 +862,9 @@ def _diff(
     kind_a, layout_a = _detect_kind(source_a, required=not raw)
     kind_b, layout_b = _detect_kind(source_b, required=not raw)
     if raw:
-        names_a = _Names({k: k for k in source_a.keys()}, {}, ())
-        names_b = _Names({k: k for k in source_b.keys()}, {}, ())
-        prefix_a = prefix_b = ""
+        prefix_a, prefix_b = _export_alignment(source_a, source_b)
+        names_a = _Names({prefix_a + k: k for k in source_a.keys()}, {}, ())
+        names_b = _Names({prefix_b + k: k for k in source_b.keys()}, {}, ())
     else:
         assert kind_a and layout_a and kind_b and layout_b
         prefix_a, prefix_b = _alignment_prefix(kind_a, kind_b), _alignment_prefix(kind_b, kind_a)

@@ -143,6 +143,19 @@ def test_unfuse_is_a_prefix_strip_bitwise_with_the_sources_config(pair, tmp_path
             assert model.config.hidden_size == VISION["hidden_size"]
 
 
+def test_diff_of_an_export_and_its_decoder_aligns_the_decoder_under_its_part(fused):
+    """`diff EXPORT DECODER`: the decoder's names are compared under `language_model.`, so
+    every tensor is compared (it said "0 compared" and "different"); the fusion tensors are
+    only in the export."""
+    pair = fused["olmo2-aimv2"]
+    result = runner.invoke(app, ["diff", str(pair["fused"]), str(pair["decoder"]), "--values"])
+    assert result.exit_code == 1, result.output  # the export adds fusion tensors
+    decoder = _tensors(pair["decoder"])
+    assert f"{len(decoder)} equal, 0 different of {len(decoder)} compared" in result.stdout
+    assert "B's under language_model." in result.stdout
+    assert "only in B" not in result.stdout
+
+
 def test_export_keys_are_the_sources_names_under_one_prefix(pair):
     exported = _tensors(pair["fused"])
     decoder = _tensors(pair["decoder"])
