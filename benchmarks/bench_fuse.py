@@ -262,8 +262,10 @@ save_file(model.state_dict(), str(out_dir / "model.safetensors"))
 # --- the benchmark ------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every whole-process benchmark of a fused pair takes: where the inputs are
+    built, how many rounds, the settle time and the two presets."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the inputs are built (and reused); default a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -272,6 +274,20 @@ def main() -> None:
                         help="seconds to wait before each timed run")
     parser.add_argument("--decoder-preset", default="llama3_2_1b")
     parser.add_argument("--encoder-preset", default="clip_vit_l_14_336")
+    return parser
+
+
+def work_directory(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
+    """``--workdir`` (created), or a new temporary directory; whether it is temporary."""
+    temporary = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix=f"fusesurgery-bench-{name}-")) if temporary \
+        else args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    return work, temporary
+
+
+def main() -> None:
+    parser = common_parser(__doc__)
     parser.add_argument("--vision-tower-only", action="store_true",
                         help="a bf16 CLIPVisionModel instead of a float32 CLIPModel")
     parser.add_argument("--fuse-only", action="store_true",
@@ -281,9 +297,7 @@ def main() -> None:
     args = parser.parse_args()
     target = args.target or TARGETS.get(args.decoder_preset, 1.5)
 
-    temporary = args.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="fusesurgery-bench-fuse-")) if temporary else args.workdir
-    work.mkdir(parents=True, exist_ok=True)
+    work, temporary = work_directory(args, "fuse")
     out, out_cp, out_naive = work / "out-fuse", work / "out-cp", work / "out-naive"
     try:
         for stale in (out, out_cp, out_naive):

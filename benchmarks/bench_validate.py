@@ -27,18 +27,24 @@ Usage: python benchmarks/bench_validate.py [--workdir DIR] [--keep] [--rounds 3]
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fuse import CLI, build_inputs, run_sampled, same_start, tree_bytes  # noqa: E402
+from bench_fuse import (  # noqa: E402
+    CLI,
+    build_inputs,
+    common_parser,
+    run_sampled,
+    same_start,
+    tree_bytes,
+    work_directory,
+)
 
 FUSED_STAMP = "bench_validate_fused.json"
 
@@ -93,21 +99,10 @@ def tower_layers(out: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the inputs are built (and reused); default a temp dir")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settle", type=float, default=1.0,
-                        help="seconds to wait before each timed run")
-    parser.add_argument("--decoder-preset", default="llama3_2_1b")
-    parser.add_argument("--encoder-preset", default="clip_vit_l_14_336")
+    parser = common_parser(__doc__)
     args = parser.parse_args()
 
-    temporary = args.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="fusesurgery-bench-validate-")) if temporary \
-        else args.workdir
-    work.mkdir(parents=True, exist_ok=True)
+    work, temporary = work_directory(args, "validate")
     try:
         print(f"inputs in {work}:")
         enc, dec = build_inputs(work, args.decoder_preset, args.encoder_preset)
