@@ -113,6 +113,30 @@ def fusion_rows(config: FusedConfig, forward_checked: bool = True) -> list[tuple
     ]
 
 
+def _relation(base_models: Sequence[str]) -> str:
+    """What the card says of its ``base_model`` list (or of its absence)."""
+    return relation_reason(base_models) if base_models else (
+        "No `base_model` is listed: the sources were local checkpoints with no Hub id (push "
+        "with `--base-model ID` for each source to name them).")
+
+
+def _validation_section(name: str, validated_with: str, checks: Sequence[Check]) -> str:
+    """How to repeat the checks, and the table of those run before the upload."""
+    report = "\n".join(
+        f"| {c.status.upper()} | {_cell(c.name)} | {_cell(c.figure)} | {_cell(c.detail)} |"
+        for c in checks)
+    return (f"`fusesurgery validate {name}/` repeats the checks below; `fusesurgery unfuse "
+            f"{name}/ -o\n")+f"""decoder/` gives the original decoder back, bit for bit.
+
+## Validation
+
+Run by {validated_with} before the upload.
+
+| status | check | figure | detail |
+|---|---|---|---|
+{report}"""
+
+
 def build_model_card(
     config: FusedConfig,
     *,
@@ -163,13 +187,8 @@ def build_model_card(
                                      config, endpoint) for part in ("decoder", "encoder"))
     fusion = "\n".join(f"| {what} | {_cell(value)} |"
                        for what, value in fusion_rows(config, forward_checked))
-    report = "\n".join(
-        f"| {c.status.upper()} | {_cell(c.name)} | {_cell(c.figure)} | {_cell(c.detail)} |"
-        for c in checks)
     total = sum(size for _, size in files)
-    relation = relation_reason(base_models) if base_models else (
-        "No `base_model` is listed: the sources were local checkpoints with no Hub id (push "
-        "with `--base-model ID` for each source to name them).")
+    relation = _relation(base_models)
     body = f"""
 # {name}
 
@@ -202,16 +221,7 @@ path = snapshot_download("{repo_id}")
 model = fusesurgery.load_fused(path)      # a DeepFusionModel, trainable parts as above
 ```
 
-`fusesurgery validate {name}/` repeats the checks below; `fusesurgery unfuse {name}/ -o
-decoder/` gives the original decoder back, bit for bit.
-
-## Validation
-
-Run by {validated_with} before the upload.
-
-| status | check | figure | detail |
-|---|---|---|---|
-{report}
+{_validation_section(name, validated_with, checks)}
 
 ## Files
 
@@ -267,13 +277,8 @@ def build_export_card(
         ("new tokens", tokens),
     ]
     fusion = "\n".join(f"| {what} | {_cell(value)} |" for what, value in rows)
-    report = "\n".join(
-        f"| {c.status.upper()} | {_cell(c.name)} | {_cell(c.figure)} | {_cell(c.detail)} |"
-        for c in checks)
     total = sum(size for _, size in files)
-    relation = relation_reason(base_models) if base_models else (
-        "No `base_model` is listed: the sources were local checkpoints with no Hub id (push "
-        "with `--base-model ID` for each source to name them).")
+    relation = _relation(base_models)
     body = f"""
 # {name}
 
@@ -298,16 +303,7 @@ from transformers import AutoModelForImageTextToText
 model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True)
 ```
 
-`fusesurgery validate {name}/` repeats the checks below; `fusesurgery unfuse {name}/ -o
-decoder/` gives the original decoder back, bit for bit.
-
-## Validation
-
-Run by {validated_with} before the upload.
-
-| status | check | figure | detail |
-|---|---|---|---|
-{report}
+{_validation_section(name, validated_with, checks)}
 
 ## Files
 
