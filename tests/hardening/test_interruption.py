@@ -14,11 +14,17 @@ from fusesurgery.write import output_guard as guard
 # Runs the real entry point in a child process, which sends itself SIGNAL while the first
 # bytes of the output are being written.
 CHILD = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, threading
     from fusesurgery.write import safetensors_writer
     real, signum = safetensors_writer._write_all, getattr(signal, sys.argv[1])
     def write_then_die(*args, **kwargs):
-        os.kill(os.getpid(), signum)
+        # to the main thread, as a terminal's Ctrl-C reaches it: a write may run on a
+        # background thread, and a signal the kernel hands to that thread reaches Python's
+        # handler only when the main thread next runs bytecode
+        if signum == signal.SIGKILL:
+            os.kill(os.getpid(), signum)
+        else:
+            signal.pthread_kill(threading.main_thread().ident, signum)
         return real(*args, **kwargs)
     safetensors_writer._write_all = write_then_die
     sys.argv = ["fusesurgery", *sys.argv[2:]]
