@@ -23,6 +23,8 @@ VisionFamily = Literal[tuple(VISION_FAMILIES)]  # type: ignore[valid-type]
 # patches (registers left out, as the papers that fuse DINOv2 do), or the patches alone.
 FeatureTokens = Literal["all", "cls_and_patches", "patches"]
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+# A decoder MLP's gate activation: SwiGLU (Llama) or GeGLU with tanh-approximate GELU (Gemma).
+MlpActivation = Literal["silu", "gelu_tanh"]
 
 
 RopeType = Literal["linear", "dynamic", "yarn", "longrope", "llama3"]
@@ -178,6 +180,27 @@ class DecoderConfig:
         family: the architecture family, for display and key maps.
         no_rope_layers: indices of the layers whose self-attention applies no RoPE
             (SmolLM3: every 4th layer); empty for every other family.
+        norm_unit_offset: every RMSNorm scales by ``1 + w`` (its weight stored as the
+            offset from one) and multiplies in float32 before the cast back (Gemma).
+        post_norms: each layer norms its attention and MLP outputs before the residual add
+            (Gemma's post-attention and post-feedforward norms: four norms a layer).
+        embed_scale: the embeddings are multiplied by ``sqrt(embed_dim)``, that factor first
+            rounded to the embedding dtype as transformers' Gemma does.
+        mlp_activation: the gate activation of the MLP: ``silu`` (SwiGLU) or ``gelu_tanh``
+            (GeGLU with tanh-approximate GELU).
+        query_pre_attn_scalar: attention scores are scaled by ``query_pre_attn_scalar**-0.5``
+            rather than ``head_dim**-0.5`` (Gemma); None for the latter.
+        attn_softcap: attention scores pass ``cap * tanh(score / cap)`` before the mask
+            (Gemma 2); None for none.
+        final_softcap: the logits pass ``cap * tanh(logit / cap)`` (Gemma 2, Gemma 3 where
+            configured); None for none.
+        sliding_window: the window ``w`` of the layers in ``sliding_layers``: a query at
+            position ``p`` sees the keys at ``p - w + 1 .. p``. None: no window.
+        sliding_layers: indices of the layers that attend through ``sliding_window`` (Gemma
+            3: five of every six); the others attend to every earlier token.
+        local_rope_base: RoPE theta of the ``sliding_layers``, which then apply no RoPE
+            scaling (Gemma 3's ``rope_local_base_freq``); None: every layer uses
+            ``rope_base`` and ``rope_scaling``.
     """
 
     vocab_size: int
@@ -196,16 +219,30 @@ class DecoderConfig:
     family: DecoderFamily = "llama"
     qk_norm: bool = False
     no_rope_layers: tuple[int, ...] = ()
+    norm_unit_offset: bool = False
+    post_norms: bool = False
+    embed_scale: bool = False
+    mlp_activation: MlpActivation = "silu"
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    local_rope_base: float | None = None
 
     def __post_init__(self) -> None:
         check_field_values(self)
-        layers = self.no_rope_layers
-        if not isinstance(layers, (tuple, list)) or not all(_is_int(i) for i in layers) or (
-                sorted(set(layers)) != list(layers)) or any(
-                    not 0 <= i < self.num_layers for i in layers):
-            raise _field_error(self, "no_rope_layers", layers,
-                               f"ascending distinct layer indices below {self.num_layers}")
-        object.__setattr__(self, "no_rope_layers", tuple(layers))
+        for name in ("no_rope_layers", "sliding_layers"):
+            layers = getattr(self, name)
+            if not isinstance(layers, (tuple, list)) or not all(_is_int(i) for i in layers) or (
+                    sorted(set(layers)) != list(layers)) or any(
+                        not 0 <= i < self.num_layers for i in layers):
+                raise _field_error(self, name, layers,
+                                   f"ascending distinct layer indices below {self.num_layers}")
+            object.__setattr__(self, name, tuple(layers))
+        if self.sliding_layers and self.sliding_window is None:
+            raise _field_error(self, "sliding_window", None,
+                               f"set for the sliding layers {list(self.sliding_layers)}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
@@ -232,6 +269,11 @@ class DecoderConfig:
     def rope_style(self) -> RopeStyle:
         """The RoPE pairing of this family's native layout (see ``NATIVE_ROPE_STYLE``)."""
         return NATIVE_ROPE_STYLE[self.family]
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer``, or None when it sees every earlier
+        token."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
     def replace(self, **changes) -> DecoderConfig:
         """Return a copy with ``changes`` applied (derived fields recomputed if not given)."""
@@ -388,6 +430,9 @@ class FusionConfig:
         fusion_first: run the fusion layer before the original layer (Flamingo, Llama 3.2).
         ca_norm_eps: epsilon of the fusion layer's RMSNorms (1e-6 in Llama 3.2 Vision).
         qk_norm_eps: epsilon of the cross-attention q/k RMSNorms.
+        norm_unit_offset: the fusion layer's RMSNorms (its two layer norms and its q/k
+            norms) are of the ``(1 + w)`` kind, their weights starting at zero (a Gemma
+            decoder's own kind); False: Llama's ``w`` kind, starting at one.
     """
 
     fusion_layers: tuple[int, ...]
@@ -396,6 +441,7 @@ class FusionConfig:
     fusion_first: bool = True
     ca_norm_eps: float = 1e-6
     qk_norm_eps: float = 1e-5
+    norm_unit_offset: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.fusion_layers, (tuple, list)) or not all(
@@ -442,7 +488,7 @@ def _field_error(cfg: object, name: str, value: object, expected: str) -> Config
 # booleans; names one of their Literal's values. Fields not listed (tuples, nested configs)
 # are checked by their own class.
 _LITERALS = {"DecoderFamily": DecoderFamily, "VisionFamily": VisionFamily,
-             "Activation": Activation, "RopeType": RopeType,
+             "Activation": Activation, "RopeType": RopeType, "MlpActivation": MlpActivation,
              "FeatureTokens": FeatureTokens}
 _BOUNDED_INTS = ("output_layer",)  # may be negative (counts from the end) or None
 _COUNTS = ("num_register_tokens",)  # may be 0

@@ -135,6 +135,13 @@ def _rope_source(config: Mapping[str, Any], origin: str) -> tuple[Any, Any, bool
     parameters = config.get("rope_parameters")
     if parameters is not None and not isinstance(parameters, Mapping):
         raise ConfigError(f"{origin}: rope_parameters must be an object, got {parameters!r}")
+    if parameters is not None and "full_attention" in parameters:
+        # keyed by layer type (Gemma 3): the global layers' are the decoder's RoPE; the
+        # sliding layers' are the family's own field (local_rope_base)
+        parameters = parameters["full_attention"]
+        if parameters is not None and not isinstance(parameters, Mapping):
+            raise ConfigError(f"{origin}: rope_parameters.full_attention must be an object, "
+                              f"got {parameters!r}")
     legacy = config.get("rope_scaling")
     if parameters is not None and not legacy:
         return (parameters, parameters.get("rope_theta", config.get("rope_theta")), True,
@@ -201,7 +208,8 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
             # transformers' implicit factor
             fields["factor"] = _hf_max_positions(config, reading, origin) / original
     ignored = sorted(set(source) - set(reads) - {"rope_type", "type", "rope_theta",
-                                                 "partial_rotary_factor"})
+                                                 "partial_rotary_factor", "sliding_attention",
+                                                 "full_attention"})
     if ignored:
         reading.notes.append(f"{key} {', '.join(ignored)} not read: {rope_type} scaling does "
                              "not use them (transformers ignores them too)")
@@ -322,7 +330,8 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
                 break
     family = reading.read.get("family", "llama")
     spec = decoder_family(family)
-    if (_name(config, "hidden_act", origin) or "silu") not in HF_SILU_NAMES:
+    if "mlp_activation" not in spec.hf_config_fields and (
+            _name(config, "hidden_act", origin) or "silu") not in HF_SILU_NAMES:
         raise ConfigError(f"{origin}: hidden_act {config['hidden_act']!r} is not supported "
                           "(Llama-family decoders use silu)")
     if config.get("mlp_bias"):
@@ -713,17 +722,20 @@ def hf_config_dict(
             raise ConfigError(
                 f"a {config.family} config.json cannot express attn_bias={config.attn_bias}"
             )
-        for name, fixed in HF_DECODER_FIXED[config.family].items():
-            if getattr(config, name) != fixed:  # (qk_norm, layers without RoPE)
+        family = decoder_family(config.family)
+        for name in FAMILY_OPTIONS:  # what the family fixes, or the native default
+            fixed = HF_DECODER_FIXED[config.family].get(name, _NATIVE_DEFAULTS[name])
+            stated = name in family.hf_config_fields or name in family.hf_config_keys.values()
+            if not stated and getattr(config, name) != fixed:
                 raise ConfigError(f"a {config.family} config.json cannot express "
                                   f"{name}={getattr(config, name)}")
         if base is not None and read_hf_decoder_config(base).read.get(
                 "family", "llama") == config.family:
             return _over_base(config, base)
-        family = decoder_family(config.family)
         out = {key: getattr(config, name) for key, name in family.hf_config_keys.items()
                if name != "attn_bias" or family.hf_attention_bias_switch}
-        out["hidden_act"] = "silu"
+        if "mlp_activation" not in family.hf_config_fields:
+            out["hidden_act"] = "silu"
         out["max_position_embeddings"] = hf_max_position_embeddings(config)
         for name, spelling in family.hf_config_fields.items():
             out.update(spelling.write(getattr(config, name), config.num_layers))
@@ -732,6 +744,18 @@ def hf_config_dict(
             out["sliding_window"] = None
     return {"architectures": [HF_ARCHITECTURES[config.family]],
             "model_type": HF_MODEL_TYPES[config.family], **out}
+
+
+# DecoderConfig fields a config.json states only through its family (the family file fixes
+# them, or spells them in hf_config_fields); any other family has the native default, and a
+# config differing from it is refused rather than written as something else.
+FAMILY_OPTIONS: tuple[str, ...] = (
+    "qk_norm", "no_rope_layers", "norm_unit_offset", "post_norms", "embed_scale",
+    "mlp_activation", "query_pre_attn_scalar", "attn_softcap", "final_softcap",
+    "sliding_window", "sliding_layers", "local_rope_base")
+_NATIVE_DEFAULTS: dict[str, Any] = {
+    spec.name: spec.default for spec in dataclasses.fields(DecoderConfig)
+    if spec.name in FAMILY_OPTIONS}
 
 
 def hf_rope_scaling(scaling: RopeScaling | None) -> dict[str, Any] | None:

@@ -66,6 +66,8 @@ NATIVE_DECODER_KEYS: tuple[str, ...] = (
     "layers.{i}.mlp.w1.weight",
     "layers.{i}.mlp.w2.weight",
     "layers.{i}.mlp.w3.weight",
+    "layers.{i}.sa_scale.scale",  # Gemma's post-attention / post-feedforward norms (torchtune's
+    "layers.{i}.mlp_scale.scale",  # Gemma 2 names)
     "norm.scale",
     "output.weight",
 )
@@ -155,7 +157,14 @@ def union_key_map(tables: Iterable[tuple[str, Mapping[str, str]]], what: str) ->
 
 
 HF_DECODER_TO_NATIVE: dict[str, str] = union_key_map(
-    ((name, family.hf_keys) for name, family in DECODER_FAMILIES.items()), "hf decoder")
+    ((name, family.hf_keys) for name, family in DECODER_FAMILIES.items()
+     if not family.own_hf_names), "hf decoder")
+# Decoder families whose transformers names mean other things than the shared table's (Gemma's
+# post_attention_layernorm): family -> foreign template -> native template. A key set holding
+# one of the family's layout markers is read with its table alone; the family is written so.
+HF_DECODER_FAMILY_TO_NATIVE: dict[str, dict[str, str]] = {
+    name: dict(family.hf_keys) for name, family in DECODER_FAMILIES.items()
+    if family.own_hf_names}
 
 META_DECODER_TO_NATIVE: dict[str, str] = union_key_map(
     ((name, family.meta_keys) for name, family in DECODER_FAMILIES.items()
@@ -257,9 +266,21 @@ HF_VISION_FAMILY_TO_NATIVE: dict[str, dict[str, str]] = {
 HF_VISION_FAMILY_FROM_NATIVE: dict[str, dict[str, str]] = {
     family: invert_key_map(table) for family, table in HF_VISION_FAMILY_TO_NATIVE.items()
 }
+HF_DECODER_FAMILY_FROM_NATIVE: dict[str, dict[str, str]] = {
+    family: invert_key_map(table) for family, table in HF_DECODER_FAMILY_TO_NATIVE.items()
+}
+# (kind, family) -> that family's own table, both ways
+_OWN_TO_NATIVE = {**{("vision", f): t for f, t in HF_VISION_FAMILY_TO_NATIVE.items()},
+                  **{("decoder", f): t for f, t in HF_DECODER_FAMILY_TO_NATIVE.items()}}
+_OWN_FROM_NATIVE = {**{("vision", f): t for f, t in HF_VISION_FAMILY_FROM_NATIVE.items()},
+                    **{("decoder", f): t for f, t in HF_DECODER_FAMILY_FROM_NATIVE.items()}}
+_HF_DECODER_LAYOUT_MARKERS: dict[str, tuple[str, ...]] = {
+    name: family.hf_layout_markers for name, family in DECODER_FAMILIES.items()
+    if family.own_hf_names}
 _NATIVE_TEMPLATES = {"decoder": set(NATIVE_DECODER_KEYS), "vision": set(NATIVE_VISION_KEYS)}
 for (_kind, _layout), _table in [*TO_NATIVE.items(), *(
-        (("vision", family), table) for family, table in HF_VISION_FAMILY_TO_NATIVE.items())]:
+        (("vision", family), table) for family, table in HF_VISION_FAMILY_TO_NATIVE.items()), *(
+        (("decoder", family), table) for family, table in HF_DECODER_FAMILY_TO_NATIVE.items())]:
     _strays = set(_table.values()) - _NATIVE_TEMPLATES[_kind]
     assert not _strays, f"{_kind}/{_layout} key map names non-native keys: {sorted(_strays)}"
 
@@ -334,13 +355,27 @@ def _lookup(key: str, table: Mapping[str, str]) -> str | None:
     return None if target is None else _fill(target, index)
 
 
-def to_native_key(key: str, layout: str, kind: str = "decoder") -> str | None:
+def hf_decoder_family_of(keys: Iterable[str]) -> str | None:
+    """The decoder family with transformers names of its own (``own_hf_names``) whose layout
+    markers a transformers key set holds, or None: the shared table reads it."""
+    templates = {split_layer_index(_normalize_hf_key(key, "hf", "decoder"))[0] for key in keys}
+    for family, markers in _HF_DECODER_LAYOUT_MARKERS.items():
+        if templates & set(markers):
+            return family
+    return None
+
+
+def to_native_key(key: str, layout: str, kind: str = "decoder",
+                  family: str | None = None) -> str | None:
     """The native name of one key.
 
     Args:
         key: a state-dict key in ``layout``.
         layout: ``"native"``, ``"hf"`` or ``"meta"``.
         kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+        family: the checkpoint's family, for a decoder family with transformers names of its
+            own (``HF_DECODER_FAMILY_TO_NATIVE``: Gemma's norms), whose keys only its table
+            reads right; None or another family reads with the shared table.
 
     Returns:
         The native key, or None when the key is dropped on purpose (see ``DROPPED_KEYS``).
@@ -356,7 +391,10 @@ def to_native_key(key: str, layout: str, kind: str = "decoder") -> str | None:
         if _fused_key_is_known(key):
             return key
         raise KeyMapError(f"unknown key {key!r} for a fused checkpoint (native layout)")
-    native = _lookup(_normalize_hf_key(key, layout, kind), TO_NATIVE[kind, layout])
+    table = TO_NATIVE[kind, layout]
+    if layout == "hf" and (kind, family) in _OWN_TO_NATIVE and kind == "decoder":
+        table = _OWN_TO_NATIVE[kind, family]
+    native = _lookup(_normalize_hf_key(key, layout, kind), table)
     if native is not None:
         return native
     if kind == "vision" and layout == "hf":
@@ -377,8 +415,9 @@ def from_native_key(key: str, layout: str, kind: str = "decoder",
         key: a native state-dict key.
         layout: the target layout, ``"native"``, ``"hf"`` or ``"meta"``.
         kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
-        family: the model's family, for a vision family with transformers names of its own
-            (``HF_VISION_FAMILY_TO_NATIVE``); None or another family takes CLIP's names.
+        family: the model's family, for a family with transformers names of its own
+            (``HF_VISION_FAMILY_TO_NATIVE``, ``HF_DECODER_FAMILY_TO_NATIVE``); None or another
+            family takes the shared names (CLIP's, Llama's).
 
     Raises:
         KeyMapError: the key is not a native key of that kind, or has no name in ``layout``
@@ -393,8 +432,8 @@ def from_native_key(key: str, layout: str, kind: str = "decoder",
             return key
         raise KeyMapError(f"unknown key {key!r} for a fused checkpoint (native layout)")
     table = FROM_NATIVE[kind, layout]
-    if kind == "vision" and layout == "hf" and family in HF_VISION_FAMILY_FROM_NATIVE:
-        table = HF_VISION_FAMILY_FROM_NATIVE[family]
+    if layout == "hf" and (kind, family) in _OWN_FROM_NATIVE:
+        table = _OWN_FROM_NATIVE[kind, family]
     foreign = _lookup(key, table)
     if foreign is None:
         raise KeyMapError(f"native {kind} key {key!r} has no name in the {layout} layout")
@@ -452,7 +491,9 @@ def _map_all(
 
 
 def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> KeyMapping:
-    """Map every key of a checkpoint to its native name.
+    """Map every key of a checkpoint to its native name. A transformers decoder key set
+    holding a family's layout markers (:func:`hf_decoder_family_of`) maps with that family's
+    own table.
 
     Args:
         keys: the checkpoint's keys (a state dict or a ``{name: TensorInfo}`` dict works too).
@@ -470,9 +511,11 @@ def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> K
     if layout == "mllama":
         mapping, dropped = mllama_to_native(keys)
         return KeyMapping(mapping=mapping, dropped=dropped)
+    keys = list(keys)
+    family = hf_decoder_family_of(keys) if (kind, layout) == ("decoder", "hf") else None
     return _map_all(
         keys,
-        lambda key: to_native_key(key, layout, kind),
+        lambda key: to_native_key(key, layout, kind, family),
         lambda key: dropped_reason(key, layout, kind) or "dropped",
         f"{kind} {layout} key map",
     )
@@ -499,6 +542,8 @@ __all__ = [
     "DROPPED_KEYS",
     "FROM_NATIVE",
     "HF_DECODER_BARE_ROOTS",
+    "HF_DECODER_FAMILY_FROM_NATIVE",
+    "HF_DECODER_FAMILY_TO_NATIVE",
     "HF_DECODER_PREFIX",
     "HF_DECODER_TO_NATIVE",
     "HF_VISION_FAMILY_FROM_NATIVE",
@@ -516,6 +561,7 @@ __all__ = [
     "Layout",
     "dropped_reason",
     "from_native_key",
+    "hf_decoder_family_of",
     "invert_key_map",
     "keys_from_native",
     "keys_to_native",

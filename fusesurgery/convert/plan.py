@@ -76,6 +76,9 @@ def _decoder_shapes(config: DecoderConfig) -> dict[str, Shape]:
     if config.qk_norm:
         per_layer["layers.{i}.attn.q_norm.scale"] = (config.head_dim,)
         per_layer["layers.{i}.attn.k_norm.scale"] = (config.head_dim,)
+    if config.post_norms:
+        per_layer["layers.{i}.sa_scale.scale"] = (d,)
+        per_layer["layers.{i}.mlp_scale.scale"] = (d,)
     shapes: dict[str, Shape] = {"tok_embeddings.weight": (config.vocab_size, d)}
     for layer in range(config.num_layers):
         for template, shape in per_layer.items():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RopeStyle = Literal["interleaved", "half"]
-SlidingWindowRule = Literal["none", "always", "use_sliding_window"]
+SlidingWindowRule = Literal["none", "always", "use_sliding_window", "modelled"]
 
 
 def frozen(table: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -70,13 +70,21 @@ class DecoderFamily:
             biases are fixed (``hf_defaults["attn_bias"]`` true) ignores the key.
         hf_sliding_window: how transformers applies ``sliding_window``: ``"none"`` (never),
             ``"always"`` (Mistral: a missing key means 4096), ``"use_sliding_window"``
-            (Qwen2/3: only with that switch, from ``max_window_layers`` on).
+            (Qwen2/3: only with that switch, from ``max_window_layers`` on), or
+            ``"modelled"``: the native config holds the window and its layers (Gemma 3), so
+            nothing is left unmodelled.
         meta_layout: Meta's ``consolidated.*.pth`` + ``params.json`` can hold it.
         meta_params_marker: a ``params.json`` key that tells this family's file from
             Meta's own (Mistral's ``hidden_dim``); None for the family such a file is
             otherwise taken to be.
         hf_keys: transformers key template -> native key template (``model.`` prefixed; a
             bare ``LlamaModel``'s keys are read by adding the prefix).
+        own_hf_names: some transformers names mean something else than in Llama (Gemma's
+            ``post_attention_layernorm`` norms the attention output, Llama's the MLP input),
+            so ``hf_keys`` is kept out of the shared table: a key set holding one of
+            ``hf_layout_markers`` is read, and this family written, with it alone.
+        hf_layout_markers: transformers key templates only this family has, which tell its
+            key set apart (``own_hf_names`` families).
         meta_keys: Meta key template -> native key template, when ``meta_layout``.
         native_rope_style: the RoPE pairing of the native layout: ``"interleaved"`` (Meta,
             torchtune's Llama and Mistral: HF q/k rows are permuted on the way) or ``"half"``
@@ -107,6 +115,8 @@ class DecoderFamily:
     hf_config_fields: Mapping[str, ConfigField] = field(default_factory=lambda: frozen({}))
     hf_attention_bias_switch: bool = False
     hf_sliding_window: SlidingWindowRule = "none"
+    own_hf_names: bool = False
+    hf_layout_markers: tuple[str, ...] = ()
     meta_layout: bool = False
     meta_params_marker: str | None = None
     meta_keys: Mapping[str, str] = field(default_factory=lambda: frozen({}))

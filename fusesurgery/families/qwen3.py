@@ -38,7 +38,5 @@ FAMILY = DecoderFamily(
     torchtune_model="torchtune.models.qwen3",
     relatives=frozen({
         "qwen3_moe": "a mixture of experts in place of the MLP",
-        "gemma3_text": "(1 + w) RMSNorms before and after attention and MLP, GeGLU, a scaled "
-                       "embedding, sliding and global layers with their own RoPE",
     }),
 )

@@ -1,4 +1,5 @@
-"""Multi-head attention with grouped-query heads, optional q/k norms and a KV cache.
+"""Multi-head attention with grouped-query heads, optional q/k norms, a sliding window and a
+KV cache.
 
 Shape notation:
     b: batch size, s: query length, s_kv: key/value length, d: model width,
@@ -30,9 +31,16 @@ class MultiHeadAttention(nn.Module):
         q_norm: norm over ``h_d`` applied to each query head before RoPE, or None.
         k_norm: norm over ``h_d`` applied to each key head before RoPE, or None.
         is_causal: causal self-attention (decoder) rather than full attention.
+        scale: factor on the attention scores; None for ``h_d ** -0.5``.
+        sliding_window: causal attention sees only the last ``w`` keys: a query in cache
+            slot ``p`` (its index in the sequence, padding included, as transformers counts)
+            sees the keys in slots ``p - w + 1 .. p``; None sees every earlier key.
+        softcap: scores pass ``cap * tanh(score / cap)`` before the mask (Gemma 2); None for
+            none. Computed without SDPA, in transformers' eager order.
 
     Raises:
-        ValueError: ``num_heads`` is not a multiple of ``num_kv_heads``.
+        ValueError: ``num_heads`` is not a multiple of ``num_kv_heads``, or a sliding
+            window on attention that is not causal.
     """
 
     def __init__(
@@ -50,12 +58,18 @@ class MultiHeadAttention(nn.Module):
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
         is_causal: bool = True,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
             )
+        if sliding_window is not None and (not is_causal or sliding_window < 1):
+            raise ValueError(f"a sliding window ({sliding_window}) needs causal attention and "
+                             "a positive width")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -68,6 +82,9 @@ class MultiHeadAttention(nn.Module):
         self.pos_embeddings = pos_embeddings
         self.q_norm = q_norm
         self.k_norm = k_norm
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
         self.kv_cache: KVCache | None = None
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
@@ -112,7 +129,8 @@ class MultiHeadAttention(nn.Module):
                 or None to attend to what the cache holds (cross-attention decode steps).
             mask: ``[b, s, s_kv]`` bool, True = attend. For causal attention None means
                 causal; with a cache, a mask as wide as the cache capacity is cut to the filled
-                part. For full attention None means attend to everything.
+                part. For full attention None means attend to everything. A sliding window
+                is applied on top of any mask.
             input_pos: ``[b, s]`` positions of the queries, or None for ``0..s-1`` (after
                 what the cache holds).
 
@@ -124,6 +142,7 @@ class MultiHeadAttention(nn.Module):
         """
         b, s, _ = x.shape
         cache = self.kv_cache
+        first_slot = cache.size if cache is not None and self.is_causal else 0
         if self.is_causal and cache is not None and input_pos is None:
             input_pos = torch.arange(cache.size, cache.size + s, device=x.device).expand(b, s)
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
@@ -154,16 +173,50 @@ class MultiHeadAttention(nn.Module):
                 mask = key_pos[None, None, :] <= input_pos[:, :, None]
         elif mask is not None and mask.size(-1) > k.size(2):
             mask = mask[..., : k.size(2)]
+        if self.sliding_window is not None:
+            mask = self._window(mask, use_causal_flag, first_slot, s, k.size(2), x.device)
+            use_causal_flag = False
 
         if self.num_kv_heads != self.num_heads:
             group = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=None if mask is None else mask[:, None, :, :],
-            is_causal=use_causal_flag,
-        )
+        if self.softcap is not None:
+            out = self._softcapped(q, k, v, mask, use_causal_flag)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if mask is None else mask[:, None, :, :],
+                is_causal=use_causal_flag,
+                scale=self.scale,
+            )
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _window(self, mask: torch.Tensor | None, causal: bool, first_slot: int, s: int,
+                s_kv: int, device: torch.device) -> torch.Tensor:
+        """``mask`` (or causal attention) narrowed to the sliding window, ``[b|1, s, s_kv]``.
+        Queries and keys are counted by their slot in the sequence, as transformers' sliding
+        masks count them (not by RoPE position, which padding shifts)."""
+        query_slot = torch.arange(first_slot, first_slot + s, device=device)[:, None]
+        key_slot = torch.arange(s_kv, device=device)[None, :]
+        window = key_slot > query_slot - self.sliding_window  # [s, s_kv]
+        if causal:
+            window = window & (key_slot <= query_slot)
+        return window[None] if mask is None else mask & window
+
+    def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Attention with soft-capped scores, ``[b, n_h, s, h_d]``: scores in the inputs'
+        dtype, capped, masked, a float32 softmax cast back (transformers' eager order)."""
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if causal:
+            s, s_kv = scores.shape[-2:]
+            mask = torch.ones(s, s_kv, dtype=torch.bool, device=q.device).tril()[None]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :, :], torch.finfo(scores.dtype).min)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v)

@@ -35,24 +35,33 @@ from fusesurgery.modules.vision import (
 ProjectionKind = Literal["linear", "mlp"]
 
 
-def _swiglu(dim: int, hidden_dim: int) -> FeedForward:
+def _swiglu(dim: int, hidden_dim: int, activation: str = "silu") -> FeedForward:
+    """The gated MLP: SwiGLU (``silu``) or GeGLU (``gelu_tanh``)."""
     return FeedForward(
         w1=nn.Linear(dim, hidden_dim, bias=False),
         w2=nn.Linear(hidden_dim, dim, bias=False),
         w3=nn.Linear(dim, hidden_dim, bias=False),
-        activation="silu",
+        activation=activation,
     )
 
 
-def build_rope(cfg: DecoderConfig) -> RotaryPositionalEmbeddings:
-    """The decoder's RoPE, in the pairing of the family's native layout (``cfg.rope_style``)."""
+def build_rope(cfg: DecoderConfig, local: bool = False) -> RotaryPositionalEmbeddings:
+    """The decoder's RoPE, in the pairing of the family's native layout (``cfg.rope_style``);
+    ``local``: the sliding layers' own (``cfg.local_rope_base``, no scaling)."""
+    if local and cfg.local_rope_base is not None:
+        return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.local_rope_base,
+                                          None, style=cfg.rope_style)
     return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.rope_base,
                                       cfg.rope_scaling, style=cfg.rope_style)
 
 
+def _norm(cfg: DecoderConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, cfg.norm_eps, unit_offset=cfg.norm_unit_offset)
+
+
 def build_decoder_layer(
     cfg: DecoderConfig, rope: RotaryPositionalEmbeddings | None = None,
-    layer_index: int | None = None,
+    layer_index: int | None = None, local_rope: RotaryPositionalEmbeddings | None = None,
 ) -> TransformerSelfAttentionLayer:
     """One self-attention decoder layer of ``cfg``'s shape.
 
@@ -62,11 +71,17 @@ def build_decoder_layer(
             torchtune does: one ``[max_seq_len, h_d/2, 2]`` table rather than one per layer,
             which at Llama 3.1's 131072 positions is 33 MB a layer); None builds one.
         layer_index: the layer's index: one of ``cfg.no_rope_layers`` gets no RoPE (its
-            queries and keys are not rotated); None builds a layer with RoPE.
+            queries and keys are not rotated), one of ``cfg.sliding_layers`` its window and
+            the local RoPE; None builds a layer with RoPE and no window.
+        local_rope: the sliding layers' RoPE to share when ``cfg.local_rope_base`` is set;
+            None builds one.
     """
     d, n_h, n_kv, h_d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    window = None if layer_index is None else cfg.layer_window(layer_index)
     if layer_index is not None and layer_index in cfg.no_rope_layers:
         rope = None
+    elif window is not None and cfg.local_rope_base is not None:
+        rope = local_rope if local_rope is not None else build_rope(cfg, local=True)
     else:
         rope = rope if rope is not None else build_rope(cfg)
     attn = MultiHeadAttention(
@@ -79,34 +94,47 @@ def build_decoder_layer(
         v_proj=nn.Linear(d, n_kv * h_d, bias=cfg.attn_bias),
         output_proj=nn.Linear(n_h * h_d, d, bias=False),
         pos_embeddings=rope,
-        q_norm=RMSNorm(h_d, cfg.norm_eps) if cfg.qk_norm else None,
-        k_norm=RMSNorm(h_d, cfg.norm_eps) if cfg.qk_norm else None,
+        q_norm=_norm(cfg, h_d) if cfg.qk_norm else None,
+        k_norm=_norm(cfg, h_d) if cfg.qk_norm else None,
         is_causal=True,
+        scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5,
+        sliding_window=window,
+        softcap=cfg.attn_softcap,
     )
     return TransformerSelfAttentionLayer(
         attn=attn,
-        mlp=_swiglu(d, cfg.intermediate_dim),
-        sa_norm=RMSNorm(d, cfg.norm_eps),
-        mlp_norm=RMSNorm(d, cfg.norm_eps),
+        mlp=_swiglu(d, cfg.intermediate_dim, cfg.mlp_activation),
+        sa_norm=_norm(cfg, d),
+        mlp_norm=_norm(cfg, d),
+        # Gemma's post-attention and post-feedforward norms sit where torchtune's Gemma 2
+        # puts them: on each branch before its residual add
+        sa_scale=_norm(cfg, d) if cfg.post_norms else None,
+        mlp_scale=_norm(cfg, d) if cfg.post_norms else None,
     )
 
 
 def build_decoder(cfg: DecoderConfig) -> TransformerDecoder:
     """A plain (unfused) decoder; keys follow SPEC.md section 4's native column."""
     rope = build_rope(cfg)
+    local_rope = build_rope(cfg, local=True) if (
+        cfg.sliding_layers and cfg.local_rope_base is not None) else None
     return TransformerDecoder(
         tok_embeddings=embedding(cfg.vocab_size, cfg.embed_dim),
-        layers=[build_decoder_layer(cfg, rope, i) for i in range(cfg.num_layers)],
-        norm=RMSNorm(cfg.embed_dim, cfg.norm_eps),
+        layers=[build_decoder_layer(cfg, rope, i, local_rope) for i in range(cfg.num_layers)],
+        norm=_norm(cfg, cfg.embed_dim),
         output=None if cfg.tie_word_embeddings else nn.Linear(cfg.embed_dim, cfg.vocab_size,
                                                               bias=False),
         max_seq_len=cfg.max_seq_len,
+        embed_scale=cfg.embed_dim**0.5 if cfg.embed_scale else None,
+        final_softcap=cfg.final_softcap,
     )
 
 
 def build_fusion_layer(cfg: DecoderConfig, fusion: FusionConfig) -> TransformerCrossAttentionLayer:
     """A gated cross-attention layer sized from the decoder: same heads, head width and MLP
-    width, keys and values projected from ``fusion.encoder_dim``, q/k RMSNorms, gates at 0."""
+    width (a SwiGLU MLP, whatever the decoder's), keys and values projected from
+    ``fusion.encoder_dim``, q/k RMSNorms, gates at 0; every norm of the kind
+    ``fusion.norm_unit_offset`` says (a Gemma decoder's own ``(1 + w)`` kind)."""
     d, n_h, n_kv, h_d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn = MultiHeadAttention(
         embed_dim=d,
@@ -117,15 +145,15 @@ def build_fusion_layer(cfg: DecoderConfig, fusion: FusionConfig) -> TransformerC
         k_proj=nn.Linear(fusion.encoder_dim, n_kv * h_d, bias=False),
         v_proj=nn.Linear(fusion.encoder_dim, n_kv * h_d, bias=False),
         output_proj=nn.Linear(n_h * h_d, d, bias=False),
-        q_norm=RMSNorm(h_d, fusion.qk_norm_eps),
-        k_norm=RMSNorm(h_d, fusion.qk_norm_eps),
+        q_norm=RMSNorm(h_d, fusion.qk_norm_eps, unit_offset=fusion.norm_unit_offset),
+        k_norm=RMSNorm(h_d, fusion.qk_norm_eps, unit_offset=fusion.norm_unit_offset),
         is_causal=False,
     )
     return TransformerCrossAttentionLayer(
         attn=attn,
         mlp=_swiglu(d, cfg.intermediate_dim),
-        ca_norm=RMSNorm(d, fusion.ca_norm_eps),
-        mlp_norm=RMSNorm(d, fusion.ca_norm_eps),
+        ca_norm=RMSNorm(d, fusion.ca_norm_eps, unit_offset=fusion.norm_unit_offset),
+        mlp_norm=RMSNorm(d, fusion.ca_norm_eps, unit_offset=fusion.norm_unit_offset),
         ca_scale=TanhGate(),
         mlp_scale=TanhGate(),
     )

@@ -9,17 +9,21 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 and cast back.
 
-    The weight is called ``scale`` (torchtune's key layout), initialised to ones.
+    The weight is called ``scale`` (torchtune's key layout), initialised to ones; with
+    ``unit_offset`` (Gemma's kind) the norm multiplies by ``1 + scale`` in float32 and casts
+    after, as transformers' and torchtune's Gemma norms do, and ``scale`` starts at zero.
 
     Args:
         dim: size of the last dimension ``d``.
         eps: added to the mean square before the square root.
+        unit_offset: scale by ``1 + scale`` (Gemma) rather than ``scale`` (Llama).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.scale = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.scale = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -31,9 +35,16 @@ class RMSNorm(nn.Module):
         """
         x_fp32 = x.float()
         normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.scale.float())).type_as(x)
         # Cast before scaling, as transformers' Llama does, so fp32 and half-precision
         # checkpoints both match their reference implementation.
         return self.scale * normed.to(x.dtype)
+
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.size(0)}, eps={self.eps}" + (
+            ", unit_offset=True" if self.unit_offset else "")
 
 
 class TanhGate(nn.Module):

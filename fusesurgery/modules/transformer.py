@@ -203,6 +203,9 @@ class TransformerDecoder(nn.Module):
         norm: final norm.
         output: ``d -> v`` projection, or None to tie it to ``tok_embeddings.weight``.
         max_seq_len: default capacity of self-attention caches.
+        embed_scale: factor on the embeddings (Gemma: ``sqrt(d)``), rounded to float32 and
+            then to the embeddings' dtype, as transformers' Gemma rounds it; None for none.
+        final_softcap: the logits pass ``cap * tanh(logit / cap)``; None for none.
     """
 
     def __init__(
@@ -213,6 +216,8 @@ class TransformerDecoder(nn.Module):
         norm: nn.Module,
         output: nn.Module | None,
         max_seq_len: int,
+        embed_scale: float | None = None,
+        final_softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.tok_embeddings = tok_embeddings
@@ -220,6 +225,8 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
         self.output = output
         self.max_seq_len = max_seq_len
+        self.embed_scale = embed_scale
+        self.final_softcap = final_softcap
         self.num_output_chunks = 0
 
     def set_num_output_chunks(self, num_output_chunks: int) -> None:
@@ -258,11 +265,16 @@ class TransformerDecoder(nn.Module):
             layer.teardown_cache()
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and output projection, ``[b, s, d] -> [b, s, v]`` in fp32."""
+        """Final norm, output projection and soft-capping, ``[b, s, d] -> [b, s, v]`` in fp32
+        (the capping in the logits' own dtype, as transformers does)."""
         h = self.norm(h)
         if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight).float()
-        return self.output(h).float()
+            logits = F.linear(h, self.tok_embeddings.weight)
+        else:
+            logits = self.output(h)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()
 
     def forward(
         self,
@@ -286,6 +298,8 @@ class TransformerDecoder(nn.Module):
             logits ``[b, s, v]`` fp32, or a list of ``num_output_chunks`` chunks of them.
         """
         h = self.tok_embeddings(tokens)
+        if self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=torch.float32, device=h.device).to(h.dtype)
         for layer in self.layers:
             h = layer(
                 h,

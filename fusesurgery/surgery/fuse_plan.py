@@ -222,8 +222,8 @@ def _init_rule(module: nn.Module, param: str) -> tuple:
         return ("uniform", 1.0 / math.sqrt(module.in_features))
     if isinstance(module, TanhGate):
         return ("zeros",)  # the identity at initialisation
-    if isinstance(module, RMSNorm):
-        return ("ones",)
+    if isinstance(module, RMSNorm):  # the (1 + w) kind starts at w = 0: the same norm
+        return ("zeros",) if module.unit_offset else ("ones",)
     if isinstance(module, nn.LayerNorm):
         return ("ones",) if param == "weight" else ("zeros",)
     raise TypeError(f"no init rule for {type(module).__name__}.{param}")  # a programming error
@@ -367,6 +367,8 @@ def plan_fuse(
         # Mllama exactly
         ca_norm_eps=decoder_cfg.norm_eps,
         qk_norm_eps=decoder_cfg.norm_eps,
+        # and its norms' kind: Gemma's (1 + w) norms, whose weights train around zero
+        norm_unit_offset=decoder_cfg.norm_unit_offset,
     )
 
     decoder_dtype = _main_dtype(decoder_plan, EMBEDDING_KEY)
