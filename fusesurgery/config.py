@@ -223,7 +223,7 @@ class DecoderConfig:
     post_norms: bool = False
     embed_scale: bool = False
     mlp_activation: MlpActivation = "silu"
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: int | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
     sliding_window: int | None = None

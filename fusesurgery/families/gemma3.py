@@ -166,7 +166,7 @@ FAMILY = DecoderFamily(
     # Gemma3TextConfig's class defaults
     hf_defaults=frozen({"max_seq_len": 131_072, "norm_eps": 1e-6, "rope_base": 1_000_000.0,
                         "rope_scaling": None, "attn_bias": False,
-                        "tie_word_embeddings": True, "query_pre_attn_scalar": 256.0,
+                        "tie_word_embeddings": True, "query_pre_attn_scalar": 256,
                         "final_softcap": None, "sliding_window": 4096}),
     fixed=frozen({"qk_norm": True, "no_rope_layers": (), "norm_unit_offset": True,
                   "post_norms": True, "embed_scale": True}),

@@ -25,6 +25,12 @@ HF_CONFIG_KEYS = frozen({
     "tie_word_embeddings": "tie_word_embeddings",
 })
 
+# What a Llama-shaped layer is in the native options Gemma 3's config.json spells (every
+# layer attends to all earlier tokens with one RoPE, a SwiGLU MLP, no score capping): the
+# families that cannot state them have these.
+LLAMA_LAYERS = frozen({"sliding_layers": (), "local_rope_base": None, "mlp_activation": "silu",
+                       "attn_softcap": None})
+
 # transformers key -> native key (SPEC.md section 4).
 HF_KEYS = frozen({
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -67,7 +73,7 @@ FAMILY = DecoderFamily(
     hf_defaults=frozen({"max_seq_len": 2048, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": False,
                         "tie_word_embeddings": False}),
-    fixed=frozen({"qk_norm": False, "no_rope_layers": ()}),
+    fixed=frozen({"qk_norm": False, "no_rope_layers": (), **LLAMA_LAYERS}),
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": None}),
     hf_attention_bias_switch=True,
     hf_keys=HF_KEYS,

@@ -21,7 +21,7 @@ FAMILY = DecoderFamily(
     hf_defaults=frozen({"max_seq_len": 131_072, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": False,
                         "tie_word_embeddings": False}),
-    fixed=frozen({"qk_norm": False, "no_rope_layers": ()}),
+    fixed=frozen({"qk_norm": False, "no_rope_layers": (), **llama.LLAMA_LAYERS}),
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": 8}),
     hf_sliding_window="always",
     hf_keys=llama.HF_KEYS,

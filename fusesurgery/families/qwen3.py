@@ -28,13 +28,14 @@ FAMILY = DecoderFamily(
     hf_defaults=frozen({"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": False,
                         "tie_word_embeddings": False}),
-    fixed=frozen({"qk_norm": True, "no_rope_layers": ()}),
+    fixed=frozen({"qk_norm": True, "no_rope_layers": (), **llama.LLAMA_LAYERS}),
     # Qwen3Config's head_dim is 128 whatever the width
     unstated_heads=frozen({"head_dim": 128, "num_kv_heads": 32}),
     hf_sliding_window="use_sliding_window",
     hf_keys=HF_KEYS,
     native_rope_style="half",
-    shape_markers=frozen({"layers.0.attn.q_norm.scale": True}),
+    shape_markers=frozen({"layers.0.attn.q_norm.scale": True,
+                          "layers.0.sa_scale.scale": False}),
     torchtune_model="torchtune.models.qwen3",
     relatives=frozen({
         "qwen3_moe": "a mixture of experts in place of the MLP",

@@ -64,7 +64,7 @@ FAMILY = DecoderFamily(
     hf_defaults=frozen({"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 2_000_000.0,
                         "rope_scaling": None, "attn_bias": False,
                         "tie_word_embeddings": True}),
-    fixed=frozen({"qk_norm": False}),
+    fixed=frozen({"qk_norm": False, **llama.LLAMA_LAYERS}),
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": 4}),
     hf_config_fields=frozen({
         "no_rope_layers": ConfigField(read=read_no_rope_layers, write=write_no_rope_layers),

@@ -57,6 +57,7 @@ from fusesurgery.convert.keymaps import (
     FUSED_VISION_PREFIX,
     LAYER,
     dropped_reason,
+    hf_decoder_family_of,
     keys_to_native,
     split_layer_index,
 )
@@ -597,9 +598,11 @@ def _normalised_names(
         for key, native in mapping.mapping.items():
             _claim(compared, prefix + native, key, source)
         return _Names(compared, dict(mapping.dropped), ())
+    # a family with transformers names of its own (Gemma) is told by its whole key set
+    family = hf_decoder_family_of(source.keys()) if (kind, layout) == ("decoder", "hf") else None
     for key in source.keys():
         try:
-            native = to_native_key(key, layout, kind)
+            native = to_native_key(key, layout, kind, family)
         except KeyMapError:
             unmapped.append(key)
             continue

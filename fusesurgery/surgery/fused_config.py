@@ -354,13 +354,14 @@ def check_config_against_keys(config: FusedConfig, keys: Iterable[str], origin: 
                           "config does not belong to these weights")
     for part, record in config.sources.items():
         if "source_keys" in record:
-            _check_source_keys(part, record, keys, origin)
+            _check_source_keys(part, record, keys, origin, config.decoder.family)
 
 
 def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
-                       origin: str) -> None:
+                       origin: str, decoder_family: str | None = None) -> None:
     """``sources[part].source_keys`` (native key -> the source's name) against the part's key
-    map and the part's tensors in the weights."""
+    map (the decoder family's own, for a family with transformers names of its own) and the
+    part's tensors in the weights."""
     names = record["source_keys"]
     where = f"{origin}: sources[{part!r}].source_keys"
     if not isinstance(names, Mapping) or not all(
@@ -382,7 +383,8 @@ def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
                           "belong to these weights")
     for native, source_key in names.items():
         try:
-            mapped = to_native_key(source_key, layout, kind)
+            mapped = to_native_key(source_key, layout, kind,
+                                   decoder_family if kind == "decoder" else None)
         except FuseSurgeryError:
             mapped = None
         if mapped != native:

@@ -359,6 +359,8 @@ def _plain_decoder(model: DeepFusionModel, with_new_tokens: bool) -> Transformer
         norm=decoder.norm,
         output=decoder.output,
         max_seq_len=decoder.max_seq_len,
+        embed_scale=decoder.embed_scale,
+        final_softcap=decoder.final_softcap,
     )
 
 

@@ -1,7 +1,8 @@
 """Issue 18's families through the whole life of a checkpoint, with sources written by
 transformers itself: Qwen3 (per-head q/k RMSNorms, a head_dim that is not width / heads, no
-biases), Mistral NeMo (head_dim not width / heads) and a SigLIP2 fixed-resolution tower (which
-transformers stores as ``siglip``).
+biases), Mistral NeMo (head_dim not width / heads), Gemma 3 text ((1 + w) norms before and
+after attention and MLP, GeGLU, a scaled embedding, sliding layers of window 4 beside a
+global one) and a SigLIP2 fixed-resolution tower (which transformers stores as ``siglip``).
 
 Each case: ``load_decoder`` against transformers at 8 and 40 tokens; ``fuse`` ->
 ``validate --against`` (every row passes, identity) -> ``unfuse`` bitwise -> ``diff --values``
@@ -43,9 +44,23 @@ CASES = {
     "mistral-nemo-tied-bf16-sharded": ("mistral", dict(head_dim=HEAD_DIM, sliding_window=None,
                                                        tie_word_embeddings=True),
                                        torch.bfloat16, "8KB", "siglip2"),
+    # window 4, every 3rd layer global, capped logits: the 40-token check runs 10 windows
+    "gemma3-tied-f32": ("gemma3", dict(head_dim=HEAD_DIM, num_hidden_layers=3,
+                                       sliding_window=4, sliding_window_pattern=3,
+                                       query_pre_attn_scalar=16, final_logit_softcapping=5.0),
+                        torch.float32, None, "siglip2"),
+    "gemma3-untied-bf16-sharded": ("gemma3", dict(head_dim=HEAD_DIM, num_hidden_layers=3,
+                                                  sliding_window=4, sliding_window_pattern=2,
+                                                  tie_word_embeddings=False,
+                                                  rope_scaling={"rope_type": "linear",
+                                                                "factor": 2.0}),
+                                   torch.bfloat16, "8KB", "clip"),
 }
 CLASSES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-           "mistral": ("MistralConfig", "MistralForCausalLM")}
+           "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+# families whose native layout keeps transformers' rotate-half q/k rows
+HALF = ("qwen3", "gemma3")
 
 
 def cli(*args):
@@ -58,7 +73,7 @@ def save_decoder(case: str, directory: Path) -> Path:
     family, settings, dtype, shard, _ = CASES[case]
     config_cls, model_cls = (getattr(transformers, name) for name in CLASSES[family])
     torch.manual_seed(0)
-    model = model_cls(config_cls(**SIZES, **settings))
+    model = model_cls(config_cls(**{**SIZES, **settings}))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name:
@@ -118,16 +133,16 @@ def test_load_decoder_equals_transformers(tmp_path, case):
     decoder = load_decoder(hf, dtype=torch.float32).eval()
     attn = decoder.layers[0].attn
     assert attn.head_dim == HEAD_DIM and attn.q_proj.weight.shape == (4 * HEAD_DIM, 32)
-    assert (attn.q_norm is not None) == (family == "qwen3")
+    assert (attn.q_norm is not None) == (family in HALF)
     assert attn.q_proj.bias is None and attn.output_proj.bias is None
-    assert attn.pos_embeddings.style == ("half" if family == "qwen3" else "interleaved")
+    assert attn.pos_embeddings.style == ("half" if family in HALF else "interleaved")
     for length in (8, 40):
         tokens = torch.randint(0, SIZES["vocab_size"], (2, length),
                                generator=torch.Generator().manual_seed(length))
         with torch.no_grad():
             ours, theirs = decoder(tokens), reference(tokens).logits
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-        if family == "qwen3":
+        if family in HALF:
             # the same operations in transformers' order (rotate-half RoPE, q/k norms in
             # fp32, SDPA): bitwise; interleaved RoPE (Mistral) rounds differently
             assert torch.equal(ours, theirs)
@@ -147,10 +162,16 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     config = json.loads((fused / "fusion_config.json").read_text())
     hf_config = json.loads((decoder / "config.json").read_text())
     # the fusion layers' norms follow the family: RMSNorms with the decoder's own epsilon,
-    # recorded; Qwen3's q/k norms are recorded as part of its decoder config
+    # of its kind (Gemma's (1 + w)), recorded; Qwen3's q/k norms are recorded as part of its
+    # decoder config, and Gemma's window and its layers
     eps = hf_config["rms_norm_eps"]
     assert (config["fusion"]["ca_norm_eps"], config["fusion"]["qk_norm_eps"]) == (eps, eps)
-    assert config["decoder"]["qk_norm"] == (family == "qwen3")
+    assert config["fusion"]["norm_unit_offset"] == (family == "gemma3")
+    assert config["decoder"]["qk_norm"] == (family in HALF)
+    if family == "gemma3":
+        assert config["decoder"]["sliding_window"] == 4
+        assert config["decoder"]["sliding_layers"] == [
+            i for i, kind in enumerate(hf_config["layer_types"]) if kind == "sliding_attention"]
     assert (config["decoder"]["family"], config["decoder"]["head_dim"]) == (family, HEAD_DIM)
 
     result = cli("validate", fused, "--against", decoder, "--json")

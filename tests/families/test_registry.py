@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from fusesurgery.convert.keymaps import (
+    HF_DECODER_FAMILY_TO_NATIVE,
     HF_DECODER_TO_NATIVE,
     HF_VISION_FAMILY_TO_NATIVE,
     HF_VISION_TO_NATIVE,
@@ -105,7 +106,9 @@ def test_decoder_defaults_are_transformers_class_defaults(name):
     assert config.max_position_embeddings == defaults["max_seq_len"]
     assert config.rms_norm_eps == defaults["norm_eps"]
     assert config.tie_word_embeddings == defaults["tie_word_embeddings"]
-    theta = (config.rope_parameters or {}).get("rope_theta", getattr(config, "rope_theta", None))
+    parameters = config.rope_parameters or {}
+    parameters = parameters.get("full_attention", parameters)  # keyed by layer type (Gemma 3)
+    theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
     assert theta == defaults["rope_base"]
     head_dim = getattr(config, "head_dim", None) or 64 // 4
     assert head_dim == (family.unstated_heads["head_dim"] or 64 // 4)
@@ -131,7 +134,10 @@ def test_each_family_key_map_is_one_to_one_onto_native_keys(name):
 
 
 def test_generic_tables_are_the_union_of_the_family_rows():
-    assert set(HF_DECODER_TO_NATIVE) == {k for f in DECODER_FAMILIES.values() for k in f.hf_keys}
+    assert set(HF_DECODER_TO_NATIVE) == {k for f in DECODER_FAMILIES.values() for k in f.hf_keys
+                                         if not f.own_hf_names}
+    assert set(HF_DECODER_FAMILY_TO_NATIVE) == {f.name for f in DECODER_FAMILIES.values()
+                                                if f.own_hf_names}
     assert set(HF_VISION_TO_NATIVE) == {k for f in VISION_FAMILIES.values() for k in f.hf_keys
                                         if not f.own_hf_names}
     assert set(HF_VISION_FAMILY_TO_NATIVE) == {f.name for f in VISION_FAMILIES.values()
@@ -178,7 +184,7 @@ def test_family_data_is_read_only():
 
 def test_closest_family_from_relatives_and_from_key_names():
     assert closest_family("decoder", "olmo2").family.name == "llama"
-    assert closest_family("decoder", "gemma3_text").family.name == "qwen3"
+    assert closest_family("decoder", "qwen3_moe").family.name == "qwen3"
     # a model type no file lists: the family whose transformers names cover the keys
     qk_norm_keys = [*decoder_family("qwen3").hf_keys, "model.layers.0.extra_norm.weight"]
     keys = [k.replace("{i}", "0") for k in qk_norm_keys]

@@ -1,0 +1,166 @@
+"""Gemma 3 text as a native decoder, against transformers' own Gemma3ForCausalLM: logits at 8
+tokens and past the sliding window, cached decoding past the window, padded batches, and
+what its config.json says read as transformers reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusesurgery import load_decoder
+from fusesurgery.config import DecoderConfig
+from fusesurgery.convert.configs import hf_config_dict, read_hf_decoder_config
+from fusesurgery.errors import ConfigError
+
+transformers = pytest.importorskip("transformers")
+
+WINDOW = 4
+# 5 layers, every 3rd global: layers 0, 1, 3, 4 slide, layer 2 attends to everything
+SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=5,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+             max_position_embeddings=64, sliding_window=WINDOW, sliding_window_pattern=3,
+             query_pre_attn_scalar=20, rope_local_base_freq=500.0, rope_theta=30_000.0)
+
+
+def save_gemma3(directory: Path, dtype: torch.dtype = torch.float32, **settings) -> Path:
+    """A tiny Gemma3ForCausalLM, every norm weight drawn at random (transformers starts them
+    at zero, where a misplaced (1 + w) norm would not show)."""
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{**SIZES,
+                                                                             **settings}))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0.0, 0.5)
+    model.to(dtype).save_pretrained(directory)
+    return directory
+
+
+def _tokens(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, SIZES["vocab_size"], (batch, length),
+                         generator=torch.Generator().manual_seed(length))
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    # a scaled global RoPE (the sliding layers keep plain RoPE) and capped logits
+    {"rope_scaling": {"rope_type": "linear", "factor": 4.0}, "final_logit_softcapping": 3.0},
+], ids=["plain", "scaled-capped"])
+def test_logits_equal_transformers_past_the_window(tmp_path, settings):
+    source = save_gemma3(tmp_path / "hf", **settings)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32).eval()
+    decoder = load_decoder(source).eval()
+    windows = [layer.attn.sliding_window for layer in decoder.layers]
+    assert windows == [WINDOW, WINDOW, None, WINDOW, WINDOW]
+    bases = [layer.attn.pos_embeddings.base for layer in decoder.layers]
+    assert bases == [500.0, 500.0, 30_000.0, 500.0, 500.0]
+    for length in (8, 3 * WINDOW + 5):
+        tokens = _tokens(2, length)
+        with torch.no_grad():
+            ours, theirs = decoder(tokens), reference(tokens).logits
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        # the same kernels in the same order (rotate-half RoPE, fp32 norms, SDPA)
+        assert torch.equal(ours, theirs)
+    # a window of 4 that is not applied differs past it: the check above can fail
+    unwindowed = load_decoder(source).eval()
+    for layer in unwindowed.layers:
+        layer.attn.sliding_window = None
+    with torch.no_grad():
+        assert not torch.allclose(unwindowed(_tokens(2, 17)), decoder(_tokens(2, 17)))
+
+
+def test_cached_decoding_past_the_window_equals_transformers(tmp_path):
+    source = save_gemma3(tmp_path / "hf")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32).eval()
+    decoder = load_decoder(source).eval()
+    tokens = _tokens(2, 3 * WINDOW + 2)
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+        decoder.setup_caches(2, torch.float32, decoder_max_seq_len=32)
+        steps = [decoder(tokens[:, :3])]  # a prefill shorter than the window, then one a step
+        for position in range(3, tokens.size(1)):
+            steps.append(decoder(tokens[:, position:position + 1]))
+    torch.testing.assert_close(torch.cat(steps, dim=1), theirs, rtol=0, atol=1e-5)
+
+
+def test_padded_batch_equals_transformers(tmp_path):
+    """Left padding: the window counts slots in the sequence, pads included, as
+    transformers' sliding masks do."""
+    source = save_gemma3(tmp_path / "hf")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32).eval()
+    decoder = load_decoder(source).eval()
+    length = 2 * WINDOW + 3
+    tokens = _tokens(2, length)
+    keep = torch.ones(2, length, dtype=torch.bool)
+    keep[1, :3] = False  # the second row starts with three pads
+    with torch.no_grad():
+        theirs = reference(tokens, attention_mask=keep.long()).logits
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = causal[None] & keep[:, None, :]
+        mask = mask | torch.eye(length, dtype=torch.bool)[None]  # pad rows see themselves
+        ours = decoder(tokens, mask=mask)
+    torch.testing.assert_close(ours[keep], theirs[keep], rtol=0, atol=1e-5)
+
+
+def test_bf16_checkpoint_close_to_transformers(tmp_path):
+    source = save_gemma3(tmp_path / "hf", dtype=torch.bfloat16)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    decoder = load_decoder(source).eval()
+    assert decoder.tok_embeddings.weight.dtype == torch.bfloat16
+    tokens = _tokens(1, 12)
+    with torch.no_grad():
+        ours, theirs = decoder(tokens), reference(tokens).logits.float()
+    # sqrt(32) rounded to bf16 (5.65625, not 5.657) as transformers rounds it: the
+    # embedding scale matches to the bit, the rest to bf16's precision
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0.1)
+
+
+def test_config_reading(tmp_path):
+    source = save_gemma3(tmp_path / "hf")
+    config = json.loads((source / "config.json").read_text())
+    read = read_hf_decoder_config(config).read
+    assert read["sliding_layers"] == (0, 1, 3, 4) and read["sliding_window"] == WINDOW
+    assert (read["rope_base"], read["local_rope_base"]) == (30_000.0, 500.0)
+    assert (read["norm_unit_offset"], read["post_norms"], read["embed_scale"]) == (True,) * 3
+    assert read["mlp_activation"] == "gelu_tanh" and read["query_pre_attn_scalar"] == 20
+    # transformers 4's spelling: rope_theta, rope_local_base_freq, sliding_window_pattern
+    legacy = {k: v for k, v in config.items() if k not in ("rope_parameters", "layer_types")}
+    legacy.update(rope_theta=30_000.0, rope_local_base_freq=500.0, sliding_window_pattern=3)
+    again = read_hf_decoder_config(legacy).read
+    for name in ("rope_base", "local_rope_base", "sliding_layers"):
+        assert again[name] == read[name], name
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping 50.0 is not supported"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention true"),
+    ({"layer_types": ["sliding_attention"]}, "layer_types has 1 entries for 5 layers"),
+    ({"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                          "full_attention": {"rope_type": "default"}}},
+     "a RoPE scaling on the sliding layers is not supported"),
+])
+def test_what_is_not_modelled_is_refused(tmp_path, change, message):
+    config = json.loads((save_gemma3(tmp_path / "hf") / "config.json").read_text())
+    with pytest.raises(ConfigError, match=message):
+        read_hf_decoder_config({**config, **change})
+
+
+def test_written_config_loads_in_transformers_as_the_same_model(tmp_path):
+    """A config.json written from the native config alone (no base to keep) describes the
+    same model to transformers."""
+    source = save_gemma3(tmp_path / "hf", final_logit_softcapping=3.0)
+    reading = read_hf_decoder_config(json.loads((source / "config.json").read_text()))
+    cfg = DecoderConfig(**{**reading.defaults, **reading.read})
+    written = transformers.Gemma3TextConfig(**hf_config_dict(cfg))
+    original = transformers.AutoConfig.from_pretrained(source)
+    for name in ("layer_types", "sliding_window", "query_pre_attn_scalar", "rope_parameters",
+                 "final_logit_softcapping", "hidden_activation", "head_dim", "rms_norm_eps",
+                 "tie_word_embeddings"):
+        assert getattr(written, name) == getattr(original, name), name
