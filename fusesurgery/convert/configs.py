@@ -722,13 +722,11 @@ def hf_config_dict(
             raise ConfigError(
                 f"a {config.family} config.json cannot express attn_bias={config.attn_bias}"
             )
-        family = decoder_family(config.family)
-        for name in FAMILY_OPTIONS:  # what the family fixes, or the native default
-            fixed = HF_DECODER_FIXED[config.family].get(name, _NATIVE_DEFAULTS[name])
-            stated = name in family.hf_config_fields or name in family.hf_config_keys.values()
-            if not stated and getattr(config, name) != fixed:
+        for name, fixed in HF_DECODER_FIXED[config.family].items():
+            if getattr(config, name) != fixed:  # (qk_norm, layers without RoPE, Gemma's)
                 raise ConfigError(f"a {config.family} config.json cannot express "
                                   f"{name}={getattr(config, name)}")
+        family = decoder_family(config.family)
         if base is not None and read_hf_decoder_config(base).read.get(
                 "family", "llama") == config.family:
             return _over_base(config, base)
@@ -744,18 +742,6 @@ def hf_config_dict(
             out["sliding_window"] = None
     return {"architectures": [HF_ARCHITECTURES[config.family]],
             "model_type": HF_MODEL_TYPES[config.family], **out}
-
-
-# DecoderConfig fields a config.json states only through its family (the family file fixes
-# them, or spells them in hf_config_fields); any other family has the native default, and a
-# config differing from it is refused rather than written as something else.
-FAMILY_OPTIONS: tuple[str, ...] = (
-    "qk_norm", "no_rope_layers", "norm_unit_offset", "post_norms", "embed_scale",
-    "mlp_activation", "query_pre_attn_scalar", "attn_softcap", "final_softcap",
-    "sliding_window", "sliding_layers", "local_rope_base")
-_NATIVE_DEFAULTS: dict[str, Any] = {
-    spec.name: spec.default for spec in dataclasses.fields(DecoderConfig)
-    if spec.name in FAMILY_OPTIONS}
 
 
 def hf_rope_scaling(scaling: RopeScaling | None) -> dict[str, Any] | None:

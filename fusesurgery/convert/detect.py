@@ -204,6 +204,13 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
 # Field resolution.
 
 
+# Fields whose null a config states for "none" (no RoPE scaling, no window, no capping), not
+# for "unknown": a stated null is a value, which a default does not replace.
+NULL_MEANS_NONE: frozenset[str] = frozenset({
+    "rope_scaling", "query_pre_attn_scalar", "attn_softcap", "final_softcap", "sliding_window",
+    "local_rope_base"})
+
+
 class _Fields:
     """Candidate values per config field; the best-ranked provenance wins."""
 
@@ -212,7 +219,7 @@ class _Fields:
         self.sources: dict[str, str] = {}
 
     def offer(self, name: str, value: Any, source: str) -> None:
-        if value is None and name != "rope_scaling":
+        if value is None and name not in NULL_MEANS_NONE:
             return
         current = self.sources.get(name)
         if current is not None and PROVENANCE_RANK[current] >= PROVENANCE_RANK[source]:

@@ -25,11 +25,14 @@ HF_CONFIG_KEYS = frozen({
     "tie_word_embeddings": "tie_word_embeddings",
 })
 
-# What a Llama-shaped layer is in the native options Gemma 3's config.json spells (every
-# layer attends to all earlier tokens with one RoPE, a SwiGLU MLP, no score capping): the
-# families that cannot state them have these.
-LLAMA_LAYERS = frozen({"sliding_layers": (), "local_rope_base": None, "mlp_activation": "silu",
-                       "attn_softcap": None})
+# What a Llama-shaped decoder is in the native options Gemma's config.json states: RMSNorms of
+# the w kind before attention and MLP only, a SwiGLU MLP, plain embeddings, scores scaled by
+# head_dim**-0.5 and not capped, every layer attending to all earlier tokens with one RoPE.
+# The families whose config.json cannot state them have these.
+LLAMA_LAYERS = frozen({"norm_unit_offset": False, "post_norms": False, "embed_scale": False,
+                       "mlp_activation": "silu", "query_pre_attn_scalar": None,
+                       "attn_softcap": None, "final_softcap": None, "sliding_window": None,
+                       "sliding_layers": (), "local_rope_base": None})
 
 # transformers key -> native key (SPEC.md section 4).
 HF_KEYS = frozen({

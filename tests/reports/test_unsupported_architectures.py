@@ -1,4 +1,4 @@
-"""Issue 18 section 5: checkpoints of architectures no family file describes (OLMo2, Gemma 3,
+"""Issue 18 section 5: checkpoints of architectures no family file describes (OLMo2, GLM-4,
 AIMv2, written by transformers itself). ``inspect`` still shows what a metadata viewer shows
 (files, tensors, dtypes, parameters, config.json's main fields, key rows) and then which
 native family it would need and the closest supported one; the commands that need a native
@@ -31,8 +31,8 @@ VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
 # name -> (config class, model class, settings, model_type, kind, closest family)
 CASES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", SIZES, "olmo2", "decoder", "llama"),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**SIZES, "head_dim": 8},
-               "gemma3_text", "decoder", "qwen3"),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {**SIZES, "head_dim": 8, "pad_token_id": 0},
+             "glm4", "decoder", "llama"),
     "aimv2": ("Aimv2VisionConfig", "Aimv2VisionModel", VISION, "aimv2_vision_model", "vision",
               "siglip"),
 }
@@ -92,11 +92,11 @@ def test_inspect_shows_the_metadata_and_the_family_it_needs(saved, name):
 
 
 def test_inspect_json_of_an_unsupported_architecture(saved):
-    result = runner.invoke(app, ["inspect", str(saved["gemma3"]), "--json"])
+    result = runner.invoke(app, ["inspect", str(saved["glm4"]), "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["architecture"]["supported"] is False
-    assert payload["architecture"]["closest_family"] == "qwen3"
+    assert payload["architecture"]["closest_family"] == "llama"
     assert payload["config_fields"]["head_dim"] == 8
     assert payload["key_tree"] and payload["num_tensors"] == sum(
         row["num_tensors"] for row in payload["key_tree"])
