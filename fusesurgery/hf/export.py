@@ -222,6 +222,11 @@ def _check_exportable(config: FusedConfig, path: object) -> None:
                           "place the image by")
     if config.projection not in ("mlp", "linear"):
         raise ConfigError(f"{path}: unknown projection {config.projection!r}")
+    if config.fusion.norm_unit_offset:
+        raise ConfigError(f"{path}: the transformers export's fusion layers have Llama's w-kind "
+                          "RMSNorms, not this model's (1 + w) kind (a Gemma decoder's); use the "
+                          "fused checkpoint with fusesurgery, or fuse --format transformers "
+                          "straight from the sources")
     if config.encoder.family in NOT_EXPORTED_TOWERS:
         raise ConfigError(f"{path}: the transformers export does not carry a "
                           f"{NOT_EXPORTED_TOWERS[config.encoder.family]} tower yet; use the "

@@ -164,3 +164,79 @@ def test_written_config_loads_in_transformers_as_the_same_model(tmp_path):
                  "final_logit_softcapping", "hidden_activation", "head_dim", "rms_norm_eps",
                  "tie_word_embeddings"):
         assert getattr(written, name) == getattr(original, name), name
+
+
+def test_gemma_names_read_with_its_own_table_and_llamas_with_theirs(tmp_path):
+    """post_attention_layernorm is Gemma's post-attention norm and Llama's MLP-input norm:
+    the whole key set tells which, both ways."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    from fusesurgery.convert.keymaps import (  # noqa: PLC0415
+        from_native_key,
+        hf_decoder_family_of,
+        keys_to_native,
+    )
+    from tests.tiny_models import save_tiny_hf_decoder  # noqa: PLC0415
+
+    def keys(directory: Path) -> list[str]:
+        with safe_open(directory / "model.safetensors", "pt") as file:
+            return list(file.keys())
+
+    gemma = keys(save_gemma3(tmp_path / "gemma"))
+    llama = keys(save_tiny_hf_decoder("llama", tmp_path / "llama"))
+    assert hf_decoder_family_of(gemma) == "gemma3" and hf_decoder_family_of(llama) is None
+    post = "model.layers.1.post_attention_layernorm.weight"
+    assert keys_to_native(gemma, "hf").mapping[post] == "layers.1.sa_scale.scale"
+    assert keys_to_native(llama, "hf").mapping[post] == "layers.1.mlp_norm.scale"
+    mapping = keys_to_native(gemma, "hf").mapping
+    assert {from_native_key(native, "hf", "decoder", "gemma3")
+            for native in mapping.values()} == set(gemma)
+    assert from_native_key("layers.1.mlp_norm.scale", "hf", "decoder", "gemma3") == (
+        "model.layers.1.pre_feedforward_layernorm.weight")
+
+
+def _save_clip(directory: Path) -> Path:
+    torch.manual_seed(1)
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        image_size=16, patch_size=8)).save_pretrained(directory)
+    return directory
+
+
+def test_fuse_is_native_and_the_transformers_export_refuses_its_norms(tmp_path):
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from fusesurgery import load_fused  # noqa: PLC0415
+    from fusesurgery.cli.app import app  # noqa: PLC0415
+
+    runner = CliRunner()
+    decoder, tower = save_gemma3(tmp_path / "gemma"), _save_clip(tmp_path / "clip")
+    fused = tmp_path / "fused"
+    result = runner.invoke(app, ["fuse", str(tower), str(decoder), "-o", str(fused),
+                                 "--every", "2"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((fused / "fusion_config.json").read_text())  # native, not exported
+    assert config["fusion"]["norm_unit_offset"] is True
+    model = load_fused(fused).eval()
+    norm = model.decoder.layers[1].fusion_layer.ca_norm
+    assert norm.unit_offset and torch.equal(norm.scale, torch.zeros_like(norm.scale))
+    # cached greedy decoding past the window through the fused model equals transformers'
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        decoder, dtype=torch.float32).eval()
+    tokens = _tokens(1, 3)
+    with torch.no_grad():
+        theirs = reference.generate(tokens, max_new_tokens=2 * WINDOW, do_sample=False)
+        model.decoder.setup_caches(1, torch.float32, encoder_max_seq_len=4,
+                                   decoder_max_seq_len=32)
+        ours, step = [tokens], tokens
+        for _ in range(2 * WINDOW):
+            step = model.decoder(step)[:, -1:].argmax(-1)
+            ours.append(step)
+    assert torch.equal(torch.cat(ours, dim=1), theirs)
+
+    exported = tmp_path / "exported"
+    result = runner.invoke(app, ["convert", str(fused), "-o", str(exported),
+                                 "--to", "transformers"])
+    assert result.exit_code == 2
+    assert "(1 + w) kind" in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not exported.exists()
