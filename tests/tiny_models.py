@@ -67,7 +67,7 @@ TORCHTUNE_FROM_HF = {
     "lm_head.weight": "output.weight",
 }
 TORCHTUNE_PERMUTES_QK = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False,
-                         "gemma3": False}
+                         "gemma2": True, "gemma3": False}
 # torchtune has no Gemma 3. Its Gemma 2 converter (torchtune/models/gemma2/_convert_weights.py)
 # names the four norms of a Gemma layer so: the post-attention norm sa_scale, the MLP's input
 # norm mlp_norm, the post-feedforward norm mlp_scale. Gemma 3's native layout takes those names,
@@ -78,6 +78,10 @@ GEMMA3_FROM_HF = {
     "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_norm.scale",
     "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_scale.scale",
 }
+# torchtune's gemma2_hf_to_tune: Gemma 3's rows (no q/k norms), its final norm inside the
+# module that also caps the hidden state; q/k rows permuted as Llama's.
+GEMMA2_FROM_HF = {**GEMMA3_FROM_HF, "model.norm.weight": "norm.rms_norm.scale"}
+FROM_HF = {"gemma2": GEMMA2_FROM_HF, "gemma3": GEMMA3_FROM_HF}
 
 
 def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
@@ -86,8 +90,8 @@ def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
 
     Args:
         hf_state: the Hugging Face tensors (a tied model's ``lm_head.weight`` is left out).
-        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` or ``gemma3`` (torchtune's
-            Gemma 2 names, see ``GEMMA3_FROM_HF``).
+        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma2`` or ``gemma3``
+            (torchtune's Gemma 2 names, see ``GEMMA3_FROM_HF``).
         config: the transformers config (head counts, tying).
     """
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -108,6 +112,6 @@ def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
             tensor = permute(tensor, n_heads)
         elif TORCHTUNE_PERMUTES_QK[family] and ".k_proj." in key:
             tensor = permute(tensor, n_kv)
-        table = GEMMA3_FROM_HF if family == "gemma3" else TORCHTUNE_FROM_HF
+        table = FROM_HF.get(family, TORCHTUNE_FROM_HF)
         out[table[template].format(layer)] = tensor.contiguous()
     return out

@@ -357,12 +357,22 @@ def _lookup(key: str, table: Mapping[str, str]) -> str | None:
 
 def hf_decoder_family_of(keys: Iterable[str]) -> str | None:
     """The decoder family with transformers names of its own (``own_hf_names``) whose layout
-    markers a transformers key set holds, or None: the shared table reads it."""
+    markers a transformers key set holds, or None: the shared table reads it. Of families
+    sharing markers (Gemma 2 and 3), the first whose table names every key."""
+    keys = list(keys)
     templates = {split_layer_index(_normalize_hf_key(key, "hf", "decoder"))[0] for key in keys}
-    for family, markers in _HF_DECODER_LAYOUT_MARKERS.items():
-        if templates & set(markers):
+    marked = [family for family, markers in _HF_DECODER_LAYOUT_MARKERS.items()
+              if templates & set(markers)]
+    for family in marked:
+        table = HF_DECODER_FAMILY_TO_NATIVE[family]
+        if all(template in table or dropped_reason(key, "hf") is not None
+               for key, template in zip(keys, _templates_of(keys), strict=True)):
             return family
-    return None
+    return marked[0] if marked else None
+
+
+def _templates_of(keys: list[str]) -> list[str]:
+    return [split_layer_index(_normalize_hf_key(key, "hf", "decoder"))[0] for key in keys]
 
 
 def to_native_key(key: str, layout: str, kind: str = "decoder",

@@ -30,36 +30,44 @@ GELU_TANH = "gelu_pytorch_tanh"  # hidden_activation (transformers' tanh-approxi
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
-def read_sliding_layers(config: Mapping[str, Any], origin: str) -> tuple[int, ...]:
-    """The sliding-window layers a Gemma 3 config.json describes: ``layer_types``, else every
-    layer but each ``sliding_window_pattern``-th (6 when unstated), as transformers derives
-    them.
+def sliding_layers_reader(pattern_default: int):
+    """The reader of a Gemma config.json's sliding-window layers, for a family whose config
+    class slides all but each ``pattern_default``-th layer when neither ``layer_types`` nor
+    ``sliding_window_pattern`` says (Gemma 3: 6, Gemma 2: 2)."""
 
-    Raises:
-        ConfigError: a malformed ``layer_types`` or pattern, a layer count they contradict, or
-            ``use_bidirectional_attention`` (which the native causal model does not compute).
-    """
-    if config.get("use_bidirectional_attention"):
-        raise ConfigError(f"{origin}: use_bidirectional_attention true is not supported (the "
-                          "native decoder attends causally)")
-    layers = config.get("num_hidden_layers")
-    types = config.get("layer_types")
-    if types is None:
-        pattern = config.get("sliding_window_pattern",
-                             config.get("_sliding_window_pattern", SLIDING_WINDOW_PATTERN_DEFAULT))
-        if type(pattern) is not int or pattern < 1:
-            raise ConfigError(f"{origin}: sliding_window_pattern must be a positive integer, "
-                              f"got {pattern!r}")
-        if type(layers) is not int:
-            raise ConfigError(f"{origin}: states neither layer_types nor num_hidden_layers, so "
-                              "which layers slide cannot be told")
-        types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
-    if not isinstance(types, list) or any(kind not in (SLIDING, FULL) for kind in types):
-        raise ConfigError(f"{origin}: layer_types must list {SLIDING!r} or {FULL!r} for each "
-                          f"layer, got {types!r}")
-    if type(layers) is int and len(types) != layers:
-        raise ConfigError(f"{origin}: layer_types has {len(types)} entries for {layers} layers")
-    return tuple(i for i, kind in enumerate(types) if kind == SLIDING)
+    def read_sliding_layers(config: Mapping[str, Any], origin: str) -> tuple[int, ...]:
+        """The sliding-window layers: ``layer_types``, else every layer but each
+        ``sliding_window_pattern``-th, as transformers derives them.
+
+        Raises:
+            ConfigError: a malformed ``layer_types`` or pattern, a layer count they
+                contradict, or ``use_bidirectional_attention`` (which the native causal model
+                does not compute).
+        """
+        if config.get("use_bidirectional_attention"):
+            raise ConfigError(f"{origin}: use_bidirectional_attention true is not supported "
+                              "(the native decoder attends causally)")
+        layers = config.get("num_hidden_layers")
+        types = config.get("layer_types")
+        if types is None:
+            pattern = config.get("sliding_window_pattern",
+                                 config.get("_sliding_window_pattern", pattern_default))
+            if type(pattern) is not int or pattern < 1:
+                raise ConfigError(f"{origin}: sliding_window_pattern must be a positive "
+                                  f"integer, got {pattern!r}")
+            if type(layers) is not int:
+                raise ConfigError(f"{origin}: states neither layer_types nor "
+                                  "num_hidden_layers, so which layers slide cannot be told")
+            types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
+        if not isinstance(types, list) or any(kind not in (SLIDING, FULL) for kind in types):
+            raise ConfigError(f"{origin}: layer_types must list {SLIDING!r} or {FULL!r} for "
+                              f"each layer, got {types!r}")
+        if type(layers) is int and len(types) != layers:
+            raise ConfigError(f"{origin}: layer_types has {len(types)} entries for {layers} "
+                              "layers")
+        return tuple(i for i, kind in enumerate(types) if kind == SLIDING)
+
+    return read_sliding_layers
 
 
 def write_sliding_layers(sliding: tuple[int, ...], num_layers: int) -> dict[str, Any]:
@@ -102,7 +110,7 @@ def read_activation(config: Mapping[str, Any], origin: str) -> str:
     """
     name = config.get("hidden_activation", GELU_TANH)
     if name != GELU_TANH:
-        raise ConfigError(f"{origin}: hidden_activation {name!r} is not supported (Gemma 3 "
+        raise ConfigError(f"{origin}: hidden_activation {name!r} is not supported (Gemma "
                           f"uses {GELU_TANH!r})")
     return "gelu_tanh"
 
@@ -173,7 +181,8 @@ FAMILY = DecoderFamily(
     # Gemma3TextConfig's head_dim and num_key_value_heads (gemma-3-1b's)
     unstated_heads=frozen({"head_dim": 256, "num_kv_heads": 4}),
     hf_config_fields=frozen({
-        "sliding_layers": ConfigField(read=read_sliding_layers, write=write_sliding_layers),
+        "sliding_layers": ConfigField(read=sliding_layers_reader(SLIDING_WINDOW_PATTERN_DEFAULT),
+                                      write=write_sliding_layers),
         "local_rope_base": ConfigField(read=read_local_rope_base, write=write_local_rope_base),
         "mlp_activation": ConfigField(read=read_activation, write=write_activation),
         "attn_softcap": ConfigField(read=read_attn_softcap, write=write_attn_softcap),

@@ -95,8 +95,6 @@ FAMILY = DecoderFamily(
         "glm4": "fused gate_up_proj, post-attention and post-MLP norms, partial rotary",
         "internlm2": "fused wqkv tensor",
         "cohere": "LayerNorm, parallel attention and MLP, logit scale",
-        "gemma2": "(1 + w) RMSNorms before and after attention and MLP, GeGLU, a scaled "
-                  "embedding, logit soft-capping",
         "gemma": "(1 + w) RMSNorms, GeGLU, a scaled embedding",
     }),
 )

@@ -2,7 +2,8 @@
 transformers itself: Qwen3 (per-head q/k RMSNorms, a head_dim that is not width / heads, no
 biases), Mistral NeMo (head_dim not width / heads), Gemma 3 text ((1 + w) norms before and
 after attention and MLP, GeGLU, a scaled embedding, sliding layers of window 4 beside a
-global one) and a SigLIP2 fixed-resolution tower (which transformers stores as ``siglip``).
+global one), Gemma 2 (the same without q/k norms, soft-capped scores) and a SigLIP2
+fixed-resolution tower (which transformers stores as ``siglip``).
 
 Each case: ``load_decoder`` against transformers at 8 and 40 tokens; ``fuse`` ->
 ``validate --against`` (every row passes, identity) -> ``unfuse`` bitwise -> ``diff --values``
@@ -55,10 +56,20 @@ CASES = {
                                                   rope_scaling={"rope_type": "linear",
                                                                 "factor": 2.0}),
                                    torch.bfloat16, "8KB", "clip"),
+    # Gemma 2: alternating layers, a score cap of 0.5 that bites, capped logits
+    "gemma2-tied-f32": ("gemma2", dict(head_dim=HEAD_DIM, num_hidden_layers=3,
+                                       sliding_window=4, attn_logit_softcapping=0.5,
+                                       final_logit_softcapping=5.0),
+                        torch.float32, None, "clip"),
+    "gemma2-untied-bf16-sharded": ("gemma2", dict(head_dim=HEAD_DIM, num_hidden_layers=3,
+                                                  sliding_window=4, tie_word_embeddings=False),
+                                   torch.bfloat16, "8KB", "siglip2"),
 }
 CLASSES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
            "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
            "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+GEMMA = ("gemma2", "gemma3")
 # families whose native layout keeps transformers' rotate-half q/k rows
 HALF = ("qwen3", "gemma3")
 
@@ -166,9 +177,9 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     # decoder config, and Gemma's window and its layers
     eps = hf_config["rms_norm_eps"]
     assert (config["fusion"]["ca_norm_eps"], config["fusion"]["qk_norm_eps"]) == (eps, eps)
-    assert config["fusion"]["norm_unit_offset"] == (family == "gemma3")
+    assert config["fusion"]["norm_unit_offset"] == (family in GEMMA)
     assert config["decoder"]["qk_norm"] == (family in HALF)
-    if family == "gemma3":
+    if family in GEMMA:
         assert config["decoder"]["sliding_window"] == 4
         assert config["decoder"]["sliding_layers"] == [
             i for i, kind in enumerate(hf_config["layer_types"]) if kind == "sliding_attention"]
@@ -195,8 +206,10 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     # torchtune's converter's names and values: Qwen3 renamed only (q_norm / k_norm inside
     # attn, no row permutation), Mistral NeMo's q/k rows permuted per head of 12
     reference_config = transformers.AutoConfig.from_pretrained(decoder)
-    _assert_bitwise(_tensors(native),
-                    torchtune_state_dict(original, family, reference_config))
+    torchtune = torchtune_state_dict(original, family, reference_config)
+    if family == "gemma2":  # the one name kept plain: torchtune's final norm also caps
+        torchtune["norm.scale"] = torchtune.pop("norm.rms_norm.scale")
+    _assert_bitwise(_tensors(native), torchtune)
     result = cli("diff", "--values", decoder, native)  # lined up in one layout: identical
     assert result.exit_code == 0, result.output
     back = tmp_path / "back"

@@ -1,6 +1,7 @@
-"""Gemma 3 text as a native decoder, against transformers' own Gemma3ForCausalLM: logits at 8
-tokens and past the sliding window, cached decoding past the window, padded batches, and
-what its config.json says read as transformers reads it."""
+"""Gemma 3 text and Gemma 2 as native decoders, against transformers' own Gemma3ForCausalLM
+and Gemma2ForCausalLM: logits at 8 tokens and past the sliding window, cached decoding past
+the window, padded batches, soft-capped scores, and what their config.json says read as
+transformers reads it."""
 
 from __future__ import annotations
 
@@ -240,3 +241,38 @@ def test_fuse_is_native_and_the_transformers_export_refuses_its_norms(tmp_path):
     assert result.exit_code == 2
     assert "(1 + w) kind" in result.stderr and result.stderr.strip().count("\n") == 0
     assert not exported.exists()
+
+
+def test_gemma2_capped_scores_equal_transformers_eager_attention(tmp_path):
+    """Gemma 2's score cap (transformers computes it in eager attention only): small
+    ``query_pre_attn_scalar`` and cap, so the cap changes the logits far beyond the
+    tolerance; alternating sliding layers; interleaved RoPE (torchtune's q/k rows)."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
+        sliding_window=WINDOW, attn_logit_softcapping=0.5, final_logit_softcapping=5.0,
+        query_pre_attn_scalar=1)
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path / "gemma2")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "gemma2", dtype=torch.float32).eval()
+    decoder = load_decoder(tmp_path / "gemma2").eval()
+    assert [layer.attn.sliding_window for layer in decoder.layers] == [WINDOW, None, WINDOW]
+    assert decoder.layers[0].attn.pos_embeddings.style == "interleaved"
+    tokens = _tokens(2, 3 * WINDOW + 1)
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+        torch.testing.assert_close(decoder(tokens), theirs, rtol=0, atol=1e-5)
+        decoder.setup_caches(2, torch.float32, decoder_max_seq_len=32)
+        steps = [decoder(tokens[:, :2])]
+        steps += [decoder(tokens[:, p:p + 1]) for p in range(2, tokens.size(1))]
+        torch.testing.assert_close(torch.cat(steps, dim=1), theirs, rtol=0, atol=1e-5)
+        decoder.teardown_caches()
+        for layer in decoder.layers:  # the cap matters: without it the logits move
+            layer.attn.softcap = None
+        assert (decoder(tokens) - theirs).abs().max() > 1e-4  # ten times the tolerance
