@@ -307,6 +307,11 @@ def _sliding_window_notes(window: int | None, max_positions: Any, loader: str,
 
 # native fields a config.json may leave out (for the default) but not state as null
 NULL_REFUSED: frozenset[str] = frozenset({"norm_eps"})
+# Fields whose null a config states for "none" (no RoPE scaling, no window, no capping), not
+# for "unknown": a stated null is a value, which a default does not replace.
+NULL_MEANS_NONE: frozenset[str] = frozenset({
+    "rope_scaling", "query_pre_attn_scalar", "attn_softcap", "final_softcap", "sliding_window",
+    "local_rope_base"})
 
 
 def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -348,6 +353,8 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
             # transformers keeps the null and fails in the forward; a default would hide it
             raise ConfigError(f"{origin}: {key} is null: transformers cannot run a model with "
                               "it; state its value (or remove the key for the default)")
+        elif key in config and name in NULL_MEANS_NONE:
+            reading.read[name] = None
     for name, spelling in spec.hf_config_fields.items():
         reading.read[name] = spelling.read(config, origin)
     _rope_from_hf(config, origin, reading)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.configs import (
     DECODER_FIELDS,
+    NULL_MEANS_NONE,
     VISION_FAMILY_DEFAULTS,
     VISION_FIELDS,
     VISION_POST_NORM_HIDDEN,
@@ -202,13 +203,6 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
 
 # --------------------------------------------------------------------------------------------
 # Field resolution.
-
-
-# Fields whose null a config states for "none" (no RoPE scaling, no window, no capping), not
-# for "unknown": a stated null is a value, which a default does not replace.
-NULL_MEANS_NONE: frozenset[str] = frozenset({
-    "rope_scaling", "query_pre_attn_scalar", "attn_softcap", "final_softcap", "sliding_window",
-    "local_rope_base"})
 
 
 class _Fields:

@@ -276,3 +276,19 @@ def test_gemma2_capped_scores_equal_transformers_eager_attention(tmp_path):
         for layer in decoder.layers:  # the cap matters: without it the logits move
             layer.attn.softcap = None
         assert (decoder(tokens) - theirs).abs().max() > 1e-4  # ten times the tolerance
+
+
+def test_a_stated_null_is_not_replaced_by_the_default(tmp_path):
+    """Gemma 2's config class caps logits at 30 and scores at 50 by default; a config.json
+    stating null for them means no cap, as transformers reads it."""
+    torch.manual_seed(0)
+    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        final_logit_softcapping=None, attn_logit_softcapping=None)).save_pretrained(tmp_path)
+    decoder = load_decoder(tmp_path)
+    assert decoder.final_softcap is None and decoder.layers[0].attn.softcap is None
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["final_logit_softcapping"]  # left out: the class default
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_decoder(tmp_path).final_softcap == 30.0
