@@ -244,20 +244,62 @@ def _hf_max_positions(config: Mapping[str, Any], reading: ConfigReading, origin:
     return value
 
 
-# transformers' sliding-window defaults (MistralConfig, Qwen2Config): a Mistral config.json
-# silent on it gets a 4096-token window; Qwen2 and Qwen3 apply their window only with
-# use_sliding_window, and then to the layers from max_window_layers on (or as layer_types says).
+# transformers' sliding windows (MistralConfig, Qwen2Config, Qwen3Config, SmolLM3Config): a
+# Mistral config.json silent on it gets a 4096-token window on every layer; Qwen2, Qwen3 and
+# SmolLM3 apply theirs only with use_sliding_window, to the layers layer_types names, else
+# from max_window_layers on (Qwen) or those without RoPE (SmolLM3). The family file's
+# hf_defaults["sliding_window"] is what a file silent on the window gets.
 HF_SLIDING_WINDOW_DEFAULT = 4096
 QWEN2_MAX_WINDOW_LAYERS_DEFAULT = 28
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
-def _window_value(config: Mapping[str, Any], origin: str) -> int | None:
-    window = config.get("sliding_window", HF_SLIDING_WINDOW_DEFAULT)
+def _window_value(config: Mapping[str, Any], origin: str,
+                  default: int | None = HF_SLIDING_WINDOW_DEFAULT) -> int | None:
+    window = config.get("sliding_window", default)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                or window < 1):
         raise ConfigError(f"{origin}: sliding_window must be a positive integer or null, got "
                           f"{window!r}")
     return window
+
+
+def hf_window_layout(config: Mapping[str, Any], family: str, origin: str = "config.json"
+                     ) -> tuple[int | None, tuple[int, ...] | None] | None:
+    """``(sliding_window, the layers it applies to)`` as transformers reads a decoder
+    config.json of a family whose window follows a rule (``always``, ``use_sliding_window``);
+    the layers None when the file states too little to place them (no
+    ``num_hidden_layers``); None for any other family.
+
+    Raises:
+        ConfigError: a ``sliding_window`` that is neither a positive integer nor null, or a
+            malformed ``layer_types``.
+    """
+    spec = decoder_family(family)
+    if spec.hf_sliding_window not in ("always", "use_sliding_window"):
+        return None
+    window = _window_value(config, origin,
+                           spec.hf_defaults.get("sliding_window", HF_SLIDING_WINDOW_DEFAULT))
+    layers = config.get("num_hidden_layers")
+    every = tuple(range(layers)) if type(layers) is int else None
+    if spec.hf_sliding_window == "always":
+        return window, (() if window is None else every)
+    if not config.get("use_sliding_window") or window is None:
+        return window, ()
+    types = config.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or any(kind not in (SLIDING, FULL) for kind in types):
+            raise ConfigError(f"{origin}: layer_types must list {SLIDING!r} or {FULL!r} for "
+                              f"each layer, got {types!r}")
+        return window, tuple(i for i, kind in enumerate(types) if kind == SLIDING)
+    if every is None:
+        return window, None
+    if spec.hf_window_layers == "no_rope_layers":
+        return window, spec.hf_config_fields["no_rope_layers"].read(config, origin)
+    first = config.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS_DEFAULT)
+    if type(first) is not int:
+        raise ConfigError(f"{origin}: max_window_layers must be an integer, got {first!r}")
+    return window, every[max(first, 0):]
 
 
 def hf_sliding_window(config: Mapping[str, Any], family: str,
@@ -268,20 +310,35 @@ def hf_sliding_window(config: Mapping[str, Any], family: str,
     Raises:
         ConfigError: a ``sliding_window`` that is neither a positive integer nor null.
     """
-    rule = decoder_family(family).hf_sliding_window
-    if rule == "always":
-        return _window_value(config, origin)
-    if rule != "use_sliding_window" or not config.get("use_sliding_window"):
+    layout = hf_window_layout(config, family, origin)
+    if layout is None:
         return None
-    window = _window_value(config, origin)
-    layer_types = config.get("layer_types")
-    if isinstance(layer_types, list):
-        return window if "sliding_attention" in layer_types else None
-    layers = config.get("num_hidden_layers")
-    first = config.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS_DEFAULT)
-    if isinstance(layers, int) and isinstance(first, int) and layers <= first:
-        return None  # no layer reaches max_window_layers
-    return window
+    window, layers = layout
+    return window if layers is None or layers else None
+
+
+def _hf_window_spelling(config: DecoderConfig) -> dict[str, Any]:
+    """The config.json entries that state ``config``'s window in its family's spelling
+    (nothing for a family whose window is fixed or its own fields).
+
+    Raises:
+        ConfigError: a window on some layers only, for Mistral (whose window is on all or
+            none).
+    """
+    rule = decoder_family(config.family).hf_sliding_window
+    layers, window = config.sliding_layers, config.sliding_window
+    if rule == "always":
+        if layers and layers != tuple(range(config.num_layers)):
+            raise ConfigError(f"a {config.family} config.json applies its sliding window to "
+                              f"every layer or none, not to layers {list(layers)} alone")
+        return {"sliding_window": window if layers else None}
+    if rule == "use_sliding_window":
+        out: dict[str, Any] = {"use_sliding_window": bool(layers), "sliding_window": window}
+        if layers:
+            out["layer_types"] = [SLIDING if i in layers else FULL
+                                  for i in range(config.num_layers)]
+        return out
+    return {}
 
 
 def _sliding_window_notes(window: int | None, max_positions: Any, loader: str,
@@ -361,10 +418,16 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
     if "family" in reading.read:
         reading.read.update(HF_DECODER_FIXED[family])
     reading.defaults.update(HF_DECODER_DEFAULTS[family])
-    _sliding_window_notes(
-        hf_sliding_window(config, family, origin),
-        reading.read.get("max_seq_len", reading.defaults["max_seq_len"]), "transformers",
-        reading)
+    layout = hf_window_layout(config, family, origin)
+    if layout is not None:
+        window, layers = layout
+        reading.read["sliding_window"] = window
+        if layers is not None:
+            reading.read["sliding_layers"] = layers
+        else:  # which layers it is on cannot be told: not applied, and said so
+            _sliding_window_notes(
+                window, reading.read.get("max_seq_len", reading.defaults["max_seq_len"]),
+                "transformers", reading)
     reading.notes.extend(reading.differences)
     return reading
 
@@ -441,9 +504,14 @@ def read_meta_decoder_config(
     # Mistral's params.json states hidden_dim; Meta's derive it from multiple_of.
     reading.read["family"] = meta_family(config)
     if config.get("sliding_window") is not None:  # Mistral's reference code: no default
-        _sliding_window_notes(_window_value(config, origin), config.get("max_seq_len"),
-                              "Mistral's reference code", reading)
-        reading.notes.extend(reading.differences)
+        window, layers = _window_value(config, origin), config.get("n_layers")
+        reading.read["sliding_window"] = window
+        if type(layers) is int and layers > 0:  # on every layer, as Mistral's code applies it
+            reading.read["sliding_layers"] = tuple(range(layers))
+        else:
+            _sliding_window_notes(window, config.get("max_seq_len"),
+                                  "Mistral's reference code", reading)
+            reading.notes.extend(reading.differences)
     reading.defaults.update(META_DECODER_DEFAULTS)
     return reading
 
@@ -602,6 +670,7 @@ __all__ = [
     "hf_max_position_embeddings",
     "hf_rope_scaling",
     "hf_sliding_window",
+    "hf_window_layout",
     "native_config_dict",
     "meta_intermediate_dim",
     "read_decoder_config",
@@ -668,6 +737,12 @@ def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
     if config.no_rope_layers:
         raise ConfigError(f"a Meta params.json cannot express layers without RoPE "
                           f"({config.family})")
+    every_layer = decoder_family(config.family).hf_sliding_window == "always"  # Mistral's
+    if config.sliding_layers and (not every_layer or config.sliding_layers != tuple(
+            range(config.num_layers))):
+        raise ConfigError(f"a Meta params.json cannot express a sliding window on layers "
+                          f"{list(config.sliding_layers)} ({config.family}); Mistral's states one "
+                          "for every layer")
     out: dict[str, Any] = {meta: getattr(config, name) for meta, name in META_DECODER_KEYS.items()
                            if name != "intermediate_dim"}
     out["vocab_size"] = config.vocab_size
@@ -690,6 +765,8 @@ def meta_config_dict(config: DecoderConfig) -> dict[str, Any]:
                               f"({scaling.summary()}): only Llama 3.1's (llama3, low 1, high 4, "
                               "orig 8192)")
         out["rope_scaling_factor"] = scaling.factor
+    if config.sliding_layers:
+        out["sliding_window"] = config.sliding_window
     return out
 
 
@@ -745,8 +822,7 @@ def hf_config_dict(
         for name, spelling in family.hf_config_fields.items():
             out.update(spelling.write(getattr(config, name), config.num_layers))
         out.update(_hf_rope(config))
-        if family.hf_sliding_window == "always":  # else transformers applies its 4096 default
-            out["sliding_window"] = None
+        out.update(_hf_window_spelling(config))
     return {"architectures": [HF_ARCHITECTURES[config.family]],
             "model_type": HF_MODEL_TYPES[config.family], **out}
 
@@ -795,6 +871,9 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
     for name, spelling in family.hf_config_fields.items():
         if meant.get(name) != getattr(config, name):
             out.update(spelling.write(getattr(config, name), config.num_layers))
+    window = (config.sliding_window, config.sliding_layers)
+    if (meant.get("sliding_window"), meant.get("sliding_layers", ())) != window:
+        out.update(_hf_window_spelling(config))
     if (meant["max_seq_len"], meant["rope_scaling"]) != (config.max_seq_len,
                                                          config.rope_scaling):
         # in transformers' sense (dynamic NTK's context, whatever the native length); the

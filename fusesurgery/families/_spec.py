@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 RopeStyle = Literal["interleaved", "half"]
 SlidingWindowRule = Literal["none", "always", "use_sliding_window", "modelled"]
+WindowLayers = Literal["max_window_layers", "no_rope_layers"]
 
 
 def frozen(table: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -69,10 +70,15 @@ class DecoderFamily:
             the native attention does not have, so true is refused. A family whose q/k/v
             biases are fixed (``hf_defaults["attn_bias"]`` true) ignores the key.
         hf_sliding_window: how transformers applies ``sliding_window``: ``"none"`` (never),
-            ``"always"`` (Mistral: a missing key means 4096), ``"use_sliding_window"``
-            (Qwen2/3: only with that switch, from ``max_window_layers`` on), or
-            ``"modelled"``: the native config holds the window and its layers (Gemma 3), so
-            nothing is left unmodelled.
+            ``"always"`` (Mistral: every layer; a missing key means
+            ``hf_defaults["sliding_window"]``), ``"use_sliding_window"`` (Qwen2/3, SmolLM3:
+            only with that switch, to the layers ``layer_types`` or
+            ``hf_window_layers`` names), or ``"modelled"``: the family reads
+            ``sliding_window`` and ``sliding_layers`` itself (Gemma). Each rule's window and
+            layers are read into the native config (``sliding_window``, ``sliding_layers``)
+            and written back in the family's spelling.
+        hf_window_layers: under ``use_sliding_window`` without ``layer_types``, the layers that
+            slide: from ``max_window_layers`` on (Qwen2/3) or those without RoPE (SmolLM3).
         meta_layout: Meta's ``consolidated.*.pth`` + ``params.json`` can hold it.
         meta_params_marker: a ``params.json`` key that tells this family's file from
             Meta's own (Mistral's ``hidden_dim``); None for the family such a file is
@@ -115,6 +121,7 @@ class DecoderFamily:
     hf_config_fields: Mapping[str, ConfigField] = field(default_factory=lambda: frozen({}))
     hf_attention_bias_switch: bool = False
     hf_sliding_window: SlidingWindowRule = "none"
+    hf_window_layers: WindowLayers = "max_window_layers"
     own_hf_names: bool = False
     hf_layout_markers: tuple[str, ...] = ()
     meta_layout: bool = False
@@ -202,5 +209,5 @@ Family = DecoderFamily | VisionFamily
 
 __all__ = [
     "ConfigField", "DecoderFamily", "Family", "RopeStyle", "SlidingWindowRule", "VisionFamily",
-    "frozen",
+    "WindowLayers", "frozen",
 ]

@@ -31,8 +31,10 @@ HF_CONFIG_KEYS = frozen({
 # The families whose config.json cannot state them have these.
 LLAMA_LAYERS = frozen({"norm_unit_offset": False, "post_norms": False, "embed_scale": False,
                        "mlp_activation": "silu", "query_pre_attn_scalar": None,
-                       "attn_softcap": None, "final_softcap": None, "sliding_window": None,
-                       "sliding_layers": (), "local_rope_base": None})
+                       "attn_softcap": None, "final_softcap": None, "local_rope_base": None})
+# ... and no sliding window, for a family whose config.json states none (Mistral, Qwen2, Qwen3
+# and SmolLM3 state theirs, read by their hf_sliding_window rule)
+NO_WINDOW = frozen({"sliding_window": None, "sliding_layers": ()})
 
 # transformers key -> native key (SPEC.md section 4).
 HF_KEYS = frozen({
@@ -76,7 +78,7 @@ FAMILY = DecoderFamily(
     hf_defaults=frozen({"max_seq_len": 2048, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": False,
                         "tie_word_embeddings": False}),
-    fixed=frozen({"qk_norm": False, "no_rope_layers": (), **LLAMA_LAYERS}),
+    fixed=frozen({"qk_norm": False, "no_rope_layers": (), **LLAMA_LAYERS, **NO_WINDOW}),
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": None}),
     hf_attention_bias_switch=True,
     hf_keys=HF_KEYS,

@@ -3,7 +3,7 @@
 transformers: ``MistralForCausalLM``; Meta-style: Mistral's own ``params.json`` (which states
 ``hidden_dim`` and ``head_dim``); native: torchtune's ``mistral`` names, q/k rows interleaved.
 ``head_dim`` is read where it is not width / heads (NeMo: 128, not 5120 / 32 = 160). The
-window is read and modelled as full attention (the same for sequences up to the window).
+sliding window (4096 when config.json is silent, as MistralConfig) is modelled on every layer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ FAMILY = DecoderFamily(
     # MistralConfig's class defaults
     hf_defaults=frozen({"max_seq_len": 131_072, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": False,
-                        "tie_word_embeddings": False}),
+                        "tie_word_embeddings": False,
+                        "sliding_window": 4096}),
     fixed=frozen({"qk_norm": False, "no_rope_layers": (), **llama.LLAMA_LAYERS}),
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": 8}),
     hf_sliding_window="always",

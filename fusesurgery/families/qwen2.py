@@ -29,7 +29,8 @@ FAMILY = DecoderFamily(
     # architecture has no switch for it.
     hf_defaults=frozen({"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": True,
-                        "tie_word_embeddings": False}),
+                        "tie_word_embeddings": False,
+                        "sliding_window": 4096}),
     fixed=frozen({"qk_norm": False, "no_rope_layers": (), **llama.LLAMA_LAYERS}),
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": 32}),
     hf_sliding_window="use_sliding_window",

@@ -27,7 +27,8 @@ FAMILY = DecoderFamily(
     # Qwen3Config's class defaults
     hf_defaults=frozen({"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 10_000.0,
                         "rope_scaling": None, "attn_bias": False,
-                        "tie_word_embeddings": False}),
+                        "tie_word_embeddings": False,
+                        "sliding_window": 4096}),
     fixed=frozen({"qk_norm": True, "no_rope_layers": (), **llama.LLAMA_LAYERS}),
     # Qwen3Config's head_dim is 128 whatever the width
     unstated_heads=frozen({"head_dim": 128, "num_kv_heads": 32}),

@@ -63,14 +63,16 @@ FAMILY = DecoderFamily(
     # SmolLM3Config's class defaults
     hf_defaults=frozen({"max_seq_len": 32_768, "norm_eps": 1e-6, "rope_base": 2_000_000.0,
                         "rope_scaling": None, "attn_bias": False,
-                        "tie_word_embeddings": True}),
-    fixed=frozen({"qk_norm": False, **llama.LLAMA_LAYERS}),
+                        "tie_word_embeddings": True,
+                        "sliding_window": None}),
+    fixed=frozen({"qk_norm": False, **llama.LLAMA_LAYERS}),  # its window: by its rule
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": 4}),
     hf_config_fields=frozen({
         "no_rope_layers": ConfigField(read=read_no_rope_layers, write=write_no_rope_layers),
     }),
     hf_attention_bias_switch=True,
     hf_sliding_window="use_sliding_window",
+    hf_window_layers="no_rope_layers",
     hf_keys=llama.HF_KEYS,
     native_rope_style="half",
 )

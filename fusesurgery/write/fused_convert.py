@@ -71,6 +71,9 @@ def mllama_blockers(config: FusedConfig) -> list[str]:
         problems.append(f"its self-attention normalises each q/k head ({d.family})")
     if d.no_rope_layers and family.mllama_text_model:
         problems.append(f"its layers {list(d.no_rope_layers)} apply no RoPE")
+    if d.sliding_layers and family.mllama_text_model and d.sliding_window < d.max_seq_len:
+        problems.append(f"its layers attend through a sliding window of {d.sliding_window} "
+                        f"tokens (Mllama's attend to all {d.max_seq_len})")
     if f.fusion_vocab_size > MLLAMA_EXTRA_ROWS:
         problems.append(f"it has {f.fusion_vocab_size} new tokens (Mllama has room for "
                         f"{MLLAMA_EXTRA_ROWS})")

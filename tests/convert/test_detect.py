@@ -47,15 +47,15 @@ def test_transformers_5_llama_config_json(hf_llama):
     assert "rope_scaling = RopeScaling(factor=8.0" in detected.summary()
 
 
-def test_mistral_sliding_window_is_read_and_noted(hf_mistral):
+def test_mistral_sliding_window_is_read_into_the_config(hf_mistral):
     detected = detect_model(hf_mistral.infos, hf_mistral.config, "config.json")
     assert detected.family == "mistral"
-    assert detected.config.max_seq_len == 131_072 and detected.config.rope_scaling is None
-    assert detected.notes == detected.differences == (
-        "sliding_window 4096 is not modelled: transformers applies it, the native model "
-        "attends to every earlier token, so the two agree only on sequences of at most 4096 "
-        "tokens",
-    )
+    config = detected.config
+    assert config.max_seq_len == 131_072 and config.rope_scaling is None
+    # MistralConfig's window (4096) on every layer, modelled: nothing to note
+    assert config.sliding_window == 4096 and config.sliding_layers == (0, 1)
+    assert detected.provenance["sliding_layers"] == "read"
+    assert detected.notes == detected.differences == ()
 
 
 def test_qwen2_biases_and_tied_embeddings(hf_qwen2):
@@ -231,18 +231,11 @@ def test_mistral_params_json():
               "rope_theta": 1000000.0}
     detected = detect_model(layout_tensor_infos(mistral, "meta"), params, "params.json")
     assert detected.family == "mistral"
-    assert detected.config == mistral.replace(max_seq_len=4096, norm_eps=1e-5)
-    # params.json states no max_seq_len: the window may be exceeded
-    assert detected.differences == (
-        "sliding_window 4096 is not modelled: Mistral's reference code applies it, the native "
-        "model attends to every earlier token, so the two agree only on sequences of at most "
-        "4096 tokens",)
-    assert detected.differences[0] in detected.notes
-    within = detect_model(layout_tensor_infos(mistral, "meta"),
-                          {**params, "max_seq_len": 4096}, "params.json")
-    assert within.differences == () and within.notes == (
-        "sliding_window 4096 read: no shorter than the 4096 positions the model has, so full "
-        "attention computes the same",)
+    # Mistral's reference code applies its window to every layer: modelled so
+    assert detected.config == mistral.replace(max_seq_len=4096, norm_eps=1e-5,
+                                              sliding_window=4096,
+                                              sliding_layers=tuple(range(32)))
+    assert detected.differences == () and detected.notes == ()
 
 
 # ----------------------------------------------------------------------------- no config

@@ -99,17 +99,21 @@ def test_qwen3_config_reads_family_facts_and_writes_them_back(tmp_path):
         hf_config_dict(detected.config.replace(qk_norm=False))
 
 
-def test_qwen3_settings_the_native_model_does_not_compute_are_refused_or_noted():
+def test_qwen3_settings_the_native_model_does_not_compute_are_refused_or_read():
     """attention_bias puts a bias on Qwen3's o_proj too, which the native attention lacks;
-    a sliding window is applied as Qwen2's is (use_sliding_window, from max_window_layers)."""
+    a sliding window is applied as Qwen2's is (use_sliding_window, from max_window_layers),
+    and read into the native config."""
     with pytest.raises(ConfigError, match="attention_bias"):
         read_hf_decoder_config({"model_type": "qwen3", "attention_bias": True})
     windowed = {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8,
                 "num_hidden_layers": 2, "max_window_layers": 1, "max_position_embeddings": 64}
     assert hf_sliding_window(windowed, "qwen3") == 8
     assert hf_sliding_window({**windowed, "use_sliding_window": False}, "qwen3") is None
-    assert any("sliding_window 8 is not modelled" in note
-               for note in read_hf_decoder_config(windowed).differences)
+    read = read_hf_decoder_config(windowed)
+    assert read.differences == [] and (read.read["sliding_window"],
+                                       read.read["sliding_layers"]) == (8, (1,))
+    assert read_hf_decoder_config({**windowed, "use_sliding_window": False}).read[
+        "sliding_layers"] == ()
 
 
 def test_a_base_without_head_dim_gets_one_where_transformers_would_assume_another():

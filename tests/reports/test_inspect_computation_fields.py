@@ -23,6 +23,15 @@ def test_a_sliding_window_is_shown_beside_the_fields(tmp_path: Path):
                 sliding_window=16, max_position_embeddings=64, rope_scaling=...)
     result = cli("inspect", mistral)
     assert result.exit_code == 0, result.output
+    rows = config_rows(result.stdout)
+    assert rows["sliding_window"] == ["16", "read"]  # modelled: a field like the others
+    assert rows["sliding_layers"][-1] == "read"
+    payload = json.loads(cli("inspect", mistral, "--json").stdout)
+    assert payload["unmodelled"] == {}
+    # a file too silent to place the window (no num_hidden_layers): read, not modelled
+    edit_config(mistral, num_hidden_layers=...)
+    result = cli("inspect", mistral)
+    assert result.exit_code == 0, result.output
     assert config_rows(result.stdout)["sliding_window"] == ["16", "read,", "not", "modelled",
                                                             "(see", "notes)"]
     payload = json.loads(cli("inspect", mistral, "--json").stdout)

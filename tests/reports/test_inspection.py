@@ -149,10 +149,11 @@ def test_qwen2_tied_embeddings_and_biases(tmp_path):
     assert report.num_parameters == sum(stored_numels(directory / "model.safetensors").values())
 
 
-def test_mistral_notes_its_sliding_window(tmp_path):
+def test_mistral_reads_its_sliding_window(tmp_path):
     report = inspect_checkpoint(save_hf_decoder("mistral", tmp_path, sliding_window=4096))
     assert (report.kind, report.model.family) == ("decoder", "mistral")
-    assert any("sliding_window" in note for note in report.notes)
+    assert report.config.sliding_window == 4096 and report.config.sliding_layers
+    assert not any("sliding_window" in note for note in report.notes)  # modelled
     assert report.num_parameters == 2 * HF_EMBEDDING + 3 * HF_LAYER + 32
 
 

@@ -1,0 +1,58 @@
+"""Sliding windows of the families whose transformers config states one by rule (Mistral:
+every layer; Qwen2, Qwen3: from max_window_layers on; SmolLM3: the layers without RoPE),
+modelled natively: load_decoder equals transformers past the window, in one forward and in
+cached decoding, and the layers are the ones transformers slides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusesurgery import load_decoder
+from tests.tiny_models import save_tiny_hf_decoder
+
+transformers = pytest.importorskip("transformers")
+
+WINDOW = 4
+SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+# family -> (settings, the layers transformers slides)
+CASES = {
+    "mistral": (dict(sliding_window=WINDOW), (0, 1, 2, 3)),
+    "qwen2": (dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+              (1, 2, 3)),
+    "qwen3": (dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+              (2, 3)),
+    # SmolLM3 slides the layers without RoPE (every 2nd here)
+    "smollm3": (dict(use_sliding_window=True, sliding_window=WINDOW,
+                     no_rope_layer_interval=2), (1, 3)),
+}
+
+
+def _save(family: str, directory):
+    if family != "smollm3":
+        return save_tiny_hf_decoder(family, directory, SIZES, **CASES[family][0])
+    torch.manual_seed(0)
+    model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+        **SIZES, **CASES[family][0], pad_token_id=0))
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_windowed_layers_equal_transformers_past_the_window(tmp_path, family):
+    source = _save(family, tmp_path / family)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32).eval()
+    decoder = load_decoder(source, dtype=torch.float32).eval()
+    sliding = tuple(i for i, layer in enumerate(decoder.layers)
+                    if layer.attn.sliding_window == WINDOW)
+    assert sliding == CASES[family][1]
+    tokens = torch.randint(0, 64, (2, 4 * WINDOW), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+        torch.testing.assert_close(decoder(tokens), theirs, rtol=0, atol=1e-5)
+        decoder.setup_caches(2, torch.float32, decoder_max_seq_len=32)
+        steps = [decoder(tokens[:, :3])]
+        steps += [decoder(tokens[:, p:p + 1]) for p in range(3, tokens.size(1))]
+        torch.testing.assert_close(torch.cat(steps, dim=1), theirs, rtol=0, atol=1e-5)
