@@ -56,3 +56,27 @@ def test_windowed_layers_equal_transformers_past_the_window(tmp_path, family):
         steps = [decoder(tokens[:, :3])]
         steps += [decoder(tokens[:, p:p + 1]) for p in range(3, tokens.size(1))]
         torch.testing.assert_close(torch.cat(steps, dim=1), theirs, rtol=0, atol=1e-5)
+
+
+def test_the_mllama_export_refuses_a_window_it_would_drop(tmp_path):
+    """Mllama's text layers attend to every earlier token: a fused windowed Mistral would
+    compute something else there, so the export says why in one line and writes nothing; a
+    window no shorter than the positions changes nothing and exports."""
+    import fusesurgery  # noqa: PLC0415
+    from fusesurgery.errors import ConfigError  # noqa: PLC0415
+    from fusesurgery.write import convert_checkpoint  # noqa: PLC0415
+    from tests.fusion_inputs import save_encoder  # noqa: PLC0415
+
+    encoder = save_encoder("clip", tmp_path)
+    for window, refused in ((WINDOW, True), (64, False)):
+        decoder = save_tiny_hf_decoder("mistral", tmp_path / f"mistral{window}", SIZES,
+                                       sliding_window=window)
+        fused, out = tmp_path / f"fused{window}", tmp_path / f"mllama{window}"
+        fusesurgery.fuse(encoder, decoder, fused, every=2)
+        if refused:
+            with pytest.raises(ConfigError, match="sliding window of 4 tokens"):
+                convert_checkpoint(fused, out, to="mllama")
+            assert not out.exists()
+        else:
+            convert_checkpoint(fused, out, to="mllama")
+            assert (out / "config.json").exists()
