@@ -159,7 +159,7 @@ NATIVE_ROPE_STYLE: dict[str, RopeStyle] = native_rope_styles()
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """A Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3).
+    """A Llama-shaped decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, SmolLM3, Gemma 2 and 3).
 
     Args:
         vocab_size: rows of the token embedding table.
