@@ -617,8 +617,8 @@ def inspect_checkpoint(
                                              source.config_file or "the config")
             if unsupported is None and source.config is None:
                 unsupported = _configless_unsupported(infos, error)
-            if unsupported is None:
-                raise error from None
+            if unsupported is None or unsupported.kind is None and source.config is None:
+                raise error from None  # keys that say nothing of a model (no embedding...)
             return _unsupported_report(path, source, infos, unsupported)
         try:
             return _supported_report(path, source, infos, kind, decoder_overrides,
@@ -626,7 +626,7 @@ def inspect_checkpoint(
         except UnsupportedFamilyError as error:
             return _unsupported_report(path, source, infos, error)
         except KeyMapError as error:  # keys no family of that layout knows
-            if source.config is not None:
+            if source.config is not None or kind == "fused":  # a damaged fused checkpoint
                 raise
             return _unsupported_report(path, source, infos,
                                        _configless_unsupported(infos, error))
