@@ -10,7 +10,8 @@ Llama 3.2 1B's width, depth and MLP (2048, 16 layers, 8192) and its family's own
 so the ratios compare with the Llama pair's. Towers (each with the Llama 3.2 1B decoder): a
 SigLIP2 so400m/14 at 384 px, fixed resolution (transformers stores it as `siglip`), and a
 DINOv2-L/14 at 518 px (layer scale). Every input's tensor names, shapes and config.json are
-transformers' own (its classes built on the meta device); the values are a constant, bf16.
+transformers' own (its classes built on the meta device, the names as save_pretrained writes
+them); the values are a constant, bf16.
 
 Each pair: inputs written (then removed unless `--keep`), and `--rounds` rounds of fuse and
 `cp -r` + sync alternating which goes first, each from the same start (see bench_fuse.py's
@@ -82,6 +83,7 @@ def write_transformers_layout(path: Path, spec: tuple[str, str, dict[str, Any]])
     """A bf16 checkpoint with transformers' own names, shapes and config.json for ``spec``;
     every value a constant (the copy costs the same, and no random draw costs CPU)."""
     import transformers  # noqa: PLC0415 - a dev dependency, only for the inputs
+    from transformers.core_model_loading import revert_weight_conversion  # noqa: PLC0415
 
     config_cls, model_cls, settings = spec
     config = getattr(transformers, config_cls)(**settings)
@@ -89,7 +91,9 @@ def write_transformers_layout(path: Path, spec: tuple[str, str, dict[str, Any]])
     with torch.device("meta"):
         model = getattr(transformers, model_cls)(config)
     tied = getattr(config, "tie_word_embeddings", False)
-    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()
+    # the names save_pretrained writes (transformers 5 renames some classes' parameters)
+    state = revert_weight_conversion(model, model.state_dict())
+    shapes = {key: tuple(t.shape) for key, t in state.items()
               if not (tied and key == "lm_head.weight")}
     infos = [TensorInfo(key, shape, torch.bfloat16) for key, shape in shapes.items()]
     write_safetensors(path, infos,
