@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -182,6 +183,7 @@ class _TorchReader:
         self.path = path
         self._tensors = tensors
         self._infos = infos
+        self._loading = threading.Lock()  # fuse reads from several threads
 
     @classmethod
     def open(cls, path: Path) -> _TorchReader:
@@ -202,6 +204,10 @@ class _TorchReader:
         return list(self._infos)
 
     def _loaded(self) -> dict[str, torch.Tensor]:
+        with self._loading:
+            return self._load_once()
+
+    def _load_once(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             tensors = load_torch_state_dict(self.path)
             stated = [(info.name, info.shape, info.dtype) for info in self._infos]
