@@ -71,7 +71,8 @@ class RopeScaling:
 
     Raises:
         ConfigError: an unknown type, a field the type does not read, a missing one, or a
-            value out of its domain (factors and betas positive, ``high_freq_factor`` above
+            value out of its domain (factors and betas positive, ``factor`` at least 1,
+            ``beta_fast`` not below ``beta_slow``, ``high_freq_factor`` above
             ``low_freq_factor``, ``short_factor`` and ``long_factor`` of one length).
     """
 
@@ -113,6 +114,16 @@ class RopeScaling:
                 raise _field_error(self, spec.name, value,
                                    f"null for {self.rope_type} scaling (it does not read it)")
         check_field_values(self)
+        # transformers 5.25's rope validation warns on these and builds the model anyway; a
+        # factor below 1 shrinks the context it claims to extend, beta_fast under beta_slow
+        # inverts YaRN's ramp: refused here, whichever file or option gave them.
+        if self.factor < 1:
+            raise _field_error(self, "factor", self.factor,
+                               "at least 1 (a RoPE scaling extends the context)")
+        if self.rope_type == "yarn" and (self.beta_fast or 32.0) < (self.beta_slow or 1.0):
+            raise ConfigError(f"RopeScaling.beta_fast {self.beta_fast or 32.0:g} is below "
+                              f"beta_slow {self.beta_slow or 1.0:g} (unset: 32 and 1): YaRN "
+                              "needs beta_fast >= beta_slow")
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise _field_error(self, "high_freq_factor", self.high_freq_factor,
                                f"above low_freq_factor {self.low_freq_factor}")

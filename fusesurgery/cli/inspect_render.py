@@ -65,7 +65,8 @@ def _render_unsupported(report: InspectReport, all_keys: bool) -> Group:
     what = unsupported.model_type or "unknown"
     text.append(f"\n{kind}", style="bold")
     text.append(f" · {what} · no supported family")
-    fields = _section("config.json", "field", "value")
+    fields = _section("from key names and shapes" if unsupported.fields_from_shapes
+                      else "config.json", "field", "value")
     for name, value in unsupported.config_fields.items():
         fields.add_row(name, escape(format_config_value(value)))
     sections: list[Any] = [text]

@@ -205,8 +205,10 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
             if not _positive_int(original):
                 raise ConfigError(f"{origin}: original_max_position_embeddings must be a "
                                   f"positive integer, got {original!r}")
-            # transformers' implicit factor
-            fields["factor"] = _hf_max_positions(config, reading, origin) / original
+            stated = _hf_max_positions(config, reading, origin)
+            if original > stated:  # the implicit factor would be below 1
+                raise _original_context_error(rope_type, original, stated, origin)
+            fields["factor"] = stated / original  # transformers' implicit factor
     ignored = sorted(set(source) - set(reads) - {"rope_type", "type", "rope_theta",
                                                  "partial_rotary_factor", "sliding_attention",
                                                  "full_attention"})
@@ -214,6 +216,7 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
         reading.notes.append(f"{key} {', '.join(ignored)} not read: {rope_type} scaling does "
                              "not use them (transformers ignores them too)")
     scaling = reading.read["rope_scaling"] = _rope_scaling(fields, origin)
+    _check_original_context(config, scaling, reading, origin)
     if rope_type == "yarn" and scaling.factor > 1:
         # A max_position_embeddings equal to YaRN's original context states the length
         # before YaRN (Qwen2.5's config.json: 32768 and factor 4 for 131072 positions), as
@@ -227,6 +230,45 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
                 f"{scaling.factor:g} times the {stated} positions max_position_embeddings "
                 "states (the context before YaRN, as its original_max_position_embeddings "
                 "says)")
+
+
+def _check_original_context(config: Mapping[str, Any], scaling: RopeScaling,
+                            reading: ConfigReading, origin: str) -> None:
+    """The context a scaling starts from against ``max_position_embeddings``, where
+    transformers 5.25's rope validation weighs them. A yarn / longrope context above it (a
+    scaling that would shorten the context) is refused. Where transformers only warns and the
+    frequencies do not depend on it, a note says so: a llama3 context not below it (tiny test
+    models keep Llama 3.1's 8192), a yarn factor other than their ratio (transformers uses
+    the stated one; Qwen3's model card adds factor 4 over 32768 to a 40960-position config).
+
+    Raises:
+        ConfigError: a yarn or longrope original context above ``max_position_embeddings``.
+    """
+    rope_type, original = scaling.rope_type, scaling.original_max_position_embeddings
+    if rope_type not in ("llama3", "yarn", "longrope"):
+        return
+    stated = _hf_max_positions(config, reading, origin)
+    if rope_type == "llama3":
+        if original >= stated:
+            reading.notes.append(
+                f"llama3 rope scaling's original_max_position_embeddings {original} is not "
+                f"below max_position_embeddings {stated}: transformers warns and builds the "
+                "same frequencies (llama3 scaling does not read max_position_embeddings)")
+        return
+    if original > stated:
+        raise _original_context_error(rope_type, original, stated, origin)
+    if rope_type == "yarn" and stated != original and stated / original != scaling.factor:
+        reading.notes.append(
+            f"yarn factor {scaling.factor:g} is not max_position_embeddings {stated} / "
+            f"original_max_position_embeddings {original} = {stated / original:g}: the "
+            "stated factor is used, as transformers does")
+
+
+def _original_context_error(rope_type: str, original: int, stated: int,
+                            origin: str) -> ConfigError:
+    return ConfigError(f"{origin}: {rope_type} rope scaling's original_max_position_embeddings "
+                       f"{original} must be at most max_position_embeddings {stated} (the "
+                       "context it extends)")
 
 
 def _positive_int(value: Any) -> bool:

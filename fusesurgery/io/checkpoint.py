@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +36,7 @@ from fusesurgery.io.torch_pickle import (
     PICKLE_PROTOCOL_OPCODE,
     ZIP_SIGNATURE,
     load_torch_state_dict,
+    read_torch_pickle_infos,
 )
 
 if TYPE_CHECKING:
@@ -172,22 +174,53 @@ class _SafetensorsReader:
 
 
 class _TorchReader:
-    """Tensors of one torch.save file, loaded with mmap=True (storages map the file)."""
+    """Tensors of one torch.save file, loaded with mmap=True (storages map the file) on first
+    use; until then its names, shapes and dtypes come from the pickle alone, without torch
+    (``read_torch_pickle_infos``), where the file is a plain state dict."""
 
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor] | None = None,
+                 infos: list[TensorInfo] | None = None) -> None:
         self.path = path
         self._tensors = tensors
+        self._infos = infos
+        self._loading = threading.Lock()  # fuse reads from several threads
+
+    @classmethod
+    def open(cls, path: Path) -> _TorchReader:
+        """Header-only where the pickle allows it, else loaded now (its errors raised now).
+
+        Raises:
+            CheckpointError: as ``load_torch_state_dict``.
+        """
+        infos = read_torch_pickle_infos(path)
+        if infos is None:
+            return cls(path, load_torch_state_dict(path))
+        return cls(path, infos=infos)
 
     def infos(self) -> list[TensorInfo]:
-        return [
-            TensorInfo(name, tuple(tensor.shape), tensor.dtype, self.path)
-            for name, tensor in self._tensors.items()
-        ]
+        if self._infos is None:
+            self._infos = [TensorInfo(name, tuple(tensor.shape), tensor.dtype, self.path)
+                           for name, tensor in self._loaded().items()]
+        return list(self._infos)
+
+    def _loaded(self) -> dict[str, torch.Tensor]:
+        with self._loading:
+            return self._load_once()
+
+    def _load_once(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            tensors = load_torch_state_dict(self.path)
+            stated = [(info.name, info.shape, info.dtype) for info in self._infos]
+            if [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()] != stated:
+                raise CheckpointError(f"{self.path}: file changed since it was opened; open "
+                                      "it again")
+            self._tensors = tensors
+        return self._tensors
 
     def tensor(self, name: str) -> torch.Tensor:
         # A fresh alias, so a caller's in-place metadata change (resize_, requires_grad_)
         # cannot leak into later calls.
-        return self._tensors[name].detach()
+        return self._loaded()[name].detach()
 
     def region(self, name: str) -> None:
         return None  # a pickle's storages may be shared, strided or stored out of order
@@ -453,7 +486,7 @@ def open_local_checkpoint(path: str | os.PathLike[str]) -> CheckpointSource:
             readers, wanted = [(files[0], reader)], None
         else:
             format = FORMAT_TORCH
-            readers = [(target, _TorchReader(target, load_torch_state_dict(target)))]
+            readers = [(target, _TorchReader.open(target))]
             wanted = None
 
     config, config_file = _read_config(target.parent, prefer_params=format == FORMAT_META)
@@ -515,7 +548,7 @@ def _open_sharded(
         if kind == _KIND_SAFETENSORS:
             readers.append(_open_safetensors(shard))
         elif kind == _KIND_TORCH:
-            readers.append((shard, _TorchReader(shard, load_torch_state_dict(shard))))
+            readers.append((shard, _TorchReader.open(shard)))
         else:
             raise UnrecognizedFormatError(f"{index_path}: shard {shard_name!r} is itself an index")
     if len(kinds) > 1:
@@ -560,7 +593,7 @@ def _open_meta(target: Path) -> tuple[list[Path], _TensorReader]:
     parallel ranks) merged into full tensors."""
     files = _meta_rank_files(target.parent)
     if len(files) == 1:
-        return files, _TorchReader(target, load_torch_state_dict(target))
+        return files, _TorchReader.open(target)
     return files, MetaModelParallelReader(files, [load_torch_state_dict(f) for f in files])
 
 

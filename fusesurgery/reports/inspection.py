@@ -42,6 +42,7 @@ from fusesurgery.convert.keymaps import (
 from fusesurgery.errors import (
     ConfigError,
     FuseSurgeryError,
+    KeyMapError,
     UnrecognizedFormatError,
     UnsupportedFamilyError,
 )
@@ -193,9 +194,13 @@ class UnsupportedArchitecture:
     Args:
         kind: ``"decoder"`` or ``"vision"``, or None when nothing tells.
         model_type: its transformers ``model_type``, or None.
-        config_fields: the main fields of its config.json (``CONFIG_MAIN_FIELDS`` it states).
+        config_fields: the main fields of its config.json (``CONFIG_MAIN_FIELDS`` it states);
+            without a config.json, those its key names and shapes tell.
         closest: the nearest supported family, or None when none shares a key name.
         reason: the error every command that needs a native module gives for it.
+        looks_like: without a config.json, the architecture its key names suggest
+            (``KEY_SIGNATURES``), or None.
+        fields_from_shapes: ``config_fields`` come from key names and shapes, not a file.
     """
 
     kind: str | None
@@ -203,10 +208,14 @@ class UnsupportedArchitecture:
     config_fields: Mapping[str, Any]
     closest: Closest | None
     reason: str
+    looks_like: str | None = None
+    fields_from_shapes: bool = False
 
     def needs(self) -> str:
         """One line: which native family it would need, and the closest supported one."""
         what = f"model_type {self.model_type!r}" if self.model_type else "this checkpoint"
+        if self.looks_like:
+            what += f" (no config; its keys look like {self.looks_like})"
         kind = f"{self.kind} " if self.kind else ""
         advice = self.closest.advice() if self.closest is not None else (
             f"no supported family shares its key names; to add one, see {ADDING_A_FAMILY}")
@@ -350,8 +359,10 @@ class InspectReport:
                 "needs": unsupported.needs(),
                 "closest_family": None if closest is None else closest.family.name,
                 "closest_why": None if closest is None else closest.why,
+                "looks_like": unsupported.looks_like,
             },
             "config_fields": dict(unsupported.config_fields),
+            "config_fields_from": "shapes" if unsupported.fields_from_shapes else "config",
             "error": unsupported.reason,
             "num_tensors": self.num_tensors,
             "num_parameters": self.num_parameters,
@@ -604,14 +615,21 @@ def inspect_checkpoint(
         except UnrecognizedFormatError as error:
             unsupported = unsupported_family(infos, source.config,
                                              source.config_file or "the config")
-            if unsupported is None:
-                raise error from None
+            if unsupported is None and source.config is None:
+                unsupported = _configless_unsupported(infos, error)
+            if unsupported is None or unsupported.kind is None and source.config is None:
+                raise error from None  # keys that say nothing of a model (no embedding...)
             return _unsupported_report(path, source, infos, unsupported)
         try:
             return _supported_report(path, source, infos, kind, decoder_overrides,
                                      vision_overrides)
         except UnsupportedFamilyError as error:
             return _unsupported_report(path, source, infos, error)
+        except KeyMapError as error:  # keys no family of that layout knows
+            if source.config is not None or kind == "fused":  # a damaged fused checkpoint
+                raise
+            return _unsupported_report(path, source, infos,
+                                       _configless_unsupported(infos, error))
 
 
 def _unsupported_report(path: str | os.PathLike[str], source: CheckpointSource,
@@ -620,11 +638,16 @@ def _unsupported_report(path: str | os.PathLike[str], source: CheckpointSource,
     """What a metadata viewer shows of a checkpoint no family describes, and what it needs."""
     config = source.config if isinstance(source.config, Mapping) else {}
     fields = {name: config[name] for name in CONFIG_MAIN_FIELDS if name in config}
+    configless = source.config is None
+    if configless:
+        fields = _fields_from_shapes(infos) if error.kind == "decoder" else {}
     closest = (closest_family(error.kind, error.model_type, infos)
                if error.kind is not None else None)
-    unsupported = UnsupportedArchitecture(kind=error.kind, model_type=error.model_type,
-                                          config_fields=types.MappingProxyType(fields),
-                                          closest=closest, reason=str(error))
+    unsupported = UnsupportedArchitecture(
+        kind=error.kind, model_type=error.model_type,
+        config_fields=types.MappingProxyType(fields), closest=closest, reason=str(error),
+        looks_like=_looks_like(infos) if configless else None,
+        fields_from_shapes=configless)
     tensors = tuple(infos.values())
     everything = _tally(("all tensors (no family: not converted)", info) for info in tensors)
     return InspectReport(
@@ -642,6 +665,81 @@ def _unsupported_report(path: str | os.PathLike[str], source: CheckpointSource,
         notes=(unsupported.needs(),),
         unsupported=unsupported,
     )
+
+
+# Key-name signatures of architectures no family file describes, for a checkpoint without a
+# config.json to name it: (what it looks like, key fragments it has, fragments it lacks).
+# First match wins.
+KEY_SIGNATURES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("gemma3_text (pre- and post-feed-forward norms, q/k norms)",
+     (".pre_feedforward_layernorm.", ".post_feedforward_layernorm.", ".self_attn.q_norm."), ()),
+    ("gemma2 (pre- and post-feed-forward norms, no q/k norms)",
+     (".pre_feedforward_layernorm.", ".post_feedforward_layernorm."), ()),
+    ("olmo2 (norms after attention and MLP only, q/k norms)",
+     (".post_feedforward_layernorm.", ".self_attn.q_norm."), (".input_layernorm.",)),
+    ("phi3 (fused qkv_proj and gate_up_proj)", (".self_attn.qkv_proj.", ".mlp.gate_up_proj."),
+     ()),
+    ("a DINOv2-style vision tower (layer scale)", (".layer_scale", "patch_embeddings."), ()),
+)
+
+
+def _looks_like(infos: Mapping[str, TensorInfo]) -> str | None:
+    keys = list(infos)
+    for what, has, lacks in KEY_SIGNATURES:
+        if all(any(part in key for key in keys) for part in has) and not any(
+                part in key for part in lacks for key in keys):
+            return what
+    return None
+
+
+def _fields_from_shapes(infos: Mapping[str, TensorInfo]) -> dict[str, Any]:
+    """The main config fields a decoder's transformers key names and shapes tell."""
+    fields: dict[str, Any] = {}
+    for key, info in infos.items():
+        if key.endswith("embed_tokens.weight") and len(info.shape) == 2:
+            fields["vocab_size"], fields["hidden_size"] = info.shape
+    layers = {index for key in infos
+              for _, index in [split_layer_index(key)] if index is not None}
+    if layers:
+        fields["num_hidden_layers"] = len(layers)
+    for key, info in infos.items():
+        if key.endswith("mlp.down_proj.weight") and len(info.shape) == 2:
+            fields["intermediate_size"] = info.shape[1]
+            break
+    # a per-head q norm gives head_dim, and with it the head counts
+    shapes = {split_layer_index(key)[0]: info.shape for key, info in infos.items()}
+    q_norm = next((shape for key, shape in shapes.items()
+                   if key.endswith("self_attn.q_norm.weight")), None)
+    if q_norm and len(q_norm) == 1 and q_norm[0] != fields.get("hidden_size"):
+        fields["head_dim"] = head_dim = q_norm[0]
+        for name, projection in (("num_attention_heads", "q_proj"),
+                                 ("num_key_value_heads", "k_proj")):
+            shape = next((shape for key, shape in shapes.items()
+                          if key.endswith(f"self_attn.{projection}.weight")), None)
+            if shape and len(shape) == 2 and shape[0] % head_dim == 0:
+                fields[name] = shape[0] // head_dim
+    if fields and not any(key.startswith("lm_head.") for key in infos):
+        fields["tie_word_embeddings"] = True  # no head stored: the table, if a LM at all
+    return fields
+
+
+def _configless_unsupported(infos: Mapping[str, TensorInfo],
+                            error: FuseSurgeryError) -> UnsupportedFamilyError:
+    """What a checkpoint without a config.json, whose keys no family knows, is taken for:
+    its kind and closest family from its key names."""
+    kind = _guess_kind(infos)
+    closest = closest_family(kind, None, infos) if kind is not None else None
+    return UnsupportedFamilyError(str(error), kind=kind,
+                                  closest=closest.family.name if closest else None)
+
+
+def _guess_kind(infos: Mapping[str, TensorInfo]) -> str | None:
+    keys = list(infos)
+    if any("embed_tokens." in key or key.startswith("lm_head.") for key in keys):
+        return "decoder"
+    if any("patch_embed" in key or "vision_model." in key for key in keys):
+        return "vision"
+    return None
 
 
 def _supported_report(path: str | os.PathLike[str], source: CheckpointSource,

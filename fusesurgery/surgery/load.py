@@ -19,6 +19,7 @@ from torch import nn
 
 from fusesurgery.convert import apply_plan, detect_model, plan_conversion
 from fusesurgery.convert.detect import DetectedModel
+from fusesurgery.convert.tied_output import resolve_stored_output
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import open_checkpoint
 from fusesurgery.modules import (
@@ -54,6 +55,7 @@ def _load(
     with open_checkpoint(path) as source:
         infos = source.infos()
         detected = detect_model(infos, source.config, source.config_file, overrides)
+        detected, _ = resolve_stored_output(source, detected)  # a stored head as transformers
         if detected.kind != kind:
             raise ConfigError(
                 f"{path} holds a {detected.kind} checkpoint ({detected.family}), not a {kind}"

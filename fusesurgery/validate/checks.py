@@ -26,6 +26,7 @@ from fusesurgery._arguments import SEED_LIMIT, check_int
 from fusesurgery._device import check_device
 from fusesurgery.convert import apply_plan_entry, detect_model, plan_conversion
 from fusesurgery.convert.detect import detect_layout
+from fusesurgery.convert.tied_output import resolve_stored_output
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import open_checkpoint
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
@@ -292,6 +293,7 @@ def _check_against(report: ValidationReport, path: str, against: str) -> _Agains
     with open_fused(path) as (fused, config), open_checkpoint(against) as source:
         overrides = _against_overrides(source, config, detect_layout(source.infos())[0])
         detected = detect_model(source.infos(), source.config, source.config_file, overrides)
+        detected, _ = resolve_stored_output(source, detected)  # as fuse read it
         if detected.kind not in ("decoder", "vision"):
             raise ConfigError(f"--against {against} holds a {detected.kind} checkpoint; give the "
                               "original decoder (or vision tower)")

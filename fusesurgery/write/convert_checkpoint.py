@@ -33,6 +33,14 @@ from fusesurgery.convert.pooling_head import (
     HEAD_FILE,
     plan_pooling_head,
 )
+from fusesurgery.convert.tied_output import (
+    TIED_OUTPUT_FIELD,
+    hf_output_key,
+    recorded_output_copy,
+    resolve_stored_output,
+    with_equal_reason,
+    with_output_copy,
+)
 from fusesurgery.errors import ConfigError
 from fusesurgery.io import (
     CheckpointSource,
@@ -244,6 +252,9 @@ def convert_checkpoint(
         source = stack.enter_context(open_checkpoint(source_path))
         infos = source.infos()
         detected = detect_model(infos, source.config, source.config_file, overrides)
+        # a tied decoder's stored head: equal to the table, it comes back on the way to hf;
+        # different, the decoder is the untied one transformers builds
+        detected, stored_head = resolve_stored_output(source, detected)
         if detected.kind == "fused" or to == "mllama":
             if detected.kind != "fused":
                 raise ConfigError(f"--to mllama takes a fused checkpoint; {source_path} holds "
@@ -259,6 +270,13 @@ def convert_checkpoint(
             return ConversionResult(detected, plan, written, notes)
         plan = plan_conversion(infos, detected.layout, detected.config, target_layout=to,
                                kind=detected.kind, dtype=dtype)
+        plan = with_equal_reason(plan, stored_head)
+        tied = detected.kind == "decoder" and detected.config.tie_word_embeddings
+        head_copy = None if stored_head is None else hf_output_key()
+        if head_copy is None and detected.layout == "native" and source.config is not None:
+            head_copy = recorded_output_copy(source.config, tied, str(source.config_file))
+        if to == "hf" and head_copy is not None:
+            plan = with_output_copy(plan, head_copy)
         # SigLIP's pooling head: no native key holds it, so it is carried, not dropped
         head_source, head = _pooling_head(source, detected, dtype, stack)
         if head_source is source:
@@ -282,6 +300,8 @@ def convert_checkpoint(
         # ids, a sliding window, dtype, ...) travels in it, to come back with --to hf
         base, base_path = _hf_base(source, detected)
         config = CONFIG_WRITERS[to](detected.config)
+        if to == "native" and head_copy is not None:
+            config[TIED_OUTPUT_FIELD] = head_copy
         if to == "hf" and base is not None:
             config = hf_config_dict(detected.config, base=base)
         elif to == "hf" and source.config_file == "config.json" and source.config is not None \

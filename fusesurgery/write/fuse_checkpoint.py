@@ -28,6 +28,13 @@ from fusesurgery import _json as standard_json
 from fusesurgery._version import __version__
 from fusesurgery.convert.detect import DetectedModel, detect_layout, detect_model
 from fusesurgery.convert.keymaps import keys_to_native
+from fusesurgery.convert.tied_output import (
+    TIED_OUTPUT_FIELD,
+    hf_output_key,
+    recorded_output_copy,
+    resolve_stored_output,
+    with_equal_reason,
+)
 from fusesurgery.convert.tokenizer import TOKENIZER_FILES, add_special_tokens
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
@@ -296,6 +303,9 @@ def fuse_checkpoints(
 
         dec = detect_model(decoder.infos(), decoder.config, decoder.config_file,
                            decoder_overrides)
+        # a tied decoder that stores its head too: compared with the table (torch is loaded
+        # for that, in that case only)
+        dec, stored_head = resolve_stored_output(decoder, dec)
         enc = detect_model(encoder.infos(), encoder.config, encoder.config_file,
                            encoder_overrides)
         # the copying starts here, while torch loads
@@ -319,6 +329,12 @@ def fuse_checkpoints(
 
         dec_plan = plan_conversion(decoder.infos(), dec.layout, dec.config, kind=dec.kind,
                                    dtype=options.dtype)
+        # a tied decoder's stored head, equal to the table, comes back with unfuse
+        dec_plan = with_equal_reason(dec_plan, stored_head)
+        tied = dec.kind == "decoder" and dec.config.tie_word_embeddings
+        head_copy = None if stored_head is None else hf_output_key()
+        if head_copy is None and dec.layout == "native" and decoder.config is not None:
+            head_copy = recorded_output_copy(decoder.config, tied, str(decoder.config_file))
         enc_plan = plan_conversion(encoder.infos(), enc.layout, enc.config, kind=enc.kind,
                                    dtype=options.dtype)
         plan = plan_fuse(dec, dec_plan, enc, enc_plan, options, version=__version__)
@@ -351,6 +367,8 @@ def fuse_checkpoints(
             extra.update(files)
             records[part] = _source_record(source, detected, part_plan, sorted(kept),
                                            str(given))
+            if part == "decoder" and head_copy is not None:
+                records[part][TIED_OUTPUT_FIELD] = head_copy
         config = plan.config.replace(sources=records)
         extra[FUSION_CONFIG_FILE] = standard_json.dumps(config.to_dict(), indent=2) + "\n"
         extra["README.md"] = readme_text(config, {"decoder": str(decoder_path),

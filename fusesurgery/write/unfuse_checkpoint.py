@@ -35,6 +35,7 @@ from fusesurgery.convert.plan import (
     dropped_by_reason,
 )
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
+from fusesurgery.convert.tied_output import recorded_output_copy, with_output_copy
 from fusesurgery.errors import CheckpointError, ConfigError
 from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo
 from fusesurgery.surgery.fuse_plan import FUSION_EMBEDDING_KEY, fused_key_of, native_key_of
@@ -337,8 +338,17 @@ def unfuse_checkpoint(
                  for keys, reason in dropped_by_reason(record.get("dropped", {}))]
         if dtype is not None:
             notes.append(_cast_note(plan, dtype))
+        head_copy = recorded_output_copy(record, part == "decoder" and
+                                         config.decoder.tie_word_embeddings,
+                                         "fusion_config.json: sources['decoder']")
         if fmt == layout and isinstance(record.get("source_keys"), dict):
             plan = _renamed(plan, record["source_keys"])
+        if head_copy is not None and fmt == "hf":
+            if merge_embeddings and config.new_tokens:
+                notes.append(f"{head_copy} not written back: the merged table has more rows "
+                             "than the stored head had, and transformers ties the head to it")
+            else:  # the source stored it, equal to the table: given back
+                plan = with_output_copy(plan, head_copy)
         view = _PartView(source, part)
         entries = {entry.target_key: entry for entry in plan.entries}
         producers: dict[str, Callable[[], Any]] = {

@@ -218,6 +218,14 @@ def test_inspect_shows_the_scaling_and_refuses_a_bad_one_in_one_line(tmp_path):
          "config.json: longrope scaling has 2 factors per list, head_dim 8 needs 4"),
         ({"rope_type": "yarn", "factor": -4.0}, "config.json: RopeScaling.factor must be a "
          "positive finite number, got -4.0"),
+        ({"rope_type": "yarn", "factor": 0.5}, "config.json: RopeScaling.factor must be at "
+         "least 1 (a RoPE scaling extends the context), got 0.5"),
+        ({"rope_type": "linear", "factor": 0.5}, "RopeScaling.factor must be at least 1"),
+        ({"rope_type": "yarn", "factor": 4.0, "beta_fast": 1.0, "beta_slow": 2.0},
+         "config.json: RopeScaling.beta_fast 1 is below beta_slow 2"),
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+         "config.json: yarn rope scaling's original_max_position_embeddings 128 must be at "
+         "most max_position_embeddings 64"),
     ]:
         document["rope_parameters"] = {**rope, "rope_theta": 1e6}
         (hf / "config.json").write_text(json.dumps(document))

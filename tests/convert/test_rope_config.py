@@ -272,3 +272,102 @@ def test_rope_scaling_beside_rope_parameters_is_what_transformers_reads(tmp_path
     document["rope_scaling"] = {"rope_type": "linear", "factor": float("nan")}
     with pytest.raises(ConfigError, match="factor"):
         read_hf_decoder_config(document)
+
+
+# Values transformers 5.25's rope validation warns on (and builds the model anyway), refused
+# here in one line: rope settings -> (the message's end, max_position_embeddings).
+OUT_OF_RANGE = {
+    "linear-factor-below-1": ({"rope_type": "linear", "factor": 0.5},
+                              "RopeScaling.factor must be at least 1 (a RoPE scaling "
+                              "extends the context), got 0.5"),
+    "dynamic-factor-below-1": ({"rope_type": "dynamic", "factor": 0.25},
+                               "RopeScaling.factor must be at least 1"),
+    "yarn-factor-below-1": ({"rope_type": "yarn", "factor": 0.5,
+                             "original_max_position_embeddings": 16},
+                            "RopeScaling.factor must be at least 1"),
+    "llama3-factor-below-1": ({"rope_type": "llama3", "factor": 0.5, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 16},
+                              "RopeScaling.factor must be at least 1"),
+    "longrope-factor-below-1": ({"rope_type": "longrope", "factor": 0.5, "short_factor": SHORT,
+                                 "long_factor": LONG, "original_max_position_embeddings": 16},
+                                "RopeScaling.factor must be at least 1"),
+    "yarn-beta-fast-below-beta-slow": (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+         "beta_fast": 2.0, "beta_slow": 8.0},
+        "RopeScaling.beta_fast 2 is below beta_slow 8 (unset: 32 and 1): YaRN needs "
+        "beta_fast >= beta_slow"),
+    "yarn-beta-slow-above-default-fast": (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+         "beta_slow": 40.0}, "RopeScaling.beta_fast 32 is below beta_slow 40"),
+    "yarn-original-above-max": ({"rope_type": "yarn", "factor": 4.0,
+                                 "original_max_position_embeddings": 128},
+                                "yarn rope scaling's original_max_position_embeddings 128 "
+                                "must be at most max_position_embeddings 64"),
+    "longrope-original-above-max": ({"rope_type": "longrope", "short_factor": SHORT,
+                                     "long_factor": LONG,
+                                     "original_max_position_embeddings": 128},
+                                    "longrope rope scaling's original_max_position_embeddings "
+                                    "128 must be at most max_position_embeddings 64"),
+}
+
+
+@pytest.mark.parametrize("spelling", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("name", sorted(OUT_OF_RANGE))
+def test_values_transformers_warns_on_are_refused_in_one_line(name, spelling, caplog):
+    rope, message = OUT_OF_RANGE[name]
+    rope = dict(rope)  # transformers fills in what it defaults, in place
+    if spelling == "rope_parameters":
+        document = {"model_type": "llama", **SIZES,
+                    "rope_parameters": {**rope, "rope_theta": 1e4}}
+    else:
+        document = {"model_type": "llama", **SIZES, "rope_theta": 1e4, "rope_scaling": rope}
+    with pytest.raises(ConfigError, match=f"^cfg/config.json: {message}".replace(
+            "(", r"\(").replace(")", r"\)")) as error:
+        read_hf_decoder_config(document, "cfg/config.json")
+    assert "\n" not in str(error.value)
+    if name == "longrope-original-above-max":
+        return  # transformers divides 64 by 128 silently: a factor it warns on when stated
+    # transformers, the reference, takes the same file with a warning
+    transformers.utils.logging.warning_once.cache_clear()  # one warning per message and run
+    with caplog.at_level("WARNING", logger="transformers.modeling_rope_utils"):
+        transformers.AutoConfig.for_model(**document)
+    assert any("rope_parameters" in record.getMessage() for record in caplog.records), name
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}])
+def test_a_llama3_context_not_below_max_positions_is_read_with_a_note(rope):
+    """transformers warns and builds the same frequencies: llama3 scaling never reads
+    max_position_embeddings (tiny test models keep Llama 3.1's 8192)."""
+    reading = read_hf_decoder_config({"model_type": "llama", **SIZES, "rope_scaling": rope})
+    original = rope.get("original_max_position_embeddings", 64)
+    assert reading.read["rope_scaling"].original_max_position_embeddings == original
+    assert (f"llama3 rope scaling's original_max_position_embeddings {original} is not below "
+            "max_position_embeddings 64: transformers warns and builds the same frequencies "
+            "(llama3 scaling does not read max_position_embeddings)") in reading.notes
+
+
+def test_a_yarn_factor_beside_another_length_is_used_with_a_note():
+    """Qwen3's model card adds YaRN factor 4 over 32768 positions to a 40960-position config:
+    transformers warns and uses the stated factor; so does fusesurgery, in a note."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    document = {"model_type": "qwen3", **SIZES, "head_dim": 8,
+                "max_position_embeddings": 40960, "rope_scaling": rope}
+    reading = read_hf_decoder_config(document)
+    assert reading.read["rope_scaling"].factor == 4.0
+    assert ("yarn factor 4 is not max_position_embeddings 40960 / "
+            "original_max_position_embeddings 32768 = 1.25: the stated factor is used, as "
+            "transformers does") in reading.notes
+
+
+def test_a_native_config_or_option_with_a_factor_below_1_is_refused():
+    from fusesurgery.convert.configs import coerce_rope_scaling
+
+    with pytest.raises(ConfigError, match="factor must be at least 1"):
+        coerce_rope_scaling({"rope_type": "linear", "factor": 0.9})
+    with pytest.raises(ConfigError, match="factor must be at least 1"):
+        read_native_config({"decoder": {"rope_scaling": {"rope_type": "yarn", "factor": 0.5,
+                                        "original_max_position_embeddings": 16}}}, "decoder")

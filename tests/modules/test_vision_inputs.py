@@ -92,3 +92,59 @@ def test_an_encoder_mask_of_the_wrong_width_is_named():
                 model(tokens[:, :1], encoder_mask=wide[:, :1, :20])
     finally:
         model.teardown_caches()
+
+
+# Every tower family, written by transformers: (config class, model class, extra settings).
+TOWERS = {
+    "clip": ("CLIPVisionConfig", "CLIPVisionModel", {}),
+    "siglip": ("SiglipVisionConfig", "SiglipVisionModel", {}),  # SigLIP2 fixed resolution too
+    "dinov2": ("Dinov2Config", "Dinov2Model", {}),
+    "dinov2-registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel",
+                         {"num_register_tokens": 2}),
+    "dinov3": ("DINOv3ViTConfig", "DINOv3ViTModel", {"num_register_tokens": 2}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TOWERS))
+def test_every_tower_takes_other_resolutions_and_several_images_through_load_fused(
+        tmp_path: Path, family: str):
+    """Issue 18 section 3: through the fused model, images at a resolution other than the
+    tower's 32 x 32 and ``[b, n, c, h, w]`` work (each image's tokens those of the tower run
+    on it alone, transformers' at that size), and bad shapes are one ValueError."""
+    import transformers
+
+    config_cls, model_cls, settings = TOWERS[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        patch_size=8, image_size=32, **settings)
+    hf = getattr(transformers, model_cls)(config).eval()
+    hf.save_pretrained(tmp_path / family)
+    fusesurgery.fuse(tmp_path / family, EXAMPLES / "tiny-llama", tmp_path / "fused", every=2,
+                     encoder_tokens="all", encoder_layer=None)
+    model = fusesurgery.load_fused(tmp_path / "fused").eval()
+    images = torch.randn(2, 3, 3, 40, 24, generator=torch.Generator().manual_seed(1))
+    tokens = torch.arange(6).repeat(2, 1)
+    with torch.no_grad():
+        together = model.encoder(images=images)  # [2, 3 * s_e, d]
+        s_e = together.size(1) // 3
+        tower = model.encoder.vision(images[0, 1][None])
+        kw = {"interpolate_pos_encoding": True} if family in ("clip", "siglip") else {}
+        expected = hf(pixel_values=images[0, 1][None], **kw).last_hidden_state
+        torch.testing.assert_close(tower, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together[0, s_e:2 * s_e],
+                                   model.encoder(images=images[0, 1][None])[0])
+        mask = torch.ones(2, 6, 3 * s_e, dtype=torch.bool)
+        mask[:, :2] = False  # text before the images
+        logits = model(tokens, encoder_input={"images": images}, encoder_mask=mask)
+        assert logits.shape == (2, 6, 512) and bool(torch.isfinite(logits).all())  # untied
+        for bad, message in [
+            (dict(encoder_input={"images": images}, encoder_mask=mask[..., :s_e]),
+             r"encoder_mask is \[2, 6, \d+\], the inputs need \[b, 6, \d+\]"),
+            (dict(encoder_input={"images": images[:, :, :2]}, encoder_mask=mask),
+             r"images must be \[b, 3, h, w\]"),
+            (dict(encoder_input={"images": images[..., :4, :4]}, encoder_mask=mask),
+             "smaller than one 8-pixel patch"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                model(tokens, **bad)

@@ -153,3 +153,77 @@ def test_an_unknown_model_type_no_family_lists_is_matched_by_key_names():
     neither = unsupported_family({}, {"model_type": "mystery"}, "config.json")
     assert neither.kind is None and "is neither a supported decoder" in str(neither)
     assert unsupported_family({}, {"model_type": "llama"}, "config.json") is None
+
+
+@pytest.fixture(scope="module")
+def configless(tmp_path_factory) -> dict[str, Path]:
+    """OLMo2's weights without a config.json: a bare safetensors file, a torch state dict,
+    and a sharded directory (index and shards, written by transformers, config removed)."""
+    root = tmp_path_factory.mktemp("configless")
+    torch.manual_seed(0)
+    model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**SIZES))
+    model.save_pretrained(root / "sharded", max_shard_size="20KB")
+    (root / "sharded" / "config.json").unlink()
+    weights = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    save_file(weights, root / "olmo2.safetensors")
+    torch.save(weights, root / "olmo2.pt")
+    return {"safetensors file": root / "olmo2.safetensors", "torch state dict":
+            root / "olmo2.pt", "sharded without config": root / "sharded"}
+
+
+@pytest.mark.parametrize("name", ["safetensors file", "torch state dict",
+                                  "sharded without config"])
+def test_inspect_without_a_config_shows_the_metadata_and_the_family_it_needs(configless,
+                                                                          name):
+    path = configless[name]
+    assert len(list(path.glob("*.safetensors"))) > 1 if path.is_dir() else True
+    result = runner.invoke(app, ["inspect", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith(("safetensors, 1 file", "torch, 1 file",
+                                "safetensors-sharded, "))
+    assert "25 tensors" in lines[1] and "parameters" in lines[1]
+    assert lines[2] == "decoder · unknown · no supported family"
+    assert "from key names and shapes" in lines
+    for field, value in [("vocab_size", "64"), ("hidden_size", "32"),
+                         ("num_hidden_layers", "2"), ("intermediate_size", "48")]:
+        assert any(line.split() == [field, value] for line in lines), field
+    assert any(line.startswith("f32") for line in lines)  # the dtypes table
+    assert any(line.startswith("model.layers.{0,1}.post_feedforward_layernorm.weight")
+               for line in lines)
+    assert lines[-1].startswith("this checkpoint (no config; its keys look like olmo2 (norms "
+                                "after attention and MLP only, q/k norms)) needs a native "
+                                "decoder family of its own: the closest supported family is")
+    assert "copy fusesurgery/families/" in lines[-1]
+
+    payload = json.loads(runner.invoke(app, ["inspect", str(path), "--json"]).stdout)
+    assert payload["config_fields_from"] == "shapes"
+    assert payload["architecture"]["looks_like"].startswith("olmo2")
+    assert payload["num_tensors"] == 25
+    # a command that needs a native module still refuses in one line
+    refused = runner.invoke(app, ["convert", str(path), "-o", str(path.parent / "out")])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+
+
+@pytest.mark.parametrize(("config_cls", "model_cls", "settings", "looks_like", "head_dim"), [
+    ("Gemma3TextConfig", "Gemma3ForCausalLM", {**SIZES, "head_dim": 8}, "gemma3_text", 8),
+    ("Gemma2Config", "Gemma2ForCausalLM", {**SIZES, "head_dim": 8}, "gemma2", None),
+    ("Phi3Config", "Phi3ForCausalLM", {**SIZES, "pad_token_id": None}, "phi3", None),
+])
+def test_key_names_and_shapes_say_what_a_configless_decoder_looks_like(
+        config_cls, model_cls, settings, looks_like, head_dim):
+    """From transformers' own key names and shapes (built on the meta device)."""
+    from fusesurgery.io import TensorInfo
+    from fusesurgery.reports.inspection import _fields_from_shapes, _looks_like
+
+    with torch.device("meta"):
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings))
+    infos = {key: TensorInfo(key, tuple(t.shape), t.dtype)
+             for key, t in model.state_dict().items()}
+    assert _looks_like(infos).startswith(looks_like + " (")
+    fields = _fields_from_shapes(infos)
+    assert (fields["vocab_size"], fields["hidden_size"], fields["num_hidden_layers"]) == (
+        64, 32, 2)
+    if head_dim is not None:
+        assert (fields["head_dim"], fields["num_attention_heads"],
+                fields["num_key_value_heads"]) == (head_dim, 4, 2)
