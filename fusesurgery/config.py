@@ -178,6 +178,9 @@ class DecoderConfig:
         family: the architecture family, for display and key maps.
         no_rope_layers: indices of the layers whose self-attention applies no RoPE
             (SmolLM3: every 4th layer); empty for every other family.
+        partial_rotary_factor: the fraction of each head RoPE turns (Phi-4-mini: 0.75): the
+            first ``rotary_dim = int(head_dim * factor)`` dims (even), the rest pass as they
+            are, as transformers' Phi-3 does; 1 for every other family.
     """
 
     vocab_size: int
@@ -196,6 +199,7 @@ class DecoderConfig:
     family: DecoderFamily = "llama"
     qk_norm: bool = False
     no_rope_layers: tuple[int, ...] = ()
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
         check_field_values(self)
@@ -216,11 +220,16 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise _field_error(self, "num_kv_heads", self.num_kv_heads,
                                f"a divisor of num_heads {self.num_heads}")
+        rotary = self.rotary_dim
+        if self.partial_rotary_factor > 1 or rotary < 2 or rotary % 2:
+            raise _field_error(self, "partial_rotary_factor", self.partial_rotary_factor,
+                               f"at most 1, turning an even number of dims (at least 2) of "
+                               f"head_dim {self.head_dim}, not {rotary}")
         scaling = self.rope_scaling
         if scaling is not None and scaling.rope_type == "longrope" and (
-                len(scaling.short_factor) != self.head_dim // 2):
+                len(scaling.short_factor) != rotary // 2):
             error = ConfigError(f"longrope scaling has {len(scaling.short_factor)} factors per "
-                                f"list, head_dim {self.head_dim} needs {self.head_dim // 2} "
+                                f"list, {rotary} rotated dims need {rotary // 2} "
                                 "(one per rotated pair)")
             error.field = "rope_scaling"
             raise error
@@ -232,6 +241,12 @@ class DecoderConfig:
     def rope_style(self) -> RopeStyle:
         """The RoPE pairing of this family's native layout (see ``NATIVE_ROPE_STYLE``)."""
         return NATIVE_ROPE_STYLE[self.family]
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head RoPE turns: ``int(head_dim * partial_rotary_factor)``, as
+        transformers derives them."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def replace(self, **changes) -> DecoderConfig:
         """Return a copy with ``changes`` applied (derived fields recomputed if not given)."""

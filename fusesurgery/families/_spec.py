@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RopeStyle = Literal["interleaved", "half"]
-SlidingWindowRule = Literal["none", "always", "use_sliding_window"]
+SlidingWindowRule = Literal["none", "always", "use_sliding_window", "stated"]
 
 
 def frozen(table: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -70,13 +70,21 @@ class DecoderFamily:
             biases are fixed (``hf_defaults["attn_bias"]`` true) ignores the key.
         hf_sliding_window: how transformers applies ``sliding_window``: ``"none"`` (never),
             ``"always"`` (Mistral: a missing key means 4096), ``"use_sliding_window"``
-            (Qwen2/3: only with that switch, from ``max_window_layers`` on).
+            (Qwen2/3: only with that switch, from ``max_window_layers`` on), ``"stated"``
+            (Phi-3: where ``config.json`` states one; a missing key or null means none).
         meta_layout: Meta's ``consolidated.*.pth`` + ``params.json`` can hold it.
         meta_params_marker: a ``params.json`` key that tells this family's file from
             Meta's own (Mistral's ``hidden_dim``); None for the family such a file is
             otherwise taken to be.
         hf_keys: transformers key template -> native key template (``model.`` prefixed; a
             bare ``LlamaModel``'s keys are read by adding the prefix).
+        hf_fused_keys: transformers key template -> the native key templates whose rows it
+            stacks, in order (Phi-3's ``qkv_proj``: q, k, v; ``gate_up_proj``: w1, w3). Each
+            part's rows are what the native config gives that key, so reading splits the
+            tensor into byte ranges and writing concatenates the parts back, bitwise.
+        partial_rotary: transformers' class for the family rotates only the first
+            ``partial_rotary_factor`` of each head (Phi-3); a factor other than 1 is refused
+            for the other families, whose classes rotate the whole head.
         meta_keys: Meta key template -> native key template, when ``meta_layout``.
         native_rope_style: the RoPE pairing of the native layout: ``"interleaved"`` (Meta,
             torchtune's Llama and Mistral: HF q/k rows are permuted on the way) or ``"half"``
@@ -105,6 +113,8 @@ class DecoderFamily:
     hf_keys: Mapping[str, str]
     native_rope_style: RopeStyle
     hf_config_fields: Mapping[str, ConfigField] = field(default_factory=lambda: frozen({}))
+    hf_fused_keys: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: frozen({}))
+    partial_rotary: bool = False
     hf_attention_bias_switch: bool = False
     hf_sliding_window: SlidingWindowRule = "none"
     meta_layout: bool = False

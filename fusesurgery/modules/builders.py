@@ -47,7 +47,8 @@ def _swiglu(dim: int, hidden_dim: int) -> FeedForward:
 def build_rope(cfg: DecoderConfig) -> RotaryPositionalEmbeddings:
     """The decoder's RoPE, in the pairing of the family's native layout (``cfg.rope_style``)."""
     return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.rope_base,
-                                      cfg.rope_scaling, style=cfg.rope_style)
+                                      cfg.rope_scaling, style=cfg.rope_style,
+                                      rotary_dim=cfg.rotary_dim)
 
 
 def build_decoder_layer(

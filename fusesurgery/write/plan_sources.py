@@ -7,14 +7,14 @@ from __future__ import annotations
 import torch
 
 from fusesurgery.convert import apply_plan_entry
-from fusesurgery.convert.plan import ConversionPlan, PlanEntry
+from fusesurgery.convert.plan import ConversionPlan, PlanEntry, plan_entry_value
 from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, row_order
 from fusesurgery.io import CheckpointSource, FileRegion, PermutedRegion, TensorInfo
 
 
 def plan_entry_tensor(entry: PlanEntry, source: CheckpointSource) -> torch.Tensor:
     """The converted tensor of one plan entry, mmap-backed when nothing changes."""
-    return apply_plan_entry(entry, source.get_tensor(entry.source_key))
+    return plan_entry_value(entry, source.get_tensor)
 
 
 def plan_entry_source(
@@ -22,7 +22,10 @@ def plan_entry_source(
 ) -> torch.Tensor | FileRegion | PermutedRegion:
     """What the writer gets for one plan entry: the file region when the bytes do not change
     (the kernel copies them), the region with a row order when only rows move (gathered from
-    the file's pages), else the converted tensor."""
+    the file's pages), else the converted tensor (a stacked one from its parts, each read on
+    its own)."""
+    if entry.parts:
+        return plan_entry_value(entry, source.read_tensor)
     if entry.dtype == entry.source_dtype:
         region = source.file_region(entry.source_key)
         if region is not None and entry.transform == (IDENTITY,):
