@@ -44,6 +44,7 @@ from fusesurgery.convert.transforms import (
     stack_rows,
 )
 from fusesurgery.errors import ConfigError, KeyMapError, ShapeError
+from fusesurgery.families import decoder_family
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS, TensorInfo
 
 if TYPE_CHECKING:
@@ -603,6 +604,9 @@ def _stacked_entries(source_key: str, parts: tuple[str, ...], info: TensorInfo,
             target_key=kept.key, source_key=source_key, transform=(IDENTITY,),
             source_shape=tuple(info.shape), source_dtype=info.dtype,
             shape=tuple(info.shape), dtype=out_dtype))]
+    if target_layout == "meta" and not decoder_family(family).meta_layout:
+        raise ConfigError(f"the Meta layout holds no {decoder_family(family).display_name} "
+                          "decoder")
     out = []
     for part in parts:
         if isinstance(config, DecoderConfig) and _rope_transform(
