@@ -154,13 +154,15 @@ def _partial_rotary(config: Mapping[str, Any], source: Any, origin: str,
     partial = source.get("partial_rotary_factor") if isinstance(source, Mapping) else None
     if partial is None:
         partial = config.get("partial_rotary_factor")
-    if partial is None:
-        return
     if decoder_family(reading.read.get("family", "llama")).partial_rotary:
-        reading.read["partial_rotary_factor"] = partial  # checked by DecoderConfig
-    elif partial != 1:
+        if partial is not None:
+            reading.read["partial_rotary_factor"] = partial  # checked by DecoderConfig
+        return
+    if partial is not None and partial != 1:
         raise ConfigError(f"{origin}: partial_rotary_factor {partial!r} is not supported for "
                           "this family (its transformers class rotates the whole head)")
+    if "family" in reading.read:  # the named family's class always rotates whole heads
+        reading.read["partial_rotary_factor"] = 1.0
 
 
 def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading) -> None:
