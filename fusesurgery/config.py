@@ -228,9 +228,10 @@ class DecoderConfig:
         scaling = self.rope_scaling
         if scaling is not None and scaling.rope_type == "longrope" and (
                 len(scaling.short_factor) != rotary // 2):
+            dims = (f"head_dim {self.head_dim}" if rotary == self.head_dim
+                    else f"{rotary} rotated dims of head_dim {self.head_dim}")
             error = ConfigError(f"longrope scaling has {len(scaling.short_factor)} factors per "
-                                f"list, {rotary} rotated dims need {rotary // 2} "
-                                "(one per rotated pair)")
+                                f"list, {dims} needs {rotary // 2} (one per rotated pair)")
             error.field = "rope_scaling"
             raise error
         if scaling is not None and scaling.rope_type == "dynamic" and self.head_dim <= 2:

@@ -183,7 +183,7 @@ def test_partial_rotary_must_turn_an_even_number_of_dims():
     with pytest.raises(ConfigError, match="partial_rotary_factor.*not 9"):
         DecoderConfig(vocab_size=64, embed_dim=48, num_layers=1, num_heads=4,
                       intermediate_dim=48, family="phi3", partial_rotary_factor=0.75)
-    with pytest.raises(ConfigError, match="48 rotated dims need 24"):  # factors per turned pair
+    with pytest.raises(ConfigError, match="48 rotated dims of head_dim 128 needs 24"):
         PHI4_MINI.replace(partial_rotary_factor=0.375)
     with pytest.raises(ValueError, match="got rotary_dim 10"):
         RotaryPositionalEmbeddings(8, 16, style="half", rotary_dim=10)

@@ -224,8 +224,8 @@ def test_rope_parameters_must_be_an_object():
 
 
 def test_longrope_factors_must_cover_the_head():
-    with pytest.raises(ConfigError, match="longrope scaling has 4 factors per list, 16 "
-                                          "rotated dims need 8"):
+    with pytest.raises(ConfigError, match="longrope scaling has 4 factors per list, head_dim "
+                                          "16 needs 8"):
         DecoderConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=2,
                       intermediate_dim=48, rope_scaling=SCALINGS["longrope"][1])
 
