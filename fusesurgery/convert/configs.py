@@ -750,6 +750,8 @@ def hf_config_dict(
         for name, spelling in family.hf_config_fields.items():
             out.update(spelling.write(getattr(config, name), config.num_layers))
         out.update(_hf_rope(config))
+        out.update({key: value(config) if callable(value) else value
+                    for key, value in family.hf_written_defaults.items()})
         if family.partial_rotary:
             out["partial_rotary_factor"] = config.partial_rotary_factor
         if family.hf_sliding_window == "always":  # else transformers applies its 4096 default

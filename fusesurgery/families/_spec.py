@@ -82,6 +82,13 @@ class DecoderFamily:
             stacks, in order (Phi-3's ``qkv_proj``: q, k, v; ``gate_up_proj``: w1, w3). Each
             part's rows are what the native config gives that key, so reading splits the
             tensor into byte ranges and writing concatenates the parts back, bitwise.
+        hf_written_defaults: ``config.json`` entries written where no transformers config of
+            the model's own is kept (a native checkpoint without ``hf_config.json``), in place
+            of what the family's config class would assume for an absent key: Phi-3's token
+            ids (32000 of Phi-3-mini's vocabulary, a wrong token or none at all in another's)
+            are written null rather than claimed. A callable value is computed from the
+            ``DecoderConfig`` (Phi-3's top-level ``original_max_position_embeddings``, which
+            its config class puts over the one inside ``rope_scaling``).
         partial_rotary: transformers' class for the family rotates only the first
             ``partial_rotary_factor`` of each head (Phi-3); a factor other than 1 is refused
             for the other families, whose classes rotate the whole head.
@@ -114,6 +121,7 @@ class DecoderFamily:
     native_rope_style: RopeStyle
     hf_config_fields: Mapping[str, ConfigField] = field(default_factory=lambda: frozen({}))
     hf_fused_keys: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: frozen({}))
+    hf_written_defaults: Mapping[str, Any] = field(default_factory=lambda: frozen({}))
     partial_rotary: bool = False
     hf_attention_bias_switch: bool = False
     hf_sliding_window: SlidingWindowRule = "none"

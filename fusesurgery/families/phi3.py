@@ -15,6 +15,8 @@ model rotates whole heads).
 
 from __future__ import annotations
 
+from typing import Any
+
 from fusesurgery.families import llama
 from fusesurgery.families._spec import DecoderFamily, frozen
 
@@ -35,6 +37,16 @@ HF_FUSED_KEYS = frozen({
                                                  "layers.{i}.mlp.w3.weight"),
 })
 
+def original_context(config: Any) -> int:
+    """Phi-3's top-level ``original_max_position_embeddings``: Phi3Config reads it over the
+    one inside the RoPE scaling (its class default is 4096), so it is written as the scaling
+    states it (without LongRoPE, the model's own length, which then changes nothing)."""
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.original_max_position_embeddings is not None:
+        return scaling.original_max_position_embeddings
+    return config.max_seq_len
+
+
 FAMILY = DecoderFamily(
     name="phi3",
     display_name="Phi-3",
@@ -49,6 +61,11 @@ FAMILY = DecoderFamily(
     unstated_heads=frozen({"head_dim": None, "num_kv_heads": None}),
     hf_keys=HF_KEYS,
     hf_fused_keys=HF_FUSED_KEYS,
+    # Phi3Config's token ids are Phi-3-mini's (pad and eos 32000, bos 1); Phi-4-mini's are
+    # others, and a tiny vocabulary has no 32000
+    hf_written_defaults=frozen({"bos_token_id": None, "eos_token_id": None,
+                                "pad_token_id": None,
+                                "original_max_position_embeddings": original_context}),
     partial_rotary=True,
     hf_sliding_window="stated",
     native_rope_style="half",

@@ -253,3 +253,29 @@ def test_diff_without_a_config_compares_a_stacked_tensor_as_stored(tmp_path):
     report = json.loads(result.stdout)
     assert report["identical"]
     assert QKV in report["unmapped_a"]
+
+
+def test_a_native_phi3_without_its_transformers_config_converts_to_what_transformers_runs(
+        tmp_path):
+    """Without the ``hf_config.json`` a conversion keeps, the config.json ``--to hf`` writes
+    must not leave Phi3Config its own assumptions: its top-level 4096-position original
+    context (which it puts over LongRoPE's) and Phi-3-mini's token ids (pad 32000, outside
+    this vocabulary: transformers could not even build the model)."""
+    scaling = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0],
+               "long_factor": [2.0, 4.0, 8.0]}
+    hf = save_tiny_hf_decoder("phi3", tmp_path / "hf", PHI3, partial_rotary_factor=0.75,
+                              original_max_position_embeddings=16, rope_scaling=scaling)
+    native = tmp_path / "native"
+    assert runner.invoke(app, ["convert", str(hf), "-o", str(native)]).exit_code == 0
+    (native / "hf_config.json").unlink()
+    back = tmp_path / "back"
+    result = runner.invoke(app, ["convert", str(native), "-o", str(back), "--to", "hf"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((back / "config.json").read_text())
+    assert written["original_max_position_embeddings"] == 16
+    assert written["pad_token_id"] is None
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    converted = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    tokens = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # past the 16 original positions: the long factors
+        assert torch.equal(converted(tokens).logits, reference(tokens).logits)
