@@ -279,3 +279,44 @@ def test_a_native_phi3_without_its_transformers_config_converts_to_what_transfor
     tokens = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # past the 16 original positions: the long factors
         assert torch.equal(converted(tokens).logits, reference(tokens).logits)
+
+
+def test_real_phi_configs_with_their_shapes_are_detected_from_metadata():
+    """Phi-3-mini-4k's config.json (transformers 4: rope_scaling null, a 2047-token window,
+    the dropouts) and Phi-4-mini's (GQA, 3/4 rotary, LongRoPE, tied), each over the tensor
+    metadata of its real shapes: the stacked tensors' parts get the rows the heads give."""
+    from fusesurgery.convert import detect_model
+
+    mini_4k = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064,
+               "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
+               "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+               "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047,
+               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0,
+               "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+               "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    phi4_mini = {**mini_4k, "vocab_size": 200_064, "num_attention_heads": 24,
+                 "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
+                 "max_position_embeddings": 131_072, "sliding_window": 262_144,
+                 "tie_word_embeddings": True, "pad_token_id": 199_999,
+                 "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48,
+                                  "long_factor": [2.0] * 48}}
+    for document, (heads, kv, head_dim) in ((mini_4k, (32, 32, 96)),
+                                            (phi4_mini, (24, 8, 128))):
+        shape = DecoderConfig(vocab_size=document["vocab_size"], embed_dim=3072, num_layers=32,
+                              num_heads=heads, num_kv_heads=kv, intermediate_dim=8192,
+                              family="phi3", tie_word_embeddings=document[
+                                  "tie_word_embeddings"])
+        infos = layout_tensor_infos(shape, "hf", dtype=torch.bfloat16)
+        detected = detect_model(infos, document, "config.json")
+        config = detected.config
+        assert (config.num_heads, config.num_kv_heads, config.head_dim) == (heads, kv,
+                                                                            head_dim)
+        assert config.rotary_dim == 96  # Phi-4-mini: 3/4 of 128
+        assert detected.provenance["num_kv_heads"] == "read"
+        if document is mini_4k:
+            assert config.rope_scaling is None and config.partial_rotary_factor == 1.0
+            assert any("sliding_window 2047 is not modelled" in note
+                       for note in detected.differences)
+        else:
+            assert config.rope_scaling.factor == 32.0 and config.tie_word_embeddings
