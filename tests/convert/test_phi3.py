@@ -221,7 +221,7 @@ def test_partial_rotary_equals_transformers_phi3(partial):
         assert torch.equal(ours(q)[..., rotated:], q[..., rotated:])  # passed unchanged
 
 
-def test_layouts_and_exports_that_cannot_hold_phi3_refuse_it_in_one_line(tmp_path):
+def test_diff_aligns_parts_and_layouts_that_cannot_hold_phi3_refuse_it(tmp_path):
     hf = save_tiny_hf_decoder("phi3", tmp_path / "hf", PHI3)
     result = runner.invoke(app, ["convert", str(hf), "-o", str(tmp_path / "meta"),
                                  "--to", "meta"])
@@ -234,6 +234,14 @@ def test_layouts_and_exports_that_cannot_hold_phi3_refuse_it_in_one_line(tmp_pat
     fused = tmp_path / "fused"
     assert runner.invoke(app, ["fuse", str(clip), str(hf), "-o", str(fused),
                               "--every", "1"]).exit_code == 0
+    # diff lines the stacked tensors up with their parts: q, k and v of qkv_proj each compare
+    # with its rows, and the fused checkpoint adds only fusion and tower tensors
+    result = runner.invoke(app, ["diff", str(hf), str(fused), "--values", "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and report["only_in_a"] == [] and not report["unmapped_a"]
+    assert report["num_values_compared"] == report["num_values_equal"] == 1 + 2 * 9 + 2
+    assert not any(".fusion_layer." not in item["key"] and item["key"].startswith("decoder.")
+                   and "fusion_embedding" not in item["key"] for item in report["only_in_b"])
     for target, message in (("mllama", "it is a Phi-3 decoder"),
                             ("transformers", "does not stack a Phi-3 decoder's q/k/v")):
         result = runner.invoke(app, ["convert", str(fused), "-o", str(tmp_path / target),
@@ -320,3 +328,22 @@ def test_real_phi_configs_with_their_shapes_are_detected_from_metadata():
                        for note in detected.differences)
         else:
             assert config.rope_scaling.factor == 32.0 and config.tie_word_embeddings
+
+
+def test_a_part_is_a_byte_range_of_its_stacked_tensor(tmp_path):
+    """Cutting q/k/v out of qkv_proj reads nothing: each part is a region of the file, which
+    the writers copy with the kernel; stacking back reads each part once."""
+    from fusesurgery.io import FileRegion, open_checkpoint
+    from fusesurgery.write.plan_sources import plan_entry_source
+
+    hf = save_tiny_hf_decoder("phi3", tmp_path / "hf", PHI3)
+    with open_checkpoint(hf) as source:
+        detected = detect_checkpoint(hf)
+        plan = plan_conversion(source.infos(), "hf", detected.config)
+        stacked = source.file_region(QKV)
+        row_bytes = stacked.nbytes // 64
+        for part, (start, stop) in (("q", (0, 32)), ("k", (32, 48)), ("v", (48, 64))):
+            region = plan_entry_source(plan.entry(f"layers.1.attn.{part}_proj.weight"), source)
+            assert isinstance(region, FileRegion)
+            assert (region.path, region.offset, region.nbytes) == (
+                stacked.path, stacked.offset + start * row_bytes, (stop - start) * row_bytes)
