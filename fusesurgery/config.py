@@ -576,6 +576,13 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
         head_dim=128, intermediate_dim=14_336, max_seq_len=1_024_000, rope_base=1_000_000.0,
         family="mistral",
     ),
+    # Phi-4-mini (3.8B): stacked qkv_proj / gate_up_proj in transformers' layout, 3/4 of each
+    # 128-wide head rotated, tied; shapes only (its LongRoPE factors are the checkpoint's own)
+    "phi4_mini": DecoderConfig(
+        vocab_size=200_064, embed_dim=3072, num_layers=32, num_heads=24, num_kv_heads=8,
+        intermediate_dim=8192, max_seq_len=131_072, tie_word_embeddings=True, family="phi3",
+        partial_rotary_factor=0.75,
+    ),
     "tiny": DecoderConfig(
         vocab_size=256, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2,
         intermediate_dim=128, max_seq_len=128, rope_base=500_000.0,

@@ -8,6 +8,12 @@ at import instead of silently overwriting a tensor.
 Keys a layout holds but the native model has no use for (RoPE frequency buffers, the text
 tower of a CLIP checkpoint, SigLIP's pooling head) are listed in ``DROPPED_KEYS`` with the
 reason, and every conversion reports them. Any other key a map does not know is an error.
+
+A foreign tensor may stack several native ones (Phi-3's ``qkv_proj``: q, k and v rows;
+``gate_up_proj``: w1, then w3), declared by its family file (``hf_fused_keys``):
+:func:`keys_to_native` lists such a key under ``KeyMapping.parts``, and
+:func:`stacked_key` says which stacked tensor a native key is written into; the rows of each
+part come from the config (``convert.plan.stacked_row_ranges``).
 (``convert`` carries SigLIP's head in a file beside the native weights rather than dropping
 it: see :mod:`fusesurgery.convert.pooling_head`.)
 
