@@ -332,7 +332,9 @@ def test_real_phi_configs_with_their_shapes_are_detected_from_metadata():
 
 def test_a_part_is_a_byte_range_of_its_stacked_tensor(tmp_path):
     """Cutting q/k/v out of qkv_proj reads nothing: each part is a region of the file, which
-    the writers copy with the kernel; stacking back reads each part once."""
+    the writers copy with the kernel. Stacking back is one region too where the parts lie one
+    after the other in one file (as ``convert --to native`` writes them); else each part is
+    read and the stacked tensor is made."""
     from fusesurgery.io import FileRegion, open_checkpoint
     from fusesurgery.write.plan_sources import plan_entry_source
 
@@ -347,3 +349,21 @@ def test_a_part_is_a_byte_range_of_its_stacked_tensor(tmp_path):
             assert isinstance(region, FileRegion)
             assert (region.path, region.offset, region.nbytes) == (
                 stacked.path, stacked.offset + start * row_bytes, (stop - start) * row_bytes)
+    native = tmp_path / "native"
+    assert runner.invoke(app, ["convert", str(hf), "-o", str(native)]).exit_code == 0
+    with open_checkpoint(native) as source:
+        plan = plan_conversion(source.infos(), "native", detect_checkpoint(native).config,
+                               target_layout="hf")
+        entry = plan.entry(QKV)
+        region = plan_entry_source(entry, source)
+        q = source.file_region("layers.1.attn.q_proj.weight")
+        assert isinstance(region, FileRegion)
+        assert (region.path, region.offset, region.nbytes) == (q.path, q.offset, 2 * q.nbytes)
+    sharded = tmp_path / "sharded"  # q, k and v in files of their own: read and stacked
+    assert runner.invoke(app, ["convert", str(hf), "-o", str(sharded), "--max-shard-size",
+                               "2KB"]).exit_code == 0
+    with open_checkpoint(sharded) as source:
+        value = plan_entry_source(entry, source)
+        assert isinstance(value, torch.Tensor) and value.shape == (64, 32)
+        with open_checkpoint(hf) as original:
+            assert torch.equal(value, original.get_tensor(QKV))
