@@ -13,8 +13,13 @@ Disk and page-cache timings on shared VMs vary by 2x or more from run to run, so
 alternate within each round from the same starting state, and the ratio is reported both as
 best against best and as the median of the per-round ratios.
 
+With ``--back`` the source is first converted to native (not timed) and the timed conversion
+is native -> hf: the way back, where q/k rows are permuted again and a family's stacked tensors
+(Phi-3's ``qkv_proj``, ``gate_up_proj``, with ``--preset phi4_mini``) are concatenated from
+their parts.
+
 Usage: python benchmarks/bench_convert.py [--workdir DIR] [--preset llama3_2_1b] [--rounds 4]
-       [--settle 1.0] [--keep]
+       [--settle 1.0] [--back] [--keep]
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def make_hf_checkpoint(path: Path, name: str) -> int:
     return max(info.nbytes for info in infos)
 
 
-def convert_in_child(src: Path, dst: Path, durable: bool, settle: float) -> dict:
+def convert_in_child(src: Path, dst: Path, durable: bool, settle: float,
+                     to: str = "native") -> dict:
     """Run the conversion in a fresh process that samples its own RssAnon every 5 ms. The
     child prepares the same start as `cp` gets (`same_start`) after its imports, right before
     the clock starts: the time excludes the interpreter's start and torch's import, which are
@@ -78,7 +84,7 @@ def sample():
         peak[0] = max(peak[0], rss_anon_bytes()); time.sleep(0.005)
 t = threading.Thread(target=sample, daemon=True); t.start()
 start = time.perf_counter()
-convert_checkpoint({str(src)!r}, {str(dst)!r}, durable={durable!r})
+convert_checkpoint({str(src)!r}, {str(dst)!r}, to={to!r}, durable={durable!r})
 seconds = time.perf_counter() - start
 done.set(); t.join()
 print(json.dumps({{"seconds": seconds, "baseline": base, "peak": peak[0]}}))
@@ -115,14 +121,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds to wait before each timed run")
+    parser.add_argument("--back", action="store_true",
+                        help="time native -> hf instead (the source converted first)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fusesurgery-bench-", dir=args.workdir))
+    to = "hf" if args.back else "native"
     try:
         src = work / "hf"
         largest = make_hf_checkpoint(src, args.preset)
+        if args.back:
+            from fusesurgery.write import convert_checkpoint
+
+            convert_checkpoint(src, work / "native", durable=False)
+            shutil.rmtree(src)
+            src = work / "native"
         size = sum(f.stat().st_size for f in src.iterdir())
-        print(f"{args.preset}: {size / 1e9:.2f} GB bf16, largest tensor {largest / 1e6:.0f} MB")
+        print(f"{args.preset}: {size / 1e9:.2f} GB bf16, largest tensor {largest / 1e6:.0f} MB; "
+              f"{'native -> hf' if args.back else 'hf -> native'}")
         print(f"{args.rounds} rounds; in each, cp and convert run in alternating order, each "
               f"from the same start (synced, source cached, {args.settle:g} s pause)")
         times: dict[str, list[float]] = {"cp": [], "cp+sync": [], "convert": [],
@@ -135,7 +151,7 @@ def main() -> None:
                 times[contender].append(time_cp(src, out, sync=contender == "cp+sync"))
             else:
                 result = convert_in_child(src, out, durable=contender.endswith("durable"),
-                                          settle=args.settle)
+                                          settle=args.settle, to=to)
                 times[contender].append(result["seconds"])
                 peaks.append(result["peak"] - result["baseline"])
             shutil.rmtree(out)

@@ -212,6 +212,9 @@ class DecoderConfig:
         local_rope_base: RoPE theta of the ``sliding_layers``, which then apply no RoPE
             scaling (Gemma 3's ``rope_local_base_freq``); None: every layer uses
             ``rope_base`` and ``rope_scaling``.
+        partial_rotary_factor: the fraction of each head RoPE turns (Phi-4-mini: 0.75): the
+            first ``rotary_dim = int(head_dim * factor)`` dims (even), the rest pass as they
+            are, as transformers' Phi-3 does; 1 for every other family.
     """
 
     vocab_size: int
@@ -240,6 +243,7 @@ class DecoderConfig:
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()
     local_rope_base: float | None = None
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
         check_field_values(self)
@@ -264,12 +268,18 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise _field_error(self, "num_kv_heads", self.num_kv_heads,
                                f"a divisor of num_heads {self.num_heads}")
+        rotary = self.rotary_dim
+        if self.partial_rotary_factor > 1 or rotary < 2 or rotary % 2:
+            raise _field_error(self, "partial_rotary_factor", self.partial_rotary_factor,
+                               f"at most 1, turning an even number of dims (at least 2) of "
+                               f"head_dim {self.head_dim}, not {rotary}")
         scaling = self.rope_scaling
         if scaling is not None and scaling.rope_type == "longrope" and (
-                len(scaling.short_factor) != self.head_dim // 2):
+                len(scaling.short_factor) != rotary // 2):
+            dims = (f"head_dim {self.head_dim}" if rotary == self.head_dim
+                    else f"{rotary} rotated dims of head_dim {self.head_dim}")
             error = ConfigError(f"longrope scaling has {len(scaling.short_factor)} factors per "
-                                f"list, head_dim {self.head_dim} needs {self.head_dim // 2} "
-                                "(one per rotated pair)")
+                                f"list, {dims} needs {rotary // 2} (one per rotated pair)")
             error.field = "rope_scaling"
             raise error
         if scaling is not None and scaling.rope_type == "dynamic" and self.head_dim <= 2:
@@ -285,6 +295,12 @@ class DecoderConfig:
         """The sliding window of decoder layer ``layer``, or None when it sees every earlier
         token."""
         return self.sliding_window if layer in self.sliding_layers else None
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head RoPE turns: ``int(head_dim * partial_rotary_factor)``, as
+        transformers derives them."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def replace(self, **changes) -> DecoderConfig:
         """Return a copy with ``changes`` applied (derived fields recomputed if not given)."""
@@ -616,6 +632,13 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
         vocab_size=131_072, embed_dim=5120, num_layers=40, num_heads=32, num_kv_heads=8,
         head_dim=128, intermediate_dim=14_336, max_seq_len=1_024_000, rope_base=1_000_000.0,
         family="mistral",
+    ),
+    # Phi-4-mini (3.8B): stacked qkv_proj / gate_up_proj in transformers' layout, 3/4 of each
+    # 128-wide head rotated, tied; shapes only (its LongRoPE factors are the checkpoint's own)
+    "phi4_mini": DecoderConfig(
+        vocab_size=200_064, embed_dim=3072, num_layers=32, num_heads=24, num_kv_heads=8,
+        intermediate_dim=8192, max_seq_len=131_072, tie_word_embeddings=True, family="phi3",
+        partial_rotary_factor=0.75,
     ),
     "tiny": DecoderConfig(
         vocab_size=256, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2,

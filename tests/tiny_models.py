@@ -26,7 +26,8 @@ LLAMA3_SCALING = {
 
 def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODER,
                          **overrides) -> Path:
-    """A tiny Llama / Mistral / Qwen2 / Qwen3 ``*ForCausalLM`` saved with ``save_pretrained``
+    """A tiny Llama / Mistral / Qwen2 / Qwen3 / Phi-3 ``*ForCausalLM`` saved with
+    ``save_pretrained``
     (weights seeded, so every call gives the same checkpoint)."""
     import transformers
 
@@ -35,6 +36,7 @@ def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODE
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }
     config_cls, model_cls = classes[family]
     torch.manual_seed(0)
@@ -67,7 +69,7 @@ TORCHTUNE_FROM_HF = {
     "lm_head.weight": "output.weight",
 }
 TORCHTUNE_PERMUTES_QK = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False,
-                         "gemma2": True, "gemma3": False}
+                         "gemma2": True, "gemma3": False, "phi3": False}
 # torchtune has no Gemma 3. Its Gemma 2 converter (torchtune/models/gemma2/_convert_weights.py)
 # names the four norms of a Gemma layer so: the post-attention norm sa_scale, the MLP's input
 # norm mlp_norm, the post-feedforward norm mlp_scale. Gemma 3's native layout takes those names,
@@ -82,6 +84,15 @@ GEMMA3_FROM_HF = {
 # module that also caps the hidden state; q/k rows permuted as Llama's.
 GEMMA2_FROM_HF = {**GEMMA3_FROM_HF, "model.norm.weight": "norm.rms_norm.scale"}
 FROM_HF = {"gemma2": GEMMA2_FROM_HF, "gemma3": GEMMA3_FROM_HF}
+# torchtune's phi3_hf_to_tune: Phi-3's stacked tensors, each cut into the parts above (q, k, v
+# by rows: q as wide as the heads, k and v as the kv heads; gate and up in two halves).
+TORCHTUNE_PHI3_STACKED = {
+    "model.layers.{}.self_attn.qkv_proj.weight": ("layers.{}.attn.q_proj.weight",
+                                                  "layers.{}.attn.k_proj.weight",
+                                                  "layers.{}.attn.v_proj.weight"),
+    "model.layers.{}.mlp.gate_up_proj.weight": ("layers.{}.mlp.w1.weight",
+                                                "layers.{}.mlp.w3.weight"),
+}
 
 
 def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
@@ -90,8 +101,8 @@ def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
 
     Args:
         hf_state: the Hugging Face tensors (a tied model's ``lm_head.weight`` is left out).
-        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma2`` or ``gemma3``
-            (torchtune's Gemma 2 names, see ``GEMMA3_FROM_HF``).
+        family: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3``
+            (torchtune's Gemma 2 names, see ``GEMMA3_FROM_HF``) or ``phi3``.
         config: the transformers config (head counts, tying).
     """
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -108,6 +119,14 @@ def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
             continue
         layer = key.split(".")[2] if key.startswith("model.layers.") else None
         template = key if layer is None else key.replace(f".{layer}.", ".{}.", 1)
+        if template in TORCHTUNE_PHI3_STACKED:
+            q_rows, kv_rows = n_heads * head_dim, n_kv * head_dim
+            sizes = ([q_rows, kv_rows, kv_rows] if ".qkv_proj." in key
+                     else [tensor.shape[0] // 2] * 2)
+            for name, part in zip(TORCHTUNE_PHI3_STACKED[template],
+                                  torch.split(tensor, sizes, dim=0), strict=True):
+                out[name.format(layer)] = part.contiguous()
+            continue
         if TORCHTUNE_PERMUTES_QK[family] and ".q_proj." in key:
             tensor = permute(tensor, n_heads)
         elif TORCHTUNE_PERMUTES_QK[family] and ".k_proj." in key:

@@ -104,7 +104,7 @@ def fuse(
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
     """Fuse a vision tower (CLIP, SigLIP, SigLIP2, DINOv2/v3) into a decoder (Llama, Mistral,
-    Qwen2, Qwen3, SmolLM3): gated cross-attention layers starting at exactly zero, new tokens
+    Qwen2, Qwen3, SmolLM3, Phi-3): gated cross-attention layers starting at exactly zero, new tokens
     such as <|image|>, a projection head; written as sharded safetensors with
     fusion_config.json and the tokenizer. With --format transformers (chosen by itself for a
     family with no native module): any decoder and tower transformers has, as a transformers

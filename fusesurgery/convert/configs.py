@@ -153,10 +153,30 @@ def _rope_source(config: Mapping[str, Any], origin: str) -> tuple[Any, Any, bool
     return legacy, theta, "rope_scaling" in config, "rope_scaling"
 
 
+def _partial_rotary(config: Mapping[str, Any], source: Any, origin: str,
+                    reading: ConfigReading) -> None:
+    """``partial_rotary_factor`` (inside the RoPE parameters, as transformers 5 writes it, or
+    at the top level, where transformers 4 reads it): read for a family whose transformers
+    class rotates part of each head (Phi-3), refused for the others unless it is 1."""
+    partial = source.get("partial_rotary_factor") if isinstance(source, Mapping) else None
+    if partial is None:
+        partial = config.get("partial_rotary_factor")
+    if decoder_family(reading.read.get("family", "llama")).partial_rotary:
+        if partial is not None:
+            reading.read["partial_rotary_factor"] = partial  # checked by DecoderConfig
+        return
+    if partial is not None and partial != 1:
+        raise ConfigError(f"{origin}: partial_rotary_factor {partial!r} is not supported for "
+                          "this family (its transformers class rotates the whole head)")
+    if "family" in reading.read:  # the named family's class always rotates whole heads
+        reading.read["partial_rotary_factor"] = 1.0
+
+
 def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading) -> None:
     source, theta, stated, key = _rope_source(config, origin)
     if theta is not None:
         reading.read["rope_base"] = theta  # typed and range-checked by DecoderConfig
+    _partial_rotary(config, source, origin, reading)
     if source is None:
         if stated:
             reading.read["rope_scaling"] = None
@@ -164,10 +184,6 @@ def _rope_from_hf(config: Mapping[str, Any], origin: str, reading: ConfigReading
     if not isinstance(source, Mapping):
         raise ConfigError(f"{origin}: {key} must be an object or null, got {source!r}")
     rope_type = _name(source, "rope_type", origin) or _name(source, "type", origin) or "default"
-    partial = source.get("partial_rotary_factor", config.get("partial_rotary_factor"))
-    if partial is not None and partial != 1:
-        raise ConfigError(f"{origin}: partial_rotary_factor {partial!r} is not supported (the "
-                          "native RoPE rotates the whole head)")
     if rope_type == "default":
         reading.read["rope_scaling"] = None
         return
@@ -848,6 +864,10 @@ def hf_config_dict(
             raise ConfigError(
                 f"a {config.family} config.json cannot express attn_bias={config.attn_bias}"
             )
+        if config.partial_rotary_factor != 1 and not decoder_family(
+                config.family).partial_rotary:
+            raise ConfigError(f"a {config.family} config.json cannot express "
+                              f"partial_rotary_factor={config.partial_rotary_factor}")
         for name, fixed in HF_DECODER_FIXED[config.family].items():
             if getattr(config, name) != fixed:  # (qk_norm, layers without RoPE, Gemma's)
                 raise ConfigError(f"a {config.family} config.json cannot express "
@@ -865,6 +885,10 @@ def hf_config_dict(
             out.update(spelling.write(getattr(config, name), config.num_layers))
         out.update(_hf_rope(config))
         out.update(_hf_window_spelling(config))
+        out.update({key: value(config) if callable(value) else value
+                    for key, value in family.hf_written_defaults.items()})
+        if family.partial_rotary:
+            out["partial_rotary_factor"] = config.partial_rotary_factor
     return {"architectures": [HF_ARCHITECTURES[config.family]],
             "model_type": HF_MODEL_TYPES[config.family], **out}
 
@@ -929,6 +953,12 @@ def _over_base(config: DecoderConfig, base: Mapping[str, Any]) -> dict[str, Any]
             out["max_position_embeddings"] = base["max_position_embeddings"]
         else:
             out.pop("max_position_embeddings", None)
+    if family.partial_rotary and meant.get("partial_rotary_factor", 1.0) != (
+            config.partial_rotary_factor):
+        out["partial_rotary_factor"] = config.partial_rotary_factor
+        if isinstance(out.get("rope_parameters"), Mapping):
+            out["rope_parameters"] = {**out["rope_parameters"],
+                                      "partial_rotary_factor": config.partial_rotary_factor}
     if (meant["rope_base"], meant["rope_scaling"]) != (config.rope_base, config.rope_scaling):
         rope = _hf_rope(config)
         parameters = base.get("rope_parameters")

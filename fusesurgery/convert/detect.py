@@ -402,6 +402,63 @@ def _infer_decoder_fields(
     fields.offer("num_kv_heads", k[0] // head_dim, "inferred")
 
 
+def _int_field(fields: _Fields, name: str) -> int | None:
+    value = fields.get(name)
+    return value if _positive_int(value) else None
+
+
+def _head_dim(fields: _Fields) -> int | None:
+    heads, width = _int_field(fields, "num_heads"), _int_field(fields, "embed_dim")
+    derived = width // heads if heads and width and not width % heads else None
+    return _int_field(fields, "head_dim") or derived
+
+
+def _kv_rows(fields: _Fields) -> int | None:
+    kv, head_dim = _int_field(fields, "num_kv_heads"), _head_dim(fields)
+    return kv * head_dim if kv and head_dim else None
+
+
+# The rows of a native tensor that a foreign one stacks with others (Phi-3's qkv_proj,
+# gate_up_proj), from the config fields known before the shapes are read; None: not known,
+# the parts without a known count share the rest equally (k and v are equally wide, as are
+# w1 and w3).
+_PART_ROWS: dict[str, Callable[[_Fields], int | None]] = {
+    "layers.{i}.attn.q_proj.weight": lambda f: (
+        _int_field(f, "num_heads") * _head_dim(f)
+        if _int_field(f, "num_heads") and _head_dim(f) else None),
+    "layers.{i}.attn.k_proj.weight": _kv_rows,
+    "layers.{i}.attn.v_proj.weight": _kv_rows,
+    "layers.{i}.mlp.w1.weight": lambda f: _int_field(f, "intermediate_dim"),
+    "layers.{i}.mlp.w3.weight": lambda f: _int_field(f, "intermediate_dim"),
+}
+
+
+def _split_stacked(fields: _Fields, mapping: KeyMapping, tensors: Mapping[str, TensorInfo],
+                   shapes: dict[str, Shape], names: dict[str, str]) -> None:
+    """Give each native part of a stacked source tensor its shape: its rows from what the
+    config states (q: heads x head_dim, ...), the parts it does not state sharing the rest.
+
+    Raises:
+        ConfigError: the stated widths do not fit the stacked tensor's rows.
+    """
+    embedding = shapes.get("tok_embeddings.weight")
+    if embedding is not None and len(embedding) == 2:
+        fields.offer("embed_dim", embedding[1], "inferred")
+    for source, parts in mapping.parts.items():
+        shape = tuple(tensors[source].shape)
+        known = {part: _PART_ROWS.get(split_layer_index(part)[0], lambda f: None)(fields)
+                 for part in parts}
+        unknown = [part for part, rows in known.items() if rows is None]
+        rest = (shape[0] if shape else 0) - sum(rows for rows in known.values() if rows)
+        if rest < 0 or (unknown and rest % len(unknown)) or (not unknown and rest):
+            stated = ", ".join(f"{part} {rows}" for part, rows in known.items() if rows)
+            raise ConfigError(f"{source} has shape {list(shape)}: its rows do not stack "
+                              f"{', '.join(parts)} as the config gives them ({stated})")
+        for part in parts:
+            rows = known[part] or rest // len(unknown)
+            shapes[part], names[part] = (rows, *shape[1:]), source
+
+
 def _fusion_from_keys(
     shapes: Mapping[str, Shape], decoder: DecoderConfig
 ) -> tuple[FusionConfig, str | None]:
@@ -472,8 +529,9 @@ def _detect_decoder(
     overrides: Mapping[str, Any] | None,
 ) -> DetectedModel:
     prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
-    _, shapes, names, fields, notes = _start_detection(
+    mapping, shapes, names, fields, notes = _start_detection(
         tensors, layout, kind, reading, overrides, DECODER_FIELDS, "decoder")
+    _split_stacked(fields, mapping, tensors, shapes, names)
     if layout == "mllama":
         split_embedding_shapes(shapes, names)
     _infer_decoder_fields(fields, shapes, names, prefix, origin)

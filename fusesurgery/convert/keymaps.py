@@ -8,6 +8,12 @@ at import instead of silently overwriting a tensor.
 Keys a layout holds but the native model has no use for (RoPE frequency buffers, the text
 tower of a CLIP checkpoint, SigLIP's pooling head) are listed in ``DROPPED_KEYS`` with the
 reason, and every conversion reports them. Any other key a map does not know is an error.
+
+A foreign tensor may stack several native ones (Phi-3's ``qkv_proj``: q, k and v rows;
+``gate_up_proj``: w1, then w3), declared by its family file (``hf_fused_keys``):
+:func:`keys_to_native` lists such a key under ``KeyMapping.parts``, and
+:func:`stacked_key` says which stacked tensor a native key is written into; the rows of each
+part come from the config (``convert.plan.stacked_row_ranges``).
 (``convert`` carries SigLIP's head in a file beside the native weights rather than dropping
 it: see :mod:`fusesurgery.convert.pooling_head`.)
 
@@ -28,6 +34,7 @@ Kinds and layouts:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -170,6 +177,25 @@ META_DECODER_TO_NATIVE: dict[str, str] = union_key_map(
     ((name, family.meta_keys) for name, family in DECODER_FAMILIES.items()
      if family.meta_layout), "meta decoder")
 
+# Foreign tensors that stack several native ones (Phi-3's ``qkv_proj``, ``gate_up_proj``):
+# foreign template -> the native templates of its row blocks, in order. Reading splits such a
+# tensor; writing the family's layout concatenates the parts back.
+HF_DECODER_SPLITS: dict[str, tuple[str, ...]] = {}
+for _name, _family in DECODER_FAMILIES.items():
+    for _source, _parts in _family.hf_fused_keys.items():
+        if HF_DECODER_SPLITS.setdefault(_source, tuple(_parts)) != tuple(_parts):
+            raise KeyMapError(f"hf decoder key {_source!r} stacks different keys in {_name}")
+        if _source in HF_DECODER_TO_NATIVE:
+            raise KeyMapError(f"hf decoder key {_source!r} is both whole and stacked")
+
+# family -> native template -> (foreign template, its part index, every part's template): what
+# a native key is written into in the family's transformers layout when that stacks it.
+HF_DECODER_MERGES: dict[str, dict[str, tuple[str, int, tuple[str, ...]]]] = {
+    name: {part: (source, index, tuple(parts))
+           for source, parts in family.hf_fused_keys.items()
+           for index, part in enumerate(parts)}
+    for name, family in DECODER_FAMILIES.items() if family.hf_fused_keys}
+
 HF_VISION_PREFIX = "vision_model."
 
 # (the towers spelled as CLIP is; a family with transformers names of its own, DINOv2 and
@@ -283,6 +309,13 @@ for (_kind, _layout), _table in [*TO_NATIVE.items(), *(
         (("decoder", family), table) for family, table in HF_DECODER_FAMILY_TO_NATIVE.items())]:
     _strays = set(_table.values()) - _NATIVE_TEMPLATES[_kind]
     assert not _strays, f"{_kind}/{_layout} key map names non-native keys: {sorted(_strays)}"
+
+_strays = {part for parts in HF_DECODER_SPLITS.values() for part in parts} - set(
+    NATIVE_DECODER_KEYS)
+assert not _strays, f"stacked hf decoder keys name non-native keys: {sorted(_strays)}"
+assert all(source.count(LAYER) == part.count(LAYER) <= 1
+           for source, parts in HF_DECODER_SPLITS.items() for part in parts), (
+    "a stacked key and its parts must carry one {i} on both sides or none")
 
 _FUSED_DECODER_TEMPLATES = frozenset(NATIVE_DECODER_KEYS) | frozenset(NATIVE_FUSION_KEYS)
 
@@ -417,6 +450,48 @@ def to_native_key(key: str, layout: str, kind: str = "decoder",
     raise KeyMapError(f"unknown key {key!r} for a {kind} checkpoint in the {layout} layout")
 
 
+def to_native_parts(key: str, layout: str, kind: str = "decoder") -> tuple[str, ...] | None:
+    """The native keys whose rows one foreign tensor stacks, in order (Phi-3's
+    ``model.layers.0.self_attn.qkv_proj.weight`` -> ``layers.0.attn.q_proj.weight``, ``k_proj``,
+    ``v_proj``), or None for a key that is not such a tensor."""
+    if kind != "decoder" or layout != "hf":
+        return None
+    template, index = split_layer_index(_normalize_hf_key(key, layout, kind))
+    parts = HF_DECODER_SPLITS.get(template)
+    return None if parts is None else tuple(_fill(part, index) for part in parts)
+
+
+@dataclass(frozen=True)
+class StackedKey:
+    """Where a native key lies in a foreign tensor that stacks several native ones.
+
+    Args:
+        key: the foreign tensor's key.
+        index: this native key's place among the parts.
+        parts: every part's native key, in the order their rows are stacked.
+    """
+
+    key: str
+    index: int
+    parts: tuple[str, ...]
+
+
+def stacked_key(key: str, layout: str, kind: str = "decoder",
+                family: str | None = None) -> StackedKey | None:
+    """The foreign tensor ``family``'s ``layout`` stacks native ``key`` into (Phi-3's
+    ``layers.0.attn.k_proj.weight`` -> ``qkv_proj``, part 1 of 3), or None when it is written
+    on its own."""
+    if kind != "decoder" or layout != "hf" or family not in HF_DECODER_MERGES:
+        return None
+    template, index = split_layer_index(key)
+    found = HF_DECODER_MERGES[family].get(template)
+    if found is None:
+        return None
+    source, position, parts = found
+    return StackedKey(_fill(source, index), position,
+                      tuple(_fill(part, index) for part in parts))
+
+
 def from_native_key(key: str, layout: str, kind: str = "decoder",
                     family: str | None = None) -> str:
     """The ``layout`` name of one native key.
@@ -426,8 +501,10 @@ def from_native_key(key: str, layout: str, kind: str = "decoder",
         layout: the target layout, ``"native"``, ``"hf"`` or ``"meta"``.
         kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
         family: the model's family, for a family with transformers names of its own
-            (``HF_VISION_FAMILY_TO_NATIVE``, ``HF_DECODER_FAMILY_TO_NATIVE``); None or another
-            family takes the shared names (CLIP's, Llama's).
+            (``HF_VISION_FAMILY_TO_NATIVE``, ``HF_DECODER_FAMILY_TO_NATIVE``) and for a decoder
+            family that stacks native tensors (Phi-3: q/k/v go into ``qkv_proj``, which is the
+            name returned, for each part); None or another family takes the shared names
+            (CLIP's, Llama's).
 
     Raises:
         KeyMapError: the key is not a native key of that kind, or has no name in ``layout``
@@ -441,6 +518,9 @@ def from_native_key(key: str, layout: str, kind: str = "decoder",
         if _fused_key_is_known(key):
             return key
         raise KeyMapError(f"unknown key {key!r} for a fused checkpoint (native layout)")
+    stacked = stacked_key(key, layout, kind, family)
+    if stacked is not None:
+        return stacked.key
     table = FROM_NATIVE[kind, layout]
     if layout == "hf" and (kind, family) in _OWN_FROM_NATIVE:
         table = _OWN_FROM_NATIVE[kind, family]
@@ -457,10 +537,21 @@ class KeyMapping:
     Args:
         mapping: source key -> target key, in the order the source keys came.
         dropped: source key -> why it was dropped.
+        parts: source key -> the target keys whose rows it stacks, in order, for a source
+            tensor that holds several (Phi-3's ``qkv_proj``); such a key is not in
+            ``mapping``.
     """
 
     mapping: dict[str, str]
     dropped: dict[str, str]
+    parts: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def sources(self) -> dict[str, str]:
+        """target key -> the source key holding it (a stacked part: the stacked tensor)."""
+        out = {target: source for source, target in self.mapping.items()}
+        for source, targets in self.parts.items():
+            out.update(dict.fromkeys(targets, source))
+        return out
 
 
 def _describe_keys(keys: list[str], limit: int = 5) -> str:
@@ -523,12 +614,28 @@ def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> K
         return KeyMapping(mapping=mapping, dropped=dropped)
     keys = list(keys)
     family = hf_decoder_family_of(keys) if (kind, layout) == ("decoder", "hf") else None
-    return _map_all(
-        keys,
+    whole, parts = [], {}
+    for key in keys:
+        stacked = to_native_parts(key, layout, kind)
+        if stacked is None:
+            whole.append(key)
+        else:
+            parts[key] = stacked
+    result = _map_all(
+        whole,
         lambda key: to_native_key(key, layout, kind, family),
         lambda key: dropped_reason(key, layout, kind) or "dropped",
         f"{kind} {layout} key map",
     )
+    claimed = {target: source for source, target in result.mapping.items()}
+    for source, targets in parts.items():
+        for target in targets:
+            if target in claimed:
+                raise KeyMapError(
+                    f"keys {claimed[target]!r} and {source!r} both hold {target!r}; the "
+                    "checkpoint holds the same tensor twice under two spellings")
+            claimed[target] = source
+    return dataclasses.replace(result, parts=parts)
 
 
 def keys_from_native(keys: Iterable[str], layout: str, kind: str = "decoder",
@@ -554,7 +661,9 @@ __all__ = [
     "HF_DECODER_BARE_ROOTS",
     "HF_DECODER_FAMILY_FROM_NATIVE",
     "HF_DECODER_FAMILY_TO_NATIVE",
+    "HF_DECODER_MERGES",
     "HF_DECODER_PREFIX",
+    "HF_DECODER_SPLITS",
     "HF_DECODER_TO_NATIVE",
     "HF_VISION_FAMILY_FROM_NATIVE",
     "HF_VISION_FAMILY_TO_NATIVE",
@@ -567,6 +676,7 @@ __all__ = [
     "NATIVE_VISION_KEYS",
     "TO_NATIVE",
     "KeyMapping",
+    "StackedKey",
     "Kind",
     "Layout",
     "dropped_reason",
@@ -576,5 +686,7 @@ __all__ = [
     "keys_from_native",
     "keys_to_native",
     "split_layer_index",
+    "stacked_key",
     "to_native_key",
+    "to_native_parts",
 ]

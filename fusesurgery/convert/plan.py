@@ -24,9 +24,11 @@ from fusesurgery.convert.keymaps import (
     LAYER,
     NATIVE_DECODER_KEYS,
     NATIVE_VISION_KEYS,
+    KeyMapping,
     from_native_key,
     keys_to_native,
     split_layer_index,
+    stacked_key,
 )
 from fusesurgery.convert.mllama import FUSED_EMBEDDING as MLLAMA_EMBEDDING
 from fusesurgery.convert.mllama import FUSED_FUSION_EMBEDDING as MLLAMA_FUSION_EMBEDDING
@@ -35,11 +37,14 @@ from fusesurgery.convert.transforms import (
     IDENTITY,
     PERMUTE_QK_FROM_NATIVE,
     PERMUTE_QK_TO_NATIVE,
+    STACK_ROWS,
     TAKE_ROWS,
     Transform,
     apply_transform,
+    stack_rows,
 )
 from fusesurgery.errors import ConfigError, KeyMapError, ShapeError
+from fusesurgery.families import decoder_family
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS, TensorInfo
 
 if TYPE_CHECKING:
@@ -174,6 +179,9 @@ def layout_tensor_infos(
     for native_key, shape in expected_native_shapes(config).items():
         name = prefix + from_native_key(native_prefix + native_key, layout, kind,
                                         config.family)
+        if name in infos:  # a part of a tensor the layout stacks (Phi-3's qkv_proj)
+            stacked = infos[name].shape
+            shape = (stacked[0] + shape[0], *stacked[1:])
         infos[name] = TensorInfo(name, shape, dtype)
     return infos
 
@@ -289,6 +297,10 @@ class PlanEntry:
         source_dtype: the source tensor's dtype.
         shape: the output shape.
         dtype: the output dtype (a cast follows the transform when it differs).
+        parts: for a tensor stacked from several (Phi-3's ``qkv_proj`` written from native
+            q/k/v): one entry per part, in row order; the output is their outputs
+            concatenated along dim 0 (``transform`` is ``("stack_rows",)``, ``source_key``
+            the first part's). Empty for every other entry.
     """
 
     target_key: str
@@ -298,6 +310,7 @@ class PlanEntry:
     source_dtype: torch.dtype
     shape: Shape
     dtype: torch.dtype
+    parts: tuple[PlanEntry, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -473,7 +486,7 @@ def plan_conversion(
     kind = _kind_of(config, kind)
     mapping = keys_to_native(tensors, source_layout, kind)
     dropped = dict(mapping.dropped)
-    native_to_source = {native: source for source, native in mapping.mapping.items()}
+    native_to_source = mapping.sources()
     prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
 
     output_key = prefix + "output.weight"
@@ -483,6 +496,9 @@ def plan_conversion(
 
     native_shapes = {native: tuple(tensors[source].shape)
                      for native, source in native_to_source.items()}
+    row_ranges = stacked_row_ranges(mapping, tensors, config)
+    for native, (start, stop) in row_ranges.items():
+        native_shapes[native] = (stop - start, *native_shapes[native][1:])
     if source_layout == "mllama":  # one source table, two native ones
         split_embedding_shapes(native_shapes, native_to_source)
     check_native_shapes(
@@ -495,10 +511,17 @@ def plan_conversion(
     if isinstance(config, DecoderConfig) and config.head_dim % 2:
         raise ShapeError(f"head_dim {config.head_dim} is odd; RoPE rotates pairs of dims")
 
-    entries = []
-    for source_key, native_key in mapping.mapping.items():
-        if source_key in dropped:
+    entries: list[tuple[str | None, PlanEntry]] = []  # (native key, entry)
+    for source_key in tensors:
+        if source_key in dropped or source_key in mapping.parts:
+            if source_key in mapping.parts:
+                entries.extend(_stacked_entries(source_key, mapping.parts[source_key],
+                                                tensors[source_key], row_ranges, kind,
+                                                target_layout, config, dtype))
             continue
+        if source_key not in mapping.mapping:
+            continue
+        native_key = mapping.mapping[source_key]
         info = tensors[source_key]
         if not info.is_floating_point:
             raise ShapeError(
@@ -511,10 +534,10 @@ def plan_conversion(
             for key, start, stop in ((native_key, 0, vocab),
                                      (MLLAMA_FUSION_EMBEDDING, vocab, info.shape[0])):
                 shape = (stop - start, *info.shape[1:])
-                entries.append(PlanEntry(
+                entries.append((key, PlanEntry(
                     target_key=key, source_key=source_key, transform=(TAKE_ROWS, start, stop),
                     source_shape=tuple(info.shape), source_dtype=info.dtype, shape=shape,
-                    dtype=dtype if dtype is not None else info.dtype))
+                    dtype=dtype if dtype is not None else info.dtype)))
             continue
         transform: Transform = (IDENTITY,)
         if kind == "decoder":
@@ -523,24 +546,125 @@ def plan_conversion(
             transform = _rope_transform(native_key.removeprefix(FUSED_DECODER_PREFIX), "hf",
                                         target_layout, config)
         out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
-        entries.append(
-            PlanEntry(
-                target_key=from_native_key(native_key, target_layout, kind, config.family),
-                source_key=source_key,
-                transform=transform,
-                source_shape=tuple(info.shape),
-                source_dtype=info.dtype,
-                shape=tuple(info.shape),
-                dtype=out_dtype,
-            )
-        )
+        entries.append((native_key, PlanEntry(
+            target_key=from_native_key(native_key, target_layout, kind, config.family),
+            source_key=source_key,
+            transform=transform,
+            source_shape=tuple(info.shape),
+            source_dtype=info.dtype,
+            shape=tuple(info.shape),
+            dtype=out_dtype,
+        )))
     return ConversionPlan(
         kind=kind,
         source_layout=source_layout,
         target_layout=target_layout,
-        entries=tuple(entries),
+        entries=_stack_parts(entries, kind, target_layout, config),
         dropped=tuple(dropped.items()),
     )
+
+
+def stacked_row_ranges(mapping: KeyMapping, tensors: Mapping[str, TensorInfo],
+                       config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """For each native key a source tensor stacks with others (``mapping.parts``), the rows
+    ``[start, stop)`` of that tensor it is: each part as many rows as ``config`` gives it.
+
+    Raises:
+        ConfigError: a stacked tensor's rows are not its parts' rows (the head counts or
+            widths the config states do not fit it).
+    """
+    if not mapping.parts:
+        return {}
+    expected = expected_native_shapes(config)
+    ranges: dict[str, tuple[int, int]] = {}
+    for source, parts in mapping.parts.items():
+        start, shapes = 0, []
+        for part in parts:
+            rows = expected.get(part, (0,))[0]
+            ranges[part] = (start, start + rows)
+            shapes.append(f"{part} {rows}")
+            start += rows
+        have = tensors[source].shape
+        if not have or have[0] != start:
+            raise ConfigError(
+                f"checkpoint disagrees with the config: {source} has shape {list(have)}, "
+                f"whose rows should stack {', '.join(shapes)} ({start} in all)")
+    return ranges
+
+
+def _stacked_entries(source_key: str, parts: tuple[str, ...], info: TensorInfo,
+                     row_ranges: Mapping[str, tuple[int, int]], kind: str,
+                     target_layout: str, config: ModelConfig,
+                     dtype: torch.dtype | None) -> list[tuple[str | None, PlanEntry]]:
+    """The entries of a source tensor that stacks native ones: the tensor whole where the
+    target stacks the same parts under one key (a cast, or hf -> hf), else one row range a
+    part."""
+    out_dtype = dtype if dtype is not None else info.dtype
+    family = config.family
+    kept = stacked_key(parts[0], target_layout, kind, family)
+    if kept is not None and kept.parts == parts:
+        return [(None, PlanEntry(  # no native key: written as it is
+            target_key=kept.key, source_key=source_key, transform=(IDENTITY,),
+            source_shape=tuple(info.shape), source_dtype=info.dtype,
+            shape=tuple(info.shape), dtype=out_dtype))]
+    if target_layout == "meta" and not decoder_family(family).meta_layout:
+        raise ConfigError(f"the Meta layout holds no {decoder_family(family).display_name} "
+                          "decoder")
+    out = []
+    for part in parts:
+        if isinstance(config, DecoderConfig) and _rope_transform(
+                part, "hf", target_layout, config) != (IDENTITY,):
+            raise ShapeError(f"{source_key}: its part {part} needs its q/k rows reordered as "
+                             "well as cut out, which no family does yet")
+        start, stop = row_ranges[part]
+        out.append((part, PlanEntry(
+            target_key=from_native_key(part, target_layout, kind, family),
+            source_key=source_key, transform=(TAKE_ROWS, start, stop),
+            source_shape=tuple(info.shape), source_dtype=info.dtype,
+            shape=(stop - start, *info.shape[1:]), dtype=out_dtype)))
+    return out
+
+
+def _stack_parts(entries: list[tuple[str | None, PlanEntry]], kind: str, target_layout: str,
+                 config: ModelConfig) -> tuple[PlanEntry, ...]:
+    """The entries with those the target layout stacks into one tensor (native q/k/v ->
+    Phi-3's ``qkv_proj``) merged into one entry, placed where its first part was.
+
+    Raises:
+        KeyMapError: a stacked tensor lacks some of its parts.
+    """
+    groups: dict[str, dict[str, PlanEntry]] = {}
+    order: list[tuple[str, PlanEntry | None]] = []
+    stacks: dict[str, tuple[str, ...]] = {}
+    for native_key, entry in entries:
+        stacked = None if native_key is None else stacked_key(native_key, target_layout, kind,
+                                                              config.family)
+        if stacked is None:
+            order.append((entry.target_key, entry))
+            continue
+        if entry.target_key not in groups:
+            groups[entry.target_key] = {}
+            stacks[entry.target_key] = stacked.parts
+            order.append((entry.target_key, None))
+        groups[entry.target_key][native_key] = entry
+    out = []
+    for key, entry in order:
+        if entry is not None:
+            out.append(entry)
+            continue
+        parts = groups[key]
+        missing = [part for part in stacks[key] if part not in parts]
+        if missing:
+            raise KeyMapError(f"{key} stacks {', '.join(stacks[key])}, but the checkpoint "
+                              f"lacks {', '.join(missing)}")
+        ordered = tuple(parts[part] for part in stacks[key])
+        first = ordered[0]
+        rows = sum(part.shape[0] for part in ordered)
+        out.append(PlanEntry(
+            target_key=key, source_key=first.source_key, transform=(STACK_ROWS,),
+            source_shape=(rows, *first.shape[1:]), source_dtype=first.source_dtype,
+            shape=(rows, *first.shape[1:]), dtype=first.dtype, parts=ordered))
+    return tuple(out)
 
 
 def apply_plan_entry(entry: PlanEntry, tensor: torch.Tensor) -> torch.Tensor:
@@ -556,6 +680,9 @@ def apply_plan_entry(entry: PlanEntry, tensor: torch.Tensor) -> torch.Tensor:
     Raises:
         ShapeError: the tensor's shape or dtype is not what the plan was made from.
     """
+    if entry.parts:
+        raise ShapeError(f"{entry.target_key} is stacked from {len(entry.parts)} tensors: "
+                         "read it with plan_entry_value")
     if tuple(tensor.shape) != entry.source_shape or tensor.dtype != entry.source_dtype:
         raise ShapeError(
             f"{entry.source_key}: planned for {list(entry.source_shape)} "
@@ -566,6 +693,18 @@ def apply_plan_entry(entry: PlanEntry, tensor: torch.Tensor) -> torch.Tensor:
     if out.dtype != entry.dtype:
         out = out.to(entry.dtype)
     return out
+
+
+def plan_entry_value(entry: PlanEntry, load: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The output tensor of ``entry``, reading its source tensors with ``load``: one for a
+    plain entry, each part's for a stacked one (concatenated along dim 0).
+
+    Raises:
+        ShapeError: a loaded tensor does not match its plan entry.
+    """
+    if not entry.parts:
+        return apply_plan_entry(entry, load(entry.source_key))
+    return stack_rows([plan_entry_value(part, load) for part in entry.parts])
 
 
 def apply_plan(
@@ -581,7 +720,7 @@ def apply_plan(
         ShapeError: a loaded tensor does not match its plan entry.
     """
     for entry in plan.entries:
-        yield entry.target_key, apply_plan_entry(entry, load(entry.source_key))
+        yield entry.target_key, plan_entry_value(entry, load)
 
 
 __all__ = [
@@ -596,4 +735,6 @@ __all__ = [
     "layout_rope_style",
     "layout_tensor_infos",
     "plan_conversion",
+    "plan_entry_value",
+    "stacked_row_ranges",
 ]

@@ -16,11 +16,17 @@ CLIP's class embedding ``[d_e]`` and position table ``[n_tokens, d_e]`` have the
 both layouts, so the vision tower needs no transform.
 
 A transform in a plan is plain data, ``(name, *int_args)``, looked up in ``TRANSFORMS``.
+
+Some layouts stack several native tensors in one (Phi-3's ``qkv_proj``: the q, k and v rows;
+``gate_up_proj``: w1's rows, then w3's). Reading one part is :func:`take_rows` (a byte range of
+the stacked tensor, which the writers copy without reading the rest); writing the stacked
+tensor is :func:`stack_rows` over the parts, each read on its own (``STACK_ROWS`` in a plan
+entry with ``parts``). The two are inverses, so the round trip is bitwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from fusesurgery.errors import ShapeError
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
 
 IDENTITY = "identity"
 TAKE_ROWS = "take_rows"
+STACK_ROWS = "stack_rows"
 PERMUTE_QK_TO_NATIVE = "permute_qk_to_native"
 PERMUTE_QK_FROM_NATIVE = "permute_qk_from_native"
 
@@ -105,6 +112,26 @@ def take_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     if not 0 <= start <= stop <= tensor.shape[0]:
         raise ShapeError(f"rows [{start}, {stop}) lie outside a tensor of {tensor.shape[0]} rows")
     return tensor[start:stop]
+
+
+def stack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The parts' rows one after the other (``[sum r_k, ...]``): a stacked tensor such as
+    Phi-3's ``qkv_proj`` from its q, k and v parts; the inverse of :func:`take_rows` over
+    consecutive ranges.
+
+    Raises:
+        ShapeError: no parts, or parts whose trailing dims or dtypes differ.
+    """
+    if not parts:
+        raise ShapeError("nothing to stack: no parts")
+    first = parts[0]
+    for part in parts[1:]:
+        if part.shape[1:] != first.shape[1:] or part.dtype != first.dtype:
+            raise ShapeError(f"cannot stack a {list(part.shape)} {part.dtype} part under a "
+                             f"{list(first.shape)} {first.dtype} one")
+    import torch  # noqa: PLC0415 - imported where tensors are touched (fast start-up)
+
+    return torch.cat(list(parts), dim=0)
 
 
 TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
@@ -183,6 +210,7 @@ __all__ = [
     "PERMUTE_QK_FROM_NATIVE",
     "PERMUTE_QK_TO_NATIVE",
     "ROW_PERMUTATIONS",
+    "STACK_ROWS",
     "TAKE_ROWS",
     "TRANSFORMS",
     "Transform",
@@ -191,4 +219,6 @@ __all__ = [
     "permute_qk_from_native",
     "permute_qk_to_native",
     "row_order",
+    "stack_rows",
+    "take_rows",
 ]

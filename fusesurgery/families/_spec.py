@@ -70,10 +70,10 @@ class DecoderFamily:
             the native attention does not have, so true is refused. A family whose q/k/v
             biases are fixed (``hf_defaults["attn_bias"]`` true) ignores the key.
         hf_sliding_window: how transformers applies ``sliding_window``: ``"none"`` (never),
-            ``"always"`` (Mistral: every layer; a missing key means
-            ``hf_defaults["sliding_window"]``), ``"use_sliding_window"`` (Qwen2/3, SmolLM3:
-            only with that switch, to the layers ``layer_types`` or
-            ``hf_window_layers`` names), or ``"modelled"``: the family reads
+            ``"always"`` (Mistral, Phi-3: every layer; a missing key means
+            ``hf_defaults["sliding_window"]``: 4096 for Mistral, none for Phi-3),
+            ``"use_sliding_window"`` (Qwen2/3, SmolLM3: only with that switch, to the layers
+            ``layer_types`` or ``hf_window_layers`` names), or ``"modelled"``: the family reads
             ``sliding_window`` and ``sliding_layers`` itself (Gemma). Each rule's window and
             layers are read into the native config (``sliding_window``, ``sliding_layers``)
             and written back in the family's spelling.
@@ -91,6 +91,20 @@ class DecoderFamily:
             ``hf_layout_markers`` is read, and this family written, with it alone.
         hf_layout_markers: transformers key templates only this family has, which tell its
             key set apart (``own_hf_names`` families).
+        hf_fused_keys: transformers key template -> the native key templates whose rows it
+            stacks, in order (Phi-3's ``qkv_proj``: q, k, v; ``gate_up_proj``: w1, w3). Each
+            part's rows are what the native config gives that key, so reading splits the
+            tensor into byte ranges and writing concatenates the parts back, bitwise.
+        hf_written_defaults: ``config.json`` entries written where no transformers config of
+            the model's own is kept (a native checkpoint without ``hf_config.json``), in place
+            of what the family's config class would assume for an absent key: Phi-3's token
+            ids (32000 of Phi-3-mini's vocabulary, a wrong token or none at all in another's)
+            are written null rather than claimed. A callable value is computed from the
+            ``DecoderConfig`` (Phi-3's top-level ``original_max_position_embeddings``, which
+            its config class puts over the one inside ``rope_scaling``).
+        partial_rotary: transformers' class for the family rotates only the first
+            ``partial_rotary_factor`` of each head (Phi-3); a factor other than 1 is refused
+            for the other families, whose classes rotate the whole head.
         meta_keys: Meta key template -> native key template, when ``meta_layout``.
         native_rope_style: the RoPE pairing of the native layout: ``"interleaved"`` (Meta,
             torchtune's Llama and Mistral: HF q/k rows are permuted on the way) or ``"half"``
@@ -119,6 +133,9 @@ class DecoderFamily:
     hf_keys: Mapping[str, str]
     native_rope_style: RopeStyle
     hf_config_fields: Mapping[str, ConfigField] = field(default_factory=lambda: frozen({}))
+    hf_fused_keys: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: frozen({}))
+    hf_written_defaults: Mapping[str, Any] = field(default_factory=lambda: frozen({}))
+    partial_rotary: bool = False
     hf_attention_bias_switch: bool = False
     hf_sliding_window: SlidingWindowRule = "none"
     hf_window_layers: WindowLayers = "max_window_layers"

@@ -93,7 +93,6 @@ FAMILY = DecoderFamily(
                  "whole width",
         "olmo": "LayerNorms without weights, q/k/v clipping",
         "granite": "embedding, residual, attention and logit multipliers",
-        "phi3": "fused qkv_proj and gate_up_proj tensors, partial rotary, longrope",
         "glm4": "fused gate_up_proj, post-attention and post-MLP norms, partial rotary",
         "internlm2": "fused wqkv tensor",
         "cohere": "LayerNorm, parallel attention and MLP, logit scale",

@@ -46,6 +46,7 @@ from fusesurgery.convert.plan import PlanEntry, _rope_transform
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
 from fusesurgery.convert.transforms import IDENTITY, Transform
 from fusesurgery.errors import ConfigError, KeyMapError
+from fusesurgery.families import decoder_family
 from fusesurgery.hf import EXPORT_MODEL_TYPE
 from fusesurgery.io import TensorInfo
 from fusesurgery.surgery.fused import open_fused
@@ -227,6 +228,11 @@ def _check_exportable(config: FusedConfig, path: object) -> None:
                           "RMSNorms, not this model's (1 + w) kind (a Gemma decoder's); use the "
                           "fused checkpoint with fusesurgery, or fuse --format transformers "
                           "straight from the sources")
+    if decoder_family(config.decoder.family).hf_fused_keys:
+        raise ConfigError(f"{path}: the transformers export does not stack a "
+                          f"{decoder_family(config.decoder.family).display_name} decoder's "
+                          "q/k/v and gate/up tensors back yet; fuse the sources with --format "
+                          "transformers instead")
     if config.encoder.family in NOT_EXPORTED_TOWERS:
         raise ConfigError(f"{path}: the transformers export does not carry a "
                           f"{NOT_EXPORTED_TOWERS[config.encoder.family]} tower yet; use the "

@@ -52,7 +52,8 @@ def build_rope(cfg: DecoderConfig, local: bool = False) -> RotaryPositionalEmbed
         return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.local_rope_base,
                                           None, style=cfg.rope_style)
     return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.rope_base,
-                                      cfg.rope_scaling, style=cfg.rope_style)
+                                      cfg.rope_scaling, style=cfg.rope_style,
+                                      rotary_dim=cfg.rotary_dim)
 
 
 def _norm(cfg: DecoderConfig, dim: int) -> RMSNorm:

@@ -167,9 +167,14 @@ class RotaryPositionalEmbeddings(nn.Module):
         base: RoPE theta.
         scaling: optional RoPE scaling (:class:`~fusesurgery.config.RopeScaling`).
         style: ``"interleaved"`` or ``"half"``, the pairing the q/k weights were laid out for.
+        rotary_dim: the leading dims of each head that are turned, ``r_d`` (partial rotary,
+            Phi-4-mini: ``0.75 * h_d``); the frequencies are those of an ``r_d``-wide head, as
+            transformers computes them, and the other ``h_d - r_d`` dims pass unchanged. None:
+            the whole head.
 
     Raises:
-        ValueError: ``head_dim`` is odd or ``style`` unknown.
+        ValueError: ``head_dim`` or ``rotary_dim`` is odd, ``rotary_dim`` is not in
+            ``[2, head_dim]``, or ``style`` is unknown.
     """
 
     def __init__(
@@ -179,13 +184,19 @@ class RotaryPositionalEmbeddings(nn.Module):
         base: float = 10_000.0,
         scaling: RopeScaling | None = None,
         style: RopeStyle = "interleaved",
+        rotary_dim: int | None = None,
     ) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
+            raise ValueError(f"RoPE turns an even number of dims between 2 and head_dim "
+                             f"{head_dim}, got rotary_dim {rotary_dim}")
         if style not in ROPE_STYLES:
             raise ValueError(f"unknown RoPE style {style!r}; valid: {', '.join(ROPE_STYLES)}")
         self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
         self.max_seq_len = max_seq_len
         self.base = base
         self.scaling = scaling
@@ -208,9 +219,9 @@ class RotaryPositionalEmbeddings(nn.Module):
         target = torch.device(device) if device is not None else torch.get_default_device()
         # [positions, h_d // 2, 2] = (cos, sin); on meta the shape alone, no arithmetic
         rows = self.max_seq_len if target.type == "meta" else 0
-        self.cache = torch.empty(rows, self.head_dim // 2, 2, device=target)
+        self.cache = torch.empty(rows, self.rotary_dim // 2, 2, device=target)
         if hasattr(self, "long_cache"):
-            self.long_cache = torch.empty(rows, self.head_dim // 2, 2, device=target)
+            self.long_cache = torch.empty(rows, self.rotary_dim // 2, 2, device=target)
         self._checked_pos = None
         # dynamic scaling: the longest call seen past the original context, and the
         # frequencies for it (None: the original ones, in the table)
@@ -255,7 +266,7 @@ class RotaryPositionalEmbeddings(nn.Module):
         """
         if self.cache.size(0) < length:
             self.cache = self._grow(self.cache, rope_frequencies(
-                self.head_dim, self.base, self.scaling), length)
+                self.rotary_dim, self.base, self.scaling), length)
         else:
             self._check_length(length)
 
@@ -279,7 +290,7 @@ class RotaryPositionalEmbeddings(nn.Module):
         original frequencies for a call shorter than the original context."""
         original = self._switch_length
         if length > self._dynamic_length:
-            self._dynamic_freq = rope_frequencies(self.head_dim, self.base, self.scaling,
+            self._dynamic_freq = rope_frequencies(self.rotary_dim, self.base, self.scaling,
                                                   seq_len=length)
             self._dynamic_length = length
         if length < original < self._dynamic_length:
@@ -287,7 +298,8 @@ class RotaryPositionalEmbeddings(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "" if self.scaling is None else f", scaling={self.scaling.rope_type!r}"
-        return f"head_dim={self.head_dim}, style={self.style!r}{kind}"
+        partial = "" if self.rotary_dim == self.head_dim else f", rotary_dim={self.rotary_dim}"
+        return f"head_dim={self.head_dim}{partial}, style={self.style!r}{kind}"
 
     def cos_sin(self, seq_len: int, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """cos and sin of each position's angles, attention factor included, for one call of
@@ -321,7 +333,7 @@ class RotaryPositionalEmbeddings(nn.Module):
             if kind == "longrope" and length > self._switch_length:
                 table_name = "long_cache"
                 self.long_cache = self._grow(self.long_cache, rope_frequencies(
-                    self.head_dim, self.base, self.scaling, seq_len=length), length)
+                    self.rotary_dim, self.base, self.scaling, seq_len=length), length)
             elif self.cache.size(0) < length:
                 self.reserve(length)
         table = getattr(self, table_name)
@@ -339,7 +351,10 @@ class RotaryPositionalEmbeddings(nn.Module):
         Raises:
             ValueError: a position past ``max_seq_len``.
         """
-        seq_len, half = x.size(1), self.head_dim // 2
+        seq_len, half = x.size(1), self.rotary_dim // 2
+        passed = None
+        if self.rotary_dim != self.head_dim:  # partial rotary: the trailing dims pass as they are
+            x, passed = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
         rope = self.cos_sin(seq_len, input_pos)
         # [s, h_d/2, 2] -> [1, s, 1, h_d/2, 2]   or   [b, s, h_d/2, 2] -> [b, s, 1, h_d/2, 2]
         rope = rope.view(-1, seq_len, 1, half, 2)
@@ -353,5 +368,7 @@ class RotaryPositionalEmbeddings(nn.Module):
             first, second = x.float().split(half, dim=-1)
         rotated = (first * cos - second * sin, second * cos + first * sin)
         if self.style == "interleaved":
-            return torch.stack(rotated, dim=-1).flatten(-2).type_as(x)
-        return torch.cat(rotated, dim=-1).type_as(x)
+            out = torch.stack(rotated, dim=-1).flatten(-2).type_as(x)
+        else:
+            out = torch.cat(rotated, dim=-1).type_as(x)
+        return out if passed is None else torch.cat([out, passed], dim=-1)

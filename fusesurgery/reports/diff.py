@@ -60,7 +60,9 @@ from fusesurgery.convert.keymaps import (
     hf_decoder_family_of,
     keys_to_native,
     split_layer_index,
+    to_native_parts,
 )
+from fusesurgery.convert.plan import stacked_row_ranges
 from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, Transform, apply_transform
 from fusesurgery.errors import (
     ConfigError,
@@ -69,7 +71,7 @@ from fusesurgery.errors import (
     ShapeError,
     UnrecognizedFormatError,
 )
-from fusesurgery.io import CheckpointSource, open_checkpoint
+from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
 from fusesurgery.reports.formatting import format_bytes, format_index_set
 
 if TYPE_CHECKING:
@@ -537,6 +539,25 @@ class _Names:
     compared: dict[str, str]  # compared name -> stored key, in stored order
     dropped: dict[str, str]  # stored key -> reason
     unmapped: tuple[str, ...]
+    # compared name -> the rows [start, stop) of its stored key it is, for a part of a stacked
+    # tensor (Phi-3's qkv_proj holds q, k and v)
+    rows: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    def shape(self, infos: Mapping[str, TensorInfo], name: str) -> tuple[int, ...]:
+        """The compared tensor's shape (a part's: its rows of the stacked one)."""
+        shape = tuple(infos[self.compared[name]].shape)
+        if name in self.rows:
+            start, stop = self.rows[name]
+            shape = (stop - start, *shape[1:])
+        return shape
+
+    def tensor(self, source: CheckpointSource, name: str) -> torch.Tensor:
+        """The compared tensor (a part: a view of its rows of the stacked one)."""
+        tensor = source.get_tensor(self.compared[name])
+        if name in self.rows:
+            start, stop = self.rows[name]
+            tensor = tensor[start:stop]
+        return tensor
 
 
 def _detect_kind(source: CheckpointSource, *, required: bool) -> tuple[str | None, str | None]:
@@ -587,12 +608,28 @@ def _claim(compared: dict[str, str], name: str, key: str, source: CheckpointSour
     compared[name] = key
 
 
+def _stacked_rows(source: CheckpointSource, overrides: Mapping[str, Any] | None
+                  ) -> dict[str, tuple[int, int]] | None:
+    """native key -> its rows of the stacked tensor holding it (Phi-3's q/k/v in qkv_proj),
+    from the checkpoint's config; None when its config cannot be resolved."""
+    try:
+        config = detect_model(source.infos(), source.config, source.config_file,
+                              overrides).config
+        mapping = keys_to_native(source.keys(), "hf", "decoder")
+        return stacked_row_ranges(mapping, source.infos(), config)
+    except (ConfigError, KeyMapError, UnrecognizedFormatError):
+        return None
+
+
 def _normalised_names(
-    source: CheckpointSource, kind: str, layout: str, prefix: str
+    source: CheckpointSource, kind: str, layout: str, prefix: str,
+    overrides: Mapping[str, Any] | None = None,
 ) -> _Names:
     compared: dict[str, str] = {}
     dropped: dict[str, str] = {}
     unmapped: list[str] = []
+    rows: dict[str, tuple[int, int]] = {}
+    ranges: dict[str, tuple[int, int]] | None = None
     if layout == "mllama":  # its layer numbers need the whole key set
         mapping = keys_to_native(source.keys(), layout, kind)
         for key, native in mapping.mapping.items():
@@ -601,6 +638,18 @@ def _normalised_names(
     # a family with transformers names of its own (Gemma) is told by its whole key set
     family = hf_decoder_family_of(source.keys()) if (kind, layout) == ("decoder", "hf") else None
     for key in source.keys():
+        parts = to_native_parts(key, layout, kind)
+        if parts is not None:
+            # a stacked tensor: each part compares as its native name, its rows of the
+            # tensor (which the config gives); without a config, as stored
+            ranges = _stacked_rows(source, overrides) if ranges is None else ranges
+            if ranges is None or any(part not in ranges for part in parts):
+                unmapped.append(key)
+                continue
+            for part in parts:
+                _claim(compared, prefix + part, key, source)
+                rows[prefix + part] = ranges[part]
+            continue
         try:
             native = to_native_key(key, layout, kind, family)
         except KeyMapError:
@@ -613,7 +662,7 @@ def _normalised_names(
     # Unknown keys keep their stored names, so an extra tensor shows up as "only in".
     for key in unmapped:
         _claim(compared, key, key, source)
-    return _Names(compared, dropped, tuple(unmapped))
+    return _Names(compared, dropped, tuple(unmapped), rows)
 
 
 def _alignment_prefix(kind: str, other_kind: str) -> str:
@@ -760,8 +809,9 @@ def _rope_transforms(
     # transforms are known even when the two sides differ in which keys or shapes they hold.
     model_infos = layout_tensor_infos(config, "hf", kind="decoder", dtype="F32")
     plan = plan_conversion(model_infos, "hf", config, target_layout="native", kind="decoder")
+    # (a row range of a stacked tensor is cut by the names, not transformed)
     return {entry.source_key: entry.transform for entry in plan.entries
-            if entry.transform[0] != IDENTITY}
+            if entry.transform[0] not in (IDENTITY, TAKE_ROWS)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -871,8 +921,8 @@ def _diff(
     else:
         assert kind_a and layout_a and kind_b and layout_b
         prefix_a, prefix_b = _alignment_prefix(kind_a, kind_b), _alignment_prefix(kind_b, kind_a)
-        names_a = _normalised_names(source_a, kind_a, layout_a, prefix_a)
-        names_b = _normalised_names(source_b, kind_b, layout_b, prefix_b)
+        names_a = _normalised_names(source_a, kind_a, layout_a, prefix_a, overrides)
+        names_b = _normalised_names(source_b, kind_b, layout_b, prefix_b, overrides)
 
     infos_a, infos_b = source_a.infos(), source_b.infos()
     only_in_a = tuple(name for name in names_a.compared if name not in names_b.compared)
@@ -882,8 +932,9 @@ def _diff(
     for name in common:
         info_a = infos_a[names_a.compared[name]]
         info_b = infos_b[names_b.compared[name]]
-        if info_a.shape != info_b.shape:
-            shape_changes.append(ShapeChange(name, tuple(info_a.shape), tuple(info_b.shape)))
+        shape_a, shape_b = names_a.shape(infos_a, name), names_b.shape(infos_b, name)
+        if shape_a != shape_b:
+            shape_changes.append(ShapeChange(name, shape_a, shape_b))
         else:
             same_shape.append(name)
         if info_a.dtype_code != info_b.dtype_code:  # torch-free: no tensor is touched
@@ -905,7 +956,7 @@ def _diff(
             key_a, key_b = names_a.compared[name], names_b.compared[name]
             try:
                 result = compare_tensors(
-                    source_a.get_tensor(key_a), source_b.get_tensor(key_b),
+                    names_a.tensor(source_a, name), names_b.tensor(source_b, name),
                     transform_a=transforms_a.get(key_a), transform_b=transforms_b.get(key_b),
                     atol=atol, chunk_bytes=chunk_bytes,
                 )

@@ -468,6 +468,8 @@ def _component_counts(
 
     def component_of(source_key: str) -> str:
         native = mapping.mapping.get(source_key)
+        if source_key in mapping.parts:  # a stacked tensor (qkv_proj): its first part's
+            native = mapping.parts[source_key][0]
         if native is None:
             return f"{NOT_CONVERTED} ({mapping.dropped[source_key]})"
         matches = [(len(glob), component) for component, globs in patterns for glob in globs

@@ -18,7 +18,12 @@ from typing import Any
 
 from fusesurgery.config import DecoderConfig, FusionConfig, VisionEncoderConfig
 from fusesurgery.convert.configs import coerce_rope_scaling
-from fusesurgery.convert.keymaps import FUSED_VISION_PREFIX, TO_NATIVE, to_native_key
+from fusesurgery.convert.keymaps import (
+    FUSED_VISION_PREFIX,
+    TO_NATIVE,
+    to_native_key,
+    to_native_parts,
+)
 from fusesurgery.errors import ConfigError, FuseSurgeryError
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS
@@ -382,9 +387,12 @@ def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
                           f"{part} tensors (first difference: {odd[0]!r}); the config does not "
                           "belong to these weights")
     for native, source_key in names.items():
+        parts = to_native_parts(source_key, layout, kind)
         try:
             mapped = to_native_key(source_key, layout, kind,
-                                   decoder_family if kind == "decoder" else None)
+                                   decoder_family if kind == "decoder" else None
+                                   ) if parts is None else (
+                native if native in parts else f"one of {', '.join(parts)}")
         except FuseSurgeryError:
             mapped = None
         if mapped != native:

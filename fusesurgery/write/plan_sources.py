@@ -7,14 +7,14 @@ from __future__ import annotations
 import torch
 
 from fusesurgery.convert import apply_plan_entry
-from fusesurgery.convert.plan import ConversionPlan, PlanEntry
+from fusesurgery.convert.plan import ConversionPlan, PlanEntry, plan_entry_value
 from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, row_order
 from fusesurgery.io import CheckpointSource, FileRegion, PermutedRegion, TensorInfo
 
 
 def plan_entry_tensor(entry: PlanEntry, source: CheckpointSource) -> torch.Tensor:
     """The converted tensor of one plan entry, mmap-backed when nothing changes."""
-    return apply_plan_entry(entry, source.get_tensor(entry.source_key))
+    return plan_entry_value(entry, source.get_tensor)
 
 
 def plan_entry_source(
@@ -22,7 +22,12 @@ def plan_entry_source(
 ) -> torch.Tensor | FileRegion | PermutedRegion:
     """What the writer gets for one plan entry: the file region when the bytes do not change
     (the kernel copies them), the region with a row order when only rows move (gathered from
-    the file's pages), else the converted tensor."""
+    the file's pages), else the converted tensor (a stacked one from its parts, each read on
+    its own; or, where the parts lie one after the other in one file, as a native conversion
+    writes them, that one byte range)."""
+    if entry.parts:
+        region = _adjacent_parts(entry, source)
+        return region if region is not None else plan_entry_value(entry, source.read_tensor)
     if entry.dtype == entry.source_dtype:
         region = source.file_region(entry.source_key)
         if region is not None and entry.transform == (IDENTITY,):
@@ -40,6 +45,24 @@ def plan_entry_source(
             return apply_plan_entry(entry, source.get_tensor(entry.source_key))
     # about to be rewritten anyway: one read beats faulting in mapped pages
     return apply_plan_entry(entry, source.read_tensor(entry.source_key))
+
+
+def _adjacent_parts(entry: PlanEntry, source: CheckpointSource) -> FileRegion | None:
+    """The one byte range a stacked entry's parts make up when each is an unchanged tensor and
+    each starts where the one before ends, in one file; else None."""
+    regions = []
+    for part in entry.parts:
+        if part.parts or part.transform != (IDENTITY,) or part.dtype != part.source_dtype \
+                or part.dtype != entry.dtype:
+            return None
+        region = source.file_region(part.source_key)
+        if region is None or (regions and (region.path != regions[-1].path or region.offset
+                                           != regions[-1].offset + regions[-1].nbytes)):
+            return None
+        regions.append(region)
+    if not regions:
+        return None
+    return FileRegion(regions[0].path, regions[0].offset, sum(r.nbytes for r in regions))
 
 
 def source_file_order(

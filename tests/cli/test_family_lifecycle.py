@@ -2,7 +2,9 @@
 transformers itself: Qwen3 (per-head q/k RMSNorms, a head_dim that is not width / heads, no
 biases), Mistral NeMo (head_dim not width / heads), Gemma 3 text ((1 + w) norms before and
 after attention and MLP, GeGLU, a scaled embedding, sliding layers of window 4 beside a
-global one), Gemma 2 (the same without q/k norms, soft-capped scores) and a SigLIP2
+global one), Gemma 2 (the same without q/k norms, soft-capped scores), Phi-3 / Phi-4-mini
+(stacked qkv_proj and gate_up_proj, partial rotary, LongRoPE past the original context) and
+a SigLIP2
 fixed-resolution tower (which transformers stores as ``siglip``).
 
 Each case: ``load_decoder`` against transformers at 8 and 40 tokens; ``fuse`` ->
@@ -32,6 +34,9 @@ SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_lay
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 # head_dim 12, not 32 / 4 = 8: q_proj has 48 rows for a width of 32
 HEAD_DIM = 12
+# Phi-3's LongRoPE context: 32 original positions of the 64 (factor 2, attention factor
+# sqrt(1 + ln 2 / ln 32))
+PHI3_LONGROPE = dict(original_max_position_embeddings=32)
 
 # name -> (family, config settings, dtype written, max_shard_size or None, encoder)
 CASES = {
@@ -64,14 +69,42 @@ CASES = {
     "gemma2-untied-bf16-sharded": ("gemma2", dict(head_dim=HEAD_DIM, num_hidden_layers=3,
                                                   sliding_window=4, tie_word_embeddings=False),
                                    torch.bfloat16, "8KB", "siglip2"),
+    # Phi-4-mini's shape: 3/4 of each 8-wide head rotated (3 LongRoPE factors a list), tied,
+    # a pad token of its own; the 40-token call passes the original 32 positions
+    "phi4-mini-tied-f32": ("phi3", dict(PHI3_LONGROPE, partial_rotary_factor=0.75,
+                                        tie_word_embeddings=True, pad_token_id=63,
+                                        eos_token_id=62, bos_token_id=1,
+                                        rope_scaling={"rope_type": "longrope",
+                                                      "short_factor": [1.0, 1.25, 1.5],
+                                                      "long_factor": [2.0, 3.0, 5.0]}),
+                           torch.float32, None, "clip"),
+    # Phi-3.5-mini's shape: whole heads rotated, untied, Phi-3 mini's sliding window; bf16 in
+    # 8 kB shards, so the stacked tensors and their parts lie in several files
+    "phi3.5-untied-bf16-sharded": ("phi3", dict(PHI3_LONGROPE, sliding_window=2047,
+                                                pad_token_id=62, eos_token_id=62,
+                                                rope_scaling={"rope_type": "longrope",
+                                                              "short_factor": [1.0, 1.1, 1.2,
+                                                                               1.3],
+                                                              "long_factor": [1.5, 2.0, 4.0,
+                                                                              8.0]}),
+                                   torch.bfloat16, "8KB", "siglip2"),
 }
 CLASSES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
            "mistral": ("MistralConfig", "MistralForCausalLM"),
            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
-           "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+           "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+           "phi3": ("Phi3Config", "Phi3ForCausalLM")}
 GEMMA = ("gemma2", "gemma3")
 # families whose native layout keeps transformers' rotate-half q/k rows
-HALF = ("qwen3", "gemma3")
+HALF = ("qwen3", "gemma3", "phi3")
+QK_NORM = ("qwen3", "gemma3")
+# the same operations in transformers' order, so bitwise (Phi-3: transformers runs one stacked
+# q/k/v matmul where the native model runs three)
+BITWISE = ("qwen3", "gemma3")
+
+
+def _head_dim(case: str) -> int:
+    return CASES[case][1].get("head_dim", SIZES["hidden_size"] // SIZES["num_attention_heads"])
 
 
 def cli(*args):
@@ -142,18 +175,20 @@ def test_load_decoder_equals_transformers(tmp_path, case):
         assert (hf / "model.safetensors.index.json").exists()
     reference = _reference(hf)
     decoder = load_decoder(hf, dtype=torch.float32).eval()
-    attn = decoder.layers[0].attn
-    assert attn.head_dim == HEAD_DIM and attn.q_proj.weight.shape == (4 * HEAD_DIM, 32)
-    assert (attn.q_norm is not None) == (family in HALF)
+    attn, head_dim = decoder.layers[0].attn, _head_dim(case)
+    assert attn.head_dim == head_dim and attn.q_proj.weight.shape == (4 * head_dim, 32)
+    assert (attn.q_norm is not None) == (family in QK_NORM)
     assert attn.q_proj.bias is None and attn.output_proj.bias is None
     assert attn.pos_embeddings.style == ("half" if family in HALF else "interleaved")
+    partial = CASES[case][1].get("partial_rotary_factor", 1.0)
+    assert attn.pos_embeddings.rotary_dim == int(head_dim * partial)
     for length in (8, 40):
         tokens = torch.randint(0, SIZES["vocab_size"], (2, length),
                                generator=torch.Generator().manual_seed(length))
         with torch.no_grad():
             ours, theirs = decoder(tokens), reference(tokens).logits
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-        if family in HALF:
+        if family in BITWISE:
             # the same operations in transformers' order (rotate-half RoPE, q/k norms in
             # fp32, SDPA): bitwise; interleaved RoPE (Mistral) rounds differently
             assert torch.equal(ours, theirs)
@@ -178,12 +213,19 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     eps = hf_config["rms_norm_eps"]
     assert (config["fusion"]["ca_norm_eps"], config["fusion"]["qk_norm_eps"]) == (eps, eps)
     assert config["fusion"]["norm_unit_offset"] == (family in GEMMA)
-    assert config["decoder"]["qk_norm"] == (family in HALF)
+    assert config["decoder"]["qk_norm"] == (family in QK_NORM)
     if family in GEMMA:
         assert config["decoder"]["sliding_window"] == 4
         assert config["decoder"]["sliding_layers"] == [
             i for i, kind in enumerate(hf_config["layer_types"]) if kind == "sliding_attention"]
-    assert (config["decoder"]["family"], config["decoder"]["head_dim"]) == (family, HEAD_DIM)
+    assert (config["decoder"]["family"], config["decoder"]["head_dim"]) == (family,
+                                                                          _head_dim(case))
+    if family == "phi3":  # the stacked tensors recorded as the source of each part
+        assert config["decoder"]["partial_rotary_factor"] == CASES[case][1].get(
+            "partial_rotary_factor", 1.0)
+        source_keys = config["sources"]["decoder"]["source_keys"]
+        assert {source_keys[f"layers.0.attn.{p}_proj.weight"] for p in "qkv"} == {
+            "model.layers.0.self_attn.qkv_proj.weight"}
 
     result = cli("validate", fused, "--against", decoder, "--json")
     assert result.exit_code == 0, result.output
@@ -201,8 +243,13 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     assert result.exit_code == 0, result.output
 
     native = tmp_path / "native"
-    result = cli("convert", decoder, "-o", native, "--to", "native")
+    shard = ["--max-shard-size", "3KB"] if family == "phi3" and CASES[case][3] else []
+    result = cli("convert", decoder, "-o", native, "--to", "native", *shard)
     assert result.exit_code == 0, result.output
+    if shard:  # a stacked tensor's parts land in different output shards
+        weight_map = json.loads((native / "model.safetensors.index.json").read_text())[
+            "weight_map"]
+        assert len({weight_map[f"layers.0.attn.{p}_proj.weight"] for p in "qkv"}) > 1
     # torchtune's converter's names and values: Qwen3 renamed only (q_norm / k_norm inside
     # attn, no row permutation), Mistral NeMo's q/k rows permuted per head of 12
     reference_config = transformers.AutoConfig.from_pretrained(decoder)
@@ -213,7 +260,7 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     result = cli("diff", "--values", decoder, native)  # lined up in one layout: identical
     assert result.exit_code == 0, result.output
     back = tmp_path / "back"
-    result = cli("convert", native, "-o", back, "--to", "hf")
+    result = cli("convert", native, "-o", back, "--to", "hf")  # stacked from several shards
     assert result.exit_code == 0, result.output
     _assert_bitwise(_tensors(back), {k: v for k, v in original.items()})
     assert json.loads((back / "config.json").read_text()) == hf_config

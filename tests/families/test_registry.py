@@ -70,8 +70,8 @@ def test_decoder_key_rows_are_what_transformers_saves(tmp_path, name, tied):
     model = getattr(transformers, family.architectures[0])(config)
     saved = _templates(k for k in _saved_keys(model, tmp_path)
                        if not (tied and k == "lm_head.weight"))
-    rows = set(family.hf_keys) - (set() if not tied else {"lm_head.weight"})
-    assert saved == rows
+    rows = set(family.hf_keys) | set(family.hf_fused_keys)
+    assert saved == rows - (set() if not tied else {"lm_head.weight"})
 
 
 @pytest.mark.parametrize("name", sorted(VISION_FAMILIES))
@@ -131,6 +131,12 @@ def test_each_family_key_map_is_one_to_one_onto_native_keys(name):
     native = NATIVE_DECODER_KEYS if family.kind == "decoder" else NATIVE_VISION_KEYS
     for table in (family.hf_keys, getattr(family, "meta_keys", {})):
         assert set(invert_key_map(table)) <= set(native)
+    # a stacked tensor's parts are native keys no whole row names (each native key has one
+    # source)
+    parts = [part for stacked in getattr(family, "hf_fused_keys", {}).values()
+             for part in stacked]
+    assert set(parts) <= set(native)
+    assert len(parts) == len(set(parts)) and not set(parts) & set(family.hf_keys.values())
 
 
 def test_generic_tables_are_the_union_of_the_family_rows():
@@ -211,6 +217,7 @@ def test_native_rope_style_picks_the_q_k_transform():
     """The one per-family tensor transform: interleaved families permute HF's q/k rows."""
     from fusesurgery.config import DECODER_PRESETS
     from fusesurgery.convert.plan import layout_tensor_infos, plan_conversion
+    from fusesurgery.convert.transforms import ROW_PERMUTATIONS
 
     for name in DECODER_FAMILIES:
         config = DECODER_PRESETS["tiny"].replace(family=name,
@@ -220,7 +227,7 @@ def test_native_rope_style_picks_the_q_k_transform():
         infos = layout_tensor_infos(config, "hf", dtype=torch.float32)
         plan = plan_conversion(infos, "hf", config)
         q = plan.entry("layers.0.attn.q_proj.weight")
-        permuted = q.transform[0] != "identity"
+        permuted = q.transform[0] in ROW_PERMUTATIONS  # (Phi-3's: rows cut from qkv_proj)
         assert permuted == (decoder_family(name).native_rope_style == "interleaved")
 
 
