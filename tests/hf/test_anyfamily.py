@@ -334,7 +334,8 @@ def test_output_path_rules_are_every_writers(fused, tmp_path):
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--dtype", "bf16"], "--dtype is not supported with --format transformers"),
     (["--num-heads", "4"], "config overrides are not supported"),
-    (["--encoder-tokens", "patches"], "--encoder-tokens is not supported with --format"),
+    (["--encoder-tokens", "cls_and_patches", "--every", "1"],
+     "(aimv2_vision_model) has no class token"),
 ])
 def test_options_the_layout_cannot_honour_are_refused(fused, args, fragment, tmp_path):
     pair = fused["olmo2-aimv2"]
