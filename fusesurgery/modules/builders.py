@@ -45,9 +45,11 @@ def _swiglu(dim: int, hidden_dim: int) -> FeedForward:
 
 
 def build_rope(cfg: DecoderConfig) -> RotaryPositionalEmbeddings:
-    """The decoder's RoPE, in the pairing of the family's native layout (``cfg.rope_style``)."""
+    """The decoder's RoPE, in the pairing of the family's native layout (``cfg.rope_style``),
+    its output in the half order (attention's sums then run as transformers' do)."""
     return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.rope_base,
-                                      cfg.rope_scaling, style=cfg.rope_style)
+                                      cfg.rope_scaling, style=cfg.rope_style,
+                                      half_order_output=True)
 
 
 def build_decoder_layer(

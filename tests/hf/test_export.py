@@ -120,7 +120,9 @@ def test_logits_with_an_image_equal_load_fused(exported):
                        encoder_mask=_encoder_mask(ids, s_e))
     exported_logits = exported["gated"]["logits"]
     assert not torch.equal(exported_logits, exported["zero"]["logits"])  # the gates act
-    torch.testing.assert_close(exported_logits, native, rtol=0, atol=1e-5)
+    # bitwise: float32 on the CPU, the same kernels (the native decoder's RoPE hands attention
+    # q and k in transformers' dim order, so its q . k sums round as transformers' do)
+    assert torch.equal(exported_logits, native)
 
 
 def test_zero_gates_give_the_source_decoder_bitwise(exported):
