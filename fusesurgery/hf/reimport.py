@@ -34,6 +34,7 @@ from fusesurgery.hf.export import (
     TEXT_PREFIX,
     VISION_PREFIX,
     exported_key,
+    processor_notes,
 )
 from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.io._files import read_side_file
@@ -242,7 +243,7 @@ def unfuse_export(
     overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     durable: bool = True,
-) -> tuple[int, WriteResult]:
+) -> tuple[int, WriteResult, tuple[str, ...]]:
     """The text model (or the tower) of a transformers export on its own: a prefix strip of
     its keys (``language_model.`` / ``vision_tower.``), its bytes copied by the kernel, with
     its source's config (or the export's sub-config) and the source files fuse kept.
@@ -257,7 +258,9 @@ def unfuse_export(
         durable: fsync before the output appears.
 
     Returns:
-        The number of tensors and the files written.
+        The number of tensors, the files written, and notes on the export (a tokenizer or
+        image-processor file missing: its processor cannot load, though the part written is
+        whole, its own files coming from ``source/``).
 
     Raises:
         FuseSurgeryError: an unknown part, not an export, keys or shapes other than its
@@ -293,7 +296,7 @@ def unfuse_export(
             out_dir, infos, produce, max_shard_size=max_shard_size, extra_files=extra,
             overwrite=overwrite, on_progress=on_progress, durable=durable,
             inputs=(directory, *source.paths_read))
-    return len(infos), written
+    return len(infos), written, processor_notes(directory)
 
 
 __all__ = ["import_transformers", "is_transformers_export", "unfuse_export"]
