@@ -3,10 +3,11 @@ classes, without importing transformers (or torch) itself.
 
 Where transformers' auto modules are already imported, :func:`install` registers at once.
 Otherwise it puts a finder in front of ``sys.meta_path`` that answers only for
-``transformers`` and its submodules: it wraps their loaders, and when the outermost
-transformers import in progress has finished (so no transformers module is half-initialised
-and the registration's own imports cannot meet one), it registers each Auto group whose module
-is now imported: ``AutoConfig`` once ``configuration_auto`` is, ``AutoModel`` /
+``transformers`` and its submodules, and for the exported model's own template modules (they
+import transformers, and registering imports them): it wraps their loaders, and when the
+outermost such import in progress has finished (so none of those modules is half-initialised
+and the registration's own imports cannot meet one), it registers each Auto group whose
+module is now imported: ``AutoConfig`` once ``configuration_auto`` is, ``AutoModel`` /
 ``AutoModelForImageTextToText`` once ``modeling_auto`` is, ``AutoProcessor`` once
 ``processing_auto`` is. When all three are done it leaves ``sys.meta_path``. Every other import
 costs one ``str.startswith``.
@@ -33,6 +34,11 @@ CONFIGURATION_AUTO = _AUTO + "configuration_auto"
 MODELING_AUTO = _AUTO + "modeling_auto"
 PROCESSING_AUTO = _AUTO + "processing_auto"
 OPT_OUT = "FUSESURGERY_NO_AUTO_REGISTER"
+# the modules registering imports: transformers' and our exported model's own. Registering
+# while one of ours is half-imported (its import is what imported transformers) would meet it
+# half-initialised, so their imports count as in progress too.
+TEMPLATE = "fusesurgery.hf.template"
+WATCHED = (TRANSFORMERS, TEMPLATE)
 
 
 def register_config() -> None:
@@ -96,7 +102,7 @@ def _initialised(name: str) -> bool:
 
 
 class _RegisteringLoader(importlib.abc.Loader):
-    """A transformers module's own loader, counting the transformers imports in progress."""
+    """A watched module's own loader, counting the watched imports in progress."""
 
     def __init__(self, loader: Any, finder: AutoRegisteringFinder) -> None:
         self._loader = loader
@@ -117,8 +123,9 @@ class _RegisteringLoader(importlib.abc.Loader):
 
 
 class AutoRegisteringFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the loader another finder gives a transformers module so
-    that the Auto groups register once the outermost transformers import has finished."""
+    """Finds nothing itself: wraps the loader another finder gives a transformers module (or
+    one of the exported model's template modules) so that the Auto groups register once the
+    outermost such import has finished."""
 
     def __init__(self) -> None:
         self.pending = dict(GROUPS)
@@ -127,9 +134,9 @@ class AutoRegisteringFinder(importlib.abc.MetaPathFinder):
         self._registering = False
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if not name.startswith(TRANSFORMERS):
+        if not name.startswith(WATCHED):
             return None
-        if name != TRANSFORMERS and not name.startswith(TRANSFORMERS + "."):
+        if name.partition(".")[0] != TRANSFORMERS and not name.startswith(TEMPLATE):
             return None  # transformers_modules (remote code) and other look-alikes
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

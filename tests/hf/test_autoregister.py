@@ -81,6 +81,15 @@ def test_plain_transformers_first_then_fusesurgery(zero_export):
     _assert_ours(seen)
 
 
+def test_our_template_module_imported_first(zero_export):
+    # its import is what imports transformers: registering must wait until it is complete
+    # (the subprocess turns the warning of a failed registration into an error)
+    seen = _run("""
+        from fusesurgery.hf.template import modeling_fusesurgery_fused
+        """, zero_export)
+    _assert_ours(seen)
+
+
 def test_registered_classes_win_over_remote_code_as_transformers_rules(zero_export):
     # transformers prefers an explicitly registered class to the directory's code, even with
     # trust_remote_code=True; the files are the same code (the export copies the template)
