@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fusesurgery import _json as standard_json
 from fusesurgery.convert.configs import config_style
+from fusesurgery.convert.keymaps import FUSED_DECODER_PREFIX, FUSED_VISION_PREFIX
 from fusesurgery.convert.plan import PlanEntry
 from fusesurgery.convert.transforms import invert_transform
 from fusesurgery.errors import ConfigError, FuseSurgeryError, ShapeError
@@ -37,7 +39,7 @@ from fusesurgery.hf.export import (
     processor_notes,
 )
 from fusesurgery.io import TensorInfo, open_checkpoint
-from fusesurgery.io._files import read_side_file
+from fusesurgery.io._files import file_fingerprint, read_side_file
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.io.tensor_info import dtype_name
 from fusesurgery.surgery.fused import build_fused_model
@@ -170,6 +172,72 @@ def _with_gates_read(config: FusedConfig, source, native_of: dict[str, tuple]) -
     return config.replace(gates=dict(sorted(gates.items())), trained=trained)
 
 
+PART_NATIVE_PREFIXES: dict[str, str] = {"decoder": FUSED_DECODER_PREFIX,
+                                        "encoder": FUSED_VISION_PREFIX}
+
+
+def _recorded_source(record: Mapping[str, Any]):
+    """The source checkpoint a fusion config's ``sources`` record names, opened, where it is a
+    local transformers-layout checkpoint whose files are still the ones fuse read (their
+    header fingerprints); else None."""
+    where = record.get("path")
+    files = record.get("files")
+    if (not isinstance(where, str) or record.get("layout") != "hf" or not isinstance(files, list)
+            or not Path(where).exists()):
+        return None
+    try:
+        theirs = open_checkpoint(where)
+    except FuseSurgeryError:
+        return None
+    try:
+        now = sorted((file_fingerprint(Path(f)) for f in theirs.files),
+                     key=lambda f: str(f["name"]))
+        recorded = sorted(files, key=lambda f: str(f.get("name")) if isinstance(f, dict) else "")
+    except FuseSurgeryError:
+        now, recorded = None, []
+    if now != recorded:
+        theirs.close()
+        return None
+    return theirs
+
+
+def changed_originals(config: FusedConfig, source, native_of: Mapping[str, tuple]
+                      ) -> tuple[str, ...] | None:
+    """The native keys of the export's original (text model and tower) tensors whose values
+    are no longer their sources' (a decoder trained, or LoRA merged into it, in transformers),
+    compared bitwise with the sources fuse read (each cast to the export's dtype first, as
+    ``fuse --dtype`` cast it). None when a source cannot be read as fuse read it (moved,
+    changed, on the Hub, or not a transformers checkpoint): nothing can then be shown.
+
+    Raises:
+        FuseSurgeryError: an unreadable tensor of the export.
+    """
+    from fusesurgery.write.save_fused import _bitwise_equal, _cast  # noqa: PLC0415
+
+    changed: list[str] = []
+    for part, prefix in PART_PREFIXES.items():
+        record = config.sources.get(part) or {}
+        names = [name for name in source.infos() if name.startswith(prefix)]
+        if not names:
+            continue
+        theirs = _recorded_source(record)
+        if theirs is None:
+            return None
+        with theirs:
+            keys = record.get("source_keys") if isinstance(record.get("source_keys"), dict) else {}
+            available = theirs.infos()
+            for name in names:
+                key = native_of[name][0]
+                local = key.removeprefix(PART_NATIVE_PREFIXES[part])
+                their_key = keys.get(local, name.removeprefix(prefix))
+                if their_key not in available:
+                    return None
+                ours = source.get_tensor(name)
+                if not _bitwise_equal(_cast(theirs.get_tensor(their_key), ours.dtype), ours):
+                    changed.append(key)
+    return tuple(sorted(changed))
+
+
 def import_transformers(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -208,6 +276,10 @@ def import_transformers(
             producers[key] = lambda e=entry: plan_entry_source(e, source)
         directory = side_directory(source)
         config = _with_gates_read(config, source, native_of)
+        changed = changed_originals(config, source, native_of)
+        if changed:  # trained in transformers, or a LoRA merged into the decoder: trained too
+            config = config.replace(trained=True, trained_originals=tuple(sorted(
+                {*config.trained_originals, *changed})))
         extra: dict[str, bytes | str] = {
             FUSION_CONFIG_FILE: standard_json.dumps(config.to_dict(), indent=2) + "\n",
             **_native_side_files(directory),
