@@ -19,10 +19,9 @@ registration off, so that an export's own (perhaps edited) code files load inste
 
 from __future__ import annotations
 
-import importlib.abc
+import _thread  # not threading: import fusesurgery stays as cheap as it was
 import os
 import sys
-import threading
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -101,7 +100,7 @@ def _initialised(name: str) -> bool:
     return module is not None and not getattr(spec, "_initializing", False)
 
 
-class _RegisteringLoader(importlib.abc.Loader):
+class _RegisteringLoader:
     """A watched module's own loader, counting the watched imports in progress."""
 
     def __init__(self, loader: Any, finder: AutoRegisteringFinder) -> None:
@@ -122,15 +121,16 @@ class _RegisteringLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class AutoRegisteringFinder(importlib.abc.MetaPathFinder):
+class AutoRegisteringFinder:
     """Finds nothing itself: wraps the loader another finder gives a transformers module (or
     one of the exported model's template modules) so that the Auto groups register once the
-    outermost such import has finished."""
+    outermost such import has finished. (A plain class: ``importlib.abc`` would cost
+    ``import fusesurgery`` the import of ``importlib.resources``.)"""
 
     def __init__(self) -> None:
         self.pending = dict(GROUPS)
-        self._local = threading.local()  # imports in progress in this thread
-        self._lock = threading.Lock()
+        self._local = _thread._local()  # imports in progress in this thread
+        self._lock = _thread.allocate_lock()
         self._registering = False
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:

@@ -53,10 +53,13 @@ def test_fusesurgery_first_then_transformers(zero_export):
         import sys
         import fusesurgery
         seen["transformers_at_import"] = "transformers" in sys.modules
+        # nor what the hook's plain classes avoid (importlib.abc imports importlib.resources)
+        seen["imported"] = [m for m in ("importlib.resources", "threading") if m in sys.modules]
         import transformers
         seen["torch_after_import_transformers"] = "torch" in sys.modules
         """, zero_export)
     assert seen["transformers_at_import"] is False
+    assert seen["imported"] == []
     assert seen["torch_after_import_transformers"] is False
     _assert_ours(seen)
 
