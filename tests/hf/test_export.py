@@ -143,3 +143,12 @@ def test_generate_reuses_the_image_cache_and_matches_full_forwards(exported):
     gated = exported["gated"]
     assert gated["generated"].shape == (2, 7 + 4)
     assert torch.equal(gated["generated"], gated["greedy_without_cache"])
+
+
+def test_inspect_of_each_family_export_has_no_notes(exported):
+    # the config check behind inspect's notes reads each family's text_config / vision_config
+    # as the weights' own: an unedited export never gets one
+    from fusesurgery.hf.inspect_export import inspect_export
+
+    for kind in ("fused-hf", "trained-hf"):
+        assert inspect_export(exported["root"] / kind).notes == ()
