@@ -112,10 +112,12 @@ class _RegisteringLoader:
 
     def exec_module(self, module: ModuleType) -> None:
         self._finder.entered()
+        executed = None
         try:
             self._loader.exec_module(module)
-        finally:
-            self._finder.left(module.__name__)
+            executed = module.__name__
+        finally:  # a failed import registers nothing of its own
+            self._finder.left(executed)
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, is_package...
         return getattr(self._loader, name)
@@ -153,7 +155,7 @@ class AutoRegisteringFinder:
     def entered(self) -> None:
         self._local.depth = getattr(self._local, "depth", 0) + 1
 
-    def left(self, name: str) -> None:
+    def left(self, name: str | None) -> None:
         self._local.depth -= 1
         if self._local.depth == 0:
             self.register_ready(executed=name)
