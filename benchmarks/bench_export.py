@@ -14,6 +14,8 @@ What is measured (whole processes, timed from the parent, imports included, unle
    `AutoModelForCausalLM.from_pretrained(DECODER)` on the source decoder; both timed whole and
    around `from_pretrained` alone (inside the child), alternating. Target: the median ratio
    (of the `from_pretrained` times) at most (export bytes / decoder bytes) x 1.2.
+   2b. The same two loads alternating in one warm process (one untimed load of each first),
+   at least 5 rounds: the median of the per-round ratios (no target of its own).
 3. Cost per new token: one child loads the export and runs greedy `generate` from 16 tokens
    with an image (the image token at position 1, a random image) and without one, alternating
    for `--rounds` rounds, `--new-tokens` tokens each (`min_new_tokens` forces the length). A
@@ -55,8 +57,7 @@ import json, sys, time
 import torch, transformers
 import fusesurgery
 
-transformers.logging.disable_progress_bar()
-fusesurgery.register_transformers()
+transformers.logging.disable_progress_bar()  # import fusesurgery registered the classes
 kind, directory, report = sys.argv[1:4]
 auto = (transformers.AutoModelForImageTextToText if kind == "export"
         else transformers.AutoModelForCausalLM)
@@ -68,13 +69,34 @@ with open(report, "w") as f:
     json.dump({"from_pretrained": seconds}, f)
 """
 
+LOAD_WARM = """
+import json, sys, time
+import torch, transformers
+import fusesurgery
+
+transformers.logging.disable_progress_bar()
+export, decoder, rounds, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+loaders = {"export": lambda: transformers.AutoModelForImageTextToText.from_pretrained(export),
+           "decoder": lambda: transformers.AutoModelForCausalLM.from_pretrained(decoder)}
+for load in loaders.values():  # warm-up, untimed
+    load()
+times = {"export": [], "decoder": []}
+for r in range(rounds):
+    for name in (("export", "decoder") if r % 2 == 0 else ("decoder", "export")):
+        start = time.perf_counter()
+        model = loaders[name]()
+        times[name].append(time.perf_counter() - start)
+        del model
+with open(report, "w") as f:
+    json.dump(times, f)
+"""
+
 DECODE = """
 import json, statistics, sys, time
 import torch, transformers
 import fusesurgery
 
 transformers.logging.disable_progress_bar()
-fusesurgery.register_transformers()
 directory, rounds, new_tokens, report = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 model = transformers.AutoModelForImageTextToText.from_pretrained(directory).eval()
 config = model.config
@@ -109,7 +131,7 @@ with open(report, "w") as f:
 def main() -> None:
     parser = common_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--parts", default="export,load,decode",
+    parser.add_argument("--parts", default="export,load,load-warm,decode",
                         help="which measurements to run (comma-separated; load and decode "
                         "need the export an earlier run left in --workdir)")
     args = parser.parse_args()
@@ -137,6 +159,8 @@ def main() -> None:
             measure_export(args, fused, export, copy, export_cmd, copy_cmd, largest)
         if "load" in parts:
             measure_load(args, work, export, dec)
+        if "load-warm" in parts:
+            measure_load_warm(args, work, export, dec)
         if "decode" in parts:
             measure_decode(args, work, export)
     finally:
@@ -197,6 +221,22 @@ def measure_load(args, work: Path, export: Path, dec: Path) -> None:
     print(f"  export / decoder: from_pretrained median {load_ratio:.2f}, whole process "
           f"{wall_ratio:.2f}; bytes {size_ratio:.2f}; target <= {size_ratio * 1.2:.2f}: "
           f"{'PASS' if load_ratio <= size_ratio * 1.2 else 'FAIL'}")
+
+
+def measure_load_warm(args, work: Path, export: Path, dec: Path) -> None:
+    """2b. from_pretrained of the export and of the decoder, alternating in one warm process
+    (after one untimed load of each): what repeated loads in a notebook cost."""
+    report = work / "bench_export_load_warm.json"
+    rounds = max(args.rounds, 5)
+    print(f"\n2b. from_pretrained in one warm process: export vs decoder, {rounds} rounds")
+    subprocess.run([sys.executable, "-c", LOAD_WARM, str(export), str(dec), str(rounds),
+                    str(report)], check=True)
+    times = json.loads(report.read_text())
+    ratios = [e / d for e, d in zip(times["export"], times["decoder"], strict=True)]
+    for r, ratio in enumerate(ratios):
+        print(f"  round {r + 1}: export {times['export'][r]:.3f} s, decoder "
+              f"{times['decoder'][r]:.3f} s, ratio {ratio:.2f}")
+    print(f"  export / decoder in one process: median of rounds {statistics.median(ratios):.2f}")
 
 
 def measure_decode(args, work: Path, export: Path) -> None:

@@ -91,6 +91,11 @@ sys.modules[__name__].__class__ = _Package
 
 
 from fusesurgery._version import __version__  # noqa: E402 - after the class swap above
+from fusesurgery.hf.autoregister import install as _install_auto_registration  # noqa: E402
+
+# transformers' Auto classes learn the exported model's classes as soon as transformers imports
+# them (at once where it has), so an export loads without trust_remote_code; imports neither
+_install_auto_registration()
 
 __all__ = [
     "DecoderConfig",

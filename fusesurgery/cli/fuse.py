@@ -216,6 +216,7 @@ def _fuse_transformers(encoder, decoder, output: str, options, max_shard_size: s
         "fusion_first": config["fusion_first"],
         "new_tokens": {t["token"]: t["id"] for t in config["new_tokens"]},
         "encoder_layer": config["vision_feature_layer"],
+        "encoder_tokens": config["encoder_tokens"],
         "projection": config["projection"],
         "tied_embeddings": result.decoder.tied,
         "choices": config["fusesurgery_fuse"]["choices"],

@@ -80,13 +80,16 @@ def _unfuse_export(fused, output: str, part: str, format: str | None, merge_embe
         raise ConfigError(f"{asked[0]} is not supported for a transformers export; convert it "
                           "--to native first")
     with byte_progress("unfusing") as update:
-        tensors, written = unfuse_export(fused, output, part=part, max_shard_size=max_shard_size,
-                                         overwrite=overwrite, on_progress=update)
+        tensors, written, notes = unfuse_export(
+            fused, output, part=part, max_shard_size=max_shard_size, overwrite=overwrite,
+            on_progress=update)
     if as_json:
         typer.echo(standard_json.dumps({
             "output": str(written.out_dir), "part": part, "format": "hf", "tensors": tensors,
             "merged_embeddings": False, "dtype": None, "total_bytes": written.total_size,
-            "files": list(written.files), "notes": []}, indent=2))
+            "files": list(written.files), "notes": list(notes)}, indent=2))
         return
     typer.echo(f"{part} (hf): {plural(tensors, 'tensor')}, {format_bytes(written.total_size)} "
                f"in {plural(len(written.files), 'file')} at {written.out_dir}")
+    for note in notes:
+        stderr.print(f"note: {note}")

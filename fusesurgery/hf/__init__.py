@@ -55,38 +55,33 @@ def register_transformers() -> None:
     ``AutoModelForImageTextToText`` and ``AutoProcessor``, so an exported directory loads
     without ``trust_remote_code``. Imports transformers; calling it twice is harmless.
 
+    ``import fusesurgery`` does the same by itself as soon as transformers' auto modules are
+    imported (:mod:`fusesurgery.hf.autoregister`); this call is for doing it now.
+
     Raises:
         ModuleNotFoundError: transformers is not installed.
     """
-    from transformers import (  # noqa: PLC0415
-        AutoConfig,
-        AutoModel,
-        AutoModelForImageTextToText,
-        AutoProcessor,
+    from fusesurgery.hf.autoregister import (  # noqa: PLC0415
+        register_config,
+        register_models,
+        register_processor,
     )
-
     from fusesurgery.hf.template.configuration_fusesurgery_fused import (  # noqa: PLC0415
-        MODEL_TYPE,
         FusedVisionTextConfig,
     )
     from fusesurgery.hf.template.modeling_fusesurgery_fused import (  # noqa: PLC0415
         FusedVisionTextForConditionalGeneration,
     )
-    from fusesurgery.hf.template.processing_fusesurgery_fused import (  # noqa: PLC0415
-        FusedVisionTextProcessor,
-    )
 
-    AutoConfig.register(MODEL_TYPE, FusedVisionTextConfig, exist_ok=True)
-    for auto in (AutoModel, AutoModelForImageTextToText):
-        auto.register(FusedVisionTextConfig, FusedVisionTextForConditionalGeneration,
-                      exist_ok=True)
+    register_config()
+    register_models()
+    register_processor()
     # save_pretrained then writes the configuration and modeling files beside the weights (and
     # config.json's auto_map to them), as a model loaded with remote code does: a model
     # trained here and saved still loads with transformers alone
     FusedVisionTextConfig.register_for_auto_class()
     FusedVisionTextForConditionalGeneration.register_for_auto_class(
         "AutoModelForImageTextToText")
-    AutoProcessor.register(FusedVisionTextConfig, FusedVisionTextProcessor, exist_ok=True)
 
 
 __all__ = ["export_transformers", "import_transformers", "is_export_directory",

@@ -187,6 +187,10 @@ class TowerSizes:
         keys: source key -> the tower's own name (a pair's vision half kept as it is).
         dropped: source key -> why it is not carried (a pair's text tower).
         dtype: its main dtype.
+        num_cls_tokens: class tokens at the start of its output (its weights hold a class
+            token: ``embeddings.cls_token`` / ``embeddings.class_embedding``).
+        num_register_tokens: register tokens after them (``embeddings.register_tokens``'s
+            rows, which its config's ``num_register_tokens`` must state).
     """
 
     model_type: str
@@ -196,6 +200,8 @@ class TowerSizes:
     keys: dict[str, str]
     dropped: dict[str, str]
     dtype: Any
+    num_cls_tokens: int = 0
+    num_register_tokens: int = 0
 
 
 def _int_field(config, names: tuple[str, ...], origin: object, what: str) -> tuple[int, str]:
@@ -361,9 +367,35 @@ def read_tower(source: CheckpointSource, origin: object) -> TowerSizes:
     dtypes = [infos[key].dtype for key in keys if infos[key].is_floating_point]
     if not dtypes:
         raise CheckpointError(f"{origin}: no floating-point tensors in the vision tower")
+    num_cls, num_registers = _prefix_tokens(tower_config, keys, infos, origin)
     return TowerSizes(model_type=tower_config.model_type, hidden_size=hidden,
                       num_layers=layers, config=tower_document, keys=keys, dropped=dropped,
-                      dtype=max(set(dtypes), key=dtypes.count))
+                      dtype=max(set(dtypes), key=dtypes.count), num_cls_tokens=num_cls,
+                      num_register_tokens=num_registers)
+
+
+# a tower's own names of its class token and its registers (``[1, n, d_e]`` or ``[d_e]``)
+CLASS_TOKEN_NAMES = ("embeddings.cls_token", "embeddings.class_embedding")
+REGISTER_TOKENS_NAME = "embeddings.register_tokens"
+
+
+def _prefix_tokens(config, keys: Mapping[str, str], infos: Mapping[str, TensorInfo],
+                   origin: object) -> tuple[int, int]:
+    """``(class tokens, register tokens)`` before the patches in a tower's output, from its
+    weights, checked against its config's ``num_register_tokens``.
+
+    Raises:
+        ConfigError: the config's register count is not the weights'.
+    """
+    names = {name.removeprefix(PAIR_VISION_PREFIX): key for key, name in keys.items()}
+    num_cls = int(any(name in names for name in CLASS_TOKEN_NAMES))
+    registers = names.get(REGISTER_TOKENS_NAME)
+    num_registers = 0 if registers is None else int(infos[registers].shape[-2])
+    stated = getattr(config, "num_register_tokens", None) or 0
+    if stated != num_registers:
+        raise ConfigError(f"{origin}: its config.json states num_register_tokens {stated} and "
+                          f"its weights hold {num_registers} register token(s)")
+    return num_cls, num_registers
 
 
 def fusion_tensors(decoder: DecoderSizes, vision_width: int, layers: tuple[int, ...],
@@ -454,6 +486,31 @@ def _resolve_feature_layer(options: FuseOptions, tower: TowerSizes) -> tuple[int
     return layer, "given"
 
 
+def _resolve_encoder_tokens(options: FuseOptions, tower: TowerSizes,
+                            origin: object) -> tuple[str, str]:
+    """The tower's output tokens that feed the fusion, and why: as the native path chooses
+    (its family's default where fusesurgery has one: DINOv2's and DINOv3's registers left
+    out; every token otherwise).
+
+    Raises:
+        ConfigError: ``cls_and_patches`` for a tower with no class token.
+    """
+    tokens = options.encoder_tokens
+    if tokens is DEFAULT:
+        from fusesurgery.convert.configs import HF_VISION_FAMILIES  # noqa: PLC0415
+        from fusesurgery.surgery.fuse_plan import ENCODER_TOKENS_DEFAULTS  # noqa: PLC0415
+
+        family = HF_VISION_FAMILIES.get(tower.model_type)
+        if family is not None and tower.num_cls_tokens + tower.num_register_tokens:
+            tokens = ENCODER_TOKENS_DEFAULTS[family]
+            return tokens, f"{tower.model_type}'s default, as the native layout's"
+        return "all", "the default for this tower: every output token"
+    if tokens == "cls_and_patches" and not tower.num_cls_tokens:
+        raise ConfigError(f"--encoder-tokens cls_and_patches: {origin} ({tower.model_type}) has "
+                          "no class token; its output tokens are all patches (patches or all)")
+    return tokens, "given"
+
+
 def _check_not_swapped(decoder: CheckpointSource, encoder: CheckpointSource) -> None:
     """Raises ConfigError when an input is already a fused export, or the ENCODER is a causal
     LM and the DECODER is not (swapped)."""
@@ -536,9 +593,6 @@ def fuse_transformers(
     if options.dtype is not None:
         raise ConfigError("--dtype is not supported with --format transformers: the sources' "
                           "tensors are copied as they are")
-    if options.encoder_tokens not in (DEFAULT, "all"):
-        raise ConfigError("--encoder-tokens is not supported with --format transformers: the "
-                          "tower's every output token feeds the fusion")
     if options.projection not in PROJECTIONS:
         raise ConfigError(f"unknown projection {options.projection!r}; valid: "
                           f"{', '.join(PROJECTIONS)}")
@@ -561,6 +615,7 @@ def fuse_transformers(
         tower = read_tower(encoder, encoder_path)
         layers = resolve_fusion_layers(options, dec.num_layers)
         feature_layer, feature_why = _resolve_feature_layer(options, tower)
+        encoder_tokens, tokens_why = _resolve_encoder_tokens(options, tower, encoder_path)
         new = fusion_tensors(dec, tower.hidden_size, layers, options.projection, len(tokens),
                              options.embedding_init, dec.dtype)
 
@@ -589,6 +644,7 @@ def fuse_transformers(
                               f"decoder's {dec.num_layers} layers"),
             **{name: f"the decoder's {why}" for name, why in dec.choices.items()},
             "vision_feature_layer": feature_why,
+            "encoder_tokens": tokens_why,
             "fusion dtype": f"the decoder's embedding table's ({_dtype_text(dec.dtype)})",
         }
         record = {
@@ -629,6 +685,9 @@ def fuse_transformers(
             "new_tokens": [{"token": t, "id": dec.vocab_size + i} for i, t in enumerate(tokens)],
             "projection": options.projection,
             "vision_feature_layer": feature_layer,
+            "encoder_tokens": encoder_tokens,
+            "vision_num_cls_tokens": tower.num_cls_tokens,
+            "vision_num_register_tokens": tower.num_register_tokens,
             "tie_word_embeddings": dec.tied,
             "dtype": _dtype_text(dec.dtype),
             FUSE_RECORD_FIELD: record,

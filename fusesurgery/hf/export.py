@@ -21,7 +21,7 @@ in transformers' rotary order.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,39 @@ def processor_config_dict(config: FusedConfig) -> dict[str, Any]:
             "auto_map": {"AutoProcessor": f"{PROCESSING_MODULE}.{PROCESSOR_CLASS}"}}
 
 
+# the files a tokenizer's vocabulary lives in (one is enough for AutoTokenizer); the others
+# (tokenizer_config.json, special_tokens_map.json, chat templates) only configure one
+VOCABULARY_FILES: tuple[str, ...] = (
+    "tokenizer.json", "tokenizer.model", "tiktoken.model", "spiece.model",
+    "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def processor_gaps(names: Iterable[str]) -> tuple[str, ...]:
+    """What ``AutoProcessor`` would miss among a directory's file ``names``: a tokenizer
+    vocabulary (``tokenizer.json`` or a slow tokenizer's files) and the tower's
+    ``preprocessor_config.json``; empty when the processor can load."""
+    present = set(names)
+    gaps = []
+    if not present & set(VOCABULARY_FILES):
+        gaps.append("tokenizer.json")
+    if IMAGE_PROCESSOR_FILE not in present:
+        gaps.append(IMAGE_PROCESSOR_FILE)
+    return tuple(gaps)
+
+
+def processor_notes(directory: str | os.PathLike[str]) -> tuple[str, ...]:
+    """A note for an export ``AutoProcessor`` cannot load (a tokenizer or the image
+    processor's config missing); the model itself still loads."""
+    path = Path(directory)
+    gaps = processor_gaps(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else ()
+    if not gaps:
+        return ()
+    return (f"{' and '.join(gaps)} {'is' if len(gaps) == 1 else 'are'} missing: "
+            "AutoProcessor cannot load this export (the model can; build inputs with the "
+            "decoder's tokenizer and the tower's image processor)",)
+
+
 def template_files() -> dict[str, bytes]:
     """The configuration, modeling and processing files, as shipped in
     ``fusesurgery/hf/template``."""
@@ -297,8 +330,9 @@ def export_transformers(
             **read_side_files(directory, (*DECODER_SIDE_FILES, *ENCODER_SIDE_FILES)),
         }
         extra.update(read_kept_source_files(directory, config.sources))
-        extra["processor_config.json"] = standard_json.dumps(processor_config_dict(config),
-                                                             indent=2) + "\n"
+        if not processor_gaps(extra):  # else a processor config that cannot load
+            extra["processor_config.json"] = standard_json.dumps(
+                processor_config_dict(config), indent=2) + "\n"
         written = write_safetensors(
             out_dir, infos, lambda key: producers[key](), max_shard_size=max_shard_size,
             extra_files=extra, overwrite=overwrite, on_tensor_written=on_tensor_written,

@@ -5,13 +5,22 @@ transformers."""
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fusesurgery._plural import plural
-from fusesurgery.errors import ConfigError
-from fusesurgery.io import open_checkpoint
+from fusesurgery.errors import (
+    ConfigError,
+    FuseSurgeryError,
+    KeyMapError,
+    UnrecognizedFormatError,
+    UnsupportedFamilyError,
+)
+from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.reports.formatting import format_bytes
 
 TEXT_PREFIX, VISION_PREFIX = "language_model.", "vision_tower."  # as hf.export names them
@@ -21,6 +30,51 @@ FUSE_RECORD_FIELD = "fusesurgery_fuse"  # hf.anyfamily's
 FUSION_FIELDS = ("fusion_layers", "fusion_first", "fusion_num_heads", "fusion_num_kv_heads",
                  "fusion_head_dim", "fusion_intermediate_size", "ca_norm_eps", "qk_norm_eps",
                  "projection", "vision_feature_layer", "tie_word_embeddings")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks)\.(\d+)\.")
+
+
+def _generic_mismatch(tensors: Mapping[str, TensorInfo], config: Mapping[str, Any]) -> str | None:
+    """For a family fusesurgery has no reader of: the layer count and the width its config
+    states against the weights (the layers' indices; the most common 1-D length, which norms
+    and biases share)."""
+    layers = {int(m.group(1)) for name in tensors if (m := LAYER_INDEX.search(name))}
+    stated = config.get("num_hidden_layers")
+    if isinstance(stated, int) and layers and stated != max(layers) + 1:
+        return f"num_hidden_layers {stated}, the weights hold {max(layers) + 1} layers"
+    widths = Counter(info.shape[0] for info in tensors.values() if len(info.shape) == 1)
+    hidden = config.get("hidden_size")
+    if isinstance(hidden, int) and widths and hidden not in widths:
+        width = widths.most_common(1)[0][0]
+        return f"hidden_size {hidden}, the weights' width is {width}"
+    return None
+
+
+def config_mismatches(infos: Mapping[str, TensorInfo],
+                      document: Mapping[str, Any]) -> tuple[str, ...]:
+    """Where ``text_config`` / ``vision_config`` contradict the tensors under
+    ``language_model.`` / ``vision_tower.``, from the headers alone: for a family fusesurgery
+    reads, its config read as ``inspect`` reads a source's and checked against every shape;
+    for another, its layer count and width."""
+    from fusesurgery.convert.detect import detect_model  # noqa: PLC0415
+
+    found = []
+    for prefix, key in ((TEXT_PREFIX, "text_config"), (VISION_PREFIX, "vision_config")):
+        config = document.get(key)
+        tensors = {name.removeprefix(prefix): info for name, info in infos.items()
+                   if name.startswith(prefix)}
+        if not isinstance(config, dict) or not tensors:
+            continue
+        why = None
+        try:
+            detect_model(tensors, config, f"{key}")
+        except (UnsupportedFamilyError, UnrecognizedFormatError, KeyMapError):
+            why = _generic_mismatch(tensors, config)
+        except FuseSurgeryError as error:
+            why = str(error)
+        if why is not None:
+            found.append(f"config.json's {key} does not describe the weights ({why}); "
+                         "transformers cannot load it as it is")
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -116,6 +170,7 @@ def inspect_export(path: str | os.PathLike[str]) -> ExportReport:
         directory = Path(source.path) if Path(source.path).is_dir() else Path(source.path).parent
         notes = tuple(f"{name} is missing: transformers cannot load it with trust_remote_code"
                       for name in TEMPLATE_FILES if not (directory / name).is_file())
+        notes += config_mismatches(infos, document)
         record = document.get(FUSE_RECORD_FIELD)
         tokens = document.get("new_tokens") or []
         return ExportReport(

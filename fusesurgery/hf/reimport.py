@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fusesurgery import _json as standard_json
 from fusesurgery.convert.configs import config_style
+from fusesurgery.convert.keymaps import FUSED_DECODER_PREFIX, FUSED_VISION_PREFIX
 from fusesurgery.convert.plan import PlanEntry
 from fusesurgery.convert.transforms import invert_transform
 from fusesurgery.errors import ConfigError, FuseSurgeryError, ShapeError
@@ -34,9 +36,10 @@ from fusesurgery.hf.export import (
     TEXT_PREFIX,
     VISION_PREFIX,
     exported_key,
+    processor_notes,
 )
 from fusesurgery.io import TensorInfo, open_checkpoint
-from fusesurgery.io._files import read_side_file
+from fusesurgery.io._files import file_fingerprint, read_side_file
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.io.tensor_info import dtype_name
 from fusesurgery.surgery.fused import build_fused_model
@@ -169,6 +172,72 @@ def _with_gates_read(config: FusedConfig, source, native_of: dict[str, tuple]) -
     return config.replace(gates=dict(sorted(gates.items())), trained=trained)
 
 
+PART_NATIVE_PREFIXES: dict[str, str] = {"decoder": FUSED_DECODER_PREFIX,
+                                        "encoder": FUSED_VISION_PREFIX}
+
+
+def _recorded_source(record: Mapping[str, Any]):
+    """The source checkpoint a fusion config's ``sources`` record names, opened, where it is a
+    local transformers-layout checkpoint whose files are still the ones fuse read (their
+    header fingerprints); else None."""
+    where = record.get("path")
+    files = record.get("files")
+    if (not isinstance(where, str) or record.get("layout") != "hf" or not isinstance(files, list)
+            or not Path(where).exists()):
+        return None
+    try:
+        theirs = open_checkpoint(where)
+    except FuseSurgeryError:
+        return None
+    try:
+        now = sorted((file_fingerprint(Path(f)) for f in theirs.files),
+                     key=lambda f: str(f["name"]))
+        recorded = sorted(files, key=lambda f: str(f.get("name")) if isinstance(f, dict) else "")
+    except FuseSurgeryError:
+        now, recorded = None, []
+    if now != recorded:
+        theirs.close()
+        return None
+    return theirs
+
+
+def changed_originals(config: FusedConfig, source, native_of: Mapping[str, tuple]
+                      ) -> tuple[str, ...] | None:
+    """The native keys of the export's original (text model and tower) tensors whose values
+    are no longer their sources' (a decoder trained, or LoRA merged into it, in transformers),
+    compared bitwise with the sources fuse read (each cast to the export's dtype first, as
+    ``fuse --dtype`` cast it). None when a source cannot be read as fuse read it (moved,
+    changed, on the Hub, or not a transformers checkpoint): nothing can then be shown.
+
+    Raises:
+        FuseSurgeryError: an unreadable tensor of the export.
+    """
+    from fusesurgery.write.save_fused import _bitwise_equal, _cast  # noqa: PLC0415
+
+    changed: list[str] = []
+    for part, prefix in PART_PREFIXES.items():
+        record = config.sources.get(part) or {}
+        names = [name for name in source.infos() if name.startswith(prefix)]
+        if not names:
+            continue
+        theirs = _recorded_source(record)
+        if theirs is None:
+            return None
+        with theirs:
+            keys = record.get("source_keys") if isinstance(record.get("source_keys"), dict) else {}
+            available = theirs.infos()
+            for name in names:
+                key = native_of[name][0]
+                local = key.removeprefix(PART_NATIVE_PREFIXES[part])
+                their_key = keys.get(local, name.removeprefix(prefix))
+                if their_key not in available:
+                    return None
+                ours = source.get_tensor(name)
+                if not _bitwise_equal(_cast(theirs.get_tensor(their_key), ours.dtype), ours):
+                    changed.append(key)
+    return tuple(sorted(changed))
+
+
 def import_transformers(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -207,6 +276,10 @@ def import_transformers(
             producers[key] = lambda e=entry: plan_entry_source(e, source)
         directory = side_directory(source)
         config = _with_gates_read(config, source, native_of)
+        changed = changed_originals(config, source, native_of)
+        if changed:  # trained in transformers, or a LoRA merged into the decoder: trained too
+            config = config.replace(trained=True, trained_originals=tuple(sorted(
+                {*config.trained_originals, *changed})))
         extra: dict[str, bytes | str] = {
             FUSION_CONFIG_FILE: standard_json.dumps(config.to_dict(), indent=2) + "\n",
             **_native_side_files(directory),
@@ -242,7 +315,7 @@ def unfuse_export(
     overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     durable: bool = True,
-) -> tuple[int, WriteResult]:
+) -> tuple[int, WriteResult, tuple[str, ...]]:
     """The text model (or the tower) of a transformers export on its own: a prefix strip of
     its keys (``language_model.`` / ``vision_tower.``), its bytes copied by the kernel, with
     its source's config (or the export's sub-config) and the source files fuse kept.
@@ -257,7 +330,9 @@ def unfuse_export(
         durable: fsync before the output appears.
 
     Returns:
-        The number of tensors and the files written.
+        The number of tensors, the files written, and notes on the export (a tokenizer or
+        image-processor file missing: its processor cannot load, though the part written is
+        whole, its own files coming from ``source/``).
 
     Raises:
         FuseSurgeryError: an unknown part, not an export, keys or shapes other than its
@@ -293,7 +368,7 @@ def unfuse_export(
             out_dir, infos, produce, max_shard_size=max_shard_size, extra_files=extra,
             overwrite=overwrite, on_progress=on_progress, durable=durable,
             inputs=(directory, *source.paths_read))
-    return len(infos), written
+    return len(infos), written, processor_notes(directory)
 
 
 __all__ = ["import_transformers", "is_transformers_export", "unfuse_export"]

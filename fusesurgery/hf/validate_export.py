@@ -11,6 +11,7 @@ embeddings: its own table's rows, the image token's row from the export).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -51,7 +52,18 @@ def check_export_layout(report: ValidationReport, path: str) -> dict[str, tuple]
             how = "the fused model its fusion config describes"
     report.add("keys and shapes are what its config.json describes", True,
                f"{len(shapes)} tensors", how)
+    add_processor_row(report, path)
     return shapes
+
+
+def add_processor_row(report: ValidationReport, path: str) -> None:
+    """An information row when ``AutoProcessor`` cannot load the export (nothing when it
+    can): the model's checks still stand, its inputs need building by hand."""
+    from fusesurgery.hf.export import processor_gaps, processor_notes  # noqa: PLC0415
+
+    for note in processor_notes(path):
+        gaps = processor_gaps(p.name for p in Path(path).iterdir())
+        report.add("processor files", None, f"{', '.join(gaps)} missing", note)
 
 
 def _against_part(names: set[str], theirs: set[str], against: object) -> tuple[str, dict]:

@@ -46,14 +46,16 @@ def _swiglu(dim: int, hidden_dim: int, activation: str = "silu") -> FeedForward:
 
 
 def build_rope(cfg: DecoderConfig, local: bool = False) -> RotaryPositionalEmbeddings:
-    """The decoder's RoPE, in the pairing of the family's native layout (``cfg.rope_style``);
-    ``local``: the sliding layers' own (``cfg.local_rope_base``, no scaling)."""
+    """The decoder's RoPE, in the pairing of the family's native layout (``cfg.rope_style``),
+    its output in the half order (attention's sums then run as transformers' do); ``local``:
+    the sliding layers' own (``cfg.local_rope_base``, no scaling)."""
     if local and cfg.local_rope_base is not None:
         return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.local_rope_base,
-                                          None, style=cfg.rope_style)
+                                          None, style=cfg.rope_style, rotary_dim=cfg.rotary_dim,
+                                          half_order_output=True)
     return RotaryPositionalEmbeddings(cfg.head_dim, cfg.max_seq_len, cfg.rope_base,
                                       cfg.rope_scaling, style=cfg.rope_style,
-                                      rotary_dim=cfg.rotary_dim)
+                                      rotary_dim=cfg.rotary_dim, half_order_output=True)
 
 
 def _norm(cfg: DecoderConfig, dim: int) -> RMSNorm:

@@ -171,6 +171,13 @@ class RotaryPositionalEmbeddings(nn.Module):
             Phi-4-mini: ``0.75 * h_d``); the frequencies are those of an ``r_d``-wide head, as
             transformers computes them, and the other ``h_d - r_d`` dims pass unchanged. None:
             the whole head.
+        half_order_output: return the rotated dims in the half order (pair ``j`` at ``j`` and
+            ``j + r_d/2``) whatever ``style``. Attention wants this: its scores sum ``q . k``
+            over a head's dims, which one permutation of q and k alike leaves unchanged, and
+            in this order the sum runs in transformers' order, so an interleaved-layout
+            decoder's logits equal transformers' bit for bit where the kernels are the same
+            (its own order rounds the sums differently, ~1e-8 per layer). The output costs the
+            same either way.
 
     Raises:
         ValueError: ``head_dim`` or ``rotary_dim`` is odd, ``rotary_dim`` is not in
@@ -185,6 +192,7 @@ class RotaryPositionalEmbeddings(nn.Module):
         scaling: RopeScaling | None = None,
         style: RopeStyle = "interleaved",
         rotary_dim: int | None = None,
+        half_order_output: bool = False,
     ) -> None:
         super().__init__()
         if head_dim % 2:
@@ -201,6 +209,7 @@ class RotaryPositionalEmbeddings(nn.Module):
         self.base = base
         self.scaling = scaling
         self.style = style
+        self.half_order_output = half_order_output
         self.attention_factor = rope_attention_factor(scaling)
         kind = None if scaling is None else scaling.rope_type
         # the length past which the frequencies depend on the call (longrope, dynamic)
@@ -367,7 +376,7 @@ class RotaryPositionalEmbeddings(nn.Module):
             # [b, s, n_h, h_d/2] each: the first half of the head pairs with the second
             first, second = x.float().split(half, dim=-1)
         rotated = (first * cos - second * sin, second * cos + first * sin)
-        if self.style == "interleaved":
+        if self.style == "interleaved" and not self.half_order_output:
             out = torch.stack(rotated, dim=-1).flatten(-2).type_as(x)
         else:
             out = torch.cat(rotated, dim=-1).type_as(x)

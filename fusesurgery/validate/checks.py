@@ -634,6 +634,9 @@ def _validate_export(path: str, *, transformers_row: bool, **options) -> Validat
         import_transformers(path, native, durable=False)
         report = validate_fused(native, **options)
         report.path = path
+        from fusesurgery.hf.validate_export import add_processor_row  # noqa: PLC0415
+
+        add_processor_row(report, path)
         if transformers_row:
             _check_transformers(report, path, str(native), seed=options["seed"],
                                 batch=options["batch"], seq_len=options["seq_len"],

@@ -334,7 +334,8 @@ def test_output_path_rules_are_every_writers(fused, tmp_path):
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--dtype", "bf16"], "--dtype is not supported with --format transformers"),
     (["--num-heads", "4"], "config overrides are not supported"),
-    (["--encoder-tokens", "patches"], "--encoder-tokens is not supported with --format"),
+    (["--encoder-tokens", "cls_and_patches", "--every", "1"],
+     "(aimv2_vision_model) has no class token"),
 ])
 def test_options_the_layout_cannot_honour_are_refused(fused, args, fragment, tmp_path):
     pair = fused["olmo2-aimv2"]
@@ -343,6 +344,24 @@ def test_options_the_layout_cannot_honour_are_refused(fused, args, fragment, tmp
                                  str(out), "--format", "transformers", *args])
     _one_line_exit_2(result, fragment)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("part", "field", "fragment"), [
+    ("vision_config", "num_hidden_layers", "num_hidden_layers 3, the weights hold 2 layers"),
+    ("text_config", "hidden_size", "hidden_size 64, the weights' width is 32"),
+])
+def test_inspect_says_when_a_family_without_a_reader_has_an_edited_config(
+        fused, tmp_path, part, field, fragment):
+    # OLMo 2 and AIMv2 have no native reader: their layer count and width are checked
+    broken = tmp_path / "copy"
+    shutil.copytree(fused["olmo2-aimv2"]["fused"], broken)
+    document = json.loads((broken / "config.json").read_text())
+    document[part][field] = {"num_hidden_layers": 3, "hidden_size": 64}[field]
+    (broken / "config.json").write_text(json.dumps(document))
+    result = runner.invoke(app, ["inspect", str(broken), "--json"])
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert len(notes) == 1 and fragment in notes[0] and part in notes[0]
 
 
 def test_inspect_reads_it_without_torch(fused, tmp_path):

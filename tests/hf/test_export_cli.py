@@ -128,6 +128,29 @@ def test_inspect_describes_an_export(export):
     assert "identity: all gates 0 (4 gates)" in result.stdout
 
 
+@pytest.mark.parametrize(("part", "field", "fragment"), [
+    ("vision_config", "hidden_size", "expected [96, 3, 8, 8]"),
+    ("vision_config", "num_hidden_layers", "gives num_layers 3, but the checkpoint holds 2"),
+    ("text_config", "intermediate_size", "disagrees with text_config"),
+])
+def test_inspect_says_when_an_edited_config_no_longer_describes_the_weights(
+        export, tmp_path, part, field, fragment):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(export, copy)
+    document = json.loads((copy / "config.json").read_text())
+    document[part][field] += 1 if field == "num_hidden_layers" else document[part][field]
+    (copy / "config.json").write_text(json.dumps(document))
+    result = runner.invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"config.json's {part} does not describe the weights" in notes[0]
+    assert fragment in notes[0]
+    clean = runner.invoke(app, ["inspect", str(export)])
+    assert "note:" not in clean.stdout
+
+
 def test_training_with_gradient_checkpointing_gets_the_same_gradients(export):
     from transformers import AutoModelForImageTextToText
 
@@ -209,3 +232,46 @@ def test_convert_checkpoint_names_the_exporter(fused_example, tmp_path):
     with pytest.raises(ConfigError, match="fusesurgery.export_transformers"):
         convert_checkpoint(fused_example, tmp_path / "out", to="transformers")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def export_without_tokenizer(export, tmp_path_factory) -> Path:
+    import shutil
+
+    copy = tmp_path_factory.mktemp("no-tokenizer") / "hf"
+    shutil.copytree(export, copy)
+    (copy / "tokenizer.json").unlink()
+    return copy
+
+
+@pytest.mark.parametrize("command", ["unfuse", "validate"])
+def test_an_export_missing_its_tokenizer_says_the_processor_cannot_load(
+        export, export_without_tokenizer, tmp_path, command):
+    args = ([command, str(export_without_tokenizer), "-o", str(tmp_path / "out")]
+            if command == "unfuse" else [command, str(export_without_tokenizer)])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "tokenizer.json is missing: AutoProcessor cannot load this export" in result.output
+    if command == "unfuse":  # the decoder written is whole: its tokenizer comes from source/
+        assert (tmp_path / "out" / "tokenizer.json").is_file()
+    if command == "unfuse":
+        clean = runner.invoke(app, [command, str(export), "-o", str(tmp_path / "clean")])
+        assert clean.exit_code == 0 and "AutoProcessor cannot load" not in clean.output
+
+
+def test_no_processor_config_for_a_decoder_without_a_tokenizer(tmp_path):
+    import shutil
+
+    import fusesurgery
+
+    decoder = tmp_path / "llama"
+    decoder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(EXAMPLES / "tiny-llama" / name, decoder / name)
+    fusesurgery.fuse(EXAMPLES / "tiny-clip-vision", decoder, tmp_path / "fused", every=2)
+    result = runner.invoke(app, ["convert", str(tmp_path / "fused"), "-o", str(tmp_path / "hf"),
+                                 "--to", "transformers"])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert "config.json" in names and "preprocessor_config.json" in names
+    assert "processor_config.json" not in names  # a processor that could not load

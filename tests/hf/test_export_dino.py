@@ -76,7 +76,7 @@ def test_logits_with_an_image_equal_load_fused(tmp_path, kind, tokens):
             layer.ca_scale.scale.zero_()
             layer.mlp_scale.scale.zero_()
         assert not torch.equal(zero(input_ids=ids, pixel_values=pixels).logits, logits)
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert torch.equal(logits, expected)
 
 
 def test_back_to_native_is_bitwise(tmp_path):
@@ -93,3 +93,47 @@ def test_back_to_native_is_bitwise(tmp_path):
         for key in a.keys():
             assert torch.equal(a.get_tensor(key).view(torch.uint8),
                                b.get_tensor(key).view(torch.uint8)), key
+
+
+def _open_gates_in_memory(model: torch.nn.Module, value: float = 0.7) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("ca_scale.scale", "mlp_scale.scale")):
+                param.fill_(value)
+
+
+@pytest.mark.parametrize(("kind", "tokens"), [("dinov2", "default"), ("dinov3", "patches")])
+def test_fuse_format_transformers_feeds_the_tokens_the_native_fuse_feeds(tmp_path, kind,
+                                                                          tokens):
+    # the same options straight into the transformers layout: the registers stay out by
+    # default (and --encoder-tokens is honoured), so its logits are the native fuse's
+    from transformers import AutoModelForImageTextToText
+
+    tower = _save_tower(kind, tmp_path / "tower")
+    options = dict(every=1, encoder_tokens=tokens)
+    fusesurgery.fuse(tower, EXAMPLES / "tiny-llama", tmp_path / "fused", **options)
+    fusesurgery.fuse(tower, EXAMPLES / "tiny-llama", tmp_path / "any", format="transformers",
+                     **options)
+    sizes = DINOV2 if kind == "dinov2" else DINOV3
+    document = json.loads((tmp_path / "any" / "config.json").read_text())
+    assert document["encoder_tokens"] == ("cls_and_patches" if tokens == "default" else tokens)
+    assert (document["vision_num_cls_tokens"], document["vision_num_register_tokens"]) == (
+        1, sizes["num_register_tokens"])
+
+    native = fusesurgery.load_fused(tmp_path / "fused", dtype=torch.float32).eval()
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "any",
+                                                           dtype=torch.float32).eval()
+    _open_gates_in_memory(native)
+    _open_gates_in_memory(exported)
+    pixels = torch.randn(2, 3, sizes["image_size"], sizes["image_size"],
+                         generator=torch.Generator().manual_seed(1))
+    image_id = exported.config.image_token_id
+    ids = torch.tensor([[1, 5, image_id, 7, 3, 11], [2, image_id, 6, 8, 10, 12]])
+    s_e = native.fused_config.encoder.seq_len
+    seen = (ids == image_id).cumsum(dim=1) > 0
+    with torch.no_grad():
+        expected = native(ids, encoder_input={"images": pixels},
+                          encoder_mask=seen[:, :, None].expand(-1, -1, s_e))
+        logits = exported(input_ids=ids, pixel_values=pixels).logits
+    assert exported.get_image_features(pixels).shape[1] == s_e
+    assert torch.equal(logits, expected)

@@ -200,6 +200,7 @@ def test_processor_and_model_load_with_transformers_alone(gated_export, tmp_path
     script = Path(__file__).resolve().parent / "process_without_fusesurgery.py"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")  # this export's code, not a cached one
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # bitwise below: the same reductions
     run = subprocess.run([sys.executable, str(script), str(gated_export), str(tmp_path / "r.pt")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -151,6 +151,14 @@ def test_peft_lora_trains_saves_merges_and_reads_back(targets, trains, gated_exp
     fusesurgery.hf.import_transformers(tmp_path / "merged", native_dir)
     native = fusesurgery.load_fused(native_dir, dtype=torch.float32)
     assert type(native).__name__ == "DeepFusionModel"
+    # a LoRA merged into the decoder changed original tensors: the native config says so
+    # (compared with the sources fuse read), whatever the gates
+    recorded = json.loads((native_dir / "fusion_config.json").read_text())
+    decoder_changed = sorted(k for k in changed if k.startswith("language_model."))
+    assert len(recorded["trained_originals"]) == len(decoder_changed)
+    assert all(k.startswith("decoder.layers.") and k.endswith(("q_proj.weight", "v_proj.weight"))
+               for k in recorded["trained_originals"])
+    assert recorded["trained"] is True
     if trains != "cross_attention_layers.":
         return
     # the reloaded adapter applies to a fresh model the same way

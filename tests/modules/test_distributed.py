@@ -94,8 +94,9 @@ def _run(rank: int, world_size: int, workdir: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_fsdp2_dsd_and_dcp_round_trip(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def test_fsdp2_dsd_and_dcp_round_trip(tmp_path, monkeypatch):
+    # the workers' threads, for this test only: a later test's subprocess must not inherit it
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     try:
         mp.spawn(_run, args=(2, str(tmp_path)), nprocs=2, join=True)
     except Exception:

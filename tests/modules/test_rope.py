@@ -81,6 +81,21 @@ def test_half_style_is_interleaved_style_on_permuted_dims():
     assert torch.equal(interleaved(x[..., order]), half(x)[..., order])
 
 
+def test_half_order_output_hands_attention_transformers_dim_order():
+    # an interleaved-layout q rotated with half_order_output is the half-style rotation of the
+    # same q in transformers' layout: the same values in the same places, bit for bit
+    head_dim = 8
+    x = torch.randn(1, 5, 2, head_dim)
+    order = permute_qk_to_native(torch.arange(head_dim), 1, head_dim)
+    half = RotaryPositionalEmbeddings(head_dim, 16, scaling=SCALING, style="half")
+    reordered = RotaryPositionalEmbeddings(head_dim, 16, scaling=SCALING,
+                                           half_order_output=True)
+    assert torch.equal(reordered(x[..., order]), half(x))
+    both = RotaryPositionalEmbeddings(head_dim, 16, scaling=SCALING, style="half",
+                                      half_order_output=True)
+    assert torch.equal(both(x), half(x))
+
+
 def test_dtype_is_kept_and_bad_arguments_are_refused():
     rope = RotaryPositionalEmbeddings(8, 16, style="half")
     assert rope(torch.randn(1, 3, 2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -34,7 +34,12 @@ IMAGE_KWARG = "fusesurgery_image"  # the text model's keyword that carries it to
 # tower are stored in (their sub-configs' ``dtype``), which they keep (see ``from_pretrained``)
 STORED_DTYPES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "fusesurgery_stored_dtypes", default=None)
+# while from_pretrained builds the model: requires_grad is set once, after the weights load
+# (loading resets it), not also at construction
+LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("fusesurgery_loading",
+                                                               default=False)
 SUB_CONFIGS = {"language_model": "text_config", "vision_tower": "vision_config"}
+FUSION_PARTS = ("cross_attention_layers", "projection", "fusion_embedding")
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token",
               "revision", "subfolder")
 
@@ -290,8 +295,10 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
                         module._parameters[name] = nn.Parameter(
                             param.to(dtype), requires_grad=param.requires_grad)
         self.post_init()
-        self.set_trainable(decoder=config.decoder_trainable,
-                           encoder=config.encoder_trainable, fusion=config.fusion_trainable)
+        if not LOADING.get():
+            self.set_trainable(decoder=config.decoder_trainable,
+                               encoder=config.encoder_trainable,
+                               fusion=config.fusion_trainable)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -310,11 +317,12 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
                     pretrained_model_name_or_path,
                     **{key: kwargs[key] for key in HUB_KWARGS if key in kwargs})
             parts = stored_dtypes(config)
-        token = STORED_DTYPES.set(parts)
+        token, loading = STORED_DTYPES.set(parts), LOADING.set(True)
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         finally:
             STORED_DTYPES.reset(token)
+            LOADING.reset(loading)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         for part, key in SUB_CONFIGS.items():  # the sub-configs say what each part now is
             sub = getattr(model.config, key, None)
@@ -329,9 +337,8 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
     def fusion_parameters(self) -> dict[str, nn.Parameter]:
         """What fusion added: the cross-attention layers, the projection and the new tokens'
         rows, by name."""
-        return {name: param for name, param in self.named_parameters()
-                if name.startswith(("cross_attention_layers.", "projection.",
-                                    "fusion_embedding."))}
+        return {f"{part}.{name}": param for part in FUSION_PARTS
+                for name, param in getattr(self, part).named_parameters()}
 
     def set_trainable(self, *, decoder: bool = False, encoder: bool = False,
                       fusion: bool = True) -> None:
