@@ -1,7 +1,7 @@
 """``convert FUSED --to transformers`` of the families whose export needs more than a prefix:
 Gemma 3 and Gemma 2 (fusion layers with ``(1 + w)`` RMSNorms, ``fusion_norm_unit_offset`` in
 config.json; Gemma 3 with a window of 4 and a sequence longer than it) and a Phi-4-mini-like
-Phi-3 (partial rotary 0.75, tied; q/k/v and w1/w3 native tensors stacked back into
+Phi-3 (partial rotary 0.75, LongRoPE, tied; q/k/v and w1/w3 native tensors stacked back into
 ``qkv_proj`` / ``gate_up_proj``).
 
 Sources are tiny transformers models (every norm weight drawn at random, where a norm of the
@@ -34,8 +34,14 @@ SOURCES = {
     "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         **SIZES, num_hidden_layers=2, head_dim=12, sliding_window=WINDOW,
         query_pre_attn_scalar=12)),
+    # a window on every layer, and LongRoPE past its 8 original positions (the inputs are 10
+    # and 11 long): the long factors
     "phi4-mini": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
         **SIZES, num_hidden_layers=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+        sliding_window=WINDOW,
+        original_max_position_embeddings=8, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0],
+            "long_factor": [2.0, 4.0, 8.0]},
         pad_token_id=None, bos_token_id=None, eos_token_id=None)),
 }
 # longer than the window: the sliding layers' masks matter
