@@ -144,6 +144,13 @@ def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, Export
     config = fused_config_from_dict(source.config.get(FUSION_CONFIG_FIELD), origin)
     if config.encoder is None:
         raise ConfigError(f"{origin}: a fused model without a vision tower is no export")
+    stated = source.config.get("fusion_norm_unit_offset", False)
+    if stated is not config.fusion.norm_unit_offset:
+        # transformers builds the fusion norms from the top-level field, the way back from
+        # the carried fusion config: they must describe the same model
+        raise ConfigError(f"{path}/config.json: fusion_norm_unit_offset is {stated!r}, its "
+                          f"{FUSION_CONFIG_FIELD} says norm_unit_offset "
+                          f"{config.fusion.norm_unit_offset}: an edited config.json")
     native_of = _exported_tensors(config)
     infos = source.infos()
     missing = sorted(set(native_of) - set(infos))

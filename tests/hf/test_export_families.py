@@ -231,3 +231,27 @@ def test_validate_of_the_export_passes_its_transformers_row(family):
     rows = {check.name: check for check in report.checks}
     assert report.ok, report.summary() if hasattr(report, "summary") else report
     assert rows["transformers export's logits with an image equal load_fused's"].status == "pass"
+
+
+@pytest.mark.parametrize("value", [False, None])
+def test_an_edited_norm_kind_is_refused_with_nothing_written(built, tmp_path, value):
+    """transformers builds the fusion norms from config.json's ``fusion_norm_unit_offset``,
+    the way back from the fusion config it carries: a config.json where they disagree is one
+    line (exit 2), nothing written."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fusesurgery.cli.app import app
+
+    edited = tmp_path / "edited"
+    shutil.copytree(built["gemma3"]["trained-hf"], edited)
+    document = json.loads((edited / "config.json").read_text())
+    document["fusion_norm_unit_offset"] = value
+    (edited / "config.json").write_text(json.dumps(document))
+    result = CliRunner().invoke(app, ["convert", str(edited), "--to", "native", "-o",
+                                      str(tmp_path / "native")])
+    assert result.exit_code == 2, result.output
+    assert "fusion_norm_unit_offset" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "native").exists()
