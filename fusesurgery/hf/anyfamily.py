@@ -156,6 +156,8 @@ class DecoderSizes:
         layers_prefix: the text model's decoder layers' key prefix (``model.layers.``).
         dtype: the embedding table's dtype (the new tensors take it).
         choices: field -> where its value came from.
+        norm_unit_offset: the fusion layers' RMSNorms are of the ``(1 + w)`` kind, as native
+            ``fuse`` makes them for this family (Gemma's), their weights starting at zero.
     """
 
     model_type: str
@@ -172,6 +174,21 @@ class DecoderSizes:
     layers_prefix: str
     dtype: Any
     choices: dict[str, str] = field(default_factory=dict)
+    norm_unit_offset: bool = False
+
+
+def fusion_norm_unit_offset(model_type: str) -> tuple[bool, str]:
+    """Whether a ``model_type`` decoder's fusion layers get ``(1 + w)`` RMSNorms, and why: the
+    kind native ``fuse`` gives them, its family's own (Gemma 2 / Gemma 3); Llama's ``w``
+    kind for every other family."""
+    from fusesurgery.convert.configs import HF_DECODER_FAMILIES  # noqa: PLC0415
+    from fusesurgery.families import decoder_family  # noqa: PLC0415
+
+    family = HF_DECODER_FAMILIES.get(model_type)
+    if family is not None and decoder_family(family).fixed.get("norm_unit_offset", False):
+        return True, (f"the (1 + w) kind of the {decoder_family(family).display_name} "
+                      "decoder's own norms, as native fuse makes them")
+    return False, "the w kind (Llama's), as native fuse makes them for this family"
 
 
 @dataclass(frozen=True)
@@ -271,6 +288,8 @@ def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
     if eps is None:
         eps = (1e-5, "1e-5 (no norm epsilon in the config)")
     choices["ca_norm_eps"] = choices["qk_norm_eps"] = eps[1]
+    unit_offset, why = fusion_norm_unit_offset(config.model_type)
+    choices["fusion_norm_unit_offset"] = why
     layers, _ = _int_field(config, ("num_hidden_layers",), origin, "layer count")
     vocab, _ = _int_field(config, ("vocab_size",), origin, "vocabulary size")
 
@@ -296,7 +315,7 @@ def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
         num_kv_heads=kv, head_dim=head_dim, intermediate_size=ffn, norm_eps=eps[0],
         vocab_size=vocab, tied=tied, embedding_key=tables[0],
         layers_prefix=layers_prefix,
-        dtype=infos[tables[0]].dtype, choices=choices)
+        dtype=infos[tables[0]].dtype, choices=choices, norm_unit_offset=unit_offset)
 
 
 def meta_model_shapes(model_class, config) -> dict[str, tuple[int, ...]]:
@@ -407,25 +426,26 @@ def fusion_tensors(decoder: DecoderSizes, vision_width: int, layers: tuple[int, 
     Shapes: per fusion layer at ``i`` the gated cross-attention layer (``ca_norm``, GQA
     ``attn`` with q/k RMSNorms, ``ca_scale``, ``mlp_norm``, SwiGLU ``mlp``, ``mlp_scale``),
     the new tokens' rows ``[n_new, d]`` and the projection head ``d_e -> d``. Linear weights
-    start as torch's ``nn.Linear`` (uniform, bound ``1/sqrt(fan_in)``), norms at one, gates
-    at zero.
+    start as torch's ``nn.Linear`` (uniform, bound ``1/sqrt(fan_in)``), norms at one (the
+    ``(1 + w)`` kind at zero: the same norm), gates at zero.
     """
     d, h_d, ffn = decoder.hidden_size, decoder.head_dim, decoder.intermediate_size
     q_width, kv_width = decoder.num_heads * h_d, decoder.num_kv_heads * h_d
+    norm = ("zeros",) if decoder.norm_unit_offset else ("ones",)
 
     def linear(out_features: int, in_features: int) -> tuple[tuple[int, ...], tuple]:
         return (out_features, in_features), ("uniform", 1.0 / math.sqrt(in_features))
 
     layer_shapes: list[tuple[str, tuple[int, ...], tuple]] = [
-        ("ca_norm.scale", (d,), ("ones",)),
+        ("ca_norm.scale", (d,), norm),
         ("attn.q_proj.weight", *linear(q_width, d)),
         ("attn.k_proj.weight", *linear(kv_width, d)),
         ("attn.v_proj.weight", *linear(kv_width, d)),
         ("attn.output_proj.weight", *linear(d, q_width)),
-        ("attn.q_norm.scale", (h_d,), ("ones",)),
-        ("attn.k_norm.scale", (h_d,), ("ones",)),
+        ("attn.q_norm.scale", (h_d,), norm),
+        ("attn.k_norm.scale", (h_d,), norm),
         ("ca_scale.scale", (1,), ("zeros",)),
-        ("mlp_norm.scale", (d,), ("ones",)),
+        ("mlp_norm.scale", (d,), norm),
         ("mlp.w1.weight", *linear(ffn, d)),
         ("mlp.w2.weight", *linear(d, ffn)),
         ("mlp.w3.weight", *linear(ffn, d)),
@@ -672,6 +692,7 @@ def fuse_transformers(
             "fusion_first": options.fusion_first,
             "ca_norm_eps": dec.norm_eps,
             "qk_norm_eps": dec.norm_eps,
+            "fusion_norm_unit_offset": dec.norm_unit_offset,
             "fusion_num_heads": dec.num_heads,
             "fusion_num_kv_heads": dec.num_kv_heads,
             "fusion_head_dim": dec.head_dim,

@@ -15,7 +15,9 @@ names under ``language_model.`` and ``vision_tower.``; fusion's are
 ``fusion_config.json`` and the output its ``source/`` files, so that
 :func:`fusesurgery.hf.reimport.import_transformers` gives the fused checkpoint back. Every
 tensor is the fused checkpoint's bytes: copied by the kernel, the decoder's q/k rows put back
-in transformers' rotary order.
+in transformers' rotary order, and the native tensors a family's transformers names stack
+(Phi-3's q/k/v, w1/w3) stacked again (see :func:`export_entries`). A Gemma decoder's fusion
+layers keep their ``(1 + w)`` RMSNorms: ``fusion_norm_unit_offset`` in config.json.
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ from fusesurgery.convert.keymaps import (
     FUSED_PROJECTION_PREFIX,
     FUSED_VISION_PREFIX,
     HF_VISION_PREFIX,
+    StackedKey,
     from_native_key,
+    stacked_key,
 )
 from fusesurgery.convert.mllama import FUSED_FUSION_EMBEDDING
-from fusesurgery.convert.plan import PlanEntry, _rope_transform
+from fusesurgery.convert.plan import PlanEntry, _rope_transform, _stack_parts
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
 from fusesurgery.convert.transforms import IDENTITY, Transform
 from fusesurgery.errors import ConfigError, KeyMapError
-from fusesurgery.families import decoder_family
 from fusesurgery.hf import EXPORT_MODEL_TYPE
 from fusesurgery.io import TensorInfo
 from fusesurgery.surgery.fused import open_fused
@@ -101,7 +104,7 @@ def exported_key(key: str, config: FusedConfig) -> tuple[str, Transform]:
         return f"{CROSS_PREFIX}{layer}.{local}", (IDENTITY,)
     if key.startswith(FUSED_DECODER_PREFIX):
         local = key.removeprefix(FUSED_DECODER_PREFIX)
-        return (TEXT_PREFIX + from_native_key(local, "hf", "decoder"),
+        return (TEXT_PREFIX + from_native_key(local, "hf", "decoder", config.decoder.family),
                 _rope_transform(local, "native", "hf", config.decoder))
     if key.startswith(FUSED_VISION_PREFIX):
         name = from_native_key(key.removeprefix(FUSED_VISION_PREFIX), "hf", "vision",
@@ -110,6 +113,45 @@ def exported_key(key: str, config: FusedConfig) -> tuple[str, Transform]:
     if key.startswith(FUSED_PROJECTION_PREFIX):
         return PROJECTION_PREFIX + key.removeprefix(FUSED_PROJECTION_PREFIX), (IDENTITY,)
     raise KeyMapError(f"{key!r} has no place in the transformers export")
+
+
+def decoder_stacked_key(key: str, config: FusedConfig) -> StackedKey | None:
+    """The tensor of the decoder's transformers names that stacks native fused ``key`` with
+    others (Phi-3's ``qkv_proj``, ``gate_up_proj``; its name without ``language_model.``), or
+    None where ``key`` is exported on its own."""
+    if not key.startswith(FUSED_DECODER_PREFIX) or _FUSION_SEGMENT in key:
+        return None
+    return stacked_key(key.removeprefix(FUSED_DECODER_PREFIX), "hf", "decoder",
+                       config.decoder.family)
+
+
+def export_entries(tensors: Mapping[str, TensorInfo], config: FusedConfig,
+                   path: object) -> tuple[PlanEntry, ...]:
+    """The export's tensors, one plan entry each, in the fused checkpoint's order: a tensor
+    the decoder's transformers names stack from several native ones (Phi-3's q/k/v into
+    ``qkv_proj``, w1/w3 into ``gate_up_proj``) is one entry with a part per native tensor,
+    placed where its first part is (written as one byte range where the parts lie one after
+    the other in one file).
+
+    Raises:
+        ConfigError: a key with no place in the export, or a stacked tensor lacking a part.
+    """
+    entries: list[tuple[str | None, PlanEntry]] = []
+    for key, info in tensors.items():
+        try:
+            name, transform = exported_key(key, config)
+        except KeyMapError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        entry = PlanEntry(target_key=name, source_key=key, transform=transform,
+                          source_shape=tuple(info.shape), source_dtype=info.dtype,
+                          shape=tuple(info.shape), dtype=info.dtype)
+        stacked = decoder_stacked_key(key, config)
+        entries.append((None if stacked is None else key.removeprefix(FUSED_DECODER_PREFIX),
+                        entry))
+    try:
+        return _stack_parts(entries, "decoder", "hf", config.decoder)
+    except KeyMapError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def _kept_config(directory: Path, part: str, names: tuple[str, ...]) -> dict[str, Any] | None:
@@ -172,6 +214,7 @@ def export_config_dict(config: FusedConfig, directory: Path,
         "fusion_first": f.fusion_first,
         "ca_norm_eps": f.ca_norm_eps,
         "qk_norm_eps": f.qk_norm_eps,
+        "fusion_norm_unit_offset": f.norm_unit_offset,
         "fusion_num_heads": d.num_heads,
         "fusion_num_kv_heads": d.num_kv_heads,
         "fusion_head_dim": d.head_dim,
@@ -256,16 +299,6 @@ def _check_exportable(config: FusedConfig, path: object) -> None:
                           "place the image by")
     if config.projection not in ("mlp", "linear"):
         raise ConfigError(f"{path}: unknown projection {config.projection!r}")
-    if config.fusion.norm_unit_offset:
-        raise ConfigError(f"{path}: the transformers export's fusion layers have Llama's w-kind "
-                          "RMSNorms, not this model's (1 + w) kind (a Gemma decoder's); use the "
-                          "fused checkpoint with fusesurgery, or fuse --format transformers "
-                          "straight from the sources")
-    if decoder_family(config.decoder.family).hf_fused_keys:
-        raise ConfigError(f"{path}: the transformers export does not stack a "
-                          f"{decoder_family(config.decoder.family).display_name} decoder's "
-                          "q/k/v and gate/up tensors back yet; fuse the sources with --format "
-                          "transformers instead")
     if config.encoder.family in NOT_EXPORTED_TOWERS:
         raise ConfigError(f"{path}: the transformers export does not carry a "
                           f"{NOT_EXPORTED_TOWERS[config.encoder.family]} tower yet; use the "
@@ -309,19 +342,12 @@ def export_transformers(
         directory = side_directory(view)
         infos, producers = [], {}
         dtypes: dict[str, str] = {}
-        for key, info in view.infos().items():
-            try:
-                name, transform = exported_key(key, config)
-            except KeyMapError as error:
-                raise ConfigError(f"{path}: {error}") from None
-            part = ("encoder" if key.startswith(FUSED_VISION_PREFIX) else
-                    "decoder" if name.startswith(TEXT_PREFIX) else "fusion")
-            dtypes.setdefault(part, str(info.dtype).removeprefix("torch."))
-            entry = PlanEntry(target_key=name, source_key=key, transform=transform,
-                              source_shape=tuple(info.shape), source_dtype=info.dtype,
-                              shape=tuple(info.shape), dtype=info.dtype)
-            infos.append(TensorInfo(name, tuple(info.shape), info.dtype))
-            producers[name] = lambda e=entry: plan_entry_source(e, view)
+        for entry in export_entries(view.infos(), config, path):
+            part = ("encoder" if entry.source_key.startswith(FUSED_VISION_PREFIX) else
+                    "decoder" if entry.target_key.startswith(TEXT_PREFIX) else "fusion")
+            dtypes.setdefault(part, str(entry.dtype).removeprefix("torch."))
+            infos.append(TensorInfo(entry.target_key, entry.shape, entry.dtype))
+            producers[entry.target_key] = lambda e=entry: plan_entry_source(e, view)
         dtypes.setdefault("encoder", dtypes.get("fusion", "float32"))
         document = export_config_dict(config, directory, dtypes)
         extra: dict[str, bytes | str] = {
@@ -340,5 +366,5 @@ def export_transformers(
     return config, written
 
 
-__all__ = ["FUSION_CONFIG_FIELD", "MODEL_TYPE", "export_config_dict", "export_transformers",
-           "exported_key"]
+__all__ = ["FUSION_CONFIG_FIELD", "MODEL_TYPE", "decoder_stacked_key", "export_config_dict",
+           "export_entries", "export_transformers", "exported_key"]

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,7 +20,7 @@ from fusesurgery import _json as standard_json
 from fusesurgery.convert.configs import config_style
 from fusesurgery.convert.keymaps import FUSED_DECODER_PREFIX, FUSED_VISION_PREFIX
 from fusesurgery.convert.plan import PlanEntry
-from fusesurgery.convert.transforms import invert_transform
+from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, Transform, invert_transform
 from fusesurgery.errors import ConfigError, FuseSurgeryError, ShapeError
 from fusesurgery.hf.anyfamily import (
     FUSE_RECORD_FIELD,
@@ -35,6 +35,7 @@ from fusesurgery.hf.export import (
     PROCESSOR_CLASS,
     TEXT_PREFIX,
     VISION_PREFIX,
+    decoder_stacked_key,
     exported_key,
     processor_notes,
 )
@@ -76,9 +77,60 @@ def _native_shapes(config: FusedConfig) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
-def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, tuple]]:
-    """The fusion config an export carries, and exported name -> (native key, transform back,
-    shape), its keys and shapes checked against the export's tensors.
+class ExportedTensor(NamedTuple):
+    """Where one tensor of an export comes from in the fused checkpoint.
+
+    Attributes:
+        native_key: its native fused key (a stacked tensor's: its first part's).
+        transform: what turns its rows back into the native ones.
+        shape: its shape in the export.
+        parts: for a tensor stacking several native ones (Phi-3's ``qkv_proj``): each
+            part's native key, its rows ``[start, stop)`` and its native shape; else empty.
+    """
+
+    native_key: str
+    transform: Transform
+    shape: tuple[int, ...]
+    parts: tuple[tuple[str, int, int, tuple[int, ...]], ...] = ()
+
+
+def _exported_tensors(config: FusedConfig) -> dict[str, ExportedTensor]:
+    """Exported name -> :class:`ExportedTensor`, of the model ``config`` describes.
+
+    Raises:
+        ConfigError: a stacked part whose rows would need reordering too.
+    """
+    native_of: dict[str, ExportedTensor] = {}
+    stacks: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in _native_shapes(config).items():
+        name, transform = exported_key(key, config)
+        stacked = decoder_stacked_key(key, config)
+        if stacked is None:
+            native_of[name] = ExportedTensor(key, invert_transform(transform), shape)
+            continue
+        if transform != (IDENTITY,):
+            raise ConfigError(f"{key}: a part of {stacked.key} whose rows move as well, which "
+                              "no family does")
+        stacks.setdefault(name, {})[key] = shape
+        native_of.setdefault(name, ExportedTensor(key, (IDENTITY,), ()))
+    for name, shapes in stacks.items():
+        order = decoder_stacked_key(native_of[name].native_key, config).parts
+        parts, start = [], 0
+        for part in order:
+            rows = shapes[FUSED_DECODER_PREFIX + part][0]
+            parts.append((FUSED_DECODER_PREFIX + part, start, start + rows,
+                          shapes[FUSED_DECODER_PREFIX + part]))
+            start += rows
+        first = parts[0][3]
+        native_of[name] = ExportedTensor(parts[0][0], (IDENTITY,), (start, *first[1:]),
+                                         tuple(parts))
+    return native_of
+
+
+def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, ExportedTensor]]:
+    """The fusion config an export carries, and exported name -> :class:`ExportedTensor`
+    (native key, transform back, shape, stacked parts), its keys and shapes checked against
+    the export's tensors.
 
     Raises:
         FuseSurgeryError: not an export, a damaged fusion config, or other tensors.
@@ -93,10 +145,14 @@ def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, tuple]
     config = fused_config_from_dict(source.config.get(FUSION_CONFIG_FIELD), origin)
     if config.encoder is None:
         raise ConfigError(f"{origin}: a fused model without a vision tower is no export")
-    native_of: dict[str, tuple] = {}
-    for key, shape in _native_shapes(config).items():
-        name, transform = exported_key(key, config)
-        native_of[name] = (key, invert_transform(transform), shape)
+    stated = source.config.get("fusion_norm_unit_offset", False)
+    if stated is not config.fusion.norm_unit_offset:
+        # transformers builds the fusion norms from the top-level field, the way back from
+        # the carried fusion config: they must describe the same model
+        raise ConfigError(f"{path}/config.json: fusion_norm_unit_offset is {stated!r}, its "
+                          f"{FUSION_CONFIG_FIELD} says norm_unit_offset "
+                          f"{config.fusion.norm_unit_offset}: an edited config.json")
+    native_of = _exported_tensors(config)
     infos = source.infos()
     missing = sorted(set(native_of) - set(infos))
     unexpected = sorted(set(infos) - set(native_of))
@@ -166,8 +222,11 @@ def _with_gates_read(config: FusedConfig, source, native_of: dict[str, tuple]) -
     with transformers carries the fusion config it was exported with): ``trained`` once any
     gate is nonzero, so the written fusion_config.json never claims an identity that no longer
     holds."""
-    gates = {key: float(source.get_tensor(name).float().item())
-             for name, (key, _, _) in native_of.items() if key.endswith(GATE_SUFFIXES)}
+    gates = {entry.native_key: float(source.get_tensor(name).float().item())
+             for name, entry in native_of.items()
+             # a Gemma decoder's own post-norms are native ``mlp_scale``s too: gates are
+             # the fusion layers' alone
+             if entry.native_key.endswith(GATE_SUFFIXES) and ".fusion_layer." in entry.native_key}
     trained = config.trained or any(value != 0.0 for value in gates.values())
     return config.replace(gates=dict(sorted(gates.items())), trained=trained)
 
@@ -268,12 +327,17 @@ def import_transformers(
         config, native_of = _checked_export(source, path)
         out_infos, producers = [], {}
         for name, info in source.infos().items():  # the export's order: the fused one's
-            key, transform, shape = native_of[name]
-            entry = PlanEntry(target_key=key, source_key=name, transform=transform,
-                              source_shape=shape, source_dtype=info.dtype, shape=shape,
-                              dtype=info.dtype)
-            out_infos.append(TensorInfo(key, shape, info.dtype))
-            producers[key] = lambda e=entry: plan_entry_source(e, source)
+            key, transform, shape, parts = native_of[name]
+            entries = [PlanEntry(target_key=key, source_key=name, transform=transform,
+                                 source_shape=shape, source_dtype=info.dtype, shape=shape,
+                                 dtype=info.dtype)] if not parts else [
+                PlanEntry(target_key=part, source_key=name, transform=(TAKE_ROWS, start, stop),
+                          source_shape=shape, source_dtype=info.dtype, shape=part_shape,
+                          dtype=info.dtype)  # each part one byte range of the stacked rows
+                for part, start, stop, part_shape in parts]
+            for entry in entries:
+                out_infos.append(TensorInfo(entry.target_key, entry.shape, info.dtype))
+                producers[entry.target_key] = lambda e=entry: plan_entry_source(e, source)
         directory = side_directory(source)
         config = _with_gates_read(config, source, native_of)
         changed = changed_originals(config, source, native_of)

@@ -28,6 +28,8 @@ class FusedVisionTextConfig(PretrainedConfig):
         fusion_first: the cross-attention layer runs before its decoder layer (else after).
         ca_norm_eps: epsilon of the cross-attention layers' RMSNorms over ``d``.
         qk_norm_eps: epsilon of the per-head q/k RMSNorms.
+        fusion_norm_unit_offset: every RMSNorm of the cross-attention layers scales by
+            ``1 + w`` (a Gemma decoder's kind, ``w`` starting at zero), not by ``w``.
         fusion_num_heads: query heads of the cross-attention.
         fusion_num_kv_heads: key/value heads of the cross-attention.
         fusion_head_dim: head width of the cross-attention.
@@ -68,6 +70,7 @@ class FusedVisionTextConfig(PretrainedConfig):
     fusion_first: bool = True
     ca_norm_eps: float = 1e-5
     qk_norm_eps: float = 1e-5
+    fusion_norm_unit_offset: bool = False
     fusion_num_heads: int = 1
     fusion_num_kv_heads: int = 1
     fusion_head_dim: int = 1

@@ -106,16 +106,21 @@ def image_token_mask(input_ids: torch.Tensor, image_token_id: int,
 
 
 class FusionRMSNorm(nn.Module):
-    """RMSNorm computed in float32, cast back, then scaled (parameter ``scale``)."""
+    """RMSNorm computed in float32 (parameter ``scale``): Llama's kind casts back, then
+    scales by ``scale``; the ``unit_offset`` kind (a Gemma decoder's) scales by
+    ``1 + scale`` in float32 and casts after, its ``scale`` starting at zero."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.scale = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.scale = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_fp32 = x.float()
         normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.scale.float())).type_as(x)
         return self.scale * normed.to(x.dtype)
 
 
@@ -155,8 +160,9 @@ class FusionCrossAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * h_d, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * h_d, bias=False)
         self.output_proj = nn.Linear(self.num_heads * h_d, d, bias=False)
-        self.q_norm = FusionRMSNorm(h_d, config.qk_norm_eps)
-        self.k_norm = FusionRMSNorm(h_d, config.qk_norm_eps)
+        unit_offset = config.fusion_norm_unit_offset
+        self.q_norm = FusionRMSNorm(h_d, config.qk_norm_eps, unit_offset)
+        self.k_norm = FusionRMSNorm(h_d, config.qk_norm_eps, unit_offset)
 
     def project_kv(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[b, s_e, d] -> ([b, n_h, s_e, h_d], [b, n_h, s_e, h_d])``: computed once per
@@ -190,10 +196,10 @@ class FusionCrossAttentionLayer(GradientCheckpointingLayer):
     def __init__(self, config: FusedVisionTextConfig) -> None:
         super().__init__()
         d = config.hidden_size
-        self.ca_norm = FusionRMSNorm(d, config.ca_norm_eps)
+        self.ca_norm = FusionRMSNorm(d, config.ca_norm_eps, config.fusion_norm_unit_offset)
         self.attn = FusionCrossAttention(config)
         self.ca_scale = FusionTanhGate()
-        self.mlp_norm = FusionRMSNorm(d, config.ca_norm_eps)
+        self.mlp_norm = FusionRMSNorm(d, config.ca_norm_eps, config.fusion_norm_unit_offset)
         self.mlp = FusionSwiGLU(d, config.fusion_intermediate_size)
         self.mlp_scale = FusionTanhGate()
 
@@ -249,7 +255,7 @@ class FusedVisionTextPreTrainedModel(PreTrainedModel):
         if isinstance(module, FusionTanhGate):
             module.scale.zero_()
         elif isinstance(module, FusionRMSNorm):
-            module.scale.fill_(1.0)
+            module.scale.fill_(0.0 if module.unit_offset else 1.0)
         elif isinstance(module, nn.Linear | nn.Embedding):
             module.weight.normal_(0.0, 0.02)
             if getattr(module, "bias", None) is not None:
