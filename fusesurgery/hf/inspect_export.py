@@ -29,7 +29,10 @@ GATE_SUFFIXES = (".ca_scale.scale", ".mlp_scale.scale")
 FUSE_RECORD_FIELD = "fusesurgery_fuse"  # hf.anyfamily's
 FUSION_FIELDS = ("fusion_layers", "fusion_first", "fusion_num_heads", "fusion_num_kv_heads",
                  "fusion_head_dim", "fusion_intermediate_size", "ca_norm_eps", "qk_norm_eps",
-                 "projection", "vision_feature_layer", "tie_word_embeddings")
+                 "projection", "vision_feature_layer", "tie_word_embeddings",
+                 "fusion_norm_unit_offset")
+# what the exported model's config class takes for a field an older export does not state
+FUSION_FIELD_DEFAULTS = {"fusion_norm_unit_offset": False}
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks)\.(\d+)\.")
 
 
@@ -179,7 +182,8 @@ def inspect_export(path: str | os.PathLike[str]) -> ExportReport:
                         else "convert --to transformers"),
             text_family=str(text.get("model_type")),
             vision_family=str(vision.get("model_type")),
-            fusion={name: document.get(name) for name in FUSION_FIELDS},
+            fusion={name: document.get(name, FUSION_FIELD_DEFAULTS.get(name))
+                    for name in FUSION_FIELDS},
             new_tokens={t.get("token"): t.get("id") for t in tokens if isinstance(t, dict)},
             parameters=parameters, dtypes=dtypes, num_tensors=len(infos),
             total_bytes=source.total_bytes, gates=gates,

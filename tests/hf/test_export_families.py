@@ -157,6 +157,11 @@ def test_zero_gates_give_the_source_decoder_and_its_greedy_tokens(family):
 def test_config_records_the_norm_kind(family):
     document = json.loads((family["fused-hf"] / "config.json").read_text())
     assert document["fusion_norm_unit_offset"] is family["name"].startswith("gemma")
+    from fusesurgery.hf.inspect_export import inspect_export
+
+    report = inspect_export(family["fused-hf"])  # inspect shows it
+    assert report.fusion["fusion_norm_unit_offset"] is family["name"].startswith("gemma")
+    assert "fusion_norm_unit_offset" in report.summary()
     layer = _load_export(family["fused-hf"]).cross_attention_layers["0"]
     assert {norm.unit_offset for norm in (layer.ca_norm, layer.mlp_norm, layer.attn.q_norm,
                                           layer.attn.k_norm)} == {
