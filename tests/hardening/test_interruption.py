@@ -27,6 +27,9 @@ CHILD = textwrap.dedent("""
             signal.pthread_kill(threading.main_thread().ident, signum)
         return real(*args, **kwargs)
     safetensors_writer._write_all = write_then_die
+    # Ctrl-C at a terminal: a child of a shell's background job (`cmd &`, nohup, some CI
+    # runners) starts with SIGINT ignored, and Python then installs no handler for it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = ["fusesurgery", *sys.argv[2:]]
     from fusesurgery.cli import main
     main()
