@@ -1,7 +1,8 @@
 """Sliding windows of the families whose transformers config states one by rule (Mistral,
-Phi-3: every layer; Qwen2, Qwen3: from max_window_layers on; SmolLM3: the layers without RoPE),
-modelled natively: load_decoder equals transformers past the window, in one forward and in
-cached decoding, and the layers are the ones transformers slides."""
+Phi-3: every layer; Ministral: the layers layer_types names; Qwen2, Qwen3: from
+max_window_layers on; SmolLM3: the layers without RoPE), modelled natively: load_decoder
+equals transformers past the window, in one forward and in cached decoding, and the layers
+are the ones transformers slides."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_atte
 # family -> (settings, the layers transformers slides)
 CASES = {
     "mistral": (dict(sliding_window=WINDOW), (0, 1, 2, 3)),
+    # Ministral: the layers layer_types names (head_dim 12, not 32 / 4)
+    "ministral": (dict(sliding_window=WINDOW, head_dim=12,
+                       layer_types=["sliding_attention", "full_attention",
+                                    "sliding_attention", "sliding_attention"]), (0, 2, 3)),
     # Phi-3: every layer where config.json states a window (Phi-3 mini's 2047), none otherwise
     "phi3": (dict(sliding_window=WINDOW, pad_token_id=0), (0, 1, 2, 3)),
     "qwen2": (dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
