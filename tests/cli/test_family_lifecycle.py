@@ -286,3 +286,24 @@ def test_siglip2_fixed_resolution_tower_equals_transformers(tmp_path):
         ours, theirs = encoder(images), reference(pixel_values=images).last_hidden_state
     assert ours.shape == (2, 4, 32)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_ministral_transformers_export_is_transformers_own_ministral(tmp_path):
+    """``fuse --format transformers`` of a Ministral: the text model is transformers' own
+    Ministral with the source's ``layer_types``, so with zero gates the export's logits past
+    the window are the source's, bitwise."""
+    decoder = save_decoder("ministral-f32", tmp_path / "hf")
+    encoder = save_clip(tmp_path / "clip")
+    export = tmp_path / "export"
+    result = cli("fuse", encoder, decoder, "-o", export, "--every", "1", "--format",
+                 "transformers")
+    assert result.exit_code == 0, result.output
+    config = json.loads((export / "config.json").read_text())["text_config"]
+    assert (config["model_type"], config["layer_types"]) == (
+        "ministral", ["full_attention", "sliding_attention"])
+    exported = transformers.AutoModelForImageTextToText.from_pretrained(
+        export, dtype=torch.float32, trust_remote_code=True).eval()
+    tokens = torch.randint(0, SIZES["vocab_size"], (2, 20),
+                           generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=tokens).logits, _reference(decoder)(tokens).logits)
