@@ -4,10 +4,13 @@ the Llama pair itself run in the same session for comparison.
 
 Decoders (each with a bf16 CLIP-ViT-L/14-336-shaped vision tower, as `bench_fuse.py
 --vision-tower-only`): Qwen3 (q/k norms, head_dim 128, tied), SmolLM3 (no RoPE every 4th
-layer, tied), Qwen2.5 with YaRN (q/k/v biases, factor 4 over 32768, tied) and a Mistral-NeMo-
-like decoder (head_dim 128 with 32 heads: q_proj has 4096 rows for a width of 2048). Each has
-Llama 3.2 1B's width, depth and MLP (2048, 16 layers, 8192) and its family's own vocabulary,
-so the ratios compare with the Llama pair's. Towers (each with the Llama 3.2 1B decoder): a
+layer, tied), Qwen2.5 with YaRN (q/k/v biases, factor 4 over 32768, tied), a Mistral-NeMo-
+like decoder (head_dim 128 with 32 heads: q_proj has 4096 rows for a width of 2048) and a
+Phi-4-mini-like decoder (stacked qkv_proj and gate_up_proj, partial rotary 0.75, LongRoPE,
+tied). Each has Llama 3.2 1B's width, depth and MLP (2048, 16 layers, 8192) and its family's
+own vocabulary, so the ratios compare with the Llama pair's; and Gemma 3 1B at its own shape
+(width 1152, 26 layers of 4 heads and 1 kv head of 256, MLP 6912, 262144 tokens, window 512
+on 5 layers of 6, tied). Towers (each with the Llama 3.2 1B decoder): a
 SigLIP2 so400m/14 at 384 px, fixed resolution (transformers stores it as `siglip`), and a
 DINOv2-L/14 at 518 px (layer scale). Every input's tensor names, shapes and config.json are
 transformers' own (its classes built on the meta device, the names as save_pretrained writes
@@ -66,6 +69,23 @@ DECODERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "nemo-like": ("MistralConfig", "MistralForCausalLM",
                   {**LLAMA_1B, "head_dim": 128, "vocab_size": 131072,
                    "sliding_window": None}),
+    # Gemma 3 1B's own shape (google/gemma-3-1b-pt): narrower than the others, its 262k
+    # vocabulary a third of the bytes
+    "gemma3-1b": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                  dict(hidden_size=1152, num_hidden_layers=26, intermediate_size=6912,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                       vocab_size=262144, sliding_window=512, sliding_window_pattern=6,
+                       query_pre_attn_scalar=256, max_position_embeddings=32768,
+                       tie_word_embeddings=True)),
+    # Phi-4-mini's features at the others' shape: stacked qkv_proj / gate_up_proj (cut into
+    # byte ranges), 3/4 of each 64-wide head rotated with LongRoPE, its 200k vocabulary
+    "phi4-mini-like": ("Phi3Config", "Phi3ForCausalLM",
+                       {**LLAMA_1B, "vocab_size": 200064, "tie_word_embeddings": True,
+                        "partial_rotary_factor": 0.75, "original_max_position_embeddings": 4096,
+                        "pad_token_id": 199999, "bos_token_id": 199999,
+                        "eos_token_id": 199999,
+                        "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 24,
+                                         "long_factor": [1.0] * 24}}),
 }
 TOWERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "siglip2-so400m-384": ("SiglipVisionConfig", "SiglipVisionModel",

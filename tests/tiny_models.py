@@ -26,7 +26,7 @@ LLAMA3_SCALING = {
 
 def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODER,
                          **overrides) -> Path:
-    """A tiny Llama / Mistral / Qwen2 / Qwen3 / Phi-3 ``*ForCausalLM`` saved with
+    """A tiny Llama / Mistral / Ministral / Qwen2 / Qwen3 / Phi-3 ``*ForCausalLM`` saved with
     ``save_pretrained``
     (weights seeded, so every call gives the same checkpoint)."""
     import transformers
@@ -34,6 +34,7 @@ def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODE
     classes = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "ministral": (transformers.MinistralConfig, transformers.MinistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
@@ -68,8 +69,8 @@ TORCHTUNE_FROM_HF = {
     "model.norm.weight": "norm.scale",
     "lm_head.weight": "output.weight",
 }
-TORCHTUNE_PERMUTES_QK = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False,
-                         "gemma2": True, "gemma3": False, "phi3": False}
+TORCHTUNE_PERMUTES_QK = {"llama": True, "mistral": True, "ministral": True, "qwen2": False,
+                         "qwen3": False, "gemma2": True, "gemma3": False, "phi3": False}
 # torchtune has no Gemma 3. Its Gemma 2 converter (torchtune/models/gemma2/_convert_weights.py)
 # names the four norms of a Gemma layer so: the post-attention norm sa_scale, the MLP's input
 # norm mlp_norm, the post-feedforward norm mlp_scale. Gemma 3's native layout takes those names,

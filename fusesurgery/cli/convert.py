@@ -11,6 +11,7 @@ from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import (
     CheckpointPath,
+    DecoderFamilyName,
     DtypeOption,
     EncoderNumHeads,
     HeadDim,
@@ -44,6 +45,7 @@ def convert(
     head_dim: HeadDim = None,
     rope_base: RopeBase = None,
     norm_eps: NormEps = None,
+    family: DecoderFamilyName = None,
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
     """Convert a decoder or vision tower between the Hugging Face, Meta and native layouts,
@@ -55,7 +57,7 @@ def convert(
 
     overrides = collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
-        norm_eps=norm_eps, encoder_num_heads=encoder_num_heads)
+        norm_eps=norm_eps, family=family, encoder_num_heads=encoder_num_heads)
     if to == "transformers" or is_export_directory(source):
         if overrides:  # the export carries the fused checkpoint's own, checked configs
             from fusesurgery.errors import ConfigError  # noqa: PLC0415

@@ -12,6 +12,7 @@ from fusesurgery._sizes import format_bytes
 from fusesurgery.cli.errors import stderr
 from fusesurgery.cli.options import (
     CheckpointPath,
+    DecoderFamilyName,
     DtypeOption,
     EncoderNumHeads,
     HeadDim,
@@ -101,6 +102,7 @@ def fuse(
     head_dim: HeadDim = None,
     rope_base: RopeBase = None,
     norm_eps: NormEps = None,
+    family: DecoderFamilyName = None,
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
     """Fuse a vision tower (CLIP, SigLIP, SigLIP2, DINOv2/v3) into a decoder (Llama, Mistral,
@@ -116,7 +118,7 @@ def fuse(
         raise ConfigError("give --every or --layers, not both")
     decoder_overrides, encoder_overrides = split_overrides(collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
-        norm_eps=norm_eps, encoder_num_heads=encoder_num_heads))
+        norm_eps=norm_eps, family=family, encoder_num_heads=encoder_num_heads))
     options = FuseOptions(
         fusion_layers=_layers(layers),
         every=DEFAULT_EVERY if every is None else every,

@@ -10,6 +10,7 @@ from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import stdout_console
 from fusesurgery.cli.options import (
     CheckpointPath,
+    DecoderFamilyName,
     EncoderNumHeads,
     HeadDim,
     Json,
@@ -33,13 +34,14 @@ def inspect(
     head_dim: HeadDim = None,
     rope_base: RopeBase = None,
     norm_eps: NormEps = None,
+    family: DecoderFamilyName = None,
     encoder_num_heads: EncoderNumHeads = None,
 ) -> None:
     """Describe a checkpoint from its metadata: format, architecture, config (and where each
     value came from), parameters per component and dtype, the key tree, fusion gates."""
     overrides = collect_overrides(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        rope_base=rope_base, norm_eps=norm_eps, encoder_num_heads=encoder_num_heads,
+        rope_base=rope_base, norm_eps=norm_eps, family=family, encoder_num_heads=encoder_num_heads,
     )
     from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
 

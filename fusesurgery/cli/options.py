@@ -36,6 +36,10 @@ RopeBase = Annotated[float | None, typer.Option(
     "--rope-base", help="Decoder RoPE theta.", rich_help_panel=OVERRIDES_PANEL)]
 NormEps = Annotated[float | None, typer.Option(
     "--norm-eps", help="Decoder RMSNorm epsilon.", rich_help_panel=OVERRIDES_PANEL)]
+DecoderFamilyName = Annotated[str | None, typer.Option(
+    "--family", help="Decoder family (llama, smollm3, phi3, ...), for weights without a config "
+    "that name none: native Llama, SmolLM3 and Phi-3 keys look alike.",
+    rich_help_panel=OVERRIDES_PANEL, show_default=False)]
 EncoderNumHeads = Annotated[int | None, typer.Option(
     "--encoder-num-heads", help="Vision encoder attention heads.",
     rich_help_panel=OVERRIDES_PANEL)]

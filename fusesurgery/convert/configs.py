@@ -325,30 +325,34 @@ def _window_value(config: Mapping[str, Any], origin: str,
 def hf_window_layout(config: Mapping[str, Any], family: str, origin: str = "config.json"
                      ) -> tuple[int | None, tuple[int, ...] | None] | None:
     """``(sliding_window, the layers it applies to)`` as transformers reads a decoder
-    config.json of a family whose window follows a rule (``always``, ``use_sliding_window``);
-    the layers None when the file states too little to place them (no
+    config.json of a family whose window follows a rule (``always``, ``use_sliding_window``,
+    ``layer_types``); the layers None when the file states too little to place them (no
     ``num_hidden_layers``); None for any other family.
 
     Raises:
         ConfigError: a ``sliding_window`` that is neither a positive integer nor null, or a
-            malformed ``layer_types``.
+            malformed ``layer_types`` (one not naming each layer).
     """
     spec = decoder_family(family)
-    if spec.hf_sliding_window not in ("always", "use_sliding_window"):
+    rule = spec.hf_sliding_window
+    if rule not in ("always", "use_sliding_window", "layer_types"):
         return None
     window = _window_value(config, origin,
                            spec.hf_defaults.get("sliding_window", HF_SLIDING_WINDOW_DEFAULT))
     layers = config.get("num_hidden_layers")
     every = tuple(range(layers)) if type(layers) is int else None
-    if spec.hf_sliding_window == "always":
-        return window, (() if window is None else every)
-    if not config.get("use_sliding_window") or window is None:
-        return window, ()
     types = config.get("layer_types")
+    if rule == "always" or (rule == "layer_types" and types is None):
+        return window, (() if window is None else every)
+    if window is None or (rule == "use_sliding_window" and not config.get("use_sliding_window")):
+        return window, ()
     if types is not None:
         if not isinstance(types, list) or any(kind not in (SLIDING, FULL) for kind in types):
             raise ConfigError(f"{origin}: layer_types must list {SLIDING!r} or {FULL!r} for "
                               f"each layer, got {types!r}")
+        if every is not None and len(types) != len(every):
+            raise ConfigError(f"{origin}: layer_types has {len(types)} entries for "
+                              f"{len(every)} layers")
         return window, tuple(i for i, kind in enumerate(types) if kind == SLIDING)
     if every is None:
         return window, None
@@ -390,6 +394,10 @@ def _hf_window_spelling(config: DecoderConfig) -> dict[str, Any]:
             raise ConfigError(f"a {config.family} config.json applies its sliding window to "
                               f"every layer or none, not to layers {list(layers)} alone")
         return {"sliding_window": window if layers else None}
+    if rule == "layer_types":  # MinistralConfig's spelling: always the list
+        return {"sliding_window": window,
+                "layer_types": [SLIDING if i in layers else FULL
+                                for i in range(config.num_layers)]}
     if rule == "use_sliding_window":
         out: dict[str, Any] = {"use_sliding_window": bool(layers), "sliding_window": window}
         if layers:

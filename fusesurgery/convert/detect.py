@@ -339,6 +339,62 @@ def _offer_family(fields: _Fields, families: Mapping[str, Family],
             fields.offer("family", name, "default")
 
 
+def _check_named_family(fields: _Fields, shape_of: Callable[[str], Shape | None],
+                        stated: str | None, origin: str) -> None:
+    """A decoder family the user names (``family`` in the overrides, ``--family``) is checked
+    against the registry, a family the config states, and the weights: the family's shape
+    markers must all match, and what its transformers class always builds (q/k norms) must
+    be what the tensors hold.
+
+    Raises:
+        ConfigError: an unknown family, one the config contradicts, or one the weights are
+            not.
+    """
+    if fields.sources.get("family") != "given":
+        return
+    name = fields.get("family")
+    if name not in DECODER_FAMILIES:
+        raise ConfigError(f"--family {name!r} is not a decoder family; valid: "
+                          f"{', '.join(DECODER_FAMILIES)}")
+    if stated is not None and stated != name:
+        raise ConfigError(f"--family {name} contradicts {origin}, which states {stated}; "
+                          "leave --family out, or correct the config")
+    family = DECODER_FAMILIES[name]
+    for key, wanted in family.shape_markers.items():
+        if not _marker_matches(shape_of(key), wanted):
+            held = "lack" if wanted is True else "hold"
+            raise ConfigError(f"--family {name}: these weights are no {family.display_name} "
+                              f"decoder: they {held} {key}")
+    for field_name, value in family.fixed.items():
+        if fields.sources.get(field_name) == "inferred" and fields.get(field_name) != value:
+            raise ConfigError(f"--family {name}: these weights are no {family.display_name} "
+                              f"decoder: their shapes give {field_name} "
+                              f"{fields.get(field_name)!r}, a {family.display_name} has "
+                              f"{value!r}")
+
+
+def _taken_as_fallback_note(layout: str) -> str:
+    """What a config-less native decoder taken as the fallback family may be instead: the
+    families whose native keys and shapes are the same (none of them told by markers), and
+    how to name one."""
+    fallback = next(f for f in DECODER_FAMILIES.values() if f.shape_fallback)
+    alike = [f for f in DECODER_FAMILIES.values()
+             if not f.shape_markers and not f.shape_fallback]
+    other_rows = [f for f in alike if f.native_rope_style != fallback.native_rope_style]
+
+    def listed(families: list[Family]) -> str:
+        names = [f.display_name for f in families]
+        return " and ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+
+    rows = (f" ({listed(other_rows)} keep q/k rows in rotate-half order, so read as "
+            f"{fallback.display_name} they compute other logits)" if other_rows else "")
+    example = (other_rows or alike)[0].name
+    return (f"no config names the family: taken as {fallback.display_name}, whose {layout} "
+            f"keys and shapes {listed(alike)} share{rows}; if it is one of those, name it "
+            f"(--family {example}; family= in the overrides) or keep its config.json beside "
+            "the weights")
+
+
 # --------------------------------------------------------------------------------------------
 # Decoders.
 
@@ -360,6 +416,7 @@ def _infer_decoder_fields(
     names: Mapping[str, str],
     prefix: str,
     origin: str,
+    stated_family: str | None = None,
 ) -> None:
     def shape(key: str) -> Shape | None:
         return shapes.get(prefix + key)
@@ -381,6 +438,7 @@ def _infer_decoder_fields(
     fields.offer("qk_norm", shape("layers.0.attn.q_norm.scale") is not None, "inferred")
     fields.offer("tie_word_embeddings", shape("output.weight") is None, "inferred")
     _offer_family(fields, DECODER_FAMILIES, shape)
+    _check_named_family(fields, shape, stated_family, origin)
 
     q = shape("layers.0.attn.q_proj.weight")
     k = shape("layers.0.attn.k_proj.weight")
@@ -534,8 +592,11 @@ def _detect_decoder(
     _split_stacked(fields, mapping, tensors, shapes, names)
     if layout == "mllama":
         split_embedding_shapes(shapes, names)
-    _infer_decoder_fields(fields, shapes, names, prefix, origin)
+    _infer_decoder_fields(fields, shapes, names, prefix, origin,
+                          reading.read.get("family") if reading is not None else None)
     config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder", origin)
+    if layout == "native" and provenance["family"] == "default":
+        notes.append(_taken_as_fallback_note(layout))
 
     output_key = prefix + "output.weight"
     if layout == "hf" and not config.tie_word_embeddings and output_key not in shapes:

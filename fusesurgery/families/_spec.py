@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RopeStyle = Literal["interleaved", "half"]
-SlidingWindowRule = Literal["none", "always", "use_sliding_window", "modelled"]
+SlidingWindowRule = Literal["none", "always", "use_sliding_window", "layer_types", "modelled"]
 WindowLayers = Literal["max_window_layers", "no_rope_layers"]
 
 
@@ -73,7 +73,9 @@ class DecoderFamily:
             ``"always"`` (Mistral, Phi-3: every layer; a missing key means
             ``hf_defaults["sliding_window"]``: 4096 for Mistral, none for Phi-3),
             ``"use_sliding_window"`` (Qwen2/3, SmolLM3: only with that switch, to the layers
-            ``layer_types`` or ``hf_window_layers`` names), or ``"modelled"``: the family reads
+            ``layer_types`` or ``hf_window_layers`` names), ``"layer_types"`` (Ministral: the
+            layers ``layer_types`` names, every layer when it is absent, none when the window
+            is null), or ``"modelled"``: the family reads
             ``sliding_window`` and ``sliding_layers`` itself (Gemma). Each rule's window and
             layers are read into the native config (``sliding_window``, ``sliding_layers``)
             and written back in the family's spelling.

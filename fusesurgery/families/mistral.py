@@ -1,4 +1,4 @@
-"""Mistral, Mistral NeMo and Ministral: Llama's layers and key names, a sliding window.
+"""Mistral and Mistral NeMo: Llama's layers and key names, a sliding window.
 
 transformers: ``MistralForCausalLM``; Meta-style: Mistral's own ``params.json`` (which states
 ``hidden_dim`` and ``head_dim``); native: torchtune's ``mistral`` names, q/k rows interleaved.
@@ -34,6 +34,5 @@ FAMILY = DecoderFamily(
     mllama_text_model=True,
     relatives=frozen({
         "mixtral": "a mixture of experts in place of the MLP",
-        "ministral": "sliding and full attention layers alternating (layer_types)",
     }),
 )

@@ -35,7 +35,11 @@ from fusesurgery.convert.plan import (
     dropped_by_reason,
 )
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
-from fusesurgery.convert.tied_output import recorded_output_copy, with_output_copy
+from fusesurgery.convert.tied_output import (
+    TIED_OUTPUT_FIELD,
+    recorded_output_copy,
+    with_output_copy,
+)
 from fusesurgery.errors import CheckpointError, ConfigError
 from fusesurgery.io import CheckpointSource, FileRegion, TensorInfo
 from fusesurgery.surgery.fuse_plan import FUSION_EMBEDDING_KEY, fused_key_of, native_key_of
@@ -164,7 +168,7 @@ def _derived_token_ids(directory: Path, kept: dict[str, bytes], source: FusedVie
 def _config_and_side_files(
     directory: Path, part: str, record: dict[str, Any], fmt: str, part_config: Any,
     source: FusedView, plan: ConversionPlan, allow_missing: bool, notes: list[str],
-    replaced: tuple[str, ...] = (),
+    replaced: tuple[str, ...] = (), head_copy: str | None = None,
 ) -> dict[str, bytes]:
     """The small files of the unfused part, by name: the source's own files fuse kept under
     ``source/<part>/``, with its config rewritten for another layout (its transformers
@@ -172,7 +176,9 @@ def _config_and_side_files(
     and read back as the base of an hf one). A kept file that is gone is derived where that
     is exact: the config from ``fusion_config.json``, a generation or processor config from
     the fused directory's unchanged copy; one the caller writes itself (``replaced``) is not
-    needed. Appends what it did to ``notes``.
+    needed. A tied decoder's stored head (``head_copy``) is recorded in a native config, as
+    ``convert --to native`` records it, for the way back to hf. Appends what it did to
+    ``notes``.
 
     Raises:
         CheckpointError: a kept file is gone that cannot be derived (a tokenizer), unless
@@ -223,6 +229,8 @@ def _config_and_side_files(
         extra.pop(HF_CONFIG_SIDE_FILE, None)
     else:
         config = CONFIG_WRITERS[fmt](part_config)
+        if fmt == "native" and head_copy is not None:
+            config[TIED_OUTPUT_FIELD] = head_copy
         if fmt != "hf" and hf_base is not None and hf_base == config_file:
             extra[HF_CONFIG_SIDE_FILE] = kept[hf_base]  # for the way back to hf, as convert
         if fmt == "hf":  # derived: what fusion_config.json holds, the ids and dtype it lacks
@@ -360,7 +368,8 @@ def unfuse_checkpoint(
         # merged, the output takes the fused tokenizer, not the source's
         fused_tokenizer = read_side_files(directory, DECODER_SIDE_FILES) if merging else {}
         extra = _config_and_side_files(directory, part, record, fmt, part_config, source,
-                                       plan, allow_missing, notes, tuple(fused_tokenizer))
+                                       plan, allow_missing, notes, tuple(fused_tokenizer),
+                                       head_copy)
         hf_config = None
         if part == "encoder" and fmt == "hf" and "config.json" in extra:
             hf_config = json_object(extra["config.json"], directory / SOURCE_FILES_DIR / part

@@ -1,6 +1,7 @@
 """Issue 18's families through the whole life of a checkpoint, with sources written by
 transformers itself: Qwen3 (per-head q/k RMSNorms, a head_dim that is not width / heads, no
-biases), Mistral NeMo (head_dim not width / heads), Gemma 3 text ((1 + w) norms before and
+biases), Mistral NeMo (head_dim not width / heads), Ministral (the same, a window on the
+layers layer_types names), Gemma 3 text ((1 + w) norms before and
 after attention and MLP, GeGLU, a scaled embedding, sliding layers of window 4 beside a
 global one), Gemma 2 (the same without q/k norms, soft-capped scores), Phi-3 / Phi-4-mini
 (stacked qkv_proj and gate_up_proj, partial rotary, LongRoPE past the original context) and
@@ -50,6 +51,13 @@ CASES = {
     "mistral-nemo-tied-bf16-sharded": ("mistral", dict(head_dim=HEAD_DIM, sliding_window=None,
                                                        tie_word_embeddings=True),
                                        torch.bfloat16, "8KB", "siglip2"),
+    # Ministral: a window of 4 on the layers layer_types names, the other global
+    "ministral-f32": ("ministral", dict(head_dim=HEAD_DIM, sliding_window=4,
+                                        layer_types=["full_attention", "sliding_attention"]),
+                      torch.float32, None, "clip"),
+    "ministral-tied-bf16-sharded": ("ministral", dict(head_dim=HEAD_DIM, sliding_window=4,
+                                                      tie_word_embeddings=True),
+                                    torch.bfloat16, "8KB", "siglip2"),
     # window 4, every 3rd layer global, capped logits: the 40-token check runs 10 windows
     "gemma3-tied-f32": ("gemma3", dict(head_dim=HEAD_DIM, num_hidden_layers=3,
                                        sliding_window=4, sliding_window_pattern=3,
@@ -91,6 +99,7 @@ CASES = {
 }
 CLASSES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
            "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "ministral": ("MinistralConfig", "MinistralForCausalLM"),
            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
            "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
            "phi3": ("Phi3Config", "Phi3ForCausalLM")}
@@ -214,7 +223,7 @@ def test_fuse_validate_unfuse_diff_convert(tmp_path, case):
     assert (config["fusion"]["ca_norm_eps"], config["fusion"]["qk_norm_eps"]) == (eps, eps)
     assert config["fusion"]["norm_unit_offset"] == (family in GEMMA)
     assert config["decoder"]["qk_norm"] == (family in QK_NORM)
-    if family in GEMMA:
+    if family in (*GEMMA, "ministral"):
         assert config["decoder"]["sliding_window"] == 4
         assert config["decoder"]["sliding_layers"] == [
             i for i, kind in enumerate(hf_config["layer_types"]) if kind == "sliding_attention"]
@@ -277,3 +286,24 @@ def test_siglip2_fixed_resolution_tower_equals_transformers(tmp_path):
         ours, theirs = encoder(images), reference(pixel_values=images).last_hidden_state
     assert ours.shape == (2, 4, 32)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_ministral_transformers_export_is_transformers_own_ministral(tmp_path):
+    """``fuse --format transformers`` of a Ministral: the text model is transformers' own
+    Ministral with the source's ``layer_types``, so with zero gates the export's logits past
+    the window are the source's, bitwise."""
+    decoder = save_decoder("ministral-f32", tmp_path / "hf")
+    encoder = save_clip(tmp_path / "clip")
+    export = tmp_path / "export"
+    result = cli("fuse", encoder, decoder, "-o", export, "--every", "1", "--format",
+                 "transformers")
+    assert result.exit_code == 0, result.output
+    config = json.loads((export / "config.json").read_text())["text_config"]
+    assert (config["model_type"], config["layer_types"]) == (
+        "ministral", ["full_attention", "sliding_attention"])
+    exported = transformers.AutoModelForImageTextToText.from_pretrained(
+        export, dtype=torch.float32, trust_remote_code=True).eval()
+    tokens = torch.randint(0, SIZES["vocab_size"], (2, 20),
+                           generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=tokens).logits, _reference(decoder)(tokens).logits)

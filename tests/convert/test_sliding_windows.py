@@ -1,7 +1,8 @@
 """Sliding windows of the families whose transformers config states one by rule (Mistral,
-Phi-3: every layer; Qwen2, Qwen3: from max_window_layers on; SmolLM3: the layers without RoPE),
-modelled natively: load_decoder equals transformers past the window, in one forward and in
-cached decoding, and the layers are the ones transformers slides."""
+Phi-3: every layer; Ministral: the layers layer_types names; Qwen2, Qwen3: from
+max_window_layers on; SmolLM3: the layers without RoPE), modelled natively: load_decoder
+equals transformers past the window, in one forward and in cached decoding, and the layers
+are the ones transformers slides."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_atte
 # family -> (settings, the layers transformers slides)
 CASES = {
     "mistral": (dict(sliding_window=WINDOW), (0, 1, 2, 3)),
+    # Ministral: the layers layer_types names (head_dim 12, not 32 / 4)
+    "ministral": (dict(sliding_window=WINDOW, head_dim=12,
+                       layer_types=["sliding_attention", "full_attention",
+                                    "sliding_attention", "sliding_attention"]), (0, 2, 3)),
     # Phi-3: every layer where config.json states a window (Phi-3 mini's 2047), none otherwise
     "phi3": (dict(sliding_window=WINDOW, pad_token_id=0), (0, 1, 2, 3)),
     "qwen2": (dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
@@ -82,3 +87,35 @@ def test_the_mllama_export_refuses_a_window_it_would_drop(tmp_path):
         else:
             convert_checkpoint(fused, out, to="mllama")
             assert (out / "config.json").exists()
+
+
+@pytest.mark.parametrize(("config", "layout"), [
+    # no layer_types: every layer slides when a window is stated, 4096 when the file is silent
+    (dict(sliding_window=WINDOW), (WINDOW, (0, 1, 2, 3))),
+    (dict(), (4096, (0, 1, 2, 3))),
+    (dict(sliding_window=None), (None, ())),
+    # layer_types names the layers; a null window slides none of them
+    (dict(sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"] * 2),
+     (WINDOW, (1, 3))),
+    (dict(sliding_window=None, layer_types=["sliding_attention"] * 4), (None, ())),
+])
+def test_ministral_window_layout_is_what_its_config_class_builds(config, layout):
+    """As MinistralConfig fills layer_types in when config.json leaves it out, and as its
+    attention applies the window only to the sliding layers."""
+    from fusesurgery.convert.configs import hf_window_layout  # noqa: PLC0415
+
+    assert hf_window_layout({"num_hidden_layers": 4, **config}, "ministral") == layout
+    reference = transformers.MinistralConfig(**SIZES, head_dim=8, **config)
+    model = transformers.MinistralForCausalLM(reference)
+    sliding = tuple(i for i, layer in enumerate(model.model.layers)
+                    if layer.self_attn.sliding_window is not None)
+    assert sliding == layout[1]
+
+
+def test_a_layer_types_list_of_another_length_is_refused():
+    from fusesurgery.convert.configs import hf_window_layout  # noqa: PLC0415
+    from fusesurgery.errors import ConfigError  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="layer_types has 2 entries for 4 layers"):
+        hf_window_layout({"num_hidden_layers": 4, "sliding_window": WINDOW,
+                          "layer_types": ["sliding_attention"] * 2}, "ministral")

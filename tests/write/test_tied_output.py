@@ -97,6 +97,26 @@ def test_a_stored_tied_head_comes_back_through_native_and_fuse(tmp_path, family)
                for note in merged.notes), merged.notes
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_stored_tied_head_comes_back_through_unfuse_to_native(tmp_path, family):
+    """fuse -> unfuse --format native carries the record into the native config.json, so
+    convert --to hf of that native checkpoint gives the source's keys and bytes back."""
+    source = save_tied_with_head(family, tmp_path / "hf")
+    original = tensors_of(source)
+    fused = tmp_path / "fused"
+    fuse(EXAMPLES / "tiny-clip-vision", source, fused, every=1)
+    native = tmp_path / "native"
+    unfuse_checkpoint(fused, native, format="native")
+    assert "output.weight" not in tensors_of(native)
+    assert json.loads((native / "config.json").read_text())["tied_output_copy"] == (
+        "lm_head.weight")
+    back = tmp_path / "back"
+    convert_checkpoint(native, back, to="hf")
+    assert_bitwise(tensors_of(back), original)
+    assert json.loads((back / "config.json").read_text()) == json.loads(
+        (source / "config.json").read_text())
+
+
 def test_a_stored_head_that_differs_is_read_untied_as_transformers_does(tmp_path):
     from fusesurgery import load_decoder
 
