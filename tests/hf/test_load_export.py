@@ -19,6 +19,7 @@ import torch
 
 import fusesurgery
 from fusesurgery.errors import FuseSurgeryError
+from tests.hf.conftest import mapped_keys
 
 transformers = pytest.importorskip("transformers")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -34,19 +35,6 @@ def _logits(model, image_id: int) -> torch.Tensor:
     with torch.no_grad():
         return model(ids, encoder_input={"images": pixels},
                      encoder_mask=seen[:, :, None].expand(-1, -1, encoder.seq_len))
-
-
-def mapped_keys(model: torch.nn.Module, directory: Path) -> set[str]:
-    """The state-dict keys whose tensors lie in a file of ``directory`` mapped into this
-    process (views of the file, no copies)."""
-    ranges = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and fields[5].startswith(f"{directory}/"):
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((low, high))
-    return {key for key, tensor in model.state_dict().items()
-            if any(low <= tensor.data_ptr() < high for low, high in ranges)}
 
 
 def test_an_export_loads_as_the_native_model_bitwise(gated_example, gated_export):
