@@ -59,6 +59,10 @@ class FusedView:
         self.layout = plan.source_layout
         self._entries = {entry.target_key: entry for entry in plan.entries}
         self._infos = plan.target_infos()
+        # the tokenizer, processor and generation files a native checkpoint written from
+        # this view carries, where they are not the directory's own (a transformers export's
+        # processor_config.json names a class only the export has); None: its own
+        self.side_files: dict[str, bytes | str] | None = None
 
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
@@ -254,8 +258,9 @@ def load_fused(
         fusion_trainable: train the fusion parameters (new layers, tokens, projection).
 
     Returns:
-        The model; ``.fused_config`` is its :class:`FusedConfig` and ``.fused_path`` the
-        directory it came from (``save_fused`` reads both).
+        The model; ``.fused_config`` is its :class:`FusedConfig`, ``.fused_path`` the
+        directory it came from and ``.fused_opener`` what opens it (``save_fused`` reads
+        them).
 
     Raises:
         FuseSurgeryError: not a fused checkpoint, an unknown part or device, an argument of
@@ -343,6 +348,7 @@ def load_fused_from(
     model = model.to(device)
     model.fused_config = config
     model.fused_path = directory
+    model.fused_opener = opener  # save_fused reopens the checkpoint with the same reader
     return model
 
 

@@ -149,3 +149,28 @@ def test_an_export_fused_straight_into_the_layout_names_what_loads_it(tmp_path):
         message = str(caught.value)
         assert family in message and "\n" not in message
         assert f"AutoModelForImageTextToText.from_pretrained({str(out)!r})" in message
+
+
+def test_save_fused_of_an_exports_model_is_the_native_checkpoint(gated_example, gated_export,
+                                                                  tmp_path):
+    """``save_fused`` reopens the export the model came from: unchanged tensors are shown
+    unchanged (no false ``trained_originals``), the export's own processor file stays
+    behind, and what training changed is recorded."""
+    from fusesurgery.io import open_checkpoint
+
+    model = fusesurgery.load_fused(gated_export)
+    fusesurgery.save_fused(model, tmp_path / "saved")
+    assert (fusesurgery.read_fused_config(tmp_path / "saved")
+            == fusesurgery.read_fused_config(gated_example))
+    assert not (tmp_path / "saved" / "processor_config.json").exists()
+    assert (tmp_path / "saved" / "preprocessor_config.json").read_bytes() == (
+        gated_example / "preprocessor_config.json").read_bytes()
+    with open_checkpoint(tmp_path / "saved") as saved, open_checkpoint(gated_example) as fused:
+        assert set(saved.keys()) == set(fused.keys())
+        assert all(torch.equal(saved.get_tensor(k), fused.get_tensor(k)) for k in fused.keys())
+
+    with torch.no_grad():
+        model.decoder.norm.scale.add_(1.0)
+    fusesurgery.save_fused(model, tmp_path / "trained")
+    config = fusesurgery.read_fused_config(tmp_path / "trained")
+    assert config.trained_originals == ("decoder.norm.scale",)
