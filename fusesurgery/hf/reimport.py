@@ -218,7 +218,7 @@ def open_export(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, Fused
         config, native_of = _checked_export(source, path)
         view = FusedView(source, export_plan(source, native_of))
         directory = side_directory(source)
-        view.side_files = _native_side_files(directory)
+        view.side_files = lambda: _native_side_files(directory)
         check_tokenizer(directory, config, f"{directory / 'config.json'}")
         yield view, _with_gates_read(config, view)
 

@@ -59,10 +59,10 @@ class FusedView:
         self.layout = plan.source_layout
         self._entries = {entry.target_key: entry for entry in plan.entries}
         self._infos = plan.target_infos()
-        # the tokenizer, processor and generation files a native checkpoint written from
-        # this view carries, where they are not the directory's own (a transformers export's
-        # processor_config.json names a class only the export has); None: its own
-        self.side_files: dict[str, bytes | str] | None = None
+        # reads the tokenizer, processor and generation files a native checkpoint written
+        # from this view carries, where they are not the directory's own (a transformers
+        # export's processor_config.json names a class only the export has); None: its own
+        self.side_files: Callable[[], dict[str, bytes | str]] | None = None
 
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)

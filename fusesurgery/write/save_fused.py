@@ -317,7 +317,7 @@ def save_fused(
             # another layout's directory (a transformers export): its files as a native
             # checkpoint carries them; the sources' own kept files as they are
             extra = {**{name: content for name, content in extra.items()
-                        if name.startswith(f"{SOURCE_FILES_DIR}/")}, **view.side_files}
+                        if name.startswith(f"{SOURCE_FILES_DIR}/")}, **view.side_files()}
         extra[FUSION_CONFIG_FILE] = standard_json.dumps(config.to_dict(), indent=2) + "\n"
         sources = {part: str(record.get("path", "?")) for part, record in config.sources.items()}
         extra["README.md"] = readme_text(config, {"decoder": sources.get("decoder", "?"),
