@@ -174,3 +174,15 @@ def test_save_fused_of_an_exports_model_is_the_native_checkpoint(gated_example, 
     fusesurgery.save_fused(model, tmp_path / "trained")
     config = fusesurgery.read_fused_config(tmp_path / "trained")
     assert config.trained_originals == ("decoder.norm.scale",)
+
+
+def test_the_processor_and_generate_take_an_exports_model(gated_example, gated_export):
+    """The model's directory is the export: its tokenizer and image preprocessing prepare
+    the inputs, and greedy tokens are the native model's."""
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4))
+    tokens = []
+    for directory in (gated_export, gated_example):
+        model = fusesurgery.load_fused(directory)
+        inputs = fusesurgery.prepare_inputs(model, "hello <|image|> there", [image])
+        tokens.append(fusesurgery.generate(model, inputs, max_new_tokens=4).tokens)
+    assert torch.equal(*tokens)
