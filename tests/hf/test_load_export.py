@@ -109,7 +109,7 @@ def _edited(directory: Path, edit) -> None:
     (directory / "config.json").write_text(json.dumps(document))
 
 
-@pytest.mark.parametrize("damage", ["modeling file", "sizes", "unit offset"])
+@pytest.mark.parametrize("damage", ["modeling file", "sizes", "unit offset", "shard"])
 def test_half_an_export_gets_convert_to_natives_one_line(gated_export, damage, tmp_path):
     from typer.testing import CliRunner
 
@@ -122,8 +122,10 @@ def test_half_an_export_gets_convert_to_natives_one_line(gated_export, damage, t
     elif damage == "sizes":
         _edited(copy, lambda c: c["fusesurgery_fusion_config"]["decoder"].update(
             intermediate_size=40))
-    else:
+    elif damage == "unit offset":
         _edited(copy, lambda c: c.update(fusion_norm_unit_offset=True))
+    else:
+        sorted(copy.glob("*.safetensors"))[-1].unlink()
     result = CliRunner().invoke(app, ["convert", str(copy), "--to", "native",
                                       "-o", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
