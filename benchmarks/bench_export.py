@@ -24,6 +24,13 @@ What is measured (whole processes, timed from the parent, imports included, unle
    image keys/values, is the prefill). One untimed short generate of each comes first.
    Target: with / without an image <= 1.2 (median of the per-round ratios).
 
+4. `fusesurgery.load_fused(EXPORT)` (in memory, through the export's key map) against
+   `load_fused(FUSED)` of the fused checkpoint it was exported from: whole child processes,
+   alternating, each timed around `load_fused` plus one forward of 8 tokens with an image
+   (what touches every page), and their peak RssAnon. No target of its own: the export's
+   load copies only the decoder's permuted q/k rows (Llama), so the ratio should be near 1
+   and the RssAnon peak above the native one by about those rows.
+
 Usage: python benchmarks/bench_export.py [--workdir DIR] [--keep] [--rounds 3]
        [--settle 1.0] [--new-tokens 16] [--decoder-preset llama3_2_1b]
        [--encoder-preset clip_vit_l_14_336]
@@ -131,7 +138,7 @@ with open(report, "w") as f:
 def main() -> None:
     parser = common_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--parts", default="export,load,load-warm,decode",
+    parser.add_argument("--parts", default="export,load,load-warm,decode,load-fused",
                         help="which measurements to run (comma-separated; load and decode "
                         "need the export an earlier run left in --workdir)")
     args = parser.parse_args()
@@ -163,6 +170,8 @@ def main() -> None:
             measure_load_warm(args, work, export, dec)
         if "decode" in parts:
             measure_decode(args, work, export)
+        if "load-fused" in parts:
+            measure_load_fused(args, work, export, fused)
     finally:
         if temporary and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -237,6 +246,52 @@ def measure_load_warm(args, work: Path, export: Path, dec: Path) -> None:
         print(f"  round {r + 1}: export {times['export'][r]:.3f} s, decoder "
               f"{times['decoder'][r]:.3f} s, ratio {ratio:.2f}")
     print(f"  export / decoder in one process: median of rounds {statistics.median(ratios):.2f}")
+
+
+LOAD_FUSED = """
+import json, sys, time
+import torch
+import fusesurgery
+
+path, report = sys.argv[1], sys.argv[2]
+start = time.perf_counter()
+model = fusesurgery.load_fused(path)
+loaded = time.perf_counter() - start
+encoder = model.fused_config.encoder
+image = model.fused_config.new_tokens[0].id
+ids = torch.tensor([[1, image, 5, 7, 9, 11, 13, 15]])
+with torch.no_grad():
+    pixels = torch.zeros(1, 3, encoder.image_size, encoder.image_size,
+                         dtype=next(model.encoder.parameters()).dtype)
+    model(ids, encoder_input={"images": pixels},
+          encoder_mask=torch.ones(1, 8, encoder.seq_len, dtype=torch.bool))
+json.dump({"load_fused": loaded, "with_forward": time.perf_counter() - start},
+          open(report, "w"))
+"""
+
+
+def measure_load_fused(args, work: Path, export: Path, fused: Path) -> None:
+    """4. load_fused of the export against load_fused of the fused checkpoint."""
+    report = work / "bench_export_load_fused.json"
+    times: dict[str, list[float]] = {"export": [], "fused": []}
+    peaks: dict[str, list[int]] = {"export": [], "fused": []}
+    print(f"\n4. load_fused: the export vs the fused checkpoint, {args.rounds} rounds")
+    for r in range(args.rounds):
+        order = ("export", "fused") if r % 2 == 0 else ("fused", "export")
+        for name in order:
+            same_start([export, fused], args.settle)
+            _, peak = run_sampled([sys.executable, "-c", LOAD_FUSED,
+                                   str(export if name == "export" else fused), str(report)])
+            times[name].append(json.loads(report.read_text())["with_forward"])
+            peaks[name].append(peak)
+        print(f"  round {r + 1}: export {times['export'][-1]:.2f} s "
+              f"({peaks['export'][-1] / 1e6:.0f} MB RssAnon), fused {times['fused'][-1]:.2f} s "
+              f"({peaks['fused'][-1] / 1e6:.0f} MB)", flush=True)
+    ratio = statistics.median(e / f for e, f in zip(times["export"], times["fused"],
+                                                    strict=True))
+    print(f"  export / fused: load_fused + one forward, median of rounds {ratio:.2f}; peak "
+          f"RssAnon medians {statistics.median(peaks['export']) / 1e6:.0f} MB vs "
+          f"{statistics.median(peaks['fused']) / 1e6:.0f} MB")
 
 
 def measure_decode(args, work: Path, export: Path) -> None:

@@ -26,7 +26,7 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
     "generate": ("fusesurgery.run.generation", "generate"),
     "load_decoder": ("fusesurgery.surgery", "load_decoder"),
     "load_encoder": ("fusesurgery.surgery", "load_encoder"),
-    "load_fused": ("fusesurgery.surgery.fused", "load_fused"),
+    "load_fused": ("fusesurgery.hf.load", "load_fused"),
     "load_processor": ("fusesurgery.run.inputs", "load_processor"),
     "prepare_inputs": ("fusesurgery.run.inputs", "prepare_inputs"),
     "read_fused_config": ("fusesurgery.surgery.fused", "read_fused_config"),
@@ -41,11 +41,12 @@ if TYPE_CHECKING:
     from fusesurgery.errors import FuseSurgeryError
     from fusesurgery.hf import export_transformers, register_transformers
     from fusesurgery.hf.anyfamily import fuse
+    from fusesurgery.hf.load import load_fused
     from fusesurgery.run.generation import generate
     from fusesurgery.run.inputs import load_processor, prepare_inputs
     from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
     from fusesurgery.surgery.fuse_plan import FuseOptions
-    from fusesurgery.surgery.fused import load_fused, read_fused_config
+    from fusesurgery.surgery.fused import read_fused_config
     from fusesurgery.validate import validate_fused as validate
     from fusesurgery.write.save_fused import save_fused
     from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint as unfuse

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,9 +20,10 @@ import torch
 from fusesurgery import _json as standard_json
 from fusesurgery.convert.configs import config_style
 from fusesurgery.convert.keymaps import FUSED_DECODER_PREFIX, FUSED_VISION_PREFIX
-from fusesurgery.convert.plan import PlanEntry
+from fusesurgery.convert.plan import ConversionPlan, PlanEntry
 from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, Transform, invert_transform
 from fusesurgery.errors import ConfigError, FuseSurgeryError, ShapeError
+from fusesurgery.hf import EXPORT_TARGET
 from fusesurgery.hf.anyfamily import (
     FUSE_RECORD_FIELD,
     _native_model_types,
@@ -43,7 +45,7 @@ from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.io._files import file_fingerprint, read_side_file
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.io.tensor_info import dtype_name
-from fusesurgery.surgery.fused import build_fused_model
+from fusesurgery.surgery.fused import FusedView, build_fused_model, check_tokenizer, gate_scalars
 from fusesurgery.surgery.fused_config import (
     SOURCE_FILES_DIR,
     FusedConfig,
@@ -194,6 +196,33 @@ def no_native_form(path: str | os.PathLike[str]) -> str | None:
     return _no_native_message(document, path) if is_any_export(document) else None
 
 
+@contextmanager
+def open_export(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, FusedConfig]]:
+    """Open a transformers export as :func:`~fusesurgery.surgery.fused.open_fused` opens a
+    fused checkpoint: a view of its tensors under their native fused names (the q/k rows
+    back in the native order, a stacked tensor's parts as row ranges, read lazily), and the
+    fusion config it carries, with the gates its tensors hold (a model trained and saved with
+    transformers carries the config it was exported with).
+
+    Raises:
+        FuseSurgeryError: a directory ``fuse --format transformers`` wrote (it has no native
+            form: the message names what loads it), not an export, a half export (a
+            modeling file missing, an edited config.json), a damaged carried fusion config,
+            other keys or shapes than it describes, or new tokens its tokenizer lacks.
+    """
+    with open_checkpoint(path) as source:
+        if source.config_file == "config.json" and is_any_export(source.config):
+            raise ConfigError(f"{_no_native_message(source.config, path)}; load it with "
+                              "transformers' AutoModelForImageTextToText.from_pretrained"
+                              f"({str(path)!r})")
+        config, native_of = _checked_export(source, path)
+        view = FusedView(source, export_plan(source, native_of))
+        directory = side_directory(source)
+        view.side_files = lambda: _native_side_files(directory)
+        check_tokenizer(directory, config, f"{directory / 'config.json'}")
+        yield view, _with_gates_read(config, view)
+
+
 GATE_SUFFIXES: tuple[str, ...] = (".ca_scale.scale", ".mlp_scale.scale")
 PROCESSOR_CONFIG_FILE = "processor_config.json"
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
@@ -217,18 +246,41 @@ def _native_side_files(directory: Path) -> dict[str, bytes | str]:
     return found
 
 
-def _with_gates_read(config: FusedConfig, source, native_of: dict[str, tuple]) -> FusedConfig:
+def export_plan(source, native_of: Mapping[str, ExportedTensor]) -> ConversionPlan:
+    """The export's tensors as a conversion to the native fused layout, in the export's order
+    (the fused checkpoint's): one entry per native tensor, a stacked tensor's parts each one
+    row range of it. The one map both ``import_transformers`` (which writes it) and
+    ``load_fused`` of an export (which loads it, in memory) read.
+
+    Args:
+        source: the open export.
+        native_of: exported name -> :class:`ExportedTensor`, as :func:`_checked_export` gives.
+    """
+    entries: list[PlanEntry] = []
+    for name, info in source.infos().items():
+        key, transform, shape, parts = native_of[name]
+        if not parts:
+            entries.append(PlanEntry(target_key=key, source_key=name, transform=transform,
+                                     source_shape=shape, source_dtype=info.dtype, shape=shape,
+                                     dtype=info.dtype))
+            continue
+        entries.extend(  # each part one byte range of the stacked rows
+            PlanEntry(target_key=part, source_key=name, transform=(TAKE_ROWS, start, stop),
+                      source_shape=shape, source_dtype=info.dtype, shape=part_shape,
+                      dtype=info.dtype)
+            for part, start, stop, part_shape in parts)
+    return ConversionPlan(kind="fused", source_layout=EXPORT_TARGET, target_layout="native",
+                          entries=tuple(entries), dropped=())
+
+
+def _with_gates_read(config: FusedConfig, view: FusedView) -> FusedConfig:
     """``config`` with the gate values the export's tensors hold (a model trained and saved
     with transformers carries the fusion config it was exported with): ``trained`` once any
-    gate is nonzero, so the written fusion_config.json never claims an identity that no longer
-    holds."""
-    gates = {entry.native_key: float(source.get_tensor(name).float().item())
-             for name, entry in native_of.items()
-             # a Gemma decoder's own post-norms are native ``mlp_scale``s too: gates are
-             # the fusion layers' alone
-             if entry.native_key.endswith(GATE_SUFFIXES) and ".fusion_layer." in entry.native_key}
+    gate is nonzero, so neither a written fusion_config.json nor a loaded model's
+    ``fused_config`` claims an identity that no longer holds."""
+    gates = gate_scalars(view)
     trained = config.trained or any(value != 0.0 for value in gates.values())
-    return config.replace(gates=dict(sorted(gates.items())), trained=trained)
+    return config.replace(gates=gates, trained=trained)
 
 
 PART_NATIVE_PREFIXES: dict[str, str] = {"decoder": FUSED_DECODER_PREFIX,
@@ -325,21 +377,12 @@ def import_transformers(
     """
     with open_checkpoint(path) as source:
         config, native_of = _checked_export(source, path)
-        out_infos, producers = [], {}
-        for name, info in source.infos().items():  # the export's order: the fused one's
-            key, transform, shape, parts = native_of[name]
-            entries = [PlanEntry(target_key=key, source_key=name, transform=transform,
-                                 source_shape=shape, source_dtype=info.dtype, shape=shape,
-                                 dtype=info.dtype)] if not parts else [
-                PlanEntry(target_key=part, source_key=name, transform=(TAKE_ROWS, start, stop),
-                          source_shape=shape, source_dtype=info.dtype, shape=part_shape,
-                          dtype=info.dtype)  # each part one byte range of the stacked rows
-                for part, start, stop, part_shape in parts]
-            for entry in entries:
-                out_infos.append(TensorInfo(entry.target_key, entry.shape, info.dtype))
-                producers[entry.target_key] = lambda e=entry: plan_entry_source(e, source)
+        plan = export_plan(source, native_of)
+        out_infos = list(plan.target_infos().values())
+        producers = {entry.target_key: lambda e=entry: plan_entry_source(e, source)
+                     for entry in plan.entries}
         directory = side_directory(source)
-        config = _with_gates_read(config, source, native_of)
+        config = _with_gates_read(config, FusedView(source, plan))
         changed = changed_originals(config, source, native_of)
         if changed:  # trained in transformers, or a LoRA merged into the decoder: trained too
             config = config.replace(trained=True, trained_originals=tuple(sorted(
@@ -435,4 +478,5 @@ def unfuse_export(
     return len(infos), written, processor_notes(directory)
 
 
-__all__ = ["import_transformers", "is_transformers_export", "unfuse_export"]
+__all__ = ["export_plan", "import_transformers", "is_transformers_export", "open_export",
+           "unfuse_export"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -59,6 +59,10 @@ class FusedView:
         self.layout = plan.source_layout
         self._entries = {entry.target_key: entry for entry in plan.entries}
         self._infos = plan.target_infos()
+        # reads the tokenizer, processor and generation files a native checkpoint written
+        # from this view carries, where they are not the directory's own (a transformers
+        # export's processor_config.json names a class only the export has); None: its own
+        self.side_files: Callable[[], dict[str, bytes | str]] | None = None
 
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
@@ -137,12 +141,12 @@ def open_fused(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, FusedC
             check_config_against_keys(config, source.infos(), origin)
         plan = plan_conversion(source.infos(), layout, config.decoder, kind="fused")
         view = FusedView(source, plan)
-        gates = _gate_scalars(view)
+        gates = gate_scalars(view)
         if layout == "mllama":  # its config is read off its weights: record their gates
             config = config.replace(gates=gates, trained=any(v != 0.0 for v in gates.values()))
         else:
             check_gates_against_weights(config, gates, origin)
-            _check_tokenizer(directory, config, origin)
+            check_tokenizer(directory, config, origin)
         yield view, config
 
 
@@ -152,7 +156,7 @@ def open_fused(path: str | os.PathLike[str]) -> Iterator[tuple[FusedView, FusedC
 _TOKENIZERS_CHECKED: set[tuple[str, tuple[NewToken, ...]]] = set()
 
 
-def _check_tokenizer(directory: Path, config: FusedConfig, origin: str) -> None:
+def check_tokenizer(directory: Path, config: FusedConfig, origin: str) -> None:
     """The new tokens against the tokenizer beside the weights (see
     :func:`check_new_tokens_present`).
 
@@ -173,7 +177,7 @@ def _check_tokenizer(directory: Path, config: FusedConfig, origin: str) -> None:
     _TOKENIZERS_CHECKED.add(key)
 
 
-def _gate_scalars(view: FusedView) -> dict[str, float]:
+def gate_scalars(view: FusedView) -> dict[str, float]:
     """Every tanh gate's value, read from its one-element tensor (no other tensor is read).
 
     Raises:
@@ -254,13 +258,56 @@ def load_fused(
         fusion_trainable: train the fusion parameters (new layers, tokens, projection).
 
     Returns:
-        The model; ``.fused_config`` is its :class:`FusedConfig` and ``.fused_path`` the
-        directory it came from (``save_fused`` reads both).
+        The model; ``.fused_config`` is its :class:`FusedConfig`, ``.fused_path`` the
+        directory it came from and ``.fused_opener`` what opens it (``save_fused`` reads
+        them).
 
     Raises:
         FuseSurgeryError: not a fused checkpoint, an unknown part or device, an argument of
             the wrong type, a whole model asked of an encoder with no native module, or
             tensors that do not match the model.
+    """
+    return load_fused_from(open_fused, path, part=part, device=device, dtype=dtype,
+                           decoder_trainable=decoder_trainable,
+                           encoder_trainable=encoder_trainable,
+                           fusion_trainable=fusion_trainable)
+
+
+# Opens a fused checkpoint of some layout: a view of its tensors under native fused names, and
+# its checked config (as :func:`open_fused` does).
+FusedOpener = Callable[[str | os.PathLike[str]],
+                       AbstractContextManager[tuple[FusedView, FusedConfig]]]
+
+
+def load_fused_from(
+    opener: FusedOpener,
+    path: str | os.PathLike[str],
+    *,
+    part: str = "model",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    decoder_trainable: bool = False,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+) -> DeepFusionModel | TransformerDecoder:
+    """:func:`load_fused` of a checkpoint ``opener`` reads (a later layer's reader hands its
+    own: ``fusesurgery.hf`` a transformers export's), with every check and rule it has.
+
+    Args:
+        opener: ``opener(path)`` is a context manager yielding ``(view, config)``.
+        path: what ``opener`` opens.
+        part: as :func:`load_fused`.
+        device: as :func:`load_fused`.
+        dtype: as :func:`load_fused`.
+        decoder_trainable: as :func:`load_fused`.
+        encoder_trainable: as :func:`load_fused`.
+        fusion_trainable: as :func:`load_fused`.
+
+    Returns:
+        The model, as :func:`load_fused`.
+
+    Raises:
+        FuseSurgeryError: as :func:`load_fused`, or what ``opener`` raises.
     """
     check_cast_dtype(dtype)
     check_device(device, "device")
@@ -271,7 +318,7 @@ def load_fused(
                        ("fusion_trainable", fusion_trainable)):
         if not isinstance(flag, bool):
             raise ConfigError(f"{name} must be True or False, not {flag!r}")
-    with open_fused(path) as (view, config):
+    with opener(path) as (view, config):
         if part == "model" and config.encoder is None:
             raise ConfigError(f"{path}: its vision side (Mllama's tiled encoder) has no native "
                               "module; load the fused decoder with part='decoder'")
@@ -301,7 +348,9 @@ def load_fused(
     model = model.to(device)
     model.fused_config = config
     model.fused_path = directory
+    model.fused_opener = opener  # save_fused reopens the checkpoint with the same reader
     return model
 
 
-__all__ = ["FusedView", "build_fused_model", "load_fused", "open_fused", "read_fused_config"]
+__all__ = ["FusedOpener", "FusedView", "build_fused_model", "check_tokenizer", "gate_scalars",
+           "load_fused", "load_fused_from", "open_fused", "read_fused_config"]

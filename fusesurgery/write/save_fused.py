@@ -31,7 +31,7 @@ from fusesurgery.modules import (
     TransformerDecoder,
 )
 from fusesurgery.surgery.fuse_plan import native_key_of
-from fusesurgery.surgery.fused import FusedView, build_fused_model, open_fused
+from fusesurgery.surgery.fused import FusedOpener, FusedView, build_fused_model, open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
 from fusesurgery.write.fuse_checkpoint import readme_text
 from fusesurgery.write.output_guard import check_not_an_input, resolve_output
@@ -144,14 +144,15 @@ def _check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tup
 
 @contextlib.contextmanager
 def _open_source(source_dir: Path | None, expected: Mapping[str, tuple[int, ...]],
-                 ) -> Iterator[FusedView | None]:
-    """The fused checkpoint the model was loaded from, when it still holds exactly the
-    model's keys and shapes; else None."""
+                 opener: FusedOpener = open_fused) -> Iterator[FusedView | None]:
+    """The fused checkpoint the model was loaded from (opened by the reader that loaded it:
+    ``fusesurgery.load_fused`` of a transformers export hands its own), when it still holds
+    exactly the model's keys and shapes; else None."""
     with contextlib.ExitStack() as stack:
         view = None
         if source_dir is not None:
             try:
-                view, _ = stack.enter_context(open_fused(source_dir))
+                view, _ = stack.enter_context(opener(source_dir))
             except FuseSurgeryError:  # gone or changed since: nothing to copy or compare
                 view = None
         if view is not None and {k: tuple(info.shape) for k, info in view.infos().items()
@@ -280,7 +281,8 @@ def save_fused(
                  if not decoder_only or k.startswith(DECODER_PREFIX)},
                 "the model's tensors")
 
-    with _open_source(source_dir, expected) as view:
+    opener = getattr(model, "fused_opener", None) or open_fused
+    with _open_source(source_dir, expected, opener) as view:
         if decoder_only and view is None:
             raise ConfigError(
                 "a fused decoder alone is saved with the encoder side of the checkpoint it was "
@@ -311,6 +313,11 @@ def save_fused(
                                 trained_originals=tuple(sorted(trained_originals)),
                                 **_recorded_dtypes(config, targets, dtype, fusion_dtype))
         extra = _carried_files(like_dir)
+        if like is None and view is not None and view.side_files is not None:
+            # another layout's directory (a transformers export): its files as a native
+            # checkpoint carries them; the sources' own kept files as they are
+            extra = {**{name: content for name, content in extra.items()
+                        if name.startswith(f"{SOURCE_FILES_DIR}/")}, **view.side_files()}
         extra[FUSION_CONFIG_FILE] = standard_json.dumps(config.to_dict(), indent=2) + "\n"
         sources = {part: str(record.get("path", "?")) for part, record in config.sources.items()}
         extra["README.md"] = readme_text(config, {"decoder": sources.get("decoder", "?"),

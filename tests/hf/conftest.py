@@ -22,6 +22,19 @@ def open_gates(fused: Path, out: Path, value: float = 0.7) -> Path:
     return out
 
 
+def mapped_keys(model: torch.nn.Module, directory: Path) -> set[str]:
+    """The state-dict keys whose tensors lie in a file of ``directory`` mapped into this
+    process (views of the file, no copies)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(f"{directory}/"):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((low, high))
+    return {key for key, tensor in model.state_dict().items()
+            if any(low <= tensor.data_ptr() < high for low, high in ranges)}
+
+
 @pytest.fixture(scope="session")
 def gated_example(fused_example, tmp_path_factory) -> Path:
     """``fused_example`` with its gates open (the native fused checkpoint)."""

@@ -155,3 +155,18 @@ def test_inspect_of_each_family_export_has_no_notes(exported):
 
     for kind in ("fused-hf", "trained-hf"):
         assert inspect_export(exported["root"] / kind).notes == ()
+
+
+def test_load_fused_of_the_export_is_load_fused_of_the_checkpoint(exported):
+    """``load_fused(EXPORT)``, in memory: the model and config ``load_fused`` of the fused
+    checkpoint gives, its logits with an image and open gates bitwise."""
+    native = fusesurgery.load_fused(exported["trained"])
+    model = fusesurgery.load_fused(exported["root"] / "trained-hf")
+    assert model.fused_config == native.fused_config
+    ids, pixels = INPUTS["ids"], INPUTS["pixels"]
+    mask = _encoder_mask(ids, native.fused_config.encoder.seq_len)
+    with torch.no_grad():
+        logits = model(ids, encoder_input={"images": pixels}, encoder_mask=mask)
+        assert torch.equal(logits, native(ids, encoder_input={"images": pixels},
+                                          encoder_mask=mask))
+    assert torch.equal(logits, exported["gated"]["logits"])  # transformers' own, too

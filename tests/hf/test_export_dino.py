@@ -77,6 +77,12 @@ def test_logits_with_an_image_equal_load_fused(tmp_path, kind, tokens):
             layer.mlp_scale.scale.zero_()
         assert not torch.equal(zero(input_ids=ids, pixel_values=pixels).logits, logits)
     assert torch.equal(logits, expected)
+    # and load_fused of the export is the native model, in memory
+    loaded = fusesurgery.load_fused(tmp_path / "hf", dtype=torch.float32)
+    assert loaded.fused_config == native.fused_config
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, encoder_input={"images": pixels},
+                                  encoder_mask=seen[:, :, None].expand(-1, -1, s_e)), expected)
 
 
 def test_back_to_native_is_bitwise(tmp_path):

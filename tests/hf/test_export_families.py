@@ -260,3 +260,29 @@ def test_an_edited_norm_kind_is_refused_with_nothing_written(built, tmp_path, va
     assert "fusion_norm_unit_offset" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "native").exists()
+
+
+def test_load_fused_of_the_export_is_the_native_model_bitwise(family):
+    """``load_fused(EXPORT)`` in memory: the native model of the fused checkpoint, bitwise;
+    Phi-3's stacked ``qkv_proj`` / ``gate_up_proj`` parts load as row views of the file."""
+    from tests.hf.conftest import mapped_keys
+
+    native = fusesurgery.load_fused(family["trained"])
+    exported = fusesurgery.load_fused(family["trained-hf"])
+    assert exported.fused_config == native.fused_config
+    ids, pixels = INPUTS["ids"], INPUTS["pixels"]
+    s_e = native.fused_config.encoder.seq_len
+    seen = ((ids == IMAGE_ID).cumsum(dim=1) > 0)[:, :, None].expand(-1, -1, s_e)
+    with torch.no_grad():
+        logits = [model(ids, encoder_input={"images": pixels}, encoder_mask=seen)
+                  for model in (native, exported)]
+    assert torch.equal(*logits)
+    keys = set(native.state_dict())
+    assert mapped_keys(native, family["trained"]) == keys
+    copied = keys - mapped_keys(exported, family["trained-hf"])
+    # Gemma 2's q/k rows are stored in transformers' rotary order, its native one interleaves
+    # them: those alone are rewritten; Gemma 3's and Phi-3's native order is transformers' own
+    assert copied == ({key for key in keys if key.startswith("decoder.layers.")
+                       and ".fusion_layer." not in key
+                       and key.endswith(("attn.q_proj.weight", "attn.k_proj.weight"))}
+                      if family["name"] == "gemma2" else set())
