@@ -39,7 +39,10 @@ def unfuse_export(*args: Any, **kwargs: Any):
 
 def is_export_directory(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a directory written by ``convert --to transformers`` (its
-    config.json says so); reads that one file, imports nothing."""
+    config.json says so); reads that one file, imports nothing. Anything but a path (a Hub
+    repo id is a str too, and no local directory) is not one: the readers name what it is."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
     config = Path(path) / "config.json"
     if not Path(path).is_dir() or not config.is_file():
         return False

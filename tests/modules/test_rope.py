@@ -108,7 +108,8 @@ def test_dtype_is_kept_and_bad_arguments_are_refused():
 def test_each_family_builds_the_pairing_of_its_native_layout():
     assert NATIVE_ROPE_STYLE == {"llama": "interleaved", "mistral": "interleaved",
                                  "qwen2": "half", "qwen3": "half", "smollm3": "half",
-                                 "gemma2": "interleaved", "gemma3": "half", "phi3": "half"}
+                                 "gemma2": "interleaved", "gemma3": "half", "phi3": "half",
+                                 "ministral": "interleaved"}
     tiny = DECODER_PRESETS["tiny"]
     for family, style in NATIVE_ROPE_STYLE.items():
         config = tiny.replace(family=family)
