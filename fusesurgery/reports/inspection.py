@@ -650,22 +650,31 @@ def _unsupported_report(path: str | os.PathLike[str], source: CheckpointSource,
         config_fields=types.MappingProxyType(fields), closest=closest, reason=str(error),
         looks_like=_looks_like(infos) if configless else None,
         fields_from_shapes=configless)
+    everything = _tally(("all tensors (no family: not converted)", info)
+                        for info in infos.values())
+    return _report(path, source, infos, model=None,
+                   components=tuple(TensorCount(name, *total)
+                                    for name, total in everything.items()),
+                   notes=(unsupported.needs(),), unsupported=unsupported)
+
+
+def _report(path: str | os.PathLike[str], source: CheckpointSource,
+            infos: Mapping[str, TensorInfo], **described: Any) -> InspectReport:
+    """The report: what every checkpoint shows (files, counts per dtype, sizes, the key
+    tree), from its metadata, plus what ``described`` says of its model (``model``,
+    ``components``, ``fusion``, ``notes``, ``unsupported``)."""
     tensors = tuple(infos.values())
-    everything = _tally(("all tensors (no family: not converted)", info) for info in tensors)
     return InspectReport(
         path=str(path),
         format=source.format,
         files=tuple(str(file) for file in source.files),
-        model=None,
-        components=tuple(TensorCount(name, *total) for name, total in everything.items()),
         dtypes=_dtype_counts(infos),
         num_tensors=len(tensors),
         num_parameters=sum(info.numel for info in tensors),
         total_bytes=source.total_bytes,
         key_rows=collapse_keys(tensors),
         tensors=tensors,
-        notes=(unsupported.needs(),),
-        unsupported=unsupported,
+        **described,
     )
 
 
@@ -783,22 +792,9 @@ def _supported_report(path: str | os.PathLike[str], source: CheckpointSource,
             **settings,
         )
 
-    tensors = tuple(infos.values())
-    return InspectReport(
-        path=str(path),
-        format=source.format,
-        files=tuple(str(file) for file in source.files),
-        model=model,
-        components=_component_counts(infos, model.kind, model.layout),
-        dtypes=_dtype_counts(infos),
-        num_tensors=len(tensors),
-        num_parameters=sum(info.numel for info in tensors),
-        total_bytes=source.total_bytes,
-        key_rows=collapse_keys(tensors),
-        tensors=tensors,
-        fusion=fusion,
-        notes=tuple(notes),
-    )
+    return _report(path, source, infos, model=model,
+                   components=_component_counts(infos, model.kind, model.layout),
+                   fusion=fusion, notes=tuple(notes))
 
 
 __all__ = [
