@@ -10,6 +10,7 @@ from fusesurgery import _json as standard_json
 from fusesurgery.cli.errors import EXIT_DIFFERENT, EXIT_OK, stdout_console
 from fusesurgery.cli.options import (
     CheckpointPath,
+    DecoderFamilyName,
     HeadDim,
     Json,
     NumHeads,
@@ -38,6 +39,7 @@ def diff(
     num_heads: NumHeads = None,
     num_kv_heads: NumKvHeads = None,
     head_dim: HeadDim = None,
+    family: DecoderFamilyName = None,
 ) -> None:
     """Compare two checkpoints: keys only in one side, shape and dtype changes, and with
     --values the values; exit 0 identical, 1 different, 2 trouble. Names are compared in the
@@ -51,7 +53,7 @@ def diff(
     if not atol >= 0:
         raise FuseSurgeryError(f"--atol must be a number >= 0, got {atol}")
     overrides = collect_overrides(num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                  head_dim=head_dim)
+                                  head_dim=head_dim, family=family)
     from fusesurgery.reports.diff import diff_checkpoints
 
     report = diff_checkpoints(a, b, values=values, raw=raw, overrides=overrides, atol=atol)

@@ -354,23 +354,31 @@ def _check_named_family(fields: _Fields, shape_of: Callable[[str], Shape | None]
         return
     name = fields.get("family")
     if name not in DECODER_FAMILIES:
-        raise ConfigError(f"--family {name!r} is not a decoder family; valid: "
-                          f"{', '.join(DECODER_FAMILIES)}")
+        raise _family_error(f"--family {name!r} is not a decoder family; valid: "
+                            f"{', '.join(DECODER_FAMILIES)}")
     if stated is not None and stated != name:
-        raise ConfigError(f"--family {name} contradicts {origin}, which states {stated}; "
-                          "leave --family out, or correct the config")
+        raise _family_error(f"--family {name} contradicts {origin}, which states {stated}; "
+                            "leave --family out, or correct the config")
     family = DECODER_FAMILIES[name]
     for key, wanted in family.shape_markers.items():
         if not _marker_matches(shape_of(key), wanted):
             held = "lack" if wanted is True else "hold"
-            raise ConfigError(f"--family {name}: these weights are no {family.display_name} "
-                              f"decoder: they {held} {key}")
+            raise _family_error(f"--family {name}: these weights are no "
+                                f"{family.display_name} decoder: they {held} {key}")
     for field_name, value in family.fixed.items():
         if fields.sources.get(field_name) == "inferred" and fields.get(field_name) != value:
-            raise ConfigError(f"--family {name}: these weights are no {family.display_name} "
-                              f"decoder: their shapes give {field_name} "
-                              f"{fields.get(field_name)!r}, a {family.display_name} has "
-                              f"{value!r}")
+            raise _family_error(f"--family {name}: these weights are no "
+                                f"{family.display_name} decoder: their shapes give "
+                                f"{field_name} {fields.get(field_name)!r}, a "
+                                f"{family.display_name} has {value!r}")
+
+
+def _family_error(message: str) -> ConfigError:
+    """A refused ``--family``, marked as such (``error.field == "family"``), so that a caller
+    that needs nothing else of the config (a key-level ``diff``) still refuses it."""
+    error = ConfigError(message)
+    error.field = "family"
+    return error
 
 
 def _taken_as_fallback_note(layout: str) -> str:

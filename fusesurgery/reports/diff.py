@@ -71,6 +71,7 @@ from fusesurgery.errors import (
     ShapeError,
     UnrecognizedFormatError,
 )
+from fusesurgery.families import DECODER_FAMILIES
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
 from fusesurgery.reports.formatting import format_bytes, format_index_set
 
@@ -818,6 +819,31 @@ def _rope_transforms(
 # The diff.
 
 
+def _check_family(sides: Sequence[tuple[CheckpointSource, str | None]],
+                  overrides: Mapping[str, Any] | None) -> None:
+    """A decoder family the overrides name (``--family``) is checked as every command checks
+    it: against the registry, and against each decoder side's config and weights, whatever
+    else of the config stays unresolved (a key-level diff needs no head count).
+
+    Raises:
+        ConfigError: an unknown family, or one a decoder side's config or weights contradict.
+    """
+    if not overrides or overrides.get("family") is None:
+        return
+    name = overrides["family"]
+    if name not in DECODER_FAMILIES:
+        raise ConfigError(f"--family {name!r} is not a decoder family; valid: "
+                          f"{', '.join(DECODER_FAMILIES)}")
+    for source, kind in sides:
+        if kind not in ("decoder", "fused"):
+            continue
+        try:
+            detect_model(source.infos(), source.config, source.config_file, overrides)
+        except ConfigError as error:
+            if getattr(error, "field", None) == "family":
+                raise
+
+
 def _side(source: CheckpointSource, kind: str | None, layout: str | None,
           prefix: str) -> CheckpointSide:
     return CheckpointSide(
@@ -850,7 +876,10 @@ def diff_checkpoints(
             headers (its values would mean downloading it), else only keys, shapes and dtypes.
         raw: compare names as stored, with no key maps and no value transforms.
         overrides: decoder config fields (``num_heads``, ``num_kv_heads``, ``head_dim``) for
-            when a value diff must permute HF q/k projections and no config states the heads.
+            when a value diff must permute HF q/k projections and no config states the heads;
+            ``family`` names the decoder family of weights whose config names none (a
+            native SmolLM3's or Phi-3's q/k rows rotate halves, a Llama's pairs), checked
+            against the registry and each decoder side's config and weights.
         atol: absolute differences up to this count as equal.
         chunk_bytes: bytes of one upcast slice in the value comparison.
 
@@ -862,7 +891,8 @@ def diff_checkpoints(
         UnrecognizedFormatError: in normalised mode, a side's keys match no known layout.
         KeyMapError: two stored keys of one side compare under one name.
         ConfigError: a value diff needs head counts that no config or override gives (the
-            message names the flag).
+            message names the flag), or a ``family`` the registry, a config or the weights
+            refuse.
         FuseSurgeryError: ``atol`` is negative or NaN, or ``chunk_bytes`` not positive.
     """
     if not atol >= 0:
@@ -914,6 +944,7 @@ def _diff(
     raw = raw or any(_is_transformers_export(s) for s in (source_a, source_b))
     kind_a, layout_a = _detect_kind(source_a, required=not raw)
     kind_b, layout_b = _detect_kind(source_b, required=not raw)
+    _check_family(((source_a, kind_a), (source_b, kind_b)), overrides)
     if raw:
         prefix_a, prefix_b = _export_alignment(source_a, source_b)
         names_a = _Names({prefix_a + k: k for k in source_a.keys()}, {}, ())

@@ -99,3 +99,24 @@ def test_a_family_the_config_contradicts_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--family llama contradicts config.json, which "
                                           "states smollm3"):
         load_decoder(source, overrides={"family": "llama"})
+
+
+def test_diff_takes_family_and_checks_it_as_the_other_commands(tmp_path):
+    source, bare_native = configless_native_smollm3(tmp_path)
+    bare_hf = tmp_path / "hf-weights.safetensors"
+    (source / "model.safetensors").rename(bare_hf)  # transformers' names, no config either
+    heads = ("--values", "--num-heads", "4", "--num-kv-heads", "2")
+    # taken as Llama, transformers' rotate-half q/k rows are permuted into pairs: not equal
+    as_llama = cli("diff", bare_hf, bare_native, *heads)
+    assert as_llama.exit_code == 1, as_llama.output
+    assert "q_proj" in as_llama.stdout
+    named = cli("diff", bare_hf, bare_native, *heads, "--family", "smollm3")
+    assert named.exit_code == 0, named.output
+    assert "identical" in named.stdout
+    for family, message in [
+        ("nope", "--family 'nope' is not a decoder family; valid: "),
+        ("qwen3", "--family qwen3: these weights are no Qwen3 decoder: they lack "
+                  "layers.0.attn.q_norm.scale"),
+    ]:  # refused without a value compared or a head count given, as by the others
+        assert_one_line_error(cli("diff", bare_hf, bare_native, "--no-values", "--family",
+                                  family), message, code=2)
