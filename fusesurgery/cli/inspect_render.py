@@ -36,6 +36,8 @@ def render_report(report: InspectReport, *, all_keys: bool = False) -> Group:
     """The report as rich renderables: a header, then one section per aspect."""
     if report.unsupported is not None:
         return _render_unsupported(report, all_keys)
+    if report.unresolved is not None:
+        return _render_unresolved(report, all_keys)
     sections: list[Any] = [_header(report), _config_table("config", report.model)]
     if report.fusion is not None:
         sections.append(_fusion_section(report.fusion))
@@ -44,12 +46,7 @@ def render_report(report: InspectReport, *, all_keys: bool = False) -> Group:
     sections.append(_counts_table("dtypes", "dtype", report.dtypes, report.num_parameters))
     sections.append(_all_keys_table(report) if all_keys else _key_tree_table(report))
     if report.notes:
-        notes = Table.grid(padding=(0, 1))
-        notes.add_column()
-        notes.add_column(overflow="fold")
-        for note in report.notes:
-            notes.add_row("-", escape(note))
-        sections.append(Group(Text("notes", style="bold"), notes))
+        sections.append(_notes_section(report.notes))
     spaced: list[Any] = []
     for section in sections:
         spaced.extend((section, Text("")))
@@ -79,6 +76,46 @@ def _render_unsupported(report: InspectReport, all_keys: bool) -> Group:
     for section in sections:
         spaced.extend((section, Text("")))
     return Group(*spaced[:-1])
+
+
+def _render_unresolved(report: InspectReport, all_keys: bool) -> Group:
+    """A supported checkpoint whose config nothing completes: what a metadata viewer shows,
+    the fields its weights tell, and which facts need an option (the notes say which)."""
+    unresolved = report.unresolved
+    text = _file_line(report)
+    text.append(f"\n{unresolved.kind}", style="bold")
+    text.append(f" · {unresolved.family} · {unresolved.layout} layout · no config file")
+    table = _section("config (what the weights tell)", "field", "value", "source")
+    partial = unresolved.partial
+    for name, value in partial.values.items():
+        source = partial.provenance[name]
+        table.add_row(name, escape(format_config_value(value)),
+                      Text(source, style=PROVENANCE_STYLES.get(source, "")))
+    for name, flag in partial.missing.items():
+        table.add_row(name, "?", Text(f"needs {flag}", style="bold yellow"))
+    sections: list[Any] = [text, table, _counts_table(
+        "parameters", "component", report.components, report.num_parameters)]
+    sections.append(_counts_table("dtypes", "dtype", report.dtypes, report.num_parameters))
+    sections.append(_all_keys_table(report) if all_keys else _key_tree_table(report))
+    sections.append(_notes_section(report.notes[:-1]))
+    sections.append(Text(unresolved.needs(), style="bold yellow"))
+    spaced: list[Any] = []
+    for section in sections:
+        if section is not None:
+            spaced.extend((section, Text("")))
+    return Group(*spaced[:-1])
+
+
+def _notes_section(notes: Iterable[str]) -> Group | None:
+    notes = list(notes)
+    if not notes:
+        return None
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column()
+    grid.add_column(overflow="fold")
+    for note in notes:
+        grid.add_row("-", escape(note))
+    return Group(Text("notes", style="bold"), grid)
 
 
 def _file_line(report: InspectReport) -> Text:

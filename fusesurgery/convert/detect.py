@@ -136,6 +136,32 @@ class DetectedModel:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PartialConfig:
+    """What detection resolved before a field nothing supplies stopped it (the head count of
+    a checkpoint without a config): carried by that :class:`ConfigError` as ``error.partial``,
+    so that a metadata viewer (``inspect``) can still show what the weights tell.
+
+    Args:
+        values: config field -> value, for every field resolved.
+        provenance: config field -> ``given`` / ``read`` / ``inferred`` / ``default``.
+        missing: the fields nothing supplies, each with the option that supplies it
+            (``{"num_heads": "--num-heads"}``), and the fields derived from them
+            (``head_dim``, ``num_kv_heads``) that stay unknown with them.
+        notes: the detection's notes so far (a family taken by default, ...).
+    """
+
+    values: Mapping[str, Any]
+    provenance: Mapping[str, str]
+    missing: Mapping[str, str]
+    notes: tuple[str, ...] = ()
+
+
+# Fields the shapes give only once the head count is known (q rows = heads x head_dim, k rows =
+# kv heads x head_dim): unknown with it.
+_DERIVED_FROM_HEADS: tuple[str, ...] = ("head_dim", "num_kv_heads")
+
+
 # --------------------------------------------------------------------------------------------
 # Layout detection.
 
@@ -287,11 +313,19 @@ def _build(
         elif spec.default is not dataclasses.MISSING:
             provenance[spec.name] = "default"
         else:
-            raise ConfigError(
+            error = ConfigError(
                 f"cannot tell {spec.name} of the {what} from its keys and shapes, and no "
                 "config file states it",
                 flag=flags[spec.name],
             )
+            missing = {name: flags[spec.name] for name in (spec.name, *_DERIVED_FROM_HEADS)
+                       if name == spec.name or (spec.name == "num_heads" and name in flags
+                                                and name not in fields)}
+            error.partial = PartialConfig(
+                values=types.MappingProxyType(dict(fields.values)),
+                provenance=types.MappingProxyType(dict(fields.sources)),
+                missing=types.MappingProxyType(missing))
+            raise error
     try:
         config = cls(**kwargs)
     except ConfigError as error:
@@ -602,9 +636,13 @@ def _detect_decoder(
         split_embedding_shapes(shapes, names)
     _infer_decoder_fields(fields, shapes, names, prefix, origin,
                           reading.read.get("family") if reading is not None else None)
-    config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder", origin)
-    if layout == "native" and provenance["family"] == "default":
+    if layout == "native" and fields.sources.get("family") == "default":
         notes.append(_taken_as_fallback_note(layout))
+    try:
+        config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder", origin)
+    except ConfigError as error:
+        _add_notes(error, notes)
+        raise
 
     output_key = prefix + "output.weight"
     if layout == "hf" and not config.tie_word_embeddings and output_key not in shapes:
@@ -646,6 +684,13 @@ def _detect_decoder(
         differences=tuple(reading.differences) if reading is not None else (),
         unmodelled=types.MappingProxyType(dict(reading.unmodelled) if reading else {}),
     )
+
+
+def _add_notes(error: ConfigError, notes: list[str]) -> None:
+    """Give the detection's notes to the partial config a missing field's error carries."""
+    partial = getattr(error, "partial", None)
+    if partial is not None:
+        error.partial = dataclasses.replace(partial, notes=(*partial.notes, *notes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,8 +775,12 @@ def _detect_vision(
     for name, value in VISION_FAMILY_DEFAULTS[family].items():
         fields.offer(name, value, "default")
     fields.offer("post_norm_hidden", VISION_POST_NORM_HIDDEN[family], "inferred")
-    config, provenance = _build(VisionEncoderConfig, fields, VISION_FLAGS, "vision encoder",
-                                origin)
+    try:
+        config, provenance = _build(VisionEncoderConfig, fields, VISION_FLAGS,
+                                    "vision encoder", origin)
+    except ConfigError as error:
+        _add_notes(error, notes)
+        raise
     check_native_shapes(shapes, config, source_names=names, origin=origin, layout=layout)
     if mapping.dropped:
         notes.append(f"{len(mapping.dropped)} keys not part of the vision tower are dropped")
@@ -878,6 +927,7 @@ __all__ = [
     "PROVENANCE_RANK",
     "VISION_FLAGS",
     "DetectedModel",
+    "PartialConfig",
     "Provenance",
     "detect_layout",
     "detect_model",

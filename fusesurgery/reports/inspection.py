@@ -28,6 +28,7 @@ from fusesurgery.convert.detect import (
     DECODER_FLAGS,
     VISION_FLAGS,
     DetectedModel,
+    PartialConfig,
     detect_layout,
     detect_model,
     unsupported_family,
@@ -223,6 +224,48 @@ class UnsupportedArchitecture:
 
 
 @dataclass(frozen=True)
+class UnresolvedConfig:
+    """A supported checkpoint whose config cannot be completed from what it holds (a native
+    Llama file without a config: its head count): what the weights tell, and which facts
+    need an option.
+
+    Args:
+        kind: ``"decoder"``, ``"vision"`` or ``"fused"``.
+        layout: its key layout.
+        partial: the fields resolved, with their provenance, and the ones missing.
+        attention_rows: stored q and k projection key -> rows (heads x head width), which
+            the missing head count splits.
+    """
+
+    kind: str
+    layout: str
+    partial: PartialConfig
+    attention_rows: Mapping[str, int] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
+
+    @property
+    def family(self) -> str | None:
+        return self.partial.values.get("family")
+
+    def needs(self) -> str:
+        """One line: which facts need which option, and what the weights say of them."""
+        by_flag: dict[str, list[str]] = {}
+        for name, flag in self.partial.missing.items():
+            by_flag.setdefault(flag, []).append(name)
+        parts = [f"{_listed(names)} need{'s' if len(names) == 1 else ''} {flag}"
+                 for flag, names in by_flag.items()]
+        rows = ", ".join(f"{key} has {rows} rows" for key, rows in self.attention_rows.items())
+        told = f" ({rows}: heads x head width)" if rows else ""
+        return (f"{'; '.join(parts)}: neither a config file nor the shapes tell "
+                f"{'it' if len(self.partial.missing) == 1 else 'them'}{told}; convert, fuse "
+                "and load ask for it, inspect shows what the weights tell")
+
+
+def _listed(names: list[str]) -> str:
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+
+
+@dataclass(frozen=True)
 class InspectReport:
     """What a checkpoint holds, from its metadata.
 
@@ -249,6 +292,9 @@ class InspectReport:
         unsupported: for an architecture no family file describes (``model`` is then None,
             ``components`` one row of everything): its config's main fields and the native
             family it would need.
+        unresolved: for a supported checkpoint whose config nothing completes (no config
+            file states its head count; ``model`` is then None): the fields its weights tell
+            and which facts need an option.
     """
 
     path: str
@@ -265,10 +311,13 @@ class InspectReport:
     fusion: FusionReport | None = None
     notes: tuple[str, ...] = ()
     unsupported: UnsupportedArchitecture | None = None
+    unresolved: UnresolvedConfig | None = None
 
     @property
     def kind(self) -> str:
         """``decoder``, ``vision`` or ``fused``; ``unsupported`` for an unknown architecture."""
+        if self.unresolved is not None:
+            return self.unresolved.kind
         return self.model.kind if self.model is not None else "unsupported"
 
     @property
@@ -285,6 +334,13 @@ class InspectReport:
             lines.extend(f"  {name} = {value!r}"
                          for name, value in self.unsupported.config_fields.items())
             lines.append(f"  {self.unsupported.needs()}")
+            return "\n".join(lines)
+        if self.unresolved is not None:
+            unresolved = self.unresolved
+            lines.append(f"{unresolved.kind} ({unresolved.family}, {unresolved.layout} layout)")
+            lines.extend(f"  {name} = {value!r} ({unresolved.partial.provenance[name]})"
+                         for name, value in unresolved.partial.values.items())
+            lines.extend(f"  note: {note}" for note in self.notes)
             return "\n".join(lines)
         lines.append(self.model.summary())
         if self.fusion is not None:
@@ -305,6 +361,8 @@ class InspectReport:
         """
         if self.unsupported is not None:
             return self._unsupported_dict(all_keys)
+        if self.unresolved is not None:
+            return self._unresolved_dict(all_keys)
         payload: dict[str, Any] = {
             "path": self.path,
             "format": self.format,
@@ -344,6 +402,29 @@ class InspectReport:
              "num_tensors": row.num_tensors, "num_parameters": row.num_parameters}
             for row in self.key_rows
         ]}
+
+    def _unresolved_dict(self, all_keys: bool) -> dict[str, Any]:
+        unresolved = self.unresolved
+        return {
+            "path": self.path,
+            "format": self.format,
+            "files": list(self.files),
+            "architecture": {"kind": unresolved.kind, "layout": unresolved.layout,
+                             "fused_style": None, "resolved": False},
+            # the fields the weights tell; the missing ones are under "missing"
+            "config": dict(unresolved.partial.values),
+            "provenance": dict(unresolved.partial.provenance),
+            "missing": dict(unresolved.partial.missing),
+            "attention_rows": dict(unresolved.attention_rows),
+            "needs": unresolved.needs(),
+            "num_tensors": self.num_tensors,
+            "num_parameters": self.num_parameters,
+            "total_bytes": self.total_bytes,
+            "components": [{"name": c.name, **_count_dict(c)} for c in self.components],
+            "dtypes": {d.name: _count_dict(d) for d in self.dtypes},
+            "notes": list(self.notes),
+            **self._keys_dict(all_keys),
+        }
 
     def _unsupported_dict(self, all_keys: bool) -> dict[str, Any]:
         unsupported = self.unsupported
@@ -627,11 +708,37 @@ def inspect_checkpoint(
                                      vision_overrides)
         except UnsupportedFamilyError as error:
             return _unsupported_report(path, source, infos, error)
+        except ConfigError as error:  # a field nothing states: show what the weights tell
+            if getattr(error, "partial", None) is None:
+                raise
+            return _unresolved_report(path, source, infos, kind, error.partial)
         except KeyMapError as error:  # keys no family of that layout knows
             if source.config is not None or kind == "fused":  # a damaged fused checkpoint
                 raise
             return _unsupported_report(path, source, infos,
                                        _configless_unsupported(infos, error))
+
+
+def _unresolved_report(path: str | os.PathLike[str], source: CheckpointSource,
+                       infos: Mapping[str, TensorInfo], kind: str,
+                       partial: PartialConfig) -> InspectReport:
+    """What a metadata viewer shows of a supported checkpoint whose config nothing completes
+    (files, tensors, dtypes, parameters per component, key rows, the fields its shapes
+    tell), and which facts need an option."""
+    _, layout = detect_layout(infos)
+    mapping = keys_to_native(infos, layout, kind)
+    prefix = "decoder." if kind == "fused" else ""
+    sources = mapping.sources()
+    rows = {}
+    for native in (f"{prefix}layers.0.attn.q_proj.weight", f"{prefix}layers.0.attn.k_proj.weight"):
+        key = sources.get(native)
+        if key is not None and key not in mapping.parts and infos[key].shape:
+            rows[key] = infos[key].shape[0]
+    unresolved = UnresolvedConfig(kind=kind, layout=layout, partial=partial,
+                                  attention_rows=types.MappingProxyType(rows))
+    return _report(path, source, infos, model=None,
+                   components=_component_counts(infos, kind, layout),
+                   notes=(*partial.notes, unresolved.needs()), unresolved=unresolved)
 
 
 def _unsupported_report(path: str | os.PathLike[str], source: CheckpointSource,
@@ -804,6 +911,7 @@ __all__ = [
     "InspectReport",
     "KeyRow",
     "TensorCount",
+    "UnresolvedConfig",
     "UnsupportedArchitecture",
     "collapse_keys",
     "config_to_dict",

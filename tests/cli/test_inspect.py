@@ -98,8 +98,36 @@ def test_keys_lists_every_key(checkpoints):
     assert "{0..2}" not in human
 
 
-def test_missing_head_count_names_the_flag_then_works_with_it(checkpoints):
-    assert_one_line_error(invoke(checkpoints["native"]), "--num-heads")
+def test_missing_head_count_shows_what_the_weights_tell_and_names_the_flag(checkpoints,
+                                                                           tmp_path):
+    # inspect is a metadata viewer: without a head count it still shows files, tensors,
+    # dtypes, parameters, key rows and the dims the shapes give, and says what needs the flag
+    result = invoke(checkpoints["native"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "decoder · llama · native layout · no config file" in out
+    for shown in ("vocab_size 256 inferred", "embed_dim 64 inferred", "num_layers 4 inferred",
+                  "intermediate_dim 128 inferred", "num_heads ? needs --num-heads",
+                  "head_dim ? needs --num-heads", "num_kv_heads ? needs --num-heads",
+                  "layers.{0..3}.attn.q_proj.weight [64, 64] f32", "180,800",
+                  "num_heads, head_dim and num_kv_heads need --num-heads: neither a config "
+                  "file nor the shapes tell them (layers.0.attn.q_proj.weight has 64 rows, "
+                  "layers.0.attn.k_proj.weight has 32 rows"):
+        assert shown in out, shown
+    payload = json.loads(invoke(checkpoints["native"], "--json").stdout)
+    assert payload["architecture"] == {"kind": "decoder", "layout": "native",
+                                       "fused_style": None, "resolved": False}
+    assert payload["config"]["embed_dim"] == 64 and "num_heads" not in payload["config"]
+    assert payload["missing"] == {"num_heads": "--num-heads", "head_dim": "--num-heads",
+                                  "num_kv_heads": "--num-heads"}
+    assert payload["attention_rows"] == {"layers.0.attn.q_proj.weight": 64,
+                                         "layers.0.attn.k_proj.weight": 32}
+    assert payload["num_parameters"] == 180_800 and len(payload["key_tree"]) == 12
+    # the commands that build or write the model still ask, in one line
+    for command in (["convert", str(checkpoints["native"]), "-o", str(tmp_path / "out")],
+                    ["fuse", str(save_hf_vision("clip", tmp_path / "clip")),
+                     str(checkpoints["native"]), "-o", str(tmp_path / "fused")]):
+        assert_one_line_error(runner.invoke(app, command), "--num-heads")
     result = invoke(checkpoints["native"], "--num-heads", "4", "--rope-base", "500000",
                     "--json")
     assert result.exit_code == 0, result.output

@@ -173,8 +173,8 @@ def test_meta_dir(tmp_path):
 
 def test_native_pt_needs_the_head_count(tmp_path):
     path = save_native_pt(tmp_path / "model.pt")
-    with pytest.raises(ConfigError, match="--num-heads"):
-        inspect_checkpoint(path)
+    unresolved = inspect_checkpoint(path)  # described, the heads marked as needing the flag
+    assert unresolved.model is None and "--num-heads" in unresolved.unresolved.needs()
     report = inspect_checkpoint(path, {"num_heads": 4, "num_kv_heads": None})
     tiny = DECODER_PRESETS["tiny"]
     assert (report.format, report.model.layout) == ("torch", "native")
@@ -260,8 +260,8 @@ def test_vision_tower_without_config_takes_the_encoder_flag(tmp_path):
     directory = save_hf_vision("clip_vision", tmp_path / "hf")
     bare = tmp_path / "vision.safetensors"
     bare.write_bytes((directory / "model.safetensors").read_bytes())
-    with pytest.raises(ConfigError, match="--encoder-num-heads"):
-        inspect_checkpoint(bare, {"num_heads": 4})
+    unresolved = inspect_checkpoint(bare, {"num_heads": 4})  # described, the heads asked for
+    assert unresolved.unresolved.partial.missing == {"num_heads": "--encoder-num-heads"}
     report = inspect_checkpoint(bare, {"num_heads": 4, "encoder_num_heads": 4})
     assert report.config.num_heads == 4 and report.model.provenance["num_heads"] == "given"
     assert "ignored --num-heads: the checkpoint holds no decoder" in report.notes
@@ -388,3 +388,36 @@ def test_to_dict_is_json_and_complete(fused_identity, llama_dir):
     assert payload["keys"][0] == {"name": fused.tensors[0].name,
                                   "shape": list(fused.tensors[0].shape), "dtype": "f32"}
     assert math.prod(payload["keys"][0]["shape"]) == fused.tensors[0].numel
+
+
+def test_a_config_the_weights_cannot_complete_is_still_described(tmp_path, fused_identity):
+    # no config states the heads: the report shows what the shapes tell and which facts need
+    # which option, for a decoder, a fused checkpoint and a vision tower alike
+    decoder = inspect_checkpoint(save_native_pt(tmp_path / "native.pt"))
+    assert decoder.model is None and decoder.kind == "decoder"
+    partial = decoder.unresolved.partial
+    assert (partial.values["vocab_size"], partial.values["num_layers"]) == (256, 4)
+    assert partial.provenance["family"] == "default"
+    assert set(partial.missing) == {"num_heads", "head_dim", "num_kv_heads"}
+    assert decoder.notes[-1] == decoder.unresolved.needs()
+    assert [c.name for c in decoder.components] == ["embeddings", "layers",
+                                                    "final norm + output"]
+    fused = inspect_checkpoint(fused_identity)
+    assert fused.kind == "fused" and "fusion layers" in [c.name for c in fused.components]
+    assert fused.unresolved.attention_rows == {"decoder.layers.0.attn.q_proj.weight": 64,
+                                               "decoder.layers.0.attn.k_proj.weight": 32}
+    state = {key.removeprefix("encoder.vision."): value
+             for key, value in fused_state_dict().items() if key.startswith("encoder.vision.")}
+    torch.save(state, tmp_path / "tower.pt")
+    tower = inspect_checkpoint(tmp_path / "tower.pt")
+    assert tower.kind == "vision" and tower.unresolved.partial.missing == {
+        "num_heads": "--encoder-num-heads"}
+    assert tower.notes[-1].startswith(
+        "num_heads needs --encoder-num-heads: neither a config file nor the shapes tell it")
+    # given, the model resolves as before; the library loaders still refuse without it
+    assert inspect_checkpoint(tmp_path / "native.pt", {"num_heads": 4}).config.num_heads == 4
+    from fusesurgery import load_decoder
+
+    with pytest.raises(ConfigError, match="--num-heads") as error:
+        load_decoder(tmp_path / "native.pt")
+    assert error.value.flag == "--num-heads"
