@@ -35,6 +35,7 @@ from fusesurgery.families import (
     decoder_family,
     vision_family,
 )
+from fusesurgery.families._spec import DecoderFamily, WrappedCheckpoint
 
 DECODER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecoderConfig))
 VISION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VisionEncoderConfig))
@@ -86,6 +87,11 @@ def config_style(config: Mapping[str, Any]) -> str:
 
 # The tables below are read off the family files (fusesurgery.families), one row a family.
 HF_DECODER_FAMILIES: dict[str, str] = by_model_type(DECODER_FAMILIES)
+# ... and the model types of multimodal models whose text half a family reads (``gemma3``):
+# a decoder with a native module too
+HF_DECODER_FAMILIES.update({model_type: family.name for family in DECODER_FAMILIES.values()
+                            for wrapped in family.hf_wrapped
+                            for model_type in wrapped.model_types})
 # transformers' names of the SiLU activation (ACT2CLS: both are torch's SiLU).
 HF_SILU_NAMES: tuple[str, ...] = ("silu", "swish")
 HF_DECODER_ARCHITECTURES: dict[str, str] = {
@@ -437,12 +443,42 @@ NULL_MEANS_NONE: frozenset[str] = frozenset({
     "local_rope_base"})
 
 
+# model_type / architecture of a multimodal model whose text half a decoder family reads ->
+# (that family, how it is wrapped); from the family files' ``hf_wrapped``.
+HF_WRAPPED_DECODERS: dict[str, tuple[DecoderFamily, WrappedCheckpoint]] = {
+    name: (family, wrapped) for family in DECODER_FAMILIES.values()
+    for wrapped in family.hf_wrapped for name in (*wrapped.model_types, *wrapped.architectures)}
+
+
+def decoder_text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The config.json of the decoder a multimodal model holds as its text half (a
+    ``Gemma3ForConditionalGeneration``'s ``text_config``), made a config of its own: the
+    family's model type and class (what its keys, renamed, load into), the section's fields,
+    and the whole's dtype, version and tying where the section does not state them.
+    ``config`` itself when it is no such model."""
+    names = [config.get("model_type"), *(config.get("architectures") or ())]
+    found = next((HF_WRAPPED_DECODERS[name] for name in names
+                  if isinstance(name, str) and name in HF_WRAPPED_DECODERS), None)
+    section = config.get(found[1].config_section) if found is not None else None
+    if not isinstance(section, Mapping):
+        return config
+    family = found[0]
+    text = {"architectures": [family.architectures[0]], "model_type": family.model_types[0],
+            **{key: value for key, value in section.items() if key != "architectures"}}
+    for key in ("tie_word_embeddings", "dtype", "torch_dtype", "transformers_version"):
+        if key in config and key not in text:
+            text[key] = config[key]
+    return text
+
+
 def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
-    """Read a transformers decoder config.json (transformers 4 or 5 style).
+    """Read a transformers decoder config.json (transformers 4 or 5 style), or the text
+    section of a multimodal model whose text half a family reads (``decoder_text_config``).
 
     Raises:
         ConfigError: an unsupported model type, activation, MLP bias or RoPE type.
     """
+    config = decoder_text_config(config)
     reading = ConfigReading()
     model_type = _name(config, "model_type", origin)
     if model_type is not None:
@@ -732,6 +768,7 @@ __all__ = [
     "ConfigReading",
     "coerce_rope_scaling",
     "config_style",
+    "decoder_text_config",
     "hf_config_dict",
     "hf_max_position_embeddings",
     "hf_rope_scaling",
@@ -868,6 +905,8 @@ def hf_config_dict(
             out["num_patches"] = config.num_patches
             del out["image_size"]
     else:
+        if base is not None:  # a multimodal source's: its text model's own config
+            base = decoder_text_config(base)
         if config.attn_bias != HF_DECODER_DEFAULTS[config.family]["attn_bias"]:
             raise ConfigError(
                 f"a {config.family} config.json cannot express attn_bias={config.attn_bias}"

@@ -43,6 +43,7 @@ from fusesurgery.convert.keymaps import (
     FUSED_VISION_PREFIX,
     HF_VISION_PREFIX,
     KeyMapping,
+    is_wrapped_decoder,
     keys_to_native,
     split_layer_index,
 )
@@ -216,6 +217,8 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
             "transformers' AutoModelForImageTextToText; `fusesurgery convert DIR --to native "
             "-o OUT` gives back the fused checkpoint of one that `convert` wrote"
         )
+    if is_wrapped_decoder(keys):  # a Gemma3ForConditionalGeneration: its text half
+        return "decoder", "hf"
     if any_starts("language_model.", "model.language_model.", "model.vision_model."):
         raise UnrecognizedFormatError(
             "this looks like a multimodal model (LLaVA-style language_model.* keys); "

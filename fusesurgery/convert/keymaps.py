@@ -214,6 +214,16 @@ HF_DECODER_PREFIX = "model."
 # saved on their own, without a ``*ForCausalLM`` around them), whose keys lack ``model.``.
 HF_DECODER_BARE_ROOTS: tuple[str, ...] = ("embed_tokens.", "layers.", "norm.")
 
+# A multimodal checkpoint whose text half a decoder family reads (Gemma 3's
+# Gemma3ForConditionalGeneration): its key prefix -> the decoder's own spelling, from the
+# family files' ``hf_wrapped`` entries.
+HF_DECODER_WRAPPED_PREFIXES: dict[str, str] = {}
+for _family in DECODER_FAMILIES.values():
+    for _wrapped in _family.hf_wrapped:
+        for _prefix, _own in _wrapped.key_prefixes.items():
+            if HF_DECODER_WRAPPED_PREFIXES.setdefault(_prefix, _own) != _own:
+                raise KeyMapError(f"wrapped key prefix {_prefix!r} renamed two ways")
+
 # kind -> (the prefix transformers' wrapper model adds, the roots of the bare model's keys).
 # Bare keys are read by adding the prefix; the prefixed spelling, which loads into both the
 # bare and the wrapped model, is the one written.
@@ -227,6 +237,9 @@ DROPPED_KEYS: dict[tuple[str, str], dict[str, str]] = {
     ("decoder", "hf"): {
         "model.layers.*.self_attn.rotary_emb.inv_freq": "RoPE frequency buffer, recomputed",
         "model.rotary_emb.inv_freq": "RoPE frequency buffer, recomputed",
+        # the other parts of a multimodal checkpoint whose text half is read
+        **{pattern: reason for family in DECODER_FAMILIES.values()
+           for wrapped in family.hf_wrapped for pattern, reason in wrapped.dropped.items()},
     },
     ("decoder", "meta"): {
         "rope.freqs": "RoPE frequency buffer, recomputed",
@@ -352,9 +365,14 @@ def _check_kind_layout(kind: str, layout: str) -> None:
 
 
 def _normalize_hf_key(key: str, layout: str, kind: str) -> str:
-    """A bare transformers key with its wrapper's prefix added (other keys as they are)."""
+    """A bare transformers key with its wrapper's prefix added, a multimodal checkpoint's
+    text-half key in the decoder's own spelling (other keys as they are)."""
     if layout != "hf" or kind not in HF_BARE_ROOTS:
         return key
+    if kind == "decoder":
+        unwrapped = unwrapped_hf_key(key)
+        if unwrapped != key:
+            return unwrapped
     prefix, roots = HF_BARE_ROOTS[kind]
     if not key.startswith(prefix) and key.startswith(roots):
         return prefix + key
@@ -402,6 +420,29 @@ def hf_decoder_family_of(keys: Iterable[str]) -> str | None:
                for key, template in zip(keys, _templates_of(keys), strict=True)):
             return family
     return marked[0] if marked else None
+
+
+def unwrapped_hf_key(key: str) -> str:
+    """A multimodal checkpoint's text-half key in the decoder's own transformers spelling
+    (``language_model.model.norm.weight`` -> ``model.norm.weight``: what the text model alone
+    loads); any other key as it is."""
+    for wrapped, own in HF_DECODER_WRAPPED_PREFIXES.items():
+        if key.startswith(wrapped):
+            return own + key.removeprefix(wrapped)
+    return key
+
+
+def is_wrapped_decoder(keys: Iterable[str]) -> bool:
+    """The keys are a multimodal checkpoint whose text half a decoder family reads (a
+    Gemma3ForConditionalGeneration's): some carry a wrapped prefix, and the text half holds
+    the layout markers of a family that declares that wrapping."""
+    keys = list(keys)
+    prefixes = {prefix for prefix in HF_DECODER_WRAPPED_PREFIXES
+                if any(key.startswith(prefix) for key in keys)}
+    family = hf_decoder_family_of(keys) if prefixes else None
+    return family is not None and any(
+        prefixes & set(wrapped.key_prefixes)
+        for wrapped in DECODER_FAMILIES[family].hf_wrapped)
 
 
 def _templates_of(keys: list[str]) -> list[str]:

@@ -42,6 +42,33 @@ class ConfigField:
 
 
 @dataclass(frozen=True)
+class WrappedCheckpoint:
+    """A transformers model that holds a decoder of the family as its text half (Gemma 3's
+    ``Gemma3ForConditionalGeneration``: a SigLIP tower and a projector beside the text model),
+    read as the decoder alone: its config section made a config of its own, its keys renamed
+    to the decoder's, the other parts dropped and listed (as a ``CLIPModel``'s text tower is
+    for the vision families).
+
+    Args:
+        model_types: the whole model's ``model_type`` values (``"gemma3"``).
+        architectures: the whole model's transformers classes.
+        config_section: the ``config.json`` section that is the decoder's config
+            (``"text_config"``).
+        key_prefixes: a key prefix of the whole -> the decoder's own spelling of it, tried in
+            order (transformers 4's ``language_model.model.`` and 5's
+            ``model.language_model.`` -> ``model.``).
+        dropped: key patterns of the other parts (``*`` matches dots too) -> why they are
+            dropped.
+    """
+
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    config_section: str
+    key_prefixes: Mapping[str, str]
+    dropped: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class DecoderFamily:
     """A Llama-shaped decoder family (pre-norm RMSNorm layers, SwiGLU MLP, RoPE attention).
 
@@ -122,6 +149,8 @@ class DecoderFamily:
             decoder, so a fused model exports ``--to mllama`` (other blockers aside).
         relatives: transformers ``model_type`` values not supported here whose checkpoints
             are closest to this family -> what differs; named when such a checkpoint is met.
+        hf_wrapped: transformers models that hold this family's decoder as their text half
+            (Gemma 3's ``Gemma3ForConditionalGeneration``), read as the decoder alone.
     """
 
     name: str
@@ -151,6 +180,7 @@ class DecoderFamily:
     torchtune_model: str | None = None
     mllama_text_model: bool = False
     relatives: Mapping[str, str] = field(default_factory=lambda: frozen({}))
+    hf_wrapped: tuple[WrappedCheckpoint, ...] = ()
 
     kind = "decoder"
 
@@ -228,5 +258,5 @@ Family = DecoderFamily | VisionFamily
 
 __all__ = [
     "ConfigField", "DecoderFamily", "Family", "RopeStyle", "SlidingWindowRule", "VisionFamily",
-    "WindowLayers", "frozen",
+    "WindowLayers", "WrappedCheckpoint", "frozen",
 ]

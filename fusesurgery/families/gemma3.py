@@ -21,7 +21,7 @@ from typing import Any
 
 from fusesurgery.errors import ConfigError
 from fusesurgery.families import llama
-from fusesurgery.families._spec import ConfigField, DecoderFamily, frozen
+from fusesurgery.families._spec import ConfigField, DecoderFamily, WrappedCheckpoint, frozen
 
 # Gemma3TextConfig's class defaults the readers below fall back to
 SLIDING_WINDOW_PATTERN_DEFAULT = 6  # every 6th layer global
@@ -193,9 +193,22 @@ FAMILY = DecoderFamily(
     hf_layout_markers=("model.layers.{i}.pre_feedforward_layernorm.weight",),
     native_rope_style="half",
     shape_markers=frozen({"layers.0.sa_scale.scale": True, "layers.0.attn.q_norm.scale": True}),
-    relatives=frozen({
-        "gemma3": "the text half of Gemma3ForConditionalGeneration (a SigLIP tower and "
-                  "projector beside it, keys under language_model.): save its "
-                  "language_model as a Gemma3ForCausalLM",
-    }),
+    # a full Gemma 3 checkpoint (4B and up): its text half is read as this decoder
+    hf_wrapped=(WrappedCheckpoint(
+        model_types=("gemma3",),
+        architectures=("Gemma3ForConditionalGeneration",),
+        config_section="text_config",
+        key_prefixes=frozen({
+            "language_model.model.": "model.",  # transformers 4 (and 5's save_pretrained)
+            "language_model.lm_head.": "lm_head.",
+            "model.language_model.": "model.",  # transformers 5's module names
+        }),
+        dropped=frozen({
+            "vision_tower.*": "SigLIP vision tower of a Gemma3ForConditionalGeneration",
+            "model.vision_tower.*": "SigLIP vision tower of a Gemma3ForConditionalGeneration",
+            "multi_modal_projector.*": "image projector of a Gemma3ForConditionalGeneration",
+            "model.multi_modal_projector.*":
+                "image projector of a Gemma3ForConditionalGeneration",
+        }),
+    ),),
 )

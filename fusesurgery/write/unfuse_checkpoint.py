@@ -24,9 +24,11 @@ from fusesurgery.convert import plan_conversion
 from fusesurgery.convert.configs import (
     HF_ARCHITECTURES,
     config_style,
+    decoder_text_config,
     hf_config_dict,
     set_hf_dtype,
 )
+from fusesurgery.convert.keymaps import unwrapped_hf_key
 from fusesurgery.convert.mllama import mllama_text_config
 from fusesurgery.convert.plan import (
     ConversionPlan,
@@ -219,6 +221,14 @@ def _config_and_side_files(
                     hf_base = name
                     break
     if fmt == layout and config_file in kept:
+        if hf_base == config_file:  # a multimodal source's: its text model's config alone
+            document = json.loads(kept[hf_base])
+            text = decoder_text_config(document)
+            if text is not document:
+                extra[config_file] = (standard_json.dumps(text, indent=2) + "\n").encode()
+                notes.append(f"{config_file}: the text model's own ({text['model_type']}), "
+                             "from the source's text section; its other parts are not given "
+                             "back")
         return extra  # the source's own config, as it was
     if config_file is not None and config_file in missing:
         notes.append(f"{where}{config_file} is missing: {CONFIG_FILES[fmt]} written from "
@@ -350,7 +360,10 @@ def unfuse_checkpoint(
                                          config.decoder.tie_word_embeddings,
                                          "fusion_config.json: sources['decoder']")
         if fmt == layout and isinstance(record.get("source_keys"), dict):
-            plan = _renamed(plan, record["source_keys"])
+            # the source's own names; a multimodal source's text half under the text model's
+            # (the decoder alone is written, which its whole's names would not load as)
+            plan = _renamed(plan, {native: unwrapped_hf_key(key) if part == "decoder" else key
+                                   for native, key in record["source_keys"].items()})
         if head_copy is not None and fmt == "hf":
             if merge_embeddings and config.new_tokens:
                 notes.append(f"{head_copy} not written back: the merged table has more rows "
