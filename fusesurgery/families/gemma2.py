@@ -57,4 +57,8 @@ FAMILY = DecoderFamily(
     shape_markers=frozen({"layers.0.sa_scale.scale": True, "layers.0.attn.q_norm.scale": False,
                           "layers.0.attn.q_proj.bias": False}),
     torchtune_model="torchtune.models.gemma2",
+    relatives=frozen({
+        "gemma": "no norms after attention and MLP, no attention or logit soft-capping, no "
+                 "sliding window (Gemma 1)",
+    }),
 )

@@ -93,9 +93,7 @@ FAMILY = DecoderFamily(
                  "whole width",
         "olmo": "LayerNorms without weights, q/k/v clipping",
         "granite": "embedding, residual, attention and logit multipliers",
-        "glm4": "fused gate_up_proj, post-attention and post-MLP norms, partial rotary",
         "internlm2": "fused wqkv tensor",
         "cohere": "LayerNorm, parallel attention and MLP, logit scale",
-        "gemma": "(1 + w) RMSNorms, GeGLU, a scaled embedding",
     }),
 )

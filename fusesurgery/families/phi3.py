@@ -75,5 +75,9 @@ FAMILY = DecoderFamily(
     relatives=frozen({
         "phimoe": "a mixture of experts in place of the MLP",
         "phi": "LayerNorm, a parallel attention and MLP block, a GELU MLP, biases",
+        # Phi-3's stacked gate_up_proj and partial rotary are GLM-4's too
+        "glm4": "separate q/k/v projections with biases (Phi-3 stacks them in qkv_proj), "
+                "RMSNorms after attention and after the MLP too (Gemma's post-norms), the "
+                "partial rotary over interleaved pairs (Phi-3's over halves)",
     }),
 )

@@ -31,8 +31,10 @@ VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
 # name -> (config class, model class, settings, model_type, kind, closest family)
 CASES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", SIZES, "olmo2", "decoder", "llama"),
+    # Phi-3's file has GLM-4's stacked gate_up_proj and partial rotary
     "glm4": ("Glm4Config", "Glm4ForCausalLM", {**SIZES, "head_dim": 8, "pad_token_id": 0},
-             "glm4", "decoder", "llama"),
+             "glm4", "decoder", "phi3"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", SIZES, "granite", "decoder", "llama"),
     "aimv2": ("Aimv2VisionConfig", "Aimv2VisionModel", VISION, "aimv2_vision_model", "vision",
               "siglip"),
 }
@@ -96,7 +98,7 @@ def test_inspect_json_of_an_unsupported_architecture(saved):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["architecture"]["supported"] is False
-    assert payload["architecture"]["closest_family"] == "llama"
+    assert payload["architecture"]["closest_family"] == "phi3"
     assert payload["config_fields"]["head_dim"] == 8
     assert payload["key_tree"] and payload["num_tensors"] == sum(
         row["num_tensors"] for row in payload["key_tree"])
@@ -118,10 +120,14 @@ def test_convert_names_the_closest_family_and_how_to_add_one(saved, tmp_path, na
 
 
 def test_load_decoder_and_load_encoder_name_the_closest_family(saved):
-    with pytest.raises(UnsupportedFamilyError, match="closest supported family is llama") as info:
-        fusesurgery.load_decoder(saved["olmo2"])
-    assert (info.value.model_type, info.value.kind, info.value.closest) == (
-        "olmo2", "decoder", "llama")
+    for name, (*_, model_type, kind, closest) in CASES.items():
+        if kind != "decoder":
+            continue
+        with pytest.raises(UnsupportedFamilyError, match=f"closest supported family is "
+                                                         f"{closest} .*Adding a family") as info:
+            fusesurgery.load_decoder(saved[name])
+        assert (info.value.model_type, info.value.kind, info.value.closest) == (
+            model_type, "decoder", closest)
     with pytest.raises(UnsupportedFamilyError, match="closest supported family is siglip"):
         fusesurgery.load_encoder(saved["aimv2"])
 
@@ -227,3 +233,29 @@ def test_key_names_and_shapes_say_what_a_configless_decoder_looks_like(
     if head_dim is not None:
         assert (fields["head_dim"], fields["num_attention_heads"],
                 fields["num_key_value_heads"]) == (head_dim, 4, 2)
+
+
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case[4] == "decoder"])
+def test_fuse_of_a_decoder_with_no_native_module_goes_through_transformers_with_a_note(
+        saved, tmp_path, name):
+    tower = tmp_path / "clip"
+    torch.manual_seed(0)
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(tower)
+    result = runner.invoke(app, ["fuse", str(tower), str(saved[name]), "-o",
+                                 str(tmp_path / "fused"), "--every", "1"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "no native module" in line]
+    assert notes == [f"note: the decoder's family {name!r} has no native module: written in "
+                     "the transformers layout (load it with AutoModelForImageTextToText)"]
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert config["text_config"]["model_type"] == name
+
+
+def test_the_closest_family_is_the_file_with_the_most_of_what_it_needs():
+    """A relative is named by the family file nearest to it, not by the oldest one: GLM-4's
+    stacked gate_up_proj and partial rotary are Phi-3's, Gemma 1's layers Gemma 2's minus."""
+    from fusesurgery.families import closest_family
+
+    assert closest_family("decoder", "glm4").family.name == "phi3"
+    assert closest_family("decoder", "gemma").family.name == "gemma2"
+    assert closest_family("decoder", "granite").family.name == "llama"
