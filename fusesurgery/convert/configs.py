@@ -35,7 +35,7 @@ from fusesurgery.families import (
     decoder_family,
     vision_family,
 )
-from fusesurgery.families._spec import DecoderFamily, WrappedCheckpoint
+from fusesurgery.families._spec import DecoderFamily, VisionFamily, WrappedCheckpoint
 
 DECODER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecoderConfig))
 VISION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VisionEncoderConfig))
@@ -443,32 +443,43 @@ NULL_MEANS_NONE: frozenset[str] = frozenset({
     "local_rope_base"})
 
 
-# model_type / architecture of a multimodal model whose text half a decoder family reads ->
-# (that family, how it is wrapped); from the family files' ``hf_wrapped``.
-HF_WRAPPED_DECODERS: dict[str, tuple[DecoderFamily, WrappedCheckpoint]] = {
-    name: (family, wrapped) for family in DECODER_FAMILIES.values()
-    for wrapped in family.hf_wrapped for name in (*wrapped.model_types, *wrapped.architectures)}
+# kind -> model_type / architecture of a multimodal model one of whose parts a family reads
+# -> (that family, how it is wrapped); from the family files' ``hf_wrapped``.
+HF_WRAPPED_PARTS: dict[str, dict[str, tuple[DecoderFamily | VisionFamily,
+                                            WrappedCheckpoint]]] = {
+    kind: {name: (family, wrapped) for family in families.values()
+           for wrapped in family.hf_wrapped
+           for name in (*wrapped.model_types, *wrapped.architectures)}
+    for kind, families in (("decoder", DECODER_FAMILIES), ("vision", VISION_FAMILIES))}
 
 
-def decoder_text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The config.json of the decoder a multimodal model holds as its text half (a
-    ``Gemma3ForConditionalGeneration``'s ``text_config``), made a config of its own: the
-    family's model type and class (what its keys, renamed, load into), the section's fields,
-    and the whole's dtype, version and tying where the section does not state them.
-    ``config`` itself when it is no such model."""
+def part_config(config: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    """The config.json of the ``kind`` part (``decoder``, ``vision``) a multimodal model holds
+    (a ``Gemma3ForConditionalGeneration``'s ``text_config`` / ``vision_config``), made a
+    config of its own: the family's model type and class (what its keys, renamed, load
+    into), the section's fields, and the whole's dtype, version and (a decoder's) tying where
+    the section does not state them. ``config`` itself when it is no such model."""
+    wrapped_parts = HF_WRAPPED_PARTS.get(kind, {})
     names = [config.get("model_type"), *(config.get("architectures") or ())]
-    found = next((HF_WRAPPED_DECODERS[name] for name in names
-                  if isinstance(name, str) and name in HF_WRAPPED_DECODERS), None)
+    found = next((wrapped_parts[name] for name in names
+                  if isinstance(name, str) and name in wrapped_parts), None)
     section = config.get(found[1].config_section) if found is not None else None
     if not isinstance(section, Mapping):
         return config
     family = found[0]
-    text = {"architectures": [family.architectures[0]], "model_type": family.model_types[0],
+    model_type = family.model_types[0] if kind == "decoder" else family.hf_model_type
+    part = {"architectures": [family.architectures[0]], "model_type": model_type,
             **{key: value for key, value in section.items() if key != "architectures"}}
-    for key in ("tie_word_embeddings", "dtype", "torch_dtype", "transformers_version"):
-        if key in config and key not in text:
-            text[key] = config[key]
-    return text
+    inherited = ("tie_word_embeddings",) if kind == "decoder" else ()
+    for key in (*inherited, "dtype", "torch_dtype", "transformers_version"):
+        if key in config and key not in part:
+            part[key] = config[key]
+    return part
+
+
+def decoder_text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``part_config(config, "decoder")``: a multimodal model's text half's own config."""
+    return part_config(config, "decoder")
 
 
 def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -701,6 +712,7 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
     Raises:
         ConfigError: an unsupported model type or activation.
     """
+    config = part_config(config, "vision")  # a multimodal model's tower alone
     reading = ConfigReading()
     model_type = config.get("model_type")
     own = VISION_FAMILIES.get(HF_VISION_FAMILIES.get(model_type)) if isinstance(
@@ -770,6 +782,7 @@ __all__ = [
     "config_style",
     "decoder_text_config",
     "hf_config_dict",
+    "part_config",
     "hf_max_position_embeddings",
     "hf_rope_scaling",
     "hf_sliding_window",

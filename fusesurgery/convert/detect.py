@@ -43,6 +43,7 @@ from fusesurgery.convert.keymaps import (
     FUSED_VISION_PREFIX,
     HF_VISION_PREFIX,
     KeyMapping,
+    holds_wrapped_tower,
     is_wrapped_decoder,
     keys_to_native,
     split_layer_index,
@@ -172,13 +173,22 @@ def _sample(keys: list[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
+def detect_layout(keys: Iterable[str], want: str | None = None) -> tuple[str, str]:
     """Tell ``(kind, layout)`` from key names alone.
+
+    Args:
+        keys: the checkpoint's keys.
+        want: the kind asked for (``"vision"`` for ``fuse``'s ENCODER): a multimodal
+            checkpoint holding a part of that kind a family reads (a
+            Gemma3ForConditionalGeneration's SigLIP tower) is read as that part; None: the
+            kind the keys tell first (such a checkpoint's text half).
 
     Raises:
         UnrecognizedFormatError: the keys match no known model layout.
     """
     keys = list(keys)
+    if want == "vision" and holds_wrapped_tower(keys):
+        return "vision", "hf"
     key_set = set(keys)
 
     def any_starts(*prefixes: str) -> bool:
@@ -883,6 +893,7 @@ def detect_model(
     config: Mapping[str, Any] | None = None,
     config_name: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    want: str | None = None,
 ) -> DetectedModel:
     """Detect what a checkpoint is and resolve its config, from metadata alone.
 
@@ -893,6 +904,7 @@ def detect_model(
         overrides: config field -> value given by the user; None values are ignored (options
             left unset). Field names are those of ``DecoderConfig`` (decoders, fused models)
             or ``VisionEncoderConfig``.
+        want: the kind asked for, for a checkpoint holding several (``detect_layout``).
 
     Returns:
         The detected model, its config, and where each config field came from.
@@ -906,7 +918,7 @@ def detect_model(
     """
     origin = config_name or "the config"
     try:
-        kind, layout = detect_layout(tensors)
+        kind, layout = detect_layout(tensors, want)
     except UnrecognizedFormatError as error:
         raise (unsupported_family(tensors, config, origin) or error) from None
     if layout == "mllama" and config is not None:

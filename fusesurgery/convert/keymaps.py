@@ -214,15 +214,16 @@ HF_DECODER_PREFIX = "model."
 # saved on their own, without a ``*ForCausalLM`` around them), whose keys lack ``model.``.
 HF_DECODER_BARE_ROOTS: tuple[str, ...] = ("embed_tokens.", "layers.", "norm.")
 
-# A multimodal checkpoint whose text half a decoder family reads (Gemma 3's
-# Gemma3ForConditionalGeneration): its key prefix -> the decoder's own spelling, from the
-# family files' ``hf_wrapped`` entries.
-HF_DECODER_WRAPPED_PREFIXES: dict[str, str] = {}
-for _family in DECODER_FAMILIES.values():
+# A multimodal checkpoint whose text half a decoder family reads, or whose vision part a tower
+# family reads (Gemma 3's Gemma3ForConditionalGeneration): kind -> its key prefix -> the
+# part's own spelling, tried in order, from the family files' ``hf_wrapped`` entries.
+HF_WRAPPED_PREFIXES: dict[str, dict[str, str]] = {"decoder": {}, "vision": {}}
+for _family in (*DECODER_FAMILIES.values(), *VISION_FAMILIES.values()):
     for _wrapped in _family.hf_wrapped:
         for _prefix, _own in _wrapped.key_prefixes.items():
-            if HF_DECODER_WRAPPED_PREFIXES.setdefault(_prefix, _own) != _own:
+            if HF_WRAPPED_PREFIXES[_family.kind].setdefault(_prefix, _own) != _own:
                 raise KeyMapError(f"wrapped key prefix {_prefix!r} renamed two ways")
+HF_DECODER_WRAPPED_PREFIXES = HF_WRAPPED_PREFIXES["decoder"]
 
 # kind -> (the prefix transformers' wrapper model adds, the roots of the bare model's keys).
 # Bare keys are read by adding the prefix; the prefixed spelling, which loads into both the
@@ -245,7 +246,10 @@ DROPPED_KEYS: dict[tuple[str, str], dict[str, str]] = {
         "rope.freqs": "RoPE frequency buffer, recomputed",
     },
     ("vision", "hf"): {pattern: reason for family in VISION_FAMILIES.values()
-                       for pattern, reason in family.hf_dropped.items()},
+                       for pattern, reason in (
+                           *family.hf_dropped.items(),
+                           *(item for wrapped in family.hf_wrapped
+                             for item in wrapped.dropped.items()))},
 }
 
 # --------------------------------------------------------------------------------------------
@@ -369,10 +373,9 @@ def _normalize_hf_key(key: str, layout: str, kind: str) -> str:
     text-half key in the decoder's own spelling (other keys as they are)."""
     if layout != "hf" or kind not in HF_BARE_ROOTS:
         return key
-    if kind == "decoder":
-        unwrapped = unwrapped_hf_key(key)
-        if unwrapped != key:
-            return unwrapped
+    unwrapped = unwrapped_hf_key(key, kind)
+    if unwrapped != key:
+        return unwrapped
     prefix, roots = HF_BARE_ROOTS[kind]
     if not key.startswith(prefix) and key.startswith(roots):
         return prefix + key
@@ -422,14 +425,22 @@ def hf_decoder_family_of(keys: Iterable[str]) -> str | None:
     return marked[0] if marked else None
 
 
-def unwrapped_hf_key(key: str) -> str:
-    """A multimodal checkpoint's text-half key in the decoder's own transformers spelling
-    (``language_model.model.norm.weight`` -> ``model.norm.weight``: what the text model alone
-    loads); any other key as it is."""
-    for wrapped, own in HF_DECODER_WRAPPED_PREFIXES.items():
+def unwrapped_hf_key(key: str, kind: str = "decoder") -> str:
+    """A multimodal checkpoint's key of its ``kind`` part in that part's own transformers
+    spelling (``language_model.model.norm.weight`` -> ``model.norm.weight``: what the text
+    model alone loads; ``vision_tower.encoder.*`` -> ``vision_model.encoder.*``); any other
+    key as it is."""
+    for wrapped, own in HF_WRAPPED_PREFIXES.get(kind, {}).items():
         if key.startswith(wrapped):
             return own + key.removeprefix(wrapped)
     return key
+
+
+def holds_wrapped_tower(keys: Iterable[str]) -> bool:
+    """The keys hold a multimodal checkpoint's vision part that a tower family reads (a
+    Gemma3ForConditionalGeneration's SigLIP tower)."""
+    prefixes = tuple(HF_WRAPPED_PREFIXES["vision"])
+    return bool(prefixes) and any(key.startswith(prefixes) for key in keys)
 
 
 def is_wrapped_decoder(keys: Iterable[str]) -> bool:

@@ -43,18 +43,18 @@ class ConfigField:
 
 @dataclass(frozen=True)
 class WrappedCheckpoint:
-    """A transformers model that holds a decoder of the family as its text half (Gemma 3's
-    ``Gemma3ForConditionalGeneration``: a SigLIP tower and a projector beside the text model),
-    read as the decoder alone: its config section made a config of its own, its keys renamed
-    to the decoder's, the other parts dropped and listed (as a ``CLIPModel``'s text tower is
-    for the vision families).
+    """A transformers model that holds a decoder (or a vision tower) of the family as one of
+    its parts (Gemma 3's ``Gemma3ForConditionalGeneration``: a SigLIP tower and a projector
+    beside the text model), read as that part alone: its config section made a config of its
+    own, its keys renamed to the part's own, the other parts dropped and listed (as a
+    ``CLIPModel``'s text tower is).
 
     Args:
         model_types: the whole model's ``model_type`` values (``"gemma3"``).
         architectures: the whole model's transformers classes.
-        config_section: the ``config.json`` section that is the decoder's config
-            (``"text_config"``).
-        key_prefixes: a key prefix of the whole -> the decoder's own spelling of it, tried in
+        config_section: the ``config.json`` section that is the part's config
+            (``"text_config"``, ``"vision_config"``).
+        key_prefixes: a key prefix of the whole -> the part's own spelling of it, tried in
             order (transformers 4's ``language_model.model.`` and 5's
             ``model.language_model.`` -> ``model.``).
         dropped: key patterns of the other parts (``*`` matches dots too) -> why they are
@@ -225,6 +225,9 @@ class VisionFamily:
             position table resized per image).
         torchtune_model: the torchtune module whose names the native layout follows, or None.
         relatives: unsupported ``model_type`` values closest to this family -> what differs.
+        hf_wrapped: transformers models that hold this family's tower as their vision part
+            (Gemma 3's ``Gemma3ForConditionalGeneration``), read as the tower alone where a
+            vision tower is asked for (``fuse``'s ENCODER, ``load_encoder``).
     """
 
     name: str
@@ -250,6 +253,7 @@ class VisionFamily:
     naflex: bool = False
     torchtune_model: str | None = None
     relatives: Mapping[str, str] = field(default_factory=lambda: frozen({}))
+    hf_wrapped: tuple[WrappedCheckpoint, ...] = ()
 
     kind = "vision"
 

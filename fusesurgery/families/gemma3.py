@@ -12,6 +12,10 @@ sits) plus Qwen3's q/k norm names; q/k rows stay in transformers' rotate-half or
 only, as for Qwen3). Gemma's ``post_attention_layernorm`` is not Llama's (which norms the MLP
 input), so its transformers names are read and written with its own table
 (``own_hf_names``). No Meta layout, no Mllama export.
+
+A full Gemma 3 checkpoint (``Gemma3ForConditionalGeneration``, model_type ``gemma3``) is read
+as its text half (``TEXT_PART``) or, where a vision tower is asked for, as its SigLIP tower
+(``VISION_PART``, which ``siglip.py`` declares), the other parts dropped and listed.
 """
 
 from __future__ import annotations
@@ -165,6 +169,47 @@ HF_KEYS = frozen({
     "lm_head.weight": "output.weight",
 })
 
+# A full Gemma 3 checkpoint (Gemma3ForConditionalGeneration, 4B and up): a gemma3_text decoder,
+# a SigLIP tower (read by siglip.py as its own) and a projector, in transformers 4's names
+# (which transformers 5's save_pretrained writes too) or 5's module names.
+FULL_MODEL_TYPES = ("gemma3",)
+FULL_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
+PROJECTOR = "image projector of a Gemma3ForConditionalGeneration"
+TEXT_PART = WrappedCheckpoint(
+    model_types=FULL_MODEL_TYPES,
+    architectures=FULL_ARCHITECTURES,
+    config_section="text_config",
+    key_prefixes=frozen({
+        "language_model.model.": "model.",
+        "language_model.lm_head.": "lm_head.",
+        "model.language_model.": "model.",
+    }),
+    dropped=frozen({
+        "vision_tower.*": "SigLIP vision tower of a Gemma3ForConditionalGeneration",
+        "model.vision_tower.*": "SigLIP vision tower of a Gemma3ForConditionalGeneration",
+        "multi_modal_projector.*": PROJECTOR,
+        "model.multi_modal_projector.*": PROJECTOR,
+    }),
+)
+VISION_PART = WrappedCheckpoint(
+    model_types=FULL_MODEL_TYPES,
+    architectures=FULL_ARCHITECTURES,
+    config_section="vision_config",
+    key_prefixes=frozen({  # the longer first: transformers 4 kept vision_model. inside
+        "vision_tower.vision_model.": "vision_model.",
+        "model.vision_tower.vision_model.": "vision_model.",
+        "model.vision_tower.": "vision_model.",
+        "vision_tower.": "vision_model.",
+    }),
+    dropped=frozen({
+        "language_model.*": "text model of a Gemma3ForConditionalGeneration",
+        "model.language_model.*": "text model of a Gemma3ForConditionalGeneration",
+        "lm_head.*": "text model of a Gemma3ForConditionalGeneration",
+        "multi_modal_projector.*": PROJECTOR,
+        "model.multi_modal_projector.*": PROJECTOR,
+    }),
+)
+
 FAMILY = DecoderFamily(
     name="gemma3",
     display_name="Gemma 3",
@@ -194,21 +239,5 @@ FAMILY = DecoderFamily(
     native_rope_style="half",
     shape_markers=frozen({"layers.0.sa_scale.scale": True, "layers.0.attn.q_norm.scale": True}),
     # a full Gemma 3 checkpoint (4B and up): its text half is read as this decoder
-    hf_wrapped=(WrappedCheckpoint(
-        model_types=("gemma3",),
-        architectures=("Gemma3ForConditionalGeneration",),
-        config_section="text_config",
-        key_prefixes=frozen({
-            "language_model.model.": "model.",  # transformers 4 (and 5's save_pretrained)
-            "language_model.lm_head.": "lm_head.",
-            "model.language_model.": "model.",  # transformers 5's module names
-        }),
-        dropped=frozen({
-            "vision_tower.*": "SigLIP vision tower of a Gemma3ForConditionalGeneration",
-            "model.vision_tower.*": "SigLIP vision tower of a Gemma3ForConditionalGeneration",
-            "multi_modal_projector.*": "image projector of a Gemma3ForConditionalGeneration",
-            "model.multi_modal_projector.*":
-                "image projector of a Gemma3ForConditionalGeneration",
-        }),
-    ),),
+    hf_wrapped=(TEXT_PART,),
 )

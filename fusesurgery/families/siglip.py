@@ -9,7 +9,7 @@ native weights. Not SigLIP2 NaFlex (``siglip2``).
 
 from __future__ import annotations
 
-from fusesurgery.families import clip
+from fusesurgery.families import clip, gemma3
 from fusesurgery.families._spec import VisionFamily, frozen
 
 FAMILY = VisionFamily(
@@ -40,4 +40,6 @@ FAMILY = VisionFamily(
         "aimv2": "RMSNorms, SwiGLU MLPs, no biases",
         "aimv2_vision_model": "RMSNorms, SwiGLU MLPs, no biases",
     }),
+    # a full Gemma 3 checkpoint's tower, where a vision tower is asked for (fuse's ENCODER)
+    hf_wrapped=(gemma3.VISION_PART,),
 )

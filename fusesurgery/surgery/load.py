@@ -54,7 +54,8 @@ def _load(
 ) -> nn.Module:
     with open_checkpoint(path) as source:
         infos = source.infos()
-        detected = detect_model(infos, source.config, source.config_file, overrides)
+        detected = detect_model(infos, source.config, source.config_file, overrides,
+                                want=kind)
         detected, _ = resolve_stored_output(source, detected)  # a stored head as transformers
         if detected.kind != kind:
             raise ConfigError(

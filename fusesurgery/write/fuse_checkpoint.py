@@ -299,7 +299,9 @@ def fuse_checkpoints(
         check_destination(out, overwrite)
         # swapped or wrong inputs, from key names alone: before configs are resolved, whose
         # errors would be about the wrong model
-        check_fuse_inputs(detect_layout(decoder.infos())[0], detect_layout(encoder.infos())[0])
+        # (the ENCODER is asked for a tower: a multimodal checkpoint gives its own, Gemma 3's)
+        check_fuse_inputs(detect_layout(decoder.infos())[0],
+                          detect_layout(encoder.infos(), want="vision")[0])
 
         dec = detect_model(decoder.infos(), decoder.config, decoder.config_file,
                            decoder_overrides)
@@ -307,7 +309,7 @@ def fuse_checkpoints(
         # for that, in that case only)
         dec, stored_head = resolve_stored_output(decoder, dec)
         enc = detect_model(encoder.infos(), encoder.config, encoder.config_file,
-                           encoder_overrides)
+                           encoder_overrides, want="vision")
         # the copying starts here, while torch loads
         whole = [*files_kept_whole("decoder", decoder, dec, options, max_shard_size),
                  *files_kept_whole("encoder", encoder, enc, options, max_shard_size)]

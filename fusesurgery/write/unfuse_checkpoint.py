@@ -360,9 +360,9 @@ def unfuse_checkpoint(
                                          config.decoder.tie_word_embeddings,
                                          "fusion_config.json: sources['decoder']")
         if fmt == layout and isinstance(record.get("source_keys"), dict):
-            # the source's own names; a multimodal source's text half under the text model's
-            # (the decoder alone is written, which its whole's names would not load as)
-            plan = _renamed(plan, {native: unwrapped_hf_key(key) if part == "decoder" else key
+            # the source's own names; a multimodal source's part under the part's own (it
+            # is written alone, which its whole's names would not load as)
+            plan = _renamed(plan, {native: unwrapped_hf_key(key, kind)
                                    for native, key in record["source_keys"].items()})
         if head_copy is not None and fmt == "hf":
             if merge_embeddings and config.new_tokens:

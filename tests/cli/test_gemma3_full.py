@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusesurgery import load_decoder
+from fusesurgery import load_decoder, load_encoder
 from fusesurgery.io import open_checkpoint
 from tests.hardening.conftest import cli
 
@@ -126,3 +126,38 @@ def test_text_half_fuses_validates_and_unfuses_to_gemma3_text(tmp_path, tied, mo
     assert result.exit_code == 0, result.output
     assert set(_tensors(back)) == expected_keys
     assert json.loads((back / "config.json").read_text())["model_type"] == "gemma3_text"
+
+
+@pytest.mark.parametrize("module_names", [False, True],
+                         ids=["transformers4-names", "transformers5-names"])
+def test_its_siglip_tower_is_the_encoder_where_one_is_asked_for(tmp_path, module_names):
+    source = tmp_path / "gemma3"
+    whole = save_gemma3(source, tied=True, module_names=module_names)
+    images = torch.randn(2, 3, VISION["image_size"], VISION["image_size"],
+                         generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the tower's final hidden states, as Gemma 3's projector takes them
+        theirs = whole.model.vision_tower(pixel_values=images).last_hidden_state
+        ours = load_encoder(source).eval()(images)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+    fused = tmp_path / "fused"  # fuse gemma3/ gemma3/: its own tower with its own text half
+    result = cli("fuse", source, source, "-o", fused, "--every", "2")
+    assert result.exit_code == 0, result.output
+    assert "fused siglip -> gemma3" in result.stdout
+    assert "text model of a Gemma3ForConditionalGeneration" in result.stderr  # listed
+    result = cli("validate", fused, "--against", source, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["identity"]
+
+    tower = tmp_path / "tower"
+    result = cli("unfuse", fused, "-o", tower, "--part", "encoder")
+    assert result.exit_code == 0, result.output
+    reloaded = transformers.AutoModel.from_pretrained(tower).eval()
+    assert type(reloaded).__name__ == "SiglipVisionModel"
+    stored = _tensors(source)
+    for key, tensor in _tensors(tower).items():
+        name = key.replace("vision_model.", "model.vision_tower." if module_names
+                           else "vision_tower.", 1)
+        assert torch.equal(tensor.view(torch.uint8), stored[name].view(torch.uint8)), key
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=images).last_hidden_state, theirs)
