@@ -187,7 +187,9 @@ def detect_layout(keys: Iterable[str], want: str | None = None) -> tuple[str, st
         UnrecognizedFormatError: the keys match no known model layout.
     """
     keys = list(keys)
-    if want == "vision" and holds_wrapped_tower(keys):
+    # (its text half told too: a LLaVA's vision_tower.* beside another text model keeps the
+    # multimodal error below)
+    if want == "vision" and holds_wrapped_tower(keys) and is_wrapped_decoder(keys):
         return "vision", "hf"
     key_set = set(keys)
 

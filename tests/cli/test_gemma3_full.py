@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from fusesurgery import load_decoder, load_encoder
+from fusesurgery.errors import UnrecognizedFormatError
 from fusesurgery.io import open_checkpoint
 from tests.hardening.conftest import cli
 
@@ -161,3 +162,17 @@ def test_its_siglip_tower_is_the_encoder_where_one_is_asked_for(tmp_path, module
         assert torch.equal(tensor.view(torch.uint8), stored[name].view(torch.uint8)), key
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values=images).last_hidden_state, theirs)
+
+
+def test_a_llava_style_checkpoint_as_a_tower_keeps_its_multimodal_error(tmp_path):
+    """Only a text half a family reads (Gemma 3's) makes the vision_tower.* beside it a
+    tower: a LLaVA-style checkpoint keeps its one-line multimodal error."""
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    save_file({"language_model.model.embed_tokens.weight": torch.zeros(4, 2),
+               "vision_tower.vision_model.embeddings.patch_embedding.weight":
+                   torch.zeros(2, 3, 4, 4)}, llava / "model.safetensors")
+    (llava / "config.json").write_text(json.dumps(
+        {"model_type": "llava", "text_config": {}, "vision_config": {}}))
+    with pytest.raises(UnrecognizedFormatError, match="multimodal model"):
+        load_encoder(llava)
