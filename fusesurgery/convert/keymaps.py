@@ -643,6 +643,32 @@ def _map_all(
     return KeyMapping(mapping=mapping, dropped=dropped)
 
 
+# kind -> key patterns dropped as another part of a multimodal checkpoint (Gemma 3's tower
+# beside its text half): dropped only where the key set is such a checkpoint.
+_WRAPPED_DROPPED: dict[str, tuple[str, ...]] = {
+    kind: tuple(pattern for family in families.values() for wrapped in family.hf_wrapped
+                for pattern in wrapped.dropped)
+    for kind, families in (("decoder", DECODER_FAMILIES), ("vision", VISION_FAMILIES))}
+
+
+def _check_wrapped_drops(keys: list[str], result: KeyMapping, layout: str, kind: str) -> None:
+    """The other parts of a multimodal checkpoint are dropped only from one (a key carries a
+    wrapped prefix of the part read): beside a plain checkpoint, such keys are unknown.
+
+    Raises:
+        KeyMapError: keys dropped as another part in a key set that is no multimodal one.
+    """
+    if layout != "hf" or not _WRAPPED_DROPPED.get(kind):
+        return
+    if any(key.startswith(tuple(HF_WRAPPED_PREFIXES[kind])) for key in keys):
+        return
+    strays = [key for key in result.dropped
+              if any(fnmatchcase(key, pattern) for pattern in _WRAPPED_DROPPED[kind])]
+    if strays:
+        raise KeyMapError(f"{len(strays)} keys unknown to the {kind} {layout} key map: "
+                          f"{_describe_keys(strays)}")
+
+
 def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> KeyMapping:
     """Map every key of a checkpoint to its native name. A transformers decoder key set
     holding a family's layout markers (:func:`hf_decoder_family_of`) maps with that family's
@@ -679,6 +705,7 @@ def keys_to_native(keys: Iterable[str], layout: str, kind: str = "decoder") -> K
         lambda key: dropped_reason(key, layout, kind) or "dropped",
         f"{kind} {layout} key map",
     )
+    _check_wrapped_drops(keys, result, layout, kind)
     claimed = {target: source for source, target in result.mapping.items()}
     for source, targets in parts.items():
         for target in targets:

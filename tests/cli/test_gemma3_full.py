@@ -176,3 +176,20 @@ def test_a_llava_style_checkpoint_as_a_tower_keeps_its_multimodal_error(tmp_path
         {"model_type": "llava", "text_config": {}, "vision_config": {}}))
     with pytest.raises(UnrecognizedFormatError, match="multimodal model"):
         load_encoder(llava)
+
+
+def test_another_parts_keys_beside_a_plain_checkpoint_stay_unknown():
+    """Gemma 3's tower and projector are dropped from a Gemma 3 checkpoint only: beside a
+    plain decoder or tower they are unknown keys, as before."""
+    from fusesurgery.convert.keymaps import keys_to_native
+    from fusesurgery.errors import KeyMapError
+
+    llama = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    with pytest.raises(KeyMapError, match="multi_modal_projector.mm_soft_emb_norm.weight"):
+        keys_to_native([*llama, "multi_modal_projector.mm_soft_emb_norm.weight"], "hf")
+    tower = ["vision_model.embeddings.patch_embedding.weight"]
+    with pytest.raises(KeyMapError, match="lm_head.weight"):
+        keys_to_native([*tower, "lm_head.weight"], "hf", "vision")
+    wrapped = keys_to_native(["language_model.model.norm.weight",
+                              "multi_modal_projector.mm_soft_emb_norm.weight"], "hf")
+    assert wrapped.mapping == {"language_model.model.norm.weight": "norm.scale"}
