@@ -51,7 +51,7 @@ from fusesurgery.convert.mllama import (
     mllama_text_config,
     split_embedding_shapes,
 )
-from fusesurgery.convert.plan import check_native_shapes
+from fusesurgery.convert.plan import check_native_shapes, legacy_native_renames
 from fusesurgery.errors import ConfigError, UnrecognizedFormatError, UnsupportedFamilyError
 from fusesurgery.families import (
     ADDING_A_FAMILY,
@@ -597,6 +597,10 @@ def _detect_decoder(
     config, provenance = _build(DecoderConfig, fields, DECODER_FLAGS, "decoder", origin)
     if layout == "native" and provenance["family"] == "default":
         notes.append(_taken_as_fallback_note(layout))
+    if layout == "native":
+        for old, new in legacy_native_renames(shapes, config, prefix).items():
+            shapes[new] = shapes.pop(old)
+            names[new] = names.pop(old, old)
 
     output_key = prefix + "output.weight"
     if layout == "hf" and not config.tie_word_embeddings and output_key not in shapes:
