@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 from fusesurgery import load_decoder, load_fused, save_fused
 from fusesurgery.cli.app import app
-from tests.tiny_models import LLAMA3_SCALING, TINY_VISION
+from tests.tiny_models import LLAMA3_SCALING, TINY_VISION, torchtune_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,6 +50,7 @@ GEMMA2 = dict(head_dim=8, num_hidden_layers=2, sliding_window=4, attn_logit_soft
               final_logit_softcapping=None, query_pre_attn_scalar=8)
 
 # case -> (transformers family, config settings, torchtune converter, torchtune builder)
+# (the transformers family lower-cased is tests/tiny_models.py's name for it)
 CASES = {
     "llama3": ("Llama", dict(rope_theta=500_000.0), "hf_to_tune", "llama3"),
     "llama3.2-tied": ("Llama", dict(rope_theta=500_000.0, tie_word_embeddings=True,
@@ -201,6 +202,10 @@ def _build(torchtune, case: str, config) -> torch.nn.Module:
 def test_convert_and_fuse_write_torchtunes_conversion(tmp_path, torchtune, clip_tower, case):
     model = _save_source(case, tmp_path / "hf")
     expected = _as_native(case, _torchtune_conversion(torchtune, case, model, tmp_path / "hf"))
+    # the other tests' stand-in for torchtune's converter (tests/tiny_models.py) is exact
+    hf_state = load_file(tmp_path / "hf" / "model.safetensors")
+    _assert_bitwise(torchtune_state_dict(hf_state, CASES[case][0].lower(), model.config),
+                    expected)
 
     result = runner.invoke(app, ["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "native"),
                                  "--to", "native"])
