@@ -8,7 +8,8 @@ component builder at the same sizes, our native checkpoint loaded into it with
 transformers does. Last, torchtune's fusion decoder, assembled from ``torchtune.modules`` as
 its ``llama3_2_vision_decoder`` builder assembles it (that module imports torchvision, which
 cannot be installed beside the CPU torch), loads a fused checkpoint's decoder strictly and
-computes our ``load_fused`` logits.
+computes our ``load_fused`` logits; and torchtune's ``llama3_vision_hf_to_tune`` gives the
+decoder half of a transformers Mllama checkpoint converted to native.
 
 One deviation is deliberate and asserted: torchtune 0.6.1's ``gemma2_hf_to_tune`` files
 Hugging Face's ``pre_feedforward_layernorm`` under ``mlp_scale`` (applied to the MLP's output)
@@ -22,6 +23,7 @@ torchtune is imported only here (a module-scoped fixture): it takes seconds and 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import types
 import warnings
 from pathlib import Path
@@ -33,6 +35,8 @@ from typer.testing import CliRunner
 
 from fusesurgery import load_decoder, load_fused, save_fused
 from fusesurgery.cli.app import app
+from tests.mllama_models import save_mllama_conditional
+from tests.mllama_models import text_config as mllama_text_config
 from tests.tiny_models import LLAMA3_SCALING, TINY_VISION, torchtune_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -84,6 +88,14 @@ def torchtune() -> types.SimpleNamespace:
                   for family in ("llama3", "llama3_2", "mistral", "qwen2", "gemma2", "phi3")]
         names += ["torchtune.models.llama3_1._position_embeddings"]
         loaded = {name: importlib.import_module(name) for name in names}
+        # torchtune.models.llama3_2_vision imports torchvision; its converter module alone
+        # needs only torch and convert_weights, so it is loaded from its file
+        package = Path(loaded["torchtune.models.convert_weights"].__file__).parent
+        spec = importlib.util.spec_from_file_location(
+            "torchtune_llama3_2_vision_convert_weights",
+            package / "llama3_2_vision" / "_convert_weights.py")
+        vision_converters = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(vision_converters)
     converters = {name: getattr(loaded[module], name) for module in names[:4]
                   for name in ("hf_to_tune", "qwen2_hf_to_tune", "gemma2_hf_to_tune",
                                "phi3_hf_to_tune") if hasattr(loaded[module], name)}
@@ -92,6 +104,7 @@ def torchtune() -> types.SimpleNamespace:
                 for family in ("llama3", "llama3_2", "mistral", "qwen2", "gemma2", "phi3")}
     return types.SimpleNamespace(
         converters=converters, builders=builders, modules=loaded["torchtune.modules"],
+        llama3_vision_hf_to_tune=vision_converters.llama3_vision_hf_to_tune,
         fusion=loaded["torchtune.modules.model_fusion"],
         llama3_mlp=loaded["torchtune.models.llama3._component_builders"].llama3_mlp,
         Llama3ScaledRoPE=loaded[
@@ -391,3 +404,28 @@ def test_torchtune_fusion_decoder_loads_fused_checkpoint_and_computes_load_fused
         plain = ours(tokens)
     torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-5)
     assert (theirs - plain).abs().max() > 1e-2  # the fusion layers do contribute
+
+
+def test_mllama_to_native_is_torchtunes_llama3_vision_conversion(tmp_path, torchtune):
+    """A transformers Llama 3.2 Vision checkpoint (``MllamaForConditionalGeneration``, its
+    gates open): the decoder half of ``convert --to native`` is what torchtune's
+    ``llama3_vision_hf_to_tune`` makes of its text model, keys and values (layers renumbered
+    around the cross-attention layers, which become fusion layers; q/k rows permuted but for
+    the cross attention's; the table split into the original rows and the 8 new ones)."""
+    source = save_mllama_conditional(tmp_path / "mllama")
+    text = mllama_text_config()
+    hf_state = _tensors(source)
+    language = {key: tensor for key, tensor in hf_state.items()
+                if key.startswith("language_model.")}
+    expected = torchtune.llama3_vision_hf_to_tune(
+        language, num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
+        dim=text.hidden_size, vocab_size=text.vocab_size,
+        cross_attention_layers=text.cross_attention_layers)
+    assert expected["decoder.tok_embeddings.fusion_embedding.weight"].shape[0] == 8
+
+    result = runner.invoke(app, ["convert", str(source), "-o", str(tmp_path / "native"),
+                                 "--to", "native"])
+    assert result.exit_code == 0, result.output
+    ours = {key: tensor for key, tensor in _tensors(tmp_path / "native").items()
+            if key.startswith("decoder.")}
+    _assert_bitwise(ours, expected)
