@@ -49,10 +49,10 @@ def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODE
 # tests need not import torchtune (seconds, and warnings): every family renames with this
 # table; Llama and Mistral also permute each q/k head's rows into interleaved RoPE order, Qwen2
 # and Qwen3 do not (their models rotate halves, as transformers does). For the families
-# torchtune 0.6.1 has, tests/reference/test_torchtune.py asserts that torchtune_state_dict
-# equals its own converter's output; the rows of Qwen3 (torchtune's later qwen3_hf_to_tune:
-# renamed only, q/k norms included), Gemma 3, SmolLM3 and Ministral, which 0.6.1 lacks, are
-# this emulation alone.
+# torchtune 0.6.1 has (Ministral through its Mistral converter), tests/reference/
+# test_torchtune.py asserts that torchtune_state_dict equals its own converter's output; the
+# rows of Qwen3 (torchtune's later qwen3_hf_to_tune: renamed only, q/k norms included), Gemma 3
+# and SmolLM3, which 0.6.1 lacks, are this emulation alone.
 TORCHTUNE_FROM_HF = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
@@ -105,9 +105,9 @@ TORCHTUNE_PHI3_STACKED = {
 def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
                          config) -> dict[str, torch.Tensor]:
     """What torchtune's converter makes of a Hugging Face ``*ForCausalLM`` state dict: equal to
-    torchtune 0.6.1's own for ``llama``, ``mistral``, ``qwen2``, ``phi3`` and ``gemma2`` (but
-    for its swapped feed-forward norms; tests/reference/test_torchtune.py checks it), an
-    emulation of torchtune's conventions for the families 0.6.1 lacks.
+    torchtune 0.6.1's own for ``llama``, ``mistral``, ``ministral``, ``qwen2``, ``phi3`` and
+    ``gemma2`` (but for its swapped feed-forward norms; tests/reference/test_torchtune.py checks
+    it), an emulation of torchtune's conventions for the families 0.6.1 lacks.
 
     Args:
         hf_state: the Hugging Face tensors (a tied model's ``lm_head.weight`` is left out).
