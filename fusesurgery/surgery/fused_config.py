@@ -399,7 +399,7 @@ def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
                 native if native in parts else f"one of {', '.join(parts)}")
         except FuseSurgeryError:
             mapped = None
-        if mapped != native and legacy.get(native) != mapped:
+        if mapped != native and (mapped is None or legacy.get(native) != mapped):
             raise ConfigError(
                 f"{where}: {source_key!r} is recorded as the source of {native!r}, but the "
                 f"{layout} key map gives {mapped!r} for it; the record is damaged (unfuse "
