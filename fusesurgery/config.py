@@ -291,6 +291,11 @@ class DecoderConfig:
         """The RoPE pairing of this family's native layout (see ``NATIVE_ROPE_STYLE``)."""
         return NATIVE_ROPE_STYLE[self.family]
 
+    @property
+    def final_norm_key(self) -> str:
+        """The native key of the final norm's weight (the family's ``native_final_norm``)."""
+        return DECODER_FAMILIES[self.family].native_final_norm
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of decoder layer ``layer``, or None when it sees every earlier
         token."""

@@ -45,11 +45,14 @@ def save_tiny_hf_decoder(family: str, directory: Path, sizes: dict = TINY_DECODE
     return directory
 
 
-# torchtune's own Hugging Face -> torchtune checkpoint convention, written out here as the
-# tests' source of truth for what "native" means: every family renames with this table; Llama
-# and Mistral also permute each q/k head's rows into interleaved RoPE order, Qwen2 and Qwen3
-# do not (their models rotate halves, as transformers does; qwen3_hf_to_tune renames only,
-# its q/k norms included).
+# torchtune's Hugging Face -> torchtune checkpoint convention, written out here so that most
+# tests need not import torchtune (seconds, and warnings): every family renames with this
+# table; Llama and Mistral also permute each q/k head's rows into interleaved RoPE order, Qwen2
+# and Qwen3 do not (their models rotate halves, as transformers does). For the families
+# torchtune 0.6.1 has (Ministral through its Mistral converter), tests/reference/
+# test_torchtune.py asserts that torchtune_state_dict equals its own converter's output; the
+# rows of Qwen3 (torchtune's later qwen3_hf_to_tune: renamed only, q/k norms included), Gemma 3
+# and SmolLM3, which 0.6.1 lacks, are this emulation alone.
 TORCHTUNE_FROM_HF = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
@@ -81,8 +84,11 @@ GEMMA3_FROM_HF = {
     "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_norm.scale",
     "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_scale.scale",
 }
-# torchtune's gemma2_hf_to_tune: Gemma 3's rows (no q/k norms), its final norm inside the
-# module that also caps the hidden state; q/k rows permuted as Llama's.
+# torchtune's Gemma 2: Gemma 3's rows (no q/k norms), its final norm inside the module that
+# also caps the hidden state; q/k rows permuted as Llama's. Its gemma2_hf_to_tune (0.6.1)
+# swaps the two feed-forward norms' names (mlp_norm gets post_feedforward_layernorm), which
+# its own layer then applies in the wrong places; the native layout does not follow that, and
+# neither does this table.
 GEMMA2_FROM_HF = {**GEMMA3_FROM_HF, "model.norm.weight": "norm.rms_norm.scale"}
 FROM_HF = {"gemma2": GEMMA2_FROM_HF, "gemma3": GEMMA3_FROM_HF}
 # torchtune's phi3_hf_to_tune: Phi-3's stacked tensors, each cut into the parts above (q, k, v
@@ -98,7 +104,10 @@ TORCHTUNE_PHI3_STACKED = {
 
 def torchtune_state_dict(hf_state: dict[str, torch.Tensor], family: str,
                          config) -> dict[str, torch.Tensor]:
-    """What torchtune's converter makes of a Hugging Face ``*ForCausalLM`` state dict.
+    """What torchtune's converter makes of a Hugging Face ``*ForCausalLM`` state dict: equal to
+    torchtune 0.6.1's own for ``llama``, ``mistral``, ``ministral``, ``qwen2``, ``phi3`` and
+    ``gemma2`` (but for its swapped feed-forward norms; tests/reference/test_torchtune.py checks
+    it), an emulation of torchtune's conventions for the families 0.6.1 lacks.
 
     Args:
         hf_state: the Hugging Face tensors (a tied model's ``lm_head.weight`` is left out).

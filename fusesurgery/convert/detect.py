@@ -53,7 +53,7 @@ from fusesurgery.convert.mllama import (
     mllama_text_config,
     split_embedding_shapes,
 )
-from fusesurgery.convert.plan import check_native_shapes
+from fusesurgery.convert.plan import check_native_shapes, legacy_native_renames
 from fusesurgery.errors import ConfigError, UnrecognizedFormatError, UnsupportedFamilyError
 from fusesurgery.families import (
     ADDING_A_FAMILY,
@@ -658,6 +658,10 @@ def _detect_decoder(
     except ConfigError as error:
         _add_notes(error, notes)
         raise
+    if layout == "native":
+        for old, new in legacy_native_renames(shapes, config, prefix).items():
+            shapes[new] = shapes.pop(old)
+            names[new] = names.pop(old, old)
 
     output_key = prefix + "output.weight"
     if layout == "hf" and not config.tie_word_embeddings and output_key not in shapes:

@@ -76,6 +76,7 @@ NATIVE_DECODER_KEYS: tuple[str, ...] = (
     "layers.{i}.sa_scale.scale",  # Gemma's post-attention / post-feedforward norms (torchtune's
     "layers.{i}.mlp_scale.scale",  # Gemma 2 names)
     "norm.scale",
+    "norm.rms_norm.scale",  # torchtune's Gemma 2 final norm (inside the module that caps)
     "output.weight",
 )
 

@@ -14,6 +14,7 @@ torchtune's does).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -88,7 +89,7 @@ def _decoder_shapes(config: DecoderConfig) -> dict[str, Shape]:
     for layer in range(config.num_layers):
         for template, shape in per_layer.items():
             shapes[template.replace(LAYER, str(layer))] = shape
-    shapes["norm.scale"] = (d,)
+    shapes[config.final_norm_key] = (d,)
     if not config.tie_word_embeddings:
         shapes["output.weight"] = (config.vocab_size, d)
     return shapes
@@ -452,6 +453,34 @@ def check_cast_dtype(dtype: object) -> None:
     raise ConfigError(f"cannot cast weights to {dtype!r}; dtype must be one of: {valid}")
 
 
+def legacy_native_renames(native_keys: Iterable[str], config: DecoderConfig,
+                          prefix: str = "") -> dict[str, str]:
+    """The keys of a native (or, under ``prefix``, fused native) key set spelled as an
+    earlier fusesurgery wrote them for the family (``native_legacy_keys``: Gemma 2's final
+    norm was ``norm.scale``) -> their current spelling. A key set that holds both spellings
+    keeps both, for the shape check to refuse.
+
+    Args:
+        native_keys: the checkpoint's keys, already in the native layout.
+        config: the decoder's config (its family).
+        prefix: ``"decoder."`` for a fused checkpoint.
+    """
+    legacy = decoder_family(config.family).native_legacy_keys
+    present = set(native_keys)
+    return {prefix + old: prefix + new for old, new in legacy.items()
+            if prefix + old in present and prefix + new not in present}
+
+
+def _legacy_native_renamed(mapping: KeyMapping, config: DecoderConfig,
+                           prefix: str) -> KeyMapping:
+    """``mapping`` with :func:`legacy_native_renames` applied to its targets."""
+    renames = legacy_native_renames(mapping.mapping.values(), config, prefix)
+    if not renames:
+        return mapping
+    return dataclasses.replace(mapping, mapping={
+        source: renames.get(target, target) for source, target in mapping.mapping.items()})
+
+
 def plan_conversion(
     tensors: Mapping[str, TensorInfo],
     source_layout: str,
@@ -484,10 +513,12 @@ def plan_conversion(
     """
     check_cast_dtype(dtype)
     kind = _kind_of(config, kind)
+    prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
     mapping = keys_to_native(tensors, source_layout, kind)
+    if source_layout == "native" and isinstance(config, DecoderConfig):
+        mapping = _legacy_native_renamed(mapping, config, prefix)
     dropped = dict(mapping.dropped)
     native_to_source = mapping.sources()
-    prefix = FUSED_DECODER_PREFIX if kind == "fused" else ""
 
     output_key = prefix + "output.weight"
     if isinstance(config, DecoderConfig) and config.tie_word_embeddings:

@@ -145,6 +145,11 @@ class DecoderFamily:
             family's markers match (provenance ``default``).
         torchtune_model: the torchtune module whose checkpoint converter the native layout
             follows, names and values (``torchtune.models.qwen2``), or None.
+        native_final_norm: the native key of the final norm's weight: ``norm.scale``, or
+            torchtune's ``norm.rms_norm.scale`` where its model keeps that norm inside a
+            module of its own (Gemma 2's, which also caps the hidden state).
+        native_legacy_keys: native key -> the key it is now, for spellings an earlier
+            fusesurgery wrote in this family's native (and fused) checkpoints; still read.
         mllama_text_model: transformers' Mllama text model (a Llama) can hold this family's
             decoder, so a fused model exports ``--to mllama`` (other blockers aside).
         relatives: transformers ``model_type`` values not supported here whose checkpoints
@@ -178,6 +183,8 @@ class DecoderFamily:
     shape_markers: Mapping[str, bool] = field(default_factory=lambda: frozen({}))
     shape_fallback: bool = False
     torchtune_model: str | None = None
+    native_final_norm: str = "norm.scale"
+    native_legacy_keys: Mapping[str, str] = field(default_factory=lambda: frozen({}))
     mllama_text_model: bool = False
     relatives: Mapping[str, str] = field(default_factory=lambda: frozen({}))
     hf_wrapped: tuple[WrappedCheckpoint, ...] = ()

@@ -3,12 +3,19 @@
 does, its logits capped (``final_logit_softcapping``, 30), sliding and global layers
 alternating (``layer_types``), one RoPE for every layer.
 
-transformers: ``Gemma2ForCausalLM``; native: torchtune's ``gemma2`` converter's names and
-values (``sa_scale`` / ``mlp_scale`` for the post-attention / post-feedforward norms, q/k rows
-permuted into interleaved RoPE pairs), except the final norm: torchtune's Gemma 2 wraps it in a
-module that also caps the hidden state (``norm.rms_norm.scale``), which transformers does not
-do; here it is the plain ``norm.scale`` and the cap is on the logits, as in transformers. Its
-transformers names are Gemma 3's (``own_hf_names``). No Meta layout, no Mllama export.
+transformers: ``Gemma2ForCausalLM``; native: torchtune 0.6.1's ``gemma2`` model's names
+(``sa_scale`` for the post-attention norm, the final norm as ``norm.rms_norm.scale``, inside
+the module with which torchtune also caps the hidden state; here that module only norms, the
+cap is on the logits, as in transformers) and its converter's values (q/k rows permuted into
+interleaved RoPE pairs), but for one deviation: torchtune's ``gemma2_hf_to_tune`` files
+``pre_feedforward_layernorm`` under ``mlp_scale`` and ``post_feedforward_layernorm`` under
+``mlp_norm``, where its own layer applies them the other way round (``mlp_norm`` on the MLP's
+input), so its model loaded from its own conversion is not transformers'. Here each norm is
+filed where torchtune's layer applies it (``mlp_norm``: pre-, ``mlp_scale``: post-feedforward,
+as for Gemma 3), and torchtune's model loaded from a native checkpoint computes transformers'
+logits (tests/reference/test_torchtune.py). Native checkpoints written before the final norm
+took torchtune's name (``norm.scale``) are still read. Its transformers names are Gemma 3's
+(``own_hf_names``). No Meta layout, no Mllama export.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ HF_CONFIG_KEYS = frozen({
     "attn_logit_softcapping": "attn_softcap",
 })
 
-# Gemma 3's rows without the q/k norms
-HF_KEYS = frozen({key: native for key, native in gemma3.HF_KEYS.items()
+FINAL_NORM = "norm.rms_norm.scale"  # torchtune's Gemma2FinalNorm holds the RMSNorm
+
+# Gemma 3's rows without the q/k norms, the final norm under torchtune's Gemma 2 name
+HF_KEYS = frozen({key: FINAL_NORM if native == "norm.scale" else native
+                  for key, native in gemma3.HF_KEYS.items()
                   if ".q_norm." not in key and ".k_norm." not in key})
 
 FAMILY = DecoderFamily(
@@ -61,4 +71,6 @@ FAMILY = DecoderFamily(
         "gemma": "no norms after attention and MLP, no attention or logit soft-capping, no "
                  "sliding window (Gemma 1)",
     }),
+    native_final_norm=FINAL_NORM,
+    native_legacy_keys=frozen({"norm.scale": FINAL_NORM}),
 )

@@ -12,7 +12,7 @@ from fusesurgery.modules._init import embedding
 from fusesurgery.modules.attention import MultiHeadAttention
 from fusesurgery.modules.feed_forward import FeedForward
 from fusesurgery.modules.fusion import DeepFusionModel, FusionEmbedding, FusionLayer
-from fusesurgery.modules.norms import RMSNorm, TanhGate
+from fusesurgery.modules.norms import NestedRMSNorm, RMSNorm, TanhGate
 from fusesurgery.modules.projection import LinearProjection, MLPProjection
 from fusesurgery.modules.rope import RotaryPositionalEmbeddings
 from fusesurgery.modules.transformer import (
@@ -60,6 +60,17 @@ def build_rope(cfg: DecoderConfig, local: bool = False) -> RotaryPositionalEmbed
 
 def _norm(cfg: DecoderConfig, dim: int) -> RMSNorm:
     return RMSNorm(dim, cfg.norm_eps, unit_offset=cfg.norm_unit_offset)
+
+
+def _final_norm(cfg: DecoderConfig) -> RMSNorm | NestedRMSNorm:
+    """The final norm, under the family's native key (``norm.scale`` or torchtune's Gemma 2
+    ``norm.rms_norm.scale``)."""
+    norm = _norm(cfg, cfg.embed_dim)
+    if cfg.final_norm_key == "norm.scale":
+        return norm
+    if cfg.final_norm_key == "norm.rms_norm.scale":
+        return NestedRMSNorm(norm)
+    raise ValueError(f"final norm key {cfg.final_norm_key!r} has no module")
 
 
 def build_decoder_layer(
@@ -124,7 +135,7 @@ def build_decoder(cfg: DecoderConfig) -> TransformerDecoder:
     return TransformerDecoder(
         tok_embeddings=embedding(cfg.vocab_size, cfg.embed_dim),
         layers=[build_decoder_layer(cfg, rope, i, local_rope) for i in range(cfg.num_layers)],
-        norm=_norm(cfg, cfg.embed_dim),
+        norm=_final_norm(cfg),
         output=None if cfg.tie_word_embeddings else nn.Linear(cfg.embed_dim, cfg.vocab_size,
                                                               bias=False),
         max_seq_len=cfg.max_seq_len,

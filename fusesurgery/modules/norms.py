@@ -47,6 +47,36 @@ class RMSNorm(nn.Module):
             ", unit_offset=True" if self.unit_offset else "")
 
 
+class NestedRMSNorm(nn.Module):
+    """An :class:`RMSNorm` held one module down, as ``rms_norm``: its weight's key is
+    ``<name>.rms_norm.scale``, torchtune's spelling for Gemma 2's final norm (torchtune's
+    module also caps the normed hidden state; transformers, and this one, do not: Gemma 2's
+    cap is on the logits).
+
+    Args:
+        norm: the norm.
+    """
+
+    def __init__(self, norm: RMSNorm) -> None:
+        super().__init__()
+        self.rms_norm = norm
+
+    @property
+    def scale(self) -> nn.Parameter:
+        """The norm's weight ``[d]``, where a plain :class:`RMSNorm` keeps it."""
+        return self.rms_norm.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[..., d]``.
+
+        Returns:
+            ``[..., d]``, same dtype as ``x``.
+        """
+        return self.rms_norm(x)
+
+
 class TanhGate(nn.Module):
     """Learned gate ``x * tanh(scale)``; ``scale`` starts at 0, so a new gate passes nothing."""
 

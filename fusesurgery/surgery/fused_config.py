@@ -25,6 +25,7 @@ from fusesurgery.convert.keymaps import (
     to_native_parts,
 )
 from fusesurgery.errors import ConfigError, FuseSurgeryError
+from fusesurgery.families import DECODER_FAMILIES
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
 from fusesurgery.io.tensor_info import SAFETENSORS_DTYPE_FACTS
 
@@ -386,6 +387,9 @@ def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
         raise ConfigError(f"{where} names {len(names)} tensors, the weights hold {len(held)} "
                           f"{part} tensors (first difference: {odd[0]!r}); the config does not "
                           "belong to these weights")
+    # a checkpoint an earlier fusesurgery wrote records its own spelling of a native key
+    legacy = (DECODER_FAMILIES[decoder_family].native_legacy_keys
+              if kind == "decoder" and decoder_family in DECODER_FAMILIES else {})
     for native, source_key in names.items():
         parts = to_native_parts(source_key, layout, kind)
         try:
@@ -395,7 +399,7 @@ def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
                 native if native in parts else f"one of {', '.join(parts)}")
         except FuseSurgeryError:
             mapped = None
-        if mapped != native:
+        if mapped != native and (mapped is None or legacy.get(native) != mapped):
             raise ConfigError(
                 f"{where}: {source_key!r} is recorded as the source of {native!r}, but the "
                 f"{layout} key map gives {mapped!r} for it; the record is damaged (unfuse "
