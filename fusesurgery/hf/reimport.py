@@ -51,6 +51,7 @@ from fusesurgery.write.side_files import (
     read_side_files,
     side_directory,
 )
+from fusesurgery.write.unfuse_checkpoint import kept_part_files
 
 PART_PREFIXES: dict[str, str] = {"decoder": TEXT_PREFIX, "encoder": VISION_PREFIX}
 PART_CONFIGS: dict[str, str] = {"decoder": "text_config", "encoder": "vision_config"}
@@ -186,11 +187,20 @@ def _part_config(source, directory: Path, part: str, record: dict, dtype: str) -
     return standard_json.dumps(source.config[PART_CONFIGS[part]], indent=2) + "\n"
 
 
+# the part's config files, which unfuse_export writes itself (_part_config)
+_CONFIG_FILES: tuple[str, ...] = ("config.json", "hf_config.json")
+# what an export holds beside its weights as the sources' own (its processor_config.json is
+# the export's processor's, not the tower's)
+_EXPORT_DIRECTORY_COPIES: tuple[str, ...] = ("generation_config.json",
+                                             "preprocessor_config.json")
+
+
 def unfuse_export(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
     part: str = "decoder",
+    allow_missing: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
@@ -204,19 +214,24 @@ def unfuse_export(
         path: a directory written by ``convert --to transformers``.
         out_dir: the output directory (atomic; never an input, inside one or holding one).
         part: ``decoder`` or ``encoder``.
+        allow_missing: write the part even when files fuse kept of its source (under
+            ``source/<part>/``, such as its tokenizer) are gone, as native unfuse does.
         max_shard_size: largest shard.
         overwrite: replace an earlier fusesurgery output.
         on_progress: called with ``(bytes written, total bytes)`` after each tensor.
         durable: fsync before the output appears.
 
     Returns:
-        The number of tensors, the files written, and notes on the export (a tokenizer or
-        image-processor file missing: its processor cannot load, though the part written is
-        whole, its own files coming from ``source/``).
+        The number of tensors, the files written, and notes: kept source files that were
+        gone (taken from the export, derived, or left out with ``allow_missing``), and a
+        tokenizer or image-processor file missing beside the export's weights (its processor
+        cannot load, though the part written is whole, its own files coming from
+        ``source/``).
 
     Raises:
         FuseSurgeryError: an unknown part, not an export, keys or shapes other than its
-            fusion config describes, or an output that cannot be written.
+            fusion config describes, a kept source file gone that cannot be derived (without
+            ``allow_missing``), or an output that cannot be written.
     """
     if part not in PART_PREFIXES:
         raise ConfigError(f"unknown part {part!r}; valid: {', '.join(PART_PREFIXES)}")
@@ -237,18 +252,26 @@ def unfuse_export(
 
         directory = side_directory(source)
         record = dict(sources.get(part, {}))
-        kept = tuple(name for name in record.get("kept_files", ())
-                     if name not in ("config.json", "hf_config.json"))
+        notes: list[str] = []
+        # the rule native unfuse follows: config.json is written here (the source's own,
+        # else the export's sub-config); a kept file gone is an error unless allow_missing
+        kept, recovered, missing = kept_part_files(
+            directory, part, record, allow_missing, notes, replaced=_CONFIG_FILES,
+            copies=_EXPORT_DIRECTORY_COPIES)
+        if record.get("config_file") in missing:
+            notes.append(f"{SOURCE_FILES_DIR}/{part}/{record['config_file']} is missing: "
+                         f"config.json written from the export's {PART_CONFIGS[part]}")
         dtype = dtype_name(infos[0].dtype)
         extra: dict[str, bytes | str] = {
-            **read_side_files(directory / SOURCE_FILES_DIR / part, kept),
+            **{name: content for name, content in {**recovered, **kept}.items()
+               if name not in _CONFIG_FILES},
             "config.json": _part_config(source, directory, part, record, dtype),
         }
         written = write_safetensors(
             out_dir, infos, produce, max_shard_size=max_shard_size, extra_files=extra,
             overwrite=overwrite, on_progress=on_progress, durable=durable,
             inputs=(directory, *source.paths_read))
-    return len(infos), written, processor_notes(directory)
+    return len(infos), written, (*notes, *processor_notes(directory))
 
 
 __all__ = ["export_plan", "import_transformers", "is_transformers_export", "no_native_form",

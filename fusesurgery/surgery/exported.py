@@ -221,10 +221,10 @@ def _no_native_message(document: dict, path: object) -> str:
     missing = [f"its {role}'s family {family!r}" for (role, family), known in
                zip(families, (decoders, towers), strict=True) if family not in known]
     if missing:
+        verb = "has" if len(missing) == 1 else "have"
         return (f"{path} was fused straight into the transformers layout (fuse --format "
-                f"transformers) and {' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no native "
-                "module: it has no native form (validate, unfuse, diff, inspect and push take "
-                "it as it is)")
+                f"transformers) and {' and '.join(missing)} {verb} no native module: it has "
+                "no native form (validate, unfuse, diff, inspect and push take it as it is)")
     return (f"{path} was fused straight into the transformers layout (fuse --format "
             "transformers): for a native fused checkpoint fuse the sources without --format")
 

@@ -23,6 +23,7 @@ from fusesurgery.cli.app import app
 PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("transformers")
 runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,50 @@ def test_validate_reads_an_export_without_a_native_copy(gated_export, tmp_path, 
     assert "keys, shapes and dtypes match the rebuilt model" in names
     assert "state_dict gives back the checkpoint's tensors" in names
     assert seen == [] and list(scratch.iterdir()) == []
+
+
+# --- unfuse: one rule for kept source files, whatever the layout -----------------------------
+
+
+@pytest.fixture(params=["native", "export"])
+def fused_copy(request, fused_example, zero_export, tmp_path) -> Path:
+    """A copy to damage of the fused example, or of its transformers export."""
+    import shutil
+
+    source = fused_example if request.param == "native" else zero_export
+    return Path(shutil.copytree(source, tmp_path / request.param))
+
+
+def test_unfuse_refuses_a_lost_kept_tokenizer_unless_allowed(fused_copy, tmp_path):
+    from tests.hardening.conftest import assert_one_line_error, cli
+
+    (fused_copy / "source" / "decoder" / "tokenizer.json").unlink()
+    out = tmp_path / "back"
+    assert_one_line_error(cli("unfuse", fused_copy, "-o", out),
+                          "source/decoder/ lacks tokenizer.json", "--allow-missing")
+    assert not out.exists()
+    result = cli("unfuse", fused_copy, "-o", out, "--allow-missing")
+    assert result.exit_code == 0, result.output
+    assert "written without tokenizer.json: missing from source/decoder/" in result.stderr
+    assert not (out / "tokenizer.json").exists()
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (EXAMPLES / "tiny-llama" / name).read_bytes()
+
+
+def test_unfuse_takes_what_the_fused_directory_holds_unchanged(fused_copy, tmp_path):
+    """source/ gone: the tower's preprocessor config is the fused directory's copy, its config
+    derived, each with a note; nothing else is needed for the tower."""
+    import shutil
+
+    from tests.hardening.conftest import cli
+
+    shutil.rmtree(fused_copy / "source")
+    out = tmp_path / "back"
+    result = cli("unfuse", fused_copy, "-o", out, "--part", "encoder")
+    assert result.exit_code == 0, result.output
+    assert ("source/encoder/preprocessor_config.json is missing: preprocessor_config.json is "
+            "the fused directory's copy") in result.stderr
+    assert "source/encoder/config.json is missing: config.json written from" in result.stderr
+    name = "preprocessor_config.json"
+    assert (out / name).read_bytes() == (EXAMPLES / "tiny-clip-vision" / name).read_bytes()
+    assert not (out / "processor_config.json").exists()
