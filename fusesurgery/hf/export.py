@@ -55,6 +55,7 @@ from fusesurgery.surgery.export_layout import (
     PROCESSOR_CLASS,
     TEMPLATE_FILES,
     TEXT_PREFIX,
+    export_fusion_fields,
 )
 from fusesurgery.surgery.exported import decoder_stacked_key, exported_key
 from fusesurgery.surgery.fused import open_fused
@@ -151,36 +152,13 @@ def auto_map() -> dict[str, str]:
 def export_config_dict(config: FusedConfig, directory: Path,
                        dtypes: Mapping[str, str]) -> dict[str, Any]:
     """``config.json`` of the export (``dtypes``: part -> dtype name of its tensors)."""
-    d, f, e = config.decoder, config.fusion, config.encoder
-    image = next((t.id for t in config.new_tokens if t.token == "<|image|>"),
-                 config.new_tokens[0].id if config.new_tokens else None)
     return {
         "architectures": [MODEL_CLASS],
         "model_type": MODEL_TYPE,
         "auto_map": auto_map(),
         "text_config": text_config_dict(config, directory, dtypes["decoder"]),
         "vision_config": vision_config_dict(config, directory, dtypes["encoder"]),
-        "fusion_layers": list(f.fusion_layers),
-        "fusion_first": f.fusion_first,
-        "ca_norm_eps": f.ca_norm_eps,
-        "qk_norm_eps": f.qk_norm_eps,
-        "fusion_norm_unit_offset": f.norm_unit_offset,
-        "fusion_num_heads": d.num_heads,
-        "fusion_num_kv_heads": d.num_kv_heads,
-        "fusion_head_dim": d.head_dim,
-        "fusion_intermediate_size": d.intermediate_dim,
-        "hidden_size": d.embed_dim,
-        "vision_hidden_size": e.embed_dim,
-        "text_vocab_size": d.vocab_size,
-        "fusion_vocab_size": f.fusion_vocab_size,
-        "image_token_id": image,
-        "new_tokens": [{"token": t.token, "id": t.id} for t in config.new_tokens],
-        "projection": config.projection,
-        "vision_feature_layer": e.output_layer,
-        "encoder_tokens": e.feature_tokens,
-        "vision_num_cls_tokens": int(e.class_token),
-        "vision_num_register_tokens": e.num_register_tokens,
-        "tie_word_embeddings": d.tie_word_embeddings,
+        **export_fusion_fields(config),
         "dtype": dtypes["decoder"],
         FUSION_CONFIG_FIELD: config.to_dict(),
     }

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fusesurgery.errors import CheckpointError
+from fusesurgery.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from fusesurgery.surgery.fused_config import FusedConfig
 
 EXPORT_MODEL_TYPE = "fusesurgery_fused"  # the exported config.json's model_type
 EXPORT_TARGET = "transformers"  # convert --to's name for the export
@@ -78,6 +83,85 @@ def check_template_files(directory: Path, path: object) -> None:
                               "it again")
 
 
+def export_fusion_fields(config: FusedConfig) -> dict[str, Any]:
+    """The fields of an export's ``config.json`` that the exported model's classes build the
+    fusion from (its layers, sizes, epsilons, tokens, projection, which tower output), as the
+    fused checkpoint's fusion config gives them."""
+    d, f, e = config.decoder, config.fusion, config.encoder
+    image = next((t.id for t in config.new_tokens if t.token == "<|image|>"),
+                 config.new_tokens[0].id if config.new_tokens else None)
+    return {
+        "fusion_layers": list(f.fusion_layers),
+        "fusion_first": f.fusion_first,
+        "ca_norm_eps": f.ca_norm_eps,
+        "qk_norm_eps": f.qk_norm_eps,
+        "fusion_norm_unit_offset": f.norm_unit_offset,
+        "fusion_num_heads": d.num_heads,
+        "fusion_num_kv_heads": d.num_kv_heads,
+        "fusion_head_dim": d.head_dim,
+        "fusion_intermediate_size": d.intermediate_dim,
+        "hidden_size": d.embed_dim,
+        "vision_hidden_size": e.embed_dim,
+        "text_vocab_size": d.vocab_size,
+        "fusion_vocab_size": f.fusion_vocab_size,
+        "image_token_id": image,
+        "new_tokens": [{"token": t.token, "id": t.id} for t in config.new_tokens],
+        "projection": config.projection,
+        "vision_feature_layer": e.output_layer,
+        "encoder_tokens": e.feature_tokens,
+        "vision_num_cls_tokens": int(e.class_token),
+        "vision_num_register_tokens": e.num_register_tokens,
+        "tie_word_embeddings": d.tie_word_embeddings,
+    }
+
+
+def _as_json(value: object) -> object:
+    """``value`` as it reads back from JSON (tuples as lists), for comparing with a file."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_export_config(document: Mapping[str, Any], config: FusedConfig,
+                        path: object) -> None:
+    """An export's ``config.json`` against the fusion config it carries, which its tensors
+    were checked against: transformers builds the model from ``text_config``,
+    ``vision_config`` and the fusion fields, fusesurgery from the carried config, so the two
+    must describe the same model. Every field of :func:`export_fusion_fields` the file
+    states, and every computation field its two sub-configs state (or leave to their
+    loader's default), read as a source's config is read.
+
+    Raises:
+        ConfigError: a field that says otherwise (an edited config.json), or a sub-config
+            that cannot be read.
+    """
+    from fusesurgery.convert.configs import (  # noqa: PLC0415 - only for an export
+        read_decoder_config,
+        read_vision_config,
+    )
+
+    origin = f"{path}/config.json"
+    for name, value in export_fusion_fields(config).items():
+        if name in document and _as_json(document[name]) != _as_json(value):
+            raise ConfigError(f"{origin}: {name} is {document[name]!r}, but its "
+                              f"{FUSION_CONFIG_FIELD} (which the weights match) says "
+                              f"{_as_json(value)!r}: an edited config.json, which transformers "
+                              "would build another model from")
+    for key, part, reader in (("text_config", config.decoder, read_decoder_config),
+                              ("vision_config", config.encoder, read_vision_config)):
+        stated = document.get(key)
+        if not isinstance(stated, dict):
+            raise ConfigError(f"{origin}: {key} must be an object, not "
+                              f"{type(stated).__name__}")
+        reading = reader(stated, f"{origin}: {key}")
+        for name, value in {**reading.defaults, **reading.read}.items():
+            ours = getattr(part, name, value)
+            if _as_json(ours) != _as_json(value):
+                raise ConfigError(f"{origin}: its {key} gives {name} {_as_json(value)!r}, but "
+                                  f"its {FUSION_CONFIG_FIELD} (which the weights match) says "
+                                  f"{_as_json(ours)!r}: an edited config.json, which "
+                                  "transformers would build another model from")
+
+
 __all__ = ["EXPORT_MODEL_TYPE", "EXPORT_TARGET", "FUSE_RECORD_FIELD", "FUSION_CONFIG_FIELD",
-           "check_template_files", "is_any_export", "is_export_directory",
+           "check_export_config", "check_template_files", "export_fusion_fields",
+           "is_any_export", "is_export_directory",
            "is_transformers_export"]

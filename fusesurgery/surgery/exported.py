@@ -47,6 +47,7 @@ from fusesurgery.surgery.export_layout import (
     PROJECTION_PREFIX,
     TEXT_PREFIX,
     VISION_PREFIX,
+    check_export_config,
     check_template_files,
     is_any_export,
     is_export_directory,
@@ -187,6 +188,7 @@ def checked_export(source, path: object) -> tuple[FusedConfig, dict[str, Exporte
         raise ConfigError(f"{path}/config.json: fusion_norm_unit_offset is {stated!r}, its "
                           f"{FUSION_CONFIG_FIELD} says norm_unit_offset "
                           f"{config.fusion.norm_unit_offset}: an edited config.json")
+    check_export_config(source.config, config, path)
     native_of = _exported_tensors(config)
     infos = source.infos()
     missing = sorted(set(native_of) - set(infos))
