@@ -39,8 +39,12 @@ def unfuse(
     from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint  # noqa: PLC0415 - torch
 
     cast = parse_dtype_option(dtype)
-    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+    from fusesurgery.surgery.export_layout import (  # noqa: PLC0415 - imports nothing
+        is_export_directory,
+        local_export_path,
+    )
 
+    fused = local_export_path(fused)  # a Hub repo of an export: its fetched directory
     if is_export_directory(fused):
         _unfuse_export(fused, output, part, format, merge_embeddings, cast, allow_missing,
                        max_shard_size, overwrite, as_json)

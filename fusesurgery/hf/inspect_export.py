@@ -171,7 +171,7 @@ def inspect_export(path: str | os.PathLike[str]) -> ExportReport:
         CheckpointError: unreadable files.
         ConfigError: a config.json that is not an export's.
     """
-    with open_checkpoint(path) as source:
+    with open_checkpoint(path, remote_headers=True) as source:  # a Hub repo: no download
         document = source.config
         if not isinstance(document, dict):
             raise ConfigError(f"{path}: no config.json")

@@ -13,6 +13,7 @@ import os
 import torch
 
 from fusesurgery.modules import DeepFusionModel, TransformerDecoder
+from fusesurgery.surgery.export_layout import local_export_path
 from fusesurgery.surgery.exported import fused_opener
 from fusesurgery.surgery.fused import load_fused_from
 
@@ -39,7 +40,8 @@ def load_fused(
     Args:
         path: a fused checkpoint directory written by fusesurgery, a transformers export of
             one (``convert --to transformers``; loaded in memory, as ``convert DIR --to
-            native`` would write it), or a transformers Mllama checkpoint
+            native`` would write it; a Hub repo id of one too), or a transformers Mllama
+            checkpoint
             (``MllamaForCausalLM``, ``MllamaForConditionalGeneration``).
         part: ``model`` for the whole ``DeepFusionModel``, ``decoder`` for the fused
             ``TransformerDecoder`` alone (the only part of an Mllama checkpoint with a native
@@ -63,6 +65,7 @@ def load_fused(
             transformers`` wrote (no native form: transformers' ``AutoModelForImageTextToText``
             loads it).
     """
+    path = local_export_path(path)  # a Hub repo of an export: its fetched directory
     return load_fused_from(fused_opener(path), path, part=part, device=device, dtype=dtype,
                            decoder_trainable=decoder_trainable,
                            encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable)

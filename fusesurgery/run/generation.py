@@ -30,6 +30,7 @@ from fusesurgery.run.inputs import (
     load_processor,
     padded_attention,
 )
+from fusesurgery.surgery.export_layout import local_export_path
 from fusesurgery.surgery.exported import fused_opener
 from fusesurgery.surgery.fused import load_fused_from
 
@@ -278,7 +279,7 @@ def generate_text(
 
     _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     check_device(device)
-    directory = Path(path)
+    directory = Path(local_export_path(path))  # a Hub repo of an export: its fetched files
     processor = load_processor(directory)
     pictures = [load_image(image) for image in images]
     inputs = processor(prompt, pictures or None)

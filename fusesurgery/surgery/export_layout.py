@@ -74,6 +74,52 @@ def is_export_directory(path: str | os.PathLike[str]) -> bool:
     return is_transformers_export(document)
 
 
+def hub_export_directory(path: object, *, remote_headers: bool = False) -> Path | None:
+    """Where a Hub repo whose files are a transformers export lies in huggingface_hub's cache
+    (its weights fetched too, unless ``remote_headers``: then its side files alone), so that
+    every reader takes ``org/name`` as it takes a local export; None for a local path, for
+    what names no repo, and for a repo that is no export (its readers open it as before).
+
+    Raises:
+        HubError: a repo that is missing, gated or out of reach (what opening it says).
+    """
+    if not isinstance(path, (str, os.PathLike)) or os.path.lexists(os.fspath(path)):
+        return None
+    from fusesurgery.io.hub_sources import (  # noqa: PLC0415 - Hub ids only
+        fetch_hub_files,
+        hub_reference_for,
+        open_hub_checkpoint,
+    )
+
+    reference = hub_reference_for(path)
+    if reference is None:
+        return None
+    # config.json, and an export's code files, which remote headers alone would not fetch
+    config = fetch_hub_files(reference, ("config.json", *TEMPLATE_FILES)) / "config.json"
+    try:
+        document = json.loads(config.read_bytes())
+    except (OSError, ValueError):
+        return None  # no config.json, or no JSON: the readers say what the repo is
+    if not is_transformers_export(document):
+        return None
+    if remote_headers:
+        return config.parent
+    with open_hub_checkpoint(path) as source:  # the weights and the side files
+        return Path(source.hub.directory)
+
+
+def local_export_path(path: object) -> object:
+    """``path``, or for a Hub repo whose files are a transformers export, the directory its
+    files were fetched into (see :func:`hub_export_directory`): what the readers of a local
+    export take.
+
+    Raises:
+        HubError: as :func:`hub_export_directory`.
+    """
+    directory = hub_export_directory(path)
+    return path if directory is None else directory
+
+
 def check_template_files(directory: Path, path: object) -> None:
     """Raises CheckpointError when the modeling or configuration file is missing."""
     missing = [name for name in MODEL_CODE_FILES if not (directory / name).is_file()]
@@ -163,5 +209,5 @@ def check_export_config(document: Mapping[str, Any], config: FusedConfig,
 
 __all__ = ["EXPORT_MODEL_TYPE", "EXPORT_TARGET", "FUSE_RECORD_FIELD", "FUSION_CONFIG_FIELD",
            "check_export_config", "check_template_files", "export_fusion_fields",
-           "is_any_export", "is_export_directory",
+           "hub_export_directory", "is_any_export", "local_export_path", "is_export_directory",
            "is_transformers_export"]

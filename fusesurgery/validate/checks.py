@@ -36,7 +36,11 @@ from fusesurgery.modules import (
     TanhGate,
     TransformerDecoder,
 )
-from fusesurgery.surgery.export_layout import is_any_export, is_export_directory
+from fusesurgery.surgery.export_layout import (
+    is_any_export,
+    is_export_directory,
+    local_export_path,
+)
 from fusesurgery.surgery.exported import fused_opener, open_any_fused
 from fusesurgery.surgery.fuse_plan import fused_key_of, native_key_of
 from fusesurgery.surgery.fused import build_fused_model, load_fused_from
@@ -721,6 +725,17 @@ def validate_fused(
     check_int("seq_len", seq_len, 1, 2**31)
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
+    report = _validate_fused(str(local_export_path(path)), against=against, device=device,
+                             dtype=dtype, seed=seed, batch=batch, seq_len=seq_len,
+                             transformers=transformers)
+    report.path = path  # a Hub repo of an export is checked in its fetched directory
+    return report
+
+
+def _validate_fused(path: str, *, against: str | os.PathLike[str] | None, device: str,
+                    dtype: torch.dtype | None, seed: int, batch: int, seq_len: int,
+                    transformers: bool | None) -> ValidationReport:
+    """:func:`validate_fused` of a local export, or of anything else its readers open."""
     export = is_export_directory(path)
     if export:
         from fusesurgery.io._files import read_side_file  # noqa: PLC0415
