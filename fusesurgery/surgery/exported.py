@@ -52,6 +52,7 @@ from fusesurgery.surgery.export_layout import (
     is_any_export,
     is_export_directory,
     is_transformers_export,
+    local_export_path,
 )
 from fusesurgery.surgery.fused import (
     FusedOpener,
@@ -360,6 +361,20 @@ def open_any_fused(path: str | os.PathLike[str]):
     return fused_opener(path)(path)
 
 
+def read_any_fused_config(path: str | os.PathLike[str]) -> FusedConfig:
+    """The fusion config of the fused checkpoint at ``path``, whichever layout holds it
+    (fusesurgery's own ``fusion_config.json``, Mllama's, or the one a transformers export
+    carries, with the gates its tensors hold; a Hub repo of an export too), checked as every
+    reader checks it.
+
+    Raises:
+        FuseSurgeryError: as :func:`open_any_fused`.
+    """
+    with open_any_fused(local_export_path(path)) as (_, config):
+        return config
+
+
 __all__ = ["ExportedTensor", "checked_export", "decoder_stacked_key", "export_plan",
            "exported_key", "fused_opener", "native_model_types", "native_side_files",
-           "no_native_form", "open_any_fused", "open_export", "with_gates_read"]
+           "no_native_form", "open_any_fused", "open_export", "read_any_fused_config",
+           "with_gates_read"]

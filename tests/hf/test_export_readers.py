@@ -128,3 +128,8 @@ def test_unfuse_takes_what_the_fused_directory_holds_unchanged(fused_copy, tmp_p
     name = "preprocessor_config.json"
     assert (out / name).read_bytes() == (EXAMPLES / "tiny-clip-vision" / name).read_bytes()
     assert not (out / "processor_config.json").exists()
+
+
+def test_read_fused_config_reads_an_export(gated_example, gated_export):
+    config = fusesurgery.read_fused_config(gated_export)
+    assert config == fusesurgery.read_fused_config(gated_example) and config.trained
