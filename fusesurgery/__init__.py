@@ -29,7 +29,7 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
     "load_fused": ("fusesurgery.hf.load", "load_fused"),
     "load_processor": ("fusesurgery.run.inputs", "load_processor"),
     "prepare_inputs": ("fusesurgery.run.inputs", "prepare_inputs"),
-    "read_fused_config": ("fusesurgery.surgery.fused", "read_fused_config"),
+    "read_fused_config": ("fusesurgery.surgery.exported", "read_any_fused_config"),
     "register_transformers": ("fusesurgery.hf", "register_transformers"),
     "save_fused": ("fusesurgery.write.save_fused", "save_fused"),
     "unfuse": ("fusesurgery.write.unfuse_checkpoint", "unfuse_checkpoint"),
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from fusesurgery.run.generation import generate
     from fusesurgery.run.inputs import load_processor, prepare_inputs
     from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
+    from fusesurgery.surgery.exported import read_any_fused_config as read_fused_config
     from fusesurgery.surgery.fuse_plan import FuseOptions
-    from fusesurgery.surgery.fused import read_fused_config
     from fusesurgery.validate import validate_fused as validate
     from fusesurgery.write.save_fused import save_fused
     from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint as unfuse

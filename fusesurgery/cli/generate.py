@@ -14,7 +14,8 @@ from fusesurgery.cli.options import DtypeOption, Json, parse_dtype_option
 
 def generate(
     fused: Annotated[str, typer.Argument(
-        help="A fused checkpoint directory (with its tokenizer).", show_default=False)],
+        help="A fused checkpoint directory (with its tokenizer), or a transformers export of "
+        "one.", show_default=False)],
     prompt: Annotated[str, typer.Option(
         help="The prompt; <|image|> marks where an image goes (one is put in front when "
         "--image is given and the prompt has none).")],

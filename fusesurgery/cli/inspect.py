@@ -43,9 +43,13 @@ def inspect(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         rope_base=rope_base, norm_eps=norm_eps, family=family, encoder_num_heads=encoder_num_heads,
     )
-    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+    from fusesurgery.surgery.export_layout import (  # noqa: PLC0415 - imports nothing
+        hub_export_directory,
+        is_export_directory,
+    )
 
-    if is_export_directory(path):  # config.json and the headers: no torch, no transformers
+    # config.json and the headers: no torch, no transformers (a Hub repo's headers remotely)
+    if is_export_directory(path) or hub_export_directory(path, remote_headers=True):
         from fusesurgery.hf.inspect_export import inspect_export  # noqa: PLC0415
 
         if overrides:

@@ -39,11 +39,15 @@ def unfuse(
     from fusesurgery.write.unfuse_checkpoint import unfuse_checkpoint  # noqa: PLC0415 - torch
 
     cast = parse_dtype_option(dtype)
-    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+    from fusesurgery.surgery.export_layout import (  # noqa: PLC0415 - imports nothing
+        is_export_directory,
+        local_export_path,
+    )
 
+    fused = local_export_path(fused)  # a Hub repo of an export: its fetched directory
     if is_export_directory(fused):
-        _unfuse_export(fused, output, part, format, merge_embeddings, cast, max_shard_size,
-                       overwrite, as_json)
+        _unfuse_export(fused, output, part, format, merge_embeddings, cast, allow_missing,
+                       max_shard_size, overwrite, as_json)
         return
     with byte_progress("unfusing") as update:
         result = unfuse_checkpoint(fused, output, part=part, format=format,
@@ -68,7 +72,8 @@ def unfuse(
 
 
 def _unfuse_export(fused, output: str, part: str, format: str | None, merge_embeddings: bool,
-                   cast, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+                   cast, allow_missing: bool, max_shard_size: str, overwrite: bool,
+                   as_json: bool) -> None:
     """A transformers export's text model or tower: a prefix strip (``format`` hf only)."""
     from fusesurgery.errors import ConfigError  # noqa: PLC0415
     from fusesurgery.hf import unfuse_export  # noqa: PLC0415 - imports torch
@@ -81,8 +86,8 @@ def _unfuse_export(fused, output: str, part: str, format: str | None, merge_embe
                           "--to native first")
     with byte_progress("unfusing") as update:
         tensors, written, notes = unfuse_export(
-            fused, output, part=part, max_shard_size=max_shard_size, overwrite=overwrite,
-            on_progress=update)
+            fused, output, part=part, allow_missing=allow_missing,
+            max_shard_size=max_shard_size, overwrite=overwrite, on_progress=update)
     if as_json:
         typer.echo(standard_json.dumps({
             "output": str(written.out_dir), "part": part, "format": "hf", "tensors": tensors,

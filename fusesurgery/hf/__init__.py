@@ -7,13 +7,14 @@ Auto classes. transformers is imported only by what needs it.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
-EXPORT_MODEL_TYPE = "fusesurgery_fused"  # the exported config.json's model_type
-EXPORT_TARGET = "transformers"  # convert --to's name for the export
+# torch-free, as this package's own import is: the command line tells an export apart with them
+from fusesurgery.surgery.export_layout import (
+    EXPORT_MODEL_TYPE,
+    EXPORT_TARGET,
+    is_export_directory,
+)
 
 
 def export_transformers(*args: Any, **kwargs: Any):
@@ -35,22 +36,6 @@ def unfuse_export(*args: Any, **kwargs: Any):
     from fusesurgery.hf.reimport import unfuse_export as unfuse  # noqa: PLC0415
 
     return unfuse(*args, **kwargs)
-
-
-def is_export_directory(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a directory written by ``convert --to transformers`` (its
-    config.json says so); reads that one file, imports nothing. Anything but a path (a Hub
-    repo id is a str too, and no local directory) is not one: the readers name what it is."""
-    if not isinstance(path, (str, os.PathLike)):
-        return False
-    config = Path(path) / "config.json"
-    if not Path(path).is_dir() or not config.is_file():
-        return False
-    try:
-        document = json.loads(config.read_bytes())
-    except (OSError, ValueError):
-        return False  # the readers report what is wrong with it
-    return isinstance(document, dict) and document.get("model_type") == EXPORT_MODEL_TYPE
 
 
 def register_transformers() -> None:
@@ -87,5 +72,5 @@ def register_transformers() -> None:
         "AutoModelForImageTextToText")
 
 
-__all__ = ["export_transformers", "import_transformers", "is_export_directory",
-           "register_transformers", "unfuse_export"]
+__all__ = ["EXPORT_MODEL_TYPE", "EXPORT_TARGET", "export_transformers", "import_transformers",
+           "is_export_directory", "register_transformers", "unfuse_export"]

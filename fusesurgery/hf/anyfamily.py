@@ -31,20 +31,22 @@ from typing import Any
 from fusesurgery import _json as standard_json
 from fusesurgery.convert.tokenizer import TOKENIZER_FILES, add_special_tokens
 from fusesurgery.errors import CheckpointError, ConfigError, ShapeError
-from fusesurgery.hf.export import (
+from fusesurgery.hf.export import auto_map, template_files
+from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
+from fusesurgery.io._files import file_fingerprint, read_side_file
+from fusesurgery.surgery.export_layout import (
     CROSS_PREFIX,
+    FUSE_RECORD_FIELD,
     FUSION_EMBEDDING_KEY,
     MODEL_CLASS,
-    MODEL_CODE_FILES,
-    MODEL_TYPE,
     PROJECTION_PREFIX,
     TEXT_PREFIX,
     VISION_PREFIX,
-    auto_map,
-    template_files,
+    check_template_files,
+    is_any_export,
 )
-from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
-from fusesurgery.io._files import file_fingerprint, read_side_file
+from fusesurgery.surgery.export_layout import EXPORT_MODEL_TYPE as MODEL_TYPE
+from fusesurgery.surgery.exported import native_model_types as _native_model_types
 from fusesurgery.surgery.fuse_plan import (
     DEFAULT,
     FuseOptions,
@@ -68,7 +70,6 @@ from fusesurgery.write.side_files import (
 
 # config.json's record of a fuse straight into this layout (a converted export carries
 # export.FUSION_CONFIG_FIELD instead)
-FUSE_RECORD_FIELD = "fusesurgery_fuse"
 # model types of a tower whose fusion reads its penultimate layer by default (as LLaVA);
 # every other tower feeds its final hidden states (as PaliGemma's SigLIP)
 PENULTIMATE_TOWERS = frozenset({"clip_vision_model"})
@@ -765,16 +766,6 @@ def fuse_transformers(
 LAYOUTS: tuple[str, ...] = ("native", "transformers")
 
 
-def _native_model_types() -> tuple[frozenset[str], frozenset[str]]:
-    """The transformers model types fusesurgery's native modules read (decoders, towers)."""
-    from fusesurgery.convert.configs import (  # noqa: PLC0415
-        HF_DECODER_FAMILIES,
-        HF_VISION_FAMILIES,
-    )
-
-    # (every family file's model types: fusesurgery.families)
-    return frozenset(HF_DECODER_FAMILIES), frozenset(HF_VISION_FAMILIES)
-
 
 def choose_layout(encoder_path: str | os.PathLike[str],
                   decoder_path: str | os.PathLike[str]) -> tuple[str, str | None]:
@@ -864,19 +855,6 @@ def fuse(encoder: str | os.PathLike[str], decoder: str | os.PathLike[str],
 # --- reading one back -------------------------------------------------------------------------
 
 
-def is_any_export(document: object) -> bool:
-    """Whether a config.json document is one ``fuse --format transformers`` wrote."""
-    return (isinstance(document, dict) and document.get("model_type") == MODEL_TYPE
-            and isinstance(document.get(FUSE_RECORD_FIELD), dict))
-
-
-def check_template_files(directory: Path, path: object) -> None:
-    """Raises CheckpointError when the modeling or configuration file is missing."""
-    missing = [name for name in MODEL_CODE_FILES if not (directory / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: half a transformers export: {missing[0]} is missing "
-                              "(transformers cannot load it with trust_remote_code); write "
-                              "it again")
 
 
 def _positive(document: Mapping[str, Any], name: str, origin: object) -> int:

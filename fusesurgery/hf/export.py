@@ -38,20 +38,26 @@ from fusesurgery.convert.configs import (
 )
 from fusesurgery.convert.keymaps import (
     FUSED_DECODER_PREFIX,
-    FUSED_PROJECTION_PREFIX,
     FUSED_VISION_PREFIX,
-    HF_VISION_PREFIX,
-    StackedKey,
-    from_native_key,
-    stacked_key,
 )
-from fusesurgery.convert.mllama import FUSED_FUSION_EMBEDDING
-from fusesurgery.convert.plan import PlanEntry, _rope_transform, _stack_parts
+from fusesurgery.convert.plan import PlanEntry, _stack_parts
 from fusesurgery.convert.pooling_head import HEAD_CONFIG_FIELD, HEAD_FAMILIES
-from fusesurgery.convert.transforms import IDENTITY, Transform
 from fusesurgery.errors import ConfigError, KeyMapError
-from fusesurgery.hf import EXPORT_MODEL_TYPE
 from fusesurgery.io import TensorInfo
+from fusesurgery.surgery.export_layout import (
+    CONFIG_CLASS,
+    CONFIG_MODULE,
+    EXPORT_MODEL_TYPE,
+    FUSION_CONFIG_FIELD,
+    MODEL_CLASS,
+    MODELING_MODULE,
+    PROCESSING_MODULE,
+    PROCESSOR_CLASS,
+    TEMPLATE_FILES,
+    TEXT_PREFIX,
+    export_fusion_fields,
+)
+from fusesurgery.surgery.exported import decoder_stacked_key, exported_key
 from fusesurgery.surgery.fused import open_fused
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
 from fusesurgery.write.convert_checkpoint import plan_entry_source, vision_tower_config
@@ -68,61 +74,6 @@ from fusesurgery.write.side_files import (
 )
 
 MODEL_TYPE = EXPORT_MODEL_TYPE
-CONFIG_MODULE = "configuration_fusesurgery_fused"
-MODELING_MODULE = "modeling_fusesurgery_fused"
-CONFIG_CLASS = "FusedVisionTextConfig"
-MODEL_CLASS = "FusedVisionTextForConditionalGeneration"
-PROCESSING_MODULE = "processing_fusesurgery_fused"
-PROCESSOR_CLASS = "FusedVisionTextProcessor"
-TEMPLATE_FILES: tuple[str, ...] = (f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py",
-                                   f"{PROCESSING_MODULE}.py")
-# what the model itself needs to load with trust_remote_code (a model's own save_pretrained
-# writes these two; the processing file comes with the processor's)
-MODEL_CODE_FILES: tuple[str, ...] = TEMPLATE_FILES[:2]
-
-TEXT_PREFIX = "language_model."
-VISION_PREFIX = "vision_tower."
-CROSS_PREFIX = "cross_attention_layers."
-PROJECTION_PREFIX = "projection."
-FUSION_EMBEDDING_KEY = "fusion_embedding.weight"
-# The fused checkpoint's whole fusion_config.json, inside config.json: the way back.
-FUSION_CONFIG_FIELD = "fusesurgery_fusion_config"
-_FUSION_SEGMENT = ".fusion_layer."
-
-
-def exported_key(key: str, config: FusedConfig) -> tuple[str, Transform]:
-    """The exported name of a native fused key, and the transform of its rows.
-
-    Raises:
-        KeyMapError: a key with no place in the exported model (an opaque encoder tensor).
-    """
-    if key == FUSED_FUSION_EMBEDDING:
-        return FUSION_EMBEDDING_KEY, (IDENTITY,)
-    if key.startswith(FUSED_DECODER_PREFIX + "layers.") and _FUSION_SEGMENT in key:
-        layer, _, local = key.removeprefix(FUSED_DECODER_PREFIX + "layers.").partition(
-            _FUSION_SEGMENT)
-        return f"{CROSS_PREFIX}{layer}.{local}", (IDENTITY,)
-    if key.startswith(FUSED_DECODER_PREFIX):
-        local = key.removeprefix(FUSED_DECODER_PREFIX)
-        return (TEXT_PREFIX + from_native_key(local, "hf", "decoder", config.decoder.family),
-                _rope_transform(local, "native", "hf", config.decoder))
-    if key.startswith(FUSED_VISION_PREFIX):
-        name = from_native_key(key.removeprefix(FUSED_VISION_PREFIX), "hf", "vision",
-                               family=None if config.encoder is None else config.encoder.family)
-        return VISION_PREFIX + name.removeprefix(HF_VISION_PREFIX), (IDENTITY,)
-    if key.startswith(FUSED_PROJECTION_PREFIX):
-        return PROJECTION_PREFIX + key.removeprefix(FUSED_PROJECTION_PREFIX), (IDENTITY,)
-    raise KeyMapError(f"{key!r} has no place in the transformers export")
-
-
-def decoder_stacked_key(key: str, config: FusedConfig) -> StackedKey | None:
-    """The tensor of the decoder's transformers names that stacks native fused ``key`` with
-    others (Phi-3's ``qkv_proj``, ``gate_up_proj``; its name without ``language_model.``), or
-    None where ``key`` is exported on its own."""
-    if not key.startswith(FUSED_DECODER_PREFIX) or _FUSION_SEGMENT in key:
-        return None
-    return stacked_key(key.removeprefix(FUSED_DECODER_PREFIX), "hf", "decoder",
-                       config.decoder.family)
 
 
 def export_entries(tensors: Mapping[str, TensorInfo], config: FusedConfig,
@@ -201,36 +152,13 @@ def auto_map() -> dict[str, str]:
 def export_config_dict(config: FusedConfig, directory: Path,
                        dtypes: Mapping[str, str]) -> dict[str, Any]:
     """``config.json`` of the export (``dtypes``: part -> dtype name of its tensors)."""
-    d, f, e = config.decoder, config.fusion, config.encoder
-    image = next((t.id for t in config.new_tokens if t.token == "<|image|>"),
-                 config.new_tokens[0].id if config.new_tokens else None)
     return {
         "architectures": [MODEL_CLASS],
         "model_type": MODEL_TYPE,
         "auto_map": auto_map(),
         "text_config": text_config_dict(config, directory, dtypes["decoder"]),
         "vision_config": vision_config_dict(config, directory, dtypes["encoder"]),
-        "fusion_layers": list(f.fusion_layers),
-        "fusion_first": f.fusion_first,
-        "ca_norm_eps": f.ca_norm_eps,
-        "qk_norm_eps": f.qk_norm_eps,
-        "fusion_norm_unit_offset": f.norm_unit_offset,
-        "fusion_num_heads": d.num_heads,
-        "fusion_num_kv_heads": d.num_kv_heads,
-        "fusion_head_dim": d.head_dim,
-        "fusion_intermediate_size": d.intermediate_dim,
-        "hidden_size": d.embed_dim,
-        "vision_hidden_size": e.embed_dim,
-        "text_vocab_size": d.vocab_size,
-        "fusion_vocab_size": f.fusion_vocab_size,
-        "image_token_id": image,
-        "new_tokens": [{"token": t.token, "id": t.id} for t in config.new_tokens],
-        "projection": config.projection,
-        "vision_feature_layer": e.output_layer,
-        "encoder_tokens": e.feature_tokens,
-        "vision_num_cls_tokens": int(e.class_token),
-        "vision_num_register_tokens": e.num_register_tokens,
-        "tie_word_embeddings": d.tie_word_embeddings,
+        **export_fusion_fields(config),
         "dtype": dtypes["decoder"],
         FUSION_CONFIG_FIELD: config.to_dict(),
     }

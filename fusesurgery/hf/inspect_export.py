@@ -80,6 +80,26 @@ def config_mismatches(infos: Mapping[str, TensorInfo],
     return tuple(found)
 
 
+def _carried_config_notes(document: Mapping[str, Any], path: object) -> tuple[str, ...]:
+    """For an export ``convert --to transformers`` wrote: where its config.json and the
+    fusion config it carries (the way back to the native layout) disagree, or that one cannot
+    be read: what every reader of the export refuses, from config.json alone."""
+    from fusesurgery.surgery.export_layout import (  # noqa: PLC0415
+        FUSION_CONFIG_FIELD,
+        check_export_config,
+    )
+    from fusesurgery.surgery.fused_config import fused_config_from_dict  # noqa: PLC0415
+
+    try:
+        config = fused_config_from_dict(document.get(FUSION_CONFIG_FIELD),
+                                        f"{path}/config.json: {FUSION_CONFIG_FIELD}")
+        if config.encoder is not None:
+            check_export_config(document, config, path)
+    except FuseSurgeryError as error:
+        return (f"{error}; load_fused, convert, validate, unfuse and generate refuse it",)
+    return ()
+
+
 @dataclass(frozen=True)
 class ExportReport:
     """What a transformers export holds.
@@ -151,7 +171,7 @@ def inspect_export(path: str | os.PathLike[str]) -> ExportReport:
         CheckpointError: unreadable files.
         ConfigError: a config.json that is not an export's.
     """
-    with open_checkpoint(path) as source:
+    with open_checkpoint(path, remote_headers=True) as source:  # a Hub repo: no download
         document = source.config
         if not isinstance(document, dict):
             raise ConfigError(f"{path}: no config.json")
@@ -175,6 +195,8 @@ def inspect_export(path: str | os.PathLike[str]) -> ExportReport:
                       for name in TEMPLATE_FILES if not (directory / name).is_file())
         notes += config_mismatches(infos, document)
         record = document.get(FUSE_RECORD_FIELD)
+        if not isinstance(record, dict) and not notes:
+            notes += _carried_config_notes(document, path)
         tokens = document.get("new_tokens") or []
         return ExportReport(
             path=str(path),

@@ -1,7 +1,7 @@
 """``fusesurgery.load_fused``: a fused checkpoint as the native model, whichever layout holds
 it. fusesurgery's own and Mllama's are read by :mod:`fusesurgery.surgery.fused`; a
-transformers export, which only this layer can map back, by
-:func:`~fusesurgery.hf.reimport.open_export`. Both load through the same
+transformers export by :func:`~fusesurgery.surgery.exported.open_export` (the opener
+``generate`` and ``validate`` read it with too). Both load through the same
 :func:`~fusesurgery.surgery.fused.load_fused_from`: built on the meta device, every tensor read
 lazily and assigned, the same checks.
 """
@@ -12,9 +12,10 @@ import os
 
 import torch
 
-from fusesurgery.hf import is_export_directory
 from fusesurgery.modules import DeepFusionModel, TransformerDecoder
-from fusesurgery.surgery.fused import load_fused_from, open_fused
+from fusesurgery.surgery.export_layout import local_export_path
+from fusesurgery.surgery.exported import fused_opener
+from fusesurgery.surgery.fused import load_fused_from
 
 
 def load_fused(
@@ -39,7 +40,8 @@ def load_fused(
     Args:
         path: a fused checkpoint directory written by fusesurgery, a transformers export of
             one (``convert --to transformers``; loaded in memory, as ``convert DIR --to
-            native`` would write it), or a transformers Mllama checkpoint
+            native`` would write it; a Hub repo id of one too), or a transformers Mllama
+            checkpoint
             (``MllamaForCausalLM``, ``MllamaForConditionalGeneration``).
         part: ``model`` for the whole ``DeepFusionModel``, ``decoder`` for the fused
             ``TransformerDecoder`` alone (the only part of an Mllama checkpoint with a native
@@ -63,13 +65,8 @@ def load_fused(
             transformers`` wrote (no native form: transformers' ``AutoModelForImageTextToText``
             loads it).
     """
-    if is_export_directory(path):
-        from fusesurgery.hf.reimport import open_export  # noqa: PLC0415 - only for an export
-
-        opener = open_export
-    else:
-        opener = open_fused
-    return load_fused_from(opener, path, part=part, device=device, dtype=dtype,
+    path = local_export_path(path)  # a Hub repo of an export: its fetched directory
+    return load_fused_from(fused_opener(path), path, part=part, device=device, dtype=dtype,
                            decoder_trainable=decoder_trainable,
                            encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable)
 

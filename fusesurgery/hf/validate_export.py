@@ -18,10 +18,11 @@ import torch
 from fusesurgery._arguments import SEED_LIMIT, check_int
 from fusesurgery._device import check_device
 from fusesurgery.errors import ConfigError
-from fusesurgery.hf.anyfamily import checked_any_export, is_any_export
-from fusesurgery.hf.export import TEXT_PREFIX, VISION_PREFIX
-from fusesurgery.hf.reimport import GATE_SUFFIXES, _checked_export
+from fusesurgery.hf.anyfamily import checked_any_export
 from fusesurgery.io import open_checkpoint
+from fusesurgery.surgery.export_layout import TEXT_PREFIX, VISION_PREFIX, is_any_export
+from fusesurgery.surgery.exported import checked_export
+from fusesurgery.surgery.fused_config import GATE_SUFFIXES
 from fusesurgery.validate.checks import (
     BITWISE,
     ORIGINAL_LOGITS,
@@ -47,7 +48,7 @@ def check_export_layout(report: ValidationReport, path: str) -> dict[str, tuple]
             shapes = checked_any_export(source, path)
             how = "transformers' classes for its text_config and vision_config, on meta"
         else:
-            _, native_of = _checked_export(source, path)
+            _, native_of = checked_export(source, path)
             shapes = {name: entry[2] for name, entry in native_of.items()}
             how = "the fused model its fusion config describes"
     report.add("keys and shapes are what its config.json describes", True,

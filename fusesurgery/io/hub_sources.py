@@ -86,6 +86,10 @@ SIDE_FILES: tuple[str, ...] = (
     HF_CONFIG_FILE, "generation_config.json", "params.json", "fusion_config.json",
     *TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json",
     "image_processor_config.json", "video_preprocessor_config.json",
+    # a transformers export's code files (never run here: their presence is checked, as
+    # transformers' trust_remote_code needs them)
+    "configuration_fusesurgery_fused.py", "modeling_fusesurgery_fused.py",
+    "processing_fusesurgery_fused.py",
 )
 # fusesurgery's own outputs keep each input's config and tokenizer under source/<part>/.
 FUSED_SOURCE_DIR = "source"
@@ -425,6 +429,28 @@ def download_checkpoint(reference: HubReference) -> HubSnapshot:
     return HubSnapshot(reference, directory.name, directory)
 
 
+def fetch_hub_files(reference: HubReference, names: Iterable[str]) -> Path:
+    """Fetch only ``names`` of a repo (those it has) into huggingface_hub's cache (or, with
+    ``HF_HUB_OFFLINE``, find them there): what a reader looks at before choosing how to open
+    the repo (its config.json).
+
+    Returns:
+        The snapshot directory (a name it lacks is simply not there).
+
+    Raises:
+        HubError: repo or revision missing, gated, offline and not cached, the network.
+    """
+    endpoint, token, offline = hub_endpoint(), hub_token(), hub_offline()
+    hub_session()  # timeouts on; HF_ENDPOINT checked before huggingface_hub is imported
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - only for Hub
+
+    with _translated(reference, token):
+        return Path(snapshot_download(
+            reference.repo_id, revision=reference.revision or "main",
+            allow_patterns=_escape(names), cache_dir=hub_cache_dir(), endpoint=endpoint,
+            token=token or False, local_files_only=offline))
+
+
 # --------------------------------------------------------------------------------------------
 # Remote headers.
 
@@ -641,6 +667,7 @@ __all__ = [
     "HubReference",
     "HubSnapshot",
     "download_checkpoint",
+    "fetch_hub_files",
     "hub_cache_dir",
     "hub_reference_for",
     "open_hub_checkpoint",

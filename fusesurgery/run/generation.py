@@ -30,7 +30,9 @@ from fusesurgery.run.inputs import (
     load_processor,
     padded_attention,
 )
-from fusesurgery.surgery.fused import load_fused
+from fusesurgery.surgery.export_layout import local_export_path
+from fusesurgery.surgery.exported import fused_opener
+from fusesurgery.surgery.fused import load_fused_from
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,8 @@ def generate_text(
     what ``fusesurgery generate`` runs.
 
     Args:
-        path: a fused checkpoint directory.
+        path: a fused checkpoint directory, or a transformers export of one (``convert --to
+            transformers``; read in memory, as ``load_fused`` reads it).
         prompt: the text; ``<|image|>`` where the images go (one is put in front when
             images are given and the prompt has none).
         images: image files, one per image token.
@@ -276,12 +279,14 @@ def generate_text(
 
     _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     check_device(device)
-    directory = Path(path)
+    directory = Path(local_export_path(path))  # a Hub repo of an export: its fetched files
     processor = load_processor(directory)
     pictures = [load_image(image) for image in images]
     inputs = processor(prompt, pictures or None)
     part = "model" if processor.config.encoder is not None else "decoder"
-    model = load_fused(directory, part=part, device=device, dtype=dtype)
+    # an export is read in memory through the opener load_fused uses: no native copy on disk
+    model = load_fused_from(fused_opener(directory), directory, part=part, device=device,
+                            dtype=dtype)
     output = generate(model, inputs, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_k=top_k, top_p=top_p, seed=seed, eos_ids=processor.eos_ids,
                       pad_id=processor.pad_id)

@@ -29,7 +29,7 @@ import torch
 from fusesurgery.errors import InputError
 from fusesurgery.modules import DeepFusionModel
 from fusesurgery.run.images import ImagePreprocessor, to_patches
-from fusesurgery.surgery.fused import read_fused_config
+from fusesurgery.surgery.exported import read_any_fused_config
 from fusesurgery.surgery.fused_config import SOURCE_FILES_DIR, FusedConfig
 
 IGNORE_INDEX = -100
@@ -397,8 +397,8 @@ def load_processor(source: str | os.PathLike[str] | Any) -> FusedProcessor:
     """The tokenizer, image preprocessing and special ids of a fused checkpoint.
 
     Args:
-        source: a fused checkpoint directory, or a model ``load_fused`` returned (its
-            directory is used).
+        source: a fused checkpoint directory (or a transformers export of one), or a model
+            ``load_fused`` returned (its directory is used).
 
     Returns:
         A :class:`FusedProcessor`.
@@ -409,7 +409,8 @@ def load_processor(source: str | os.PathLike[str] | Any) -> FusedProcessor:
         FuseSurgeryError: the directory is no fused checkpoint.
     """
     directory = _directory_of(source)
-    config = getattr(source, "fused_config", None) or read_fused_config(directory)
+    # fusesurgery's layout, Mllama's or a transformers export
+    config = getattr(source, "fused_config", None) or read_any_fused_config(directory)
     if not config.new_tokens:
         raise InputError(f"{directory} adds no new tokens: there is no image token")
     image = config.new_tokens[0]

@@ -36,8 +36,14 @@ from fusesurgery.modules import (
     TanhGate,
     TransformerDecoder,
 )
+from fusesurgery.surgery.export_layout import (
+    is_any_export,
+    is_export_directory,
+    local_export_path,
+)
+from fusesurgery.surgery.exported import fused_opener, open_any_fused
 from fusesurgery.surgery.fuse_plan import fused_key_of, native_key_of
-from fusesurgery.surgery.fused import build_fused_model, load_fused, open_fused
+from fusesurgery.surgery.fused import build_fused_model, load_fused_from
 from fusesurgery.surgery.load import load_decoder
 from fusesurgery.write.save_fused import gate_values
 
@@ -59,6 +65,12 @@ ZERO_GATE_IDENTITY = "zero-gate identity"  # with zero gates it computes its dec
 TRAINED = "trained"  # the gates moved: no longer an identity
 # The rows that prove "the fused model is the original decoder, bit for bit", together.
 _BIT_FOR_BIT = (ORIGINAL_TENSORS, ORIGINAL_LOGITS, ZERO_GATE_IDENTITY)
+
+
+def load_fused(path: str | os.PathLike[str], **options) -> DeepFusionModel:
+    """The fused model at ``path``, whichever layout holds it (a transformers export is read
+    in memory, as ``fusesurgery.load_fused`` reads it: no native copy on disk)."""
+    return load_fused_from(fused_opener(path), path, **options)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -217,7 +229,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check_layout(report: ValidationReport, path: str) -> None:
     """Check 1: the keys, shapes and dtypes are exactly those of the model the config
     describes."""
-    with open_fused(path) as (source, config):
+    with open_any_fused(path) as (source, config):
         infos = source.infos()
         with torch.device("meta"):
             model = build_fused_model(config)
@@ -290,7 +302,7 @@ def _check_against(report: ValidationReport, path: str, against: str) -> _Agains
     """Check 2: the original tensors are the source's (bit for bit, or after the same cast
     when fuse cast them), and the key set is the source's plus exactly the planned fusion
     keys."""
-    with open_fused(path) as (fused, config), open_checkpoint(against) as source:
+    with open_any_fused(path) as (fused, config), open_checkpoint(against) as source:
         overrides = _against_overrides(source, config, detect_layout(source.infos())[0])
         detected = detect_model(source.infos(), source.config, source.config_file, overrides)
         detected, _ = resolve_stored_output(source, detected)  # as fuse read it
@@ -531,7 +543,7 @@ def _check_round_trip(report: ValidationReport, model: DeepFusionModel, path: st
     state = model.state_dict()
     differing = []
     casts = set()
-    with open_fused(path) as (view, _):
+    with open_any_fused(path) as (view, _):
         infos = view.infos()
         unmatched = sorted(set(state) ^ set(infos))
         for key, tensor in state.items():
@@ -620,30 +632,6 @@ def _check_transformers(report: ValidationReport, export: str, native: str, *, s
                basis=BITWISE if equal else TOLERANCE)
 
 
-def _validate_export(path: str, *, transformers_row: bool, **options) -> ValidationReport:
-    """Validate a transformers export: its fused checkpoint, written back to the native
-    layout in a temporary directory (streaming; as much disk as the export), goes through
-    every check, then the transformers row compares the export with it."""
-    import tempfile  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from fusesurgery.hf import import_transformers  # noqa: PLC0415
-
-    with tempfile.TemporaryDirectory(prefix="fusesurgery-validate-") as scratch:
-        native = Path(scratch) / "native"
-        import_transformers(path, native, durable=False)
-        report = validate_fused(native, **options)
-        report.path = path
-        from fusesurgery.hf.validate_export import add_processor_row  # noqa: PLC0415
-
-        add_processor_row(report, path)
-        if transformers_row:
-            _check_transformers(report, path, str(native), seed=options["seed"],
-                                batch=options["batch"], seq_len=options["seq_len"],
-                                device=torch.device(options["device"]))
-    return report
-
-
 def _validate_with_export(report: ValidationReport, path: str, **options) -> None:
     """The transformers row for a native fused checkpoint: exported to a temporary directory
     (as much disk as the checkpoint), loaded with transformers and compared."""
@@ -704,8 +692,8 @@ def validate_fused(
 
     Args:
         path: the fused checkpoint directory, or a directory ``convert --to transformers``
-            wrote (its fused checkpoint, written back to the native layout in a temporary
-            directory, goes through every check).
+            wrote (its fused checkpoint, read in memory under the native names, goes through
+            every check; no native copy is written).
         against: the original decoder (or vision tower): its tensors must be the fused
             checkpoint's, bit for bit (or after the same cast, when fuse cast them), and its
             own logits the fused model's. Without it nothing is compared with the original;
@@ -737,10 +725,19 @@ def validate_fused(
     check_int("seq_len", seq_len, 1, 2**31)
     if seq_len < 4:
         raise ConfigError(f"seq_len must be at least 4, got {seq_len}")
-    from fusesurgery.hf import is_export_directory  # noqa: PLC0415 - imports nothing
+    report = _validate_fused(str(local_export_path(path)), against=against, device=device,
+                             dtype=dtype, seed=seed, batch=batch, seq_len=seq_len,
+                             transformers=transformers)
+    report.path = path  # a Hub repo of an export is checked in its fetched directory
+    return report
 
-    if is_export_directory(path):
-        from fusesurgery.hf.anyfamily import is_any_export  # noqa: PLC0415
+
+def _validate_fused(path: str, *, against: str | os.PathLike[str] | None, device: str,
+                    dtype: torch.dtype | None, seed: int, batch: int, seq_len: int,
+                    transformers: bool | None) -> ValidationReport:
+    """:func:`validate_fused` of a local export, or of anything else its readers open."""
+    export = is_export_directory(path)
+    if export:
         from fusesurgery.io._files import read_side_file  # noqa: PLC0415
 
         if is_any_export(json.loads(read_side_file(Path(path) / "config.json"))):
@@ -749,11 +746,9 @@ def validate_fused(
 
             return validate_export(path, against=against, device=device, dtype=dtype,
                                    seed=seed, batch=batch, seq_len=seq_len)
-        return _validate_export(path, transformers_row=transformers is not False,
-                                against=against, device=device, dtype=dtype, seed=seed,
-                                batch=batch, seq_len=seq_len, transformers=False)
-    _refuse_swapped(path, against)
-    with open_fused(path) as (_, config):
+    else:
+        _refuse_swapped(path, against)
+    with open_any_fused(path) as (_, config):
         if config.encoder is None:
             raise ConfigError(f"{path}: its vision side (Mllama's) has no native module, so "
                               "validate cannot rebuild the model; load its fused decoder with "
@@ -812,8 +807,15 @@ def validate_fused(
         report.add("GPU logits match CPU logits", diff <= tolerance, f"max |diff| {diff:.3g}",
                    f"tolerance {tolerance:.3g} for {dt}", basis=TOLERANCE)
     _check_round_trip(report, model, path)
-    if transformers:
-        del model
+    del model
+    if export:  # checked in memory through its fused checkpoint; then what transformers loads
+        from fusesurgery.hf.validate_export import add_processor_row  # noqa: PLC0415
+
+        add_processor_row(report, path)
+        if transformers is not False:
+            _check_transformers(report, path, path, seed=seed, batch=batch, seq_len=seq_len,
+                                device=torch_device)
+    elif transformers:
         _validate_with_export(report, path, seed=seed, batch=batch, seq_len=seq_len,
                               device=torch_device)
     return report

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,52 @@ def _derived_token_ids(directory: Path, kept: dict[str, bytes], source: FusedVie
     return found
 
 
+# What fuse copies beside the fused weights unchanged (the tokenizer it changes): a kept copy
+# of one of these that is gone is the fused directory's.
+FUSED_DIRECTORY_COPIES: tuple[str, ...] = (*ENCODER_SIDE_FILES, "generation_config.json")
+
+
+def kept_part_files(
+    directory: Path, part: str, record: Mapping[str, Any], allow_missing: bool,
+    notes: list[str], *, replaced: tuple[str, ...] = (),
+    copies: tuple[str, ...] = FUSED_DIRECTORY_COPIES,
+) -> tuple[dict[str, bytes], dict[str, bytes], list[str]]:
+    """The source files fuse kept of ``part`` (its ``kept_files`` under ``source/<part>/``),
+    by the one rule every unfuse follows, whatever the layout of the fused directory: a kept
+    file that is gone is taken from the fused directory where that holds the source's own
+    copy (``copies``), its config is derived by the caller (a note says so), one the caller
+    writes itself (``replaced``) is not needed; any other (a tokenizer) is an error unless
+    ``allow_missing``, and then a note. Appends what it did to ``notes``.
+
+    Returns:
+        ``(kept, recovered, missing)``: the files found under ``source/<part>/``, the ones
+        taken from the fused directory instead, and the names of every kept file gone.
+
+    Raises:
+        CheckpointError: a kept file is gone that cannot be derived, unless
+            ``allow_missing``; or one present but unreadable.
+    """
+    config_file = record.get("config_file")
+    names = tuple(record.get("kept_files", ()))
+    kept = read_side_files(directory / SOURCE_FILES_DIR / part, names)
+    where = f"{SOURCE_FILES_DIR}/{part}/"
+    missing = [name for name in names if name not in kept]
+    recovered = read_side_files(directory, tuple(
+        name for name in missing if name != config_file and name in copies))
+    for name in recovered:
+        notes.append(f"{where}{name} is missing: {name} is the fused directory's copy")
+    lost = [name for name in missing
+            if name != config_file and name not in recovered and name not in replaced]
+    if lost and not allow_missing:
+        raise CheckpointError(
+            f"{directory}: {where} lacks {', '.join(lost)} of the {part} source, which unfuse "
+            "gives back and cannot derive; restore them, or write the part without them",
+            flag="--allow-missing")
+    if lost:
+        notes.append(f"written without {', '.join(lost)}: missing from {where}")
+    return kept, recovered, missing
+
+
 def _config_and_side_files(
     directory: Path, part: str, record: dict[str, Any], fmt: str, part_config: Any,
     source: FusedView, plan: ConversionPlan, allow_missing: bool, notes: list[str],
@@ -189,25 +235,9 @@ def _config_and_side_files(
     """
     layout = record.get("layout", "native")
     config_file = record.get("config_file")
-    names = tuple(record.get("kept_files", ()))
-    kept = read_side_files(directory / SOURCE_FILES_DIR / part, names)
+    kept, recovered, missing = kept_part_files(directory, part, record, allow_missing, notes,
+                                               replaced=replaced)
     where = f"{SOURCE_FILES_DIR}/{part}/"
-    missing = [name for name in names if name not in kept]
-    # fuse copies these beside the fused weights unchanged (the tokenizer it changes)
-    copies = tuple(name for name in missing if name != config_file and name in (
-        *ENCODER_SIDE_FILES, "generation_config.json"))
-    recovered = read_side_files(directory, copies)
-    for name in recovered:
-        notes.append(f"{where}{name} is missing: {name} is the fused directory's copy")
-    lost = [name for name in missing
-            if name != config_file and name not in recovered and name not in replaced]
-    if lost and not allow_missing:
-        raise CheckpointError(
-            f"{directory}: {where} lacks {', '.join(lost)} of the {part} source, which unfuse "
-            "gives back and cannot derive; restore them, or write the part without them",
-            flag="--allow-missing")
-    if lost:
-        notes.append(f"written without {', '.join(lost)}: missing from {where}")
     extra = {**recovered, **kept}
     if source.layout == "mllama" and part == "decoder":  # its generation settings are Llama's
         extra.update(read_side_files(directory, ("generation_config.json",)))

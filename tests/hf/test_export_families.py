@@ -190,7 +190,7 @@ def test_phi3_stacked_tensors_are_one_byte_range_each_way(built):
     """The export writes ``qkv_proj`` from the native q, k and v as the one byte range they
     make up in the fused file, and the way back takes each part as a byte range of it."""
     from fusesurgery.hf.export import export_entries
-    from fusesurgery.hf.reimport import _checked_export
+    from fusesurgery.surgery.exported import checked_export
     from fusesurgery.surgery.fused import open_fused
     from fusesurgery.write.convert_checkpoint import plan_entry_source
 
@@ -205,7 +205,7 @@ def test_phi3_stacked_tensors_are_one_byte_range_each_way(built):
         assert [part.source_key for part in gate_up.parts] == [
             "decoder.layers.1.mlp.w1.weight", "decoder.layers.1.mlp.w3.weight"]
     with open_checkpoint(built["phi4-mini"]["trained-hf"]) as source:
-        _, native_of = _checked_export(source, "export")
+        _, native_of = checked_export(source, "export")
         parts = native_of[qkv].parts
         assert [(key.rsplit(".", 2)[-2], start, stop) for key, start, stop, _ in parts] == [
             ("q_proj", 0, 32), ("k_proj", 32, 48), ("v_proj", 48, 64)]
