@@ -26,7 +26,6 @@ from fusesurgery.errors import ConfigError, FuseSurgeryError, ShapeError
 from fusesurgery.hf import EXPORT_TARGET
 from fusesurgery.hf.anyfamily import (
     FUSE_RECORD_FIELD,
-    _native_model_types,
     check_template_files,
     checked_any_export,
     is_any_export,
@@ -41,6 +40,7 @@ from fusesurgery.hf.export import (
     exported_key,
     processor_notes,
 )
+from fusesurgery.hf.layout_choice import native_model_types
 from fusesurgery.io import TensorInfo, open_checkpoint
 from fusesurgery.io._files import file_fingerprint, read_side_file
 from fusesurgery.io.checkpoint import FUSION_CONFIG_FILE
@@ -173,7 +173,7 @@ def _no_native_message(document: dict, path: object) -> str:
     sources = document[FUSE_RECORD_FIELD].get("sources") or {}
     families = [(role, (sources.get(part) or {}).get("family"))
                 for role, part in (("decoder", "decoder"), ("tower", "encoder"))]
-    decoders, towers = _native_model_types()
+    decoders, towers = native_model_types()
     missing = [f"its {role}'s family {family!r}" for (role, family), known in
                zip(families, (decoders, towers), strict=True) if family not in known]
     if missing:
