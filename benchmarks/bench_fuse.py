@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -127,6 +128,14 @@ def run_sampled(argv: list[str], env: dict[str, str] | None = None) -> tuple[flo
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {child.returncode}:\n{out}\n{err}")
     return seconds, peak[0]
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every child waited for so far (grandchildren included):
+    the difference around a run is what that run cost in CPU, which a loaded machine
+    stretches less than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_shell(command: str) -> float:
@@ -347,8 +356,11 @@ def main() -> None:
         peaks: dict[str, list[int]] = {n: [] for n in ("fuse", *contenders[2:], *extra)}
         written = {"fuse": 0, "cp": 0, "naive": 0, "baseline": 0}
 
+        cpu: dict[str, list[float]] = {n: [] for n in contenders}
+
         def run(name: str) -> None:
             same_start(inputs, args.settle)
+            cpu_before = children_cpu_seconds()
             if name == "fuse":
                 seconds, peak = run_sampled(fuse_cmd, envs["fuse"])
                 written["fuse"] = tree_bytes(out)
@@ -367,6 +379,8 @@ def main() -> None:
             else:
                 seconds, peak = run_sampled(validate_cmd if name == "validate" else against_cmd)
             times[name].append(seconds)
+            if name in cpu:
+                cpu[name].append(children_cpu_seconds() - cpu_before)
             if peak is not None:
                 peaks[name].append(peak)
 
@@ -394,7 +408,7 @@ def main() -> None:
                   "validate": "validate", "against": "validate --against",
                   "baseline": "fuse (baseline tree)"}
         bounds["baseline"] = fuse_bound
-        print(f"\n{'contender':22s} {'best s':>8s} {'median s':>9s} {'GB/s':>6s} "
+        print(f"\n{'contender':22s} {'best s':>8s} {'median s':>9s} {'cpu s':>6s} {'GB/s':>6s} "
               f"{'peak RssAnon':>13s} {'bound':>9s}  verdict")
         for name, values in times.items():
             gbps = f"{written[name] / min(values) / 1e9:6.2f}" if name in written else "     -"
@@ -403,8 +417,9 @@ def main() -> None:
             verdict = "" if bound is None else (
                 "PASS" if max(peaks[name]) <= bound else "FAIL")
             bound_text = f"{bound / 1e6:6.0f} MB" if bound else f"{'-':>9s}"
+            cpu_text = f"{statistics.median(cpu[name]):6.2f}" if name in cpu else "     -"
             print(f"{labels[name]:22s} {min(values):8.2f} {statistics.median(values):9.2f} "
-                  f"{gbps} {peak} {bound_text}  {verdict}")
+                  f"{cpu_text} {gbps} {peak} {bound_text}  {verdict}")
 
         per_round = [f / c for f, c in zip(times["fuse"], times["cp"], strict=True)]
         ratio_median, ratio_best = statistics.median(per_round), min(times["fuse"]) / min(
@@ -427,7 +442,10 @@ def main() -> None:
                   f"{', '.join(f'{r:.2f}' for r in against)}); baseline/cp median of rounds "
                   f"{statistics.median(base_cp):.2f} (rounds "
                   f"{', '.join(f'{r:.2f}' for r in base_cp)}), baseline median "
-                  f"{statistics.median(times['baseline']):.2f} s")
+                  f"{statistics.median(times['baseline']):.2f} s; CPU (user + system) median "
+                  f"{statistics.median(cpu['fuse']):.2f} s vs baseline "
+                  f"{statistics.median(cpu['baseline']):.2f} s vs cp "
+                  f"{statistics.median(cpu['cp']):.2f} s")
         print(f"  fuse median {statistics.median(times['fuse']):.2f} s, cp -r + sync median "
               f"{statistics.median(times['cp']):.2f} s; load average at the end "
               f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
