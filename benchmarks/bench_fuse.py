@@ -45,9 +45,14 @@ keeps them (and a default temporary directory) afterwards.
 
 `--fuse-only` times fuse and cp alone (no naive path, no validate).
 
+`--baseline DIR` adds a third contender: the same `fuse` command run from another source tree
+(a clone of main at the commit compared against), `python -m fusesurgery` with PYTHONPATH=DIR;
+this tree's fuse then runs the same way (PYTHONPATH this tree), the three rotate their order
+round by round, and the median of the rounds' fuse/baseline ratios is reported beside fuse/cp.
+
 Usage: python benchmarks/bench_fuse.py [--workdir DIR] [--keep] [--rounds 3] [--settle 1.0]
        [--decoder-preset llama3_2_1b] [--encoder-preset clip_vit_l_14_336]
-       [--vision-tower-only] [--fuse-only] [--target RATIO]
+       [--vision-tower-only] [--fuse-only] [--target RATIO] [--baseline DIR]
        (develop with: --decoder-preset tiny --encoder-preset tiny_clip --vision-tower-only
        --rounds 1)
 """
@@ -57,6 +62,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -97,13 +103,14 @@ def rss_anon_of(pid: int) -> int | None:
     return None
 
 
-def run_sampled(argv: list[str]) -> tuple[float, int]:
-    """Run ``argv`` as a child; return its wall seconds (start to exit) and peak RssAnon,
-    sampled every ~20 ms by a thread in this process."""
+def run_sampled(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run ``argv`` as a child (in ``env`` if given); return its wall seconds (start to exit)
+    and peak RssAnon, sampled every ~20 ms by a thread in this process."""
     peak = [0]
     done = threading.Event()
     start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
 
     def sample() -> None:
         while not done.is_set():
@@ -121,6 +128,14 @@ def run_sampled(argv: list[str]) -> tuple[float, int]:
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {child.returncode}:\n{out}\n{err}")
     return seconds, peak[0]
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every child waited for so far (grandchildren included):
+    the difference around a run is what that run cost in CPU, which a loaded machine
+    stretches less than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_shell(command: str) -> float:
@@ -294,13 +309,16 @@ def main() -> None:
                         help="time fuse and cp only (no naive path, no validate)")
     parser.add_argument("--target", type=float, default=None,
                         help="the fuse/cp ratio claimed (default: issue 19's for the preset)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another source tree whose fuse runs as a third contender")
     args = parser.parse_args()
     target = args.target or TARGETS.get(args.decoder_preset, 1.5)
 
     work, temporary = work_directory(args, "fuse")
     out, out_cp, out_naive = work / "out-fuse", work / "out-cp", work / "out-naive"
+    out_base = work / "out-baseline"
     try:
-        for stale in (out, out_cp, out_naive):
+        for stale in (out, out_cp, out_naive, out_base):
             shutil.rmtree(stale, ignore_errors=True)
         print(f"inputs in {work}:")
         enc, dec = build_inputs(work, args.decoder_preset, args.encoder_preset,
@@ -322,20 +340,34 @@ def main() -> None:
               + ("; then naive, validate, validate --against" if extra else "") + "\n")
 
         fuse_cmd = [CLI, "fuse", str(enc), str(dec), "-o", str(out)]
+        envs: dict[str, dict[str, str] | None] = {"fuse": None}
+        if args.baseline is not None:  # both trees started the same way
+            fuse_cmd = [sys.executable, "-m", "fusesurgery", *fuse_cmd[1:]]
+            envs = {name: {**os.environ, "PYTHONPATH": str(tree.resolve())} for name, tree in
+                    (("fuse", Path(__file__).resolve().parents[1]),
+                     ("baseline", args.baseline))}
+        contenders = ("fuse", "cp", *(("baseline",) if args.baseline is not None else ()))
         cp_cmd = (f"mkdir {out_cp} && cp -r {enc} {dec} {out_cp}/ && "
                   f"find {out_cp} -type f -exec sync {{}} +")
         naive_cmd = [sys.executable, "-c", NAIVE, str(enc), str(dec), str(out), str(out_naive)]
         validate_cmd = [CLI, "validate", str(out)]
         against_cmd = [*validate_cmd, "--against", str(dec)]
-        times: dict[str, list[float]] = {n: [] for n in ("fuse", "cp", *extra)}
-        peaks: dict[str, list[int]] = {n: [] for n in ("fuse", *extra)}
-        written = {"fuse": 0, "cp": 0, "naive": 0}
+        times: dict[str, list[float]] = {n: [] for n in (*contenders, *extra)}
+        peaks: dict[str, list[int]] = {n: [] for n in ("fuse", *contenders[2:], *extra)}
+        written = {"fuse": 0, "cp": 0, "naive": 0, "baseline": 0}
+
+        cpu: dict[str, list[float]] = {n: [] for n in contenders}
 
         def run(name: str) -> None:
             same_start(inputs, args.settle)
+            cpu_before = children_cpu_seconds()
             if name == "fuse":
-                seconds, peak = run_sampled(fuse_cmd)
+                seconds, peak = run_sampled(fuse_cmd, envs["fuse"])
                 written["fuse"] = tree_bytes(out)
+            elif name == "baseline":
+                seconds, peak = run_sampled([*fuse_cmd[:-1], str(out_base)], envs["baseline"])
+                written["baseline"] = tree_bytes(out_base)
+                shutil.rmtree(out_base)
             elif name == "cp":
                 seconds, peak = run_shell(cp_cmd), None
                 written["cp"] = tree_bytes(out_cp)
@@ -347,11 +379,17 @@ def main() -> None:
             else:
                 seconds, peak = run_sampled(validate_cmd if name == "validate" else against_cmd)
             times[name].append(seconds)
+            if name in cpu:
+                cpu[name].append(children_cpu_seconds() - cpu_before)
             if peak is not None:
                 peaks[name].append(peak)
 
         for round_number in range(args.rounds):
-            order = ("fuse", "cp") if round_number % 2 == 0 else ("cp", "fuse")
+            if len(contenders) == 2:
+                order = ("fuse", "cp") if round_number % 2 == 0 else ("cp", "fuse")
+            else:  # fuse last in some rounds: its output feeds what follows
+                shift = round_number % 3
+                order = contenders[shift:] + contenders[:shift]
             for name in order:
                 run(name)
             # the last fuse output of the round feeds the naive path's config and validate
@@ -367,8 +405,10 @@ def main() -> None:
         bounds = {"fuse": fuse_bound, "naive": None, "validate": validate_bound,
                   "against": validate_bound}
         labels = {"fuse": "fuse", "cp": "cp -r + sync", "naive": "naive load/build/save",
-                  "validate": "validate", "against": "validate --against"}
-        print(f"\n{'contender':22s} {'best s':>8s} {'median s':>9s} {'GB/s':>6s} "
+                  "validate": "validate", "against": "validate --against",
+                  "baseline": "fuse (baseline tree)"}
+        bounds["baseline"] = fuse_bound
+        print(f"\n{'contender':22s} {'best s':>8s} {'median s':>9s} {'cpu s':>6s} {'GB/s':>6s} "
               f"{'peak RssAnon':>13s} {'bound':>9s}  verdict")
         for name, values in times.items():
             gbps = f"{written[name] / min(values) / 1e9:6.2f}" if name in written else "     -"
@@ -377,8 +417,9 @@ def main() -> None:
             verdict = "" if bound is None else (
                 "PASS" if max(peaks[name]) <= bound else "FAIL")
             bound_text = f"{bound / 1e6:6.0f} MB" if bound else f"{'-':>9s}"
+            cpu_text = f"{statistics.median(cpu[name]):6.2f}" if name in cpu else "     -"
             print(f"{labels[name]:22s} {min(values):8.2f} {statistics.median(values):9.2f} "
-                  f"{gbps} {peak} {bound_text}  {verdict}")
+                  f"{cpu_text} {gbps} {peak} {bound_text}  {verdict}")
 
         per_round = [f / c for f, c in zip(times["fuse"], times["cp"], strict=True)]
         ratio_median, ratio_best = statistics.median(per_round), min(times["fuse"]) / min(
@@ -393,6 +434,18 @@ def main() -> None:
               f"{ratio_median:.2f} (rounds {', '.join(f'{r:.2f}' for r in per_round)}), "
               f"best/best {ratio_best:.2f}; target <= {target:g}: "
               f"{'PASS' if ratio_median <= target else 'FAIL'}")
+        if args.baseline is not None:
+            against = [f / b for f, b in zip(times["fuse"], times["baseline"], strict=True)]
+            base_cp = [b / c for b, c in zip(times["baseline"], times["cp"], strict=True)]
+            print(f"  fuse/baseline ({args.baseline}) wall: median of rounds "
+                  f"{statistics.median(against):.2f} (rounds "
+                  f"{', '.join(f'{r:.2f}' for r in against)}); baseline/cp median of rounds "
+                  f"{statistics.median(base_cp):.2f} (rounds "
+                  f"{', '.join(f'{r:.2f}' for r in base_cp)}), baseline median "
+                  f"{statistics.median(times['baseline']):.2f} s; CPU (user + system) median "
+                  f"{statistics.median(cpu['fuse']):.2f} s vs baseline "
+                  f"{statistics.median(cpu['baseline']):.2f} s vs cp "
+                  f"{statistics.median(cpu['cp']):.2f} s")
         print(f"  fuse median {statistics.median(times['fuse']):.2f} s, cp -r + sync median "
               f"{statistics.median(times['cp']):.2f} s; load average at the end "
               f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
@@ -416,7 +469,7 @@ def main() -> None:
                   f"{validate_bound / 1e6:.0f} MB: ratio {peak / validate_bound:.2f} "
                   f"{'PASS' if peak <= validate_bound else 'FAIL'}")
     finally:
-        for output in (out, out_cp, out_naive):
+        for output in (out, out_cp, out_naive, out_base):
             shutil.rmtree(output, ignore_errors=True)
         if temporary and not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -133,7 +133,7 @@ def fuse(
     )
     note = None
     if format is None:
-        from fusesurgery.hf.anyfamily import choose_layout  # noqa: PLC0415
+        from fusesurgery.hf.layout_choice import choose_layout  # noqa: PLC0415
 
         format, note = choose_layout(encoder, decoder)
     if format == "transformers":

@@ -32,6 +32,7 @@ from fusesurgery import _json as standard_json
 from fusesurgery.convert.tokenizer import TOKENIZER_FILES, add_special_tokens
 from fusesurgery.errors import CheckpointError, ConfigError, ShapeError
 from fusesurgery.hf.export import auto_map, template_files
+from fusesurgery.hf.layout_choice import LAYOUTS, choose_layout
 from fusesurgery.io import CheckpointSource, TensorInfo, open_checkpoint
 from fusesurgery.io._files import file_fingerprint, read_side_file
 from fusesurgery.surgery.export_layout import (
@@ -46,7 +47,6 @@ from fusesurgery.surgery.export_layout import (
     is_any_export,
 )
 from fusesurgery.surgery.export_layout import EXPORT_MODEL_TYPE as MODEL_TYPE
-from fusesurgery.surgery.exported import native_model_types as _native_model_types
 from fusesurgery.surgery.fuse_plan import (
     DEFAULT,
     FuseOptions,
@@ -761,40 +761,6 @@ def fuse_transformers(
     return AnyFuseResult(decoder=dec, tower=tower, config=document, written=written,
                          tokenizer_files=tokenizer_written,
                          new_parameters=sum(math.prod(s.shape) for _, s in new))
-
-
-LAYOUTS: tuple[str, ...] = ("native", "transformers")
-
-
-
-def choose_layout(encoder_path: str | os.PathLike[str],
-                  decoder_path: str | os.PathLike[str]) -> tuple[str, str | None]:
-    """The layout ``fuse`` writes when none is asked for: native, unless the decoder's or the
-    tower's transformers config names a family fusesurgery has no native module for.
-
-    Returns:
-        ``(layout, note)``: the note says why the transformers layout was chosen (None for
-        native).
-
-    Raises:
-        FuseSurgeryError: an input that cannot be opened.
-    """
-    decoders, towers = _native_model_types()
-    types = {}
-    for role, path in (("decoder", decoder_path), ("tower", encoder_path)):
-        with open_checkpoint(path, remote_headers=True) as source:  # a Hub repo: no download
-            document = source.config if source.config_file == "config.json" else None
-        model_type = document.get("model_type") if isinstance(document, dict) else None
-        types[role] = model_type if isinstance(model_type, str) else None
-    if types["decoder"] in towers or types["tower"] in decoders or MODEL_TYPE in types.values():
-        return "native", None  # swapped or fused inputs: the native reader says so
-    for role, known in (("decoder", decoders), ("tower", towers)):
-        model_type = types[role]
-        if model_type is not None and model_type not in known:
-            return "transformers", (
-                f"the {role}'s family {model_type!r} has no native module: written in the "
-                "transformers layout (load it with AutoModelForImageTextToText)")
-    return "native", None
 
 
 def fuse(encoder: str | os.PathLike[str], decoder: str | os.PathLike[str],

@@ -207,7 +207,18 @@ def check_export_config(document: Mapping[str, Any], config: FusedConfig,
                                   "transformers would build another model from")
 
 
+def native_model_types() -> tuple[frozenset[str], frozenset[str]]:
+    """The transformers model types fusesurgery's native modules read (decoders, towers)."""
+    from fusesurgery.convert.configs import (  # noqa: PLC0415
+        HF_DECODER_FAMILIES,
+        HF_VISION_FAMILIES,
+    )
+
+    # (every family file's model types: fusesurgery.families)
+    return frozenset(HF_DECODER_FAMILIES), frozenset(HF_VISION_FAMILIES)
+
+
 __all__ = ["EXPORT_MODEL_TYPE", "EXPORT_TARGET", "FUSE_RECORD_FIELD", "FUSION_CONFIG_FIELD",
            "check_export_config", "check_template_files", "export_fusion_fields",
            "hub_export_directory", "is_any_export", "local_export_path", "is_export_directory",
-           "is_transformers_export"]
+           "is_transformers_export", "native_model_types"]

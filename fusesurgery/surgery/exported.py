@@ -53,6 +53,7 @@ from fusesurgery.surgery.export_layout import (
     is_export_directory,
     is_transformers_export,
     local_export_path,
+    native_model_types,
 )
 from fusesurgery.surgery.fused import (
     FusedOpener,
@@ -202,17 +203,6 @@ def checked_export(source, path: object) -> tuple[FusedConfig, dict[str, Exporte
             raise ShapeError(f"{path}: {name} is {list(info.shape)}, its fusion config needs "
                              f"{list(native_of[name][2])}")
     return config, native_of
-
-
-def native_model_types() -> tuple[frozenset[str], frozenset[str]]:
-    """The transformers model types fusesurgery's native modules read (decoders, towers)."""
-    from fusesurgery.convert.configs import (  # noqa: PLC0415
-        HF_DECODER_FAMILIES,
-        HF_VISION_FAMILIES,
-    )
-
-    # (every family file's model types: fusesurgery.families)
-    return frozenset(HF_DECODER_FAMILIES), frozenset(HF_VISION_FAMILIES)
 
 
 def _no_native_message(document: dict, path: object) -> str:
@@ -375,6 +365,6 @@ def read_any_fused_config(path: str | os.PathLike[str]) -> FusedConfig:
 
 
 __all__ = ["ExportedTensor", "checked_export", "decoder_stacked_key", "export_plan",
-           "exported_key", "fused_opener", "native_model_types", "native_side_files",
+           "exported_key", "fused_opener", "native_side_files",
            "no_native_form", "open_any_fused", "open_export", "read_any_fused_config",
            "with_gates_read"]

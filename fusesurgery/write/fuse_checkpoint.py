@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusesurgery import _json as standard_json
+from fusesurgery._lazy import first_torch_import
 from fusesurgery._version import __version__
 from fusesurgery.convert.detect import DetectedModel, detect_layout, detect_model
 from fusesurgery.convert.keymaps import keys_to_native
@@ -319,15 +320,16 @@ def fuse_checkpoints(
             whole = []
         precopied = stack.enter_context(CopyAhead(out, whole))
 
-        from fusesurgery.convert import plan_conversion  # noqa: PLC0415 - imports torch
-        from fusesurgery.surgery.new_params import (  # noqa: PLC0415
-            embedding_stats,
-            make_new_tensor,
-        )
-        from fusesurgery.write.plan_sources import (  # noqa: PLC0415
-            plan_entry_source,
-            source_file_order,
-        )
+        with first_torch_import():
+            from fusesurgery.convert import plan_conversion  # noqa: PLC0415 - imports torch
+            from fusesurgery.surgery.new_params import (  # noqa: PLC0415
+                embedding_stats,
+                make_new_tensor,
+            )
+            from fusesurgery.write.plan_sources import (  # noqa: PLC0415
+                plan_entry_source,
+                source_file_order,
+            )
 
         dec_plan = plan_conversion(decoder.infos(), dec.layout, dec.config, kind=dec.kind,
                                    dtype=options.dtype)
