@@ -23,6 +23,13 @@ What is measured (whole processes, timed from the parent, imports included, unle
    steps, whose median is the cost per new token (the first call, with the tower and the
    image keys/values, is the prefill). One untimed short generate of each comes first.
    Target: with / without an image <= 1.2 (median of the per-round ratios).
+   3b. (`--parts steps`) The same cost as single decoding steps in one warm process, less
+   exposed to a shared machine: the export prefilled once with the image and once without
+   (two caches), then one decoding step of each alternating for `max(--rounds, 15)` rounds,
+   each cache cropped back after its step; the median of the per-round ratios. `steps-native`
+   does the same with `fusesurgery.load_fused(FUSED)` (the native modules, the steps as
+   `fusesurgery.generate` makes them; the cross-attention caches emptied for the steps
+   without an image, which then skip the fusion layers as a text-only call does).
 
 4. `fusesurgery.load_fused(EXPORT)` (in memory, through the export's key map) against
    `load_fused(FUSED)` of the fused checkpoint it was exported from: whole child processes,
@@ -33,13 +40,15 @@ What is measured (whole processes, timed from the parent, imports included, unle
 
 Usage: python benchmarks/bench_export.py [--workdir DIR] [--keep] [--rounds 3]
        [--settle 1.0] [--new-tokens 16] [--decoder-preset llama3_2_1b]
-       [--encoder-preset clip_vit_l_14_336]
+       [--encoder-preset clip_vit_l_14_336] [--parts decode,steps,steps-native]
+       [--threads N]
        (develop with: --decoder-preset tiny --encoder-preset tiny_clip --rounds 1)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -134,13 +143,88 @@ with open(report, "w") as f:
     json.dump({"steps": steps, "prefill": prefill}, f)
 """
 
+STEPS = """
+import json, statistics, sys, time
+import torch, transformers
+import fusesurgery
+
+transformers.logging.disable_progress_bar()
+kind, path, rounds, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+generator = torch.Generator().manual_seed(0)
+prompt = 16
+token = torch.tensor([[42]])
+if kind == "export":
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    config = model.config
+    tokens = torch.randint(0, config.text_vocab_size, (1, prompt), generator=generator)
+    image_id, side = config.image_token_id, config.vision_config.image_size
+    images = {"pixel_values": torch.randn(1, 3, side, side, generator=generator)}
+else:
+    from fusesurgery.modules.transformer import TransformerCrossAttentionLayer
+
+    model = fusesurgery.load_fused(path).eval()
+    config = model.fused_config
+    tokens = torch.randint(0, config.decoder.vocab_size, (1, prompt), generator=generator)
+    image_id, side = config.new_tokens[0].id, config.encoder.image_size
+    pixels = torch.randn(1, 3, side, side, generator=generator)
+    images = {"images": pixels.to(next(model.encoder.parameters()).dtype)}
+with_image = tokens.clone()
+with_image[0, 1] = image_id
+with torch.no_grad():
+    if kind == "export":
+        caches = {}
+        for name, kwargs in (("image", dict(input_ids=with_image, **images)),
+                             ("text", dict(input_ids=tokens))):
+            caches[name] = transformers.DynamicCache(config=config.text_config)
+            model(**kwargs, past_key_values=caches[name], use_cache=True)
+        mask = torch.ones(1, prompt + 1, dtype=torch.long)
+
+        def step(name):
+            model(input_ids=token, past_key_values=caches[name], use_cache=True,
+                  attention_mask=mask)
+            caches[name].crop(-1)
+    else:  # one set of caches: the prefill with the image; text steps empty the cross ones
+        s_e = config.encoder.seq_len
+        model.setup_caches(1, model.decoder.tok_embeddings.weight.dtype,
+                           encoder_max_seq_len=s_e, decoder_max_seq_len=prompt + 1)
+        encoder_mask = (torch.arange(prompt) >= 1)[None, :, None].expand(1, prompt, s_e)
+        model(with_image, encoder_input=images, encoder_mask=encoder_mask)
+        cross = [m.attn.kv_cache for m in model.modules()
+                 if isinstance(m, TransformerCrossAttentionLayer)]
+        own = [m.attn.kv_cache for m in model.modules() if hasattr(m, "attn")
+               and not isinstance(m, TransformerCrossAttentionLayer)
+               and getattr(m.attn, "kv_cache", None) is not None]
+        position = torch.tensor([[prompt]])
+
+        def step(name):
+            for cache in cross:
+                cache.size = s_e if name == "image" else 0
+            model(token, input_pos=position)  # generate's steps: every position seen, no mask
+            for cache in own:
+                cache.size = prompt
+    for name in ("image", "text", "image", "text"):  # warm-up, untimed
+        step(name)
+    times = {"image": [], "text": []}
+    for r in range(rounds):
+        for name in (("image", "text") if r % 2 == 0 else ("text", "image")):
+            start = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - start)
+with open(report, "w") as f:
+    json.dump({"times": times, "threads": torch.get_num_threads()}, f)
+"""
+
 
 def main() -> None:
     parser = common_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--parts", default="export,load,load-warm,decode,load-fused",
-                        help="which measurements to run (comma-separated; load and decode "
-                        "need the export an earlier run left in --workdir)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the decode and steps children (default: "
+                        "torch's own choice)")
+    parser.add_argument("--parts", default="export,load,load-warm,decode,steps,load-fused",
+                        help="which measurements to run (comma-separated: export, load, "
+                        "load-warm, decode, steps, steps-native, load-fused; the others need "
+                        "the export an earlier run left in --workdir, else it is made first)")
     args = parser.parse_args()
 
     work, temporary = work_directory(args, "export")
@@ -170,6 +254,10 @@ def main() -> None:
             measure_load_warm(args, work, export, dec)
         if "decode" in parts:
             measure_decode(args, work, export)
+        if "steps" in parts:
+            measure_steps(args, work, "export", export)
+        if "steps-native" in parts:
+            measure_steps(args, work, "native", fused)
         if "load-fused" in parts:
             measure_load_fused(args, work, export, fused)
     finally:
@@ -299,7 +387,7 @@ def measure_decode(args, work: Path, export: Path) -> None:
     report = work / "bench_export_decode.json"
     print(f"\n3. cost per new token, {args.rounds} rounds of {args.new_tokens} tokens")
     subprocess.run([sys.executable, "-c", DECODE, str(export), str(args.rounds),
-                    str(args.new_tokens), str(report)], check=True)
+                    str(args.new_tokens), str(report)], check=True, env=_threads_env(args))
     decode = json.loads(report.read_text())
     steps, prefill = decode["steps"], decode["prefill"]
     per_round = [i / t for i, t in zip(steps["image"], steps["text"], strict=True)]
@@ -310,6 +398,38 @@ def measure_decode(args, work: Path, export: Path) -> None:
     median = statistics.median(per_round)
     print(f"  with / without an image: median of rounds {median:.2f} (target <= 1.2: "
           f"{'PASS' if median <= 1.2 else 'FAIL'})")
+
+
+
+def _threads_env(args) -> dict[str, str]:
+    """The environment of a decoding child: ``--threads`` as its OMP_NUM_THREADS (torch's
+    intra-op threads) when given. One thread is far less exposed to a busy machine: a
+    parallel region waits for its slowest thread, and on shared cores that is one the
+    scheduler has put aside."""
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def measure_steps(args, work: Path, kind: str, path: Path) -> None:
+    """3b. single decoding steps with and without an image, alternating in one process."""
+    report = work / f"bench_export_steps_{kind}.json"
+    rounds = max(args.rounds, 15)
+    label = "the export" if kind == "export" else "load_fused (native)"
+    print(f"\n3b. single decoding steps of {label} in one warm process, {rounds} rounds")
+    subprocess.run([sys.executable, "-c", STEPS, kind, str(path), str(rounds), str(report)],
+                   check=True, env=_threads_env(args))
+    measured = json.loads(report.read_text())
+    times = measured["times"]
+    ratios = [i / t for i, t in zip(times["image"], times["text"], strict=True)]
+    image, text = times["image"], times["text"]
+    print(f"  {measured['threads']} threads; step with an image median "
+          f"{statistics.median(image) * 1e3:.1f} ms (min {min(image) * 1e3:.1f}), without "
+          f"{statistics.median(text) * 1e3:.1f} ms (min {min(text) * 1e3:.1f}); per-round "
+          f"ratios {min(ratios):.2f}-{max(ratios):.2f}")
+    print(f"  with / without an image: median of rounds {statistics.median(ratios):.3f} "
+          f"(target <= 1.2: {'PASS' if statistics.median(ratios) <= 1.2 else 'FAIL'})")
 
 
 if __name__ == "__main__":
