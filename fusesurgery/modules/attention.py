@@ -51,12 +51,13 @@ class MultiHeadAttention(nn.Module):
             ``output_proj``), keep a KV cache of such inputs in float32, and let SDPA's
             ``enable_gqa`` pair query heads with their key/value heads instead of copying
             the keys and values per query head (bitwise the same result on the CPU). The
-            fusion cross-attention sets it: the CPU's half-precision SDPA kernel costs 6-30x
-            its float32 one for a one-token query over hundreds of image positions (a
-            decoding step with an image), and it rounds the probabilities to the half
-            dtype before weighing the values, which float32 does not. Float32 inputs and
-            other devices compute as without it, except for the ``enable_gqa`` pairing on
-            the CPU. The exported transformers model's cross-attention does the same.
+            fusion cross-attention sets it: for a one-token query over hundreds of image
+            positions (a decoding step with an image) the CPU's half-precision SDPA kernel
+            costs about 6-9x its float32 one (an AVX2 CPU without bfloat16 instructions),
+            and it rounds the probabilities to the half dtype before weighing the values,
+            which float32 does not. Float32 inputs and other devices compute as without it,
+            except for the ``enable_gqa`` pairing on the CPU. The exported transformers
+            model's cross-attention does the same.
 
     Raises:
         ValueError: ``num_heads`` is not a multiple of ``num_kv_heads``, or a sliding

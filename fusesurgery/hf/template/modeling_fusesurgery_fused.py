@@ -161,13 +161,13 @@ class FusionCrossAttention(nn.Module):
     pairs the query heads with them, bitwise what copies per query head give there; they are
     stored contiguous per head, which the kernel reads faster), and bfloat16 / float16
     inputs attend in float32: keys and values are cast up once per image (exactly), the
-    queries on every call, and the output is cast back before
-    ``output_proj``. The CPU's half-precision SDPA kernel costs 6-30x its float32 one for a
-    one-token query over hundreds of image positions (a decoding step with an image) and
-    rounds the probabilities to the half dtype before weighing the values. fusesurgery's
-    own cross-attention (``load_fused``) computes the same way, so the two agree bitwise.
-    Elsewhere the keys and values are repeated per query head once per image and attended
-    in the inputs' dtype.
+    queries on every call, and the output is cast back before ``output_proj``. For a
+    one-token query over hundreds of image positions (a decoding step with an image) the
+    CPU's half-precision SDPA kernel costs about 6-9x its float32 one (an AVX2 CPU without
+    bfloat16 instructions), and it rounds the probabilities to the half dtype before
+    weighing the values. fusesurgery's own cross-attention (``load_fused``) computes the
+    same way, so the two agree bitwise. Elsewhere the keys and values are repeated per query
+    head once per image and attended in the inputs' dtype.
     """
 
     def __init__(self, config: FusedVisionTextConfig) -> None:
