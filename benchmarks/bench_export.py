@@ -27,9 +27,11 @@ What is measured (whole processes, timed from the parent, imports included, unle
    exposed to a shared machine: the export prefilled once with the image and once without
    (two caches), then one decoding step of each alternating for `max(--rounds, 15)` rounds,
    each cache cropped back after its step; the median of the per-round ratios. `steps-native`
-   does the same with `fusesurgery.load_fused(FUSED)` (the native modules, the steps as
-   `fusesurgery.generate` makes them; the cross-attention caches emptied for the steps
-   without an image, which then skip the fusion layers as a text-only call does).
+   measures `fusesurgery.load_fused(FUSED)` (the native modules) the way part 3 measures the
+   export: `fusesurgery.generate` with and without the image, alternating for `--rounds`
+   rounds of `--new-tokens` tokens, a round's cost its median decoding step. With
+   `--threads 1` it also reports the steps' CPU time, which a busy machine's other processes
+   do not inflate as they do the wall time.
 
 4. `fusesurgery.load_fused(EXPORT)` (in memory, through the export's key map) against
    `load_fused(FUSED)` of the fused checkpoint it was exported from: whole child processes,
@@ -150,6 +152,7 @@ import fusesurgery
 
 transformers.logging.disable_progress_bar()
 kind, path, rounds, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+new_tokens = int(sys.argv[5])
 generator = torch.Generator().manual_seed(0)
 prompt = 16
 token = torch.tensor([[42]])
@@ -160,8 +163,6 @@ if kind == "export":
     image_id, side = config.image_token_id, config.vision_config.image_size
     images = {"pixel_values": torch.randn(1, 3, side, side, generator=generator)}
 else:
-    from fusesurgery.modules.transformer import TransformerCrossAttentionLayer
-
     model = fusesurgery.load_fused(path).eval()
     config = model.fused_config
     tokens = torch.randint(0, config.decoder.vocab_size, (1, prompt), generator=generator)
@@ -183,35 +184,45 @@ with torch.no_grad():
             model(input_ids=token, past_key_values=caches[name], use_cache=True,
                   attention_mask=mask)
             caches[name].crop(-1)
-    else:  # one set of caches: the prefill with the image; text steps empty the cross ones
-        s_e = config.encoder.seq_len
-        model.setup_caches(1, model.decoder.tok_embeddings.weight.dtype,
-                           encoder_max_seq_len=s_e, decoder_max_seq_len=prompt + 1)
-        encoder_mask = (torch.arange(prompt) >= 1)[None, :, None].expand(1, prompt, s_e)
-        model(with_image, encoder_input=images, encoder_mask=encoder_mask)
-        cross = [m.attn.kv_cache for m in model.modules()
-                 if isinstance(m, TransformerCrossAttentionLayer)]
-        own = [m.attn.kv_cache for m in model.modules() if hasattr(m, "attn")
-               and not isinstance(m, TransformerCrossAttentionLayer)
-               and getattr(m.attn, "kv_cache", None) is not None]
-        position = torch.tensor([[prompt]])
+    else:  # whole fusesurgery.generate calls, their steps timed by hooks on the model
+        from fusesurgery.run.inputs import ModelInputs
 
-        def step(name):
-            for cache in cross:
-                cache.size = s_e if name == "image" else 0
-            model(token, input_pos=position)  # generate's steps: every position seen, no mask
-            for cache in own:
-                cache.size = prompt
-    for name in ("image", "text", "image", "text"):  # warm-up, untimed
+        s_e = config.encoder.seq_len
+        runs = {"image": ModelInputs(
+            tokens=with_image, labels=with_image, padding_mask=torch.ones_like(tokens).bool(),
+            encoder_input=images,
+            encoder_mask=(torch.arange(prompt) >= 1)[None, :, None].expand(1, prompt, s_e)),
+            "text": tokens}
+        stamps = []
+
+        def clocks(*_):
+            stamps.append((time.perf_counter(), time.process_time()))
+
+        model.register_forward_pre_hook(clocks)
+        model.register_forward_hook(clocks)
+        steps_per_call = {"image": [], "text": []}
+
+        def step(name):  # every decoding step of a generate of new_tokens tokens
+            stamps.clear()
+            fusesurgery.generate(model, runs[name], max_new_tokens=new_tokens, eos_ids=())
+            calls = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[::2], stamps[1::2])]
+            steps_per_call[name] = calls[1:]  # the first call is the prefill
+    for name in ("image", "text") * (2 if kind == "export" else 1):  # warm-up, untimed
         step(name)
     times = {"image": [], "text": []}
+    cpu = {"image": [], "text": []}
     for r in range(rounds):
         for name in (("image", "text") if r % 2 == 0 else ("text", "image")):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(name)
-            times[name].append(time.perf_counter() - start)
+            if kind == "export":
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+            else:  # the median decoding step of the generate
+                times[name].append(statistics.median(w for w, _ in steps_per_call[name]))
+                cpu[name].append(statistics.median(c for _, c in steps_per_call[name]))
 with open(report, "w") as f:
-    json.dump({"times": times, "threads": torch.get_num_threads()}, f)
+    json.dump({"times": times, "cpu": cpu, "threads": torch.get_num_threads()}, f)
 """
 
 
@@ -415,11 +426,12 @@ def _threads_env(args) -> dict[str, str]:
 def measure_steps(args, work: Path, kind: str, path: Path) -> None:
     """3b. single decoding steps with and without an image, alternating in one process."""
     report = work / f"bench_export_steps_{kind}.json"
-    rounds = max(args.rounds, 15)
-    label = "the export" if kind == "export" else "load_fused (native)"
-    print(f"\n3b. single decoding steps of {label} in one warm process, {rounds} rounds")
-    subprocess.run([sys.executable, "-c", STEPS, kind, str(path), str(rounds), str(report)],
-                   check=True, env=_threads_env(args))
+    rounds = max(args.rounds, 15) if kind == "export" else args.rounds
+    label = ("single decoding steps of the export" if kind == "export" else
+             f"fusesurgery.generate of load_fused(FUSED), {args.new_tokens} tokens each,")
+    print(f"\n3b. {label} in one warm process, {rounds} rounds")
+    subprocess.run([sys.executable, "-c", STEPS, kind, str(path), str(rounds), str(report),
+                    str(args.new_tokens)], check=True, env=_threads_env(args))
     measured = json.loads(report.read_text())
     times = measured["times"]
     ratios = [i / t for i, t in zip(times["image"], times["text"], strict=True)]
@@ -430,6 +442,14 @@ def measure_steps(args, work: Path, kind: str, path: Path) -> None:
           f"ratios {min(ratios):.2f}-{max(ratios):.2f}")
     print(f"  with / without an image: median of rounds {statistics.median(ratios):.3f} "
           f"(target <= 1.2: {'PASS' if statistics.median(ratios) <= 1.2 else 'FAIL'})")
+    if measured["threads"] == 1:  # the process's CPU time is then the step's own work
+        cpu = measured["cpu"]
+        cpu_ratios = [i / t for i, t in zip(cpu["image"], cpu["text"], strict=True)]
+        print(f"  CPU time of a step (what a busy machine's other work does not add): with an "
+              f"image median {statistics.median(cpu['image']) * 1e3:.1f} ms, without "
+              f"{statistics.median(cpu['text']) * 1e3:.1f} ms; median of the rounds' ratios "
+              f"{statistics.median(cpu_ratios):.3f} ({min(cpu_ratios):.2f}-"
+              f"{max(cpu_ratios):.2f})")
 
 
 if __name__ == "__main__":
