@@ -23,6 +23,15 @@ What is measured (whole processes, timed from the parent, imports included, unle
    steps, whose median is the cost per new token (the first call, with the tower and the
    image keys/values, is the prefill). One untimed short generate of each comes first.
    Target: with / without an image <= 1.2 (median of the per-round ratios).
+   3b. (`--parts steps`) The same cost as single decoding steps in one warm process, less
+   exposed to a shared machine: the export prefilled once with the image and once without
+   (two caches), then one decoding step of each alternating for `max(--rounds, 15)` rounds,
+   each cache cropped back after its step; the median of the per-round ratios. `steps-native`
+   measures `fusesurgery.load_fused(FUSED)` (the native modules) the way part 3 measures the
+   export: `fusesurgery.generate` with and without the image, alternating for `--rounds`
+   rounds of `--new-tokens` tokens, a round's cost its median decoding step. With
+   `--threads 1` it also reports the steps' CPU time, which a busy machine's other processes
+   do not inflate as they do the wall time.
 
 4. `fusesurgery.load_fused(EXPORT)` (in memory, through the export's key map) against
    `load_fused(FUSED)` of the fused checkpoint it was exported from: whole child processes,
@@ -33,13 +42,15 @@ What is measured (whole processes, timed from the parent, imports included, unle
 
 Usage: python benchmarks/bench_export.py [--workdir DIR] [--keep] [--rounds 3]
        [--settle 1.0] [--new-tokens 16] [--decoder-preset llama3_2_1b]
-       [--encoder-preset clip_vit_l_14_336]
+       [--encoder-preset clip_vit_l_14_336] [--parts decode,steps,steps-native]
+       [--threads N]
        (develop with: --decoder-preset tiny --encoder-preset tiny_clip --rounds 1)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -134,13 +145,97 @@ with open(report, "w") as f:
     json.dump({"steps": steps, "prefill": prefill}, f)
 """
 
+STEPS = """
+import json, statistics, sys, time
+import torch, transformers
+import fusesurgery
+
+transformers.logging.disable_progress_bar()
+kind, path, rounds, report = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+new_tokens = int(sys.argv[5])
+generator = torch.Generator().manual_seed(0)
+prompt = 16
+token = torch.tensor([[42]])
+if kind == "export":
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    config = model.config
+    tokens = torch.randint(0, config.text_vocab_size, (1, prompt), generator=generator)
+    image_id, side = config.image_token_id, config.vision_config.image_size
+    images = {"pixel_values": torch.randn(1, 3, side, side, generator=generator)}
+else:
+    model = fusesurgery.load_fused(path).eval()
+    config = model.fused_config
+    tokens = torch.randint(0, config.decoder.vocab_size, (1, prompt), generator=generator)
+    image_id, side = config.new_tokens[0].id, config.encoder.image_size
+    pixels = torch.randn(1, 3, side, side, generator=generator)
+    images = {"images": pixels.to(next(model.encoder.parameters()).dtype)}
+with_image = tokens.clone()
+with_image[0, 1] = image_id
+with torch.no_grad():
+    if kind == "export":
+        caches = {}
+        for name, kwargs in (("image", dict(input_ids=with_image, **images)),
+                             ("text", dict(input_ids=tokens))):
+            caches[name] = transformers.DynamicCache(config=config.text_config)
+            model(**kwargs, past_key_values=caches[name], use_cache=True)
+        mask = torch.ones(1, prompt + 1, dtype=torch.long)
+
+        def step(name):
+            model(input_ids=token, past_key_values=caches[name], use_cache=True,
+                  attention_mask=mask)
+            caches[name].crop(-1)
+    else:  # whole fusesurgery.generate calls, their steps timed by hooks on the model
+        from fusesurgery.run.inputs import ModelInputs
+
+        s_e = config.encoder.seq_len
+        runs = {"image": ModelInputs(
+            tokens=with_image, labels=with_image, padding_mask=torch.ones_like(tokens).bool(),
+            encoder_input=images,
+            encoder_mask=(torch.arange(prompt) >= 1)[None, :, None].expand(1, prompt, s_e)),
+            "text": tokens}
+        stamps = []
+
+        def clocks(*_):
+            stamps.append((time.perf_counter(), time.process_time()))
+
+        model.register_forward_pre_hook(clocks)
+        model.register_forward_hook(clocks)
+        steps_per_call = {"image": [], "text": []}
+
+        def step(name):  # every decoding step of a generate of new_tokens tokens
+            stamps.clear()
+            fusesurgery.generate(model, runs[name], max_new_tokens=new_tokens, eos_ids=())
+            calls = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[::2], stamps[1::2])]
+            steps_per_call[name] = calls[1:]  # the first call is the prefill
+    for name in ("image", "text") * (2 if kind == "export" else 1):  # warm-up, untimed
+        step(name)
+    times = {"image": [], "text": []}
+    cpu = {"image": [], "text": []}
+    for r in range(rounds):
+        for name in (("image", "text") if r % 2 == 0 else ("text", "image")):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step(name)
+            if kind == "export":
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+            else:  # the median decoding step of the generate
+                times[name].append(statistics.median(w for w, _ in steps_per_call[name]))
+                cpu[name].append(statistics.median(c for _, c in steps_per_call[name]))
+with open(report, "w") as f:
+    json.dump({"times": times, "cpu": cpu, "threads": torch.get_num_threads()}, f)
+"""
+
 
 def main() -> None:
     parser = common_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--parts", default="export,load,load-warm,decode,load-fused",
-                        help="which measurements to run (comma-separated; load and decode "
-                        "need the export an earlier run left in --workdir)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the decode and steps children (default: "
+                        "torch's own choice)")
+    parser.add_argument("--parts", default="export,load,load-warm,decode,steps,load-fused",
+                        help="which measurements to run (comma-separated: export, load, "
+                        "load-warm, decode, steps, steps-native, load-fused; the others need "
+                        "the export an earlier run left in --workdir, else it is made first)")
     args = parser.parse_args()
 
     work, temporary = work_directory(args, "export")
@@ -170,6 +265,10 @@ def main() -> None:
             measure_load_warm(args, work, export, dec)
         if "decode" in parts:
             measure_decode(args, work, export)
+        if "steps" in parts:
+            measure_steps(args, work, "export", export)
+        if "steps-native" in parts:
+            measure_steps(args, work, "native", fused)
         if "load-fused" in parts:
             measure_load_fused(args, work, export, fused)
     finally:
@@ -299,7 +398,7 @@ def measure_decode(args, work: Path, export: Path) -> None:
     report = work / "bench_export_decode.json"
     print(f"\n3. cost per new token, {args.rounds} rounds of {args.new_tokens} tokens")
     subprocess.run([sys.executable, "-c", DECODE, str(export), str(args.rounds),
-                    str(args.new_tokens), str(report)], check=True)
+                    str(args.new_tokens), str(report)], check=True, env=_threads_env(args))
     decode = json.loads(report.read_text())
     steps, prefill = decode["steps"], decode["prefill"]
     per_round = [i / t for i, t in zip(steps["image"], steps["text"], strict=True)]
@@ -310,6 +409,47 @@ def measure_decode(args, work: Path, export: Path) -> None:
     median = statistics.median(per_round)
     print(f"  with / without an image: median of rounds {median:.2f} (target <= 1.2: "
           f"{'PASS' if median <= 1.2 else 'FAIL'})")
+
+
+
+def _threads_env(args) -> dict[str, str]:
+    """The environment of a decoding child: ``--threads`` as its OMP_NUM_THREADS (torch's
+    intra-op threads) when given. One thread is far less exposed to a busy machine: a
+    parallel region waits for its slowest thread, and on shared cores that is one the
+    scheduler has put aside."""
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def measure_steps(args, work: Path, kind: str, path: Path) -> None:
+    """3b. single decoding steps with and without an image, alternating in one process."""
+    report = work / f"bench_export_steps_{kind}.json"
+    rounds = max(args.rounds, 15) if kind == "export" else args.rounds
+    label = ("single decoding steps of the export" if kind == "export" else
+             f"fusesurgery.generate of load_fused(FUSED), {args.new_tokens} tokens each,")
+    print(f"\n3b. {label} in one warm process, {rounds} rounds")
+    subprocess.run([sys.executable, "-c", STEPS, kind, str(path), str(rounds), str(report),
+                    str(args.new_tokens)], check=True, env=_threads_env(args))
+    measured = json.loads(report.read_text())
+    times = measured["times"]
+    ratios = [i / t for i, t in zip(times["image"], times["text"], strict=True)]
+    image, text = times["image"], times["text"]
+    print(f"  {measured['threads']} threads; step with an image median "
+          f"{statistics.median(image) * 1e3:.1f} ms (min {min(image) * 1e3:.1f}), without "
+          f"{statistics.median(text) * 1e3:.1f} ms (min {min(text) * 1e3:.1f}); per-round "
+          f"ratios {min(ratios):.2f}-{max(ratios):.2f}")
+    print(f"  with / without an image: median of rounds {statistics.median(ratios):.3f} "
+          f"(target <= 1.2: {'PASS' if statistics.median(ratios) <= 1.2 else 'FAIL'})")
+    if measured["threads"] == 1:  # the process's CPU time is then the step's own work
+        cpu = measured["cpu"]
+        cpu_ratios = [i / t for i, t in zip(cpu["image"], cpu["text"], strict=True)]
+        print(f"  CPU time of a step (what a busy machine's other work does not add): with an "
+              f"image median {statistics.median(cpu['image']) * 1e3:.1f} ms, without "
+              f"{statistics.median(cpu['text']) * 1e3:.1f} ms; median of the rounds' ratios "
+              f"{statistics.median(cpu_ratios):.3f} ({min(cpu_ratios):.2f}-"
+              f"{max(cpu_ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,10 @@ def generate(
     if token_mask is not None:  # NaFlex: no step may attend to a padding patch either
         encoder_mask = mask_padding_tokens(encoder_mask, token_mask, s)
     step_encoder_mask = None if encoder_mask is None else encoder_mask[:, -1:]
+    if step_encoder_mask is not None and bool(step_encoder_mask.all()):
+        # every step sees every image position: no mask is the same attention (bitwise, on
+        # the CPU) without the masked kernel and the fusion layers' skipped-row work
+        step_encoder_mask = None
     dtype = decoder.tok_embeddings.weight.dtype
     encoder_len = 1 if encoder_mask is None else encoder_mask.size(-1)
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
