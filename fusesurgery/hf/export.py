@@ -230,6 +230,7 @@ def export_config_dict(config: FusedConfig, directory: Path,
         "encoder_tokens": e.feature_tokens,
         "vision_num_cls_tokens": int(e.class_token),
         "vision_num_register_tokens": e.num_register_tokens,
+        "vision_naflex": e.naflex,
         "tie_word_embeddings": d.tie_word_embeddings,
         "dtype": dtypes["decoder"],
         FUSION_CONFIG_FIELD: config.to_dict(),
@@ -285,10 +286,6 @@ def template_files() -> dict[str, bytes]:
     return {name: package.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
 
 
-# Towers whose inputs the exported model's code does not reproduce yet (NaFlex's patches,
-# pixel_attention_mask and spatial_shapes).
-NOT_EXPORTED_TOWERS: dict[str, str] = {"siglip2": "SigLIP2 NaFlex"}
-
 
 def _check_exportable(config: FusedConfig, path: object) -> None:
     if config.encoder is None:
@@ -299,10 +296,6 @@ def _check_exportable(config: FusedConfig, path: object) -> None:
                           "place the image by")
     if config.projection not in ("mlp", "linear"):
         raise ConfigError(f"{path}: unknown projection {config.projection!r}")
-    if config.encoder.family in NOT_EXPORTED_TOWERS:
-        raise ConfigError(f"{path}: the transformers export does not carry a "
-                          f"{NOT_EXPORTED_TOWERS[config.encoder.family]} tower yet; use the "
-                          "fused checkpoint with fusesurgery (load_fused, generate)")
 
 
 def export_transformers(
