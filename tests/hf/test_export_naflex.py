@@ -252,7 +252,7 @@ def test_back_to_native_and_unfuse_are_bitwise(naflex, tmp_path):
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)["checks"]}
     row = rows["transformers export's logits with an image equal load_fused's"]
-    assert row["status"] == "pass" and row["detail"] == "bitwise equal", row
+    assert row["status"] == "pass" and row["figure"] == "bitwise equal", row
 
 
 def test_loads_with_transformers_alone(naflex, tmp_path):
