@@ -154,6 +154,12 @@ def _checked_export(source, path: object) -> tuple[FusedConfig, dict[str, Export
         raise ConfigError(f"{path}/config.json: fusion_norm_unit_offset is {stated!r}, its "
                           f"{FUSION_CONFIG_FIELD} says norm_unit_offset "
                           f"{config.fusion.norm_unit_offset}: an edited config.json")
+    naflex = source.config.get("vision_naflex", False)
+    if naflex is not config.encoder.naflex:  # the exported code feeds the tower by it
+        raise ConfigError(f"{path}/config.json: vision_naflex is {naflex!r}, its "
+                          f"{FUSION_CONFIG_FIELD}'s tower ({config.encoder.family}) is "
+                          f"{'' if config.encoder.naflex else 'not '}a NaFlex one: an edited "
+                          "config.json")
     native_of = _exported_tensors(config)
     infos = source.infos()
     missing = sorted(set(native_of) - set(infos))

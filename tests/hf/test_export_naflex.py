@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -291,3 +292,42 @@ def test_inputs_of_the_wrong_kind_are_named(naflex, gated_export):
     with pytest.raises(ValueError, match="NaFlex inputs"):
         other(input_ids=batch["input_ids"], pixel_values=torch.zeros(2, 3, 32, 32),
               spatial_shapes=batch["spatial_shapes"])
+
+
+@pytest.mark.parametrize("value", [False, None])
+def test_an_edited_vision_naflex_is_refused_with_nothing_written(naflex, tmp_path, value):
+    """The exported code feeds the tower by config.json's ``vision_naflex``, the way back
+    reads the fusion config it carries: where they disagree, one line, exit 2."""
+    edited = tmp_path / "edited"
+    shutil.copytree(naflex["export"], edited)
+    document = json.loads((edited / "config.json").read_text())
+    document["vision_naflex"] = value
+    (edited / "config.json").write_text(json.dumps(document))
+    result = runner.invoke(app, ["convert", str(edited), "--to", "native", "-o",
+                                 str(tmp_path / "native")])
+    assert result.exit_code == 2, result.output
+    assert "vision_naflex" in result.output and "edited" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "native").exists()
+
+
+def test_several_images_per_sample(naflex):
+    """``[b, n, P, c*p*p]`` patches (a sample with two images): the text between the first
+    and the second image token sees the first image only, exactly as a sample that has the
+    first image alone and ends there; after the second token it sees the second."""
+    model = _model(naflex["export"])
+    processor = _processor(naflex["export"])
+    first, second = _images()[:2]
+    both = processor(images=[[first, second]], text=[f"{IMAGE} word5 word6 {IMAGE} word7"])
+    alone = processor(images=[[first]], text=[f"{IMAGE} word5 word6"])
+    swapped = processor(images=[[first, first]], text=[f"{IMAGE} word5 word6 {IMAGE} word7"])
+    assert both["pixel_values"].shape == (1, 2, BUDGET, 3 * 4 * 4)
+    assert both["spatial_shapes"].shape == (1, 2, 2)
+    with torch.no_grad():
+        logits = model(**both).logits
+        prefix = model(**alone).logits
+        other = model(**swapped).logits
+    s = alone["input_ids"].shape[1]
+    assert torch.equal(both["input_ids"][:, :s], alone["input_ids"])
+    torch.testing.assert_close(logits[:, :s], prefix, rtol=0, atol=1e-5)
+    assert not torch.allclose(logits[:, s:], other[:, s:], atol=1e-3)
