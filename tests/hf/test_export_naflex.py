@@ -285,9 +285,13 @@ def test_inputs_of_the_wrong_kind_are_named(naflex, gated_export):
     batch = _batch(naflex["export"])
     with pytest.raises(ValueError, match="spatial_shapes"):
         model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
-    with pytest.raises(ValueError, match="NaFlex"):
+    with pytest.raises(ValueError, match=r"NaFlex tower takes pixel_values \[b, n_patches, 48\]"):
         model(input_ids=batch["input_ids"], pixel_values=torch.zeros(2, 3, 16, 16),
               spatial_shapes=batch["spatial_shapes"])
+    with pytest.raises(ValueError, match="pixel_attention_mask must be"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+              spatial_shapes=batch["spatial_shapes"],
+              pixel_attention_mask=batch["pixel_attention_mask"][:, :3])
     other = _model(gated_export)  # a CLIP tower takes images, not patches
     with pytest.raises(ValueError, match="NaFlex inputs"):
         other(input_ids=batch["input_ids"], pixel_values=torch.zeros(2, 3, 32, 32),
@@ -331,3 +335,22 @@ def test_several_images_per_sample(naflex):
     assert torch.equal(both["input_ids"][:, :s], alone["input_ids"])
     torch.testing.assert_close(logits[:, :s], prefix, rtol=0, atol=1e-5)
     assert not torch.allclose(logits[:, s:], other[:, s:], atol=1e-3)
+
+
+def test_a_hidden_layer_of_the_tower_feeds_the_same_features(naflex, tmp_path):
+    """``encoder_layer=-2``: the exported model takes the tower's ``hidden_states[-2]``
+    (before SigLIP2's post-layernorm), as the native model does."""
+    from fusesurgery.hf import export_transformers
+
+    fusesurgery.fuse(naflex["tower"], DECODER, tmp_path / "fused", every=2, encoder_layer=-2)
+    gated = open_gates(tmp_path / "fused", tmp_path / "gated")
+    export_transformers(gated, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())[
+        "vision_feature_layer"] == -2
+    batch = _batch(tmp_path / "hf")
+    inputs = _native_inputs(gated, batch)
+    native = fusesurgery.load_fused(gated, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = native(inputs.tokens, mask=inputs.mask, input_pos=inputs.input_pos,
+                          encoder_input=inputs.encoder_input, encoder_mask=inputs.encoder_mask)
+        assert torch.equal(_model(tmp_path / "hf")(**batch).logits, expected)

@@ -476,9 +476,13 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         Raises:
             ValueError: shapes that do not fit one another.
         """
-        if pixel_values.dim() not in (3, 4):
-            raise ValueError("a NaFlex tower takes pixel_values [b, n_patches, c*p*p] (or "
-                             f"[b, n, n_patches, c*p*p]), got {list(pixel_values.shape)}")
+        vision = self.config.vision_config
+        width = vision.num_channels * vision.patch_size ** 2
+        if pixel_values.dim() not in (3, 4) or pixel_values.shape[-1] != width:
+            raise ValueError(f"a NaFlex tower takes pixel_values [b, n_patches, {width}] (or "
+                             f"[b, n, n_patches, {width}]: patches of "
+                             f"{vision.num_channels} x {vision.patch_size} x "
+                             f"{vision.patch_size}), got {list(pixel_values.shape)}")
         lead, num_patches = tuple(pixel_values.shape[:-2]), pixel_values.shape[-2]
         if spatial_shapes is None or tuple(spatial_shapes.shape) != (*lead, 2):
             got = None if spatial_shapes is None else list(spatial_shapes.shape)
