@@ -126,7 +126,7 @@ def check_causal_lm(model_type: str, saved_with: object) -> None:
                           "cannot build it)")
 
 
-# towers whose inputs the exported model's code cannot pass (pixel_values only)
+# towers that take NaFlex inputs (pre-cut patches, pixel_attention_mask, spatial_shapes)
 NAFLEX_TOWERS = frozenset({"siglip2", "siglip2_vision_model"})
 
 
@@ -137,11 +137,6 @@ def check_tower_model(model_type: str, saved_with: object) -> None:
     if model_type not in MODEL_MAPPING_NAMES:
         raise ConfigError(f"the tower's family {model_type!r} has no model in transformers "
                           f"{transformers_version()} (AutoModel cannot build it)")
-    if model_type in NAFLEX_TOWERS:
-        raise ConfigError(f"the tower's family {model_type!r} (SigLIP2 NaFlex) takes pre-cut "
-                          "patches with their mask and spatial shapes, which the transformers "
-                          "layout's code does not feed yet: fuse it without --format "
-                          "transformers (the native layout takes NaFlex inputs)")
 
 
 @dataclass(frozen=True)
@@ -710,6 +705,7 @@ def fuse_transformers(
             "encoder_tokens": encoder_tokens,
             "vision_num_cls_tokens": tower.num_cls_tokens,
             "vision_num_register_tokens": tower.num_register_tokens,
+            "vision_naflex": tower.model_type in NAFLEX_TOWERS,
             "tie_word_embeddings": dec.tied,
             "dtype": _dtype_text(dec.dtype),
             FUSE_RECORD_FIELD: record,

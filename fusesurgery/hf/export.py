@@ -213,10 +213,6 @@ def template_files() -> dict[str, bytes]:
     return {name: package.joinpath(name).read_bytes() for name in TEMPLATE_FILES}
 
 
-# Towers whose inputs the exported model's code does not reproduce yet (NaFlex's patches,
-# pixel_attention_mask and spatial_shapes).
-NOT_EXPORTED_TOWERS: dict[str, str] = {"siglip2": "SigLIP2 NaFlex"}
-
 
 def _check_exportable(config: FusedConfig, path: object) -> None:
     if config.encoder is None:
@@ -227,10 +223,6 @@ def _check_exportable(config: FusedConfig, path: object) -> None:
                           "place the image by")
     if config.projection not in ("mlp", "linear"):
         raise ConfigError(f"{path}: unknown projection {config.projection!r}")
-    if config.encoder.family in NOT_EXPORTED_TOWERS:
-        raise ConfigError(f"{path}: the transformers export does not carry a "
-                          f"{NOT_EXPORTED_TOWERS[config.encoder.family]} tower yet; use the "
-                          "fused checkpoint with fusesurgery (load_fused, generate)")
 
 
 def export_transformers(

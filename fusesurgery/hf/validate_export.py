@@ -10,6 +10,7 @@ embeddings: its own table's rows, the image token's row from the export).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -107,6 +108,31 @@ def _image_size(config) -> int:
     return size
 
 
+def _test_image(config, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The model's image inputs of one random image per sample: ``pixel_values``
+    ``[b, c, h, w]``, or for a NaFlex tower (``vision_naflex``) a whole image of its position
+    grid cut into patches, ``[b, g*g, c*p*p]``, with its ``spatial_shapes`` and
+    ``pixel_attention_mask``.
+
+    Raises:
+        ConfigError: the vision config states no size to draw an image of.
+    """
+    vision = config.vision_config
+    channels = getattr(vision, "num_channels", 3)
+    if not getattr(config, "vision_naflex", False):
+        size = _image_size(config)
+        return {"pixel_values": torch.rand(batch, channels, size, size, generator=generator)}
+    positions, patch = getattr(vision, "num_patches", None), getattr(vision, "patch_size", None)
+    side = math.isqrt(positions) if isinstance(positions, int) and positions > 0 else 0
+    if side * side != positions or not isinstance(patch, int) or patch <= 0:
+        raise ConfigError("its vision_config states no square num_patches and patch_size to "
+                          "draw a test image of")
+    return {"pixel_values": torch.rand(batch, side * side, channels * patch * patch,
+                                       generator=generator),
+            "spatial_shapes": torch.tensor([[side, side]] * batch),
+            "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long)}
+
+
 def validate_export(
     path: str | os.PathLike[str],
     *,
@@ -167,11 +193,11 @@ def validate_export(
     ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
     with_image = ids.clone()
     with_image[:, 1] = config.image_token_id
-    size = _image_size(config)
-    channels = getattr(config.vision_config, "num_channels", 3)
-    pixels = torch.rand(batch, channels, size, size, generator=generator)
+    image = {name: value.to(device) for name, value in
+             _test_image(config, batch, generator).items()}
     ids, with_image = ids.to(device), with_image.to(device)
-    pixels = pixels.to(device=device, dtype=next(model.vision_tower.parameters()).dtype)
+    image["pixel_values"] = image["pixel_values"].to(
+        dtype=next(model.vision_tower.parameters()).dtype)
 
     with torch.no_grad():
         ours = model(input_ids=ids, use_cache=False).logits
@@ -184,7 +210,7 @@ def validate_export(
                    f"max |diff| {_max_diff(ours, theirs):.3g}", "" if same else
                    "the gates are nonzero: the fusion is trained" if finite else NOT_FINITE,
                    basis=BITWISE, proves=proves)
-        ours = model(input_ids=with_image, pixel_values=pixels, use_cache=False).logits
+        ours = model(input_ids=with_image, use_cache=False, **image).logits
         table = reference.get_input_embeddings()(with_image.clamp(max=vocab - 1))
         new = model.embed_tokens(with_image).to(table.dtype)
         embeds = torch.where((with_image >= vocab).unsqueeze(-1), new, table)

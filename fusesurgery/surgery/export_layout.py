@@ -157,8 +157,14 @@ def export_fusion_fields(config: FusedConfig) -> dict[str, Any]:
         "encoder_tokens": e.feature_tokens,
         "vision_num_cls_tokens": int(e.class_token),
         "vision_num_register_tokens": e.num_register_tokens,
+        "vision_naflex": e.naflex,
         "tie_word_embeddings": d.tie_word_embeddings,
     }
+
+
+# Fields the exported classes default when config.json leaves them out (exports written before
+# the field existed): a file without one means this value, and is checked as stating it.
+EXPORT_FIELD_DEFAULTS: dict[str, Any] = {"vision_naflex": False}
 
 
 def _as_json(value: object) -> object:
@@ -186,8 +192,9 @@ def check_export_config(document: Mapping[str, Any], config: FusedConfig,
 
     origin = f"{path}/config.json"
     for name, value in export_fusion_fields(config).items():
-        if name in document and _as_json(document[name]) != _as_json(value):
-            raise ConfigError(f"{origin}: {name} is {document[name]!r}, but its "
+        stated = document.get(name, EXPORT_FIELD_DEFAULTS.get(name, value))
+        if _as_json(stated) != _as_json(value):
+            raise ConfigError(f"{origin}: {name} is {stated!r}, but its "
                               f"{FUSION_CONFIG_FIELD} (which the weights match) says "
                               f"{_as_json(value)!r}: an edited config.json, which transformers "
                               "would build another model from")

@@ -6,7 +6,8 @@ its own ``Siglip2ImageProcessor``.
 (a variable number of real patches per image, the position table resized per
 ``spatial_shapes``); ``fuse`` -> ``validate --against`` -> ``unfuse --part encoder`` bitwise;
 ``convert --to native`` and back bitwise (the pooling head carried); padding patches change no
-text logit; ``prepare_inputs`` cuts patches as transformers does and ``generate`` runs.
+text logit; ``prepare_inputs`` cuts patches as transformers does and ``generate`` runs. The
+transformers export of such a fusion: tests/hf/test_export_naflex.py.
 """
 
 from __future__ import annotations
@@ -151,11 +152,6 @@ def test_fuse_validate_unfuse(tmp_path, fused_naflex):
     assert report["ok"] and report["identity"], report
     assert {check["status"] for check in report["checks"]} == {"pass"}
 
-    # the transformers export's code does not run this tower: refused, nothing written
-    result = cli("convert", fused, "--to", "transformers", "-o", tmp_path / "export")
-    assert result.exit_code == 2 and "SigLIP2 NaFlex tower" in result.output, result.output
-    assert not (tmp_path / "export").exists()
-
     unfused = tmp_path / "encoder"
     result = cli("unfuse", fused, "--part", "encoder", "-o", unfused)
     assert result.exit_code == 0, result.output
@@ -227,13 +223,3 @@ def test_prepare_inputs_and_generate(fused_naflex):
         fused_processor("<|image|><|image|> two", [images[0], images[1]])
     with pytest.raises(ValueError, match="NaFlex"):
         model.encoder(images=torch.zeros(1, 3, 16, 16))
-
-
-def test_the_transformers_layout_refuses_a_naflex_tower(tmp_path):
-    """Its code feeds the tower pixel_values only: one line, exit 2, nothing written."""
-    tower = save_naflex(tmp_path / "naflex")
-    out = tmp_path / "out"
-    result = cli("fuse", tower, EXAMPLES / "tiny-llama", "-o", out, "--format", "transformers")
-    assert result.exit_code == 2, result.output
-    assert "SigLIP2 NaFlex" in result.output and "without --format transformers" in result.output
-    assert not out.exists()

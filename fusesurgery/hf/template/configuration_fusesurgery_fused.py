@@ -49,6 +49,9 @@ class FusedVisionTextConfig(PretrainedConfig):
         vision_num_cls_tokens: class tokens at the start of the tower's output.
         vision_num_register_tokens: register tokens after them (DINOv2 with registers,
             DINOv3).
+        vision_naflex: the tower takes NaFlex inputs (SigLIP2): ``pixel_values``
+            ``[b, n_patches, c*p*p]`` with ``pixel_attention_mask`` and ``spatial_shapes``;
+            padding patches are masked out of the cross-attention.
         decoder_trainable: the text model's parameters train (torchtune's default: frozen).
         encoder_trainable: the tower's parameters train (default: frozen).
         fusion_trainable: what fusion added trains (default: it does).
@@ -85,6 +88,7 @@ class FusedVisionTextConfig(PretrainedConfig):
     encoder_tokens: str = "all"
     vision_num_cls_tokens: int = 0
     vision_num_register_tokens: int = 0
+    vision_naflex: bool = False
     tie_word_embeddings: bool = False
     decoder_trainable: bool = False
     encoder_trainable: bool = False

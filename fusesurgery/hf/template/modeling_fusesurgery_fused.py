@@ -452,20 +452,79 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             new = new * scale.to(new.dtype)
         return torch.where(is_new.unsqueeze(-1), new, original)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor,
+                           pixel_attention_mask: torch.Tensor | None = None,
+                           spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
         """``[b, c, h, w]`` or ``[b, n, c, h, w]`` -> the projected images ``[b, n * s_e, d]``
-        (image ``j``'s positions are ``j * s_e`` to ``(j + 1) * s_e``)."""
+        (image ``j``'s positions are ``j * s_e`` to ``(j + 1) * s_e``). A NaFlex tower takes
+        ``[b, P, c*p*p]`` or ``[b, n, P, c*p*p]`` patches with their ``pixel_attention_mask``
+        and ``spatial_shapes`` (see :meth:`naflex_inputs`); its ``s_e`` is ``P``, padding
+        patches included (the cross-attention mask leaves them out).
+
+        Raises:
+            ValueError: NaFlex inputs for a tower that takes images, or the reverse.
+        """
         b = pixel_values.shape[0]
-        pixel_values = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values
+        naflex = {}
+        if self.config.vision_naflex:
+            pixel_values, naflex = self.naflex_inputs(pixel_values, pixel_attention_mask,
+                                                      spatial_shapes)
+        elif pixel_attention_mask is not None or spatial_shapes is not None:
+            raise ValueError("pixel_attention_mask and spatial_shapes are NaFlex inputs and "
+                             "this model's tower takes images [b, c, h, w]")
+        else:
+            pixel_values = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values
         layer = self.config.vision_feature_layer
         tower_dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values=pixel_values.to(tower_dtype),
-                                output_hidden_states=layer is not None)
+                                output_hidden_states=layer is not None, **naflex)
         features = self.select_tokens(
             out.last_hidden_state if layer is None else out.hidden_states[layer])
         head = next(self.projection.parameters())
         projected = self.projection(features.to(head.dtype))  # [b * n, s_e, d]
         return projected.reshape(b, -1, projected.shape[-1])
+
+    def naflex_inputs(self, pixel_values: torch.Tensor,
+                      pixel_attention_mask: torch.Tensor | None,
+                      spatial_shapes: torch.Tensor | None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A NaFlex tower's inputs, ``n`` images per sample flattened into the batch:
+        ``pixel_values`` ``[b, P, c*p*p]`` or ``[b, n, P, c*p*p]`` (each image's patches in
+        row-major order, padded to ``P``), ``spatial_shapes`` ``[b, 2]`` or ``[b, n, 2]``
+        (patch rows and columns) and ``pixel_attention_mask`` ``[b, P]`` or ``[b, n, P]``
+        (1 = a real patch; None: the first ``rows * columns`` patches are real).
+
+        Returns:
+            ``pixel_values`` ``[b * n, P, c*p*p]`` and ``{"pixel_attention_mask": [b * n, P],
+            "spatial_shapes": [b * n, 2]}``.
+
+        Raises:
+            ValueError: shapes that do not fit one another.
+        """
+        vision = self.config.vision_config
+        width = vision.num_channels * vision.patch_size ** 2
+        if pixel_values.dim() not in (3, 4) or pixel_values.shape[-1] != width:
+            raise ValueError(f"a NaFlex tower takes pixel_values [b, n_patches, {width}] (or "
+                             f"[b, n, n_patches, {width}]: patches of "
+                             f"{vision.num_channels} x {vision.patch_size} x "
+                             f"{vision.patch_size}), got {list(pixel_values.shape)}")
+        lead, num_patches = tuple(pixel_values.shape[:-2]), pixel_values.shape[-2]
+        if spatial_shapes is None or tuple(spatial_shapes.shape) != (*lead, 2):
+            got = None if spatial_shapes is None else list(spatial_shapes.shape)
+            raise ValueError(f"a NaFlex tower needs spatial_shapes {[*lead, 2]} (patch rows "
+                             f"and columns of each image), got {got}")
+        if pixel_attention_mask is None:
+            pixel_attention_mask = torch.arange(num_patches, device=pixel_values.device) < (
+                spatial_shapes.prod(-1, keepdim=True).to(pixel_values.device))
+        if tuple(pixel_attention_mask.shape) != (*lead, num_patches):
+            raise ValueError(f"pixel_attention_mask must be {[*lead, num_patches]}, got "
+                             f"{list(pixel_attention_mask.shape)}")
+        if pixel_values.dim() == 4:
+            pixel_values, pixel_attention_mask, spatial_shapes = (
+                pixel_values.flatten(0, 1), pixel_attention_mask.flatten(0, 1),
+                spatial_shapes.flatten(0, 1))
+        return pixel_values, {"pixel_attention_mask": pixel_attention_mask,
+                              "spatial_shapes": spatial_shapes}
 
     def select_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """The tower's output ``[b, n_cls + n_reg + n_patches, d_e]`` (class tokens, registers,
@@ -508,6 +567,8 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache=None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.LongTensor | None = None,
         **kwargs,
     ):
         """
@@ -526,6 +587,12 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
                 which the output projection has no row for).
             past_key_values: the generation cache (``cache`` in newer transformers).
             use_cache: keep a cache.
+            pixel_attention_mask: a NaFlex tower's (``config.vision_naflex``) ``[b, P]`` or
+                ``[b, n, P]``, 1 for real patches; no token attends to a padding patch,
+                whatever ``cross_attention_mask`` says (``pixel_values`` are then
+                ``[b, P, c*p*p]`` or ``[b, n, P, c*p*p]``).
+            spatial_shapes: a NaFlex tower's ``[b, 2]`` or ``[b, n, 2]`` patch rows and
+                columns of each image.
 
         Returns:
             The text model's ``CausalLMOutputWithPast`` (logits ``[b, s, v]``).
@@ -537,17 +604,30 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
             inputs_embeds = self.embed_tokens(input_ids)
         state = getattr(cache, CACHE_FIELD, None) if cache is not None else None
         keys_values, previous_row, num_images = (None, None, 1) if state is None else state
+        real_patches = None
         if pixel_values is not None:  # new images: their keys and values, once per call
-            num_images = pixel_values.shape[1] if pixel_values.dim() == 5 else 1
-            image = self.get_image_features(pixel_values)  # [b, n * s_e, d]
+            several = pixel_values.dim() == (4 if self.config.vision_naflex else 5)
+            num_images = pixel_values.shape[1] if several else 1
+            image = self.get_image_features(pixel_values, pixel_attention_mask,
+                                            spatial_shapes)  # [b, n * s_e, d]
             keys_values = {name: layer.attn.project_kv(image)
                            for name, layer in self.cross_attention_layers.items()}
             previous_row = None
+            if self.config.vision_naflex:  # [b, n * P]: which image positions are real
+                _, naflex = self.naflex_inputs(pixel_values, pixel_attention_mask,
+                                               spatial_shapes)
+                real_patches = naflex["pixel_attention_mask"].bool().reshape(
+                    pixel_values.shape[0], -1)
         image = None
         if keys_values is not None:  # else text only: the fusion layers do nothing at all
             s_e = next(iter(keys_values.values()))[0].shape[2] // num_images
             mask = self._cross_mask(input_ids, cross_attention_mask, previous_row,
                                     num_images, s_e)
+            if real_patches is not None:  # no token sees a padding patch (later steps keep
+                # the last row, so neither do they)
+                real_patches = real_patches[:, None, :].to(inputs_embeds.device)
+                mask = (real_patches.expand(-1, inputs_embeds.shape[1], -1) if mask is None
+                        else mask & real_patches)
             # a mask that lets every token see every image position (each decoding step after
             # the image token) is no mask: the layers then skip masking and the masked kernel
             image = (keys_values, None if mask is not None and bool(mask.all()) else mask)
@@ -568,8 +648,9 @@ class FusedVisionTextForConditionalGeneration(FusedVisionTextPreTrainedModel, Ge
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
-            inputs["pixel_values"] = None
-            inputs["cross_attention_mask"] = None
+            for name in ("pixel_values", "cross_attention_mask", "pixel_attention_mask",
+                         "spatial_shapes"):
+                inputs[name] = None
         return inputs
 
 

@@ -28,6 +28,39 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def naflex_batch(processed, counts: list[int], n: int) -> dict[str, torch.Tensor]:
+    """A NaFlex image processor's output on the batch's images (in order) as model inputs:
+    with one image per sample (``n == 1``) ``pixel_values`` ``[b, P, c*p*p]``,
+    ``pixel_attention_mask`` ``[b, P]`` and ``spatial_shapes`` ``[b, 2]``, as the tower
+    takes them; with more, ``[b, n, P, c*p*p]``, ``[b, n, P]`` and ``[b, n, 2]``. A missing
+    image is one zero patch of a 1 x 1 grid (the tower's attention needs a real key), which
+    the cross-attention mask keeps every token from seeing.
+
+    Args:
+        processed: ``pixel_values`` ``[N, P, c*p*p]``, ``pixel_attention_mask`` ``[N, P]``,
+            ``spatial_shapes`` ``[N, 2]`` of the ``N`` images.
+        counts: images of each sample (``sum(counts) == N``).
+        n: the most images of a sample.
+    """
+    pixels = torch.as_tensor(processed["pixel_values"])
+    real = torch.as_tensor(processed["pixel_attention_mask"])
+    shapes = torch.as_tensor(processed["spatial_shapes"])
+    b = len(counts)
+    values = pixels.new_zeros(b, n, *pixels.shape[1:])  # [b, n, P, c*p*p]
+    mask = real.new_zeros(b, n, real.shape[-1])
+    mask[..., 0] = 1
+    grids = shapes.new_ones(b, n, 2)
+    start = 0
+    for i, count in enumerate(counts):
+        values[i, :count] = pixels[start:start + count]
+        mask[i, :count] = real[start:start + count]
+        grids[i, :count] = shapes[start:start + count]
+        start += count
+    if n == 1:
+        values, mask, grids = values[:, 0], mask[:, 0], grids[:, 0]
+    return {"pixel_values": values, "pixel_attention_mask": mask, "spatial_shapes": grids}
+
+
 class FusedVisionTextProcessor(ProcessorMixin):
     """The fused tokenizer, the tower's image processor and the image token.
 
@@ -70,7 +103,8 @@ class FusedVisionTextProcessor(ProcessorMixin):
             ``input_ids`` and ``attention_mask`` ``[b, s]``; with images also
             ``pixel_values`` ``[b, n, c, h, w]`` (a sample with fewer images gets zero images
             nobody sees) and ``cross_attention_mask`` ``[b, s, n]`` (True = the token sees
-            that image).
+            that image). A NaFlex image processor's (SigLIP2) patches instead: see
+            :func:`naflex_batch`.
 
         Raises:
             ValueError: no text, or image tokens that do not match the images.
@@ -92,13 +126,17 @@ class FusedVisionTextProcessor(ProcessorMixin):
         n = max(len(sample) for sample in per_sample)
         if n:
             flat = [image for sample in per_sample for image in sample]
-            pixels = self.image_processor(flat, return_tensors="pt")["pixel_values"]
-            batched = pixels.new_zeros(len(texts), n, *pixels.shape[1:])  # [b, n, c, h, w]
-            start = 0
-            for i, sample in enumerate(per_sample):
-                batched[i, :len(sample)] = pixels[start:start + len(sample)]
-                start += len(sample)
-            data["pixel_values"] = batched
+            processed = self.image_processor(flat, return_tensors="pt")
+            pixels = processed["pixel_values"]
+            if "spatial_shapes" in processed:  # a NaFlex tower's patches
+                data.update(naflex_batch(processed, [len(sample) for sample in per_sample], n))
+            else:
+                batched = pixels.new_zeros(len(texts), n, *pixels.shape[1:])  # [b, n, c, h, w]
+                start = 0
+                for i, sample in enumerate(per_sample):
+                    batched[i, :len(sample)] = pixels[start:start + len(sample)]
+                    start += len(sample)
+                data["pixel_values"] = batched
             data["cross_attention_mask"] = image_token_mask(
                 torch.as_tensor(data["input_ids"]), self.image_token_id, n)
         return BatchFeature(data=data, tensor_type=return_tensors)
@@ -168,7 +206,8 @@ class FusedVisionTextProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "cross_attention_mask"]
+        return ["input_ids", "attention_mask", "pixel_values", "cross_attention_mask",
+                "pixel_attention_mask", "spatial_shapes"]
 
 
 # save_pretrained writes these files beside the weights (and auto_map), so a saved model
