@@ -52,8 +52,12 @@ def embedding_stats(table: torch.Tensor, *, with_std: bool = True) -> EmbeddingS
 
 
 def generator_for(seed: int, name: str) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and ``name`` (crc32), independent per tensor."""
-    return torch.Generator().manual_seed((int(seed) << 32) ^ zlib.crc32(name.encode()))
+    """A CPU generator seeded from ``seed`` and ``name``, independent per tensor: the crc32 of
+    the name started from the seed (0 to 2**32 - 1). torch's CPU generator keeps only the low
+    32 bits of what it is seeded with, so the seed is mixed into those bits: for one name,
+    two seeds never give the same stream (crc32 from another start value differs), and seed 0
+    gives the crc32 of the name, as it always did."""
+    return torch.Generator().manual_seed(zlib.crc32(name.encode(), int(seed) & 0xFFFFFFFF))
 
 
 def _mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
