@@ -33,7 +33,9 @@ from tests.fusion_inputs import save_decoder, save_encoder
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # sha256 of every shard and the index of two fuses of the bundled examples, as the code before
-# this work (commit 5eb8797: one shard after the other, one new tensor drawn ahead) wrote them.
+# this work (commit 5eb8797: one shard after the other, one new tensor drawn ahead) wrote them;
+# seed 7's last two shards, which hold the new tensors, as they are since --seed reaches them
+# (before, every seed drew seed 0's values: tests/surgery/test_new_params_seed.py).
 BEFORE = {
     "every 2": ({"every": 2}, {
         "model-00001-of-00003.safetensors":
@@ -64,9 +66,9 @@ BEFORE = {
             "model-00008-of-00010.safetensors":
                 "007dd9a1629a4a83bf263040ff69135aeafe48e76e417e6c2efd1d0b6b79cf69",
             "model-00009-of-00010.safetensors":
-                "d206f0e9747baeb9aa9c3bcd4d4856958e1d1022ad4c66416c4537efe845093a",
+                "eb9c2f428fdc661aeab7bdcdf4dc53a4e24290441d84844060944a348a295a15",
             "model-00010-of-00010.safetensors":
-                "8475aa9d814849dbc76247c057b72ab0087a23ccec37856276910e2585ed8c4e",
+                "7f71df192e0b2381f69e3616b5c4a29a3042d2ff24c7dd433b5c0ae8c5a557d7",
             "model.safetensors.index.json":
                 "85051b63415c0b6fd24e4dd228474ddf06777590e43bd5483539a0652c2744cf",
         }),
