@@ -231,6 +231,14 @@ def detect_layout(keys: Iterable[str], want: str | None = None) -> tuple[str, st
         )
     if is_wrapped_decoder(keys):  # a Gemma3ForConditionalGeneration: its text half
         return "decoder", "hf"
+    if holds_wrapped_tower(keys) and not any_starts("language_model.",
+                                                    "model.language_model."):
+        raise UnrecognizedFormatError(
+            "this is a multimodal checkpoint's vision tower (vision_tower.* keys) without the "
+            "text model beside it (language_model.*): a Gemma3ForConditionalGeneration is read "
+            "whole, its text half missing here; give the whole checkpoint, or save the tower "
+            "alone (SiglipVisionModel)"
+        )
     if any_starts("language_model.", "model.language_model.", "model.vision_model."):
         raise UnrecognizedFormatError(
             "this looks like a multimodal model (LLaVA-style language_model.* keys); "

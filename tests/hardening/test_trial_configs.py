@@ -1,0 +1,116 @@
+"""A new user's config.json mistakes on what landed with issue 18 (full Gemma 3 checkpoints,
+families without a window rule): each is one line, exit 2, nothing written. Sources are
+written by transformers itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.hardening.conftest import cli, edit_config
+from tests.tiny_models import save_tiny_hf_decoder
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=16)
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+              image_size=16, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny tied Gemma3ForConditionalGeneration as transformers saves it."""
+    directory = tmp_path_factory.mktemp("gemma3") / "gemma3"
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4)).save_pretrained(directory)
+    return directory
+
+
+def _copy(source: Path, directory: Path) -> Path:
+    directory.mkdir()
+    for path in source.iterdir():
+        (directory / path.name).write_bytes(path.read_bytes())
+    return directory
+
+
+def _refused(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "Traceback" not in result.output and "\n" not in line, result.output
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama", "phi3"])
+def test_layer_types_not_one_per_layer_is_refused_without_a_window(tmp_path, family):
+    # transformers' config classes refuse it (its layer_types validation), so the checkpoint
+    # does not load there; these families apply no window, and the list went unread
+    source = save_tiny_hf_decoder(family, tmp_path / family, pad_token_id=0)
+    edit_config(source, layer_types=["full_attention"] * 5)
+    with pytest.raises(Exception, match="num_hidden_layers"):  # a validation error
+        transformers.AutoConfig.from_pretrained(source)
+    _refused(cli("inspect", source), "config.json: layer_types has 5 entries for 2 layers")
+    clip = tmp_path / "clip"
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(clip)
+    _refused(cli("fuse", clip, source, "-o", tmp_path / "out"), "layer_types has 5 entries")
+    assert not (tmp_path / "out").exists()
+    edit_config(source, layer_types="full_attention")
+    _refused(cli("convert", source, "-o", tmp_path / "native"), "layer_types must list")
+    assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize(("section", "value", "stated"), [
+    ("text_config", ..., "text_config, which is missing"),
+    ("text_config", "oops", "text_config, which is str 'oops', not an object"),
+    ("vision_config", ..., "vision_config, which is missing"),
+])
+def test_gemma3_config_without_its_part_section_names_it(tmp_path, gemma3, section, value,
+                                                        stated):
+    # (was: "states neither layer_types nor num_hidden_layers" for the text half, "model_type
+    # 'gemma3' is not a supported vision encoder" for the tower)
+    source = _copy(gemma3, tmp_path / "gemma3")
+    edit_config(source, **{section: value})
+    decoder = source if section == "text_config" else save_tiny_hf_decoder("qwen3",
+                                                                             tmp_path / "q")
+    encoder = source if section == "vision_config" else gemma3
+    _refused(cli("fuse", encoder, decoder, "-o", tmp_path / "out", "--every", "1"),
+             f"config.json: gemma3 holds its {'decoder' if section == 'text_config' else 'vision'}"
+             f" part's config in {stated}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma3_untied_by_the_whole_without_lm_head_is_refused(tmp_path, gemma3):
+    # transformers 5.25 ties a Gemma3ForConditionalGeneration's head by the whole config's
+    # flag: false there, it builds a head the checkpoint does not hold (drawn at random),
+    # whatever text_config says; it was read as tied, silently
+    source = _copy(gemma3, tmp_path / "gemma3")
+    edit_config(source, tie_word_embeddings=False)
+    assert json.loads((source / "config.json").read_text())["text_config"].get(
+        "tie_word_embeddings", True) is True
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(source)
+    assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+    _refused(cli("inspect", source), "there is no lm_head.weight and the embeddings are not "
+                                     "tied")
+    _refused(cli("convert", source, "-o", tmp_path / "native"), "no lm_head.weight")
+    assert not (tmp_path / "native").exists()
+
+
+def test_gemma3_without_its_text_half_names_what_is_missing(tmp_path, gemma3):
+    # (was: "keys match no known decoder, vision encoder or fused layout: ...")
+    source = _copy(gemma3, tmp_path / "gemma3")
+    tensors = load_file(source / "model.safetensors")
+    save_file({key: value for key, value in tensors.items()
+               if not key.startswith("language_model.")}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    decoder = save_tiny_hf_decoder("qwen3", tmp_path / "qwen3")
+    for result in (cli("inspect", source),
+                   cli("fuse", source, decoder, "-o", tmp_path / "out", "--every", "1")):
+        _refused(result, "vision tower (vision_tower.* keys) without the text model")
+    assert not (tmp_path / "out").exists()
