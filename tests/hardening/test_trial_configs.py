@@ -114,3 +114,30 @@ def test_gemma3_without_its_text_half_names_what_is_missing(tmp_path, gemma3):
                    cli("fuse", source, decoder, "-o", tmp_path / "out", "--every", "1")):
         _refused(result, "vision tower (vision_tower.* keys) without the text model")
     assert not (tmp_path / "out").exists()
+
+
+def test_configless_phi3_is_told_by_its_stacked_keys(tmp_path):
+    # A Phi3ForCausalLM's model.safetensors alone: inspect shows what a metadata viewer shows
+    # and asks for the head count (was: exit 2, "its rows do not stack ... as the config gives
+    # them ()", the head-less q share guessed as a third); with --num-heads it is Phi-3 (was:
+    # taken as Llama, then "needs its q/k rows reordered as well as cut out")
+    from fusesurgery import load_decoder
+
+    source = save_tiny_hf_decoder("phi3", tmp_path / "phi3", pad_token_id=0)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    result = cli("inspect", bare, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["family"] == "phi3"
+    assert report["missing"]["num_heads"] == "--num-heads"
+    result = cli("convert", bare, "-o", tmp_path / "native", "--num-heads", "4")
+    assert result.exit_code == 0, result.output
+    tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    reference = transformers.Phi3ForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        for path, overrides in ((bare, {"num_heads": 4}), (tmp_path / "native", None)):
+            logits = load_decoder(path, overrides=overrides).eval()(tokens)
+            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
