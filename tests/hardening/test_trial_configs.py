@@ -134,6 +134,11 @@ def test_configless_phi3_is_told_by_its_stacked_keys(tmp_path):
     assert report["missing"]["num_heads"] == "--num-heads"
     result = cli("convert", bare, "-o", tmp_path / "native", "--num-heads", "4")
     assert result.exit_code == 0, result.output
+    # diff takes the stacked rows from the side whose config gives them (was: the bare
+    # file's qkv_proj / gate_up_proj 'unknown to the key maps', the same bytes 'different')
+    for pair in ((bare, source), (source, bare)):
+        result = cli("diff", "--values", *pair)
+        assert result.exit_code == 0 and "identical" in result.stdout, result.output
     tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
     reference = transformers.Phi3ForCausalLM.from_pretrained(source).eval()
     with torch.no_grad():
