@@ -615,11 +615,11 @@ def _stacked_rows(source: CheckpointSource, other: CheckpointSource | None,
     from the checkpoint's config, else the other side's (a config-less file beside its own
     transformers directory), as the RoPE transform's head counts are; None when neither
     config resolves or fits the stacked rows."""
-    mapping = keys_to_native(source.keys(), "hf", "decoder")
     for candidate in (source, other):
         if candidate is None:
             continue
         try:
+            mapping = keys_to_native(source.keys(), "hf", "decoder")
             config = detect_model(candidate.infos(), candidate.config, candidate.config_file,
                                   overrides).config
             return stacked_row_ranges(mapping, source.infos(), config)
