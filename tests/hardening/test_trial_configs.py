@@ -146,3 +146,26 @@ def test_configless_phi3_is_told_by_its_stacked_keys(tmp_path):
         for path, overrides in ((bare, {"num_heads": 4}), (tmp_path / "native", None)):
             logits = load_decoder(path, overrides=overrides).eval()(tokens)
             torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    ({"num_key_value_heads": 4}, "k_norm.weight is [16], its config.json needs [32]"),
+    ({"intermediate_size": 80}, "down_proj.weight is [32, 64], its config.json needs [32, 80]"),
+    ({"num_hidden_layers": 1}, "unexpected ['model.layers.1."),
+])
+def test_unknown_decoder_whose_config_the_weights_contradict_is_refused(tmp_path, edit,
+                                                                        fragment):
+    # an OLMo 2 goes through the transformers layout; its config.json was checked only for
+    # the embedding table and the tie flag, so the export was written, and then its own
+    # validate refused it ('its config.json needs ...')
+    source = tmp_path / "olmo2"
+    torch.manual_seed(0)
+    transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2)).save_pretrained(source)
+    edit_config(source, **edit)
+    clip = tmp_path / "clip"
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(clip)
+    _refused(cli("fuse", clip, source, "-o", tmp_path / "out", "--every", "1"), fragment)
+    assert not (tmp_path / "out").exists()
