@@ -242,6 +242,27 @@ def _layers_prefix(keys: list[str], num_layers: int, origin: object) -> str:
                       "as its base model's `layers`")
 
 
+def _refuse_multimodal(document: Mapping[str, Any], role: str, origin: object) -> None:
+    """A multimodal checkpoint one of whose parts a native family reads (a full Gemma 3's
+    text half or SigLIP tower) is no causal LM or tower checkpoint this layout copies whole.
+
+    Raises:
+        ConfigError: such a checkpoint, named with what takes it instead.
+    """
+    from fusesurgery.convert.configs import HF_WRAPPED_PARTS  # noqa: PLC0415
+
+    names = [document.get("model_type"), *(document.get("architectures") or ())]
+    whole = next((name for name in names if isinstance(name, str)
+                  and name in HF_WRAPPED_PARTS["decoder" if role == "decoder" else "vision"]),
+                 None)
+    if whole is not None:
+        raise ConfigError(
+            f"{origin}: a {whole} checkpoint is not a {role} saved alone, which the "
+            f"transformers layout copies whole; the native layout reads its {role} (fuse "
+            "without --format transformers, with a decoder and tower fusesurgery has modules "
+            f"for), or save the {role} alone first")
+
+
 def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
     """Sizes of an ``AutoModelForCausalLM`` checkpoint, from config.json and its headers, each
     size checked against the tensors that show it.
@@ -255,6 +276,7 @@ def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
     if not isinstance(document, dict):
         raise ConfigError(f"{origin}: no transformers config.json beside the weights; the "
                           "transformers layout builds the decoder from it")
+    _refuse_multimodal(document, "decoder", origin)
     config = config_object(document, "decoder", f"{origin}/config.json")
     check_causal_lm(config.model_type, document.get("transformers_version"))
     choices: dict[str, str] = {}
@@ -376,6 +398,7 @@ def read_tower(source: CheckpointSource, origin: object) -> TowerSizes:
     if not isinstance(document, dict):
         raise ConfigError(f"{origin}: no transformers config.json beside the weights; the "
                           "transformers layout builds the tower from it")
+    _refuse_multimodal(document, "tower", origin)
     config = config_object(document, "tower", f"{origin}/config.json")
     infos = source.infos()
     vision = getattr(config, "vision_config", None)
@@ -815,13 +838,19 @@ def choose_layout(encoder_path: str | os.PathLike[str],
         FuseSurgeryError: an input that cannot be opened.
     """
     decoders, towers = _native_model_types()
+    from fusesurgery.convert.configs import HF_WRAPPED_PARTS  # noqa: PLC0415
+
+    # a multimodal checkpoint whose tower a native family reads (a full Gemma 3's SigLIP) is
+    # a native tower, not a decoder given in its place
+    towers = towers | frozenset(HF_WRAPPED_PARTS["vision"])
     types = {}
     for role, path in (("decoder", decoder_path), ("tower", encoder_path)):
         with open_checkpoint(path, remote_headers=True) as source:  # a Hub repo: no download
             document = source.config if source.config_file == "config.json" else None
         model_type = document.get("model_type") if isinstance(document, dict) else None
         types[role] = model_type if isinstance(model_type, str) else None
-    if types["decoder"] in towers or types["tower"] in decoders or MODEL_TYPE in types.values():
+    if (types["decoder"] in towers - decoders or types["tower"] in decoders - towers
+            or MODEL_TYPE in types.values()):
         return "native", None  # swapped or fused inputs: the native reader says so
     for role, known in (("decoder", decoders), ("tower", towers)):
         model_type = types[role]

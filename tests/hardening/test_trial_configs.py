@@ -169,3 +169,24 @@ def test_unknown_decoder_whose_config_the_weights_contradict_is_refused(tmp_path
     transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(clip)
     _refused(cli("fuse", clip, source, "-o", tmp_path / "out", "--every", "1"), fragment)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("role", ["decoder", "tower"])
+def test_full_gemma3_in_the_transformers_layout_is_named(tmp_path, gemma3, role):
+    # (was: 'no hidden size (hidden_size) in its config' as the decoder, 'its vision_model.*
+    # tensors are not the siglip_vision_model vision model's' as the tower; beside a decoder
+    # without a native module (OLMo 2), fuse took the full Gemma 3 for a swapped decoder and
+    # gave OLMo 2's 'needs a native decoder family' line)
+    olmo2 = tmp_path / "olmo2"
+    transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2)).save_pretrained(olmo2)
+    clip = tmp_path / "clip"
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(clip)
+    commands = ([("fuse", clip, gemma3, "--format", "transformers")] if role == "decoder" else
+                [("fuse", gemma3, olmo2), ("fuse", gemma3, olmo2, "--format", "transformers")])
+    for command in commands:
+        _refused(cli(*command, "-o", tmp_path / "out", "--every", "1"),
+                 f"a gemma3 checkpoint is not a {role} saved alone")
+        assert not (tmp_path / "out").exists()
