@@ -190,3 +190,35 @@ def test_full_gemma3_in_the_transformers_layout_is_named(tmp_path, gemma3, role)
         _refused(cli(*command, "-o", tmp_path / "out", "--every", "1"),
                  f"a gemma3 checkpoint is not a {role} saved alone")
         assert not (tmp_path / "out").exists()
+
+
+def test_native_gemma2_with_the_old_final_norm_name_fuses_validates_and_unfuses(tmp_path):
+    # norm.scale (what fusesurgery wrote before torchtune's norm.rms_norm.scale) is still
+    # read; fuse recorded it as the source of norm.rms_norm.scale, which validate and unfuse
+    # then refused as 'the record is damaged'
+    source = tmp_path / "gemma2"
+    torch.manual_seed(0)
+    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, sliding_window=4, pad_token_id=0,
+        eos_token_id=1, bos_token_id=2)).save_pretrained(source)
+    native = tmp_path / "native"
+    assert cli("convert", source, "-o", native, "--to", "native").exit_code == 0
+    [weights] = native.glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["norm.scale"] = tensors.pop("norm.rms_norm.scale")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    clip = tmp_path / "clip"
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(clip)
+    fused = tmp_path / "fused"
+    result = cli("fuse", clip, native, "-o", fused, "--every", "1")
+    assert result.exit_code == 0, result.output
+    for against in (native, source):
+        result = cli("validate", fused, "--against", against)
+        assert result.exit_code == 0, result.output
+    back = tmp_path / "back"
+    result = cli("unfuse", fused, "-o", back)
+    assert result.exit_code == 0, result.output
+    unfused = load_file(next(back.glob("*.safetensors")))
+    assert unfused.keys() == tensors.keys()  # the source's own names, norm.scale included
+    assert all(torch.equal(unfused[key], tensors[key]) for key in tensors)
