@@ -585,6 +585,12 @@ def _split_stacked(fields: _Fields, mapping: KeyMapping, tensors: Mapping[str, T
         fields.offer("embed_dim", embedding[1], "inferred")
     for source, parts in mapping.parts.items():
         stacking = _stacking_family(source)
+        named = fields.get("family") if fields.sources.get("family") == "given" else None
+        if stacking is not None and named in DECODER_FAMILIES and named != stacking:
+            raise _family_error(
+                f"--family {named}: these weights are no "
+                f"{DECODER_FAMILIES[named].display_name} decoder: they hold {source}, which "
+                f"only {DECODER_FAMILIES[stacking].display_name}'s layout stacks")
         if stacking is not None:  # only its layout stacks them: what the keys tell
             fields.offer("family", stacking, "inferred")
         shape = tuple(tensors[source].shape)

@@ -139,6 +139,13 @@ def test_configless_phi3_is_told_by_its_stacked_keys(tmp_path):
     for pair in ((bare, source), (source, bare)):
         result = cli("diff", "--values", *pair)
         assert result.exit_code == 0 and "identical" in result.stdout, result.output
+    # a --family whose layout stacks nothing is refused as other wrong families are (was:
+    # 'needs its q/k rows reordered as well as cut out, which no family does yet')
+    for command in ("inspect", "convert"):
+        _refused(cli(command, bare, *(["-o", tmp_path / "x"] if command == "convert" else []),
+                     "--family", "llama", "--num-heads", "4"),
+                 "--family llama: these weights are no Llama decoder: they hold model.layers.0.")
+    assert not (tmp_path / "x").exists()
     tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
     reference = transformers.Phi3ForCausalLM.from_pretrained(source).eval()
     with torch.no_grad():
