@@ -328,6 +328,28 @@ def _window_value(config: Mapping[str, Any], origin: str,
     return window
 
 
+def check_layer_types(config: Mapping[str, Any], origin: str = "config.json") -> None:
+    """Refuse a ``layer_types`` that does not name each layer, whatever the family, as every
+    transformers config class does when it is built (a Qwen3 or Llama config.json without a
+    window still fails to load with one); which kinds a family models is its own rule's
+    business.
+
+    Raises:
+        ConfigError: ``layer_types`` not a list of names, or not one per
+            ``num_hidden_layers``.
+    """
+    types = config.get("layer_types")
+    if types is None:
+        return
+    if not isinstance(types, list) or not all(isinstance(kind, str) for kind in types):
+        raise ConfigError(f"{origin}: layer_types must list {SLIDING!r} or {FULL!r} for "
+                          f"each layer, got {types!r}")
+    layers = config.get("num_hidden_layers")
+    if type(layers) is int and len(types) != layers:
+        raise ConfigError(f"{origin}: layer_types has {len(types)} entries for {layers} "
+                          "layers")
+
+
 def hf_window_layout(config: Mapping[str, Any], family: str, origin: str = "config.json"
                      ) -> tuple[int | None, tuple[int, ...] | None] | None:
     """``(sliding_window, the layers it applies to)`` as transformers reads a decoder
@@ -453,33 +475,54 @@ HF_WRAPPED_PARTS: dict[str, dict[str, tuple[DecoderFamily | VisionFamily,
     for kind, families in (("decoder", DECODER_FAMILIES), ("vision", VISION_FAMILIES))}
 
 
-def part_config(config: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+def part_config(config: Mapping[str, Any], kind: str,
+                origin: str = "config.json") -> Mapping[str, Any]:
     """The config.json of the ``kind`` part (``decoder``, ``vision``) a multimodal model holds
     (a ``Gemma3ForConditionalGeneration``'s ``text_config`` / ``vision_config``), made a
     config of its own: the family's model type and class (what its keys, renamed, load
-    into), the section's fields, and the whole's dtype, version and (a decoder's) tying where
-    the section does not state them. ``config`` itself when it is no such model."""
+    into), the section's fields, and the whole's dtype and version where the section does
+    not state them. A decoder's tying is the whole's where the whole states it, as
+    transformers 5.25 ties the whole model's head by the whole's ``tie_word_embeddings``
+    (the section's otherwise). ``config`` itself when it is no such model.
+
+    Raises:
+        ConfigError: such a model's config without the part's section (or not an object):
+            transformers would build the part from its defaults, which no checkpoint's
+            weights are.
+    """
     wrapped_parts = HF_WRAPPED_PARTS.get(kind, {})
     names = [config.get("model_type"), *(config.get("architectures") or ())]
     found = next((wrapped_parts[name] for name in names
                   if isinstance(name, str) and name in wrapped_parts), None)
-    section = config.get(found[1].config_section) if found is not None else None
-    if not isinstance(section, Mapping):
+    if found is None:
         return config
-    family = found[0]
+    family, wrapped = found
+    section = config.get(wrapped.config_section)
+    if not isinstance(section, Mapping):
+        whole = next(name for name in names if isinstance(name, str) and name in wrapped_parts)
+        stated = ("is missing" if section is None
+                  else f"is {type(section).__name__} {section!r}, not an object")
+        raise ConfigError(f"{origin}: {whole} holds its {kind} part's config in "
+                          f"{wrapped.config_section}, which {stated}")
     model_type = family.model_types[0] if kind == "decoder" else family.hf_model_type
     part = {"architectures": [family.architectures[0]], "model_type": model_type,
             **{key: value for key, value in section.items() if key != "architectures"}}
-    inherited = ("tie_word_embeddings",) if kind == "decoder" else ()
-    for key in (*inherited, "dtype", "torch_dtype", "transformers_version"):
+    if kind == "decoder" and isinstance(config.get("tie_word_embeddings"), bool):
+        part["tie_word_embeddings"] = config["tie_word_embeddings"]
+    for key in ("dtype", "torch_dtype", "transformers_version"):
         if key in config and key not in part:
             part[key] = config[key]
     return part
 
 
-def decoder_text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``part_config(config, "decoder")``: a multimodal model's text half's own config."""
-    return part_config(config, "decoder")
+def decoder_text_config(config: Mapping[str, Any],
+                        origin: str = "config.json") -> Mapping[str, Any]:
+    """``part_config(config, "decoder")``: a multimodal model's text half's own config.
+
+    Raises:
+        ConfigError: such a model's config without its ``text_config`` object.
+    """
+    return part_config(config, "decoder", origin)
 
 
 def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json") -> ConfigReading:
@@ -489,7 +532,8 @@ def read_hf_decoder_config(config: Mapping[str, Any], origin: str = "config.json
     Raises:
         ConfigError: an unsupported model type, activation, MLP bias or RoPE type.
     """
-    config = decoder_text_config(config)
+    config = decoder_text_config(config, origin)
+    check_layer_types(config, origin)
     reading = ConfigReading()
     model_type = _name(config, "model_type", origin)
     if model_type is not None:
@@ -712,7 +756,7 @@ def read_hf_vision_config(config: Mapping[str, Any], origin: str = "config.json"
     Raises:
         ConfigError: an unsupported model type or activation.
     """
-    config = part_config(config, "vision")  # a multimodal model's tower alone
+    config = part_config(config, "vision", origin)  # a multimodal model's tower alone
     reading = ConfigReading()
     model_type = config.get("model_type")
     own = VISION_FAMILIES.get(HF_VISION_FAMILIES.get(model_type)) if isinstance(
@@ -780,6 +824,7 @@ __all__ = [
     "ConfigReading",
     "coerce_rope_scaling",
     "config_style",
+    "check_layer_types",
     "decoder_text_config",
     "hf_config_dict",
     "hf_max_position_embeddings",

@@ -231,6 +231,14 @@ def detect_layout(keys: Iterable[str], want: str | None = None) -> tuple[str, st
         )
     if is_wrapped_decoder(keys):  # a Gemma3ForConditionalGeneration: its text half
         return "decoder", "hf"
+    if holds_wrapped_tower(keys) and not any_starts("language_model.",
+                                                    "model.language_model."):
+        raise UnrecognizedFormatError(
+            "this is a multimodal checkpoint's vision tower (vision_tower.* keys) without the "
+            "text model beside it (language_model.*): a Gemma3ForConditionalGeneration is read "
+            "whole, its text half missing here; give the whole checkpoint, or save the tower "
+            "alone (SiglipVisionModel)"
+        )
     if any_starts("language_model.", "model.language_model.", "model.vision_model."):
         raise UnrecognizedFormatError(
             "this looks like a multimodal model (LLaVA-style language_model.* keys); "
@@ -548,6 +556,22 @@ _PART_ROWS: dict[str, Callable[[_Fields], int | None]] = {
 }
 
 
+def _stacking_family(source: str) -> str | None:
+    """The decoder family whose transformers layout stacks ``source`` (Phi-3's
+    ``qkv_proj``), or None."""
+    template = split_layer_index(source)[0]
+    for name, family in DECODER_FAMILIES.items():
+        for stacked in family.hf_fused_keys:
+            if template == stacked or template.endswith("." + stacked.removeprefix("model.")) \
+                    or template == stacked.removeprefix("model."):
+                return name
+    return None
+
+
+# the parts whose rows only the head count gives; the others share what they leave
+_ROWS_FROM_HEADS: frozenset[str] = frozenset({"layers.{i}.attn.q_proj.weight"})
+
+
 def _split_stacked(fields: _Fields, mapping: KeyMapping, tensors: Mapping[str, TensorInfo],
                    shapes: dict[str, Shape], names: dict[str, str]) -> None:
     """Give each native part of a stacked source tensor its shape: its rows from what the
@@ -560,10 +584,24 @@ def _split_stacked(fields: _Fields, mapping: KeyMapping, tensors: Mapping[str, T
     if embedding is not None and len(embedding) == 2:
         fields.offer("embed_dim", embedding[1], "inferred")
     for source, parts in mapping.parts.items():
+        stacking = _stacking_family(source)
+        named = fields.get("family") if fields.sources.get("family") == "given" else None
+        if stacking is not None and named in DECODER_FAMILIES and named != stacking:
+            raise _family_error(
+                f"--family {named}: these weights are no "
+                f"{DECODER_FAMILIES[named].display_name} decoder: they hold {source}, which "
+                f"only {DECODER_FAMILIES[stacking].display_name}'s layout stacks")
+        if stacking is not None:  # only its layout stacks them: what the keys tell
+            fields.offer("family", stacking, "inferred")
         shape = tuple(tensors[source].shape)
         known = {part: _PART_ROWS.get(split_layer_index(part)[0], lambda f: None)(fields)
                  for part in parts}
         unknown = [part for part, rows in known.items() if rows is None]
+        if any(split_layer_index(part)[0] in _ROWS_FROM_HEADS for part in unknown):
+            # q's rows are the head count's, which nothing states (a checkpoint without a
+            # config): no share of the rest is q's, so the parts stay unsized and the head
+            # count is asked for (inspect shows what the rest of the shapes give)
+            continue
         rest = (shape[0] if shape else 0) - sum(rows for rows in known.values() if rows)
         if rest < 0 or (unknown and rest % len(unknown)) or (not unknown and rest):
             stated = ", ".join(f"{part} {rows}" for part, rows in known.items() if rows)

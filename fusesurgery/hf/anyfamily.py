@@ -238,6 +238,27 @@ def _layers_prefix(keys: list[str], num_layers: int, origin: object) -> str:
                       "as its base model's `layers`")
 
 
+def _refuse_multimodal(document: Mapping[str, Any], role: str, origin: object) -> None:
+    """A multimodal checkpoint one of whose parts a native family reads (a full Gemma 3's
+    text half or SigLIP tower) is no causal LM or tower checkpoint this layout copies whole.
+
+    Raises:
+        ConfigError: such a checkpoint, named with what takes it instead.
+    """
+    from fusesurgery.convert.configs import HF_WRAPPED_PARTS  # noqa: PLC0415
+
+    names = [document.get("model_type"), *(document.get("architectures") or ())]
+    whole = next((name for name in names if isinstance(name, str)
+                  and name in HF_WRAPPED_PARTS["decoder" if role == "decoder" else "vision"]),
+                 None)
+    if whole is not None:
+        raise ConfigError(
+            f"{origin}: a {whole} checkpoint is not a {role} saved alone, which the "
+            f"transformers layout copies whole; the native layout reads its {role} (fuse "
+            "without --format transformers, with a decoder and tower fusesurgery has modules "
+            f"for), or save the {role} alone first")
+
+
 def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
     """Sizes of an ``AutoModelForCausalLM`` checkpoint, from config.json and its headers, each
     size checked against the tensors that show it.
@@ -251,6 +272,7 @@ def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
     if not isinstance(document, dict):
         raise ConfigError(f"{origin}: no transformers config.json beside the weights; the "
                           "transformers layout builds the decoder from it")
+    _refuse_multimodal(document, "decoder", origin)
     config = config_object(document, "decoder", f"{origin}/config.json")
     check_causal_lm(config.model_type, document.get("transformers_version"))
     choices: dict[str, str] = {}
@@ -306,12 +328,37 @@ def read_decoder(source: CheckpointSource, origin: object) -> DecoderSizes:
         raise ShapeError(f"{origin}: {OUTPUT_EMBEDDING_KEY} is "
                          f"{list(infos[OUTPUT_EMBEDDING_KEY].shape)}, its config says "
                          f"[{vocab}, {hidden}]")
+    _check_against_class(config, infos, origin)
     return DecoderSizes(
         model_type=config.model_type, num_layers=layers, hidden_size=hidden, num_heads=heads,
         num_kv_heads=kv, head_dim=head_dim, intermediate_size=ffn, norm_eps=eps[0],
         vocab_size=vocab, tied=tied, embedding_key=tables[0],
         layers_prefix=layers_prefix,
         dtype=infos[tables[0]].dtype, choices=choices, norm_unit_offset=unit_offset)
+
+
+def _check_against_class(config, infos: Mapping[str, TensorInfo], origin: object) -> None:
+    """The decoder's tensors are exactly the keys and shapes transformers' causal LM class,
+    built on the meta device from its config.json, saves: what ``checked_any_export`` asks
+    of the export, asked of the source before anything is written (a head count, MLP width
+    or layer count the weights contradict would otherwise be copied into an export that its
+    own ``validate`` refuses).
+
+    Raises:
+        ShapeError: missing or extra tensors, or a shape other than the config gives.
+    """
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    expected = meta_model_shapes(AutoModelForCausalLM, config)
+    missing = sorted(set(expected) - set(infos))
+    unexpected = sorted(set(infos) - set(expected))
+    if missing or unexpected:
+        raise ShapeError(f"{origin}: its tensors are not the ones its config.json describes: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, info in infos.items():
+        if tuple(info.shape) != expected[name]:
+            raise ShapeError(f"{origin}: {name} is {list(info.shape)}, its config.json needs "
+                             f"{list(expected[name])}")
 
 
 def meta_model_shapes(model_class, config) -> dict[str, tuple[int, ...]]:
@@ -347,6 +394,7 @@ def read_tower(source: CheckpointSource, origin: object) -> TowerSizes:
     if not isinstance(document, dict):
         raise ConfigError(f"{origin}: no transformers config.json beside the weights; the "
                           "transformers layout builds the tower from it")
+    _refuse_multimodal(document, "tower", origin)
     config = config_object(document, "tower", f"{origin}/config.json")
     infos = source.infos()
     vision = getattr(config, "vision_config", None)
@@ -582,8 +630,9 @@ def fuse_transformers(
     The sources' tensors are copied unchanged (the kernel copies the bytes) under
     ``language_model.`` / ``vision_tower.`` and their own names; the new tensors are drawn
     one at a time. Built from config.json files and safetensors headers; transformers is
-    imported for its config classes and family tables only, no model is instantiated but a
-    pair's vision half, on the meta device, to learn its names.
+    imported for its config classes and family tables only, no model is instantiated but,
+    on the meta device, a pair's vision half, to learn its names, and the decoder's causal
+    LM class, whose keys and shapes the decoder's tensors are checked to be.
 
     Args:
         encoder_path: an ``AutoModel`` vision tower, or a CLIP / SigLIP / AIMv2 pair.

@@ -30,13 +30,18 @@ def choose_layout(encoder_path: str | os.PathLike[str],
         FuseSurgeryError: an input that cannot be opened.
     """
     decoders, towers = native_model_types()
+    from fusesurgery.convert.configs import HF_WRAPPED_PARTS  # noqa: PLC0415
+
+    # a multimodal checkpoint whose tower a native family reads (a full Gemma 3's SigLIP) is
+    # a native tower, not a decoder given in its place
+    towers = towers | frozenset(HF_WRAPPED_PARTS["vision"])
     types = {}
     for role, path in (("decoder", decoder_path), ("tower", encoder_path)):
         with open_checkpoint(path, remote_headers=True) as source:  # a Hub repo: no download
             document = source.config if source.config_file == "config.json" else None
         model_type = document.get("model_type") if isinstance(document, dict) else None
         types[role] = model_type if isinstance(model_type, str) else None
-    if (types["decoder"] in towers or types["tower"] in decoders
+    if (types["decoder"] in towers - decoders or types["tower"] in decoders - towers
             or EXPORT_MODEL_TYPE in types.values()):
         return "native", None  # swapped or fused inputs: the native reader says so
     for role, known in (("decoder", decoders), ("tower", towers)):

@@ -609,22 +609,28 @@ def _claim(compared: dict[str, str], name: str, key: str, source: CheckpointSour
     compared[name] = key
 
 
-def _stacked_rows(source: CheckpointSource, overrides: Mapping[str, Any] | None
-                  ) -> dict[str, tuple[int, int]] | None:
+def _stacked_rows(source: CheckpointSource, other: CheckpointSource | None,
+                  overrides: Mapping[str, Any] | None) -> dict[str, tuple[int, int]] | None:
     """native key -> its rows of the stacked tensor holding it (Phi-3's q/k/v in qkv_proj),
-    from the checkpoint's config; None when its config cannot be resolved."""
-    try:
-        config = detect_model(source.infos(), source.config, source.config_file,
-                              overrides).config
-        mapping = keys_to_native(source.keys(), "hf", "decoder")
-        return stacked_row_ranges(mapping, source.infos(), config)
-    except (ConfigError, KeyMapError, UnrecognizedFormatError):
-        return None
+    from the checkpoint's config, else the other side's (a config-less file beside its own
+    transformers directory), as the RoPE transform's head counts are; None when neither
+    config resolves or fits the stacked rows."""
+    for candidate in (source, other):
+        if candidate is None:
+            continue
+        try:
+            mapping = keys_to_native(source.keys(), "hf", "decoder")
+            config = detect_model(candidate.infos(), candidate.config, candidate.config_file,
+                                  overrides).config
+            return stacked_row_ranges(mapping, source.infos(), config)
+        except (ConfigError, KeyMapError, UnrecognizedFormatError):
+            continue
+    return None
 
 
 def _normalised_names(
     source: CheckpointSource, kind: str, layout: str, prefix: str,
-    overrides: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None, other: CheckpointSource | None = None,
 ) -> _Names:
     compared: dict[str, str] = {}
     dropped: dict[str, str] = {}
@@ -643,7 +649,7 @@ def _normalised_names(
         if parts is not None:
             # a stacked tensor: each part compares as its native name, its rows of the
             # tensor (which the config gives); without a config, as stored
-            ranges = _stacked_rows(source, overrides) if ranges is None else ranges
+            ranges = _stacked_rows(source, other, overrides) if ranges is None else ranges
             if ranges is None or any(part not in ranges for part in parts):
                 unmapped.append(key)
                 continue
@@ -952,8 +958,8 @@ def _diff(
     else:
         assert kind_a and layout_a and kind_b and layout_b
         prefix_a, prefix_b = _alignment_prefix(kind_a, kind_b), _alignment_prefix(kind_b, kind_a)
-        names_a = _normalised_names(source_a, kind_a, layout_a, prefix_a, overrides)
-        names_b = _normalised_names(source_b, kind_b, layout_b, prefix_b, overrides)
+        names_a = _normalised_names(source_a, kind_a, layout_a, prefix_a, overrides, source_b)
+        names_b = _normalised_names(source_b, kind_b, layout_b, prefix_b, overrides, source_a)
 
     infos_a, infos_b = source_a.infos(), source_b.infos()
     only_in_a = tuple(name for name in names_a.compared if name not in names_b.compared)

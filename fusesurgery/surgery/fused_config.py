@@ -387,7 +387,8 @@ def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
         raise ConfigError(f"{where} names {len(names)} tensors, the weights hold {len(held)} "
                           f"{part} tensors (first difference: {odd[0]!r}); the config does not "
                           "belong to these weights")
-    # a checkpoint an earlier fusesurgery wrote records its own spelling of a native key
+    # a checkpoint an earlier fusesurgery wrote records its own spelling of a native key, and
+    # a native source an earlier fusesurgery wrote has its own spelling as the source key
     legacy = (DECODER_FAMILIES[decoder_family].native_legacy_keys
               if kind == "decoder" and decoder_family in DECODER_FAMILIES else {})
     for native, source_key in names.items():
@@ -399,7 +400,8 @@ def _check_source_keys(part: str, record: Mapping[str, Any], keys: list[str],
                 native if native in parts else f"one of {', '.join(parts)}")
         except FuseSurgeryError:
             mapped = None
-        if mapped != native and (mapped is None or legacy.get(native) != mapped):
+        if mapped != native and (mapped is None or (legacy.get(native) != mapped
+                                                    and legacy.get(mapped) != native)):
             raise ConfigError(
                 f"{where}: {source_key!r} is recorded as the source of {native!r}, but the "
                 f"{layout} key map gives {mapped!r} for it; the record is damaged (unfuse "
