@@ -44,6 +44,7 @@ from fusesurgery.surgery.export_layout import (
     TEXT_PREFIX,
     VISION_PREFIX,
     check_template_files,
+    check_tensor_shapes,
     is_any_export,
 )
 from fusesurgery.surgery.export_layout import EXPORT_MODEL_TYPE as MODEL_TYPE
@@ -350,15 +351,7 @@ def _check_against_class(config, infos: Mapping[str, TensorInfo], origin: object
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     expected = meta_model_shapes(AutoModelForCausalLM, config)
-    missing = sorted(set(expected) - set(infos))
-    unexpected = sorted(set(infos) - set(expected))
-    if missing or unexpected:
-        raise ShapeError(f"{origin}: its tensors are not the ones its config.json describes: "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, info in infos.items():
-        if tuple(info.shape) != expected[name]:
-            raise ShapeError(f"{origin}: {name} is {list(info.shape)}, its config.json needs "
-                             f"{list(expected[name])}")
+    check_tensor_shapes(infos, expected, origin, "config.json")
 
 
 def meta_model_shapes(model_class, config) -> dict[str, tuple[int, ...]]:
@@ -936,15 +929,7 @@ def checked_any_export(source: CheckpointSource, path: object) -> dict[str, tupl
                          f"text_config's {getattr(text_config, 'hidden_size', None)}")
     expected.update(fusion)
     infos = source.infos()
-    missing = sorted(set(expected) - set(infos))
-    unexpected = sorted(set(infos) - set(expected))
-    if missing or unexpected:
-        raise ShapeError(f"{path}: its tensors are not the ones its config.json describes: "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, info in infos.items():
-        if tuple(info.shape) != expected[name]:
-            raise ShapeError(f"{path}: {name} is {list(info.shape)}, its config.json needs "
-                             f"{list(expected[name])}")
+    check_tensor_shapes(infos, expected, path, "config.json")
     return expected
 
 

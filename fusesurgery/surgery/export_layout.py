@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusesurgery.errors import CheckpointError, ConfigError
+from fusesurgery.errors import CheckpointError, ConfigError, ShapeError
 
 if TYPE_CHECKING:
     from fusesurgery.surgery.fused_config import FusedConfig
@@ -214,6 +214,26 @@ def check_export_config(document: Mapping[str, Any], config: FusedConfig,
                                   "transformers would build another model from")
 
 
+def check_tensor_shapes(infos: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
+                        origin: object, described_by: str) -> None:
+    """A checkpoint's tensors (name -> info with a ``shape``) against the names and shapes
+    ``described_by`` (its config.json, its fusion config) gives.
+
+    Raises:
+        ShapeError: missing or extra tensors (the first three of each named), or a shape
+            other than the description's.
+    """
+    missing = sorted(set(expected) - set(infos))
+    unexpected = sorted(set(infos) - set(expected))
+    if missing or unexpected:
+        raise ShapeError(f"{origin}: its tensors are not the ones its {described_by} "
+                         f"describes: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, info in infos.items():
+        if tuple(info.shape) != tuple(expected[name]):
+            raise ShapeError(f"{origin}: {name} is {list(info.shape)}, its {described_by} "
+                             f"needs {list(expected[name])}")
+
+
 def native_model_types() -> tuple[frozenset[str], frozenset[str]]:
     """The transformers model types fusesurgery's native modules read (decoders, towers)."""
     from fusesurgery.convert.configs import (  # noqa: PLC0415
@@ -226,6 +246,7 @@ def native_model_types() -> tuple[frozenset[str], frozenset[str]]:
 
 
 __all__ = ["EXPORT_MODEL_TYPE", "EXPORT_TARGET", "FUSE_RECORD_FIELD", "FUSION_CONFIG_FIELD",
-           "check_export_config", "check_template_files", "export_fusion_fields",
-           "hub_export_directory", "is_any_export", "local_export_path", "is_export_directory",
-           "is_transformers_export", "native_model_types"]
+           "check_export_config", "check_tensor_shapes", "check_template_files",
+           "export_fusion_fields", "hub_export_directory", "is_any_export",
+           "is_export_directory", "is_transformers_export", "local_export_path",
+           "native_model_types"]

@@ -34,7 +34,7 @@ from fusesurgery.convert.mllama import FUSED_FUSION_EMBEDDING
 from fusesurgery.convert.plan import ConversionPlan, PlanEntry, _rope_transform
 from fusesurgery.convert.tokenizer import TOKENIZER_FILES
 from fusesurgery.convert.transforms import IDENTITY, TAKE_ROWS, Transform, invert_transform
-from fusesurgery.errors import ConfigError, FuseSurgeryError, KeyMapError, ShapeError
+from fusesurgery.errors import ConfigError, FuseSurgeryError, KeyMapError
 from fusesurgery.io import open_checkpoint
 from fusesurgery.io._files import read_side_file
 from fusesurgery.surgery.export_layout import (
@@ -49,6 +49,7 @@ from fusesurgery.surgery.export_layout import (
     VISION_PREFIX,
     check_export_config,
     check_template_files,
+    check_tensor_shapes,
     is_any_export,
     is_export_directory,
     is_transformers_export,
@@ -193,15 +194,8 @@ def checked_export(source, path: object) -> tuple[FusedConfig, dict[str, Exporte
     check_export_config(source.config, config, path)
     native_of = _exported_tensors(config)
     infos = source.infos()
-    missing = sorted(set(native_of) - set(infos))
-    unexpected = sorted(set(infos) - set(native_of))
-    if missing or unexpected:
-        raise ShapeError(f"{path}: its tensors are not the ones its fusion config "
-                         f"describes: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, info in infos.items():
-        if tuple(info.shape) != native_of[name][2]:
-            raise ShapeError(f"{path}: {name} is {list(info.shape)}, its fusion config needs "
-                             f"{list(native_of[name][2])}")
+    check_tensor_shapes(infos, {name: tensor.shape for name, tensor in native_of.items()},
+                        path, "fusion config")
     return config, native_of
 
 
