@@ -286,7 +286,8 @@ def convert_fused(
             names the property), or an output that cannot be written.
     """
     if to not in FUSED_TARGETS:
-        raise ConfigError(f"a fused checkpoint converts to {' or '.join(FUSED_TARGETS)}, not "
+        raise ConfigError(f"a fused checkpoint converts to {', '.join(FUSED_TARGETS)} or "
+                          f"transformers (convert --to transformers, fusesurgery.export), not "
                           f"{to!r}")
     with open_fused(path) as (view, config):
         directory = _directory(view)

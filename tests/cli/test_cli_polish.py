@@ -93,3 +93,15 @@ def test_messages_name_flags_not_python_parameters(tmp_path):
         assert result.exit_code == 2 and flag in result.stderr, result.stderr
         python = r"\b\w+=(True|False|None)\b|max_lines|(?<!-)\batol must"
         assert not re.search(python, result.stderr), result.stderr
+
+
+def test_convert_of_a_fused_checkpoint_to_another_format_names_every_one_it_takes(
+        fused_example, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fusesurgery", "convert", str(fused_example),
+                           "--to", "meta", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    line = done.stderr.strip()
+    assert "\n" not in line and "meta" in line
+    assert all(target in line for target in ("native", "mllama", "transformers"))
+    assert not (tmp_path / "out").exists()
