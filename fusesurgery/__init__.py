@@ -26,7 +26,7 @@ _LAZY_ATTRIBUTES: dict[str, tuple[str, str]] = {
     "generate": ("fusesurgery.run.generation", "generate"),
     "load_decoder": ("fusesurgery.surgery", "load_decoder"),
     "load_encoder": ("fusesurgery.surgery", "load_encoder"),
-    "load_fused": ("fusesurgery.hf.load", "load_fused"),
+    "load_fused": ("fusesurgery.surgery.exported", "load_fused"),
     "load_processor": ("fusesurgery.run.inputs", "load_processor"),
     "prepare_inputs": ("fusesurgery.run.inputs", "prepare_inputs"),
     "read_fused_config": ("fusesurgery.surgery.exported", "read_any_fused_config"),
@@ -41,10 +41,10 @@ if TYPE_CHECKING:
     from fusesurgery.errors import FuseSurgeryError
     from fusesurgery.hf import export_transformers, register_transformers
     from fusesurgery.hf.anyfamily import fuse
-    from fusesurgery.hf.load import load_fused
     from fusesurgery.run.generation import generate
     from fusesurgery.run.inputs import load_processor, prepare_inputs
     from fusesurgery.surgery import detect_checkpoint, load_decoder, load_encoder
+    from fusesurgery.surgery.exported import load_fused
     from fusesurgery.surgery.exported import read_any_fused_config as read_fused_config
     from fusesurgery.surgery.fuse_plan import FuseOptions
     from fusesurgery.validate import validate_fused as validate

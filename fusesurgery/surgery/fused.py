@@ -228,51 +228,6 @@ def _checked_state(view: FusedView, expected: dict, path: object, prefix: str = 
     return {key: view.get_tensor(prefix + key) for key in expected}
 
 
-def load_fused(
-    path: str | os.PathLike[str],
-    *,
-    part: str = "model",
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    decoder_trainable: bool = False,
-    encoder_trainable: bool = False,
-    fusion_trainable: bool = True,
-) -> DeepFusionModel | TransformerDecoder:
-    """Load a fused checkpoint as a ``DeepFusionModel`` (or its fused decoder alone).
-
-    Built on the meta device, every tensor assigned from the checkpoint's memory map
-    (``strict=True``: the keys and shapes must be exactly the model's), so loading costs no
-    memory until pages are touched; with ``dtype``, a non-CPU ``device``, or a layout that
-    rewrites tensors (Mllama's permuted q/k rows, its split embedding), tensors are copied.
-
-    Args:
-        path: a fused checkpoint directory written by fusesurgery, or a transformers Mllama
-            checkpoint (``MllamaForCausalLM``, ``MllamaForConditionalGeneration``).
-        part: ``model`` for the whole ``DeepFusionModel``, ``decoder`` for the fused
-            ``TransformerDecoder`` alone (the only part of an Mllama checkpoint with a native
-            module).
-        device: where the model ends up.
-        dtype: cast every floating-point tensor; None keeps the stored dtypes.
-        decoder_trainable: train the decoder's original parameters too.
-        encoder_trainable: train the encoder's original parameters too.
-        fusion_trainable: train the fusion parameters (new layers, tokens, projection).
-
-    Returns:
-        The model; ``.fused_config`` is its :class:`FusedConfig`, ``.fused_path`` the
-        directory it came from and ``.fused_opener`` what opens it (``save_fused`` reads
-        them).
-
-    Raises:
-        FuseSurgeryError: not a fused checkpoint, an unknown part or device, an argument of
-            the wrong type, a whole model asked of an encoder with no native module, or
-            tensors that do not match the model.
-    """
-    return load_fused_from(open_fused, path, part=part, device=device, dtype=dtype,
-                           decoder_trainable=decoder_trainable,
-                           encoder_trainable=encoder_trainable,
-                           fusion_trainable=fusion_trainable)
-
-
 # Opens a fused checkpoint of some layout: a view of its tensors under native fused names, and
 # its checked config (as :func:`open_fused` does).
 FusedOpener = Callable[[str | os.PathLike[str]],
@@ -290,24 +245,25 @@ def load_fused_from(
     encoder_trainable: bool = False,
     fusion_trainable: bool = True,
 ) -> DeepFusionModel | TransformerDecoder:
-    """:func:`load_fused` of a checkpoint ``opener`` reads (a later layer's reader hands its
-    own: ``fusesurgery.hf`` a transformers export's), with every check and rule it has.
+    """:func:`~fusesurgery.surgery.exported.load_fused` of a checkpoint ``opener`` reads
+    (:func:`open_fused`, or a transformers export's opener), with every check and rule it has.
 
     Args:
         opener: ``opener(path)`` is a context manager yielding ``(view, config)``.
         path: what ``opener`` opens.
-        part: as :func:`load_fused`.
-        device: as :func:`load_fused`.
-        dtype: as :func:`load_fused`.
-        decoder_trainable: as :func:`load_fused`.
-        encoder_trainable: as :func:`load_fused`.
-        fusion_trainable: as :func:`load_fused`.
+        part: as :func:`~fusesurgery.surgery.exported.load_fused`.
+        device: as :func:`~fusesurgery.surgery.exported.load_fused`.
+        dtype: as :func:`~fusesurgery.surgery.exported.load_fused`.
+        decoder_trainable: as :func:`~fusesurgery.surgery.exported.load_fused`.
+        encoder_trainable: as :func:`~fusesurgery.surgery.exported.load_fused`.
+        fusion_trainable: as :func:`~fusesurgery.surgery.exported.load_fused`.
 
     Returns:
-        The model, as :func:`load_fused`.
+        The model, as :func:`~fusesurgery.surgery.exported.load_fused`.
 
     Raises:
-        FuseSurgeryError: as :func:`load_fused`, or what ``opener`` raises.
+        FuseSurgeryError: as :func:`~fusesurgery.surgery.exported.load_fused`, or what
+            ``opener`` raises.
     """
     check_cast_dtype(dtype)
     check_device(device, "device")
@@ -353,4 +309,4 @@ def load_fused_from(
 
 
 __all__ = ["FusedOpener", "FusedView", "build_fused_model", "check_tokenizer", "gate_scalars",
-           "load_fused", "load_fused_from", "open_fused", "read_fused_config"]
+           "load_fused_from", "open_fused", "read_fused_config"]

@@ -41,9 +41,9 @@ from fusesurgery.surgery.export_layout import (
     is_export_directory,
     local_export_path,
 )
-from fusesurgery.surgery.exported import fused_opener, open_any_fused
+from fusesurgery.surgery.exported import load_fused, open_any_fused
 from fusesurgery.surgery.fuse_plan import fused_key_of, native_key_of
-from fusesurgery.surgery.fused import build_fused_model, load_fused_from
+from fusesurgery.surgery.fused import build_fused_model
 from fusesurgery.surgery.load import load_decoder
 from fusesurgery.write.save_fused import gate_values
 
@@ -65,12 +65,6 @@ ZERO_GATE_IDENTITY = "zero-gate identity"  # with zero gates it computes its dec
 TRAINED = "trained"  # the gates moved: no longer an identity
 # The rows that prove "the fused model is the original decoder, bit for bit", together.
 _BIT_FOR_BIT = (ORIGINAL_TENSORS, ORIGINAL_LOGITS, ZERO_GATE_IDENTITY)
-
-
-def load_fused(path: str | os.PathLike[str], **options) -> DeepFusionModel:
-    """The fused model at ``path``, whichever layout holds it (a transformers export is read
-    in memory, as ``fusesurgery.load_fused`` reads it: no native copy on disk)."""
-    return load_fused_from(fused_opener(path), path, **options)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
