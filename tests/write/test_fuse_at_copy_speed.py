@@ -96,7 +96,9 @@ def test_the_output_is_byte_for_byte_what_it_was_before(tmp_path, case):
     assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == sorted(expected)
 
 
-CHILD = """
+# A child's prelude: every CopyAhead the writer starts is recorded with whether torch was
+# already imported at that moment.
+SPY = """
 import sys
 from fusesurgery.write import copy_ahead
 seen = []
@@ -107,6 +109,9 @@ class Spy(copy_ahead.CopyAhead):
 copy_ahead.CopyAhead = Spy
 import fusesurgery.write.fuse_checkpoint as fc
 fc.CopyAhead = Spy
+"""
+
+CHILD = SPY + """
 assert "torch" not in sys.modules
 fc.fuse_checkpoints(sys.argv[1], sys.argv[2], sys.argv[3])
 print(seen)
@@ -125,17 +130,7 @@ def test_the_decoder_file_starts_copying_before_torch_is_imported(tmp_path):
     assert partials(tmp_path) == []
 
 
-CLI_CHILD = """
-import sys
-from fusesurgery.write import copy_ahead
-seen = []
-class Spy(copy_ahead.CopyAhead):
-    def __init__(self, out_dir, files):
-        seen.append(("torch" in sys.modules, [str(f) for f in files]))
-        super().__init__(out_dir, files)
-copy_ahead.CopyAhead = Spy
-import fusesurgery.write.fuse_checkpoint as fc
-fc.CopyAhead = Spy
+CLI_CHILD = SPY + """
 from fusesurgery.cli import main
 sys.argv = ["fusesurgery", "fuse", *sys.argv[1:]]
 try:
